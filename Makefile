@@ -1,0 +1,86 @@
+# Wrenn — run `make help` for the targets.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+GO      ?= go
+BUILDS  := builds
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/wrenn/wrenn/internal/version.Version=$(VERSION)
+
+# Pinned developer tools, installed once into a cache outside the repo.
+BUF_VERSION            := v1.75.0
+PROTOC_GEN_GO_VERSION  := v1.36.12
+CONNECT_GEN_VERSION    := v1.21.1
+STATICCHECK_VERSION    := v0.8.2
+TOOLS_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/wrenn-tools
+TOOLS_BIN := $(TOOLS_DIR)/$(BUF_VERSION)-$(PROTOC_GEN_GO_VERSION)-$(CONNECT_GEN_VERSION)-$(STATICCHECK_VERSION)/bin
+
+BINARIES := wrenn-cp wrenn-agent envd wrenn
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: build-envd ## Build every binary into builds/
+	@mkdir -p $(BUILDS)
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/ ./cmd/wrenn-cp ./cmd/wrenn-agent ./cmd/wrenn
+
+.PHONY: build-envd
+build-envd: ## Build envd as a static binary (it runs inside any guest image)
+	@mkdir -p $(BUILDS)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/envd ./cmd/envd
+	@if file $(BUILDS)/envd | grep -q 'statically linked'; then echo "builds/envd: statically linked"; \
+	 else echo "builds/envd is not statically linked:"; file $(BUILDS)/envd; exit 1; fi
+
+.PHONY: test
+test: ## Run every test (needs root for the user-switching tests)
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+.PHONY: check
+check: fmt-check vet lint test ## fmt + vet + lint + test
+
+.PHONY: fmt-check
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+.PHONY: fmt
+fmt: ## Format the Go code
+	gofmt -w $$(git ls-files '*.go')
+
+.PHONY: vet
+vet: ## go vet
+	$(GO) vet ./...
+
+.PHONY: lint
+lint: tools ## staticcheck
+	$(TOOLS_BIN)/staticcheck ./...
+
+.PHONY: proto
+proto: tools ## Regenerate the protobuf and Connect code (committed)
+	PATH=$(TOOLS_BIN):$$PATH $(TOOLS_BIN)/buf generate
+
+.PHONY: bench
+bench: ## Run the benchmarks and print a table (JSON in builds/bench.json)
+	@mkdir -p $(BUILDS)
+	$(GO) run ./cmd/wrenn-bench -json $(BUILDS)/bench.json
+
+.PHONY: tools
+tools: $(TOOLS_BIN)/.installed ## Install the pinned code generators and linter
+
+$(TOOLS_BIN)/.installed:
+	@mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	GOBIN=$(TOOLS_BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(TOOLS_BIN) $(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@$(CONNECT_GEN_VERSION)
+	GOBIN=$(TOOLS_BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	@touch $@
+
+.PHONY: clean
+clean: ## Remove build output
+	rm -rf $(BUILDS)
+
+.PHONY: dev
+dev: build-envd ## Run the stack locally (today: envd in --dev mode on 127.0.0.1:49983)
+	$(BUILDS)/envd --dev --port $${ENVD_PORT:-49983}

@@ -1,0 +1,14 @@
+// Command wrenn is not implemented yet; see the project's issues.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/wrenn/wrenn/internal/version"
+)
+
+func main() {
+	fmt.Fprintf(os.Stderr, "wrenn %s: not implemented yet\n", version.Version)
+	os.Exit(2)
+}
