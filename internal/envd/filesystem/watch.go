@@ -316,4 +316,3 @@ func (s *Service) RemoveWatcher(ctx context.Context, req *connect.Request[pb.Rem
 	w.d.close()
 	return connect.NewResponse(&pb.RemoveWatcherResponse{}), nil
 }
-

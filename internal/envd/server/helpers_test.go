@@ -5,12 +5,17 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"os/user"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -188,4 +193,107 @@ func (h *harness) initJSON(t *testing.T, body, token string) {
 		msg, _ := io.ReadAll(res.Body)
 		t.Fatalf("/init: %d %s", res.StatusCode, msg)
 	}
+}
+
+func newClientFor(url string) processconnect.ProcessClient {
+	return processconnect.NewProcessClient(http.DefaultClient, url)
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func runCmd(t *testing.T, name string, args ...string) error {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %v: %w\n%s", name, args, err, out)
+	}
+	return nil
+}
+
+func runOutput(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// startCmd starts a long-running binary and kills it when the test ends.
+func startCmd(t *testing.T, name string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	if testing.Verbose() {
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	return cmd
+}
+
+// envdBinary is built once per test run by TestMain.
+var envdBinary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "envd-test-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	envdBinary = filepath.Join(dir, "envd")
+	out, err := exec.Command("go", "build", "-o", envdBinary, "github.com/wrenn/wrenn/cmd/envd").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build envd: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// devEnvd runs the real envd binary in --dev mode and returns its URL and
+// process, so tests can measure envd alone.
+func devEnvd(t *testing.T, extraArgs ...string) (string, *exec.Cmd) {
+	t.Helper()
+	port := freePort(t)
+	cmd := startCmd(t, envdBinary, append([]string{"--dev", "--port", port}, extraArgs...)...)
+	url := "http://127.0.0.1:" + port
+	waitUntil(t, func() bool {
+		res, err := http.Get(url + "/health")
+		if err != nil {
+			return false
+		}
+		res.Body.Close()
+		return res.StatusCode == http.StatusNoContent
+	})
+	return url, cmd
+}
+
+// peakRSS is the kernel's high-water mark of a process's resident memory.
+func peakRSS(t *testing.T, pid int) uint64 {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			var kb uint64
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
 }

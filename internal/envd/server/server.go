@@ -158,9 +158,10 @@ func requestedUser(r *http.Request) (string, error) {
 // envd JSON error otherwise.
 func (s *Server) deny(w http.ResponseWriter, r *http.Request, status int, code connect.Code, msg string) {
 	s.log.Warn("request denied", "path", r.URL.Path, "remote", r.RemoteAddr, "reason", msg)
-	ew := connect.NewErrorWriter()
-	if ew.IsSupported(r) {
-		_ = ew.Write(w, r, connect.NewError(code, errors.New(msg)))
+	// The path decides, not ErrorWriter.IsSupported: that also claims plain
+	// GETs (Connect's GET protocol), and /files clients expect envd's JSON.
+	if strings.HasPrefix(r.URL.Path, "/"+processconnect.ProcessName+"/") || strings.HasPrefix(r.URL.Path, "/"+filesystemconnect.FilesystemName+"/") {
+		_ = connect.NewErrorWriter().Write(w, r, connect.NewError(code, errors.New(msg)))
 		return
 	}
 	httperr.Write(w, status, msg)
