@@ -62,7 +62,7 @@ proto: tools ## Regenerate the protobuf and Connect code (committed)
 	PATH=$(TOOLS_BIN):$$PATH $(TOOLS_BIN)/buf generate
 
 .PHONY: bench
-bench: ## Run the benchmarks and print a table (JSON in builds/bench.json)
+bench: build-envd ## Run the benchmarks and print a table (JSON in builds/bench.json)
 	@mkdir -p $(BUILDS)
 	$(GO) run ./cmd/wrenn-bench -json $(BUILDS)/bench.json
 

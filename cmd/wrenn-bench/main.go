@@ -1,0 +1,69 @@
+// Command wrenn-bench runs Wrenn's benchmarks and prints one table; with
+// -json it also writes the results for machines to read.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/bench"
+	"github.com/wrenn/wrenn/internal/bench/envdbench"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "wrenn-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	envd := flag.String("envd", "builds/envd", "envd binary to measure")
+	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
+	execRuns := flag.Int("exec-runs", 300, "exec round trips to time")
+	transferMiB := flag.Int64("transfer-mib", 256, "MiB per upload and download")
+	flag.Parse()
+	if *execRuns < 1 || *transferMiB < 1 {
+		return fmt.Errorf("-exec-runs and -transfer-mib must be positive")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+
+	started := time.Now()
+	results, err := envdbench.Run(ctx, envdbench.Config{
+		EnvdBinary: *envd, ExecRuns: *execRuns, TransferBytes: *transferMiB << 20, TransferRuns: 3, Log: log,
+	})
+	if err != nil {
+		return fmt.Errorf("envd suite: %w", err)
+	}
+
+	host, _ := os.Hostname()
+	fmt.Printf("\nWrenn benchmarks on %s (%d CPUs, %s/%s), %s\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, time.Since(started).Round(time.Second))
+	if err := bench.PrintTable(os.Stdout, results); err != nil {
+		return err
+	}
+	if *jsonOut != "" {
+		data, err := json.MarshalIndent(struct {
+			Host    string         `json:"host"`
+			CPUs    int            `json:"cpus"`
+			When    time.Time      `json:"when"`
+			Results []bench.Result `json:"results"`
+		}{host, runtime.NumCPU(), time.Now().UTC(), results}, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(*jsonOut, data, 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", *jsonOut, err)
+		}
+		fmt.Printf("\nJSON: %s\n", *jsonOut)
+	}
+	return nil
+}
