@@ -269,44 +269,48 @@ func download(ctx context.Context, hc *http.Client, baseURL, path string, size i
 // plainUpload sends the payload over a loopback TCP connection to a
 // receiver that writes it to a file: the floor for any upload.
 func plainUpload(dest string, size int64) error {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	defer ln.Close()
-	done := make(chan error, 1)
-	go func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer conn.Close()
-		f, err := os.Create(dest)
-		if err != nil {
-			done <- err
-			return
-		}
-		_, err = io.Copy(f, conn)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		done <- err
-	}()
-	conn, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(conn, payload(size)); err != nil {
-		conn.Close()
-		return err
-	}
-	conn.Close()
-	return <-done
+	return overLoopback(
+		func(conn net.Conn) error {
+			f, err := os.Create(dest)
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(f, conn)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			return err
+		},
+		func(conn net.Conn) error {
+			_, err := io.Copy(conn, payload(size))
+			return err
+		})
 }
 
 // plainDownload reads a file and sends it over loopback TCP to a reader.
 func plainDownload(src string, size int64) error {
+	return overLoopback(
+		func(conn net.Conn) error {
+			f, err := os.Open(src)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			_, err = io.Copy(conn, f)
+			return err
+		},
+		func(conn net.Conn) error {
+			n, err := io.Copy(io.Discard, conn)
+			if err == nil && n != size {
+				err = fmt.Errorf("got %d bytes, want %d", n, size)
+			}
+			return err
+		})
+}
+
+// overLoopback connects client to server over one loopback TCP connection;
+// the client's side is closed when it returns, which ends the server's read.
+func overLoopback(server, client func(net.Conn) error) error {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
@@ -320,26 +324,16 @@ func plainDownload(src string, size int64) error {
 			return
 		}
 		defer conn.Close()
-		f, err := os.Open(src)
-		if err != nil {
-			done <- err
-			return
-		}
-		defer f.Close()
-		_, err = io.Copy(conn, f)
-		done <- err
+		done <- server(conn)
 	}()
 	conn, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
-	n, err := io.Copy(io.Discard, conn)
-	if err != nil {
-		return err
+	cerr := client(conn)
+	conn.Close()
+	if serr := <-done; serr != nil {
+		return serr
 	}
-	if n != size {
-		return fmt.Errorf("got %d bytes, want %d", n, size)
-	}
-	return <-done
+	return cerr
 }

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"mime"
 	"mime/multipart"
@@ -68,7 +67,7 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
 	}
 	var f *os.File
 	if err := actor.Do(func() (err error) { f, err = os.Open(path); return }); err != nil {
-		httperr.Write(w, httperr.StatusFor(err), fmt.Sprintf("open %s: %v", path, unwrap(err)))
+		httperr.Write(w, httperr.StatusFor(err), fmt.Sprintf("open %s: %v", path, identity.BareError(err)))
 		return
 	}
 	defer f.Close()
@@ -199,7 +198,7 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader) (Entry
 		return err
 	})
 	if err != nil {
-		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, unwrap(err))
+		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
 	tmpName := tmp.Name()
 	cleanup := func() {
@@ -212,28 +211,16 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader) (Entry
 		if status == http.StatusInternalServerError {
 			status = http.StatusBadRequest // most copy failures are a broken request body
 		}
-		return Entry{}, status, fmt.Errorf("write %s: %v", path, unwrap(err))
+		return Entry{}, status, fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
 	if err := tmp.Close(); err != nil {
 		_ = os.Remove(tmpName)
-		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, unwrap(err))
+		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
 	if err := actor.Do(func() error { return os.Rename(tmpName, path) }); err != nil {
 		_ = os.Remove(tmpName)
-		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, unwrap(err))
+		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
 	h.Log.Debug("file written", "path", path, "user", actor.User().Name)
 	return Entry{Path: path, Name: filepath.Base(path), Type: "file"}, 0, nil
-}
-
-func unwrap(err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	var le *os.LinkError
-	if errors.As(err, &le) {
-		return le.Err
-	}
-	return err
 }

@@ -57,7 +57,7 @@ func request(ctx context.Context, path string) (*identity.Actor, string, error) 
 
 // toConnect maps an OS error to the Connect code a client can act on.
 func toConnect(op, path string, err error) error {
-	wrapped := fmt.Errorf("%s %s: %w", op, path, unwrapPathError(err))
+	wrapped := fmt.Errorf("%s %s: %w", op, path, identity.BareError(err))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return connect.NewError(connect.CodeNotFound, wrapped)
@@ -72,19 +72,6 @@ func toConnect(op, path string, err error) error {
 	default:
 		return connect.NewError(connect.CodeInternal, wrapped)
 	}
-}
-
-// unwrapPathError drops the *PathError wrapper so the path is not repeated.
-func unwrapPathError(err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
-		return pe.Err
-	}
-	var le *os.LinkError
-	if errors.As(err, &le) {
-		return le.Err
-	}
-	return err
 }
 
 // Stat describes one entry.

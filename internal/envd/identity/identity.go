@@ -5,6 +5,7 @@ package identity
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -113,4 +114,18 @@ func ResolvePath(u *User, p string) (string, error) {
 		p = filepath.Join(u.Home, p)
 	}
 	return filepath.Clean(p), nil
+}
+
+// BareError drops the *fs.PathError or *os.LinkError around an OS error, so
+// a message that already names the path does not repeat it.
+func BareError(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return le.Err
+	}
+	return err
 }

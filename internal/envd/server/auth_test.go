@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -139,24 +138,8 @@ func TestBasicAuthMalformed(t *testing.T) {
 
 // TestDevBinary runs the real envd binary the way a developer does.
 func TestDevBinary(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "envd")
-	build := runCmd(t, "go", "build", "-o", bin, "github.com/wrenn/wrenn/cmd/envd")
-	if build != nil {
-		t.Fatal(build)
-	}
-	port := freePort(t)
-	cmd := startCmd(t, bin, "--dev", "--port", port)
-	url := "http://127.0.0.1:" + port
-	waitUntil(t, func() bool {
-		res, err := http.Get(url + "/health")
-		if err != nil {
-			return false
-		}
-		res.Body.Close()
-		return res.StatusCode == http.StatusNoContent
-	})
-	client := newClientFor(url)
-	stream, err := client.Start(testCtx(t, 10*time.Second), sh("echo from-binary"))
+	url, cmd := devEnvd(t)
+	stream, err := newClientFor(url).Start(testCtx(t, 10*time.Second), sh("echo from-binary"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +147,7 @@ func TestDevBinary(t *testing.T) {
 	if r.stdout.String() != "from-binary\n" {
 		t.Fatalf("got %q", r.stdout.String())
 	}
-	// SIGTERM stops it cleanly.
+	// SIGINT stops it cleanly.
 	_ = cmd.Process.Signal(os.Interrupt)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
@@ -177,7 +160,7 @@ func TestDevBinary(t *testing.T) {
 		t.Fatal("envd did not stop on SIGINT")
 	}
 
-	if out, err := runOutput(bin, "--port", "99999"); err == nil || !strings.Contains(out, "out of range") {
+	if out, err := runOutput(envdBinary, "--port", "99999"); err == nil || !strings.Contains(out, "out of range") {
 		t.Fatalf("bad port: %v %s", err, out)
 	}
 }
