@@ -16,16 +16,39 @@ STATICCHECK_VERSION    := v0.8.2
 TOOLS_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/wrenn-tools
 TOOLS_BIN := $(TOOLS_DIR)/$(BUF_VERSION)-$(PROTOC_GEN_GO_VERSION)-$(CONNECT_GEN_VERSION)-$(STATICCHECK_VERSION)/bin
 
-BINARIES := wrenn-cp wrenn-agent envd wrenn
+# Where images and kernels are installed, and where slow builds are cached.
+WRENN_DIR   ?= /var/lib/wrenn
+WRENN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/wrenn
+export WRENN_DIR WRENN_CACHE
 
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
-build: build-envd ## Build every binary into builds/
+build: build-guest ## Build every binary into builds/
 	@mkdir -p $(BUILDS)
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/ ./cmd/wrenn-cp ./cmd/wrenn-agent ./cmd/wrenn
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/ ./cmd/wrenn-cp ./cmd/wrenn-agent ./cmd/wrenn ./cmd/wrenn-image
+
+.PHONY: build-guest
+build-guest: build-envd ## Build what goes into guest images: envd, wrenn-init (static), and wrenn-image
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/wrenn-init ./cmd/wrenn-init
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/wrenn-image ./cmd/wrenn-image
+
+.PHONY: kernel
+kernel: ## Build the guest kernel (cached) into $$WRENN_DIR/kernels/vmlinux-<version>
+	scripts/build-kernel.sh
+
+.PHONY: rootfs
+rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) into $$WRENN_DIR/images/minimal
+	scripts/build-rootfs.sh minimal
+
+.PHONY: images
+images: kernel rootfs ## Build the kernel and the minimal image
+
+.PHONY: update-minimal-rootfs
+update-minimal-rootfs: build-guest ## Refresh envd and wrenn-init inside $$WRENN_DIR/images/minimal
+	scripts/update-minimal-rootfs.sh
 
 .PHONY: build-envd
 build-envd: ## Build envd as a static binary (it runs inside any guest image)

@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"os/user"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -91,7 +92,8 @@ func run() error {
 	defer stop()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	log.Info("envd listening", "addr", ln.Addr().String(), "version", version.Version, "dev", *dev, "default_user", cfg.FallbackUser)
+	// guest_uptime is the time since the kernel started: in a VM, boot-to-ready.
+	log.Info("envd listening", "addr", ln.Addr().String(), "version", version.Version, "dev", *dev, "default_user", cfg.FallbackUser, "guest_uptime", uptime())
 
 	select {
 	case err := <-errc:
@@ -104,4 +106,14 @@ func run() error {
 	srv.Shutdown() // ends processes first, so their streams finish
 	_ = hs.Shutdown(shutdownCtx)
 	return nil
+}
+
+// uptime reads the seconds since boot from /proc/uptime.
+func uptime() string {
+	data, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return "unknown"
+	}
+	secs, _, _ := strings.Cut(string(data), " ")
+	return secs + "s"
 }

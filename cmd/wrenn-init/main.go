@@ -1,0 +1,166 @@
+// Command wrenn-init is PID 1 in every Wrenn guest. It mounts the pseudo
+// file systems, names the host, brings up loopback, writes resolv.conf,
+// starts chrony when the KVM PTP clock exists, and then replaces itself
+// with tini, which reaps zombies and runs envd.
+//
+// It is deliberately small and fast: the time from kernel start to envd
+// ready is on every sandbox's critical path.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/wrenn/wrenn/internal/guest/initcfg"
+)
+
+const (
+	envdPath = "/usr/local/bin/envd"
+	tiniPath = "/usr/bin/tini"
+)
+
+func main() {
+	if err := run(); err != nil {
+		logf("fatal: %v", err)
+		// PID 1 must not exit: the kernel would panic and the host would
+		// only see a dead VM. Halt instead, leaving the message on the console.
+		for {
+			_ = unix.Pause()
+		}
+	}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "wrenn-init: "+format+"\n", args...)
+}
+
+func run() error {
+	if err := mountAll(); err != nil {
+		return err
+	}
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return fmt.Errorf("read /proc/cmdline: %w", err)
+	}
+	cfg, err := initcfg.Parse(string(cmdline))
+	if err != nil {
+		return err
+	}
+	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
+		return fmt.Errorf("set hostname: %w", err)
+	}
+	_ = os.WriteFile("/etc/hostname", []byte(cfg.Hostname+"\n"), 0o644)
+	_ = os.WriteFile("/etc/hosts", []byte("127.0.0.1\tlocalhost\n127.0.1.1\t"+cfg.Hostname+"\n::1\tlocalhost ip6-localhost ip6-loopback\n"), 0o644)
+	if err := linkUp("lo"); err != nil {
+		return fmt.Errorf("bring up lo: %w", err)
+	}
+	if len(cfg.DNS) > 0 {
+		// resolv.conf is often a dangling link in exported images.
+		_ = os.Remove("/etc/resolv.conf")
+		if err := os.WriteFile("/etc/resolv.conf", []byte(initcfg.ResolvConf(cfg.DNS)), 0o644); err != nil {
+			return fmt.Errorf("write resolv.conf: %w", err)
+		}
+	}
+	startChrony()
+
+	argv := []string{envdPath, "--port", cfg.EnvdPort}
+	env := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"}
+	if _, err := os.Stat(tiniPath); err == nil {
+		// -s: stay a subreaper even if something else becomes PID 1's child.
+		argv = append([]string{tiniPath, "-s", "--"}, argv...)
+	} else {
+		logf("%s missing; running envd without a zombie reaper", tiniPath)
+	}
+	logf("starting %s (uptime %s)", strings.Join(argv, " "), uptime())
+	return syscall.Exec(argv[0], argv, env)
+}
+
+type mount struct {
+	source, target, fstype string
+	flags                  uintptr
+	data                   string
+	mode                   os.FileMode
+}
+
+func mountAll() error {
+	const common = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	mounts := []mount{
+		{"proc", "/proc", "proc", common, "", 0o555},
+		{"sysfs", "/sys", "sysfs", common, "", 0o555},
+		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755", 0o755},
+		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666", 0o755},
+		{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", 0o1777},
+		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755", 0o755},
+		{"cgroup2", "/sys/fs/cgroup", "cgroup2", common, "nsdelegate", 0o555},
+	}
+	for _, m := range mounts {
+		if err := os.MkdirAll(m.target, m.mode); err != nil {
+			return fmt.Errorf("create %s: %w", m.target, err)
+		}
+		err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data)
+		if err != nil && !errors.Is(err, unix.EBUSY) { // EBUSY: the kernel mounted it already
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
+		}
+	}
+	// /dev/ptmx must point at the devpts instance for PTYs to work.
+	if _, err := os.Lstat("/dev/ptmx"); err != nil {
+		_ = os.Symlink("pts/ptmx", "/dev/ptmx")
+	}
+	for link, target := range map[string]string{"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2"} {
+		_ = os.Symlink(target, link)
+	}
+	return nil
+}
+
+// linkUp sets IFF_UP on an interface.
+func linkUp(name string) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// startChrony runs chronyd against the KVM PTP clock, when both exist.
+// Under software emulation there is no /dev/ptp0, and envd's /init sets
+// the clock from the host instead.
+func startChrony() {
+	if _, err := os.Stat("/dev/ptp0"); err != nil {
+		return
+	}
+	chronyd, err := exec.LookPath("chronyd")
+	if err != nil {
+		return
+	}
+	// chronyd forks into the background itself; tini adopts it later.
+	if err := exec.Command(chronyd, "-f", "/etc/chrony/chrony.conf").Run(); err != nil {
+		logf("chronyd did not start: %v", err)
+	}
+}
+
+func uptime() string {
+	data, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0] + "s"
+}

@@ -1,0 +1,203 @@
+// Package template stores the base images sandboxes boot from:
+// $WRENN_DIR/images/<name>/rootfs.ext4 with a metadata.json beside it.
+package template
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"time"
+)
+
+// ErrNotFound means no template has that name.
+var ErrNotFound = errors.New("template not found")
+
+var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// ValidateName rejects names that are not safe as a directory name.
+func ValidateName(name string) error {
+	if !validName.MatchString(name) {
+		return fmt.Errorf("template name %q: use 1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", name)
+	}
+	return nil
+}
+
+// Metadata describes one template.
+type Metadata struct {
+	Name        string    `json:"name"`
+	SizeBytes   int64     `json:"size_bytes"` // the image file's size (the guest's disk size)
+	Created     time.Time `json:"created"`
+	Parent      string    `json:"parent,omitempty"` // template it was derived from
+	Source      string    `json:"source"`           // how it was made: debootstrap, docker, import, flatten
+	EnvdVersion string    `json:"envd_version,omitempty"`
+	SHA256      string    `json:"sha256"`
+}
+
+// Store is the images directory of one host.
+type Store struct {
+	Dir string // $WRENN_DIR/images
+}
+
+// RootfsPath is where a template's image lives.
+func (s Store) RootfsPath(name string) string { return filepath.Join(s.Dir, name, "rootfs.ext4") }
+
+func (s Store) metaPath(name string) string { return filepath.Join(s.Dir, name, "metadata.json") }
+
+// Install copies the image at from into the store as name, replacing any
+// template of that name only once the copy is complete.
+func (s Store) Install(ctx context.Context, name, from string, meta Metadata) (Metadata, error) {
+	if err := ValidateName(name); err != nil {
+		return Metadata{}, err
+	}
+	dir := filepath.Join(s.Dir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	tmp := filepath.Join(dir, ".rootfs.ext4.installing")
+	if err := SparseCopy(ctx, from, tmp); err != nil {
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	sum, err := Checksum(tmp)
+	if err != nil {
+		_ = os.Remove(tmp)
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	fi, err := os.Stat(tmp)
+	if err != nil {
+		_ = os.Remove(tmp)
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	meta.Name, meta.SHA256, meta.SizeBytes = name, sum, fi.Size()
+	if meta.Created.IsZero() {
+		meta.Created = time.Now().UTC()
+	}
+	// Image first, then metadata: a reader never sees metadata that
+	// describes an image that is not there yet.
+	if err := os.Rename(tmp, s.RootfsPath(name)); err != nil {
+		_ = os.Remove(tmp)
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	if err := writeJSON(s.metaPath(name), meta); err != nil {
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	return meta, nil
+}
+
+// Get reads a template's metadata.
+func (s Store) Get(name string) (Metadata, error) {
+	if err := ValidateName(name); err != nil {
+		return Metadata{}, err
+	}
+	data, err := os.ReadFile(s.metaPath(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Metadata{}, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if err != nil {
+		return Metadata{}, fmt.Errorf("read template %s: %w", name, err)
+	}
+	var m Metadata
+	if err := json.Unmarshal(data, &m); err != nil {
+		return Metadata{}, fmt.Errorf("template %s has corrupt metadata: %w", name, err)
+	}
+	if _, err := os.Stat(s.RootfsPath(name)); err != nil {
+		return Metadata{}, fmt.Errorf("template %s: image missing: %w", name, err)
+	}
+	return m, nil
+}
+
+// List returns every template, by name.
+func (s Store) List() ([]Metadata, error) {
+	entries, err := os.ReadDir(s.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list templates: %w", err)
+	}
+	var out []Metadata
+	for _, e := range entries {
+		if !e.IsDir() || ValidateName(e.Name()) != nil {
+			continue
+		}
+		m, err := s.Get(e.Name())
+		if err != nil {
+			continue // half-installed or foreign directory
+		}
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// Delete removes a template.
+func (s Store) Delete(name string) error {
+	if _, err := s.Get(name); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(s.Dir, name)); err != nil {
+		return fmt.Errorf("delete template %s: %w", name, err)
+	}
+	return nil
+}
+
+// Checksum returns the hex SHA-256 of a file, streaming it.
+func Checksum(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("checksum: %w", err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("checksum %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// SparseCopy copies a file keeping its holes, so a mostly empty disk image
+// stays cheap on disk.
+func SparseCopy(ctx context.Context, from, to string) error {
+	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", from, to).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("copy %s to %s: %w: %s", from, to, err, out)
+	}
+	return nil
+}
+
+// Flatten writes a standalone raw image from a copy-on-write child: a qcow2
+// overlay (its backing chain is read through) or a plain sparse copy.
+func Flatten(ctx context.Context, child, dest string) error {
+	tmp := dest + ".flattening"
+	out, err := exec.CommandContext(ctx, "qemu-img", "convert", "-O", "raw", "-S", "4k", child, tmp).CombinedOutput()
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("flatten %s: %w: %s", child, err, out)
+	}
+	if err := os.Rename(tmp, dest); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("flatten %s: %w", child, err)
+	}
+	return nil
+}
+
+func writeJSON(path string, v any) error {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}

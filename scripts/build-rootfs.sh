@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Build the minimal guest image from Debian packages with debootstrap (no
+# Docker needed) and install it as $WRENN_DIR/images/<name>/rootfs.ext4.
+#
+# Two cache levels, outside the repo: the debootstrapped tree (slow: network
+# and dpkg) is keyed by the package list and this script; the final image is
+# keyed by that plus the envd and wrenn-init binaries, so changing envd only
+# re-assembles the image (seconds), it does not debootstrap again.
+#
+# Usage: scripts/build-rootfs.sh [name]     (default name: minimal)
+# Needs: root, debootstrap, e2fsprogs; builds/envd, builds/wrenn-init and
+# builds/wrenn-image (make build-guest).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+name=${1:-minimal}
+wrenn_dir=${WRENN_DIR:-/var/lib/wrenn}
+cache=${WRENN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}
+suite=bookworm
+mirror=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
+mirror=${mirror:-http://deb.debian.org/debian}
+packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbase,less
+builds="$repo/builds"
+
+log() { printf '[rootfs] %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { log "must run as root (debootstrap and file ownership)"; exit 1; }
+for bin in envd wrenn-init wrenn-image; do
+	[ -x "$builds/$bin" ] || { log "missing $builds/$bin: run make build-guest"; exit 1; }
+done
+command -v debootstrap >/dev/null || { log "missing debootstrap: apt-get install debootstrap"; exit 1; }
+
+base_key=$( (echo "$suite $packages"; sed -n '/^# --- base tree ---/,/^# --- end base tree ---/p' "$0") | sha256sum | cut -c1-16)
+base="$cache/rootfs/base-$base_key.tar"
+
+# --- base tree ---
+if [ ! -f "$base" ]; then
+	work=$(mktemp -d "${TMPDIR:-/tmp}/wrenn-rootfs.XXXXXX")
+	trap 'rm -rf "$work"' EXIT
+	tree="$work/tree"
+	log "debootstrap $suite from $mirror (a few minutes; cached as $base)"
+	debootstrap --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >"$work/debootstrap.log" 2>&1 || {
+		tail -20 "$work/debootstrap.log" >&2
+		log "debootstrap failed (full log above)"
+		exit 1
+	}
+	# The sandbox account: passwordless sudo, as users of E2B-style sandboxes expect.
+	chroot "$tree" useradd --create-home --shell /bin/bash --groups sudo user
+	echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' >"$tree/etc/sudoers.d/wrenn-user"
+	chmod 0440 "$tree/etc/sudoers.d/wrenn-user"
+	# chrony follows the KVM PTP clock when the host offers one.
+	cat >"$tree/etc/chrony/chrony.conf" <<'CHRONY'
+# Wrenn guest: follow the host's clock through the KVM PTP device.
+refclock PHC /dev/ptp0 poll 2 dpoll -2 offset 0 stratum 2
+makestep 1 -1
+driftfile /var/lib/chrony/chrony.drift
+CHRONY
+	echo wrenn >"$tree/etc/hostname"
+	: >"$tree/etc/fstab"
+	# Nothing in the image needs these; they only make it bigger.
+	chroot "$tree" apt-get clean
+	rm -rf "$tree"/var/lib/apt/lists/* "$tree"/var/cache/apt/*.bin "$tree"/usr/share/doc/* \
+		"$tree"/usr/share/man/* "$tree"/usr/share/info/* "$tree"/var/log/*.log "$tree"/usr/share/locale/*
+	mkdir -p "$cache/rootfs"
+	tar --numeric-owner --xattrs -C "$tree" -cf "$base.tmp" .
+	mv "$base.tmp" "$base"
+	rm -rf "$work"
+	trap - EXIT
+fi
+# --- end base tree ---
+
+image_key=$( (echo "$base_key"; sha256sum "$builds/envd" "$builds/wrenn-init" | cut -d' ' -f1; sed -n '/^# --- image ---/,$p' "$0") | sha256sum | cut -c1-16)
+cached_image="$cache/rootfs/$name-$image_key.ext4"
+
+# --- image ---
+if [ ! -f "$cached_image" ]; then
+	work=$(mktemp -d "${TMPDIR:-/tmp}/wrenn-rootfs.XXXXXX")
+	trap 'rm -rf "$work"' EXIT
+	tree="$work/tree"
+	mkdir "$tree"
+	tar --numeric-owner --xattrs -C "$tree" -xf "$base"
+	install -m 0755 "$builds/envd" "$tree/usr/local/bin/envd"
+	install -m 0755 "$builds/wrenn-init" "$tree/usr/local/bin/wrenn-init"
+	# Size: the content plus a quarter, plus 64 MiB for the user's files.
+	used_kib=$(du -s --block-size=1K "$tree" | cut -f1)
+	size_mib=$(( (used_kib * 5 / 4) / 1024 + 64 ))
+	log "writing ext4 image of ${size_mib} MiB (no loop mount needed)"
+	mkfs.ext4 -q -F -L rootfs -E root_owner=0:0 -d "$tree" "$work/rootfs.ext4" "${size_mib}M"
+	mv "$work/rootfs.ext4" "$cached_image"
+	rm -rf "$work"
+	trap - EXIT
+fi
+# --- end image ---
+
+"$builds/wrenn-image" install --dir "$wrenn_dir" --name "$name" --from "$cached_image" --envd "$builds/envd"
