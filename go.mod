@@ -18,5 +18,6 @@ require (
 	github.com/opencontainers/go-digest v1.0.0 // indirect
 	github.com/opencontainers/image-spec v1.1.1 // indirect
 	github.com/spf13/pflag v1.0.10 // indirect
+	golang.org/x/mod v0.43.0 // indirect
 	golang.org/x/sync v0.22.0 // indirect
 )
