@@ -58,8 +58,8 @@ build-envd: ## Build envd as a static binary (it runs inside any guest image)
 	 else echo "builds/envd is not statically linked:"; file $(BUILDS)/envd; exit 1; fi
 
 .PHONY: test
-test: ## Run every test (needs root for the user-switching tests)
-	$(GO) test -race -count=1 -timeout 20m ./...
+test: images ## Build the guest images if needed (cached), then run every test (as root)
+	WRENN_REQUIRE_IMAGES=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 .PHONY: check
 check: fmt-check vet lint test ## fmt + vet + lint + test
@@ -85,7 +85,7 @@ proto: tools ## Regenerate the protobuf and Connect code (committed)
 	PATH=$(TOOLS_BIN):$$PATH $(TOOLS_BIN)/buf generate
 
 .PHONY: bench
-bench: build-envd ## Run the benchmarks and print a table (JSON in builds/bench.json)
+bench: build-envd images ## Run the benchmarks and print a table (JSON in builds/bench.json)
 	@mkdir -p $(BUILDS)
 	$(GO) run ./cmd/wrenn-bench -json $(BUILDS)/bench.json
 

@@ -20,7 +20,7 @@ suite=bookworm
 mirror=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
 mirror=${mirror:-http://deb.debian.org/debian}
 packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbase,less
-builds="$repo/builds"
+builds=${WRENN_BUILDS:-$repo/builds}
 
 log() { printf '[rootfs] %s\n' "$*" >&2; }
 

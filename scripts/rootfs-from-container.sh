@@ -14,7 +14,7 @@ name=${2:?usage: $0 <container> <name>}
 wrenn_dir=${WRENN_DIR:-/var/lib/wrenn}
 headroom=${HEADROOM:-256M}
 tini=${TINI:-/usr/bin/tini-static}
-builds="$repo/builds"
+builds=${WRENN_BUILDS:-$repo/builds}
 
 log() { printf '[rootfs-from-container] %s\n' "$*" >&2; }
 

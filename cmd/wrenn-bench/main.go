@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/wrenn/wrenn/internal/bench"
+	"github.com/wrenn/wrenn/internal/bench/bootbench"
 	"github.com/wrenn/wrenn/internal/bench/envdbench"
 )
 
@@ -29,9 +30,11 @@ func run() error {
 	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
 	execRuns := flag.Int("exec-runs", 300, "exec round trips to time")
 	transferMiB := flag.Int64("transfer-mib", 256, "MiB per upload and download")
+	boots := flag.Int("boots", 5, "guest boots to time")
+	wrennDir := flag.String("wrenn-dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
 	flag.Parse()
-	if *execRuns < 1 || *transferMiB < 1 {
-		return fmt.Errorf("-exec-runs and -transfer-mib must be positive")
+	if *execRuns < 1 || *transferMiB < 1 || *boots < 1 {
+		return fmt.Errorf("-exec-runs, -transfer-mib and -boots must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -44,6 +47,11 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("envd suite: %w", err)
 	}
+	guest, err := bootbench.Run(ctx, bootbench.Config{WrennDir: *wrennDir, Boots: *boots, Log: log})
+	if err != nil {
+		return fmt.Errorf("guest suite: %w", err)
+	}
+	results = append(results, guest...)
 
 	host, _ := os.Hostname()
 	fmt.Printf("\nWrenn benchmarks on %s (%d CPUs, %s/%s), %s\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, time.Since(started).Round(time.Second))
@@ -66,4 +74,11 @@ func run() error {
 		fmt.Printf("\nJSON: %s\n", *jsonOut)
 	}
 	return nil
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }

@@ -33,7 +33,7 @@ type Result struct {
 // Latencies summarises samples as a latency result, against a baseline's samples.
 func Latencies(suite, name string, samples []time.Duration, baseline string, base []time.Duration) Result {
 	p50, p99 := Percentile(samples, 50), Percentile(samples, 99)
-	b50 := Percentile(base, 50)
+	b50 := Percentile(base, 50) // zero when there is no baseline
 	r := Result{Suite: suite, Name: name, Unit: "ms", P50: ms(p50), P99: ms(p99), N: len(samples), Baseline: baseline, BaselineValue: ms(b50)}
 	if b50 > 0 {
 		r.Ratio = float64(p50) / float64(b50)

@@ -200,13 +200,34 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
+// kvmUsable decides between KVM and software emulation. WRENN_ACCEL=kvm or
+// tcg forces the choice. Otherwise KVM needs both a /dev/kvm that opens and
+// a CPU that advertises hardware virtualization (vmx or svm): some sandboxes
+// expose a /dev/kvm that creates VMs but fails to run a real kernel
+// ("KVM internal error ... emulation failure").
 func kvmUsable() bool {
+	switch os.Getenv("WRENN_ACCEL") {
+	case "kvm":
+		return true
+	case "tcg":
+		return false
+	}
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
 		return false
 	}
 	f.Close()
-	return true
+	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(cpuinfo), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
+			flags := " " + v + " "
+			return strings.Contains(flags, " vmx ") || strings.Contains(flags, " svm ")
+		}
+	}
+	return false
 }
 
 // hostTSCkHz reads the host CPU's clock rate, which QEMU's emulated TSC
