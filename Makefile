@@ -3,6 +3,9 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
+# Local settings (see .env.example); the environment still wins over defaults below.
+-include .env
+
 GO      ?= go
 BUILDS  := builds
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -23,7 +26,7 @@ export WRENN_DIR WRENN_CACHE
 
 .PHONY: help
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
 build: build-guest ## Build every binary into builds/
@@ -36,18 +39,18 @@ build-guest: build-envd ## Build what goes into guest images: envd, wrenn-init (
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILDS)/wrenn-image ./cmd/wrenn-image
 
 .PHONY: kernel
-kernel: ## Build the guest kernel (cached) into $$WRENN_DIR/kernels/vmlinux-<version>
+kernel: ## Build the guest kernel (cached) into WRENN_DIR/kernels/vmlinux-<version>
 	scripts/build-kernel.sh
 
 .PHONY: rootfs
-rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) into $$WRENN_DIR/images/minimal
+rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) into WRENN_DIR/images/minimal
 	scripts/build-rootfs.sh minimal
 
 .PHONY: images
 images: kernel rootfs ## Build the kernel and the minimal image
 
 .PHONY: update-minimal-rootfs
-update-minimal-rootfs: build-guest ## Refresh envd and wrenn-init inside $$WRENN_DIR/images/minimal
+update-minimal-rootfs: build-guest ## Refresh envd and wrenn-init inside WRENN_DIR/images/minimal
 	scripts/update-minimal-rootfs.sh
 
 .PHONY: build-envd
