@@ -36,37 +36,65 @@ func (a *Actor) User() *User { return a.user }
 // Do runs fn on a locked OS thread with the user's file-system credentials.
 // fn should only make the system calls that need the check (open, stat,
 // mkdir, rename, unlink); reads and writes on an open file need none.
+//
+// The thread's own credentials are restored afterwards, also when fn
+// panics. If they cannot be restored, the goroutine ends instead of
+// returning: its thread stays locked and the Go runtime discards it, so no
+// other code ever runs with the borrowed identity.
 func (a *Actor) Do(fn func() error) error {
 	if !a.switchable {
 		return fn()
 	}
 	runtime.LockOSThread()
+	saved, err := unix.Getgroups()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("read groups: %w", err)
+	}
+	defer func() {
+		if restore(saved) {
+			runtime.UnlockOSThread()
+			return
+		}
+		runtime.Goexit()
+	}()
+	if err := a.become(); err != nil {
+		return err
+	}
+	return fn()
+}
+
+// become switches this thread's file-system identity. The unix package's
+// Setgroups, Setfsgid and Setfsuid are raw per-thread system calls; the
+// syscall package's versions would change every thread of envd.
+func (a *Actor) become() error {
 	groups := make([]int, len(a.user.Groups))
 	for i, g := range a.user.Groups {
 		groups[i] = int(g)
 	}
-	// Raw, per-thread system calls: unix.Setgroups, Setfsgid and Setfsuid
-	// do not broadcast to other threads as the syscall package's do.
 	if err := unix.Setgroups(groups); err != nil {
-		runtime.UnlockOSThread()
 		return fmt.Errorf("set groups for %q: %w", a.user.Name, err)
 	}
-	_ = unix.Setfsgid(int(a.user.GID))
-	_ = unix.Setfsuid(int(a.user.UID))
-	restored := false
-	defer func() {
-		if restored {
-			runtime.UnlockOSThread()
-		}
-		// Otherwise the thread stays locked and the runtime discards it
-		// when this goroutine ends, so no other goroutine inherits it.
-	}()
-	err := fn()
+	if err := unix.Setfsgid(int(a.user.GID)); err != nil {
+		return fmt.Errorf("set fsgid for %q: %w", a.user.Name, err)
+	}
+	if err := unix.Setfsuid(int(a.user.UID)); err != nil {
+		return fmt.Errorf("set fsuid for %q: %w", a.user.Name, err)
+	}
+	return nil
+}
+
+// restore returns this thread to root's file-system identity and reports
+// whether it verifiably did. fsuid goes first: returning it to 0 gives the
+// thread back the capabilities that leaving root dropped.
+func restore(groups []int) bool {
 	_ = unix.Setfsuid(0)
 	_ = unix.Setfsgid(0)
-	if unix.Setgroups([]int{0}) == nil {
-		prev, _ := unix.SetfsuidRetUid(-1) // -1 changes nothing and reports the current fsuid
-		restored = prev == 0
+	if unix.Setgroups(groups) != nil {
+		return false
 	}
-	return err
+	// setfsuid(-1) changes nothing and returns the current fsuid.
+	uid, _ := unix.SetfsuidRetUid(-1)
+	gid, _ := unix.SetfsgidRetGid(-1)
+	return uid == 0 && gid == 0
 }

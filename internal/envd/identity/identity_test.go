@@ -1,6 +1,7 @@
 package identity
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -56,5 +57,42 @@ func TestLookup(t *testing.T) {
 	}
 	if _, err := Lookup("no-such-user-wrenn"); err == nil || !strings.Contains(err.Error(), "unknown user") {
 		t.Fatalf("unknown user: %v", err)
+	}
+}
+
+// TestActorRestoresAfterPanic makes sure a panic inside Do cannot leave the
+// goroutine running with another user's file-system identity.
+func TestActorRestoresAfterPanic(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to switch file-system credentials")
+	}
+	nobody, err := Lookup("nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	actor, err := NewActor(nobody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(t.TempDir(), "secret")
+	_ = os.WriteFile(secret, []byte("x"), 0o600)
+
+	done := make(chan error, 1)
+	go func() {
+		defer func() { _ = recover() }()
+		defer func() {
+			// Same goroutine, after the panic: it must be root again.
+			_, err := os.ReadFile(secret)
+			done <- err
+		}()
+		_ = actor.Do(func() error {
+			if _, err := os.ReadFile(secret); err == nil {
+				t.Error("nobody could read a root-only file")
+			}
+			panic("boom")
+		})
+	}()
+	if err := <-done; err != nil {
+		t.Fatalf("after a panic in Do the goroutine still acts as nobody: %v", err)
 	}
 }
