@@ -4,6 +4,7 @@ set -euo pipefail
 
 packages=(
 	gcc make file git            # race detector, static-link check
+	iptables socat               # sandbox networking, and the egress tests' outside host
 	qemu-system-x86 qemu-utils   # the guest VMs (TCG without KVM), qcow2 tools
 	e2fsprogs debootstrap tini   # guest images without Docker or loop mounts
 	linux-source-6.1 bc bison flex libelf-dev libssl-dev xz-utils  # the guest kernel

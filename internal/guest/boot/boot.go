@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/mod/semver"
+
+	"github.com/wrenn/wrenn/internal/kvm"
 )
 
 // Options describe one VM.
@@ -66,7 +68,7 @@ func Start(ctx context.Context, o Options) (*VM, error) {
 		return nil, err
 	}
 	accel, cpu := "tcg", "qemu64,+arat"
-	if kvmUsable() {
+	if kvm.Usable() {
 		accel, cpu = "kvm", "host"
 	}
 	cmdline := []string{
@@ -77,12 +79,7 @@ func Start(ctx context.Context, o Options) (*VM, error) {
 		"wrenn.dns=10.0.2.3", "wrenn.hostname=wrenn-boot",
 	}
 	if accel == "tcg" {
-		// Without a known TSC rate some emulated boots hang calibrating it,
-		// and an unreliable TSC makes idle guests burn host CPU.
-		if khz := hostTSCkHz(); khz > 0 {
-			cmdline = append(cmdline, "tsc_early_khz="+strconv.Itoa(khz))
-		}
-		cmdline = append(cmdline, "tsc=reliable")
+		cmdline = append(cmdline, kvm.TCGKernelArgs()...)
 	}
 	drive := "id=root,file=" + o.Rootfs + ",format=raw,if=none,cache=unsafe"
 	if !o.Writable {
@@ -198,54 +195,6 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// kvmUsable decides between KVM and software emulation. WRENN_ACCEL=kvm or
-// tcg forces the choice. Otherwise KVM needs both a /dev/kvm that opens and
-// a CPU that advertises hardware virtualization (vmx or svm): some sandboxes
-// expose a /dev/kvm that creates VMs but fails to run a real kernel
-// ("KVM internal error ... emulation failure").
-func kvmUsable() bool {
-	switch os.Getenv("WRENN_ACCEL") {
-	case "kvm":
-		return true
-	case "tcg":
-		return false
-	}
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-	if err != nil {
-		return false
-	}
-	f.Close()
-	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(cpuinfo), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
-			flags := " " + v + " "
-			return strings.Contains(flags, " vmx ") || strings.Contains(flags, " svm ")
-		}
-	}
-	return false
-}
-
-// hostTSCkHz reads the host CPU's clock rate, which QEMU's emulated TSC
-// follows.
-func hostTSCkHz() int {
-	data, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
-			mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err == nil {
-				return int(mhz * 1000)
-			}
-		}
-	}
-	return 0
 }
 
 // Kernel picks the kernel in dir/kernels: the highest vmlinux-<semver>,

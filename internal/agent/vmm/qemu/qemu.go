@@ -1,0 +1,320 @@
+// Package qemu runs sandboxes with qemu-system-x86_64's microvm machine:
+// KVM where usable, TCG otherwise, controlled over QMP. A snapshot is a
+// migration of the paused VM into a file; a restore starts QEMU with the
+// same machine and -incoming from that file, then continues it.
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/agent/vmm/qemu/qmp"
+	"github.com/wrenn/wrenn/internal/kvm"
+)
+
+const (
+	memoryFile     = "memory.qemu"
+	migrateBytesPS = 8 << 30 // the default limit (32 MiB/s) makes saves slow
+)
+
+// Driver is the QEMU VMM driver.
+type Driver struct {
+	Binary string // default qemu-system-x86_64
+	Log    *slog.Logger
+	kvm    bool
+}
+
+var _ vmm.Driver = (*Driver)(nil)
+
+// New returns a driver, deciding once between KVM and TCG.
+func New(log *slog.Logger) *Driver {
+	return &Driver{Binary: "qemu-system-x86_64", Log: log, kvm: kvm.Usable()}
+}
+
+// Name implements vmm.Driver.
+func (d *Driver) Name() string { return "qemu" }
+
+// Accelerator reports "kvm" or "tcg".
+func (d *Driver) Accelerator() string {
+	if d.kvm {
+		return "kvm"
+	}
+	return "tcg"
+}
+
+func qmpSocket(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "qmp.sock") }
+
+// args builds the QEMU command line. Boot and Restore use the same one, as
+// migration requires.
+func (d *Driver) args(spec vmm.Spec) []string {
+	accel, cpu := "tcg", "qemu64,+arat"
+	if d.kvm {
+		accel, cpu = "kvm", "host"
+	}
+	kargs := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet",
+		"root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/wrenn-init"}
+	if !d.kvm {
+		kargs = append(kargs, kvm.TCGKernelArgs()...)
+	}
+	kargs = append(kargs, spec.KernelArgs...)
+	format := spec.DiskFormat
+	if format == "" {
+		format = "raw"
+	}
+	args := []string{
+		"-name", spec.ID,
+		"-M", "microvm,acpi=off", "-accel", accel, "-cpu", cpu,
+		"-m", strconv.Itoa(spec.MemoryMiB), "-smp", strconv.Itoa(spec.VCPUs),
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-serial", "file:" + filepath.Join(spec.RunDir, "console.log"),
+		"-qmp", "unix:" + qmpSocket(spec) + ",server=on,wait=off",
+		"-kernel", spec.Kernel, "-append", strings.Join(kargs, " "),
+		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap",
+		"-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-rng-device",
+	}
+	if spec.TapDevice != "" {
+		args = append(args,
+			"-netdev", "tap,id=net0,ifname="+spec.TapDevice+",script=no,downscript=no",
+			"-device", "virtio-net-device,netdev=net0,mac="+spec.MAC)
+	}
+	return args
+}
+
+// start launches QEMU in the sandbox's network namespace, in its own
+// session so it outlives an agent restart.
+func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
+	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
+		return vmm.Instance{}, fmt.Errorf("qemu run dir: %w", err)
+	}
+	_ = os.Remove(qmpSocket(spec))
+	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
+	if spec.NetNS != "" {
+		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
+	}
+	logFile, err := os.OpenFile(filepath.Join(spec.RunDir, "vmm.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return vmm.Instance{}, fmt.Errorf("qemu log: %w", err)
+	}
+	defer logFile.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return vmm.Instance{}, fmt.Errorf("start qemu: %w", err)
+	}
+	inst := vmm.Instance{PID: cmd.Process.Pid}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait() // reap it while this agent lives
+		close(exited)
+	}()
+	// QEMU creates the QMP socket once it parsed its arguments; if it exits
+	// first, its log says why.
+	dialCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		if _, err := os.Stat(qmpSocket(spec)); err == nil {
+			return inst, nil
+		}
+		select {
+		case <-exited:
+			return vmm.Instance{}, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(spec.RunDir, "vmm.log")))
+		case <-dialCtx.Done():
+			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
+			return vmm.Instance{}, fmt.Errorf("qemu did not open its QMP socket: %w", dialCtx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// Boot implements vmm.Driver.
+func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+	inst, err := d.start(ctx, spec)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	d.Log.Info("qemu started", "sandbox", spec.ID, "pid", inst.PID, "accel", d.Accelerator(), "vcpus", spec.VCPUs, "memory_mib", spec.MemoryMiB)
+	return inst, nil
+}
+
+// Snapshot implements vmm.Driver: stop the vCPUs, migrate the VM into
+// dir/memory.qemu, and quit QEMU.
+func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance, dir string) error {
+	if strings.ContainsAny(dir, "'\"\\ $`") {
+		return fmt.Errorf("snapshot directory %q has characters unsafe in a QEMU exec: URI", dir)
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("snapshot dir: %w", err)
+	}
+	c, err := qmp.Dial(ctx, qmpSocket(spec))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Execute(ctx, "stop", nil); err != nil {
+		return fmt.Errorf("pause vCPUs: %w", err)
+	}
+	resume := func() { _, _ = c.Execute(context.Background(), "cont", nil) }
+	tmp := filepath.Join(dir, memoryFile+".tmp")
+	if _, err := c.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": migrateBytesPS}); err != nil {
+		resume()
+		return fmt.Errorf("set migration bandwidth: %w", err)
+	}
+	// QEMU 7.2 has no file: migration target; exec: streams to a command.
+	if _, err := c.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > '" + tmp + "'"}); err != nil {
+		resume()
+		return fmt.Errorf("start migration: %w", err)
+	}
+	if err := waitMigration(ctx, c); err != nil {
+		resume()
+		_ = os.Remove(tmp)
+		return fmt.Errorf("save memory: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, memoryFile)); err != nil {
+		resume()
+		return fmt.Errorf("save memory: %w", err)
+	}
+	// The state is safe on disk; the VMM is no longer needed.
+	_, _ = c.Execute(ctx, "quit", nil)
+	return waitGone(ctx, inst.PID)
+}
+
+func waitMigration(ctx context.Context, c *qmp.Client) error {
+	for {
+		status, desc, err := c.MigrationStatus(ctx)
+		if err != nil {
+			return err
+		}
+		switch status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("migration %s: %s", status, desc)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// Restore implements vmm.Driver.
+func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.Instance, error) {
+	mem := filepath.Join(dir, memoryFile)
+	if _, err := os.Stat(mem); err != nil {
+		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
+	}
+	if strings.ContainsAny(mem, "'\"\\ $`") {
+		return vmm.Instance{}, fmt.Errorf("snapshot path %q has characters unsafe in a QEMU exec: URI", mem)
+	}
+	inst, err := d.start(ctx, spec, "-incoming", "exec:cat '"+mem+"'")
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	fail := func(err error) (vmm.Instance, error) {
+		_ = d.Stop(context.Background(), spec, inst)
+		return vmm.Instance{}, err
+	}
+	c, err := qmp.Dial(ctx, qmpSocket(spec))
+	if err != nil {
+		return fail(err)
+	}
+	defer c.Close()
+	// The incoming VM ends up paused, as it was when saved.
+	for {
+		status, err := c.Status(ctx)
+		if err != nil {
+			return fail(fmt.Errorf("restore: %w", err))
+		}
+		if status == "paused" || status == "postmigrate" || status == "prelaunch" {
+			if mst, desc, _ := c.MigrationStatus(ctx); mst == "failed" {
+				return fail(fmt.Errorf("restore: migration failed: %s", desc))
+			}
+			break
+		}
+		if status == "running" {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fail(ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if _, err := c.Execute(ctx, "cont", nil); err != nil {
+		return fail(fmt.Errorf("resume vCPUs: %w", err))
+	}
+	d.Log.Info("qemu restored", "sandbox", spec.ID, "pid", inst.PID)
+	return inst, nil
+}
+
+// Stop implements vmm.Driver.
+func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
+	if !d.Alive(spec, inst) {
+		return nil
+	}
+	if err := syscall.Kill(inst.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill qemu %d: %w", inst.PID, err)
+	}
+	return waitGone(ctx, inst.PID)
+}
+
+// Alive implements vmm.Driver: the pid must still be a QEMU for this
+// sandbox (pids are reused).
+func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
+	if inst.PID <= 0 {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", inst.PID))
+	if err != nil {
+		return false
+	}
+	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", inst.PID)); err == nil {
+		if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+			return false // a zombie waiting to be reaped
+		}
+	}
+	return strings.Contains(string(cmdline), qmpSocket(spec))
+}
+
+func waitGone(ctx context.Context, pid int) error {
+	for {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			return nil
+		}
+		if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("qemu %d still running: %w", pid, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func tail(path string) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(lines) > 5 {
+		lines = lines[len(lines)-5:]
+	}
+	return strings.Join(lines, " | ")
+}

@@ -1,0 +1,156 @@
+// Package qmp is a small client for the QEMU Machine Protocol over a Unix
+// socket: the greeting, capability negotiation, commands and their replies.
+// Asynchronous events are skipped; the driver polls state instead.
+package qmp
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+)
+
+// Client is one QMP connection. Commands are serialised.
+type Client struct {
+	mu   sync.Mutex
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// Error is an error reply from QEMU.
+type Error struct {
+	Class string `json:"class"`
+	Desc  string `json:"desc"`
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("qmp: %s: %s", e.Class, e.Desc) }
+
+// Dial connects to a QMP socket, retrying until it appears or ctx ends,
+// and negotiates capabilities.
+func Dial(ctx context.Context, socket string) (*Client, error) {
+	var conn net.Conn
+	var err error
+	for {
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, "unix", socket)
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("connect to QMP %s: %w (last error: %v)", socket, ctx.Err(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	c := &Client{conn: conn, r: bufio.NewReader(conn)}
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(deadline)
+	}
+	var greeting struct {
+		QMP json.RawMessage `json:"QMP"`
+	}
+	if err := c.readJSON(&greeting); err != nil || greeting.QMP == nil {
+		conn.Close()
+		return nil, fmt.Errorf("QMP greeting from %s: %v", socket, err)
+	}
+	if _, err := c.execute("qmp_capabilities", nil); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// Execute runs a command and returns its "return" value.
+func (c *Client) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = c.conn.SetDeadline(deadline)
+		defer c.conn.SetDeadline(time.Time{})
+	}
+	return c.execute(command, args)
+}
+
+func (c *Client) execute(command string, args any) (json.RawMessage, error) {
+	req := map[string]any{"execute": command}
+	if args != nil {
+		req["arguments"] = args
+	}
+	data, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.conn.Write(append(data, '\n')); err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, err)
+	}
+	for {
+		var reply struct {
+			Return json.RawMessage `json:"return"`
+			Error  *Error          `json:"error"`
+			Event  string          `json:"event"`
+		}
+		if err := c.readJSON(&reply); err != nil {
+			return nil, fmt.Errorf("qmp %s: %w", command, err)
+		}
+		switch {
+		case reply.Event != "":
+			continue // asynchronous event, not our reply
+		case reply.Error != nil:
+			return nil, reply.Error
+		default:
+			return reply.Return, nil
+		}
+	}
+}
+
+func (c *Client) readJSON(v any) error {
+	line, err := c.r.ReadBytes('\n')
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(line, v)
+}
+
+// Status returns the VM's run state ("running", "paused", "inmigrate", ...).
+func (c *Client) Status(ctx context.Context) (string, error) {
+	raw, err := c.Execute(ctx, "query-status", nil)
+	if err != nil {
+		return "", err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return "", err
+	}
+	return st.Status, nil
+}
+
+// MigrationStatus returns query-migrate's status and error description.
+func (c *Client) MigrationStatus(ctx context.Context) (status, errDesc string, err error) {
+	raw, err := c.Execute(ctx, "query-migrate", nil)
+	if err != nil {
+		return "", "", err
+	}
+	var st struct {
+		Status    string `json:"status"`
+		ErrorDesc string `json:"error-desc"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return "", "", err
+	}
+	return st.Status, st.ErrorDesc, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error {
+	if c == nil || c.conn == nil {
+		return errors.New("qmp: not connected")
+	}
+	return c.conn.Close()
+}

@@ -1,0 +1,51 @@
+// Package vmm is the boundary between the host agent and a virtual machine
+// monitor. A driver boots a VM from a Spec, saves a running VM to a memory
+// snapshot and stops it, restores one from a snapshot, and stops it for good.
+// The Spec is stored with the sandbox: a restore must rebuild the identical
+// machine, and an agent restarted after a crash re-adopts VMs from it.
+package vmm
+
+import (
+	"context"
+	"errors"
+)
+
+// ErrNotRunning means the VMM process is gone.
+var ErrNotRunning = errors.New("vmm is not running")
+
+// Spec describes one VM.
+type Spec struct {
+	ID         string   `json:"id"`
+	Kernel     string   `json:"kernel"`
+	Disk       string   `json:"disk"`        // the sandbox's own root disk
+	DiskFormat string   `json:"disk_format"` // "qcow2" or "raw"
+	VCPUs      int      `json:"vcpus"`
+	MemoryMiB  int      `json:"memory_mib"`
+	KernelArgs []string `json:"kernel_args"` // added to the driver's own (network, hostname, ...)
+	TapDevice  string   `json:"tap_device"`  // inside NetNS
+	MAC        string   `json:"mac"`
+	NetNS      string   `json:"netns"`   // network namespace the VMM runs in
+	RunDir     string   `json:"run_dir"` // sockets, console log, VMM log
+}
+
+// Instance is a running VMM process.
+type Instance struct {
+	PID int `json:"pid"`
+}
+
+// Driver runs VMs with one VMM.
+type Driver interface {
+	// Name is "qemu" or "firecracker".
+	Name() string
+	// Boot starts a VM and returns once the VMM runs it (not once the guest is ready).
+	Boot(ctx context.Context, spec Spec) (Instance, error)
+	// Snapshot pauses the VM, writes its memory and device state under dir
+	// and stops the VMM. On error the VM is left running when possible.
+	Snapshot(ctx context.Context, spec Spec, inst Instance, dir string) error
+	// Restore starts a VMM from a snapshot under dir and resumes the VM.
+	Restore(ctx context.Context, spec Spec, dir string) (Instance, error)
+	// Stop kills the VMM. Stopping one that is already gone is not an error.
+	Stop(ctx context.Context, spec Spec, inst Instance) error
+	// Alive reports whether inst is still this VM's VMM process.
+	Alive(spec Spec, inst Instance) bool
+}
