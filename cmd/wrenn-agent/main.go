@@ -1,14 +1,168 @@
-// Command wrenn-agent is not implemented yet; see the project's issues.
+// Command wrenn-agent turns a Linux host into sandbox capacity: it boots
+// and supervises microVMs and serves the control plane over Connect RPC.
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/disk"
+	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/sandbox"
+	"github.com/wrenn/wrenn/internal/agent/server"
+	"github.com/wrenn/wrenn/internal/agent/vmm/qemu"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
 func main() {
-	fmt.Fprintf(os.Stderr, "wrenn-agent %s: not implemented yet\n", version.Version)
-	os.Exit(2)
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "wrenn-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func run() error {
+	fs := flag.NewFlagSet("wrenn-agent", flag.ContinueOnError)
+	listen := fs.String("listen", envOr("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
+	dir := fs.String("dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
+	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
+	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays or sparse copies (WRENN_DISK)")
+	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
+	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
+	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if *showVersion {
+		fmt.Println(version.Version)
+		return nil
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	token, err := hostToken(*dir)
+	if err != nil {
+		return err
+	}
+	var resolvers []netip.Addr
+	for _, s := range strings.Split(*dns, ",") {
+		a, err := netip.ParseAddr(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("--dns: %w", err)
+		}
+		resolvers = append(resolvers, a)
+	}
+	disks, err := disk.ForName(*diskName)
+	if err != nil {
+		return err
+	}
+	switch *vmmName {
+	case "auto", "qemu":
+	case "firecracker":
+		return errors.New("--vmm firecracker: the Firecracker driver is not implemented yet; use qemu")
+	default:
+		return fmt.Errorf("--vmm %q: use auto, qemu or firecracker", *vmmName)
+	}
+	driver := qemu.New(log)
+	log.Info("VMM chosen", "vmm", driver.Name(), "accelerator", driver.Accelerator(), "requested", *vmmName)
+
+	mgr := sandbox.New(sandbox.Config{
+		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
+		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()),
+	})
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := mgr.Start(ctx); err != nil {
+		return err
+	}
+
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	hs := &http.Server{
+		Handler: server.Handler(server.Config{
+			Manager: mgr, Token: token, Log: log, WrennDir: *dir,
+			VMM: driver.Name(), Accel: driver.Accelerator(), Version: version.Version,
+		}),
+		Protocols:         &protocols,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	// The VMs keep running: the next agent start re-adopts them.
+	log.Info("wrenn-agent stopping; sandboxes keep running")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return hs.Shutdown(shutdownCtx)
+}
+
+// hostToken is the credential the control plane presents on every call:
+// WRENN_HOST_TOKEN, else $WRENN_DIR/host-token (written at registration).
+func hostToken(dir string) (string, error) {
+	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" {
+		return t, nil
+	}
+	path := filepath.Join(dir, "host-token")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("no host token: set WRENN_HOST_TOKEN or register the host so that %s exists (%w)", path, err)
+	}
+	t := strings.TrimSpace(string(data))
+	if len(t) < 16 {
+		return "", fmt.Errorf("host token in %s is too short", path)
+	}
+	return t, nil
+}
+
+func hostMemoryMiB() int64 {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+			// Keep a quarter for the host itself (agent, page cache, VMM overhead).
+			return kb / 1024 * 3 / 4
+		}
+	}
+	return 0
 }

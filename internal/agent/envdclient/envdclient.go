@@ -1,0 +1,327 @@
+// Package envdclient is the host agent's client for envd inside a sandbox.
+package envdclient
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"net/url"
+	"time"
+
+	"connectrpc.com/connect"
+
+	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
+	"github.com/wrenn/wrenn/proto/envd/filesystem/filesystemconnect"
+	pb "github.com/wrenn/wrenn/proto/envd/process"
+	"github.com/wrenn/wrenn/proto/envd/process/processconnect"
+)
+
+// Port is where envd listens in every guest.
+const Port = 49983
+
+// Client talks to one sandbox's envd.
+type Client struct {
+	base  string
+	token string
+	http  *http.Client
+	Proc  processconnect.ProcessClient
+	FS    filesystemconnect.FilesystemClient
+}
+
+// tokenTransport adds the sandbox's access token to every request.
+type tokenTransport struct {
+	token string
+	next  http.RoundTripper
+}
+
+func (t tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if t.token != "" {
+		r = r.Clone(r.Context())
+		r.Header.Set("X-Access-Token", t.token)
+	}
+	return t.next.RoundTrip(r)
+}
+
+// New returns a client for envd at host (an IP address) with the token
+// set by Init (empty before Init).
+func New(host, token string) *Client {
+	base := fmt.Sprintf("http://%s:%d", host, Port)
+	hc := &http.Client{Transport: tokenTransport{token: token, next: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute}}}
+	return &Client{
+		base: base, token: token, http: hc,
+		Proc: processconnect.NewProcessClient(hc, base),
+		FS:   filesystemconnect.NewFilesystemClient(hc, base),
+	}
+}
+
+// AsUser names the Linux user a Connect request acts as ("" = envd's default).
+func AsUser[T any](req *connect.Request[T], user string) *connect.Request[T] {
+	if user != "" {
+		req.Header().Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(user+":")))
+	}
+	return req
+}
+
+// WaitHealthy polls /health until envd answers or ctx ends.
+func (c *Client) WaitHealthy(ctx context.Context) error {
+	probe := &http.Client{Timeout: time.Second}
+	var last error
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/health", nil)
+		res, err := probe.Do(req)
+		if err == nil {
+			res.Body.Close()
+			if res.StatusCode == http.StatusNoContent {
+				return nil
+			}
+			err = fmt.Errorf("status %d", res.StatusCode)
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("envd at %s not healthy: %w (last: %v)", c.base, ctx.Err(), last)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// InitRequest is envd's POST /init body.
+type InitRequest struct {
+	EnvVars     map[string]string `json:"envVars,omitempty"`
+	AccessToken string            `json:"accessToken,omitempty"`
+	Timestamp   time.Time         `json:"timestamp"`
+}
+
+// Init sets the sandbox's token, environment and clock.
+func (c *Client) Init(ctx context.Context, in InitRequest) error {
+	body, _ := json.Marshal(in)
+	return c.post(ctx, "/init", "application/json", bytes.NewReader(body))
+}
+
+// PrepareSnapshot asks the guest to flush its file systems.
+func (c *Client) PrepareSnapshot(ctx context.Context) error {
+	return c.post(ctx, "/snapshot/prepare", "", nil)
+}
+
+func (c *Client) post(ctx context.Context, path, contentType string, body io.Reader) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	res, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("envd %s: %w", path, err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode/100 != 2 {
+		return responseError(path, res)
+	}
+	return nil
+}
+
+// Metrics is envd's GET /metrics body.
+type Metrics struct {
+	CPUCount   int     `json:"cpu_count"`
+	CPUUsedPct float64 `json:"cpu_used_pct"`
+	MemTotal   int64   `json:"mem_total"`
+	MemUsed    int64   `json:"mem_used"`
+	DiskTotal  int64   `json:"disk_total"`
+	DiskUsed   int64   `json:"disk_used"`
+}
+
+// Metrics reads the guest's resource use.
+func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/metrics", nil)
+	res, err := c.http.Do(req)
+	if err != nil {
+		return Metrics{}, fmt.Errorf("envd metrics: %w", err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return Metrics{}, responseError("/metrics", res)
+	}
+	var m Metrics
+	if err := json.NewDecoder(res.Body).Decode(&m); err != nil {
+		return Metrics{}, fmt.Errorf("envd metrics: %w", err)
+	}
+	return m, nil
+}
+
+// FileError is an error answer from envd's /files, with its HTTP status.
+type FileError struct {
+	Status  int
+	Message string
+}
+
+func (e *FileError) Error() string { return fmt.Sprintf("envd: %d: %s", e.Status, e.Message) }
+
+func responseError(path string, res *http.Response) error {
+	var body struct {
+		Message string `json:"message"`
+	}
+	data, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	if json.Unmarshal(data, &body) != nil || body.Message == "" {
+		body.Message = fmt.Sprintf("%s answered %d", path, res.StatusCode)
+	}
+	return &FileError{Status: res.StatusCode, Message: body.Message}
+}
+
+// ReadFile downloads a file of at most limit bytes.
+func (c *Client) ReadFile(ctx context.Context, path, user string, limit int64) ([]byte, error) {
+	q := url.Values{"path": {path}}
+	if user != "" {
+		q.Set("username", user)
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/files?"+q.Encode(), nil)
+	res, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return nil, responseError("/files", res)
+	}
+	data, err := io.ReadAll(io.LimitReader(res.Body, limit+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if int64(len(data)) > limit {
+		return nil, &FileError{Status: http.StatusRequestEntityTooLarge, Message: fmt.Sprintf("%s is larger than %d bytes; use a streaming read", path, limit)}
+	}
+	return data, nil
+}
+
+// WriteFile uploads content to path (parents are created).
+func (c *Client) WriteFile(ctx context.Context, path, user string, content io.Reader) error {
+	pr, pw := io.Pipe()
+	mw := multipart.NewWriter(pw)
+	go func() {
+		part, err := mw.CreateFormFile("file", "upload")
+		if err == nil {
+			_, err = io.Copy(part, content)
+		}
+		if err == nil {
+			err = mw.Close()
+		}
+		pw.CloseWithError(err)
+	}()
+	q := url.Values{"path": {path}}
+	if user != "" {
+		q.Set("username", user)
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/files?"+q.Encode(), pr)
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	res, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return responseError("/files", res)
+	}
+	return nil
+}
+
+// ExecEvent is one event of a running command.
+type ExecEvent struct {
+	PID      uint32
+	Stdout   []byte
+	Stderr   []byte
+	ExitCode *int32
+}
+
+// ExecSpec is a command to run.
+type ExecSpec struct {
+	Cmd   string
+	Args  []string
+	Env   map[string]string
+	Cwd   string
+	User  string
+	Stdin []byte
+}
+
+// Exec runs a command and hands each event to fn until it ends.
+func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) error) error {
+	withStdin := len(spec.Stdin) > 0
+	msg := &pb.StartRequest{
+		Process: &pb.ProcessConfig{Cmd: spec.Cmd, Args: spec.Args, Envs: spec.Env},
+		Stdin:   &withStdin,
+	}
+	if spec.Cwd != "" {
+		msg.Process.Cwd = &spec.Cwd
+	}
+	stream, err := c.Proc.Start(ctx, AsUser(connect.NewRequest(msg), spec.User))
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	for stream.Receive() {
+		ev := stream.Msg().GetEvent()
+		var out ExecEvent
+		switch e := ev.GetEvent().(type) {
+		case *pb.ProcessEvent_Start:
+			out.PID = e.Start.GetPid()
+			if withStdin {
+				if err := c.sendStdin(ctx, out.PID, spec.Stdin); err != nil {
+					return err
+				}
+			}
+		case *pb.ProcessEvent_Data:
+			out.Stdout, out.Stderr = e.Data.GetStdout(), e.Data.GetStderr()
+		case *pb.ProcessEvent_End:
+			code := e.End.GetExitCode()
+			out.ExitCode = &code
+		default:
+			continue
+		}
+		if err := fn(out); err != nil {
+			return err
+		}
+		if out.ExitCode != nil {
+			return nil
+		}
+	}
+	if err := stream.Err(); err != nil {
+		return err
+	}
+	return errors.New("envd closed the stream before the command ended")
+}
+
+func (c *Client) sendStdin(ctx context.Context, pid uint32, data []byte) error {
+	sel := &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: pid}}
+	if _, err := c.Proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: data}}})); err != nil {
+		return err
+	}
+	_, err := c.Proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
+	return err
+}
+
+// ListDir lists a directory.
+func (c *Client) ListDir(ctx context.Context, path, user string, depth uint32) ([]*fspb.EntryInfo, error) {
+	res, err := c.FS.ListDir(ctx, AsUser(connect.NewRequest(&fspb.ListDirRequest{Path: path, Depth: depth}), user))
+	if err != nil {
+		return nil, err
+	}
+	return res.Msg.GetEntries(), nil
+}
+
+// MakeDir creates a directory and its parents.
+func (c *Client) MakeDir(ctx context.Context, path, user string) error {
+	_, err := c.FS.MakeDir(ctx, AsUser(connect.NewRequest(&fspb.MakeDirRequest{Path: path}), user))
+	return err
+}
+
+// Remove deletes a file or directory tree.
+func (c *Client) Remove(ctx context.Context, path, user string) error {
+	_, err := c.FS.Remove(ctx, AsUser(connect.NewRequest(&fspb.RemoveRequest{Path: path}), user))
+	return err
+}

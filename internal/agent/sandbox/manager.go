@@ -1,0 +1,559 @@
+// Package sandbox is the host agent's sandbox manager. Each lifecycle
+// operation is a short series of steps (directory, disk, network, VMM,
+// envd); a failed create undoes exactly the steps it took, and state is
+// saved after each change so that a restarted agent re-adopts what still
+// runs and cleans up what a crash left half made.
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/disk"
+	"github.com/wrenn/wrenn/internal/agent/envdclient"
+	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/guest/template"
+)
+
+// Errors the API maps to status codes.
+var (
+	ErrNotFound      = errors.New("sandbox not found")
+	ErrInvalid       = errors.New("invalid request")
+	ErrExists        = errors.New("sandbox already exists")
+	ErrWrongState    = errors.New("sandbox is not in a state that allows this")
+	ErrNoCapacity    = errors.New("host has no capacity left")
+	ErrTemplateUnkwn = errors.New("unknown template")
+)
+
+// Limits on what one sandbox may ask for.
+const (
+	MinMemoryMiB = 128
+	MaxVCPUs     = 32 // the guest kernel's NR_CPUS
+	MaxTimeout   = 30 * 24 * time.Hour
+	maxMetadata  = 64
+)
+
+// Config wires the manager to a host.
+type Config struct {
+	WrennDir       string
+	Driver         vmm.Driver
+	Disks          disk.Cloner
+	Net            *network.Manager
+	Log            *slog.Logger
+	DNS            []netip.Addr  // resolvers the guests use
+	DefaultTimeout time.Duration // when a create names none
+	BootTimeout    time.Duration // VMM start to envd ready
+	HostMemoryMiB  int           // capacity for running sandboxes
+	ReapInterval   time.Duration
+}
+
+// Manager owns the sandboxes of one host.
+type Manager struct {
+	cfg       Config
+	log       *slog.Logger
+	templates template.Store
+
+	mu        sync.Mutex
+	sandboxes map[string]*entry
+	slots     map[int]string
+}
+
+// entry serialises operations on one sandbox. rec belongs to whoever holds
+// mu; view is a copy published under the manager's lock on every save, for
+// listings that must not wait behind a slow operation.
+type entry struct {
+	mu   sync.Mutex
+	rec  Record
+	view Record
+}
+
+// save persists e.rec and publishes it to listings.
+func (m *Manager) save(e *entry) error {
+	if err := writeRecord(m.sandboxDir(e.rec.ID), e.rec); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	e.view = e.rec
+	m.mu.Unlock()
+	return nil
+}
+
+// New returns a manager; call Start before serving.
+func New(cfg Config) *Manager {
+	if cfg.DefaultTimeout == 0 {
+		cfg.DefaultTimeout = 5 * time.Minute
+	}
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = 90 * time.Second
+	}
+	if cfg.ReapInterval == 0 {
+		cfg.ReapInterval = 2 * time.Second
+	}
+	return &Manager{
+		cfg: cfg, log: cfg.Log,
+		templates: template.Store{Dir: filepath.Join(cfg.WrennDir, "images")},
+		sandboxes: map[string]*entry{}, slots: map[int]string{},
+	}
+}
+
+func (m *Manager) sandboxDir(id string) string  { return filepath.Join(m.cfg.WrennDir, "sandboxes", id) }
+func (m *Manager) snapshotDir(id string) string { return filepath.Join(m.cfg.WrennDir, "snapshots", id) }
+
+// CreateParams is a request for a new sandbox.
+type CreateParams struct {
+	ID        string
+	Template  string
+	VCPUs     int
+	MemoryMiB int
+	Timeout   time.Duration
+	AutoPause bool
+	EnvVars   map[string]string
+	Metadata  map[string]string
+	Egress    network.Egress
+}
+
+var validID = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{2,63}$`)
+var validEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+func (m *Manager) validate(p *CreateParams) error {
+	if p.ID == "" {
+		var b [8]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return err
+		}
+		p.ID = "sb-" + hex.EncodeToString(b[:])
+	}
+	if !validID.MatchString(p.ID) {
+		return fmt.Errorf("%w: sandbox id %q: use 3-64 of a-z, 0-9 and '-'", ErrInvalid, p.ID)
+	}
+	if p.Template == "" {
+		return fmt.Errorf("%w: template is required", ErrInvalid)
+	}
+	if err := template.ValidateName(p.Template); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if _, err := m.templates.Get(p.Template); err != nil {
+		if errors.Is(err, template.ErrNotFound) {
+			return fmt.Errorf("%w: %q is not on this host", ErrTemplateUnkwn, p.Template)
+		}
+		return fmt.Errorf("template %q: %w", p.Template, err)
+	}
+	if p.VCPUs < 1 || p.VCPUs > MaxVCPUs {
+		return fmt.Errorf("%w: vcpus must be between 1 and %d, not %d", ErrInvalid, MaxVCPUs, p.VCPUs)
+	}
+	if p.MemoryMiB < MinMemoryMiB {
+		return fmt.Errorf("%w: memory_mib must be at least %d, not %d", ErrInvalid, MinMemoryMiB, p.MemoryMiB)
+	}
+	if m.cfg.HostMemoryMiB > 0 && p.MemoryMiB > m.cfg.HostMemoryMiB {
+		return fmt.Errorf("%w: memory_mib %d is more than this host's %d", ErrInvalid, p.MemoryMiB, m.cfg.HostMemoryMiB)
+	}
+	if p.Timeout < 0 || p.Timeout > MaxTimeout {
+		return fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
+	}
+	if p.Timeout == 0 {
+		p.Timeout = m.cfg.DefaultTimeout
+	}
+	for k, v := range p.EnvVars {
+		if !validEnvName.MatchString(k) || len(v) > 32<<10 {
+			return fmt.Errorf("%w: environment variable %q", ErrInvalid, k)
+		}
+	}
+	if len(p.Metadata) > maxMetadata {
+		return fmt.Errorf("%w: at most %d metadata entries", ErrInvalid, maxMetadata)
+	}
+	for k, v := range p.Metadata {
+		if k == "" || len(k) > 128 || len(v) > 1024 {
+			return fmt.Errorf("%w: metadata %q: keys 1-128 bytes, values up to 1024", ErrInvalid, k)
+		}
+	}
+	if p.Egress.Mode == "" {
+		p.Egress.Mode = network.AllowAll
+	}
+	if err := p.Egress.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return nil
+}
+
+// reserve registers a new sandbox under the lowest free slot.
+func (m *Manager) reserve(p CreateParams) (*entry, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.sandboxes[p.ID]; ok {
+		return nil, fmt.Errorf("%w: %s", ErrExists, p.ID)
+	}
+	if m.cfg.HostMemoryMiB > 0 {
+		used := 0
+		for _, e := range m.sandboxes {
+			if e.rec.State != Paused {
+				used += e.rec.MemoryMiB
+			}
+		}
+		if used+p.MemoryMiB > m.cfg.HostMemoryMiB {
+			return nil, fmt.Errorf("%w: %d MiB requested, %d of %d MiB in use", ErrNoCapacity, p.MemoryMiB, used, m.cfg.HostMemoryMiB)
+		}
+	}
+	slot := 1
+	for ; slot <= network.MaxSlot; slot++ {
+		if _, taken := m.slots[slot]; !taken {
+			break
+		}
+	}
+	alloc, err := network.ForSlot(slot)
+	if err != nil {
+		return nil, fmt.Errorf("%w: no free network slot", ErrNoCapacity)
+	}
+	var tok [24]byte
+	if _, err := rand.Read(tok[:]); err != nil {
+		return nil, err
+	}
+	now := time.Now().UTC()
+	e := &entry{rec: Record{
+		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
+		CreatedAt: now, ExpiresAt: now.Add(p.Timeout), Timeout: p.Timeout, AutoPause: p.AutoPause,
+		Metadata: p.Metadata, EnvVars: p.EnvVars, Egress: p.Egress,
+		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc,
+	}}
+	e.view = e.rec
+	e.mu.Lock() // held by the creator until the sandbox runs or is gone
+	m.sandboxes[p.ID] = e
+	m.slots[slot] = p.ID
+	return e, nil
+}
+
+func (m *Manager) forget(id string, slot int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.sandboxes, id)
+	if m.slots[slot] == id {
+		delete(m.slots, slot)
+	}
+}
+
+// Create boots a new sandbox and returns once envd inside it is ready.
+func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
+	if err := m.validate(&p); err != nil {
+		return Record{}, err
+	}
+	e, err := m.reserve(p)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	start := time.Now()
+	rec, err := m.create(ctx, e)
+	if err != nil {
+		m.log.Warn("create failed; undone", "sandbox", p.ID, "error", err)
+		m.forget(p.ID, e.rec.Net.Slot)
+		return Record{}, err
+	}
+	m.log.Info("sandbox running", "sandbox", rec.ID, "template", rec.Template, "address", rec.Net.SandboxIP, "took", time.Since(start).Round(time.Millisecond))
+	return rec, nil
+}
+
+func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
+	rec := &e.rec
+	var undo []func()
+	fail := func(err error) (Record, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		return Record{}, err
+	}
+	dir := m.sandboxDir(rec.ID)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fail(fmt.Errorf("sandbox directory: %w", err))
+	}
+	undo = append(undo, func() { _ = os.RemoveAll(dir) })
+	if err := m.save(e); err != nil {
+		return fail(err)
+	}
+
+	diskPath := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
+	format, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskPath)
+	if err != nil {
+		return fail(err)
+	}
+
+	if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
+		return fail(err)
+	}
+	undo = append(undo, func() { _ = m.cfg.Net.Teardown(context.Background(), rec.Net) })
+
+	kernel, err := boot.Kernel(m.cfg.WrennDir)
+	if err != nil {
+		return fail(err)
+	}
+	rec.Spec = vmm.Spec{
+		ID: rec.ID, Kernel: kernel, Disk: diskPath, DiskFormat: format,
+		VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB,
+		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID),
+		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
+		RunDir: filepath.Join(dir, "run"),
+	}
+	rec.State = Starting
+	inst, err := m.cfg.Driver.Boot(ctx, rec.Spec)
+	if err != nil {
+		return fail(err)
+	}
+	undo = append(undo, func() { _ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst) })
+	rec.VMM = inst
+	if err := m.save(e); err != nil {
+		return fail(err)
+	}
+
+	if err := m.initGuest(ctx, rec, true); err != nil {
+		return fail(fmt.Errorf("%w; console: %s", err, consoleTail(rec.Spec.RunDir)))
+	}
+	rec.State = Running
+	rec.ExpiresAt = time.Now().UTC().Add(rec.Timeout)
+	if err := m.save(e); err != nil {
+		return fail(err)
+	}
+	return *rec, nil
+}
+
+// initGuest waits for envd and sends it the token, environment and clock.
+func (m *Manager) initGuest(ctx context.Context, rec *Record, first bool) error {
+	waitCtx, cancel := context.WithTimeout(ctx, m.cfg.BootTimeout)
+	defer cancel()
+	token := rec.EnvdToken
+	if first {
+		token = "" // envd has no token until this /init sets it
+	}
+	c := envdclient.New(rec.Net.SandboxIP.String(), token)
+	if err := c.WaitHealthy(waitCtx); err != nil {
+		return err
+	}
+	in := envdclient.InitRequest{Timestamp: time.Now().UTC()}
+	if first {
+		in.AccessToken, in.EnvVars = rec.EnvdToken, rec.EnvVars
+	}
+	if err := c.Init(waitCtx, in); err != nil {
+		return fmt.Errorf("init envd: %w", err)
+	}
+	return nil
+}
+
+func consoleTail(runDir string) string {
+	data, err := os.ReadFile(filepath.Join(runDir, "console.log"))
+	if err != nil {
+		return "(no console)"
+	}
+	if len(data) > 1500 {
+		data = data[len(data)-1500:]
+	}
+	return string(data)
+}
+
+// lock finds a sandbox and locks it for one operation.
+func (m *Manager) lock(id string) (*entry, error) {
+	m.mu.Lock()
+	e, ok := m.sandboxes[id]
+	m.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	e.mu.Lock()
+	// It may have been destroyed while we waited.
+	m.mu.Lock()
+	current, still := m.sandboxes[id]
+	m.mu.Unlock()
+	if !still || current != e {
+		e.mu.Unlock()
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	return e, nil
+}
+
+// Destroy stops a sandbox and removes everything it had. Destroying a
+// sandbox that does not exist succeeds.
+func (m *Manager) Destroy(ctx context.Context, id string) error {
+	e, err := m.lock(id)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer e.mu.Unlock()
+	if err := m.teardown(ctx, e.rec); err != nil {
+		return err
+	}
+	m.forget(id, e.rec.Net.Slot)
+	m.log.Info("sandbox destroyed", "sandbox", id)
+	return nil
+}
+
+// teardown removes a sandbox's VMM, network, disk and snapshot.
+func (m *Manager) teardown(ctx context.Context, rec Record) error {
+	if rec.Spec.RunDir != "" {
+		if err := m.cfg.Driver.Stop(ctx, rec.Spec, rec.VMM); err != nil {
+			return fmt.Errorf("destroy %s: %w", rec.ID, err)
+		}
+	}
+	if err := m.cfg.Net.Teardown(ctx, rec.Net); err != nil {
+		return fmt.Errorf("destroy %s: %w", rec.ID, err)
+	}
+	for _, dir := range []string{m.snapshotDir(rec.ID), m.sandboxDir(rec.ID)} {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("destroy %s: %w", rec.ID, err)
+		}
+	}
+	return nil
+}
+
+// Pause saves a running sandbox's memory and stops its VMM. The network
+// stays, so the sandbox keeps its address.
+func (m *Manager) Pause(ctx context.Context, id string) (Record, error) {
+	e, err := m.lock(id)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	return m.pause(ctx, e)
+}
+
+func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
+	rec := &e.rec
+	switch rec.State {
+	case Paused:
+		return *rec, nil
+	case Running:
+	default:
+		return Record{}, fmt.Errorf("%w: %s is %s", ErrWrongState, rec.ID, rec.State)
+	}
+	start := time.Now()
+	c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
+	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := c.PrepareSnapshot(prepCtx); err != nil {
+		m.log.Warn("guest did not flush before pause", "sandbox", rec.ID, "error", err)
+	}
+	cancel()
+	if err := m.cfg.Driver.Snapshot(ctx, rec.Spec, rec.VMM, m.snapshotDir(rec.ID)); err != nil {
+		return Record{}, fmt.Errorf("pause %s: %w", rec.ID, err)
+	}
+	rec.State, rec.VMM = Paused, vmm.Instance{}
+	if err := m.save(e); err != nil {
+		return Record{}, err
+	}
+	m.log.Info("sandbox paused", "sandbox", rec.ID, "took", time.Since(start).Round(time.Millisecond))
+	return *rec, nil
+}
+
+// Resume restores a paused sandbox. On failure it stays paused, with its
+// snapshot, so nothing is lost.
+func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) (Record, error) {
+	if timeout < 0 || timeout > MaxTimeout {
+		return Record{}, fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
+	}
+	e, err := m.lock(id)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	rec := &e.rec
+	switch rec.State {
+	case Running:
+		return *rec, nil
+	case Paused:
+	default:
+		return Record{}, fmt.Errorf("%w: %s is %s", ErrWrongState, rec.ID, rec.State)
+	}
+	start := time.Now()
+	if !m.cfg.Net.Exists(rec.Net) {
+		// The host rebooted since the pause; the slot is still ours.
+		if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
+			return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
+		}
+	}
+	inst, err := m.cfg.Driver.Restore(ctx, rec.Spec, m.snapshotDir(rec.ID))
+	if err != nil {
+		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
+	}
+	rec.VMM = inst
+	if err := m.initGuest(ctx, rec, false); err != nil {
+		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
+		rec.VMM = vmm.Instance{}
+		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
+	}
+	if timeout > 0 {
+		rec.Timeout = timeout
+	}
+	rec.State, rec.ExpiresAt = Running, time.Now().UTC().Add(rec.Timeout)
+	if err := m.save(e); err != nil {
+		return Record{}, err
+	}
+	// The memory now lives in the VM again; the snapshot is stale.
+	_ = os.RemoveAll(m.snapshotDir(rec.ID))
+	m.log.Info("sandbox resumed", "sandbox", rec.ID, "took", time.Since(start).Round(time.Millisecond))
+	return *rec, nil
+}
+
+// Ping moves a running sandbox's deadline; a timeout of 0 keeps its own.
+func (m *Manager) Ping(id string, timeout time.Duration) (Record, error) {
+	if timeout < 0 || timeout > MaxTimeout {
+		return Record{}, fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
+	}
+	e, err := m.lock(id)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	if timeout > 0 {
+		e.rec.Timeout = timeout
+	}
+	e.rec.ExpiresAt = time.Now().UTC().Add(e.rec.Timeout)
+	if err := m.save(e); err != nil {
+		return Record{}, err
+	}
+	return e.rec, nil
+}
+
+// Get returns one sandbox.
+func (m *Manager) Get(id string) (Record, error) {
+	e, err := m.lock(id)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	return e.rec, nil
+}
+
+// List returns every sandbox, by id, without waiting for busy ones: a
+// sandbox being created shows as pending or starting.
+func (m *Manager) List() []Record {
+	m.mu.Lock()
+	out := make([]Record, 0, len(m.sandboxes))
+	for _, e := range m.sandboxes {
+		out = append(out, e.view)
+	}
+	m.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Envd returns a client for a running sandbox's envd.
+func (m *Manager) Envd(id string) (*envdclient.Client, error) {
+	rec, err := m.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	if rec.State != Running {
+		return nil, fmt.Errorf("%w: %s is %s, not running", ErrWrongState, id, rec.State)
+	}
+	return envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken), nil
+}

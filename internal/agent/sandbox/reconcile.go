@@ -1,0 +1,187 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/network"
+)
+
+// Start prepares the host, takes back what an earlier agent left, and runs
+// the reaper until ctx ends.
+func (m *Manager) Start(ctx context.Context) error {
+	for _, d := range []string{"sandboxes", "snapshots"} {
+		if err := os.MkdirAll(filepath.Join(m.cfg.WrennDir, d), 0o750); err != nil {
+			return fmt.Errorf("prepare %s: %w", d, err)
+		}
+	}
+	if err := m.cfg.Net.PrepareHost(ctx); err != nil {
+		return err
+	}
+	if err := m.reconcile(ctx); err != nil {
+		return err
+	}
+	go m.reap(ctx)
+	return nil
+}
+
+// reconcile loads the saved sandboxes: running ones whose VMM still runs
+// are adopted, paused ones are kept, anything half made or dead is cleaned
+// up. Then it removes what no sandbox owns: namespaces and VMM processes.
+func (m *Manager) reconcile(ctx context.Context) error {
+	root := filepath.Join(m.cfg.WrennDir, "sandboxes")
+	dirs, err := os.ReadDir(root)
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	for _, d := range dirs {
+		if !d.IsDir() {
+			continue
+		}
+		dir := filepath.Join(root, d.Name())
+		rec, err := readRecord(dir)
+		if err != nil {
+			m.log.Warn("removing unreadable sandbox directory", "dir", dir, "error", err)
+			m.killVMMsUnder(dir)
+			_ = os.RemoveAll(dir)
+			continue
+		}
+		switch {
+		case rec.State == Running && m.cfg.Driver.Alive(rec.Spec, rec.VMM):
+			m.adopt(rec)
+			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
+		case rec.State == Paused:
+			if _, err := os.Stat(filepath.Join(m.snapshotDir(rec.ID))); err != nil {
+				m.log.Error("paused sandbox has no snapshot; removing it", "sandbox", rec.ID)
+				_ = m.teardown(ctx, rec)
+				continue
+			}
+			m.adopt(rec)
+			m.log.Info("kept paused sandbox", "sandbox", rec.ID)
+		default:
+			// Half created, or its VMM died with the host: nothing to keep running.
+			m.log.Warn("cleaning up sandbox that did not survive", "sandbox", rec.ID, "state", rec.State)
+			if err := m.teardown(ctx, rec); err != nil {
+				m.log.Error("clean up failed", "sandbox", rec.ID, "error", err)
+			}
+		}
+	}
+	// Namespaces of slots no sandbox holds.
+	slots, err := network.Namespaces()
+	if err != nil {
+		return fmt.Errorf("reconcile namespaces: %w", err)
+	}
+	for _, slot := range slots {
+		if _, owned := m.slots[slot]; owned {
+			continue
+		}
+		if a, err := network.ForSlot(slot); err == nil {
+			m.log.Warn("removing orphan network namespace", "netns", a.NetNS)
+			_ = m.cfg.Net.Teardown(ctx, a)
+		}
+	}
+	// Snapshot directories of sandboxes that are gone.
+	snaps, _ := os.ReadDir(filepath.Join(m.cfg.WrennDir, "snapshots"))
+	for _, s := range snaps {
+		if _, owned := m.sandboxes[s.Name()]; !owned {
+			_ = os.RemoveAll(filepath.Join(m.cfg.WrennDir, "snapshots", s.Name()))
+		}
+	}
+	return nil
+}
+
+func (m *Manager) adopt(rec Record) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.sandboxes[rec.ID] = &entry{rec: rec, view: rec}
+	m.slots[rec.Net.Slot] = rec.ID
+}
+
+// killVMMsUnder kills VMM processes whose command line names dir, for
+// sandboxes whose record was lost.
+func (m *Manager) killVMMsUnder(dir string) {
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + p.Name() + "/cmdline")
+		if err != nil || !strings.Contains(string(cmdline), dir+"/") {
+			continue
+		}
+		m.log.Warn("killing orphan VMM", "pid", pid, "dir", dir)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// reap enforces deadlines: an expired sandbox is paused if it asked for
+// that, destroyed otherwise.
+func (m *Manager) reap(ctx context.Context) {
+	t := time.NewTicker(m.cfg.ReapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		for _, rec := range m.List() {
+			if rec.State != Running || now.Before(rec.ExpiresAt) {
+				continue
+			}
+			if rec.AutoPause {
+				if _, err := m.pauseIfExpired(ctx, rec.ID); err != nil && !errors.Is(err, ErrNotFound) {
+					m.log.Error("timeout: pause failed", "sandbox", rec.ID, "error", err)
+				}
+				continue
+			}
+			m.log.Info("timeout: destroying sandbox", "sandbox", rec.ID, "expired_at", rec.ExpiresAt)
+			if err := m.destroyIfExpired(ctx, rec.ID); err != nil {
+				m.log.Error("timeout: destroy failed", "sandbox", rec.ID, "error", err)
+			}
+		}
+	}
+}
+
+// pauseIfExpired re-checks the deadline under the sandbox's lock: a ping may
+// have arrived since the reaper looked.
+func (m *Manager) pauseIfExpired(ctx context.Context, id string) (Record, error) {
+	e, err := m.lock(id)
+	if err != nil {
+		return Record{}, err
+	}
+	defer e.mu.Unlock()
+	if e.rec.State != Running || time.Now().Before(e.rec.ExpiresAt) {
+		return e.rec, nil
+	}
+	m.log.Info("timeout: pausing sandbox", "sandbox", id)
+	return m.pause(ctx, e)
+}
+
+func (m *Manager) destroyIfExpired(ctx context.Context, id string) error {
+	e, err := m.lock(id)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer e.mu.Unlock()
+	if e.rec.State != Running || time.Now().Before(e.rec.ExpiresAt) {
+		return nil
+	}
+	if err := m.teardown(ctx, e.rec); err != nil {
+		return err
+	}
+	m.forget(id, e.rec.Net.Slot)
+	return nil
+}

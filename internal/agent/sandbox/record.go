@@ -1,0 +1,81 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+)
+
+// State is where a sandbox is in its life.
+type State string
+
+// Sandbox states.
+const (
+	Pending  State = "pending"  // accepted, nothing started yet
+	Starting State = "starting" // the VM is booting
+	Running  State = "running"
+	Paused   State = "paused" // memory is in a snapshot file, no VMM runs
+	Stopped  State = "stopped"
+	Error    State = "error"
+)
+
+// Record is everything the agent knows about one sandbox. It is written to
+// $WRENN_DIR/sandboxes/<id>/sandbox.json on every change, so a restarted
+// agent knows what it owned.
+type Record struct {
+	ID        string             `json:"id"`
+	Template  string             `json:"template"`
+	State     State              `json:"state"`
+	VCPUs     int                `json:"vcpus"`
+	MemoryMiB int                `json:"memory_mib"`
+	CreatedAt time.Time          `json:"created_at"`
+	ExpiresAt time.Time          `json:"expires_at"`
+	Timeout   time.Duration      `json:"timeout"`
+	AutoPause bool               `json:"auto_pause"`
+	Metadata  map[string]string  `json:"metadata,omitempty"`
+	EnvVars   map[string]string  `json:"env_vars,omitempty"`
+	Egress    network.Egress     `json:"egress"`
+	EnvdToken string             `json:"envd_token"`
+	Net       network.Allocation `json:"net"`
+	Spec      vmm.Spec           `json:"spec"`
+	VMM       vmm.Instance       `json:"vmm"`
+}
+
+const recordFile = "sandbox.json"
+
+func writeRecord(dir string, r Record) error {
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, recordFile+".tmp")
+	// The record holds the envd token: readable by the agent only.
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return fmt.Errorf("save sandbox %s: %w", r.ID, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, recordFile)); err != nil {
+		return fmt.Errorf("save sandbox %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+func readRecord(dir string) (Record, error) {
+	data, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if err != nil {
+		return Record{}, err
+	}
+	var r Record
+	if err := json.Unmarshal(data, &r); err != nil {
+		return Record{}, fmt.Errorf("corrupt %s: %w", filepath.Join(dir, recordFile), err)
+	}
+	if r.ID == "" || r.ID != filepath.Base(dir) {
+		return Record{}, errors.New("sandbox record does not match its directory " + dir)
+	}
+	return r, nil
+}

@@ -1,0 +1,511 @@
+// Package server is the host agent's Connect RPC surface. Every call must
+// carry the host token as "Authorization: Bearer <token>".
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/wrenn/wrenn/internal/agent/envdclient"
+	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/sandbox"
+	"github.com/wrenn/wrenn/internal/guest/template"
+	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+)
+
+// Limits on what passes through the agent in one message.
+const (
+	maxFileBytes    = 64 << 20
+	maxExecOutput   = 16 << 20
+	maxRPCMessage   = maxFileBytes + 1<<20
+	defaultExecTime = 60 * time.Second
+)
+
+// Config wires the server.
+type Config struct {
+	Manager  *sandbox.Manager
+	Token    string
+	Log      *slog.Logger
+	WrennDir string
+	VMM      string // driver name
+	Accel    string
+	Version  string
+}
+
+// Server implements the HostAgentService.
+type Server struct {
+	cfg Config
+	m   *sandbox.Manager
+	log *slog.Logger
+}
+
+var _ hostagentv1connect.HostAgentServiceHandler = (*Server)(nil)
+
+// Handler returns the authenticated HTTP handler.
+func Handler(cfg Config) http.Handler {
+	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Log}
+	path, h := hostagentv1connect.NewHostAgentServiceHandler(s,
+		connect.WithReadMaxBytes(maxRPCMessage),
+		connect.WithSendMaxBytes(maxRPCMessage),
+		connect.WithRecover(func(_ context.Context, spec connect.Spec, _ http.Header, p any) error {
+			cfg.Log.Error("panic in RPC handler", "procedure", spec.Procedure, "panic", p)
+			return connect.NewError(connect.CodeInternal, errors.New("internal error"))
+		}),
+	)
+	mux := http.NewServeMux()
+	mux.Handle(path, h)
+	return authenticate(cfg.Token, cfg.Log, mux)
+}
+
+// authenticate compares the bearer token in constant time.
+func authenticate(token string, log *slog.Logger, next http.Handler) http.Handler {
+	want := []byte("Bearer " + token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
+			log.Warn("unauthenticated agent call", "procedure", r.URL.Path, "remote", r.RemoteAddr)
+			_ = connect.NewErrorWriter().Write(w, r, connect.NewError(connect.CodeUnauthenticated, errors.New("missing or invalid host token")))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// toConnect maps manager and envd errors to the codes clients act on.
+func toConnect(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	var fe *envdclient.FileError
+	switch {
+	case errors.As(err, &fe):
+		return connect.NewError(httpCode(fe.Status), errors.New(fe.Message))
+	case errors.Is(err, sandbox.ErrNotFound):
+		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, sandbox.ErrInvalid), errors.Is(err, sandbox.ErrTemplateUnkwn):
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	case errors.Is(err, sandbox.ErrExists):
+		return connect.NewError(connect.CodeAlreadyExists, err)
+	case errors.Is(err, sandbox.ErrWrongState):
+		return connect.NewError(connect.CodeFailedPrecondition, err)
+	case errors.Is(err, sandbox.ErrNoCapacity):
+		return connect.NewError(connect.CodeResourceExhausted, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, err)
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, err)
+	default:
+		return connect.NewError(connect.CodeInternal, err)
+	}
+}
+
+func httpCode(status int) connect.Code {
+	switch status {
+	case http.StatusBadRequest:
+		return connect.CodeInvalidArgument
+	case http.StatusUnauthorized:
+		return connect.CodeUnauthenticated
+	case http.StatusForbidden:
+		return connect.CodePermissionDenied
+	case http.StatusNotFound:
+		return connect.CodeNotFound
+	case http.StatusRequestEntityTooLarge, http.StatusInsufficientStorage:
+		return connect.CodeResourceExhausted
+	default:
+		return connect.CodeInternal
+	}
+}
+
+func toProto(r sandbox.Record) *pb.Sandbox {
+	states := map[sandbox.State]pb.SandboxState{
+		sandbox.Pending: pb.SandboxState_SANDBOX_STATE_PENDING, sandbox.Starting: pb.SandboxState_SANDBOX_STATE_STARTING,
+		sandbox.Running: pb.SandboxState_SANDBOX_STATE_RUNNING, sandbox.Paused: pb.SandboxState_SANDBOX_STATE_PAUSED,
+		sandbox.Stopped: pb.SandboxState_SANDBOX_STATE_STOPPED, sandbox.Error: pb.SandboxState_SANDBOX_STATE_ERROR,
+	}
+	eg := &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_ALL}
+	switch r.Egress.Mode {
+	case network.DenyAll:
+		eg.Mode = pb.EgressPolicy_MODE_DENY_ALL
+	case network.AllowList:
+		eg.Mode = pb.EgressPolicy_MODE_ALLOW_LIST
+		for _, p := range r.Egress.Allow {
+			eg.AllowCidrs = append(eg.AllowCidrs, p.String())
+		}
+	}
+	return &pb.Sandbox{
+		Id: r.ID, Template: r.Template, State: states[r.State], Vcpus: int32(r.VCPUs), MemoryMib: int32(r.MemoryMiB),
+		CreatedAt: timestamppb.New(r.CreatedAt), ExpiresAt: timestamppb.New(r.ExpiresAt), AutoPause: r.AutoPause,
+		Metadata: r.Metadata, Address: r.Net.SandboxIP.String(), Egress: eg,
+	}
+}
+
+func egressFrom(p *pb.EgressPolicy) (network.Egress, error) {
+	var e network.Egress
+	switch p.GetMode() {
+	case pb.EgressPolicy_MODE_UNSPECIFIED, pb.EgressPolicy_MODE_ALLOW_ALL:
+		e.Mode = network.AllowAll
+	case pb.EgressPolicy_MODE_DENY_ALL:
+		e.Mode = network.DenyAll
+	case pb.EgressPolicy_MODE_ALLOW_LIST:
+		e.Mode = network.AllowList
+	default:
+		return e, fmt.Errorf("%w: unknown egress mode %v", sandbox.ErrInvalid, p.GetMode())
+	}
+	for _, c := range p.GetAllowCidrs() {
+		prefix, err := parsePrefix(c)
+		if err != nil {
+			return e, fmt.Errorf("%w: egress CIDR %q: %v", sandbox.ErrInvalid, c, err)
+		}
+		e.Allow = append(e.Allow, prefix)
+	}
+	return e, nil
+}
+
+func seconds(n int32) (time.Duration, error) {
+	if n < 0 {
+		return 0, fmt.Errorf("%w: timeout_seconds must not be negative", sandbox.ErrInvalid)
+	}
+	return time.Duration(n) * time.Second, nil
+}
+
+// GetHostInfo reports the host's capacity and software.
+func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInfoRequest]) (*connect.Response[pb.GetHostInfoResponse], error) {
+	res := &pb.GetHostInfoResponse{Arch: runtime.GOARCH, Cpus: int32(runtime.NumCPU()), Vmm: s.cfg.VMM, Accelerator: s.cfg.Accel, Version: s.cfg.Version}
+	res.MemoryBytes = memTotal()
+	var st unix.Statfs_t
+	if unix.Statfs(s.cfg.WrennDir, &st) == nil {
+		res.DiskBytes = int64(st.Blocks) * st.Bsize
+		res.DiskFreeBytes = int64(st.Bavail) * st.Bsize
+	}
+	if all, err := (template.Store{Dir: s.cfg.WrennDir + "/images"}).List(); err == nil {
+		for _, t := range all {
+			res.Templates = append(res.Templates, t.Name)
+		}
+	}
+	return connect.NewResponse(res), nil
+}
+
+func memTotal() int64 {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// CreateSandbox boots a sandbox and answers once envd in it is ready.
+func (s *Server) CreateSandbox(ctx context.Context, req *connect.Request[pb.CreateSandboxRequest]) (*connect.Response[pb.CreateSandboxResponse], error) {
+	msg := req.Msg
+	timeout, err := seconds(msg.GetTimeoutSeconds())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	egress, err := egressFrom(msg.GetEgress())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	rec, err := s.m.Create(ctx, sandbox.CreateParams{
+		ID: msg.GetId(), Template: msg.GetTemplate(), VCPUs: int(msg.GetVcpus()), MemoryMiB: int(msg.GetMemoryMib()),
+		Timeout: timeout, AutoPause: msg.GetAutoPause(), EnvVars: msg.GetEnvVars(), Metadata: msg.GetMetadata(), Egress: egress,
+	})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: toProto(rec), EnvdAccessToken: rec.EnvdToken}), nil
+}
+
+// DestroySandbox removes a sandbox; a missing one is not an error.
+func (s *Server) DestroySandbox(ctx context.Context, req *connect.Request[pb.DestroySandboxRequest]) (*connect.Response[pb.DestroySandboxResponse], error) {
+	if req.Msg.GetId() == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("id is required"))
+	}
+	if err := s.m.Destroy(ctx, req.Msg.GetId()); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.DestroySandboxResponse{}), nil
+}
+
+// PauseSandbox snapshots a running sandbox.
+func (s *Server) PauseSandbox(ctx context.Context, req *connect.Request[pb.PauseSandboxRequest]) (*connect.Response[pb.PauseSandboxResponse], error) {
+	rec, err := s.m.Pause(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: toProto(rec)}), nil
+}
+
+// ResumeSandbox restores a paused sandbox.
+func (s *Server) ResumeSandbox(ctx context.Context, req *connect.Request[pb.ResumeSandboxRequest]) (*connect.Response[pb.ResumeSandboxResponse], error) {
+	timeout, err := seconds(req.Msg.GetTimeoutSeconds())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	rec, err := s.m.Resume(ctx, req.Msg.GetId(), timeout)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: toProto(rec)}), nil
+}
+
+// GetSandbox returns one sandbox.
+func (s *Server) GetSandbox(_ context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
+	rec, err := s.m.Get(req.Msg.GetId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: toProto(rec)}), nil
+}
+
+// ListSandboxes returns every sandbox on this host.
+func (s *Server) ListSandboxes(_ context.Context, _ *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
+	res := &pb.ListSandboxesResponse{}
+	for _, r := range s.m.List() {
+		res.Sandboxes = append(res.Sandboxes, toProto(r))
+	}
+	return connect.NewResponse(res), nil
+}
+
+// PingSandbox moves a sandbox's deadline.
+func (s *Server) PingSandbox(_ context.Context, req *connect.Request[pb.PingSandboxRequest]) (*connect.Response[pb.PingSandboxResponse], error) {
+	timeout, err := seconds(req.Msg.GetTimeoutSeconds())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	rec, err := s.m.Ping(req.Msg.GetId(), timeout)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.PingSandboxResponse{Sandbox: toProto(rec)}), nil
+}
+
+// GetSandboxMetrics reads the guest's figures and the VMM's memory.
+func (s *Server) GetSandboxMetrics(ctx context.Context, req *connect.Request[pb.GetSandboxMetricsRequest]) (*connect.Response[pb.GetSandboxMetricsResponse], error) {
+	rec, err := s.m.Get(req.Msg.GetId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	c, err := s.m.Envd(rec.ID)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	m, err := c.Metrics(ctx)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.GetSandboxMetricsResponse{
+		CpuCount: int32(m.CPUCount), CpuUsedPct: m.CPUUsedPct, MemTotalBytes: m.MemTotal, MemUsedBytes: m.MemUsed,
+		DiskTotalBytes: m.DiskTotal, DiskUsedBytes: m.DiskUsed, VmmRssBytes: processRSS(rec.VMM.PID),
+	}), nil
+}
+
+func processRSS(pid int) int64 {
+	if pid <= 0 {
+		return 0
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+func execSpec(msg *pb.ExecRequest) (envdclient.ExecSpec, error) {
+	if strings.TrimSpace(msg.GetCmd()) == "" {
+		return envdclient.ExecSpec{}, fmt.Errorf("%w: cmd is required", sandbox.ErrInvalid)
+	}
+	if len(msg.GetStdin()) > maxFileBytes {
+		return envdclient.ExecSpec{}, fmt.Errorf("%w: stdin larger than %d bytes", sandbox.ErrInvalid, maxFileBytes)
+	}
+	return envdclient.ExecSpec{Cmd: msg.GetCmd(), Args: msg.GetArgs(), Env: msg.GetEnv(), Cwd: msg.GetCwd(), User: msg.GetUser(), Stdin: msg.GetStdin()}, nil
+}
+
+// Exec runs a command to its end and returns its output.
+func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest]) (*connect.Response[pb.ExecResponse], error) {
+	spec, err := execSpec(req.Msg)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	limit := defaultExecTime
+	if n := req.Msg.GetTimeoutSeconds(); n > 0 {
+		limit = time.Duration(n) * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	res := &pb.ExecResponse{}
+	err = c.Exec(ctx, spec, func(ev envdclient.ExecEvent) error {
+		for _, part := range []struct {
+			buf  *bytes.Buffer
+			data []byte
+		}{{&stdout, ev.Stdout}, {&stderr, ev.Stderr}} {
+			room := maxExecOutput - part.buf.Len()
+			if len(part.data) > room {
+				part.data, res.Truncated = part.data[:max(room, 0)], true
+			}
+			part.buf.Write(part.data)
+		}
+		if ev.ExitCode != nil {
+			res.ExitCode = *ev.ExitCode
+		}
+		return nil
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("command did not finish within %v", limit))
+		}
+		return nil, toConnect(err)
+	}
+	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
+	return connect.NewResponse(res), nil
+}
+
+// ExecStream runs a command and streams its output as it comes.
+func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecRequest], stream *connect.ServerStream[pb.ExecStreamResponse]) error {
+	spec, err := execSpec(req.Msg)
+	if err != nil {
+		return toConnect(err)
+	}
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return toConnect(err)
+	}
+	if n := req.Msg.GetTimeoutSeconds(); n > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(n)*time.Second)
+		defer cancel()
+	}
+	err = c.Exec(ctx, spec, func(ev envdclient.ExecEvent) error {
+		var out *pb.ExecStreamResponse
+		switch {
+		case ev.PID != 0:
+			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Pid{Pid: ev.PID}}
+		case len(ev.Stdout) > 0:
+			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Stdout{Stdout: ev.Stdout}}
+		case len(ev.Stderr) > 0:
+			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Stderr{Stderr: ev.Stderr}}
+		case ev.ExitCode != nil:
+			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_ExitCode{ExitCode: *ev.ExitCode}}
+		default:
+			return nil
+		}
+		return stream.Send(out)
+	})
+	return toConnect(err)
+}
+
+// ReadFile returns a file's content (up to 64 MiB).
+func (s *Server) ReadFile(ctx context.Context, req *connect.Request[pb.ReadFileRequest]) (*connect.Response[pb.ReadFileResponse], error) {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	data, err := c.ReadFile(ctx, req.Msg.GetPath(), req.Msg.GetUser(), maxFileBytes)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.ReadFileResponse{Content: data}), nil
+}
+
+// WriteFile writes a file, creating its parents.
+func (s *Server) WriteFile(ctx context.Context, req *connect.Request[pb.WriteFileRequest]) (*connect.Response[pb.WriteFileResponse], error) {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if err := c.WriteFile(ctx, req.Msg.GetPath(), req.Msg.GetUser(), bytes.NewReader(req.Msg.GetContent())); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.WriteFileResponse{}), nil
+}
+
+// ListDir lists a directory.
+func (s *Server) ListDir(ctx context.Context, req *connect.Request[pb.ListDirRequest]) (*connect.Response[pb.ListDirResponse], error) {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	entries, err := c.ListDir(ctx, req.Msg.GetPath(), req.Msg.GetUser(), req.Msg.GetDepth())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	res := &pb.ListDirResponse{}
+	for _, e := range entries {
+		res.Entries = append(res.Entries, &pb.FileEntry{
+			Name: e.GetName(), Path: e.GetPath(), IsDir: e.GetType() == fspb.FileType_FILE_TYPE_DIRECTORY,
+			Size: e.GetSize(), Mode: e.GetMode(), ModifiedAt: e.GetModifiedTime(),
+		})
+	}
+	return connect.NewResponse(res), nil
+}
+
+// MakeDir creates a directory.
+func (s *Server) MakeDir(ctx context.Context, req *connect.Request[pb.MakeDirRequest]) (*connect.Response[pb.MakeDirResponse], error) {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if err := c.MakeDir(ctx, req.Msg.GetPath(), req.Msg.GetUser()); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.MakeDirResponse{}), nil
+}
+
+// RemovePath deletes a file or directory tree.
+func (s *Server) RemovePath(ctx context.Context, req *connect.Request[pb.RemovePathRequest]) (*connect.Response[pb.RemovePathResponse], error) {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if err := c.Remove(ctx, req.Msg.GetPath(), req.Msg.GetUser()); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.RemovePathResponse{}), nil
+}
+
+func parsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
