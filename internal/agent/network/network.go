@@ -272,8 +272,10 @@ func (m *Manager) Teardown(ctx context.Context, a Allocation) error {
 			return err
 		}
 	}
+	// Deleting the namespace removes the host end of the veth too, but
+	// asynchronously: it may vanish between the check and the delete.
 	if linkExists(a.HostVeth) {
-		if err := ip(ctx, "link", "del", a.HostVeth); err != nil {
+		if err := ip(ctx, "link", "del", a.HostVeth); err != nil && linkExists(a.HostVeth) {
 			return err
 		}
 	}

@@ -109,8 +109,10 @@ func New(cfg Config) *Manager {
 	}
 }
 
-func (m *Manager) sandboxDir(id string) string  { return filepath.Join(m.cfg.WrennDir, "sandboxes", id) }
-func (m *Manager) snapshotDir(id string) string { return filepath.Join(m.cfg.WrennDir, "snapshots", id) }
+func (m *Manager) sandboxDir(id string) string { return filepath.Join(m.cfg.WrennDir, "sandboxes", id) }
+func (m *Manager) snapshotDir(id string) string {
+	return filepath.Join(m.cfg.WrennDir, "snapshots", id)
+}
 
 // CreateParams is a request for a new sandbox.
 type CreateParams struct {

@@ -19,6 +19,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
 	"github.com/wrenn/wrenn/proto/envd/process/processconnect"
 )
@@ -66,6 +67,7 @@ func waitEnvd(ctx context.Context, url string) error {
 
 func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 	kernel, rootfs := images(t)
+	hostlock.Take(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))

@@ -1,0 +1,283 @@
+// Package agenttest runs the real wrenn-agent binary against real QEMU VMs,
+// network namespaces and disks, and checks what an operator would check.
+package agenttest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/testutil/hostlock"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+)
+
+const testToken = "agent-test-token-0123456789"
+
+var agentBinary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "wrenn-agent-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	agentBinary = filepath.Join(dir, "wrenn-agent")
+	if out, err := exec.Command("go", "build", "-o", agentBinary, "github.com/wrenn/wrenn/cmd/wrenn-agent").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build wrenn-agent: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// agent is one running wrenn-agent with its own WRENN_DIR.
+type agent struct {
+	t      *testing.T
+	dir    string
+	addr   string
+	cmd    *exec.Cmd
+	client hostagentv1connect.HostAgentServiceClient
+	log    *os.File
+}
+
+// newAgent prepares a WRENN_DIR that shares the built kernel and images
+// (read only) and starts an agent on it.
+func newAgent(t *testing.T, extraArgs ...string) *agent {
+	t.Helper()
+	system := os.Getenv("WRENN_DIR")
+	if system == "" {
+		system = "/var/lib/wrenn"
+	}
+	if _, err := boot.Kernel(system); err != nil || !exists(filepath.Join(system, "images/minimal/rootfs.ext4")) {
+		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
+			t.Fatalf("guest images missing in %s; make images builds them", system)
+		}
+		t.Skipf("guest images missing in %s; run make images", system)
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
+	}
+	hostlock.Take(t)
+	dir := t.TempDir()
+	for _, sub := range []string{"kernels", "images"} {
+		if err := os.Symlink(filepath.Join(system, sub), filepath.Join(dir, sub)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t)}
+	a.start(extraArgs...)
+	t.Cleanup(func() {
+		a.stop()
+		a.destroyAll()
+		a.assertClean()
+	})
+	return a
+}
+
+func (a *agent) start(extraArgs ...string) {
+	t := a.t
+	logPath := filepath.Join(a.dir, "agent.log")
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.log = f
+	args := append([]string{"--listen", a.addr, "--dir", a.dir, "--log-level", "debug"}, extraArgs...)
+	cmd := exec.Command(agentBinary, args...)
+	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN="+testToken)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	a.cmd = cmd
+	a.client = hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr, connect.WithInterceptors(bearer(testToken)))
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not come up: %v\n%s", err, a.logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop ends the agent gracefully (its VMs keep running).
+func (a *agent) stop() {
+	if a.cmd == nil || a.cmd.ProcessState != nil {
+		return
+	}
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	_ = a.cmd.Wait()
+	a.log.Close()
+}
+
+// kill ends the agent the hard way.
+func (a *agent) kill() {
+	_ = a.cmd.Process.Kill()
+	_ = a.cmd.Wait()
+	a.log.Close()
+}
+
+func (a *agent) logTail() string {
+	data, _ := os.ReadFile(filepath.Join(a.dir, "agent.log"))
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(lines) > 40 {
+		lines = lines[len(lines)-40:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// destroyAll removes what a failed test left, through a fresh agent.
+func (a *agent) destroyAll() {
+	a.start()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	list, err := a.client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if err == nil {
+		for _, s := range list.Msg.GetSandboxes() {
+			_, _ = a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: s.GetId()}))
+		}
+	}
+	a.stop()
+}
+
+// assertClean checks that nothing of any sandbox is left on the host.
+func (a *agent) assertClean() {
+	t := a.t
+	if leaks := leftovers(a.dir); len(leaks) > 0 {
+		t.Errorf("left behind on the host:\n  %s", strings.Join(leaks, "\n  "))
+	}
+}
+
+func leftovers(dir string) []string {
+	var leaks []string
+	for _, sub := range []string{"sandboxes", "snapshots"} {
+		entries, _ := os.ReadDir(filepath.Join(dir, sub))
+		for _, e := range entries {
+			leaks = append(leaks, filepath.Join(sub, e.Name()))
+		}
+	}
+	netns, _ := os.ReadDir("/run/netns")
+	for _, e := range netns {
+		if strings.HasPrefix(e.Name(), "wrenn-") {
+			leaks = append(leaks, "netns "+e.Name())
+		}
+	}
+	links, _ := os.ReadDir("/sys/class/net")
+	for _, l := range links {
+		if strings.HasPrefix(l.Name(), "wrn") {
+			leaks = append(leaks, "link "+l.Name())
+		}
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if _, err := strconv.Atoi(p.Name()); err != nil {
+			continue
+		}
+		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
+		if strings.Contains(string(cmdline), "qemu-system") && strings.Contains(string(cmdline), dir) {
+			leaks = append(leaks, "qemu pid "+p.Name())
+		}
+	}
+	routes, _ := exec.Command("ip", "route", "show", "10.201.0.0/16").Output()
+	if s := strings.TrimSpace(string(routes)); s != "" {
+		leaks = append(leaks, "routes: "+s)
+	}
+	return leaks
+}
+
+func bearer(token string) connect.UnaryInterceptorFunc {
+	return func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			req.Header().Set("Authorization", "Bearer "+token)
+			return next(ctx, req)
+		}
+	}
+}
+
+// streamClient also authenticates streaming calls.
+func streamClient(addr, token string) hostagentv1connect.HostAgentServiceClient {
+	return hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearerTransport{token}}, "http://"+addr)
+}
+
+type bearerTransport struct{ token string }
+
+func (b bearerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.token)
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+func (a *agent) create(ctx context.Context, req *pb.CreateSandboxRequest) *pb.Sandbox {
+	a.t.Helper()
+	if req.Template == "" {
+		req.Template = "minimal"
+	}
+	if req.Vcpus == 0 {
+		req.Vcpus = 1
+	}
+	if req.MemoryMib == 0 {
+		req.MemoryMib = 256
+	}
+	res, err := a.client.CreateSandbox(ctx, connect.NewRequest(req))
+	if err != nil {
+		a.t.Fatalf("create: %v\n%s", err, a.logTail())
+	}
+	return res.Msg.GetSandbox()
+}
+
+// sh runs a shell command in a sandbox and returns stdout and the exit code.
+func (a *agent) sh(ctx context.Context, id, script string) (string, int32) {
+	a.t.Helper()
+	res, err := a.client.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: id, Cmd: "/bin/bash", Args: []string{"-c", script}, TimeoutSeconds: 30}))
+	if err != nil {
+		a.t.Fatalf("exec %q in %s: %v", script, id, err)
+	}
+	return string(res.Msg.GetStdout()) + string(res.Msg.GetStderr()), res.Msg.GetExitCode()
+}
+
+func wantCode(t *testing.T, err error, code connect.Code) {
+	t.Helper()
+	var ce *connect.Error
+	if err == nil || !errors.As(err, &ce) || ce.Code() != code {
+		t.Fatalf("want %v, got %v", code, err)
+	}
+}
+
+func freePort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func testCtx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,126 @@
+package agenttest
+
+import (
+	"bytes"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+)
+
+func TestAgentRequiresHostToken(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 30*time.Second)
+	for name, client := range map[string]hostagentv1connect.HostAgentServiceClient{
+		"no token":    hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr),
+		"wrong token": hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr, connect.WithInterceptors(bearer(testToken+"x"))),
+	} {
+		_, err := client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
+		if err == nil {
+			t.Fatalf("%s: call succeeded", name)
+		}
+		wantCode(t, err, connect.CodeUnauthenticated)
+	}
+	info, err := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Msg.GetCpus() < 1 || info.Msg.GetMemoryBytes() == 0 || info.Msg.GetVmm() != "qemu" || info.Msg.GetDiskBytes() == 0 || len(info.Msg.GetTemplates()) == 0 {
+		t.Fatalf("host info %v", info.Msg)
+	}
+}
+
+func TestCreateExecFilesDestroyLeavesNothing(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 3*time.Minute)
+	start := time.Now()
+	sb := a.create(ctx, &pb.CreateSandboxRequest{
+		Id: "sb-lifecycle", EnvVars: map[string]string{"GREETING": "hello from wrenn"}, Metadata: map[string]string{"owner": "test"},
+	})
+	t.Logf("create to ready: %v", time.Since(start).Round(time.Millisecond))
+	if sb.GetState() != pb.SandboxState_SANDBOX_STATE_RUNNING || sb.GetAddress() == "" || sb.GetMetadata()["owner"] != "test" {
+		t.Fatalf("created %v", sb)
+	}
+
+	if out, code := a.sh(ctx, sb.GetId(), `echo "$GREETING"; whoami`); out != "hello from wrenn\nuser\n" || code != 0 {
+		t.Fatalf("exec: %q %d", out, code)
+	}
+	if _, code := a.sh(ctx, sb.GetId(), "exit 7"); code != 7 {
+		t.Fatalf("exit code %d", code)
+	}
+	res, err := a.client.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "cat", Stdin: []byte("piped in"), User: "root"}))
+	if err != nil || string(res.Msg.GetStdout()) != "piped in" {
+		t.Fatalf("stdin: %v %q", err, res.Msg.GetStdout())
+	}
+
+	// Streaming exec delivers output as it happens.
+	sc := streamClient(a.addr, testToken)
+	stream, err := sc.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "/bin/sh", Args: []string{"-c", "echo one; sleep 0.3; echo two >&2; exit 3"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events []string
+	for stream.Receive() {
+		switch e := stream.Msg().GetEvent().(type) {
+		case *pb.ExecStreamResponse_Pid:
+			events = append(events, "pid")
+		case *pb.ExecStreamResponse_Stdout:
+			events = append(events, "out:"+string(e.Stdout))
+		case *pb.ExecStreamResponse_Stderr:
+			events = append(events, "err:"+string(e.Stderr))
+		case *pb.ExecStreamResponse_ExitCode:
+			events = append(events, "exit:"+string(rune('0'+e.ExitCode)))
+		}
+	}
+	if err := stream.Err(); err != nil || strings.Join(events, "|") != "pid|out:one\n|err:two\n|exit:3" {
+		t.Fatalf("stream: %v %q", err, events)
+	}
+
+	// Files.
+	data := bytes.Repeat([]byte{0, 1, 2, 250}, 256<<10) // 1 MiB of binary
+	if _, err := a.client.WriteFile(ctx, connect.NewRequest(&pb.WriteFileRequest{SandboxId: sb.GetId(), Path: "work/data.bin", Content: data})); err != nil {
+		t.Fatal(err)
+	}
+	read, err := a.client.ReadFile(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "/home/user/work/data.bin"}))
+	if err != nil || !bytes.Equal(read.Msg.GetContent(), data) {
+		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(read.Msg.GetContent(), data))
+	}
+	if _, err := a.client.MakeDir(ctx, connect.NewRequest(&pb.MakeDirRequest{SandboxId: sb.GetId(), Path: "work/sub"})); err != nil {
+		t.Fatal(err)
+	}
+	list, err := a.client.ListDir(ctx, connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.GetId(), Path: "work"}))
+	if err != nil || len(list.Msg.GetEntries()) != 2 {
+		t.Fatalf("list: %v %v", err, list.Msg.GetEntries())
+	}
+	if _, err := a.client.RemovePath(ctx, connect.NewRequest(&pb.RemovePathRequest{SandboxId: sb.GetId(), Path: "work"})); err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.client.ReadFile(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "work/data.bin"}))
+	wantCode(t, err, connect.CodeNotFound)
+	_, err = a.client.ReadFile(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "/etc/shadow", User: "user"}))
+	wantCode(t, err, connect.CodePermissionDenied)
+
+	m, err := a.client.GetSandboxMetrics(ctx, connect.NewRequest(&pb.GetSandboxMetricsRequest{Id: sb.GetId()}))
+	if err != nil || m.Msg.GetMemTotalBytes() == 0 || m.Msg.GetVmmRssBytes() == 0 || m.Msg.GetCpuCount() != 1 {
+		t.Fatalf("metrics: %v %v", err, m.Msg)
+	}
+	t.Logf("idle sandbox: VMM RSS %d MiB, guest uses %d of %d MiB", m.Msg.GetVmmRssBytes()>>20, m.Msg.GetMemUsedBytes()>>20, m.Msg.GetMemTotalBytes()>>20)
+
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.GetId()})); err != nil {
+		t.Fatal(err)
+	}
+	if leaks := leftovers(a.dir); len(leaks) > 0 {
+		t.Fatalf("after destroy: %v", leaks)
+	}
+	// Destroying again is fine; using it is not.
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.GetId()})); err != nil {
+		t.Fatalf("second destroy: %v", err)
+	}
+	_, err = a.client.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "true"}))
+	wantCode(t, err, connect.CodeNotFound)
+}
