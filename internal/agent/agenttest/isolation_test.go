@@ -1,0 +1,112 @@
+package agenttest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+// outsideHost is a test host in its own namespace, routed from the host,
+// standing in for "the internet" so no test traffic leaves the machine.
+// It answers HTTP on TCP 8080 with "outside".
+func outsideHost(t *testing.T) string {
+	t.Helper()
+	const ns, hostIf, nsIf = "wrenntest-out", "wrtout-h", "wrtout-n"
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	_ = exec.Command("ip", "netns", "del", ns).Run()
+	run("ip", "netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	run("ip", "link", "add", hostIf, "type", "veth", "peer", "name", nsIf, "netns", ns)
+	run("ip", "addr", "add", "10.199.0.1/30", "dev", hostIf)
+	run("ip", "link", "set", hostIf, "up")
+	run("ip", "-n", ns, "addr", "add", "10.199.0.2/30", "dev", nsIf)
+	run("ip", "-n", ns, "link", "set", nsIf, "up")
+	run("ip", "-n", ns, "link", "set", "lo", "up")
+	run("ip", "-n", ns, "route", "add", "default", "via", "10.199.0.1")
+	// socat unescapes its address text, so the reply comes from a script.
+	reply := filepath.Join(t.TempDir(), "reply.sh")
+	script := "#!/bin/sh\nprintf 'HTTP/1.0 200 OK\\r\\nContent-Length: 8\\r\\n\\r\\noutside\\n'\n"
+	if err := os.WriteFile(reply, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	server := exec.Command("ip", "netns", "exec", ns, "socat", "TCP-LISTEN:8080,reuseaddr,fork", "EXEC:"+reply)
+	if err := server.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = server.Process.Kill(); _ = server.Wait() })
+	return "10.199.0.2"
+}
+
+// reach reports whether a sandbox can open a TCP connection to addr:port.
+func (a *agent) reach(ctx context.Context, id, addr string, port int) bool {
+	script := fmt.Sprintf("timeout 3 bash -c 'exec 3<>/dev/tcp/%s/%d' 2>/dev/null && echo open || echo closed", addr, port)
+	out, _ := a.sh(ctx, id, script)
+	return strings.TrimSpace(out) == "open"
+}
+
+func TestIsolationAndEgress(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 4*time.Minute)
+	outside := outsideHost(t)
+
+	open := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-open"})
+	denied := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-denied", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_DENY_ALL}})
+	listed := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-listed", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_LIST, AllowCidrs: []string{"10.199.0.0/30"}}})
+	other := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-otherlist", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_LIST, AllowCidrs: []string{"192.0.2.0/24"}}})
+	if open.GetAddress() == denied.GetAddress() {
+		t.Fatalf("two sandboxes share the address %s", open.GetAddress())
+	}
+
+	// Egress policy.
+	if !a.reach(ctx, open.GetId(), outside, 8080) {
+		t.Fatal("allow_all sandbox cannot reach the outside host")
+	}
+	if out, _ := a.sh(ctx, open.GetId(), "curl -s --max-time 5 http://"+outside+":8080/"); !strings.Contains(out, "outside") {
+		t.Fatalf("curl through NAT: %q", out)
+	}
+	if a.reach(ctx, denied.GetId(), outside, 8080) {
+		t.Fatal("deny_all sandbox reached the outside host")
+	}
+	if !a.reach(ctx, listed.GetId(), outside, 8080) {
+		t.Fatal("allow_list sandbox cannot reach an allowed CIDR")
+	}
+	if a.reach(ctx, other.GetId(), outside, 8080) {
+		t.Fatal("allow_list sandbox reached a CIDR not on its list")
+	}
+
+	// Sandboxes cannot reach each other, by address or through the veths.
+	if a.reach(ctx, open.GetId(), denied.GetAddress(), 49983) {
+		t.Fatal("one sandbox reached another's envd")
+	}
+	// Nor the host: the agent's port, or anything else on it.
+	agentPort := a.addr[strings.LastIndex(a.addr, ":")+1:]
+	var port int
+	fmt.Sscanf(agentPort, "%d", &port)
+	for _, hostAddr := range []string{"10.200.0.2", "10.199.0.1", "127.0.0.1"} {
+		if a.reach(ctx, open.GetId(), hostAddr, port) {
+			t.Fatalf("sandbox reached the agent's port on %s", hostAddr)
+		}
+	}
+	// Nor link-local metadata services.
+	if a.reach(ctx, open.GetId(), "169.254.169.254", 80) {
+		t.Fatal("sandbox reached 169.254.169.254")
+	}
+	// The host still reaches every sandbox's envd.
+	for _, sb := range []*pb.Sandbox{open, denied, listed, other} {
+		if out, code := a.sh(ctx, sb.GetId(), "echo alive"); out != "alive\n" || code != 0 {
+			t.Fatalf("%s unreachable from the host", sb.GetId())
+		}
+	}
+}
