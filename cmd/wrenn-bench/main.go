@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/wrenn/wrenn/internal/bench"
+	"github.com/wrenn/wrenn/internal/bench/agentbench"
 	"github.com/wrenn/wrenn/internal/bench/bootbench"
 	"github.com/wrenn/wrenn/internal/bench/envdbench"
 )
@@ -31,6 +32,8 @@ func run() error {
 	execRuns := flag.Int("exec-runs", 300, "exec round trips to time")
 	transferMiB := flag.Int64("transfer-mib", 256, "MiB per upload and download")
 	boots := flag.Int("boots", 5, "guest boots to time")
+	agentRuns := flag.Int("agent-runs", 5, "sandbox create/pause/resume cycles to time")
+	idle := flag.Int("idle", 4, "idle sandboxes to measure the cost of")
 	wrennDir := flag.String("wrenn-dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
 	flag.Parse()
 	if *execRuns < 1 || *transferMiB < 1 || *boots < 1 {
@@ -52,6 +55,11 @@ func run() error {
 		return fmt.Errorf("guest suite: %w", err)
 	}
 	results = append(results, guest...)
+	agent, err := agentbench.Run(ctx, agentbench.Config{WrennDir: *wrennDir, Runs: *agentRuns, Idle: *idle, Log: log})
+	if err != nil {
+		return fmt.Errorf("agent suite: %w", err)
+	}
+	results = append(results, agent...)
 
 	host, _ := os.Hostname()
 	fmt.Printf("\nWrenn benchmarks on %s (%d CPUs, %s/%s), %s\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, time.Since(started).Round(time.Second))
