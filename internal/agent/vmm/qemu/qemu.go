@@ -6,15 +6,12 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/agent/vmm"
@@ -91,51 +88,10 @@ func (d *Driver) args(spec vmm.Spec) []string {
 	return args
 }
 
-// start launches QEMU in the sandbox's network namespace, in its own
-// session so it outlives an agent restart.
+// start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
-	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
-		return vmm.Instance{}, fmt.Errorf("qemu run dir: %w", err)
-	}
-	_ = os.Remove(qmpSocket(spec))
 	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
-	if spec.NetNS != "" {
-		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
-	}
-	logFile, err := os.OpenFile(filepath.Join(spec.RunDir, "vmm.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-	if err != nil {
-		return vmm.Instance{}, fmt.Errorf("qemu log: %w", err)
-	}
-	defer logFile.Close()
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return vmm.Instance{}, fmt.Errorf("start qemu: %w", err)
-	}
-	inst := vmm.Instance{PID: cmd.Process.Pid}
-	exited := make(chan struct{})
-	go func() {
-		_ = cmd.Wait() // reap it while this agent lives
-		close(exited)
-	}()
-	// QEMU creates the QMP socket once it parsed its arguments; if it exits
-	// first, its log says why.
-	dialCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	for {
-		if _, err := os.Stat(qmpSocket(spec)); err == nil {
-			return inst, nil
-		}
-		select {
-		case <-exited:
-			return vmm.Instance{}, fmt.Errorf("qemu exited at start: %s", tail(filepath.Join(spec.RunDir, "vmm.log")))
-		case <-dialCtx.Done():
-			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
-			return vmm.Instance{}, fmt.Errorf("qemu did not open its QMP socket: %w", dialCtx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec))
 }
 
 // Boot implements vmm.Driver.
@@ -187,7 +143,7 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	}
 	// The state is safe on disk; the VMM is no longer needed.
 	_, _ = c.Execute(ctx, "quit", nil)
-	return waitGone(ctx, inst.PID)
+	return vmm.WaitGone(ctx, inst.PID)
 }
 
 func waitMigration(ctx context.Context, c *qmp.Client) error {
@@ -262,59 +218,11 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 
 // Stop implements vmm.Driver.
 func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
-	if !d.Alive(spec, inst) {
-		return nil
-	}
-	if err := syscall.Kill(inst.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-		return fmt.Errorf("kill qemu %d: %w", inst.PID, err)
-	}
-	return waitGone(ctx, inst.PID)
+	return vmm.KillProcess(ctx, inst.PID, qmpSocket(spec))
 }
 
 // Alive implements vmm.Driver: the pid must still be a QEMU for this
 // sandbox (pids are reused).
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
-	if inst.PID <= 0 {
-		return false
-	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", inst.PID))
-	if err != nil {
-		return false
-	}
-	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", inst.PID)); err == nil {
-		if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-			return false // a zombie waiting to be reaped
-		}
-	}
-	return strings.Contains(string(cmdline), qmpSocket(spec))
-}
-
-func waitGone(ctx context.Context, pid int) error {
-	for {
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-			return nil
-		}
-		if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-				return nil
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("qemu %d still running: %w", pid, ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-}
-
-func tail(path string) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-	if len(lines) > 5 {
-		lines = lines[len(lines)-5:]
-	}
-	return strings.Join(lines, " | ")
+	return vmm.ProcessAlive(inst.PID, qmpSocket(spec))
 }

@@ -1,0 +1,281 @@
+// Package uffd serves a restored Firecracker VM's memory lazily from its
+// snapshot file through userfaultfd, so resume need not wait for all of
+// guest memory to be read.
+//
+// Firecracker connects to the handler's Unix socket and sends, with the
+// userfaultfd in SCM_RIGHTS, a JSON list of its guest memory regions. The
+// handler answers each page fault by copying that page from the snapshot
+// (UFFDIO_COPY), and meanwhile copies every other page in the background;
+// once all pages are in, it returns and the VM no longer needs it.
+package uffd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Region is one guest memory region, as Firecracker describes it.
+type Region struct {
+	BaseHostVirtAddr uint64 `json:"base_host_virt_addr"`
+	Size             uint64 `json:"size"`
+	Offset           uint64 `json:"offset"`
+	PageSize         uint64 `json:"page_size"`
+	// Older Firecracker releases send only this; despite its name it is in bytes.
+	PageSizeKiB uint64 `json:"page_size_kib"`
+}
+
+func (r Region) pageSize() uint64 {
+	switch {
+	case r.PageSize > 0:
+		return r.PageSize
+	case r.PageSizeKiB > 0:
+		return r.PageSizeKiB
+	default:
+		return uint64(os.Getpagesize())
+	}
+}
+
+// Linux userfaultfd ABI (include/uapi/linux/userfaultfd.h).
+const (
+	eventPagefault = 0x12
+	eventRemove    = 0x15
+	msgSize        = 32
+	ioctlCopy      = 0xc028aa03 // _IOWR(0xAA, 0x03, struct uffdio_copy)
+	ioctlZeropage  = 0xc020aa04 // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+)
+
+type uffdioCopy struct {
+	dst, src, len, mode uint64
+	copied              int64
+}
+
+type uffdioZeropage struct {
+	start, len, mode uint64
+	zeropage         int64
+}
+
+// Stats count what the handler did.
+type Stats struct {
+	Faults     int // pages copied because the guest touched them
+	Prefetched int // pages copied in the background
+	Zeroed     int // pages given back as zero after the balloon removed them
+}
+
+// Handler serves one VM.
+type Handler struct {
+	mem   []byte // the snapshot's memory file, mapped read-only
+	uffd  int
+	regs  []Region
+	mu    sync.Mutex
+	done  map[uint64]bool // page addresses already populated
+	stats Stats
+}
+
+// Listen creates the socket Firecracker will connect to.
+func Listen(socket string) (*net.UnixListener, error) {
+	_ = os.Remove(socket)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("uffd socket: %w", err)
+	}
+	return ln, nil
+}
+
+// Serve accepts Firecracker's connection on ln and serves memory from
+// memFile until every page is populated or ctx ends.
+func Serve(ctx context.Context, ln *net.UnixListener, memFile string) (Stats, error) {
+	defer ln.Close()
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	conn, err := ln.AcceptUnix()
+	if err != nil {
+		return Stats{}, fmt.Errorf("uffd accept: %w", err)
+	}
+	defer conn.Close()
+	regions, fd, err := receive(conn)
+	if err != nil {
+		return Stats{}, err
+	}
+	defer unix.Close(fd)
+
+	f, err := os.Open(memFile)
+	if err != nil {
+		return Stats{}, fmt.Errorf("uffd memory file: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return Stats{}, err
+	}
+	mem, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_PRIVATE)
+	f.Close()
+	if err != nil {
+		return Stats{}, fmt.Errorf("uffd map memory file: %w", err)
+	}
+	defer unix.Munmap(mem)
+	for _, r := range regions {
+		if r.Offset+r.Size > uint64(len(mem)) {
+			return Stats{}, fmt.Errorf("uffd region at offset %d size %d is beyond the %d-byte memory file", r.Offset, r.Size, len(mem))
+		}
+	}
+	h := &Handler{mem: mem, uffd: fd, regs: regions, done: map[uint64]bool{}}
+	return h.run(ctx)
+}
+
+// receive reads the region list and the userfaultfd from Firecracker.
+func receive(conn *net.UnixConn) ([]Region, int, error) {
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, -1, fmt.Errorf("uffd handshake: %w", err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) == 0 {
+		return nil, -1, errors.New("uffd handshake: no file descriptor received")
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		return nil, -1, errors.New("uffd handshake: expected exactly one file descriptor")
+	}
+	var regions []Region
+	if err := json.Unmarshal(buf[:n], &regions); err != nil || len(regions) == 0 {
+		unix.Close(fds[0])
+		return nil, -1, fmt.Errorf("uffd handshake: bad region list %q: %v", buf[:n], err)
+	}
+	return regions, fds[0], nil
+}
+
+func (h *Handler) run(ctx context.Context) (Stats, error) {
+	prefetchDone := make(chan error, 1)
+	go func() { prefetchDone <- h.prefetch(ctx) }()
+	msg := make([]byte, msgSize)
+	for {
+		select {
+		case err := <-prefetchDone:
+			// Every page is in; faults can no longer happen.
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return h.stats, err
+		case <-ctx.Done():
+			return h.snapshotStats(), ctx.Err()
+		default:
+		}
+		fds := []unix.PollFd{{Fd: int32(h.uffd), Events: unix.POLLIN}}
+		if _, err := unix.Poll(fds, 50); err != nil && !errors.Is(err, unix.EINTR) {
+			return h.snapshotStats(), fmt.Errorf("uffd poll: %w", err)
+		}
+		if fds[0].Revents&unix.POLLIN == 0 {
+			continue
+		}
+		n, err := unix.Read(h.uffd, msg)
+		if errors.Is(err, unix.EAGAIN) {
+			continue
+		}
+		if err != nil || n != msgSize {
+			return h.snapshotStats(), fmt.Errorf("uffd read: %v (%d bytes)", err, n)
+		}
+		switch msg[0] {
+		case eventPagefault:
+			addr := *(*uint64)(unsafe.Pointer(&msg[16]))
+			if err := h.populate(addr, true); err != nil {
+				return h.snapshotStats(), err
+			}
+		case eventRemove:
+			// The balloon gave pages back; later faults there get zeros.
+			start := *(*uint64)(unsafe.Pointer(&msg[8]))
+			end := *(*uint64)(unsafe.Pointer(&msg[16]))
+			h.markRemoved(start, end)
+		}
+	}
+}
+
+func (h *Handler) snapshotStats() Stats {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.stats
+}
+
+func (h *Handler) region(addr uint64) (Region, bool) {
+	for _, r := range h.regs {
+		if addr >= r.BaseHostVirtAddr && addr < r.BaseHostVirtAddr+r.Size {
+			return r, true
+		}
+	}
+	return Region{}, false
+}
+
+// populate copies the page holding addr from the memory file, once.
+func (h *Handler) populate(addr uint64, fault bool) error {
+	r, ok := h.region(addr)
+	if !ok {
+		return fmt.Errorf("uffd fault at %#x outside every guest region", addr)
+	}
+	ps := r.pageSize()
+	page := addr &^ (ps - 1)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if state, seen := h.done[page]; seen {
+		if !state { // removed by the balloon: a zero page
+			return h.zero(page, ps)
+		}
+		return nil
+	}
+	src := r.Offset + (page - r.BaseHostVirtAddr)
+	c := uffdioCopy{dst: page, src: uint64(uintptr(unsafe.Pointer(&h.mem[src]))), len: ps}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h.uffd), ioctlCopy, uintptr(unsafe.Pointer(&c))); errno != 0 && errno != unix.EEXIST {
+		return fmt.Errorf("uffd copy to %#x: %w", page, errno)
+	}
+	h.done[page] = true
+	if fault {
+		h.stats.Faults++
+	} else {
+		h.stats.Prefetched++
+	}
+	return nil
+}
+
+func (h *Handler) zero(page, size uint64) error {
+	z := uffdioZeropage{start: page, len: size}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h.uffd), ioctlZeropage, uintptr(unsafe.Pointer(&z))); errno != 0 && errno != unix.EEXIST {
+		return fmt.Errorf("uffd zero page at %#x: %w", page, errno)
+	}
+	h.stats.Zeroed++
+	return nil
+}
+
+func (h *Handler) markRemoved(start, end uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ps := uint64(os.Getpagesize())
+	for p := start &^ (ps - 1); p < end; p += ps {
+		h.done[p] = false
+	}
+}
+
+// prefetch copies every page not yet populated, so the VM stops depending
+// on this handler soon after resume.
+func (h *Handler) prefetch(ctx context.Context) error {
+	for _, r := range h.regs {
+		ps := r.pageSize()
+		for page := r.BaseHostVirtAddr; page < r.BaseHostVirtAddr+r.Size; page += ps {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err := h.populate(page, false); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,121 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// StartProcess starts a VMM in the sandbox's network namespace and in its
+// own session, so it outlives an agent restart. Output goes to
+// RunDir/vmm.log. It returns once socket exists (the VMM's control socket),
+// or an error with the log's last lines if the VMM exits first.
+func StartProcess(ctx context.Context, spec Spec, argv []string, socket string) (Instance, error) {
+	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
+		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
+	}
+	_ = os.Remove(socket)
+	if spec.NetNS != "" {
+		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
+	}
+	logPath := filepath.Join(spec.RunDir, "vmm.log")
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return Instance{}, fmt.Errorf("vmm log: %w", err)
+	}
+	defer logFile.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return Instance{}, fmt.Errorf("start %s: %w", argv[0], err)
+	}
+	inst := Instance{PID: cmd.Process.Pid}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait() // reap it while this agent lives
+		close(exited)
+	}()
+	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		if _, err := os.Stat(socket); err == nil {
+			return inst, nil
+		}
+		select {
+		case <-exited:
+			return Instance{}, fmt.Errorf("vmm exited at start: %s", LogTail(logPath, 5))
+		case <-waitCtx.Done():
+			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
+			return Instance{}, fmt.Errorf("vmm did not open %s: %w", socket, waitCtx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// ProcessAlive reports whether pid runs and its command line contains
+// marker (pids are reused, so the pid alone proves nothing).
+func ProcessAlive(pid int, marker string) bool {
+	if pid <= 0 {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || isZombie(pid) {
+		return false
+	}
+	return strings.Contains(string(cmdline), marker)
+}
+
+// KillProcess kills pid if it is still the VMM (see ProcessAlive) and
+// waits until it is gone.
+func KillProcess(ctx context.Context, pid int, marker string) error {
+	if !ProcessAlive(pid, marker) {
+		return nil
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill vmm %d: %w", pid, err)
+	}
+	return WaitGone(ctx, pid)
+}
+
+// WaitGone waits until pid has exited (a zombie counts as exited).
+func WaitGone(ctx context.Context, pid int) error {
+	for {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) || isZombie(pid) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("vmm %d still running: %w", pid, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func isZombie(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(stat), ')')
+	return i > 0 && i+2 < len(stat) && stat[i+2] == 'Z'
+}
+
+// LogTail returns the last n lines of a log file, joined for an error message.
+func LogTail(path string, n int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, " | ")
+}
