@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -22,7 +23,10 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/agent/server"
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/agent/vmm/firecracker"
 	"github.com/wrenn/wrenn/internal/agent/vmm/qemu"
+	"github.com/wrenn/wrenn/internal/kvm"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
@@ -45,6 +49,8 @@ func run() error {
 	listen := fs.String("listen", envOr("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
 	dir := fs.String("dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
 	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
+	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
+	lazy := fs.Bool("lazy-memory", envOr("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
 	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays or sparse copies (WRENN_DISK)")
 	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
@@ -78,19 +84,19 @@ func run() error {
 		}
 		resolvers = append(resolvers, a)
 	}
+	driver, accel, err := chooseVMM(*vmmName, *fcBinary, *lazy, log)
+	if err != nil {
+		return err
+	}
+	if driver.Name() == "firecracker" && *diskName == "qcow2" {
+		// Firecracker reads raw images only.
+		*diskName = "copy"
+	}
 	disks, err := disk.ForName(*diskName)
 	if err != nil {
 		return err
 	}
-	switch *vmmName {
-	case "auto", "qemu":
-	case "firecracker":
-		return errors.New("--vmm firecracker: the Firecracker driver is not implemented yet; use qemu")
-	default:
-		return fmt.Errorf("--vmm %q: use auto, qemu or firecracker", *vmmName)
-	}
-	driver := qemu.New(log)
-	log.Info("VMM chosen", "vmm", driver.Name(), "accelerator", driver.Accelerator(), "requested", *vmmName)
+	log.Info("VMM chosen", "vmm", driver.Name(), "accelerator", accel, "requested", *vmmName, "disks", disks.Name())
 
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
@@ -112,7 +118,7 @@ func run() error {
 	hs := &http.Server{
 		Handler: server.Handler(server.Config{
 			Manager: mgr, Token: token, Log: log, WrennDir: *dir,
-			VMM: driver.Name(), Accel: driver.Accelerator(), Version: version.Version,
+			VMM: driver.Name(), Accel: accel, Version: version.Version,
 		}),
 		Protocols:         &protocols,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -133,20 +139,46 @@ func run() error {
 	return hs.Shutdown(shutdownCtx)
 }
 
+// chooseVMM picks the driver: Firecracker needs a working KVM and its
+// binary; QEMU runs anywhere (TCG without KVM). auto prefers Firecracker.
+func chooseVMM(name, fcBinary string, lazy bool, log *slog.Logger) (vmm.Driver, string, error) {
+	fcPath, fcErr := exec.LookPath(fcBinary)
+	fcReady := kvm.Usable() && fcErr == nil
+	switch name {
+	case "auto":
+		if fcReady {
+			return firecracker.New(log, fcPath, lazy), "kvm", nil
+		}
+	case "qemu":
+	case "firecracker":
+		if !kvm.Usable() {
+			return nil, "", errors.New("--vmm firecracker: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); use qemu")
+		}
+		if fcErr != nil {
+			return nil, "", fmt.Errorf("--vmm firecracker: %w", fcErr)
+		}
+		return firecracker.New(log, fcPath, lazy), "kvm", nil
+	default:
+		return nil, "", fmt.Errorf("--vmm %q: use auto, qemu or firecracker", name)
+	}
+	q := qemu.New(log)
+	return q, q.Accelerator(), nil
+}
+
 // hostToken is the credential the control plane presents on every call:
 // WRENN_HOST_TOKEN, else $WRENN_DIR/host-token (written at registration).
 func hostToken(dir string) (string, error) {
-	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" {
-		return t, nil
+	source, t := "WRENN_HOST_TOKEN", os.Getenv("WRENN_HOST_TOKEN")
+	if t == "" {
+		source = filepath.Join(dir, "host-token")
+		data, err := os.ReadFile(source)
+		if err != nil {
+			return "", fmt.Errorf("no host token: set WRENN_HOST_TOKEN or register the host so that %s exists (%w)", source, err)
+		}
+		t = strings.TrimSpace(string(data))
 	}
-	path := filepath.Join(dir, "host-token")
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("no host token: set WRENN_HOST_TOKEN or register the host so that %s exists (%w)", path, err)
-	}
-	t := strings.TrimSpace(string(data))
 	if len(t) < 16 {
-		return "", fmt.Errorf("host token in %s is too short", path)
+		return "", fmt.Errorf("the host token from %s is shorter than 16 characters", source)
 	}
 	return t, nil
 }

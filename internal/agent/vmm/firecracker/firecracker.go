@@ -1,0 +1,221 @@
+// Package firecracker runs sandboxes with Firecracker on KVM hosts, through
+// its HTTP API on a Unix socket: boot source, drive, network interface and
+// machine configuration, then InstanceStart; pause with PATCH /vm, snapshot
+// with /snapshot/create, restore with /snapshot/load from the memory file or
+// lazily through a userfaultfd page-fault handler.
+package firecracker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/agent/vmm/firecracker/uffd"
+)
+
+// Files of a snapshot directory.
+const (
+	stateFile  = "vmstate.fc"
+	memoryFile = "memory.fc"
+)
+
+// Driver is the Firecracker VMM driver.
+type Driver struct {
+	Binary string // default "firecracker"
+	Log    *slog.Logger
+	// LazyMemory restores through the UFFD handler: the VM runs as soon as
+	// its state is loaded and pages arrive as it touches them.
+	LazyMemory bool
+}
+
+var _ vmm.Driver = (*Driver)(nil)
+
+// New returns a driver for the firecracker binary on PATH (or at binary).
+func New(log *slog.Logger, binary string, lazy bool) *Driver {
+	if binary == "" {
+		binary = "firecracker"
+	}
+	return &Driver{Binary: binary, Log: log, LazyMemory: lazy}
+}
+
+// Name implements vmm.Driver.
+func (d *Driver) Name() string { return "firecracker" }
+
+func apiSocket(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "firecracker.sock") }
+
+// Firecracker's --id allows letters, digits and hyphens, up to 64.
+var validID = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
+
+// BootArgs are the kernel arguments for a Firecracker guest.
+func BootArgs(spec vmm.Spec) string {
+	args := []string{"console=ttyS0", "reboot=k", "panic=1", "pci=off", "quiet",
+		"root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/wrenn-init"}
+	return strings.Join(append(args, spec.KernelArgs...), " ")
+}
+
+func (d *Driver) check(spec vmm.Spec) error {
+	if !validID.MatchString(spec.ID) {
+		return fmt.Errorf("firecracker: sandbox id %q must be 1-64 letters, digits or hyphens", spec.ID)
+	}
+	if spec.DiskFormat != "" && spec.DiskFormat != "raw" {
+		return fmt.Errorf("firecracker: disk format %q is not supported (raw images only: use the copy or device-mapper disk driver)", spec.DiskFormat)
+	}
+	// The spec bounds vcpu_count to 1..32 (an even count only matters with SMT, which stays off).
+	if spec.VCPUs < 1 || spec.VCPUs > 32 {
+		return fmt.Errorf("firecracker: vcpus %d outside 1..32", spec.VCPUs)
+	}
+	return nil
+}
+
+func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, error) {
+	argv := []string{d.Binary, "--api-sock", apiSocket(spec), "--id", spec.ID}
+	inst, err := vmm.StartProcess(ctx, spec, argv, apiSocket(spec))
+	if err != nil {
+		return vmm.Instance{}, nil, err
+	}
+	return inst, NewAPI(apiSocket(spec)), nil
+}
+
+// Configure sends the pre-boot configuration of spec, in the order
+// Firecracker requires (all of it before InstanceStart).
+func Configure(ctx context.Context, api *API, spec vmm.Spec) error {
+	steps := []struct {
+		what string
+		call func() error
+	}{
+		{"machine config", func() error {
+			return api.PutMachineConfig(ctx, MachineConfig{VCPUCount: spec.VCPUs, MemSizeMiB: spec.MemoryMiB})
+		}},
+		{"boot source", func() error {
+			return api.PutBootSource(ctx, BootSource{KernelImagePath: spec.Kernel, BootArgs: BootArgs(spec)})
+		}},
+		{"root drive", func() error {
+			rw := false
+			return api.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: spec.Disk, IsRootDevice: true, IsReadOnly: &rw, CacheType: "Writeback"})
+		}},
+		{"entropy device", func() error { return api.PutEntropy(ctx) }},
+	}
+	if spec.TapDevice != "" {
+		steps = append(steps, struct {
+			what string
+			call func() error
+		}{"network interface", func() error {
+			return api.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: spec.TapDevice, GuestMAC: spec.MAC})
+		}})
+	}
+	for _, s := range steps {
+		if err := s.call(); err != nil {
+			return fmt.Errorf("configure %s: %w", s.what, err)
+		}
+	}
+	return nil
+}
+
+// Boot implements vmm.Driver.
+func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+	if err := d.check(spec); err != nil {
+		return vmm.Instance{}, err
+	}
+	inst, api, err := d.start(ctx, spec)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	if err := Configure(ctx, api, spec); err != nil {
+		_ = d.Stop(context.Background(), spec, inst)
+		return vmm.Instance{}, err
+	}
+	if err := api.Start(ctx); err != nil {
+		_ = d.Stop(context.Background(), spec, inst)
+		return vmm.Instance{}, fmt.Errorf("start instance: %w", err)
+	}
+	d.Log.Info("firecracker started", "sandbox", spec.ID, "pid", inst.PID, "vcpus", spec.VCPUs, "memory_mib", spec.MemoryMiB)
+	return inst, nil
+}
+
+// Snapshot implements vmm.Driver: pause, write a full snapshot, stop.
+func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance, dir string) error {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("snapshot dir: %w", err)
+	}
+	api := NewAPI(apiSocket(spec))
+	if err := api.Pause(ctx); err != nil {
+		return fmt.Errorf("pause: %w", err)
+	}
+	err := api.CreateSnapshot(ctx, SnapshotCreate{
+		SnapshotPath: filepath.Join(dir, stateFile+".tmp"),
+		MemFilePath:  filepath.Join(dir, memoryFile+".tmp"),
+		SnapshotType: "Full",
+	})
+	if err == nil {
+		err = errors.Join(os.Rename(filepath.Join(dir, memoryFile+".tmp"), filepath.Join(dir, memoryFile)),
+			os.Rename(filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, stateFile)))
+	}
+	if err != nil {
+		_ = api.Resume(context.Background()) // leave it running, as it was
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	return d.Stop(ctx, spec, inst)
+}
+
+// Restore implements vmm.Driver.
+func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.Instance, error) {
+	if err := d.check(spec); err != nil {
+		return vmm.Instance{}, err
+	}
+	for _, f := range []string{stateFile, memoryFile} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			return vmm.Instance{}, fmt.Errorf("restore: %w", err)
+		}
+	}
+	backend := &MemoryBackend{BackendType: "File", BackendPath: filepath.Join(dir, memoryFile)}
+	if d.LazyMemory {
+		socket := filepath.Join(spec.RunDir, "uffd.sock")
+		if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
+			return vmm.Instance{}, err
+		}
+		ln, err := uffd.Listen(socket)
+		if err != nil {
+			return vmm.Instance{}, err
+		}
+		// The handler outlives this call: it serves faults until every page
+		// is in, then exits (see package uffd).
+		go func() {
+			serveCtx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+			defer cancel()
+			stats, err := uffd.Serve(serveCtx, ln, filepath.Join(dir, memoryFile))
+			if err != nil {
+				d.Log.Error("uffd handler failed", "sandbox", spec.ID, "error", err)
+				return
+			}
+			d.Log.Info("uffd handler done", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
+		}()
+		backend = &MemoryBackend{BackendType: "Uffd", BackendPath: socket}
+	}
+	inst, api, err := d.start(ctx, spec)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: filepath.Join(dir, stateFile), MemBackend: backend, ResumeVM: true}); err != nil {
+		_ = d.Stop(context.Background(), spec, inst)
+		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
+	}
+	d.Log.Info("firecracker restored", "sandbox", spec.ID, "pid", inst.PID, "memory", backend.BackendType)
+	return inst, nil
+}
+
+// Stop implements vmm.Driver.
+func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
+	return vmm.KillProcess(ctx, inst.PID, apiSocket(spec))
+}
+
+// Alive implements vmm.Driver.
+func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
+	return vmm.ProcessAlive(inst.PID, apiSocket(spec))
+}

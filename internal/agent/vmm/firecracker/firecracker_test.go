@@ -1,0 +1,165 @@
+package firecracker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+)
+
+func readLog(t *testing.T, path string) []logEntry {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []logEntry
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var e logEntry
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// TestDriverRequestsConformToSpec runs the driver's whole lifecycle against
+// the spec-enforcing stand-in and checks every request it sent.
+func TestDriverRequestsConformToSpec(t *testing.T) {
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "requests.jsonl")
+	t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
+	self, _ := os.Executable()
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
+	spec := vmm.Spec{
+		ID: "sb-fc-spec", Kernel: "/var/lib/wrenn/kernels/vmlinux-6.1.0", Disk: filepath.Join(dir, "rootfs.ext4"), DiskFormat: "raw",
+		VCPUs: 2, MemoryMiB: 512, TapDevice: "tap0", MAC: "02:fc:00:00:00:01",
+		KernelArgs: []string{"ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"}, RunDir: filepath.Join(dir, "run"),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.Alive(spec, inst) {
+		t.Fatal("not alive after boot")
+	}
+	snap := filepath.Join(dir, "snapshot")
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+		t.Fatal(err)
+	}
+	if d.Alive(spec, inst) {
+		t.Fatal("VMM still runs after the snapshot")
+	}
+	for _, f := range []string{stateFile, memoryFile} {
+		if _, err := os.Stat(filepath.Join(snap, f)); err != nil {
+			t.Fatalf("snapshot file: %v", err)
+		}
+	}
+	inst, err = d.Restore(ctx, spec, snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(ctx, spec, inst); err != nil || d.Alive(spec, inst) {
+		t.Fatalf("stop: %v", err)
+	}
+	if os.Geteuid() == 0 {
+		d.LazyMemory = true
+		inst, err = d.Restore(ctx, spec, snap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = d.Stop(ctx, spec, inst)
+	}
+
+	entries := readLog(t, logPath)
+	var seq []string
+	for _, e := range entries {
+		if e.Status != 204 {
+			t.Errorf("%s %s was refused: %s\nbody: %s", e.Method, e.Path, e.Fault, e.Body)
+		}
+		seq = append(seq, e.Method+" "+e.Path)
+	}
+	want := []string{
+		"PUT /machine-config", "PUT /boot-source", "PUT /drives/rootfs", "PUT /entropy", "PUT /network-interfaces/eth0", "PUT /actions",
+		"PATCH /vm", "PUT /snapshot/create",
+		"PUT /snapshot/load",
+	}
+	if os.Geteuid() == 0 {
+		want = append(want, "PUT /snapshot/load")
+	}
+	if strings.Join(seq, "|") != strings.Join(want, "|") {
+		t.Fatalf("requests:\n  %s\nwant:\n  %s", strings.Join(seq, "\n  "), strings.Join(want, "\n  "))
+	}
+	if os.Geteuid() == 0 && entries[len(entries)-1].Note != "uffd memory verified" {
+		t.Fatalf("lazy restore: %q", entries[len(entries)-1].Note)
+	}
+	var boot BootSource
+	_ = json.Unmarshal(entries[1].Body, &boot)
+	if !strings.Contains(boot.BootArgs, "init=/usr/local/bin/wrenn-init") || !strings.Contains(boot.BootArgs, "ip=169.254.0.21") {
+		t.Fatalf("boot args %q", boot.BootArgs)
+	}
+}
+
+// TestValidatorRejectsBadRequests proves the validator is not vacuous.
+func TestValidatorRejectsBadRequests(t *testing.T) {
+	bad := []struct{ method, path, body string }{
+		{"PUT", "/boot-source", `{}`},
+		{"PUT", "/boot-source", `{"kernel_image_path":"/k","bogus":1}`},
+		{"PUT", "/machine-config", `{"vcpu_count":0,"mem_size_mib":128}`},
+		{"PUT", "/machine-config", `{"vcpu_count":33,"mem_size_mib":128}`},
+		{"PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":"128"}`},
+		{"PUT", "/drives/root", `{"drive_id":"other","is_root_device":true}`},
+		{"PUT", "/drives/root", `{"drive_id":"root","is_root_device":true,"cache_type":"Fast"}`},
+		{"PUT", "/actions", `{"action_type":"Boot"}`},
+		{"PATCH", "/vm", `{"state":"Stopped"}`},
+		{"PUT", "/snapshot/create", `{"snapshot_path":"/s"}`},
+		{"PUT", "/snapshot/load", `{"snapshot_path":"/s"}`},
+		{"PUT", "/snapshot/load", `{"snapshot_path":"/s","mem_file_path":"/m","mem_backend":{"backend_type":"File","backend_path":"/m"}}`},
+		{"PUT", "/snapshot/load", `{"snapshot_path":"/s","mem_backend":{"backend_type":"Disk","backend_path":"/m"}}`},
+		{"PUT", "/network-interfaces/eth0", `{"iface_id":"eth0"}`},
+		{"PUT", "/vm", `{"state":"Paused"}`},
+		{"POST", "/actions", `{"action_type":"InstanceStart"}`},
+	}
+	for _, b := range bad {
+		if _, err := validateRequest(b.method, b.path, []byte(b.body)); err == nil {
+			t.Errorf("%s %s %s was accepted", b.method, b.path, b.body)
+		}
+	}
+	good := []struct{ method, path, body string }{
+		{"PUT", "/machine-config", `{"vcpu_count":2,"mem_size_mib":256}`},
+		{"PUT", "/snapshot/load", `{"snapshot_path":"/s","mem_backend":{"backend_type":"Uffd","backend_path":"/u.sock"},"resume_vm":true}`},
+	}
+	for _, g := range good {
+		if _, err := validateRequest(g.method, g.path, []byte(g.body)); err != nil {
+			t.Errorf("%s %s %s: %v", g.method, g.path, g.body, err)
+		}
+	}
+}
+
+func TestDriverRefusesWhatFirecrackerCannotRun(t *testing.T) {
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), "firecracker", false)
+	for name, spec := range map[string]vmm.Spec{
+		"qcow2 disk": {ID: "sb-x", DiskFormat: "qcow2", VCPUs: 1},
+		"bad id":     {ID: "sb_x!", VCPUs: 1},
+		"33 vcpus":   {ID: "sb-x", VCPUs: 33},
+	} {
+		if _, err := d.Boot(context.Background(), spec); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

@@ -1,0 +1,112 @@
+package firecracker
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/disk"
+	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/kvm"
+	"github.com/wrenn/wrenn/internal/testutil/hostlock"
+)
+
+// TestFirecrackerOnKVM boots the real guest image with the real firecracker
+// binary, snapshots it and restores it from the file and through the UFFD
+// handler. It needs a working KVM (see kvm.Usable), a firecracker binary
+// on PATH (or WRENN_FIRECRACKER), root, and the images from `make images`.
+func TestFirecrackerOnKVM(t *testing.T) {
+	if !kvm.Usable() {
+		t.Skip("KVM suite: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); the API conformance tests above still ran")
+	}
+	bin := os.Getenv("WRENN_FIRECRACKER")
+	if bin == "" {
+		var err error
+		if bin, err = exec.LookPath("firecracker"); err != nil {
+			t.Skip("KVM suite: no firecracker binary on PATH (set WRENN_FIRECRACKER)")
+		}
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("KVM suite: needs root for network namespaces")
+	}
+	wrennDir := os.Getenv("WRENN_DIR")
+	if wrennDir == "" {
+		wrennDir = "/var/lib/wrenn"
+	}
+	kernel, err := boot.Kernel(wrennDir)
+	if err != nil {
+		t.Skipf("KVM suite: %v", err)
+	}
+	hostlock.Take(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	nets := &network.Manager{Log: log}
+	if err := nets.PrepareHost(ctx); err != nil {
+		t.Fatal(err)
+	}
+	alloc, _ := network.ForSlot(32002)
+	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
+		t.Fatal(err)
+	}
+	defer nets.Teardown(context.Background(), alloc)
+	dir := t.TempDir()
+	diskPath := filepath.Join(dir, "rootfs.ext4")
+	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath); err != nil {
+		t.Fatal(err)
+	}
+	spec := vmm.Spec{
+		ID: "sb-fc-kvm", Kernel: kernel, Disk: diskPath, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256,
+		TapDevice: alloc.Tap, MAC: alloc.MAC, NetNS: alloc.NetNS, RunDir: filepath.Join(dir, "run"),
+		KernelArgs: alloc.KernelArgs([]netip.Addr{netip.MustParseAddr("1.1.1.1")}),
+	}
+	health := func() error {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			res, err := http.Get("http://" + alloc.SandboxIP.String() + ":49983/health")
+			if err == nil {
+				res.Body.Close()
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return err
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	d := New(log, bin, false)
+	start := time.Now()
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := health(); err != nil {
+		t.Fatalf("envd: %v\n%s", err, vmm.LogTail(filepath.Join(spec.RunDir, "vmm.log"), 30))
+	}
+	t.Logf("firecracker boot to envd: %v", time.Since(start))
+	for _, lazy := range []bool{false, true} {
+		snap := filepath.Join(dir, "snap")
+		if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+			t.Fatal(err)
+		}
+		d.LazyMemory = lazy
+		start = time.Now()
+		if inst, err = d.Restore(ctx, spec, snap); err != nil {
+			t.Fatal(err)
+		}
+		if err := health(); err != nil {
+			t.Fatalf("envd after restore (lazy=%v): %v", lazy, err)
+		}
+		t.Logf("restore (lazy=%v) to envd: %v", lazy, time.Since(start))
+	}
+	_ = d.Stop(ctx, spec, inst)
+}
