@@ -169,7 +169,7 @@ func newRoot() *cobra.Command {
 			}
 			tmp := filepath.Join(store().Dir, "."+name+".flatten.ext4")
 			defer os.Remove(tmp)
-			if err := template.Flatten(cmd.Context(), args[0], tmp); err != nil {
+			if err := template.Flatten(cmd.Context(), args[0], "", tmp); err != nil {
 				return err
 			}
 			parentMeta, _ := store().Get(parent)

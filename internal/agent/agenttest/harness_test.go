@@ -74,10 +74,16 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 	}
 	hostlock.Take(t)
 	dir := t.TempDir()
-	for _, sub := range []string{"kernels", "images"} {
-		if err := os.Symlink(filepath.Join(system, sub), filepath.Join(dir, sub)); err != nil {
-			t.Fatal(err)
-		}
+	// Share the kernel and the system's templates read only; templates a
+	// test makes stay in its own images directory.
+	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
+		t.Fatal(err)
 	}
 	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t)}
 	a.start(extraArgs...)

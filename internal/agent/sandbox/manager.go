@@ -559,3 +559,77 @@ func (m *Manager) Envd(id string) (*envdclient.Client, error) {
 	}
 	return envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken), nil
 }
+
+// SaveAsTemplate copies a sandbox's disk into a new template that new
+// sandboxes can start from. A running sandbox is frozen (its disk flushed)
+// for the copy and then continues.
+func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (template.Metadata, error) {
+	if err := template.ValidateName(name); err != nil {
+		return template.Metadata{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if _, err := m.templates.Get(name); err == nil {
+		return template.Metadata{}, fmt.Errorf("%w: template %q already exists", ErrExists, name)
+	}
+	e, err := m.lock(id)
+	if err != nil {
+		return template.Metadata{}, err
+	}
+	defer e.mu.Unlock()
+	rec := e.rec
+	switch rec.State {
+	case Running:
+		c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
+		if err := c.PrepareSnapshot(ctx); err != nil {
+			m.log.Warn("guest did not flush before the disk copy", "sandbox", id, "error", err)
+		}
+		if err := m.cfg.Driver.Freeze(ctx, rec.Spec, rec.VMM); err != nil {
+			return template.Metadata{}, fmt.Errorf("freeze %s: %w", id, err)
+		}
+		defer func() {
+			if err := m.cfg.Driver.Thaw(context.Background(), rec.Spec, rec.VMM); err != nil {
+				m.log.Error("could not continue sandbox after the disk copy", "sandbox", id, "error", err)
+			}
+		}()
+	case Paused:
+	default:
+		return template.Metadata{}, fmt.Errorf("%w: %s is %s", ErrWrongState, id, rec.State)
+	}
+	start := time.Now()
+	tmp := filepath.Join(m.sandboxDir(id), "template.raw")
+	defer os.Remove(tmp)
+	if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
+		return template.Metadata{}, err
+	}
+	parent, _ := m.templates.Get(rec.Template)
+	meta, err := m.templates.Install(ctx, name, tmp, template.Metadata{Source: source + ":" + id, Parent: rec.Template, EnvdVersion: parent.EnvdVersion})
+	if err != nil {
+		return template.Metadata{}, err
+	}
+	m.log.Info("template saved from sandbox", "template", name, "sandbox", id, "took", time.Since(start).Round(time.Millisecond))
+	return meta, nil
+}
+
+// DeleteTemplate removes a template no sandbox on this host depends on
+// (their disks are overlays of it).
+func (m *Manager) DeleteTemplate(name string) error {
+	if err := template.ValidateName(name); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	var users []string
+	for _, r := range m.List() {
+		if r.Template == name {
+			users = append(users, r.ID)
+		}
+	}
+	if len(users) > 0 {
+		return fmt.Errorf("%w: template %q is in use by %d sandbox(es): %v", ErrWrongState, name, len(users), users)
+	}
+	if err := m.templates.Delete(name); err != nil {
+		if errors.Is(err, template.ErrNotFound) {
+			return fmt.Errorf("%w: template %q", ErrNotFound, name)
+		}
+		return err
+	}
+	m.log.Info("template deleted", "template", name)
+	return nil
+}

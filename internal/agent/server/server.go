@@ -509,3 +509,33 @@ func parsePrefix(s string) (netip.Prefix, error) {
 	}
 	return netip.PrefixFrom(a, a.BitLen()), nil
 }
+
+func templateProto(m template.Metadata) *pb.Template {
+	return &pb.Template{Name: m.Name, SizeBytes: m.SizeBytes, Parent: m.Parent, Source: m.Source, CreatedAt: timestamppb.New(m.Created), Sha256: m.SHA256}
+}
+
+// CreateSnapshot saves a sandbox's disk as a template.
+func (s *Server) CreateSnapshot(ctx context.Context, req *connect.Request[pb.CreateSnapshotRequest]) (*connect.Response[pb.CreateSnapshotResponse], error) {
+	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "snapshot")
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.CreateSnapshotResponse{Template: templateProto(meta)}), nil
+}
+
+// DeleteSnapshot removes a template.
+func (s *Server) DeleteSnapshot(_ context.Context, req *connect.Request[pb.DeleteSnapshotRequest]) (*connect.Response[pb.DeleteSnapshotResponse], error) {
+	if err := s.m.DeleteTemplate(req.Msg.GetName()); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
+}
+
+// FlattenRootfs turns a build sandbox's disk into a template.
+func (s *Server) FlattenRootfs(ctx context.Context, req *connect.Request[pb.FlattenRootfsRequest]) (*connect.Response[pb.FlattenRootfsResponse], error) {
+	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "build")
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.FlattenRootfsResponse{Template: templateProto(meta)}), nil
+}

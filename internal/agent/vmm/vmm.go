@@ -48,4 +48,8 @@ type Driver interface {
 	Stop(ctx context.Context, spec Spec, inst Instance) error
 	// Alive reports whether inst is still this VM's VMM process.
 	Alive(spec Spec, inst Instance) bool
+	// Freeze stops the vCPUs with the disk flushed, so the disk can be
+	// copied consistently; Thaw lets the VM run again.
+	Freeze(ctx context.Context, spec Spec, inst Instance) error
+	Thaw(ctx context.Context, spec Spec, inst Instance) error
 }

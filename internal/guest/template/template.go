@@ -126,7 +126,8 @@ func (s Store) List() ([]Metadata, error) {
 	}
 	var out []Metadata
 	for _, e := range entries {
-		if !e.IsDir() || ValidateName(e.Name()) != nil {
+		// Stat, not the entry's own type: a template directory may be a symlink.
+		if fi, err := os.Stat(filepath.Join(s.Dir, e.Name())); err != nil || !fi.IsDir() || ValidateName(e.Name()) != nil {
 			continue
 		}
 		m, err := s.Get(e.Name())
@@ -176,9 +177,15 @@ func SparseCopy(ctx context.Context, from, to string) error {
 
 // Flatten writes a standalone raw image from a copy-on-write child: a qcow2
 // overlay (its backing chain is read through) or a plain sparse copy.
-func Flatten(ctx context.Context, child, dest string) error {
+// format names the child's format ("qcow2" or "raw"; "" lets qemu-img
+// guess). The child may be open in a paused VM: it is read with -U.
+func Flatten(ctx context.Context, child, format, dest string) error {
 	tmp := dest + ".flattening"
-	out, err := exec.CommandContext(ctx, "qemu-img", "convert", "-O", "raw", "-S", "4k", child, tmp).CombinedOutput()
+	args := []string{"convert", "-U", "-O", "raw", "-S", "4k"}
+	if format != "" {
+		args = append(args, "-f", format)
+	}
+	out, err := exec.CommandContext(ctx, "qemu-img", append(args, child, tmp)...).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("flatten %s: %w: %s", child, err, out)

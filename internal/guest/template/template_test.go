@@ -38,6 +38,14 @@ func TestStoreLifecycle(t *testing.T) {
 	if err != nil || len(all) != 2 || all[0].Name != "base" || all[1].Parent != "base" {
 		t.Fatalf("list: %+v %v", all, err)
 	}
+	// A template directory may be a symlink to one kept elsewhere.
+	if err := os.Symlink(filepath.Join(s.Dir, "base"), filepath.Join(s.Dir, "linked")); err != nil {
+		t.Fatal(err)
+	}
+	if all, _ := s.List(); len(all) != 3 {
+		t.Fatalf("symlinked template not listed: %+v", all)
+	}
+	_ = os.Remove(filepath.Join(s.Dir, "linked"))
 	if err := s.Delete("child"); err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +75,7 @@ func TestFlattenQcow2Child(t *testing.T) {
 	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M", child)
 
 	flat := filepath.Join(dir, "flat.raw")
-	if err := Flatten(ctx, child, flat); err != nil {
+	if err := Flatten(ctx, child, "qcow2", flat); err != nil {
 		t.Fatal(err)
 	}
 	data, err := os.ReadFile(flat)

@@ -219,3 +219,13 @@ func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) err
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
 	return vmm.ProcessAlive(inst.PID, apiSocket(spec))
 }
+
+// Freeze implements vmm.Driver.
+func (d *Driver) Freeze(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
+	return NewAPI(apiSocket(spec)).Pause(ctx)
+}
+
+// Thaw implements vmm.Driver.
+func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
+	return NewAPI(apiSocket(spec)).Resume(ctx)
+}

@@ -226,3 +226,26 @@ func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) err
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
 	return vmm.ProcessAlive(inst.PID, qmpSocket(spec))
 }
+
+// Freeze implements vmm.Driver. QMP stop drains and flushes every block
+// device before it returns, so the disk file is consistent afterwards.
+func (d *Driver) Freeze(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
+	return d.qmp(ctx, spec, "stop")
+}
+
+// Thaw implements vmm.Driver.
+func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
+	return d.qmp(ctx, spec, "cont")
+}
+
+func (d *Driver) qmp(ctx context.Context, spec vmm.Spec, command string) error {
+	c, err := qmp.Dial(ctx, qmpSocket(spec))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Execute(ctx, command, nil); err != nil {
+		return fmt.Errorf("qmp %s: %w", command, err)
+	}
+	return nil
+}

@@ -83,6 +83,15 @@ const (
 	// HostAgentServiceRemovePathProcedure is the fully-qualified name of the HostAgentService's
 	// RemovePath RPC.
 	HostAgentServiceRemovePathProcedure = "/hostagent.v1.HostAgentService/RemovePath"
+	// HostAgentServiceCreateSnapshotProcedure is the fully-qualified name of the HostAgentService's
+	// CreateSnapshot RPC.
+	HostAgentServiceCreateSnapshotProcedure = "/hostagent.v1.HostAgentService/CreateSnapshot"
+	// HostAgentServiceDeleteSnapshotProcedure is the fully-qualified name of the HostAgentService's
+	// DeleteSnapshot RPC.
+	HostAgentServiceDeleteSnapshotProcedure = "/hostagent.v1.HostAgentService/DeleteSnapshot"
+	// HostAgentServiceFlattenRootfsProcedure is the fully-qualified name of the HostAgentService's
+	// FlattenRootfs RPC.
+	HostAgentServiceFlattenRootfsProcedure = "/hostagent.v1.HostAgentService/FlattenRootfs"
 )
 
 // HostAgentServiceClient is a client for the hostagent.v1.HostAgentService service.
@@ -109,6 +118,14 @@ type HostAgentServiceClient interface {
 	ListDir(context.Context, *connect.Request[v1.ListDirRequest]) (*connect.Response[v1.ListDirResponse], error)
 	MakeDir(context.Context, *connect.Request[v1.MakeDirRequest]) (*connect.Response[v1.MakeDirResponse], error)
 	RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error)
+	// Templates from sandboxes. CreateSnapshot saves a sandbox's disk as a
+	// named template new sandboxes can start from; the sandbox keeps running.
+	CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error)
+	// DeleteSnapshot removes a template no sandbox on this host uses.
+	DeleteSnapshot(context.Context, *connect.Request[v1.DeleteSnapshotRequest]) (*connect.Response[v1.DeleteSnapshotResponse], error)
+	// FlattenRootfs is the last step of a template build: the build
+	// sandbox's disk becomes a standalone template.
+	FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error)
 }
 
 // NewHostAgentServiceClient constructs a client for the hostagent.v1.HostAgentService service. By
@@ -218,6 +235,24 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(hostAgentServiceMethods.ByName("RemovePath")),
 			connect.WithClientOptions(opts...),
 		),
+		createSnapshot: connect.NewClient[v1.CreateSnapshotRequest, v1.CreateSnapshotResponse](
+			httpClient,
+			baseURL+HostAgentServiceCreateSnapshotProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("CreateSnapshot")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteSnapshot: connect.NewClient[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse](
+			httpClient,
+			baseURL+HostAgentServiceDeleteSnapshotProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("DeleteSnapshot")),
+			connect.WithClientOptions(opts...),
+		),
+		flattenRootfs: connect.NewClient[v1.FlattenRootfsRequest, v1.FlattenRootfsResponse](
+			httpClient,
+			baseURL+HostAgentServiceFlattenRootfsProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("FlattenRootfs")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -239,6 +274,9 @@ type hostAgentServiceClient struct {
 	listDir           *connect.Client[v1.ListDirRequest, v1.ListDirResponse]
 	makeDir           *connect.Client[v1.MakeDirRequest, v1.MakeDirResponse]
 	removePath        *connect.Client[v1.RemovePathRequest, v1.RemovePathResponse]
+	createSnapshot    *connect.Client[v1.CreateSnapshotRequest, v1.CreateSnapshotResponse]
+	deleteSnapshot    *connect.Client[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse]
+	flattenRootfs     *connect.Client[v1.FlattenRootfsRequest, v1.FlattenRootfsResponse]
 }
 
 // GetHostInfo calls hostagent.v1.HostAgentService.GetHostInfo.
@@ -321,6 +359,21 @@ func (c *hostAgentServiceClient) RemovePath(ctx context.Context, req *connect.Re
 	return c.removePath.CallUnary(ctx, req)
 }
 
+// CreateSnapshot calls hostagent.v1.HostAgentService.CreateSnapshot.
+func (c *hostAgentServiceClient) CreateSnapshot(ctx context.Context, req *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error) {
+	return c.createSnapshot.CallUnary(ctx, req)
+}
+
+// DeleteSnapshot calls hostagent.v1.HostAgentService.DeleteSnapshot.
+func (c *hostAgentServiceClient) DeleteSnapshot(ctx context.Context, req *connect.Request[v1.DeleteSnapshotRequest]) (*connect.Response[v1.DeleteSnapshotResponse], error) {
+	return c.deleteSnapshot.CallUnary(ctx, req)
+}
+
+// FlattenRootfs calls hostagent.v1.HostAgentService.FlattenRootfs.
+func (c *hostAgentServiceClient) FlattenRootfs(ctx context.Context, req *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error) {
+	return c.flattenRootfs.CallUnary(ctx, req)
+}
+
 // HostAgentServiceHandler is an implementation of the hostagent.v1.HostAgentService service.
 type HostAgentServiceHandler interface {
 	// Host facts for registration and scheduling.
@@ -345,6 +398,14 @@ type HostAgentServiceHandler interface {
 	ListDir(context.Context, *connect.Request[v1.ListDirRequest]) (*connect.Response[v1.ListDirResponse], error)
 	MakeDir(context.Context, *connect.Request[v1.MakeDirRequest]) (*connect.Response[v1.MakeDirResponse], error)
 	RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error)
+	// Templates from sandboxes. CreateSnapshot saves a sandbox's disk as a
+	// named template new sandboxes can start from; the sandbox keeps running.
+	CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error)
+	// DeleteSnapshot removes a template no sandbox on this host uses.
+	DeleteSnapshot(context.Context, *connect.Request[v1.DeleteSnapshotRequest]) (*connect.Response[v1.DeleteSnapshotResponse], error)
+	// FlattenRootfs is the last step of a template build: the build
+	// sandbox's disk becomes a standalone template.
+	FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error)
 }
 
 // NewHostAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -450,6 +511,24 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		connect.WithSchema(hostAgentServiceMethods.ByName("RemovePath")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostAgentServiceCreateSnapshotHandler := connect.NewUnaryHandler(
+		HostAgentServiceCreateSnapshotProcedure,
+		svc.CreateSnapshot,
+		connect.WithSchema(hostAgentServiceMethods.ByName("CreateSnapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceDeleteSnapshotHandler := connect.NewUnaryHandler(
+		HostAgentServiceDeleteSnapshotProcedure,
+		svc.DeleteSnapshot,
+		connect.WithSchema(hostAgentServiceMethods.ByName("DeleteSnapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceFlattenRootfsHandler := connect.NewUnaryHandler(
+		HostAgentServiceFlattenRootfsProcedure,
+		svc.FlattenRootfs,
+		connect.WithSchema(hostAgentServiceMethods.ByName("FlattenRootfs")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/hostagent.v1.HostAgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case HostAgentServiceGetHostInfoProcedure:
@@ -484,6 +563,12 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServiceMakeDirHandler.ServeHTTP(w, r)
 		case HostAgentServiceRemovePathProcedure:
 			hostAgentServiceRemovePathHandler.ServeHTTP(w, r)
+		case HostAgentServiceCreateSnapshotProcedure:
+			hostAgentServiceCreateSnapshotHandler.ServeHTTP(w, r)
+		case HostAgentServiceDeleteSnapshotProcedure:
+			hostAgentServiceDeleteSnapshotHandler.ServeHTTP(w, r)
+		case HostAgentServiceFlattenRootfsProcedure:
+			hostAgentServiceFlattenRootfsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -555,4 +640,16 @@ func (UnimplementedHostAgentServiceHandler) MakeDir(context.Context, *connect.Re
 
 func (UnimplementedHostAgentServiceHandler) RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.RemovePath is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.CreateSnapshot is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) DeleteSnapshot(context.Context, *connect.Request[v1.DeleteSnapshotRequest]) (*connect.Response[v1.DeleteSnapshotResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.DeleteSnapshot is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.FlattenRootfs is not implemented"))
 }
