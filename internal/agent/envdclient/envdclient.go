@@ -236,6 +236,7 @@ type ExecEvent struct {
 	PID      uint32
 	Stdout   []byte
 	Stderr   []byte
+	PTY      []byte
 	ExitCode *int32
 }
 
@@ -247,11 +248,19 @@ type ExecSpec struct {
 	Cwd   string
 	User  string
 	Stdin []byte
+	Tag   string
+	// PTY, when set, runs the command on a terminal of this size.
+	PTY *PTYSize
+	// KeepStdin leaves stdin open for later SendInput calls.
+	KeepStdin bool
 }
+
+// PTYSize is a terminal size.
+type PTYSize struct{ Cols, Rows uint32 }
 
 // Exec runs a command and hands each event to fn until it ends.
 func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) error) error {
-	withStdin := len(spec.Stdin) > 0
+	withStdin := len(spec.Stdin) > 0 || spec.KeepStdin
 	msg := &pb.StartRequest{
 		Process: &pb.ProcessConfig{Cmd: spec.Cmd, Args: spec.Args, Envs: spec.Env},
 		Stdin:   &withStdin,
@@ -259,24 +268,40 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) err
 	if spec.Cwd != "" {
 		msg.Process.Cwd = &spec.Cwd
 	}
+	if spec.Tag != "" {
+		msg.Tag = &spec.Tag
+	}
+	if spec.PTY != nil {
+		msg.Pty = &pb.PTY{Size: &pb.PTY_Size{Cols: spec.PTY.Cols, Rows: spec.PTY.Rows}}
+	}
 	stream, err := c.Proc.Start(ctx, AsUser(connect.NewRequest(msg), spec.User))
 	if err != nil {
 		return err
 	}
 	defer stream.Close()
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
+	return follow(stream.Receive, func() *pb.ProcessEvent { return stream.Msg().GetEvent() }, stream.Err, func(ev ExecEvent) error {
+		if ev.PID != 0 && len(spec.Stdin) > 0 {
+			if err := c.sendStdin(ctx, ev.PID, spec.Stdin); err != nil {
+				return err
+			}
+		}
+		return fn(ev)
+	})
+}
+
+// ErrStopFollowing, returned by an event callback, ends the stream early
+// without an error (the process keeps running).
+var ErrStopFollowing = errors.New("stop following")
+
+// follow turns a Start or Connect stream into events until the end event.
+func follow(recv func() bool, msg func() *pb.ProcessEvent, streamErr func() error, fn func(ExecEvent) error) error {
+	for recv() {
 		var out ExecEvent
-		switch e := ev.GetEvent().(type) {
+		switch e := msg().GetEvent().(type) {
 		case *pb.ProcessEvent_Start:
 			out.PID = e.Start.GetPid()
-			if withStdin {
-				if err := c.sendStdin(ctx, out.PID, spec.Stdin); err != nil {
-					return err
-				}
-			}
 		case *pb.ProcessEvent_Data:
-			out.Stdout, out.Stderr = e.Data.GetStdout(), e.Data.GetStderr()
+			out.Stdout, out.Stderr, out.PTY = e.Data.GetStdout(), e.Data.GetStderr(), e.Data.GetPty()
 		case *pb.ProcessEvent_End:
 			code := e.End.GetExitCode()
 			out.ExitCode = &code
@@ -284,16 +309,85 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) err
 			continue
 		}
 		if err := fn(out); err != nil {
+			if errors.Is(err, ErrStopFollowing) {
+				return nil
+			}
 			return err
 		}
 		if out.ExitCode != nil {
 			return nil
 		}
 	}
-	if err := stream.Err(); err != nil {
+	if err := streamErr(); err != nil {
 		return err
 	}
-	return errors.New("envd closed the stream before the command ended")
+	return errors.New("envd closed the stream before the process ended")
+}
+
+// Selector names a process by pid, or by tag when pid is 0.
+func Selector(pid uint32, tag string) (*pb.ProcessSelector, error) {
+	switch {
+	case pid != 0:
+		return &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: pid}}, nil
+	case tag != "":
+		return &pb.ProcessSelector{Selector: &pb.ProcessSelector_Tag{Tag: tag}}, nil
+	default:
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("name the process by pid or tag"))
+	}
+}
+
+// Connect streams a running process's events from now until it ends.
+func (c *Client) Connect(ctx context.Context, sel *pb.ProcessSelector, fn func(ExecEvent) error) error {
+	stream, err := c.Proc.Connect(ctx, connect.NewRequest(&pb.ConnectRequest{Process: sel}))
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	return follow(stream.Receive, func() *pb.ProcessEvent { return stream.Msg().GetEvent() }, stream.Err, fn)
+}
+
+// List returns the processes envd runs.
+func (c *Client) List(ctx context.Context) ([]*pb.ProcessInfo, error) {
+	res, err := c.Proc.List(ctx, connect.NewRequest(&pb.ListRequest{}))
+	if err != nil {
+		return nil, err
+	}
+	return res.Msg.GetProcesses(), nil
+}
+
+// SendInput writes to a process's stdin, or its terminal when pty is set,
+// and then closes stdin if asked.
+func (c *Client) SendInput(ctx context.Context, sel *pb.ProcessSelector, data []byte, pty, closeStdin bool) error {
+	if len(data) > 0 {
+		in := &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: data}}
+		if pty {
+			in = &pb.ProcessInput{Input: &pb.ProcessInput_Pty{Pty: data}}
+		}
+		if _, err := c.Proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: in})); err != nil {
+			return err
+		}
+	}
+	if closeStdin {
+		_, err := c.Proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
+		return err
+	}
+	return nil
+}
+
+// Resize changes a process's terminal size.
+func (c *Client) Resize(ctx context.Context, sel *pb.ProcessSelector, size PTYSize) error {
+	_, err := c.Proc.Update(ctx, connect.NewRequest(&pb.UpdateRequest{Process: sel, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: size.Cols, Rows: size.Rows}}}))
+	return err
+}
+
+// Signal sends SIGTERM, or SIGKILL when force is set.
+func (c *Client) Signal(ctx context.Context, sel *pb.ProcessSelector, force bool) error {
+	sig := pb.Signal_SIGNAL_SIGTERM
+	if force {
+		sig = pb.Signal_SIGNAL_SIGKILL
+	}
+	_, err := c.Proc.SendSignal(ctx, connect.NewRequest(&pb.SendSignalRequest{Process: sel, Signal: sig}))
+	return err
 }
 
 func (c *Client) sendStdin(ctx context.Context, pid uint32, data []byte) error {

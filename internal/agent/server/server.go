@@ -349,7 +349,11 @@ func execSpec(msg *pb.ExecRequest) (envdclient.ExecSpec, error) {
 	if len(msg.GetStdin()) > maxFileBytes {
 		return envdclient.ExecSpec{}, fmt.Errorf("%w: stdin larger than %d bytes", sandbox.ErrInvalid, maxFileBytes)
 	}
-	return envdclient.ExecSpec{Cmd: msg.GetCmd(), Args: msg.GetArgs(), Env: msg.GetEnv(), Cwd: msg.GetCwd(), User: msg.GetUser(), Stdin: msg.GetStdin()}, nil
+	spec := envdclient.ExecSpec{Cmd: msg.GetCmd(), Args: msg.GetArgs(), Env: msg.GetEnv(), Cwd: msg.GetCwd(), User: msg.GetUser(), Stdin: msg.GetStdin(), Tag: msg.GetTag()}
+	if p := msg.GetPty(); p != nil {
+		spec.PTY = &envdclient.PTYSize{Cols: p.GetCols(), Rows: p.GetRows()}
+	}
+	return spec, nil
 }
 
 // Exec runs a command to its end and returns its output.
@@ -411,7 +415,14 @@ func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecReq
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(n)*time.Second)
 		defer cancel()
 	}
-	err = c.Exec(ctx, spec, func(ev envdclient.ExecEvent) error {
+	// A terminal session keeps stdin open for SendInput.
+	spec.KeepStdin = spec.PTY != nil
+	return toConnect(c.Exec(ctx, spec, relay(stream)))
+}
+
+// relay forwards process events to a client stream.
+func relay(stream *connect.ServerStream[pb.ExecStreamResponse]) func(envdclient.ExecEvent) error {
+	return func(ev envdclient.ExecEvent) error {
 		var out *pb.ExecStreamResponse
 		switch {
 		case ev.PID != 0:
@@ -420,14 +431,15 @@ func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecReq
 			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Stdout{Stdout: ev.Stdout}}
 		case len(ev.Stderr) > 0:
 			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Stderr{Stderr: ev.Stderr}}
+		case len(ev.PTY) > 0:
+			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_Pty{Pty: ev.PTY}}
 		case ev.ExitCode != nil:
 			out = &pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_ExitCode{ExitCode: *ev.ExitCode}}
 		default:
 			return nil
 		}
 		return stream.Send(out)
-	})
-	return toConnect(err)
+	}
 }
 
 // ReadFile returns a file's content (up to 64 MiB).

@@ -1299,8 +1299,12 @@ type ExecRequest struct {
 	// ExecStream and 60 s for Exec.
 	TimeoutSeconds int32  `protobuf:"varint,7,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
 	Stdin          []byte `protobuf:"bytes,8,opt,name=stdin,proto3" json:"stdin,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// A terminal of this size instead of pipes (ExecStream, StartProcess).
+	Pty *PtySize `protobuf:"bytes,9,opt,name=pty,proto3" json:"pty,omitempty"`
+	// A name to find the process by later (StartProcess, ExecStream).
+	Tag           string `protobuf:"bytes,10,opt,name=tag,proto3" json:"tag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecRequest) Reset() {
@@ -1389,6 +1393,72 @@ func (x *ExecRequest) GetStdin() []byte {
 	return nil
 }
 
+func (x *ExecRequest) GetPty() *PtySize {
+	if x != nil {
+		return x.Pty
+	}
+	return nil
+}
+
+func (x *ExecRequest) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+type PtySize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cols          uint32                 `protobuf:"varint,1,opt,name=cols,proto3" json:"cols,omitempty"`
+	Rows          uint32                 `protobuf:"varint,2,opt,name=rows,proto3" json:"rows,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PtySize) Reset() {
+	*x = PtySize{}
+	mi := &file_v1_hostagent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PtySize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PtySize) ProtoMessage() {}
+
+func (x *PtySize) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
+func (*PtySize) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PtySize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+func (x *PtySize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
 type ExecResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Stdout        []byte                 `protobuf:"bytes,1,opt,name=stdout,proto3" json:"stdout,omitempty"`
@@ -1401,7 +1471,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1483,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1496,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -1465,6 +1535,7 @@ type ExecStreamResponse struct {
 	//	*ExecStreamResponse_Stdout
 	//	*ExecStreamResponse_Stderr
 	//	*ExecStreamResponse_ExitCode
+	//	*ExecStreamResponse_Pty
 	Event         isExecStreamResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1472,7 +1543,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1484,7 +1555,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1497,7 +1568,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -1543,6 +1614,15 @@ func (x *ExecStreamResponse) GetExitCode() int32 {
 	return 0
 }
 
+func (x *ExecStreamResponse) GetPty() []byte {
+	if x != nil {
+		if x, ok := x.Event.(*ExecStreamResponse_Pty); ok {
+			return x.Pty
+		}
+	}
+	return nil
+}
+
 type isExecStreamResponse_Event interface {
 	isExecStreamResponse_Event()
 }
@@ -1563,6 +1643,10 @@ type ExecStreamResponse_ExitCode struct {
 	ExitCode int32 `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3,oneof"`
 }
 
+type ExecStreamResponse_Pty struct {
+	Pty []byte `protobuf:"bytes,5,opt,name=pty,proto3,oneof"`
+}
+
 func (*ExecStreamResponse_Pid) isExecStreamResponse_Event() {}
 
 func (*ExecStreamResponse_Stdout) isExecStreamResponse_Event() {}
@@ -1570,6 +1654,593 @@ func (*ExecStreamResponse_Stdout) isExecStreamResponse_Event() {}
 func (*ExecStreamResponse_Stderr) isExecStreamResponse_Event() {}
 
 func (*ExecStreamResponse_ExitCode) isExecStreamResponse_Event() {}
+
+func (*ExecStreamResponse_Pty) isExecStreamResponse_Event() {}
+
+// A process is named by its pid or by the tag it was started with.
+type ProcessRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Pid           uint32                 `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	Tag           string                 `protobuf:"bytes,3,opt,name=tag,proto3" json:"tag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessRef) Reset() {
+	*x = ProcessRef{}
+	mi := &file_v1_hostagent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessRef) ProtoMessage() {}
+
+func (x *ProcessRef) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
+func (*ProcessRef) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ProcessRef) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *ProcessRef) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *ProcessRef) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+type StartProcessResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartProcessResponse) Reset() {
+	*x = StartProcessResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartProcessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartProcessResponse) ProtoMessage() {}
+
+func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
+func (*StartProcessResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *StartProcessResponse) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+type ListProcessesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProcessesRequest) Reset() {
+	*x = ListProcessesRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProcessesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProcessesRequest) ProtoMessage() {}
+
+func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
+func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ListProcessesRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+type ProcessInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Tag           string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
+	Cmd           string                 `protobuf:"bytes,3,opt,name=cmd,proto3" json:"cmd,omitempty"`
+	Args          []string               `protobuf:"bytes,4,rep,name=args,proto3" json:"args,omitempty"`
+	Cwd           string                 `protobuf:"bytes,5,opt,name=cwd,proto3" json:"cwd,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessInfo) Reset() {
+	*x = ProcessInfo{}
+	mi := &file_v1_hostagent_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessInfo) ProtoMessage() {}
+
+func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
+func (*ProcessInfo) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ProcessInfo) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *ProcessInfo) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *ProcessInfo) GetCmd() string {
+	if x != nil {
+		return x.Cmd
+	}
+	return ""
+}
+
+func (x *ProcessInfo) GetArgs() []string {
+	if x != nil {
+		return x.Args
+	}
+	return nil
+}
+
+func (x *ProcessInfo) GetCwd() string {
+	if x != nil {
+		return x.Cwd
+	}
+	return ""
+}
+
+type ListProcessesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Processes     []*ProcessInfo         `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProcessesResponse) Reset() {
+	*x = ListProcessesResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProcessesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProcessesResponse) ProtoMessage() {}
+
+func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
+func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
+	if x != nil {
+		return x.Processes
+	}
+	return nil
+}
+
+type ConnectProcessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessRef            `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConnectProcessRequest) Reset() {
+	*x = ConnectProcessRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConnectProcessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConnectProcessRequest) ProtoMessage() {}
+
+func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
+func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+type SendInputRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessRef            `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	CloseStdin    bool                   `protobuf:"varint,3,opt,name=close_stdin,json=closeStdin,proto3" json:"close_stdin,omitempty"` // after data, signal EOF (pipes only)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendInputRequest) Reset() {
+	*x = SendInputRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendInputRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendInputRequest) ProtoMessage() {}
+
+func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
+func (*SendInputRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *SendInputRequest) GetProcess() *ProcessRef {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *SendInputRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *SendInputRequest) GetCloseStdin() bool {
+	if x != nil {
+		return x.CloseStdin
+	}
+	return false
+}
+
+type SendInputResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendInputResponse) Reset() {
+	*x = SendInputResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendInputResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendInputResponse) ProtoMessage() {}
+
+func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
+func (*SendInputResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+}
+
+type ResizePtyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessRef            `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Size          *PtySize               `protobuf:"bytes,2,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizePtyRequest) Reset() {
+	*x = ResizePtyRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizePtyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizePtyRequest) ProtoMessage() {}
+
+func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
+func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ResizePtyRequest) GetProcess() *ProcessRef {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *ResizePtyRequest) GetSize() *PtySize {
+	if x != nil {
+		return x.Size
+	}
+	return nil
+}
+
+type ResizePtyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResizePtyResponse) Reset() {
+	*x = ResizePtyResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResizePtyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResizePtyResponse) ProtoMessage() {}
+
+func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
+func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+}
+
+type KillProcessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessRef            `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"` // SIGKILL instead of SIGTERM
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KillProcessRequest) Reset() {
+	*x = KillProcessRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KillProcessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KillProcessRequest) ProtoMessage() {}
+
+func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
+func (*KillProcessRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *KillProcessRequest) GetProcess() *ProcessRef {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *KillProcessRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type KillProcessResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KillProcessResponse) Reset() {
+	*x = KillProcessResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KillProcessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KillProcessResponse) ProtoMessage() {}
+
+func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
+func (*KillProcessResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+}
 
 type ReadFileRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1582,7 +2253,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +2265,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +2278,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -1640,7 +2311,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1652,7 +2323,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1665,7 +2336,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -1687,7 +2358,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1699,7 +2370,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1712,7 +2383,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -1751,7 +2422,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +2434,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +2447,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 type FileEntry struct {
@@ -1793,7 +2464,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +2476,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +2489,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *FileEntry) GetName() string {
@@ -1875,7 +2546,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1887,7 +2558,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1900,7 +2571,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -1940,7 +2611,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1952,7 +2623,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1965,7 +2636,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -1986,7 +2657,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1998,7 +2669,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2011,7 +2682,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -2043,7 +2714,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2055,7 +2726,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2068,7 +2739,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 type RemovePathRequest struct {
@@ -2082,7 +2753,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2094,7 +2765,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2107,7 +2778,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -2139,7 +2810,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2151,7 +2822,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2164,7 +2835,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 type Template struct {
@@ -2181,7 +2852,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2193,7 +2864,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2206,7 +2877,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Template) GetName() string {
@@ -2261,7 +2932,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2273,7 +2944,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2286,7 +2957,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -2312,7 +2983,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2324,7 +2995,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2337,7 +3008,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -2356,7 +3027,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2368,7 +3039,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2381,7 +3052,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -2399,7 +3070,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2411,7 +3082,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2424,7 +3095,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 type FlattenRootfsRequest struct {
@@ -2437,7 +3108,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2449,7 +3120,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2462,7 +3133,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -2488,7 +3159,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2500,7 +3171,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2513,7 +3184,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -2624,7 +3295,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x0emem_used_bytes\x18\x04 \x01(\x03R\fmemUsedBytes\x12(\n" +
 	"\x10disk_total_bytes\x18\x05 \x01(\x03R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12\"\n" +
-	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\"\xa5\x02\n" +
+	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\"\xe0\x02\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x10\n" +
@@ -2634,21 +3305,63 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x12\n" +
 	"\x04user\x18\x06 \x01(\tR\x04user\x12'\n" +
 	"\x0ftimeout_seconds\x18\a \x01(\x05R\x0etimeoutSeconds\x12\x14\n" +
-	"\x05stdin\x18\b \x01(\fR\x05stdin\x1a6\n" +
+	"\x05stdin\x18\b \x01(\fR\x05stdin\x12'\n" +
+	"\x03pty\x18\t \x01(\v2\x15.hostagent.v1.PtySizeR\x03pty\x12\x10\n" +
+	"\x03tag\x18\n" +
+	" \x01(\tR\x03tag\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"y\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"1\n" +
+	"\aPtySize\x12\x12\n" +
+	"\x04cols\x18\x01 \x01(\rR\x04cols\x12\x12\n" +
+	"\x04rows\x18\x02 \x01(\rR\x04rows\"y\n" +
 	"\fExecResponse\x12\x16\n" +
 	"\x06stdout\x18\x01 \x01(\fR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x02 \x01(\fR\x06stderr\x12\x1b\n" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x1c\n" +
-	"\ttruncated\x18\x04 \x01(\bR\ttruncated\"\x84\x01\n" +
+	"\ttruncated\x18\x04 \x01(\bR\ttruncated\"\x98\x01\n" +
 	"\x12ExecStreamResponse\x12\x12\n" +
 	"\x03pid\x18\x01 \x01(\rH\x00R\x03pid\x12\x18\n" +
 	"\x06stdout\x18\x02 \x01(\fH\x00R\x06stdout\x12\x18\n" +
 	"\x06stderr\x18\x03 \x01(\fH\x00R\x06stderr\x12\x1d\n" +
-	"\texit_code\x18\x04 \x01(\x05H\x00R\bexitCodeB\a\n" +
-	"\x05event\"X\n" +
+	"\texit_code\x18\x04 \x01(\x05H\x00R\bexitCode\x12\x12\n" +
+	"\x03pty\x18\x05 \x01(\fH\x00R\x03ptyB\a\n" +
+	"\x05event\"O\n" +
+	"\n" +
+	"ProcessRef\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\rR\x03pid\x12\x10\n" +
+	"\x03tag\x18\x03 \x01(\tR\x03tag\"(\n" +
+	"\x14StartProcessResponse\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\"5\n" +
+	"\x14ListProcessesRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"i\n" +
+	"\vProcessInfo\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n" +
+	"\x03tag\x18\x02 \x01(\tR\x03tag\x12\x10\n" +
+	"\x03cmd\x18\x03 \x01(\tR\x03cmd\x12\x12\n" +
+	"\x04args\x18\x04 \x03(\tR\x04args\x12\x10\n" +
+	"\x03cwd\x18\x05 \x01(\tR\x03cwd\"P\n" +
+	"\x15ListProcessesResponse\x127\n" +
+	"\tprocesses\x18\x01 \x03(\v2\x19.hostagent.v1.ProcessInfoR\tprocesses\"K\n" +
+	"\x15ConnectProcessRequest\x122\n" +
+	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\"{\n" +
+	"\x10SendInputRequest\x122\n" +
+	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x1f\n" +
+	"\vclose_stdin\x18\x03 \x01(\bR\n" +
+	"closeStdin\"\x13\n" +
+	"\x11SendInputResponse\"q\n" +
+	"\x10ResizePtyRequest\x122\n" +
+	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12)\n" +
+	"\x04size\x18\x02 \x01(\v2\x15.hostagent.v1.PtySizeR\x04size\"\x13\n" +
+	"\x11ResizePtyResponse\"^\n" +
+	"\x12KillProcessRequest\x122\n" +
+	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"\x15\n" +
+	"\x13KillProcessResponse\"X\n" +
 	"\x0fReadFileRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -2722,7 +3435,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xcd\f\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\xc1\x10\n" +
 	"\x10HostAgentService\x12R\n" +
 	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
 	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12[\n" +
@@ -2736,7 +3449,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x11GetSandboxMetrics\x12&.hostagent.v1.GetSandboxMetricsRequest\x1a'.hostagent.v1.GetSandboxMetricsResponse\x12=\n" +
 	"\x04Exec\x12\x19.hostagent.v1.ExecRequest\x1a\x1a.hostagent.v1.ExecResponse\x12K\n" +
 	"\n" +
-	"ExecStream\x12\x19.hostagent.v1.ExecRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12I\n" +
+	"ExecStream\x12\x19.hostagent.v1.ExecRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12M\n" +
+	"\fStartProcess\x12\x19.hostagent.v1.ExecRequest\x1a\".hostagent.v1.StartProcessResponse\x12X\n" +
+	"\rListProcesses\x12\".hostagent.v1.ListProcessesRequest\x1a#.hostagent.v1.ListProcessesResponse\x12Y\n" +
+	"\x0eConnectProcess\x12#.hostagent.v1.ConnectProcessRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12L\n" +
+	"\tSendInput\x12\x1e.hostagent.v1.SendInputRequest\x1a\x1f.hostagent.v1.SendInputResponse\x12L\n" +
+	"\tResizePty\x12\x1e.hostagent.v1.ResizePtyRequest\x1a\x1f.hostagent.v1.ResizePtyResponse\x12R\n" +
+	"\vKillProcess\x12 .hostagent.v1.KillProcessRequest\x1a!.hostagent.v1.KillProcessResponse\x12I\n" +
 	"\bReadFile\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x1e.hostagent.v1.ReadFileResponse\x12L\n" +
 	"\tWriteFile\x12\x1e.hostagent.v1.WriteFileRequest\x1a\x1f.hostagent.v1.WriteFileResponse\x12F\n" +
 	"\aListDir\x12\x1c.hostagent.v1.ListDirRequest\x1a\x1d.hostagent.v1.ListDirResponse\x12F\n" +
@@ -2760,7 +3479,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -2785,41 +3504,54 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*GetSandboxMetricsRequest)(nil),  // 20: hostagent.v1.GetSandboxMetricsRequest
 	(*GetSandboxMetricsResponse)(nil), // 21: hostagent.v1.GetSandboxMetricsResponse
 	(*ExecRequest)(nil),               // 22: hostagent.v1.ExecRequest
-	(*ExecResponse)(nil),              // 23: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 24: hostagent.v1.ExecStreamResponse
-	(*ReadFileRequest)(nil),           // 25: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 26: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 27: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 28: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 29: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 30: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 31: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 32: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 33: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 34: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 35: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 36: hostagent.v1.Template
-	(*CreateSnapshotRequest)(nil),     // 37: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 38: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 39: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 40: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 41: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 42: hostagent.v1.FlattenRootfsResponse
-	nil,                               // 43: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 44: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 45: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 46: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 47: google.protobuf.Timestamp
+	(*PtySize)(nil),                   // 23: hostagent.v1.PtySize
+	(*ExecResponse)(nil),              // 24: hostagent.v1.ExecResponse
+	(*ExecStreamResponse)(nil),        // 25: hostagent.v1.ExecStreamResponse
+	(*ProcessRef)(nil),                // 26: hostagent.v1.ProcessRef
+	(*StartProcessResponse)(nil),      // 27: hostagent.v1.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 28: hostagent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 29: hostagent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 30: hostagent.v1.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 31: hostagent.v1.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 32: hostagent.v1.SendInputRequest
+	(*SendInputResponse)(nil),         // 33: hostagent.v1.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 34: hostagent.v1.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 35: hostagent.v1.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 36: hostagent.v1.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 37: hostagent.v1.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 38: hostagent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 39: hostagent.v1.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 40: hostagent.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 41: hostagent.v1.WriteFileResponse
+	(*FileEntry)(nil),                 // 42: hostagent.v1.FileEntry
+	(*ListDirRequest)(nil),            // 43: hostagent.v1.ListDirRequest
+	(*ListDirResponse)(nil),           // 44: hostagent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),            // 45: hostagent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 46: hostagent.v1.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 47: hostagent.v1.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 48: hostagent.v1.RemovePathResponse
+	(*Template)(nil),                  // 49: hostagent.v1.Template
+	(*CreateSnapshotRequest)(nil),     // 50: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 51: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 52: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 53: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 54: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 55: hostagent.v1.FlattenRootfsResponse
+	nil,                               // 56: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 57: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 58: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 59: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 60: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
 	1,  // 0: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
 	0,  // 1: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	47, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	47, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	43, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	60, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	60, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	56, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
 	4,  // 5: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	44, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	45, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	57, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	58, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
 	4,  // 8: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
 	5,  // 9: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 10: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
@@ -2827,55 +3559,74 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	5,  // 12: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 13: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
 	5,  // 14: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	46, // 15: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	47, // 16: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	29, // 17: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	47, // 18: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	36, // 19: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	36, // 20: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	2,  // 21: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 22: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 23: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	10, // 24: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	12, // 25: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	14, // 26: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	16, // 27: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	18, // 28: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	20, // 29: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	22, // 30: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	22, // 31: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	25, // 32: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	27, // 33: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	30, // 34: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	32, // 35: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	34, // 36: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	37, // 37: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	39, // 38: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	41, // 39: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 40: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 41: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 42: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	11, // 43: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	13, // 44: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	15, // 45: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	17, // 46: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	19, // 47: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	21, // 48: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	23, // 49: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	24, // 50: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	26, // 51: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	28, // 52: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	31, // 53: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	33, // 54: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	35, // 55: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	38, // 56: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	40, // 57: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	42, // 58: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	40, // [40:59] is the sub-list for method output_type
-	21, // [21:40] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	59, // 15: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	23, // 16: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	29, // 17: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	26, // 18: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	26, // 19: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	26, // 20: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	23, // 21: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	26, // 22: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	60, // 23: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	42, // 24: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	60, // 25: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	49, // 26: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	49, // 27: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	2,  // 28: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	6,  // 29: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	8,  // 30: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	10, // 31: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	12, // 32: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	14, // 33: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	16, // 34: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	18, // 35: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	20, // 36: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	22, // 37: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	22, // 38: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	22, // 39: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	28, // 40: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	31, // 41: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	32, // 42: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	34, // 43: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	36, // 44: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	38, // 45: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	40, // 46: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	43, // 47: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	45, // 48: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	47, // 49: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	50, // 50: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	52, // 51: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	54, // 52: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	3,  // 53: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	7,  // 54: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	9,  // 55: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	11, // 56: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	13, // 57: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	15, // 58: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	17, // 59: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	19, // 60: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	21, // 61: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	24, // 62: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	25, // 63: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	27, // 64: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	30, // 65: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	25, // 66: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	33, // 67: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	35, // 68: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	37, // 69: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	39, // 70: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	41, // 71: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	44, // 72: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	46, // 73: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	48, // 74: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	51, // 75: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	53, // 76: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	55, // 77: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	53, // [53:78] is the sub-list for method output_type
+	28, // [28:53] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -2883,11 +3634,12 @@ func file_v1_hostagent_proto_init() {
 	if File_v1_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[22].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[23].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
 		(*ExecStreamResponse_ExitCode)(nil),
+		(*ExecStreamResponse_Pty)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2895,7 +3647,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   45,
+			NumMessages:   58,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -68,6 +68,24 @@ const (
 	// HostAgentServiceExecStreamProcedure is the fully-qualified name of the HostAgentService's
 	// ExecStream RPC.
 	HostAgentServiceExecStreamProcedure = "/hostagent.v1.HostAgentService/ExecStream"
+	// HostAgentServiceStartProcessProcedure is the fully-qualified name of the HostAgentService's
+	// StartProcess RPC.
+	HostAgentServiceStartProcessProcedure = "/hostagent.v1.HostAgentService/StartProcess"
+	// HostAgentServiceListProcessesProcedure is the fully-qualified name of the HostAgentService's
+	// ListProcesses RPC.
+	HostAgentServiceListProcessesProcedure = "/hostagent.v1.HostAgentService/ListProcesses"
+	// HostAgentServiceConnectProcessProcedure is the fully-qualified name of the HostAgentService's
+	// ConnectProcess RPC.
+	HostAgentServiceConnectProcessProcedure = "/hostagent.v1.HostAgentService/ConnectProcess"
+	// HostAgentServiceSendInputProcedure is the fully-qualified name of the HostAgentService's
+	// SendInput RPC.
+	HostAgentServiceSendInputProcedure = "/hostagent.v1.HostAgentService/SendInput"
+	// HostAgentServiceResizePtyProcedure is the fully-qualified name of the HostAgentService's
+	// ResizePty RPC.
+	HostAgentServiceResizePtyProcedure = "/hostagent.v1.HostAgentService/ResizePty"
+	// HostAgentServiceKillProcessProcedure is the fully-qualified name of the HostAgentService's
+	// KillProcess RPC.
+	HostAgentServiceKillProcessProcedure = "/hostagent.v1.HostAgentService/KillProcess"
 	// HostAgentServiceReadFileProcedure is the fully-qualified name of the HostAgentService's ReadFile
 	// RPC.
 	HostAgentServiceReadFileProcedure = "/hostagent.v1.HostAgentService/ReadFile"
@@ -109,9 +127,19 @@ type HostAgentServiceClient interface {
 	// Keep a sandbox alive: move its deadline.
 	PingSandbox(context.Context, *connect.Request[v1.PingSandboxRequest]) (*connect.Response[v1.PingSandboxResponse], error)
 	GetSandboxMetrics(context.Context, *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error)
-	// Commands.
+	// Commands. ExecStream with a pty is an interactive terminal session:
+	// feed it with SendInput and ResizePty.
 	Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.ExecResponse], error)
 	ExecStream(context.Context, *connect.Request[v1.ExecRequest]) (*connect.ServerStreamForClient[v1.ExecStreamResponse], error)
+	// Background processes: they run on after the call (and after any client
+	// disconnects) until they exit or are killed.
+	StartProcess(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.StartProcessResponse], error)
+	ListProcesses(context.Context, *connect.Request[v1.ListProcessesRequest]) (*connect.Response[v1.ListProcessesResponse], error)
+	// Stream a running process's output from now on, until it ends.
+	ConnectProcess(context.Context, *connect.Request[v1.ConnectProcessRequest]) (*connect.ServerStreamForClient[v1.ExecStreamResponse], error)
+	SendInput(context.Context, *connect.Request[v1.SendInputRequest]) (*connect.Response[v1.SendInputResponse], error)
+	ResizePty(context.Context, *connect.Request[v1.ResizePtyRequest]) (*connect.Response[v1.ResizePtyResponse], error)
+	KillProcess(context.Context, *connect.Request[v1.KillProcessRequest]) (*connect.Response[v1.KillProcessResponse], error)
 	// Files.
 	ReadFile(context.Context, *connect.Request[v1.ReadFileRequest]) (*connect.Response[v1.ReadFileResponse], error)
 	WriteFile(context.Context, *connect.Request[v1.WriteFileRequest]) (*connect.Response[v1.WriteFileResponse], error)
@@ -205,6 +233,42 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(hostAgentServiceMethods.ByName("ExecStream")),
 			connect.WithClientOptions(opts...),
 		),
+		startProcess: connect.NewClient[v1.ExecRequest, v1.StartProcessResponse](
+			httpClient,
+			baseURL+HostAgentServiceStartProcessProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("StartProcess")),
+			connect.WithClientOptions(opts...),
+		),
+		listProcesses: connect.NewClient[v1.ListProcessesRequest, v1.ListProcessesResponse](
+			httpClient,
+			baseURL+HostAgentServiceListProcessesProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ListProcesses")),
+			connect.WithClientOptions(opts...),
+		),
+		connectProcess: connect.NewClient[v1.ConnectProcessRequest, v1.ExecStreamResponse](
+			httpClient,
+			baseURL+HostAgentServiceConnectProcessProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ConnectProcess")),
+			connect.WithClientOptions(opts...),
+		),
+		sendInput: connect.NewClient[v1.SendInputRequest, v1.SendInputResponse](
+			httpClient,
+			baseURL+HostAgentServiceSendInputProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("SendInput")),
+			connect.WithClientOptions(opts...),
+		),
+		resizePty: connect.NewClient[v1.ResizePtyRequest, v1.ResizePtyResponse](
+			httpClient,
+			baseURL+HostAgentServiceResizePtyProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ResizePty")),
+			connect.WithClientOptions(opts...),
+		),
+		killProcess: connect.NewClient[v1.KillProcessRequest, v1.KillProcessResponse](
+			httpClient,
+			baseURL+HostAgentServiceKillProcessProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("KillProcess")),
+			connect.WithClientOptions(opts...),
+		),
 		readFile: connect.NewClient[v1.ReadFileRequest, v1.ReadFileResponse](
 			httpClient,
 			baseURL+HostAgentServiceReadFileProcedure,
@@ -269,6 +333,12 @@ type hostAgentServiceClient struct {
 	getSandboxMetrics *connect.Client[v1.GetSandboxMetricsRequest, v1.GetSandboxMetricsResponse]
 	exec              *connect.Client[v1.ExecRequest, v1.ExecResponse]
 	execStream        *connect.Client[v1.ExecRequest, v1.ExecStreamResponse]
+	startProcess      *connect.Client[v1.ExecRequest, v1.StartProcessResponse]
+	listProcesses     *connect.Client[v1.ListProcessesRequest, v1.ListProcessesResponse]
+	connectProcess    *connect.Client[v1.ConnectProcessRequest, v1.ExecStreamResponse]
+	sendInput         *connect.Client[v1.SendInputRequest, v1.SendInputResponse]
+	resizePty         *connect.Client[v1.ResizePtyRequest, v1.ResizePtyResponse]
+	killProcess       *connect.Client[v1.KillProcessRequest, v1.KillProcessResponse]
 	readFile          *connect.Client[v1.ReadFileRequest, v1.ReadFileResponse]
 	writeFile         *connect.Client[v1.WriteFileRequest, v1.WriteFileResponse]
 	listDir           *connect.Client[v1.ListDirRequest, v1.ListDirResponse]
@@ -334,6 +404,36 @@ func (c *hostAgentServiceClient) ExecStream(ctx context.Context, req *connect.Re
 	return c.execStream.CallServerStream(ctx, req)
 }
 
+// StartProcess calls hostagent.v1.HostAgentService.StartProcess.
+func (c *hostAgentServiceClient) StartProcess(ctx context.Context, req *connect.Request[v1.ExecRequest]) (*connect.Response[v1.StartProcessResponse], error) {
+	return c.startProcess.CallUnary(ctx, req)
+}
+
+// ListProcesses calls hostagent.v1.HostAgentService.ListProcesses.
+func (c *hostAgentServiceClient) ListProcesses(ctx context.Context, req *connect.Request[v1.ListProcessesRequest]) (*connect.Response[v1.ListProcessesResponse], error) {
+	return c.listProcesses.CallUnary(ctx, req)
+}
+
+// ConnectProcess calls hostagent.v1.HostAgentService.ConnectProcess.
+func (c *hostAgentServiceClient) ConnectProcess(ctx context.Context, req *connect.Request[v1.ConnectProcessRequest]) (*connect.ServerStreamForClient[v1.ExecStreamResponse], error) {
+	return c.connectProcess.CallServerStream(ctx, req)
+}
+
+// SendInput calls hostagent.v1.HostAgentService.SendInput.
+func (c *hostAgentServiceClient) SendInput(ctx context.Context, req *connect.Request[v1.SendInputRequest]) (*connect.Response[v1.SendInputResponse], error) {
+	return c.sendInput.CallUnary(ctx, req)
+}
+
+// ResizePty calls hostagent.v1.HostAgentService.ResizePty.
+func (c *hostAgentServiceClient) ResizePty(ctx context.Context, req *connect.Request[v1.ResizePtyRequest]) (*connect.Response[v1.ResizePtyResponse], error) {
+	return c.resizePty.CallUnary(ctx, req)
+}
+
+// KillProcess calls hostagent.v1.HostAgentService.KillProcess.
+func (c *hostAgentServiceClient) KillProcess(ctx context.Context, req *connect.Request[v1.KillProcessRequest]) (*connect.Response[v1.KillProcessResponse], error) {
+	return c.killProcess.CallUnary(ctx, req)
+}
+
 // ReadFile calls hostagent.v1.HostAgentService.ReadFile.
 func (c *hostAgentServiceClient) ReadFile(ctx context.Context, req *connect.Request[v1.ReadFileRequest]) (*connect.Response[v1.ReadFileResponse], error) {
 	return c.readFile.CallUnary(ctx, req)
@@ -389,9 +489,19 @@ type HostAgentServiceHandler interface {
 	// Keep a sandbox alive: move its deadline.
 	PingSandbox(context.Context, *connect.Request[v1.PingSandboxRequest]) (*connect.Response[v1.PingSandboxResponse], error)
 	GetSandboxMetrics(context.Context, *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error)
-	// Commands.
+	// Commands. ExecStream with a pty is an interactive terminal session:
+	// feed it with SendInput and ResizePty.
 	Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.ExecResponse], error)
 	ExecStream(context.Context, *connect.Request[v1.ExecRequest], *connect.ServerStream[v1.ExecStreamResponse]) error
+	// Background processes: they run on after the call (and after any client
+	// disconnects) until they exit or are killed.
+	StartProcess(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.StartProcessResponse], error)
+	ListProcesses(context.Context, *connect.Request[v1.ListProcessesRequest]) (*connect.Response[v1.ListProcessesResponse], error)
+	// Stream a running process's output from now on, until it ends.
+	ConnectProcess(context.Context, *connect.Request[v1.ConnectProcessRequest], *connect.ServerStream[v1.ExecStreamResponse]) error
+	SendInput(context.Context, *connect.Request[v1.SendInputRequest]) (*connect.Response[v1.SendInputResponse], error)
+	ResizePty(context.Context, *connect.Request[v1.ResizePtyRequest]) (*connect.Response[v1.ResizePtyResponse], error)
+	KillProcess(context.Context, *connect.Request[v1.KillProcessRequest]) (*connect.Response[v1.KillProcessResponse], error)
 	// Files.
 	ReadFile(context.Context, *connect.Request[v1.ReadFileRequest]) (*connect.Response[v1.ReadFileResponse], error)
 	WriteFile(context.Context, *connect.Request[v1.WriteFileRequest]) (*connect.Response[v1.WriteFileResponse], error)
@@ -481,6 +591,42 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		connect.WithSchema(hostAgentServiceMethods.ByName("ExecStream")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostAgentServiceStartProcessHandler := connect.NewUnaryHandler(
+		HostAgentServiceStartProcessProcedure,
+		svc.StartProcess,
+		connect.WithSchema(hostAgentServiceMethods.ByName("StartProcess")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceListProcessesHandler := connect.NewUnaryHandler(
+		HostAgentServiceListProcessesProcedure,
+		svc.ListProcesses,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ListProcesses")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceConnectProcessHandler := connect.NewServerStreamHandler(
+		HostAgentServiceConnectProcessProcedure,
+		svc.ConnectProcess,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ConnectProcess")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceSendInputHandler := connect.NewUnaryHandler(
+		HostAgentServiceSendInputProcedure,
+		svc.SendInput,
+		connect.WithSchema(hostAgentServiceMethods.ByName("SendInput")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceResizePtyHandler := connect.NewUnaryHandler(
+		HostAgentServiceResizePtyProcedure,
+		svc.ResizePty,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ResizePty")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceKillProcessHandler := connect.NewUnaryHandler(
+		HostAgentServiceKillProcessProcedure,
+		svc.KillProcess,
+		connect.WithSchema(hostAgentServiceMethods.ByName("KillProcess")),
+		connect.WithHandlerOptions(opts...),
+	)
 	hostAgentServiceReadFileHandler := connect.NewUnaryHandler(
 		HostAgentServiceReadFileProcedure,
 		svc.ReadFile,
@@ -553,6 +699,18 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServiceExecHandler.ServeHTTP(w, r)
 		case HostAgentServiceExecStreamProcedure:
 			hostAgentServiceExecStreamHandler.ServeHTTP(w, r)
+		case HostAgentServiceStartProcessProcedure:
+			hostAgentServiceStartProcessHandler.ServeHTTP(w, r)
+		case HostAgentServiceListProcessesProcedure:
+			hostAgentServiceListProcessesHandler.ServeHTTP(w, r)
+		case HostAgentServiceConnectProcessProcedure:
+			hostAgentServiceConnectProcessHandler.ServeHTTP(w, r)
+		case HostAgentServiceSendInputProcedure:
+			hostAgentServiceSendInputHandler.ServeHTTP(w, r)
+		case HostAgentServiceResizePtyProcedure:
+			hostAgentServiceResizePtyHandler.ServeHTTP(w, r)
+		case HostAgentServiceKillProcessProcedure:
+			hostAgentServiceKillProcessHandler.ServeHTTP(w, r)
 		case HostAgentServiceReadFileProcedure:
 			hostAgentServiceReadFileHandler.ServeHTTP(w, r)
 		case HostAgentServiceWriteFileProcedure:
@@ -620,6 +778,30 @@ func (UnimplementedHostAgentServiceHandler) Exec(context.Context, *connect.Reque
 
 func (UnimplementedHostAgentServiceHandler) ExecStream(context.Context, *connect.Request[v1.ExecRequest], *connect.ServerStream[v1.ExecStreamResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ExecStream is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) StartProcess(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.StartProcessResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.StartProcess is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ListProcesses(context.Context, *connect.Request[v1.ListProcessesRequest]) (*connect.Response[v1.ListProcessesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ListProcesses is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ConnectProcess(context.Context, *connect.Request[v1.ConnectProcessRequest], *connect.ServerStream[v1.ExecStreamResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ConnectProcess is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) SendInput(context.Context, *connect.Request[v1.SendInputRequest]) (*connect.Response[v1.SendInputResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.SendInput is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ResizePty(context.Context, *connect.Request[v1.ResizePtyRequest]) (*connect.Response[v1.ResizePtyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ResizePty is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) KillProcess(context.Context, *connect.Request[v1.KillProcessRequest]) (*connect.Response[v1.KillProcessResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.KillProcess is not implemented"))
 }
 
 func (UnimplementedHostAgentServiceHandler) ReadFile(context.Context, *connect.Request[v1.ReadFileRequest]) (*connect.Response[v1.ReadFileResponse], error) {
