@@ -21,6 +21,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/proxy"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/agent/server"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
@@ -47,6 +48,7 @@ func envOr(key, def string) string {
 func run() error {
 	fs := flag.NewFlagSet("wrenn-agent", flag.ContinueOnError)
 	listen := fs.String("listen", envOr("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
+	proxyListen := fs.String("proxy-listen", envOr("WRENN_PROXY_LISTEN_ADDR", "127.0.0.1:5007"), "address of the proxy to sandbox ports, <port>-<sandbox>.<domain>; \"off\" disables (WRENN_PROXY_LISTEN_ADDR)")
 	dir := fs.String("dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
 	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
 	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
@@ -124,8 +126,18 @@ func run() error {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- hs.Serve(ln) }()
+	var ps *http.Server
+	if *proxyListen != "off" {
+		pln, err := net.Listen("tcp", *proxyListen)
+		if err != nil {
+			return fmt.Errorf("proxy listen: %w", err)
+		}
+		ps = &http.Server{Handler: &proxy.Handler{Sandboxes: mgr, Log: log}, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		go func() { errc <- ps.Serve(pln) }()
+		log.Info("sandbox proxy listening", "addr", pln.Addr().String())
+	}
 	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
 	select {
 	case err := <-errc:
@@ -136,6 +148,9 @@ func run() error {
 	log.Info("wrenn-agent stopping; sandboxes keep running")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if ps != nil {
+		_ = ps.Shutdown(shutdownCtx)
+	}
 	return hs.Shutdown(shutdownCtx)
 }
 

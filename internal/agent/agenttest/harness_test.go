@@ -50,6 +50,7 @@ type agent struct {
 	t      *testing.T
 	dir    string
 	addr   string
+	proxy  string // the sandbox proxy's address
 	cmd    *exec.Cmd
 	client hostagentv1connect.HostAgentServiceClient
 	log    *os.File
@@ -85,7 +86,7 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
 		t.Fatal(err)
 	}
-	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t)}
+	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t), proxy: "127.0.0.1:" + freePort(t)}
 	a.start(extraArgs...)
 	t.Cleanup(func() {
 		a.stop()
@@ -103,7 +104,7 @@ func (a *agent) start(extraArgs ...string) {
 		t.Fatal(err)
 	}
 	a.log = f
-	args := append([]string{"--listen", a.addr, "--dir", a.dir, "--log-level", "debug"}, extraArgs...)
+	args := append([]string{"--listen", a.addr, "--proxy-listen", a.proxy, "--dir", a.dir, "--log-level", "debug"}, extraArgs...)
 	cmd := exec.Command(agentBinary, args...)
 	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN="+testToken)
 	cmd.Stdout, cmd.Stderr = f, f
