@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -40,7 +41,11 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "wrenn-init: "+format+"\n", args...)
 }
 
+const searchPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 func run() error {
+	// The kernel starts init without PATH; the tools found below need one.
+	_ = os.Setenv("PATH", searchPath)
 	if err := mountAll(); err != nil {
 		return err
 	}
@@ -67,10 +72,11 @@ func run() error {
 			return fmt.Errorf("write resolv.conf: %w", err)
 		}
 	}
+	growRootFS()
 	startChrony()
 
 	argv := []string{envdPath, "--port", cfg.EnvdPort}
-	env := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"}
+	env := []string{"PATH=" + searchPath, "HOME=/root", "LANG=C.UTF-8"}
 	if _, err := os.Stat(tiniPath); err == nil {
 		// -s: stay a subreaper even if something else becomes PID 1's child.
 		argv = append([]string{tiniPath, "-s", "--"}, argv...)
@@ -134,6 +140,36 @@ func linkUp(name string) error {
 	}
 	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
 	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// growRootFS enlarges the root file system online when the host gave the
+// sandbox a bigger disk than the template's image (ext4 grows while
+// mounted). Images without resize2fs keep their size.
+func growRootFS() {
+	sectors, err := os.ReadFile("/sys/block/vda/size")
+	if err != nil {
+		return
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(sectors)), 10, 64)
+	if err != nil {
+		return
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs("/", &st); err != nil {
+		return
+	}
+	device, fs := n*512, int64(st.Blocks)*st.Bsize
+	if device <= fs+fs/50 { // within 2%: already grown (or never enlarged)
+		return
+	}
+	resize, err := exec.LookPath("resize2fs")
+	if err != nil {
+		logf("disk is %d MiB but the file system %d MiB, and the image has no resize2fs", device>>20, fs>>20)
+		return
+	}
+	if out, err := exec.Command(resize, "/dev/vda").CombinedOutput(); err != nil {
+		logf("grow root file system: %v: %s", err, out)
+	}
 }
 
 // startChrony runs chronyd against the KVM PTP clock, when both exist.

@@ -2,6 +2,7 @@ package agenttest
 
 import (
 	"bytes"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -123,4 +124,22 @@ func TestCreateExecFilesDestroyLeavesNothing(t *testing.T) {
 	}
 	_, err = a.client.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "true"}))
 	wantCode(t, err, connect.CodeNotFound)
+}
+
+func TestDiskSize(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 2*time.Minute)
+	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-bigdisk", DiskSizeMib: 1024})
+	if sb.GetDiskSizeMib() != 1024 {
+		t.Fatalf("disk size %d", sb.GetDiskSizeMib())
+	}
+	// The template's file system (about 200 MiB) was grown to the disk.
+	out, code := a.sh(ctx, sb.GetId(), "df -m --output=size / | tail -1")
+	var mib int
+	fmt.Sscanf(strings.TrimSpace(out), "%d", &mib)
+	if code != 0 || mib < 900 {
+		t.Fatalf("root file system is %q MiB, want about 1024", out)
+	}
+	_, err := a.client.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Template: "minimal", Vcpus: 1, MemoryMib: 256, DiskSizeMib: 16}))
+	wantCode(t, err, connect.CodeInvalidArgument)
 }

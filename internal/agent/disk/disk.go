@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 )
 
@@ -18,8 +19,10 @@ type Cloner interface {
 	// Name is "qcow2" or "copy".
 	Name() string
 	// Clone makes dest, a disk the sandbox may write, backed by base.
-	// It returns the disk's format for the VMM ("qcow2" or "raw").
-	Clone(ctx context.Context, base, dest string) (format string, err error)
+	// sizeBytes, when larger than base, enlarges the disk (the guest grows
+	// its file system at boot). It returns the disk's format for the VMM
+	// ("qcow2" or "raw").
+	Clone(ctx context.Context, base, dest string, sizeBytes int64) (format string, err error)
 }
 
 // Qcow2 makes a qcow2 overlay whose backing file is the template. Only
@@ -30,11 +33,16 @@ type Qcow2 struct{}
 func (Qcow2) Name() string { return "qcow2" }
 
 // Clone implements Cloner.
-func (Qcow2) Clone(ctx context.Context, base, dest string) (string, error) {
-	if _, err := os.Stat(base); err != nil {
+func (Qcow2) Clone(ctx context.Context, base, dest string, sizeBytes int64) (string, error) {
+	fi, err := os.Stat(base)
+	if err != nil {
 		return "", fmt.Errorf("clone disk: %w", err)
 	}
-	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, dest).CombinedOutput()
+	args := []string{"create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, dest}
+	if sizeBytes > fi.Size() {
+		args = append(args, strconv.FormatInt(sizeBytes, 10))
+	}
+	out, err := exec.CommandContext(ctx, "qemu-img", args...).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(dest)
 		return "", fmt.Errorf("create qcow2 overlay of %s: %w: %s", base, err, strings.TrimSpace(string(out)))
@@ -50,11 +58,17 @@ type SparseCopy struct{}
 func (SparseCopy) Name() string { return "copy" }
 
 // Clone implements Cloner.
-func (SparseCopy) Clone(ctx context.Context, base, dest string) (string, error) {
+func (SparseCopy) Clone(ctx context.Context, base, dest string, sizeBytes int64) (string, error) {
 	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", base, dest).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(dest)
 		return "", fmt.Errorf("copy %s: %w: %s", base, err, strings.TrimSpace(string(out)))
+	}
+	if fi, err := os.Stat(dest); err == nil && sizeBytes > fi.Size() {
+		if err := os.Truncate(dest, sizeBytes); err != nil {
+			_ = os.Remove(dest)
+			return "", fmt.Errorf("enlarge disk: %w", err)
+		}
 	}
 	return "raw", nil
 }

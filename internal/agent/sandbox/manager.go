@@ -43,6 +43,7 @@ const (
 	MinMemoryMiB = 128
 	MaxVCPUs     = 32 // the guest kernel's NR_CPUS
 	MaxTimeout   = 30 * 24 * time.Hour
+	MaxDiskMiB   = 1 << 20 // 1 TiB
 	maxMetadata  = 64
 )
 
@@ -120,6 +121,7 @@ type CreateParams struct {
 	Template  string
 	VCPUs     int
 	MemoryMiB int
+	DiskMiB   int // 0: the template's size
 	Timeout   time.Duration
 	AutoPause bool
 	EnvVars   map[string]string
@@ -147,11 +149,21 @@ func (m *Manager) validate(p *CreateParams) error {
 	if err := template.ValidateName(p.Template); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if _, err := m.templates.Get(p.Template); err != nil {
+	tpl, err := m.templates.Get(p.Template)
+	if err != nil {
 		if errors.Is(err, template.ErrNotFound) {
 			return fmt.Errorf("%w: %q is not on this host", ErrTemplateUnkwn, p.Template)
 		}
 		return fmt.Errorf("template %q: %w", p.Template, err)
+	}
+	tplMiB := int((tpl.SizeBytes + 1<<20 - 1) >> 20)
+	switch {
+	case p.DiskMiB == 0:
+		p.DiskMiB = tplMiB
+	case p.DiskMiB < tplMiB:
+		return fmt.Errorf("%w: disk_size_mib %d is smaller than template %s's %d MiB", ErrInvalid, p.DiskMiB, p.Template, tplMiB)
+	case p.DiskMiB > MaxDiskMiB:
+		return fmt.Errorf("%w: disk_size_mib %d is more than %d", ErrInvalid, p.DiskMiB, MaxDiskMiB)
 	}
 	if p.VCPUs < 1 || p.VCPUs > MaxVCPUs {
 		return fmt.Errorf("%w: vcpus must be between 1 and %d, not %d", ErrInvalid, MaxVCPUs, p.VCPUs)
@@ -224,7 +236,7 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 	}
 	now := time.Now().UTC()
 	e := &entry{rec: Record{
-		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
+		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB,
 		CreatedAt: now, ExpiresAt: now.Add(p.Timeout), Timeout: p.Timeout, AutoPause: p.AutoPause,
 		Metadata: p.Metadata, EnvVars: p.EnvVars, Egress: p.Egress,
 		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc,
@@ -285,7 +297,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 
 	diskPath := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
-	format, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskPath)
+	format, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskPath, int64(rec.DiskMiB)<<20)
 	if err != nil {
 		return fail(err)
 	}

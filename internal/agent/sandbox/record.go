@@ -34,6 +34,7 @@ type Record struct {
 	State     State              `json:"state"`
 	VCPUs     int                `json:"vcpus"`
 	MemoryMiB int                `json:"memory_mib"`
+	DiskMiB   int                `json:"disk_mib"`
 	CreatedAt time.Time          `json:"created_at"`
 	ExpiresAt time.Time          `json:"expires_at"`
 	Timeout   time.Duration      `json:"timeout"`

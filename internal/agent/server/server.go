@@ -156,7 +156,7 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 	return &pb.Sandbox{
 		Id: r.ID, Template: r.Template, State: states[r.State], Vcpus: int32(r.VCPUs), MemoryMib: int32(r.MemoryMiB),
 		CreatedAt: timestamppb.New(r.CreatedAt), ExpiresAt: timestamppb.New(r.ExpiresAt), AutoPause: r.AutoPause,
-		Metadata: r.Metadata, Address: r.Net.SandboxIP.String(), Egress: eg,
+		Metadata: r.Metadata, Address: r.Net.SandboxIP.String(), Egress: eg, DiskSizeMib: int32(r.DiskMiB),
 	}
 }
 
@@ -232,7 +232,7 @@ func (s *Server) CreateSandbox(ctx context.Context, req *connect.Request[pb.Crea
 		return nil, toConnect(err)
 	}
 	rec, err := s.m.Create(ctx, sandbox.CreateParams{
-		ID: msg.GetId(), Template: msg.GetTemplate(), VCPUs: int(msg.GetVcpus()), MemoryMiB: int(msg.GetMemoryMib()),
+		ID: msg.GetId(), Template: msg.GetTemplate(), VCPUs: int(msg.GetVcpus()), MemoryMiB: int(msg.GetMemoryMib()), DiskMiB: int(msg.GetDiskSizeMib()),
 		Timeout: timeout, AutoPause: msg.GetAutoPause(), EnvVars: msg.GetEnvVars(), Metadata: msg.GetMetadata(), Egress: egress,
 	})
 	if err != nil {

@@ -348,6 +348,7 @@ type Sandbox struct {
 	// Where the host reaches the sandbox (envd listens on port 49983).
 	Address       string        `protobuf:"bytes,10,opt,name=address,proto3" json:"address,omitempty"`
 	Egress        *EgressPolicy `protobuf:"bytes,11,opt,name=egress,proto3" json:"egress,omitempty"`
+	DiskSizeMib   int32         `protobuf:"varint,12,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -459,6 +460,13 @@ func (x *Sandbox) GetEgress() *EgressPolicy {
 	return nil
 }
 
+func (x *Sandbox) GetDiskSizeMib() int32 {
+	if x != nil {
+		return x.DiskSizeMib
+	}
+	return 0
+}
+
 type CreateSandboxRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Chosen by the control plane (sb-...); the agent makes one if empty.
@@ -473,8 +481,11 @@ type CreateSandboxRequest struct {
 	EnvVars        map[string]string `protobuf:"bytes,7,rep,name=env_vars,json=envVars,proto3" json:"env_vars,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Metadata       map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Egress         *EgressPolicy     `protobuf:"bytes,9,opt,name=egress,proto3" json:"egress,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The root disk's size; 0 keeps the template's. Larger sizes are grown
+	// into at boot; smaller ones than the template's are refused.
+	DiskSizeMib   int32 `protobuf:"varint,10,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateSandboxRequest) Reset() {
@@ -568,6 +579,13 @@ func (x *CreateSandboxRequest) GetEgress() *EgressPolicy {
 		return x.Egress
 	}
 	return nil
+}
+
+func (x *CreateSandboxRequest) GetDiskSizeMib() int32 {
+	if x != nil {
+		return x.DiskSizeMib
+	}
+	return 0
 }
 
 type CreateSandboxResponse struct {
@@ -3219,7 +3237,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODE_ALLOW_ALL\x10\x01\x12\x11\n" +
 	"\rMODE_DENY_ALL\x10\x02\x12\x13\n" +
-	"\x0fMODE_ALLOW_LIST\x10\x03\"\xfd\x03\n" +
+	"\x0fMODE_ALLOW_LIST\x10\x03\"\xa1\x04\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\btemplate\x18\x02 \x01(\tR\btemplate\x120\n" +
@@ -3236,10 +3254,11 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\bmetadata\x18\t \x03(\v2#.hostagent.v1.Sandbox.MetadataEntryR\bmetadata\x12\x18\n" +
 	"\aaddress\x18\n" +
 	" \x01(\tR\aaddress\x122\n" +
-	"\x06egress\x18\v \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x1a;\n" +
+	"\x06egress\x18\v \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
+	"\rdisk_size_mib\x18\f \x01(\x05R\vdiskSizeMib\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x86\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaa\x04\n" +
 	"\x14CreateSandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\btemplate\x18\x02 \x01(\tR\btemplate\x12\x14\n" +
@@ -3251,7 +3270,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"auto_pause\x18\x06 \x01(\bR\tautoPause\x12J\n" +
 	"\benv_vars\x18\a \x03(\v2/.hostagent.v1.CreateSandboxRequest.EnvVarsEntryR\aenvVars\x12L\n" +
 	"\bmetadata\x18\b \x03(\v20.hostagent.v1.CreateSandboxRequest.MetadataEntryR\bmetadata\x122\n" +
-	"\x06egress\x18\t \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x1a:\n" +
+	"\x06egress\x18\t \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
+	"\rdisk_size_mib\x18\n" +
+	" \x01(\x05R\vdiskSizeMib\x1a:\n" +
 	"\fEnvVarsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +

@@ -61,7 +61,7 @@ func TestFirecrackerOnKVM(t *testing.T) {
 	defer nets.Teardown(context.Background(), alloc)
 	dir := t.TempDir()
 	diskPath := filepath.Join(dir, "rootfs.ext4")
-	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath); err != nil {
+	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath, 0); err != nil {
 		t.Fatal(err)
 	}
 	spec := vmm.Spec{

@@ -82,7 +82,7 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 	defer nets.Teardown(context.Background(), alloc)
 
 	dir := t.TempDir()
-	format, err := disk.Qcow2{}.Clone(ctx, rootfs, filepath.Join(dir, "rootfs.qcow2"))
+	format, err := disk.Qcow2{}.Clone(ctx, rootfs, filepath.Join(dir, "rootfs.qcow2"), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
