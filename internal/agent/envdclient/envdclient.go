@@ -175,8 +175,8 @@ func responseError(path string, res *http.Response) error {
 	return &FileError{Status: res.StatusCode, Message: body.Message}
 }
 
-// ReadFile downloads a file of at most limit bytes.
-func (c *Client) ReadFile(ctx context.Context, path, user string, limit int64) ([]byte, error) {
+// OpenFile starts a download; the caller closes the reader.
+func (c *Client) OpenFile(ctx context.Context, path, user string) (io.ReadCloser, error) {
 	q := url.Values{"path": {path}}
 	if user != "" {
 		q.Set("username", user)
@@ -186,11 +186,21 @@ func (c *Client) ReadFile(ctx context.Context, path, user string, limit int64) (
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
-	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
+		defer res.Body.Close()
 		return nil, responseError("/files", res)
 	}
-	data, err := io.ReadAll(io.LimitReader(res.Body, limit+1))
+	return res.Body, nil
+}
+
+// ReadFile downloads a file of at most limit bytes.
+func (c *Client) ReadFile(ctx context.Context, path, user string, limit int64) ([]byte, error) {
+	body, err := c.OpenFile(ctx, path, user)
+	if err != nil {
+		return nil, err
+	}
+	defer body.Close()
+	data, err := io.ReadAll(io.LimitReader(body, limit+1))
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}

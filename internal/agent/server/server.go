@@ -8,6 +8,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -550,4 +551,70 @@ func (s *Server) FlattenRootfs(ctx context.Context, req *connect.Request[pb.Flat
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&pb.FlattenRootfsResponse{Template: templateProto(meta)}), nil
+}
+
+// fileChunk is the size of one streamed piece of a file.
+const fileChunk = 256 << 10
+
+// ReadFileStream sends a file in chunks.
+func (s *Server) ReadFileStream(ctx context.Context, req *connect.Request[pb.ReadFileRequest], stream *connect.ServerStream[pb.FileChunk]) error {
+	c, err := s.m.Envd(req.Msg.GetSandboxId())
+	if err != nil {
+		return toConnect(err)
+	}
+	body, err := c.OpenFile(ctx, req.Msg.GetPath(), req.Msg.GetUser())
+	if err != nil {
+		return toConnect(err)
+	}
+	defer body.Close()
+	buf := make([]byte, fileChunk)
+	for {
+		n, err := io.ReadFull(body, buf)
+		if n > 0 {
+			if serr := stream.Send(&pb.FileChunk{Data: buf[:n]}); serr != nil {
+				return serr
+			}
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if err != nil {
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("read %s: %w", req.Msg.GetPath(), err))
+		}
+	}
+}
+
+// WriteFileStream writes a file from chunks; the file appears only once
+// all of it arrived (envd writes to a temporary file and renames it).
+func (s *Server) WriteFileStream(ctx context.Context, stream *connect.ClientStream[pb.WriteFileStreamRequest]) (*connect.Response[pb.WriteFileResponse], error) {
+	if !stream.Receive() {
+		if err := stream.Err(); err != nil {
+			return nil, err
+		}
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("empty stream: the first message must name the file"))
+	}
+	head := stream.Msg().GetHeader()
+	if head == nil || head.GetPath() == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first message must be a header with sandbox_id and path"))
+	}
+	c, err := s.m.Envd(head.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		for stream.Receive() {
+			if _, err := pw.Write(stream.Msg().GetData()); err != nil {
+				return
+			}
+		}
+		// A broken client stream must not leave a complete-looking file.
+		pw.CloseWithError(stream.Err())
+	}()
+	err = c.WriteFile(ctx, head.GetPath(), head.GetUser(), pr)
+	pr.CloseWithError(err) // unblock the receiver if envd gave up
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.WriteFileResponse{}), nil
 }

@@ -3212,6 +3212,132 @@ func (x *FlattenRootfsResponse) GetTemplate() *Template {
 	return nil
 }
 
+type FileChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileChunk) Reset() {
+	*x = FileChunk{}
+	mi := &file_v1_hostagent_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileChunk) ProtoMessage() {}
+
+func (x *FileChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
+func (*FileChunk) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *FileChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type WriteFileStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Part:
+	//
+	//	*WriteFileStreamRequest_Header
+	//	*WriteFileStreamRequest_Data
+	Part          isWriteFileStreamRequest_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteFileStreamRequest) Reset() {
+	*x = WriteFileStreamRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteFileStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteFileStreamRequest) ProtoMessage() {}
+
+func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
+func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *WriteFileStreamRequest) GetHeader() *WriteFileRequest {
+	if x != nil {
+		if x, ok := x.Part.(*WriteFileStreamRequest_Header); ok {
+			return x.Header
+		}
+	}
+	return nil
+}
+
+func (x *WriteFileStreamRequest) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Part.(*WriteFileStreamRequest_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isWriteFileStreamRequest_Part interface {
+	isWriteFileStreamRequest_Part()
+}
+
+type WriteFileStreamRequest_Header struct {
+	Header *WriteFileRequest `protobuf:"bytes,1,opt,name=header,proto3,oneof"` // sandbox_id, path and user; content ignored
+}
+
+type WriteFileStreamRequest_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*WriteFileStreamRequest_Header) isWriteFileStreamRequest_Part() {}
+
+func (*WriteFileStreamRequest_Data) isWriteFileStreamRequest_Part() {}
+
 var File_v1_hostagent_proto protoreflect.FileDescriptor
 
 const file_v1_hostagent_proto_rawDesc = "" +
@@ -3448,7 +3574,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"K\n" +
 	"\x15FlattenRootfsResponse\x122\n" +
-	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate*\xcd\x01\n" +
+	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate\"\x1f\n" +
+	"\tFileChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"p\n" +
+	"\x16WriteFileStreamRequest\x128\n" +
+	"\x06header\x18\x01 \x01(\v2\x1e.hostagent.v1.WriteFileRequestH\x00R\x06header\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x06\n" +
+	"\x04part*\xcd\x01\n" +
 	"\fSandboxState\x12\x1d\n" +
 	"\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15SANDBOX_STATE_PENDING\x10\x01\x12\x1a\n" +
@@ -3456,7 +3588,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xc1\x10\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\xe9\x11\n" +
 	"\x10HostAgentService\x12R\n" +
 	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
 	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12[\n" +
@@ -3482,7 +3614,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\aListDir\x12\x1c.hostagent.v1.ListDirRequest\x1a\x1d.hostagent.v1.ListDirResponse\x12F\n" +
 	"\aMakeDir\x12\x1c.hostagent.v1.MakeDirRequest\x1a\x1d.hostagent.v1.MakeDirResponse\x12O\n" +
 	"\n" +
-	"RemovePath\x12\x1f.hostagent.v1.RemovePathRequest\x1a .hostagent.v1.RemovePathResponse\x12[\n" +
+	"RemovePath\x12\x1f.hostagent.v1.RemovePathRequest\x1a .hostagent.v1.RemovePathResponse\x12J\n" +
+	"\x0eReadFileStream\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x17.hostagent.v1.FileChunk0\x01\x12Z\n" +
+	"\x0fWriteFileStream\x12$.hostagent.v1.WriteFileStreamRequest\x1a\x1f.hostagent.v1.WriteFileResponse(\x01\x12[\n" +
 	"\x0eCreateSnapshot\x12#.hostagent.v1.CreateSnapshotRequest\x1a$.hostagent.v1.CreateSnapshotResponse\x12[\n" +
 	"\x0eDeleteSnapshot\x12#.hostagent.v1.DeleteSnapshotRequest\x1a$.hostagent.v1.DeleteSnapshotResponse\x12X\n" +
 	"\rFlattenRootfs\x12\".hostagent.v1.FlattenRootfsRequest\x1a#.hostagent.v1.FlattenRootfsResponseB7Z5github.com/wrenn/wrenn/proto/hostagent/v1;hostagentv1b\x06proto3"
@@ -3500,7 +3634,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -3558,21 +3692,23 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*DeleteSnapshotResponse)(nil),    // 53: hostagent.v1.DeleteSnapshotResponse
 	(*FlattenRootfsRequest)(nil),      // 54: hostagent.v1.FlattenRootfsRequest
 	(*FlattenRootfsResponse)(nil),     // 55: hostagent.v1.FlattenRootfsResponse
-	nil,                               // 56: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 57: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 58: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 59: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 60: google.protobuf.Timestamp
+	(*FileChunk)(nil),                 // 56: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 57: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 58: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 59: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 60: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 61: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 62: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
 	1,  // 0: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
 	0,  // 1: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	60, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	60, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	56, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	62, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	62, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	58, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
 	4,  // 5: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	57, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	58, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	59, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	60, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
 	4,  // 8: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
 	5,  // 9: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 10: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
@@ -3580,7 +3716,7 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	5,  // 12: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 13: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
 	5,  // 14: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	59, // 15: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	61, // 15: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
 	23, // 16: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
 	29, // 17: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
 	26, // 18: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
@@ -3588,66 +3724,71 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	26, // 20: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
 	23, // 21: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
 	26, // 22: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	60, // 23: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	62, // 23: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
 	42, // 24: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	60, // 25: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	62, // 25: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
 	49, // 26: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
 	49, // 27: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	2,  // 28: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 29: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 30: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	10, // 31: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	12, // 32: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	14, // 33: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	16, // 34: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	18, // 35: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	20, // 36: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	22, // 37: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	22, // 38: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	22, // 39: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	28, // 40: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	31, // 41: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	32, // 42: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	34, // 43: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	36, // 44: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	38, // 45: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	40, // 46: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	43, // 47: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	45, // 48: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	47, // 49: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	50, // 50: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	52, // 51: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	54, // 52: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 53: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 54: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 55: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	11, // 56: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	13, // 57: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	15, // 58: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	17, // 59: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	19, // 60: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	21, // 61: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	24, // 62: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	25, // 63: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	27, // 64: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	30, // 65: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	25, // 66: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	33, // 67: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	35, // 68: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	37, // 69: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	39, // 70: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	41, // 71: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	44, // 72: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	46, // 73: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	48, // 74: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	51, // 75: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	53, // 76: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	55, // 77: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	53, // [53:78] is the sub-list for method output_type
-	28, // [28:53] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	40, // 28: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	2,  // 29: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	6,  // 30: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	8,  // 31: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	10, // 32: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	12, // 33: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	14, // 34: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	16, // 35: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	18, // 36: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	20, // 37: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	22, // 38: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	22, // 39: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	22, // 40: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	28, // 41: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	31, // 42: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	32, // 43: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	34, // 44: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	36, // 45: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	38, // 46: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	40, // 47: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	43, // 48: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	45, // 49: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	47, // 50: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	38, // 51: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	57, // 52: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	50, // 53: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	52, // 54: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	54, // 55: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	3,  // 56: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	7,  // 57: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	9,  // 58: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	11, // 59: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	13, // 60: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	15, // 61: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	17, // 62: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	19, // 63: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	21, // 64: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	24, // 65: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	25, // 66: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	27, // 67: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	30, // 68: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	25, // 69: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	33, // 70: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	35, // 71: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	37, // 72: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	39, // 73: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	41, // 74: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	44, // 75: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	46, // 76: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	48, // 77: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	56, // 78: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	41, // 79: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	51, // 80: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	53, // 81: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	55, // 82: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	56, // [56:83] is the sub-list for method output_type
+	29, // [29:56] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -3662,13 +3803,17 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_ExitCode)(nil),
 		(*ExecStreamResponse_Pty)(nil),
 	}
+	file_v1_hostagent_proto_msgTypes[55].OneofWrappers = []any{
+		(*WriteFileStreamRequest_Header)(nil),
+		(*WriteFileStreamRequest_Data)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   58,
+			NumMessages:   60,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -101,6 +101,12 @@ const (
 	// HostAgentServiceRemovePathProcedure is the fully-qualified name of the HostAgentService's
 	// RemovePath RPC.
 	HostAgentServiceRemovePathProcedure = "/hostagent.v1.HostAgentService/RemovePath"
+	// HostAgentServiceReadFileStreamProcedure is the fully-qualified name of the HostAgentService's
+	// ReadFileStream RPC.
+	HostAgentServiceReadFileStreamProcedure = "/hostagent.v1.HostAgentService/ReadFileStream"
+	// HostAgentServiceWriteFileStreamProcedure is the fully-qualified name of the HostAgentService's
+	// WriteFileStream RPC.
+	HostAgentServiceWriteFileStreamProcedure = "/hostagent.v1.HostAgentService/WriteFileStream"
 	// HostAgentServiceCreateSnapshotProcedure is the fully-qualified name of the HostAgentService's
 	// CreateSnapshot RPC.
 	HostAgentServiceCreateSnapshotProcedure = "/hostagent.v1.HostAgentService/CreateSnapshot"
@@ -146,6 +152,10 @@ type HostAgentServiceClient interface {
 	ListDir(context.Context, *connect.Request[v1.ListDirRequest]) (*connect.Response[v1.ListDirResponse], error)
 	MakeDir(context.Context, *connect.Request[v1.MakeDirRequest]) (*connect.Response[v1.MakeDirResponse], error)
 	RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error)
+	// Large files, in chunks, with no size limit. WriteFileStream's first
+	// message names the file; the following ones carry its content.
+	ReadFileStream(context.Context, *connect.Request[v1.ReadFileRequest]) (*connect.ServerStreamForClient[v1.FileChunk], error)
+	WriteFileStream(context.Context) *connect.ClientStreamForClient[v1.WriteFileStreamRequest, v1.WriteFileResponse]
 	// Templates from sandboxes. CreateSnapshot saves a sandbox's disk as a
 	// named template new sandboxes can start from; the sandbox keeps running.
 	CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error)
@@ -299,6 +309,18 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(hostAgentServiceMethods.ByName("RemovePath")),
 			connect.WithClientOptions(opts...),
 		),
+		readFileStream: connect.NewClient[v1.ReadFileRequest, v1.FileChunk](
+			httpClient,
+			baseURL+HostAgentServiceReadFileStreamProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ReadFileStream")),
+			connect.WithClientOptions(opts...),
+		),
+		writeFileStream: connect.NewClient[v1.WriteFileStreamRequest, v1.WriteFileResponse](
+			httpClient,
+			baseURL+HostAgentServiceWriteFileStreamProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("WriteFileStream")),
+			connect.WithClientOptions(opts...),
+		),
 		createSnapshot: connect.NewClient[v1.CreateSnapshotRequest, v1.CreateSnapshotResponse](
 			httpClient,
 			baseURL+HostAgentServiceCreateSnapshotProcedure,
@@ -344,6 +366,8 @@ type hostAgentServiceClient struct {
 	listDir           *connect.Client[v1.ListDirRequest, v1.ListDirResponse]
 	makeDir           *connect.Client[v1.MakeDirRequest, v1.MakeDirResponse]
 	removePath        *connect.Client[v1.RemovePathRequest, v1.RemovePathResponse]
+	readFileStream    *connect.Client[v1.ReadFileRequest, v1.FileChunk]
+	writeFileStream   *connect.Client[v1.WriteFileStreamRequest, v1.WriteFileResponse]
 	createSnapshot    *connect.Client[v1.CreateSnapshotRequest, v1.CreateSnapshotResponse]
 	deleteSnapshot    *connect.Client[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse]
 	flattenRootfs     *connect.Client[v1.FlattenRootfsRequest, v1.FlattenRootfsResponse]
@@ -459,6 +483,16 @@ func (c *hostAgentServiceClient) RemovePath(ctx context.Context, req *connect.Re
 	return c.removePath.CallUnary(ctx, req)
 }
 
+// ReadFileStream calls hostagent.v1.HostAgentService.ReadFileStream.
+func (c *hostAgentServiceClient) ReadFileStream(ctx context.Context, req *connect.Request[v1.ReadFileRequest]) (*connect.ServerStreamForClient[v1.FileChunk], error) {
+	return c.readFileStream.CallServerStream(ctx, req)
+}
+
+// WriteFileStream calls hostagent.v1.HostAgentService.WriteFileStream.
+func (c *hostAgentServiceClient) WriteFileStream(ctx context.Context) *connect.ClientStreamForClient[v1.WriteFileStreamRequest, v1.WriteFileResponse] {
+	return c.writeFileStream.CallClientStream(ctx)
+}
+
 // CreateSnapshot calls hostagent.v1.HostAgentService.CreateSnapshot.
 func (c *hostAgentServiceClient) CreateSnapshot(ctx context.Context, req *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error) {
 	return c.createSnapshot.CallUnary(ctx, req)
@@ -508,6 +542,10 @@ type HostAgentServiceHandler interface {
 	ListDir(context.Context, *connect.Request[v1.ListDirRequest]) (*connect.Response[v1.ListDirResponse], error)
 	MakeDir(context.Context, *connect.Request[v1.MakeDirRequest]) (*connect.Response[v1.MakeDirResponse], error)
 	RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error)
+	// Large files, in chunks, with no size limit. WriteFileStream's first
+	// message names the file; the following ones carry its content.
+	ReadFileStream(context.Context, *connect.Request[v1.ReadFileRequest], *connect.ServerStream[v1.FileChunk]) error
+	WriteFileStream(context.Context, *connect.ClientStream[v1.WriteFileStreamRequest]) (*connect.Response[v1.WriteFileResponse], error)
 	// Templates from sandboxes. CreateSnapshot saves a sandbox's disk as a
 	// named template new sandboxes can start from; the sandbox keeps running.
 	CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error)
@@ -657,6 +695,18 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		connect.WithSchema(hostAgentServiceMethods.ByName("RemovePath")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostAgentServiceReadFileStreamHandler := connect.NewServerStreamHandler(
+		HostAgentServiceReadFileStreamProcedure,
+		svc.ReadFileStream,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ReadFileStream")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceWriteFileStreamHandler := connect.NewClientStreamHandler(
+		HostAgentServiceWriteFileStreamProcedure,
+		svc.WriteFileStream,
+		connect.WithSchema(hostAgentServiceMethods.ByName("WriteFileStream")),
+		connect.WithHandlerOptions(opts...),
+	)
 	hostAgentServiceCreateSnapshotHandler := connect.NewUnaryHandler(
 		HostAgentServiceCreateSnapshotProcedure,
 		svc.CreateSnapshot,
@@ -721,6 +771,10 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServiceMakeDirHandler.ServeHTTP(w, r)
 		case HostAgentServiceRemovePathProcedure:
 			hostAgentServiceRemovePathHandler.ServeHTTP(w, r)
+		case HostAgentServiceReadFileStreamProcedure:
+			hostAgentServiceReadFileStreamHandler.ServeHTTP(w, r)
+		case HostAgentServiceWriteFileStreamProcedure:
+			hostAgentServiceWriteFileStreamHandler.ServeHTTP(w, r)
 		case HostAgentServiceCreateSnapshotProcedure:
 			hostAgentServiceCreateSnapshotHandler.ServeHTTP(w, r)
 		case HostAgentServiceDeleteSnapshotProcedure:
@@ -822,6 +876,14 @@ func (UnimplementedHostAgentServiceHandler) MakeDir(context.Context, *connect.Re
 
 func (UnimplementedHostAgentServiceHandler) RemovePath(context.Context, *connect.Request[v1.RemovePathRequest]) (*connect.Response[v1.RemovePathResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.RemovePath is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ReadFileStream(context.Context, *connect.Request[v1.ReadFileRequest], *connect.ServerStream[v1.FileChunk]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ReadFileStream is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) WriteFileStream(context.Context, *connect.ClientStream[v1.WriteFileStreamRequest]) (*connect.Response[v1.WriteFileResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.WriteFileStream is not implemented"))
 }
 
 func (UnimplementedHostAgentServiceHandler) CreateSnapshot(context.Context, *connect.Request[v1.CreateSnapshotRequest]) (*connect.Response[v1.CreateSnapshotResponse], error) {
