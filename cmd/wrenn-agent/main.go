@@ -53,7 +53,7 @@ func run() error {
 	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
 	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
 	lazy := fs.Bool("lazy-memory", envOr("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
-	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays or sparse copies (WRENN_DISK)")
+	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
 	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
@@ -91,8 +91,12 @@ func run() error {
 		return err
 	}
 	if driver.Name() == "firecracker" && *diskName == "qcow2" {
-		// Firecracker reads raw images only.
+		// Firecracker reads raw images only: device-mapper snapshots where
+		// the host has device-mapper, else sparse copies.
 		*diskName = "copy"
+		if disk.Available() == nil {
+			*diskName = "dm"
+		}
 	}
 	disks, err := disk.ForName(*diskName)
 	if err != nil {

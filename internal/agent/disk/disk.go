@@ -14,15 +14,22 @@ import (
 	"strings"
 )
 
+// Disk is what the VMM opens.
+type Disk struct {
+	Path   string // a file, or a block device such as /dev/mapper/wrenn-<id>
+	Format string // "qcow2" or "raw"
+}
+
 // Cloner makes sandbox disks from templates.
 type Cloner interface {
-	// Name is "qcow2" or "copy".
+	// Name is "qcow2", "copy" or "dm".
 	Name() string
-	// Clone makes dest, a disk the sandbox may write, backed by base.
-	// sizeBytes, when larger than base, enlarges the disk (the guest grows
-	// its file system at boot). It returns the disk's format for the VMM
-	// ("qcow2" or "raw").
-	Clone(ctx context.Context, base, dest string, sizeBytes int64) (format string, err error)
+	// Clone makes a disk the sandbox may write, backed by base, keeping its
+	// own data in the file dest. sizeBytes, when larger than base, enlarges
+	// the disk (the guest grows its file system at boot).
+	Clone(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error)
+	// Release undoes Clone; releasing a disk that is gone is not an error.
+	Release(ctx context.Context, dest string) error
 }
 
 // Qcow2 makes a qcow2 overlay whose backing file is the template. Only
@@ -33,10 +40,10 @@ type Qcow2 struct{}
 func (Qcow2) Name() string { return "qcow2" }
 
 // Clone implements Cloner.
-func (Qcow2) Clone(ctx context.Context, base, dest string, sizeBytes int64) (string, error) {
+func (Qcow2) Clone(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
 	fi, err := os.Stat(base)
 	if err != nil {
-		return "", fmt.Errorf("clone disk: %w", err)
+		return Disk{}, fmt.Errorf("clone disk: %w", err)
 	}
 	args := []string{"create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, dest}
 	if sizeBytes > fi.Size() {
@@ -45,9 +52,19 @@ func (Qcow2) Clone(ctx context.Context, base, dest string, sizeBytes int64) (str
 	out, err := exec.CommandContext(ctx, "qemu-img", args...).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(dest)
-		return "", fmt.Errorf("create qcow2 overlay of %s: %w: %s", base, err, strings.TrimSpace(string(out)))
+		return Disk{}, fmt.Errorf("create qcow2 overlay of %s: %w: %s", base, err, strings.TrimSpace(string(out)))
 	}
-	return "qcow2", nil
+	return Disk{Path: dest, Format: "qcow2"}, nil
+}
+
+// Release implements Cloner.
+func (Qcow2) Release(_ context.Context, dest string) error { return removeFile(dest) }
+
+func removeFile(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove disk: %w", err)
+	}
+	return nil
 }
 
 // SparseCopy copies the template, keeping holes (and sharing blocks where
@@ -58,20 +75,23 @@ type SparseCopy struct{}
 func (SparseCopy) Name() string { return "copy" }
 
 // Clone implements Cloner.
-func (SparseCopy) Clone(ctx context.Context, base, dest string, sizeBytes int64) (string, error) {
+func (SparseCopy) Clone(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
 	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", base, dest).CombinedOutput()
 	if err != nil {
 		_ = os.Remove(dest)
-		return "", fmt.Errorf("copy %s: %w: %s", base, err, strings.TrimSpace(string(out)))
+		return Disk{}, fmt.Errorf("copy %s: %w: %s", base, err, strings.TrimSpace(string(out)))
 	}
 	if fi, err := os.Stat(dest); err == nil && sizeBytes > fi.Size() {
 		if err := os.Truncate(dest, sizeBytes); err != nil {
 			_ = os.Remove(dest)
-			return "", fmt.Errorf("enlarge disk: %w", err)
+			return Disk{}, fmt.Errorf("enlarge disk: %w", err)
 		}
 	}
-	return "raw", nil
+	return Disk{Path: dest, Format: "raw"}, nil
 }
+
+// Release implements Cloner.
+func (SparseCopy) Release(_ context.Context, dest string) error { return removeFile(dest) }
 
 // ForName returns the cloner with that name.
 func ForName(name string) (Cloner, error) {
@@ -80,7 +100,9 @@ func ForName(name string) (Cloner, error) {
 		return Qcow2{}, nil
 	case "copy":
 		return SparseCopy{}, nil
+	case "dm":
+		return DeviceMapper{}, nil
 	default:
-		return nil, errors.New("unknown disk driver " + name + " (qcow2, copy)")
+		return nil, errors.New("unknown disk driver " + name + " (qcow2, copy, dm)")
 	}
 }

@@ -296,11 +296,13 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		return fail(err)
 	}
 
-	diskPath := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
-	format, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskPath, int64(rec.DiskMiB)<<20)
+	diskFile := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
+	dsk, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskFile, int64(rec.DiskMiB)<<20)
 	if err != nil {
 		return fail(err)
 	}
+	rec.DiskFile = diskFile
+	undo = append(undo, func() { _ = m.cfg.Disks.Release(context.Background(), diskFile) })
 
 	if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
 		return fail(err)
@@ -312,7 +314,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		return fail(err)
 	}
 	rec.Spec = vmm.Spec{
-		ID: rec.ID, Kernel: kernel, Disk: diskPath, DiskFormat: format,
+		ID: rec.ID, Kernel: kernel, Disk: dsk.Path, DiskFormat: dsk.Format,
 		VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB,
 		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID),
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
@@ -421,6 +423,11 @@ func (m *Manager) teardown(ctx context.Context, rec Record) error {
 	}
 	if err := m.cfg.Net.Teardown(ctx, rec.Net); err != nil {
 		return fmt.Errorf("destroy %s: %w", rec.ID, err)
+	}
+	if rec.DiskFile != "" {
+		if err := m.cfg.Disks.Release(ctx, rec.DiskFile); err != nil {
+			return fmt.Errorf("destroy %s: %w", rec.ID, err)
+		}
 	}
 	for _, dir := range []string{m.snapshotDir(rec.ID), m.sandboxDir(rec.ID)} {
 		if err := os.RemoveAll(dir); err != nil {

@@ -44,6 +44,7 @@ type Record struct {
 	Egress    network.Egress     `json:"egress"`
 	EnvdToken string             `json:"envd_token"`
 	Net       network.Allocation `json:"net"`
+	DiskFile  string             `json:"disk_file"` // the sandbox's own disk data (see disk.Cloner)
 	Spec      vmm.Spec           `json:"spec"`
 	VMM       vmm.Instance       `json:"vmm"`
 }

@@ -82,12 +82,12 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 	defer nets.Teardown(context.Background(), alloc)
 
 	dir := t.TempDir()
-	format, err := disk.Qcow2{}.Clone(ctx, rootfs, filepath.Join(dir, "rootfs.qcow2"), 0)
+	dsk, err := disk.Qcow2{}.Clone(ctx, rootfs, filepath.Join(dir, "rootfs.qcow2"), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	spec := vmm.Spec{
-		ID: "sb-drivertest", Kernel: kernel, Disk: filepath.Join(dir, "rootfs.qcow2"), DiskFormat: format,
+		ID: "sb-drivertest", Kernel: kernel, Disk: dsk.Path, DiskFormat: dsk.Format,
 		VCPUs: 1, MemoryMiB: 256, TapDevice: alloc.Tap, MAC: alloc.MAC, NetNS: alloc.NetNS,
 		KernelArgs: append(alloc.KernelArgs([]netip.Addr{netip.MustParseAddr("1.1.1.1")}), "wrenn.hostname=drivertest"),
 		RunDir:     filepath.Join(dir, "run"),

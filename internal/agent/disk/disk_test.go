@@ -1,0 +1,124 @@
+package disk
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+func template(t *testing.T, size int) string {
+	t.Helper()
+	base := filepath.Join(t.TempDir(), "base.ext4")
+	if err := os.WriteFile(base, bytes.Repeat([]byte{0x5a}, size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return base
+}
+
+func TestQcow2AndCopyLeaveTheTemplateAlone(t *testing.T) {
+	ctx := context.Background()
+	base := template(t, 4<<20)
+	for _, c := range []Cloner{Qcow2{}, SparseCopy{}} {
+		dest := filepath.Join(t.TempDir(), "disk")
+		d, err := c.Clone(ctx, base, dest, 8<<20)
+		if err != nil {
+			t.Fatalf("%s: %v", c.Name(), err)
+		}
+		info, _ := exec.Command("qemu-img", "info", "--output=json", d.Path).Output()
+		if !bytes.Contains(info, []byte(`"virtual-size": 8388608`)) || !bytes.Contains(info, []byte(`"format": "`+d.Format+`"`)) {
+			t.Fatalf("%s: disk %s", c.Name(), info)
+		}
+		if err := c.Release(ctx, dest); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(dest); !os.IsNotExist(err) || c.Release(ctx, dest) != nil {
+			t.Fatalf("%s: release left %s", c.Name(), dest)
+		}
+	}
+	if got, _ := os.ReadFile(base); !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 4<<20)) {
+		t.Fatal("template changed")
+	}
+}
+
+// TestSharedLoopDevice exercises the part of the device-mapper driver this
+// machine can run: one read-only loop device per template, shared, and
+// detached once nothing holds it.
+func TestSharedLoopDevice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("loop devices need root")
+	}
+	ctx := context.Background()
+	base := template(t, 4<<20)
+	first, err := AttachShared(ctx, base)
+	if err != nil {
+		t.Skipf("no loop devices here: %v", err)
+	}
+	t.Cleanup(func() { _ = DetachIfUnused(ctx, first) })
+	second, err := AttachShared(ctx, base)
+	if err != nil || second != first {
+		t.Fatalf("second attach: %s, %v (first %s)", second, err, first)
+	}
+	if ro, _ := os.ReadFile("/sys/block/" + filepath.Base(first) + "/ro"); string(bytes.TrimSpace(ro)) != "1" {
+		t.Fatal("template loop device is writable")
+	}
+	if err := DetachIfUnused(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	if devs, _ := loopsFor(ctx, base); len(devs) != 0 {
+		t.Fatalf("still attached: %v", devs)
+	}
+	if err := DetachIfUnused(ctx, first); err != nil {
+		t.Fatalf("detaching twice: %v", err)
+	}
+	if got := depNames("2 dependencies  : (loop7) (loop3)\n"); len(got) != 2 || got[0] != "loop7" {
+		t.Fatalf("deps %v", got)
+	}
+}
+
+// TestDeviceMapperSnapshot runs where device-mapper exists.
+func TestDeviceMapperSnapshot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("device-mapper needs root")
+	}
+	if err := Available(); err != nil {
+		t.Skipf("device-mapper suite: %v", err)
+	}
+	ctx := context.Background()
+	base := template(t, 4<<20)
+	dir := filepath.Join(t.TempDir(), "sb-dmtest")
+	_ = os.Mkdir(dir, 0o755)
+	var disks []string
+	for _, name := range []string{"a", "b"} {
+		dest := filepath.Join(dir, name, "rootfs.dm")
+		_ = os.MkdirAll(filepath.Dir(dest), 0o755)
+		d, err := DeviceMapper{}.Clone(ctx, base, dest, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		disks = append(disks, dest)
+		f, err := os.OpenFile(d.Path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = f.WriteAt(bytes.Repeat([]byte(name), 4096), 0)
+		f.Close()
+	}
+	devs, _ := loopsFor(ctx, base)
+	if len(devs) != 1 {
+		t.Fatalf("template attached %d times, want once: %v", len(devs), devs)
+	}
+	for _, dest := range disks {
+		if err := (DeviceMapper{}).Release(ctx, dest); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if devs, _ := loopsFor(ctx, base); len(devs) != 0 {
+		t.Fatalf("template loop device left: %v", devs)
+	}
+	if got, _ := os.ReadFile(base); !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 4<<20)) {
+		t.Fatal("template changed")
+	}
+}
