@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -56,6 +58,9 @@ func run() error {
 	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
 	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
+	tlsCert := fs.String("tls-cert", envOr("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
+	tlsKey := fs.String("tls-key", envOr("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
+	clientCA := fs.String("tls-client-ca", envOr("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -114,9 +119,16 @@ func run() error {
 		return err
 	}
 
+	tlsConfig, err := serverTLS(*tlsCert, *tlsKey, *clientCA)
+	if err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
+	}
+	if tlsConfig != nil {
+		ln = tls.NewListener(ln, tlsConfig)
 	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
@@ -142,7 +154,7 @@ func run() error {
 		go func() { errc <- ps.Serve(pln) }()
 		log.Info("sandbox proxy listening", "addr", pln.Addr().String())
 	}
-	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
+	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "tls", tlsConfig != nil, "mutual_tls", *clientCA != "", "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
@@ -182,6 +194,34 @@ func chooseVMM(name, fcBinary string, lazy bool, log *slog.Logger) (vmm.Driver, 
 	}
 	q := qemu.New(log)
 	return q, q.Accelerator(), nil
+}
+
+// serverTLS builds the RPC server's TLS settings: none without a
+// certificate; client certificates required when a client CA is given.
+func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
+	if certFile == "" && keyFile == "" {
+		if clientCA != "" {
+			return nil, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
+		}
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("TLS certificate: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+	if clientCA != "" {
+		pem, err := os.ReadFile(clientCA)
+		if err != nil {
+			return nil, fmt.Errorf("client CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("client CA %s holds no PEM certificate", clientCA)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
 }
 
 // hostToken is the credential the control plane presents on every call:

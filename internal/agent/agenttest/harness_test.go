@@ -51,6 +51,9 @@ type agent struct {
 	dir    string
 	addr   string
 	proxy  string // the sandbox proxy's address
+	args   []string
+	hc     *http.Client // how tests reach the RPC port (plain HTTP unless set)
+	scheme string
 	cmd    *exec.Cmd
 	client hostagentv1connect.HostAgentServiceClient
 	log    *os.File
@@ -59,6 +62,12 @@ type agent struct {
 // newAgent prepares a WRENN_DIR that shares the built kernel and images
 // (read only) and starts an agent on it.
 func newAgent(t *testing.T, extraArgs ...string) *agent {
+	t.Helper()
+	return newAgentWith(t, http.DefaultClient, "http", extraArgs...)
+}
+
+// newAgentWith starts an agent that tests reach with hc over scheme.
+func newAgentWith(t *testing.T, hc *http.Client, scheme string, extraArgs ...string) *agent {
 	t.Helper()
 	system := os.Getenv("WRENN_DIR")
 	if system == "" {
@@ -86,8 +95,8 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
 		t.Fatal(err)
 	}
-	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t), proxy: "127.0.0.1:" + freePort(t)}
-	a.start(extraArgs...)
+	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t), proxy: "127.0.0.1:" + freePort(t), args: extraArgs, hc: hc, scheme: scheme}
+	a.start()
 	t.Cleanup(func() {
 		a.stop()
 		a.destroyAll()
@@ -96,7 +105,7 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 	return a
 }
 
-func (a *agent) start(extraArgs ...string) {
+func (a *agent) start() {
 	t := a.t
 	logPath := filepath.Join(a.dir, "agent.log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -104,7 +113,7 @@ func (a *agent) start(extraArgs ...string) {
 		t.Fatal(err)
 	}
 	a.log = f
-	args := append([]string{"--listen", a.addr, "--proxy-listen", a.proxy, "--dir", a.dir, "--log-level", "debug"}, extraArgs...)
+	args := append([]string{"--listen", a.addr, "--proxy-listen", a.proxy, "--dir", a.dir, "--log-level", "debug"}, a.args...)
 	cmd := exec.Command(agentBinary, args...)
 	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN="+testToken)
 	cmd.Stdout, cmd.Stderr = f, f
@@ -112,7 +121,7 @@ func (a *agent) start(extraArgs ...string) {
 		t.Fatal(err)
 	}
 	a.cmd = cmd
-	a.client = hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr, connect.WithInterceptors(bearer(testToken)))
+	a.client = hostagentv1connect.NewHostAgentServiceClient(a.hc, a.scheme+"://"+a.addr, connect.WithInterceptors(bearer(testToken)))
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))
