@@ -55,6 +55,7 @@ func run() error {
 	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
 	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
 	lazy := fs.Bool("lazy-memory", envOr("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
+	diffSnaps := fs.Bool("diff-snapshots", envOr("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
 	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
 	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
@@ -91,7 +92,7 @@ func run() error {
 		}
 		resolvers = append(resolvers, a)
 	}
-	driver, accel, err := chooseVMM(*vmmName, *fcBinary, *lazy, log)
+	driver, accel, err := chooseVMM(*vmmName, firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps})
 	if err != nil {
 		return err
 	}
@@ -172,13 +173,14 @@ func run() error {
 
 // chooseVMM picks the driver: Firecracker needs a working KVM and its
 // binary; QEMU runs anywhere (TCG without KVM). auto prefers Firecracker.
-func chooseVMM(name, fcBinary string, lazy bool, log *slog.Logger) (vmm.Driver, string, error) {
-	fcPath, fcErr := exec.LookPath(fcBinary)
+func chooseVMM(name string, fc firecracker.Driver) (vmm.Driver, string, error) {
+	fcPath, fcErr := exec.LookPath(fc.Binary)
+	fc.Binary = fcPath
 	fcReady := kvm.Usable() && fcErr == nil
 	switch name {
 	case "auto":
 		if fcReady {
-			return firecracker.New(log, fcPath, lazy), "kvm", nil
+			return &fc, "kvm", nil
 		}
 	case "qemu":
 	case "firecracker":
@@ -188,11 +190,11 @@ func chooseVMM(name, fcBinary string, lazy bool, log *slog.Logger) (vmm.Driver, 
 		if fcErr != nil {
 			return nil, "", fmt.Errorf("--vmm firecracker: %w", fcErr)
 		}
-		return firecracker.New(log, fcPath, lazy), "kvm", nil
+		return &fc, "kvm", nil
 	default:
 		return nil, "", fmt.Errorf("--vmm %q: use auto, qemu or firecracker", name)
 	}
-	q := qemu.New(log)
+	q := qemu.New(fc.Log)
 	return q, q.Accelerator(), nil
 }
 

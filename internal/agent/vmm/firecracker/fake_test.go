@@ -44,6 +44,7 @@ type fakeVM struct {
 	log        *os.File
 	configured map[string]bool
 	phase      string // config | running | paused
+	trackDirty bool
 }
 
 func fakeFirecracker() int {
@@ -102,6 +103,9 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 			return "", fmt.Errorf("%s is pre-boot only", path)
 		}
 		vm.configured[name] = true
+		if name == "MachineConfiguration" && obj["track_dirty_pages"] == true {
+			vm.trackDirty = true
+		}
 	case "InstanceActionInfo":
 		if obj["action_type"] == "InstanceStart" {
 			if vm.phase != "config" || !vm.configured["BootSource"] || !vm.configured["Drive"] {
@@ -122,11 +126,25 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 		if vm.phase != "paused" {
 			return "", fmt.Errorf("snapshot/create needs a paused VM, not %s", vm.phase)
 		}
-		mem := bytes.Repeat([]byte("guest memory page"), 4096*8/17+1)[:4096*8]
-		if err := os.WriteFile(obj["mem_file_path"].(string), mem, 0o600); err != nil {
+		if err := os.WriteFile(obj["snapshot_path"].(string), []byte("vm state"), 0o600); err != nil {
 			return "", err
 		}
-		return "", os.WriteFile(obj["snapshot_path"].(string), []byte("vm state"), 0o600)
+		if obj["snapshot_type"] == "Diff" {
+			if !vm.trackDirty {
+				return "", fmt.Errorf("diff snapshots need dirty page tracking")
+			}
+			// Only the second page changed since the restore: a sparse file.
+			f, err := os.Create(obj["mem_file_path"].(string))
+			if err != nil {
+				return "", err
+			}
+			defer f.Close()
+			_ = f.Truncate(4096 * 8)
+			_, err = f.WriteAt(bytes.Repeat([]byte("dirty page"), 4096/10+1)[:4096], 4096)
+			return "diff", err
+		}
+		mem := bytes.Repeat([]byte("guest memory page"), 4096*8/17+1)[:4096*8]
+		return "full", os.WriteFile(obj["mem_file_path"].(string), mem, 0o600)
 	case "SnapshotLoadParams":
 		if vm.phase != "config" || len(vm.configured) > 0 {
 			return "", fmt.Errorf("snapshot/load is only accepted by a fresh process")
@@ -143,6 +161,7 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 		} else if _, err := os.Stat(backend["backend_path"].(string)); err != nil {
 			return "", err
 		}
+		vm.trackDirty = obj["track_dirty_pages"] == true
 		vm.phase = "paused"
 		if obj["resume_vm"] == true {
 			vm.phase = "running"

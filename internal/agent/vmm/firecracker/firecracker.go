@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -33,7 +34,16 @@ type Driver struct {
 	// LazyMemory restores through the UFFD handler: the VM runs as soon as
 	// its state is loaded and pages arrive as it touches them.
 	LazyMemory bool
+	// DiffSnapshots tracks dirty pages so that pausing a sandbox that was
+	// resumed before writes only the pages it changed since, merged into
+	// the memory file kept from that resume. The merge relies on the file
+	// system reporting holes (SEEK_DATA): ext4, xfs, btrfs and tmpfs do.
+	DiffSnapshots bool
 }
+
+// baseMemory is where a restored sandbox's memory file is kept, as the
+// base its next diff snapshot is merged into.
+func baseMemory(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "base-"+memoryFile) }
 
 var _ vmm.Driver = (*Driver)(nil)
 
@@ -85,13 +95,17 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, 
 
 // Configure sends the pre-boot configuration of spec, in the order
 // Firecracker requires (all of it before InstanceStart).
-func Configure(ctx context.Context, api *API, spec vmm.Spec) error {
+func Configure(ctx context.Context, api *API, spec vmm.Spec, trackDirty bool) error {
 	steps := []struct {
 		what string
 		call func() error
 	}{
 		{"machine config", func() error {
-			return api.PutMachineConfig(ctx, MachineConfig{VCPUCount: spec.VCPUs, MemSizeMiB: spec.MemoryMiB})
+			mc := MachineConfig{VCPUCount: spec.VCPUs, MemSizeMiB: spec.MemoryMiB}
+			if trackDirty {
+				mc.TrackDirtyPages = &trackDirty
+			}
+			return api.PutMachineConfig(ctx, mc)
 		}},
 		{"boot source", func() error {
 			return api.PutBootSource(ctx, BootSource{KernelImagePath: spec.Kernel, BootArgs: BootArgs(spec)})
@@ -127,7 +141,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	if err := Configure(ctx, api, spec); err != nil {
+	if err := Configure(ctx, api, spec, d.DiffSnapshots); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
 		return vmm.Instance{}, err
 	}
@@ -139,7 +153,9 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	return inst, nil
 }
 
-// Snapshot implements vmm.Driver: pause, write a full snapshot, stop.
+// Snapshot implements vmm.Driver: pause, write a snapshot, stop. With
+// DiffSnapshots and a base kept from the last restore, only the dirtied
+// pages are written and then merged into that base.
 func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance, dir string) error {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("snapshot dir: %w", err)
@@ -148,20 +164,55 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	if err := api.Pause(ctx); err != nil {
 		return fmt.Errorf("pause: %w", err)
 	}
-	err := api.CreateSnapshot(ctx, SnapshotCreate{
-		SnapshotPath: filepath.Join(dir, stateFile+".tmp"),
-		MemFilePath:  filepath.Join(dir, memoryFile+".tmp"),
-		SnapshotType: "Full",
-	})
-	if err == nil {
-		err = errors.Join(os.Rename(filepath.Join(dir, memoryFile+".tmp"), filepath.Join(dir, memoryFile)),
-			os.Rename(filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, stateFile)))
+	_, baseErr := os.Stat(baseMemory(spec))
+	diff := d.DiffSnapshots && baseErr == nil
+	req := SnapshotCreate{SnapshotPath: filepath.Join(dir, stateFile+".tmp"), MemFilePath: filepath.Join(dir, memoryFile+".tmp"), SnapshotType: "Full"}
+	if diff {
+		req.SnapshotType = "Diff"
 	}
-	if err != nil {
+	if err := api.CreateSnapshot(ctx, req); err != nil {
 		_ = api.Resume(context.Background()) // leave it running, as it was
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	return d.Stop(ctx, spec, inst)
+	// The state is on disk; the VMM must be gone before its memory file changes.
+	if err := d.Stop(ctx, spec, inst); err != nil {
+		return err
+	}
+	memory := filepath.Join(dir, memoryFile+".tmp")
+	if diff {
+		if err := mergeDiff(baseMemory(spec), memory); err != nil {
+			return err
+		}
+		if err := moveFile(baseMemory(spec), memory); err != nil {
+			return fmt.Errorf("snapshot: %w", err)
+		}
+	}
+	return errors.Join(os.Rename(memory, filepath.Join(dir, memoryFile)),
+		os.Rename(filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, stateFile)))
+}
+
+// moveFile renames, or copies when from and to are on different file systems.
+func moveFile(from, to string) error {
+	if err := os.Rename(from, to); err == nil {
+		return nil
+	}
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	return os.Remove(from)
 }
 
 // Restore implements vmm.Driver.
@@ -202,12 +253,41 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: filepath.Join(dir, stateFile), MemBackend: backend, ResumeVM: true}); err != nil {
+	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: filepath.Join(dir, stateFile), MemBackend: backend, ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
 		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
 	}
+	if d.DiffSnapshots {
+		// Keep this memory as the base of the next (diff) snapshot; the
+		// caller may delete the snapshot directory now.
+		if err := linkOrCopy(filepath.Join(dir, memoryFile), baseMemory(spec)); err != nil {
+			d.Log.Warn("cannot keep the memory file for diff snapshots; the next pause writes a full one", "sandbox", spec.ID, "error", err)
+		}
+	}
 	d.Log.Info("firecracker restored", "sandbox", spec.ID, "pid", inst.PID, "memory", backend.BackendType)
 	return inst, nil
+}
+
+// linkOrCopy makes to a copy of from, by hard link where it can.
+func linkOrCopy(from, to string) error {
+	_ = os.Remove(to)
+	if err := os.Link(from, to); err == nil {
+		return nil
+	}
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }
 
 // Stop implements vmm.Driver.

@@ -2,6 +2,7 @@ package firecracker
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -161,5 +162,63 @@ func TestDriverRefusesWhatFirecrackerCannotRun(t *testing.T) {
 		if _, err := d.Boot(context.Background(), spec); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// TestDiffSnapshots pauses a resumed VM again: the second snapshot is a
+// Diff, merged into the memory kept from the resume.
+func TestDiffSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "requests.jsonl")
+	t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
+	self, _ := os.Executable()
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
+	d.DiffSnapshots = true
+	spec := vmm.Spec{ID: "sb-fc-diff", Kernel: "/k", Disk: filepath.Join(dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	snap := filepath.Join(dir, "snapshot")
+
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil { // full: nothing to diff against yet
+		t.Fatal(err)
+	}
+	if inst, err = d.Restore(ctx, spec, snap); err != nil {
+		t.Fatal(err)
+	}
+	// The agent removes the snapshot after a resume; the base stays in RunDir.
+	if err := os.RemoveAll(snap); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil { // diff, merged
+		t.Fatal(err)
+	}
+	mem, err := os.ReadFile(filepath.Join(snap, memoryFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(mem, []byte("guest memory page")) || !bytes.HasPrefix(mem[4096:], []byte("dirty page")) || len(mem) != 4096*8 {
+		t.Fatalf("merged memory: %q ... %q (%d bytes)", mem[:17], mem[4096:4106], len(mem))
+	}
+	if inst, err = d.Restore(ctx, spec, snap); err != nil {
+		t.Fatal(err)
+	}
+	_ = d.Stop(ctx, spec, inst)
+
+	var kinds []string
+	for _, e := range readLog(t, logPath) {
+		if e.Status != 204 {
+			t.Fatalf("%s %s refused: %s", e.Method, e.Path, e.Fault)
+		}
+		if e.Path == "/snapshot/create" {
+			kinds = append(kinds, e.Note)
+		}
+	}
+	if strings.Join(kinds, ",") != "full,diff" {
+		t.Fatalf("snapshots written: %v", kinds)
 	}
 }
