@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -40,6 +41,13 @@ func main() {
 	}
 }
 
+func envInt(key string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(key)); err == nil {
+		return n
+	}
+	return def
+}
+
 func envOr(key, def string) string {
 	if v := os.Getenv(key); v != "" {
 		return v
@@ -55,6 +63,10 @@ func run() error {
 	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
 	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
 	lazy := fs.Bool("lazy-memory", envOr("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
+	jailer := fs.String("jailer", envOr("WRENN_JAILER", ""), "Firecracker: run each VM under this jailer binary (WRENN_JAILER)")
+	jailUID := fs.Int("jailer-uid", envInt("WRENN_JAILER_UID", 65534), "Firecracker: the uid jailed VMMs run as (WRENN_JAILER_UID)")
+	jailGID := fs.Int("jailer-gid", envInt("WRENN_JAILER_GID", 65534), "Firecracker: the gid jailed VMMs run as (WRENN_JAILER_GID)")
+	jailBase := fs.String("jailer-chroot", envOr("WRENN_JAILER_CHROOT", "/srv/jailer"), "Firecracker: the jailer's chroot base directory (WRENN_JAILER_CHROOT)")
 	diffSnaps := fs.Bool("diff-snapshots", envOr("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
 	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
 	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
@@ -92,7 +104,11 @@ func run() error {
 		}
 		resolvers = append(resolvers, a)
 	}
-	driver, accel, err := chooseVMM(*vmmName, firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps})
+	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps}
+	if *jailer != "" {
+		fc.Jailer = &firecracker.Jailer{Binary: *jailer, UID: *jailUID, GID: *jailGID, ChrootBase: *jailBase}
+	}
+	driver, accel, err := chooseVMM(*vmmName, fc)
 	if err != nil {
 		return err
 	}

@@ -8,8 +8,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"unsafe"
 
@@ -24,10 +26,61 @@ import (
 // request to WRENN_FAKE_FC_LOG. A real Firecracker needs KVM, which this
 // machine lacks; the KVM suite (kvm_test.go) runs the real one where it can.
 func TestMain(m *testing.M) {
+	if os.Getenv("WRENN_FAKE_JAILER") == "1" {
+		os.Exit(fakeJailer())
+	}
 	if os.Getenv("WRENN_FAKE_FIRECRACKER") == "1" {
 		os.Exit(fakeFirecracker())
 	}
 	os.Exit(m.Run())
+}
+
+// fakeJailer checks its command line and the jail the driver staged, then
+// execs the exec file as the jailer would, its paths inside the jail root
+// (it does not chroot: the stand-in firecracker resolves paths there).
+func fakeJailer() int {
+	args := os.Args[1:]
+	flags := map[string][]string{}
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		if args[i] == "--" {
+			rest = args[i+1:]
+			break
+		}
+		if i+1 < len(args) {
+			flags[args[i]] = append(flags[args[i]], args[i+1])
+			i++
+		}
+	}
+	fail := func(format string, a ...any) int {
+		fmt.Fprintf(os.Stderr, "fake jailer: "+format+"\n", a...)
+		return 2
+	}
+	for _, f := range []string{"--id", "--exec-file", "--uid", "--gid", "--chroot-base-dir"} {
+		if len(flags[f]) != 1 {
+			return fail("flag %s missing or repeated", f)
+		}
+	}
+	id, exec := flags["--id"][0], flags["--exec-file"][0]
+	if !validID.MatchString(id) || !strings.Contains(filepath.Base(exec), "firecracker") {
+		return fail("bad --id %q or --exec-file %q", id, exec)
+	}
+	root := filepath.Join(flags["--chroot-base-dir"][0], filepath.Base(exec), id, "root")
+	if len(rest) != 2 || rest[0] != "--api-sock" || !strings.HasPrefix(rest[1], "/") {
+		return fail("firecracker arguments %v", rest)
+	}
+	for _, c := range flags["--cgroup"] {
+		if !strings.HasPrefix(c, "cpu.max=") && !strings.HasPrefix(c, "memory.max=") {
+			return fail("unexpected cgroup %q", c)
+		}
+	}
+	logFile, _ := os.OpenFile(os.Getenv("WRENN_FAKE_FC_LOG"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	line, _ := json.Marshal(logEntry{Method: "JAILER", Path: strings.Join(args, " "), Status: 204})
+	_, _ = logFile.Write(append(line, '\n'))
+	logFile.Close()
+	env := []string{"WRENN_FAKE_FIRECRACKER=1", "WRENN_FAKE_FC_ROOT=" + root, "WRENN_FAKE_FC_LOG=" + os.Getenv("WRENN_FAKE_FC_LOG")}
+	argv := []string{exec, "--id=" + id, "--api-sock", filepath.Join(root, rest[1])}
+	return fail("exec: %v", syscall.Exec(exec, argv, env))
 }
 
 type logEntry struct {
@@ -41,6 +94,7 @@ type logEntry struct {
 
 type fakeVM struct {
 	mu         sync.Mutex
+	root       string // the jail root when started by the jailer
 	log        *os.File
 	configured map[string]bool
 	phase      string // config | running | paused
@@ -64,7 +118,7 @@ func fakeFirecracker() int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	vm := &fakeVM{log: logFile, configured: map[string]bool{}, phase: "config"}
+	vm := &fakeVM{log: logFile, configured: map[string]bool{}, phase: "config", root: os.Getenv("WRENN_FAKE_FC_ROOT")}
 	_ = http.Serve(ln, vm)
 	return 0
 }
@@ -97,6 +151,20 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 	}
 	var obj map[string]any
 	_ = json.Unmarshal(body, &obj)
+	// A jailed firecracker sees only its jail; so does this stand-in.
+	for _, field := range []string{"kernel_image_path", "path_on_host", "snapshot_path", "mem_file_path"} {
+		if p, ok := obj[field].(string); ok && vm.root != "" {
+			obj[field] = filepath.Join(vm.root, p)
+			if name != "SnapshotCreateParams" {
+				if _, err := os.Stat(obj[field].(string)); err != nil {
+					return "", fmt.Errorf("%s %q is not in the jail: %v", field, p, err)
+				}
+			}
+		}
+	}
+	if b, ok := obj["mem_backend"].(map[string]any); ok && vm.root != "" {
+		b["backend_path"] = filepath.Join(vm.root, b["backend_path"].(string))
+	}
 	switch name {
 	case "BootSource", "Drive", "NetworkInterface", "MachineConfiguration", "EntropyDevice":
 		if vm.phase != "config" {

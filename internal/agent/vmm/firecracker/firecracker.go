@@ -39,6 +39,8 @@ type Driver struct {
 	// the memory file kept from that resume. The merge relies on the file
 	// system reporting holes (SEEK_DATA): ext4, xfs, btrfs and tmpfs do.
 	DiffSnapshots bool
+	// Jailer, when set, runs each VM under Firecracker's jailer.
+	Jailer *Jailer
 }
 
 // baseMemory is where a restored sandbox's memory file is kept, as the
@@ -58,7 +60,31 @@ func New(log *slog.Logger, binary string, lazy bool) *Driver {
 // Name implements vmm.Driver.
 func (d *Driver) Name() string { return "firecracker" }
 
-func apiSocket(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "firecracker.sock") }
+// socket is the API socket's path on the host.
+func (d *Driver) socket(spec vmm.Spec) string {
+	if j := d.jail(spec); j != nil {
+		return j.host(jailedAPISocket)
+	}
+	return filepath.Join(spec.RunDir, "firecracker.sock")
+}
+
+// marker identifies this sandbox's VMM in /proc/<pid>/cmdline.
+func (d *Driver) marker(spec vmm.Spec) string {
+	if d.jail(spec) != nil {
+		return "--id=" + spec.ID // the jailer execs firecracker with it
+	}
+	return d.socket(spec)
+}
+
+// inside maps a host path to the one the VMM sees: itself, or its place in
+// the jail after staging it there.
+func (d *Driver) inside(spec vmm.Spec, hostPath, jailPath string) (string, error) {
+	j := d.jail(spec)
+	if j == nil {
+		return hostPath, nil
+	}
+	return jailPath, j.stage(hostPath, jailPath)
+}
 
 // Firecracker's --id allows letters, digits and hyphens, up to 64.
 var validID = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
@@ -85,12 +111,20 @@ func (d *Driver) check(spec vmm.Spec) error {
 }
 
 func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, error) {
-	argv := []string{d.Binary, "--api-sock", apiSocket(spec), "--id", spec.ID}
-	inst, err := vmm.StartProcess(ctx, spec, argv, apiSocket(spec))
+	argv := []string{d.Binary, "--api-sock", d.socket(spec), "--id", spec.ID}
+	if j := d.jail(spec); j != nil {
+		argv = j.argv(spec)
+		if err := os.MkdirAll(j.host("/run"), 0o750); err != nil {
+			return vmm.Instance{}, nil, err
+		}
+		_ = os.Chown(j.host("/run"), j.cfg.UID, j.cfg.GID)
+		spec.NetNS = "" // the jailer joins the namespace itself
+	}
+	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec))
 	if err != nil {
 		return vmm.Instance{}, nil, err
 	}
-	return inst, NewAPI(apiSocket(spec)), nil
+	return inst, NewAPI(d.socket(spec)), nil
 }
 
 // Configure sends the pre-boot configuration of spec, in the order
@@ -137,11 +171,19 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	if err := d.check(spec); err != nil {
 		return vmm.Instance{}, err
 	}
+	vmSpec := spec // what the VMM sees: jailed paths under the jailer
+	var err error
+	if vmSpec.Kernel, err = d.inside(spec, spec.Kernel, "/vmlinux"); err != nil {
+		return vmm.Instance{}, err
+	}
+	if vmSpec.Disk, err = d.inside(spec, spec.Disk, "/rootfs"); err != nil {
+		return vmm.Instance{}, err
+	}
 	inst, api, err := d.start(ctx, spec)
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	if err := Configure(ctx, api, spec, d.DiffSnapshots); err != nil {
+	if err := Configure(ctx, api, vmSpec, d.DiffSnapshots); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
 		return vmm.Instance{}, err
 	}
@@ -160,13 +202,23 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("snapshot dir: %w", err)
 	}
-	api := NewAPI(apiSocket(spec))
+	api := NewAPI(d.socket(spec))
 	if err := api.Pause(ctx); err != nil {
 		return fmt.Errorf("pause: %w", err)
 	}
 	_, baseErr := os.Stat(baseMemory(spec))
 	diff := d.DiffSnapshots && baseErr == nil
-	req := SnapshotCreate{SnapshotPath: filepath.Join(dir, stateFile+".tmp"), MemFilePath: filepath.Join(dir, memoryFile+".tmp"), SnapshotType: "Full"}
+	state, memory := filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, memoryFile+".tmp")
+	req := SnapshotCreate{SnapshotPath: state, MemFilePath: memory, SnapshotType: "Full"}
+	j := d.jail(spec)
+	if j != nil {
+		// The jailed Firecracker writes inside its jail; the files move out below.
+		req.SnapshotPath, req.MemFilePath = "/snapshot/"+stateFile, "/snapshot/"+memoryFile
+		if err := os.MkdirAll(j.host("/snapshot"), 0o750); err != nil {
+			return err
+		}
+		_ = os.Chown(j.host("/snapshot"), j.cfg.UID, j.cfg.GID)
+	}
 	if diff {
 		req.SnapshotType = "Diff"
 	}
@@ -174,11 +226,16 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 		_ = api.Resume(context.Background()) // leave it running, as it was
 		return fmt.Errorf("snapshot: %w", err)
 	}
+	if j != nil {
+		if err := errors.Join(j.unstage(req.SnapshotPath, state), j.unstage(req.MemFilePath, memory)); err != nil {
+			_ = api.Resume(context.Background())
+			return fmt.Errorf("snapshot: %w", err)
+		}
+	}
 	// The state is on disk; the VMM must be gone before its memory file changes.
 	if err := d.Stop(ctx, spec, inst); err != nil {
 		return err
 	}
-	memory := filepath.Join(dir, memoryFile+".tmp")
 	if diff {
 		if err := mergeDiff(baseMemory(spec), memory); err != nil {
 			return err
@@ -188,7 +245,7 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 		}
 	}
 	return errors.Join(os.Rename(memory, filepath.Join(dir, memoryFile)),
-		os.Rename(filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, stateFile)))
+		os.Rename(state, filepath.Join(dir, stateFile)))
 }
 
 // moveFile renames, or copies when from and to are on different file systems.
@@ -225,15 +282,33 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 			return vmm.Instance{}, fmt.Errorf("restore: %w", err)
 		}
 	}
-	backend := &MemoryBackend{BackendType: "File", BackendPath: filepath.Join(dir, memoryFile)}
+	// The snapshot names the drive by the path the VM booted with.
+	if _, err := d.inside(spec, spec.Disk, "/rootfs"); err != nil {
+		return vmm.Instance{}, err
+	}
+	statePath, err := d.inside(spec, filepath.Join(dir, stateFile), "/snapshot/"+stateFile)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	memPath, err := d.inside(spec, filepath.Join(dir, memoryFile), "/snapshot/"+memoryFile)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	backend := &MemoryBackend{BackendType: "File", BackendPath: memPath}
 	if d.LazyMemory {
-		socket := filepath.Join(spec.RunDir, "uffd.sock")
-		if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
+		socket, seen := filepath.Join(spec.RunDir, "uffd.sock"), filepath.Join(spec.RunDir, "uffd.sock")
+		if j := d.jail(spec); j != nil {
+			socket, seen = j.host("/uffd.sock"), "/uffd.sock"
+		}
+		if err := os.MkdirAll(filepath.Dir(socket), 0o750); err != nil {
 			return vmm.Instance{}, err
 		}
 		ln, err := uffd.Listen(socket)
 		if err != nil {
 			return vmm.Instance{}, err
+		}
+		if j := d.jail(spec); j != nil {
+			_ = os.Chown(socket, j.cfg.UID, j.cfg.GID) // the jailed user connects to it
 		}
 		// The handler outlives this call: it serves faults until every page
 		// is in, then exits (see package uffd).
@@ -247,13 +322,13 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 			}
 			d.Log.Info("uffd handler done", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
 		}()
-		backend = &MemoryBackend{BackendType: "Uffd", BackendPath: socket}
+		backend = &MemoryBackend{BackendType: "Uffd", BackendPath: seen}
 	}
 	inst, api, err := d.start(ctx, spec)
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: filepath.Join(dir, stateFile), MemBackend: backend, ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}); err != nil {
+	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: statePath, MemBackend: backend, ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
 		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
 	}
@@ -290,22 +365,28 @@ func linkOrCopy(from, to string) error {
 	return out.Close()
 }
 
-// Stop implements vmm.Driver.
+// Stop implements vmm.Driver; a jail is removed with its VMM.
 func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
-	return vmm.KillProcess(ctx, inst.PID, apiSocket(spec))
+	if err := vmm.KillProcess(ctx, inst.PID, d.marker(spec)); err != nil {
+		return err
+	}
+	if j := d.jail(spec); j != nil {
+		return j.remove()
+	}
+	return nil
 }
 
 // Alive implements vmm.Driver.
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
-	return vmm.ProcessAlive(inst.PID, apiSocket(spec))
+	return vmm.ProcessAlive(inst.PID, d.marker(spec))
 }
 
 // Freeze implements vmm.Driver.
 func (d *Driver) Freeze(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
-	return NewAPI(apiSocket(spec)).Pause(ctx)
+	return NewAPI(d.socket(spec)).Pause(ctx)
 }
 
 // Thaw implements vmm.Driver.
 func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
-	return NewAPI(apiSocket(spec)).Resume(ctx)
+	return NewAPI(d.socket(spec)).Resume(ctx)
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -220,5 +221,90 @@ func TestDiffSnapshots(t *testing.T) {
 	}
 	if strings.Join(kinds, ",") != "full,diff" {
 		t.Fatalf("snapshots written: %v", kinds)
+	}
+}
+
+// TestJailer runs the jailed lifecycle against a stand-in jailer that
+// checks its command line and the staged jail.
+func TestJailer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("staging files for another user needs root")
+	}
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "requests.jsonl")
+	t.Setenv("WRENN_FAKE_JAILER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
+	self, _ := os.Executable()
+	bin := filepath.Join(dir, "bin")
+	_ = os.Mkdir(bin, 0o755)
+	for _, name := range []string{"firecracker", "jailer"} {
+		if err := os.Symlink(self, filepath.Join(bin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kernel, rootfs := filepath.Join(dir, "vmlinux"), filepath.Join(dir, "rootfs.ext4")
+	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
+	_ = os.WriteFile(rootfs, []byte("disk"), 0o644)
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), true)
+	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail")}
+	spec := vmm.Spec{ID: "sb-jailed", Kernel: kernel, Disk: rootfs, DiskFormat: "raw", VCPUs: 2, MemoryMiB: 256, RunDir: filepath.Join(dir, "run")}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	jailRoot := filepath.Join(dir, "jail", "firecracker", "sb-jailed", "root")
+
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"vmlinux", "rootfs"} {
+		fi, err := os.Stat(filepath.Join(jailRoot, f))
+		if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 {
+			t.Fatalf("%s not staged for the jailed user: %v", f, err)
+		}
+	}
+	snap := filepath.Join(dir, "snapshot")
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "jail", "firecracker", "sb-jailed")); !os.IsNotExist(err) {
+		t.Fatal("the jail outlived its VMM")
+	}
+	for _, f := range []string{stateFile, memoryFile} {
+		if _, err := os.Stat(filepath.Join(snap, f)); err != nil {
+			t.Fatalf("snapshot not moved out of the jail: %v", err)
+		}
+	}
+	if inst, err = d.Restore(ctx, spec, snap); err != nil { // lazily, through the jailed UFFD socket
+		t.Fatal(err)
+	}
+	if err := d.Stop(ctx, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+
+	entries := readLog(t, logPath)
+	var jailers int
+	for _, e := range entries {
+		if e.Status != 204 {
+			t.Fatalf("%s %s refused: %s", e.Method, e.Path, e.Fault)
+		}
+		if e.Method == "JAILER" {
+			jailers++
+			if !strings.Contains(e.Path, "--uid 65534") || !strings.Contains(e.Path, "--cgroup cpu.max=200000 100000") || !strings.Contains(e.Path, "--cgroup memory.max=335544320") {
+				t.Fatalf("jailer arguments: %s", e.Path)
+			}
+		}
+		var body map[string]any
+		_ = json.Unmarshal(e.Body, &body)
+		for _, field := range []string{"kernel_image_path", "path_on_host", "snapshot_path", "mem_file_path"} {
+			if p, ok := body[field].(string); ok && strings.HasPrefix(p, dir) {
+				t.Fatalf("%s %s sent a host path %q to a jailed firecracker", e.Method, e.Path, p)
+			}
+		}
+	}
+	if jailers != 2 {
+		t.Fatalf("jailer ran %d times, want 2 (boot and restore)", jailers)
+	}
+	if last := entries[len(entries)-1]; last.Note != "uffd memory verified" {
+		t.Fatalf("jailed lazy restore: %+v", last)
 	}
 }
