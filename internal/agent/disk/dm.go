@@ -175,3 +175,22 @@ func createSparse(path string, size int64) error {
 	}
 	return f.Close()
 }
+
+// Orphans lists the sandbox ids of wrenn device-mapper devices on the host,
+// so the agent can release those no sandbox owns.
+func Orphans(ctx context.Context) ([]string, error) {
+	if Available() != nil {
+		return nil, nil
+	}
+	out, err := exec.CommandContext(ctx, "dmsetup", "ls").Output()
+	if err != nil {
+		return nil, fmt.Errorf("dmsetup ls: %w", err)
+	}
+	var ids []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") {
+			ids = append(ids, strings.TrimPrefix(f[0], "wrenn-"))
+		}
+	}
+	return ids, nil
+}

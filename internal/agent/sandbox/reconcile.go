@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 )
 
@@ -85,6 +86,19 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		if a, err := network.ForSlot(slot); err == nil {
 			m.log.Warn("removing orphan network namespace", "netns", a.NetNS)
 			_ = m.cfg.Net.Teardown(ctx, a)
+		}
+	}
+	// Device-mapper disks of sandboxes that are gone.
+	if m.cfg.Disks.Name() == "dm" {
+		ids, err := disk.Orphans(ctx)
+		if err != nil {
+			m.log.Warn("cannot list device-mapper disks", "error", err)
+		}
+		for _, id := range ids {
+			if _, owned := m.sandboxes[id]; !owned {
+				m.log.Warn("removing orphan device-mapper disk", "sandbox", id)
+				_ = m.cfg.Disks.Release(ctx, filepath.Join(root, id, "rootfs.dm"))
+			}
 		}
 	}
 	// Snapshot directories of sandboxes that are gone.
