@@ -13,6 +13,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/guest/ext4"
 	"github.com/wrenn/wrenn/internal/guest/template"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 )
 
 // guestBuilds builds envd, wrenn-init and wrenn-image for the scripts.
@@ -113,13 +114,7 @@ func TestRootfsFromContainer(t *testing.T) {
 // TestUpdateMinimalRootfs refreshes envd inside a copy of the minimal image.
 func TestUpdateMinimalRootfs(t *testing.T) {
 	requireRoot(t)
-	src := filepath.Join(envOr("WRENN_DIR", "/var/lib/wrenn"), "images/minimal/rootfs.ext4")
-	if _, err := os.Stat(src); err != nil {
-		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
-			t.Fatalf("minimal image missing: %v", err)
-		}
-		t.Skipf("minimal image missing (%v); run make images", err)
-	}
+	_, _, src := guestimages.Require(t)
 	ctx := context.Background()
 	builds := guestBuilds(t)
 	wrennDir := t.TempDir()
@@ -153,11 +148,4 @@ func TestUpdateMinimalRootfs(t *testing.T) {
 	if sum, _ := template.Checksum(store.RootfsPath("minimal")); sum != m.SHA256 || m.Source != "debootstrap" {
 		t.Fatalf("metadata not refreshed: %+v", m)
 	}
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
 }

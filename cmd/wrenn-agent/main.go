@@ -31,6 +31,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/vmm/firecracker"
 	"github.com/wrenn/wrenn/internal/agent/vmm/qemu"
 	"github.com/wrenn/wrenn/internal/kvm"
+	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
@@ -260,18 +261,12 @@ func hostToken(dir string) (string, error) {
 	return t, nil
 }
 
+// hostMemoryMiB is the memory sandboxes may reserve: three quarters of
+// the host's, the rest kept for the host itself (agent, page cache, VMM overhead).
 func hostMemoryMiB() int64 {
-	data, err := os.ReadFile("/proc/meminfo")
+	total, err := procfs.Mem("MemTotal")
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
-			var kb int64
-			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
-			// Keep a quarter for the host itself (agent, page cache, VMM overhead).
-			return kb / 1024 * 3 / 4
-		}
-	}
-	return 0
+	return total >> 20 * 3 / 4
 }

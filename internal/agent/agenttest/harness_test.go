@@ -19,7 +19,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
@@ -69,16 +69,7 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 // newAgentWith starts an agent that tests reach with hc over scheme.
 func newAgentWith(t *testing.T, hc *http.Client, scheme string, extraArgs ...string) *agent {
 	t.Helper()
-	system := os.Getenv("WRENN_DIR")
-	if system == "" {
-		system = "/var/lib/wrenn"
-	}
-	if _, err := boot.Kernel(system); err != nil || !exists(filepath.Join(system, "images/minimal/rootfs.ext4")) {
-		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
-			t.Fatalf("guest images missing in %s; make images builds them", system)
-		}
-		t.Skipf("guest images missing in %s; run make images", system)
-	}
+	system, _, _ := guestimages.Require(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
@@ -285,11 +276,6 @@ func freePort(t *testing.T) string {
 	}
 	defer ln.Close()
 	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-}
-
-func exists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 func testCtx(t *testing.T, d time.Duration) context.Context {

@@ -24,7 +24,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
-	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/guest/kernel"
 	"github.com/wrenn/wrenn/internal/guest/template"
 )
 
@@ -309,12 +309,12 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 	undo = append(undo, func() { _ = m.cfg.Net.Teardown(context.Background(), rec.Net) })
 
-	kernel, err := boot.Kernel(m.cfg.WrennDir)
+	kernelPath, err := kernel.Pick(m.cfg.WrennDir)
 	if err != nil {
 		return fail(err)
 	}
 	rec.Spec = vmm.Spec{
-		ID: rec.ID, Kernel: kernel, Disk: dsk.Path, DiskFormat: dsk.Format,
+		ID: rec.ID, Kernel: kernelPath, Disk: dsk.Path, DiskFormat: dsk.Format,
 		VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB,
 		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID),
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,

@@ -12,9 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
-	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"time"
 
@@ -26,6 +24,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/guest/template"
+	"github.com/wrenn/wrenn/internal/procfs"
 	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
@@ -193,7 +192,7 @@ func seconds(n int32) (time.Duration, error) {
 // GetHostInfo reports the host's capacity and software.
 func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInfoRequest]) (*connect.Response[pb.GetHostInfoResponse], error) {
 	res := &pb.GetHostInfoResponse{Arch: runtime.GOARCH, Cpus: int32(runtime.NumCPU()), Vmm: s.cfg.VMM, Accelerator: s.cfg.Accel, Version: s.cfg.Version}
-	res.MemoryBytes = memTotal()
+	res.MemoryBytes, _ = procfs.Mem("MemTotal")
 	var st unix.Statfs_t
 	if unix.Statfs(s.cfg.WrennDir, &st) == nil {
 		res.DiskBytes = int64(st.Blocks) * st.Bsize
@@ -205,20 +204,6 @@ func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInf
 		}
 	}
 	return connect.NewResponse(res), nil
-}
-
-func memTotal() int64 {
-	data, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
 }
 
 // CreateSandbox boots a sandbox and answers once envd in it is ready.
@@ -322,25 +307,8 @@ func (s *Server) GetSandboxMetrics(ctx context.Context, req *connect.Request[pb.
 	}
 	return connect.NewResponse(&pb.GetSandboxMetricsResponse{
 		CpuCount: int32(m.CPUCount), CpuUsedPct: m.CPUUsedPct, MemTotalBytes: m.MemTotal, MemUsedBytes: m.MemUsed,
-		DiskTotalBytes: m.DiskTotal, DiskUsedBytes: m.DiskUsed, VmmRssBytes: processRSS(rec.VMM.PID),
+		DiskTotalBytes: m.DiskTotal, DiskUsedBytes: m.DiskUsed, VmmRssBytes: procfs.RSS(rec.VMM.PID),
 	}), nil
-}
-
-func processRSS(pid int) int64 {
-	if pid <= 0 {
-		return 0
-	}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
 }
 
 func execSpec(msg *pb.ExecRequest) (envdclient.ExecSpec, error) {

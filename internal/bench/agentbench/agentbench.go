@@ -21,6 +21,8 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/vmm/qemu"
 	"github.com/wrenn/wrenn/internal/bench"
 	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/guest/kernel"
+	"github.com/wrenn/wrenn/internal/procfs"
 )
 
 const suite = "agent"
@@ -113,13 +115,13 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 // bareBoots times QEMU booting the same kernel and image with nothing of
 // the agent around it: the floor for create.
 func bareBoots(ctx context.Context, wrennDir, work string, n int) ([]time.Duration, error) {
-	kernel, err := boot.Kernel(wrennDir)
+	kernelPath, err := kernel.Pick(wrennDir)
 	if err != nil {
 		return nil, err
 	}
 	var out []time.Duration
 	for i := range n {
-		vm, err := boot.Start(ctx, boot.Options{Kernel: kernel, Rootfs: filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), ConsoleLog: filepath.Join(work, fmt.Sprintf("bare-%d.log", i))})
+		vm, err := boot.Start(ctx, boot.Options{Kernel: kernelPath, Rootfs: filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), ConsoleLog: filepath.Join(work, fmt.Sprintf("bare-%d.log", i))})
 		if err != nil {
 			return nil, err
 		}
@@ -151,12 +153,13 @@ func idleCost(ctx context.Context, m *sandbox.Manager, cfg Config) ([]bench.Resu
 	cpuUsed := float64(cpuTicks(pids)-cpuBefore) / 100 / window.Seconds() // ticks are 1/100 s
 	var rss int64
 	for _, p := range pids {
-		rss += rssBytes(p)
+		rss += procfs.RSS(p)
 	}
 	n := float64(len(pids))
 	perRSS := float64(rss) / n / (1 << 20)
 	perCPU := cpuUsed / n * 100 // percent of one core
-	avail := memAvailableMiB()
+	availBytes, _ := procfs.Mem("MemAvailable")
+	avail := float64(availBytes) / (1 << 20)
 	cores := float64(numCPU())
 	byMem := avail / perRSS
 	byCPU := cores * 100 / perCPU
@@ -184,34 +187,6 @@ func cpuTicks(pids []int) int64 {
 		}
 	}
 	return total
-}
-
-func rssBytes(pid int) int64 {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-func memAvailableMiB() float64 {
-	data, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "MemAvailable:"); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return kb / 1024
-		}
-	}
-	return 0
 }
 
 func numCPU() int {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/bench"
 	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/guest/kernel"
 )
 
 const suite = "guest"
@@ -26,7 +27,7 @@ type Config struct {
 
 // Run boots the minimal image cfg.Boots times.
 func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
-	kernel, err := boot.Kernel(cfg.WrennDir)
+	kernelPath, err := kernel.Pick(cfg.WrennDir)
 	if err != nil {
 		return nil, err
 	}
@@ -40,7 +41,7 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 	var wall, guest []time.Duration
 	accel := ""
 	for i := range cfg.Boots {
-		vm, err := boot.Start(ctx, boot.Options{Kernel: kernel, Rootfs: rootfs, ConsoleLog: filepath.Join(work, fmt.Sprintf("console-%d.log", i))})
+		vm, err := boot.Start(ctx, boot.Options{Kernel: kernelPath, Rootfs: rootfs, ConsoleLog: filepath.Join(work, fmt.Sprintf("console-%d.log", i))})
 		if err != nil {
 			return nil, err
 		}
@@ -62,7 +63,7 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 		bench.Latencies(suite, "boot to envd ready, wall from QEMU start ("+accel+")", wall, "", nil),
 		bench.Latencies(suite, "boot to envd ready, guest time from kernel start ("+accel+")", guest, "", nil),
 	}
-	for _, f := range []struct{ name, path string }{{"kernel vmlinux size", kernel}, {"minimal rootfs.ext4 size (disk size / allocated)", rootfs}} {
+	for _, f := range []struct{ name, path string }{{"kernel vmlinux size", kernelPath}, {"minimal rootfs.ext4 size (disk size / allocated)", rootfs}} {
 		var st syscall.Stat_t
 		if err := syscall.Stat(f.path, &st); err != nil {
 			return nil, fmt.Errorf("stat %s: %w", f.path, err)

@@ -2,7 +2,6 @@
 package metrics
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"os"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/wrenn/wrenn/internal/procfs"
 )
 
 // Snapshot is the JSON body of GET /metrics (field names per the envd protocol).
@@ -116,28 +117,13 @@ func readCPU() (cpuTimes, error) {
 // memory reads total and used memory; used excludes what the kernel can
 // reclaim (MemAvailable), as `free` reports it.
 func memory() (total, used uint64, err error) {
-	f, err := os.Open("/proc/meminfo")
+	t, err := procfs.Mem("MemTotal")
 	if err != nil {
-		return 0, 0, fmt.Errorf("read /proc/meminfo: %w", err)
+		return 0, 0, err
 	}
-	defer f.Close()
-	var avail uint64
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 2 {
-			continue
-		}
-		v, _ := strconv.ParseUint(fields[1], 10, 64)
-		switch fields[0] {
-		case "MemTotal:":
-			total = v * 1024
-		case "MemAvailable:":
-			avail = v * 1024
-		}
+	avail, err := procfs.Mem("MemAvailable")
+	if err != nil {
+		return 0, 0, err
 	}
-	if total == 0 {
-		return 0, 0, fmt.Errorf("MemTotal missing from /proc/meminfo")
-	}
-	return total, total - min(avail, total), nil
+	return uint64(t), uint64(t - min(avail, t)), nil
 }

@@ -14,13 +14,9 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/mod/semver"
 
 	"github.com/wrenn/wrenn/internal/kvm"
 )
@@ -195,34 +191,4 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// Kernel picks the kernel in dir/kernels: the highest vmlinux-<semver>,
-// else a plain vmlinux.
-func Kernel(wrennDir string) (string, error) {
-	dir := filepath.Join(wrennDir, "kernels")
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return "", fmt.Errorf("find kernel: %w", err)
-	}
-	var versions []string
-	plain := false
-	for _, e := range entries {
-		name := e.Name()
-		if name == "vmlinux" {
-			plain = true
-			continue
-		}
-		if v, ok := strings.CutPrefix(name, "vmlinux-"); ok && semver.IsValid("v"+v) {
-			versions = append(versions, "v"+v)
-		}
-	}
-	if len(versions) > 0 {
-		sort.Slice(versions, func(i, j int) bool { return semver.Compare(versions[i], versions[j]) < 0 })
-		return filepath.Join(dir, "vmlinux-"+strings.TrimPrefix(versions[len(versions)-1], "v")), nil
-	}
-	if plain {
-		return filepath.Join(dir, "vmlinux"), nil
-	}
-	return "", fmt.Errorf("no vmlinux or vmlinux-<semver> in %s: run make kernel", dir)
 }

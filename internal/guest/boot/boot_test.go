@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,35 +15,13 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/guest/template"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
 	"github.com/wrenn/wrenn/proto/envd/process/processconnect"
 )
 
-// images returns the kernel and minimal rootfs that `make images` built.
-// `make test` sets WRENN_REQUIRE_IMAGES=1 so that missing images fail the
-// run instead of skipping these tests.
-func images(t *testing.T) (kernel, rootfs string) {
-	t.Helper()
-	dir := os.Getenv("WRENN_DIR")
-	if dir == "" {
-		dir = "/var/lib/wrenn"
-	}
-	kernel, err := Kernel(dir)
-	rootfs = filepath.Join(dir, "images/minimal/rootfs.ext4")
-	if err == nil {
-		_, err = os.Stat(rootfs)
-	}
-	if err != nil {
-		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
-			t.Fatalf("guest images missing (%v); `make images` builds them", err)
-		}
-		t.Skipf("guest images missing (%v); run `make images` or `make test`", err)
-	}
-	return kernel, rootfs
-}
-
 func TestMinimalImageBootsToEnvd(t *testing.T) {
-	kernel, rootfs := images(t)
+	_, kernel, rootfs := guestimages.Require(t)
 	before, err := template.Checksum(rootfs)
 	if err != nil {
 		t.Fatal(err)
@@ -165,26 +142,5 @@ func TestMinimalImageBootsToEnvd(t *testing.T) {
 	after, err := template.Checksum(rootfs)
 	if err != nil || after != before {
 		t.Fatalf("the template image changed while a guest ran on it (%v)", err)
-	}
-}
-
-func TestKernelPicksHighestSemver(t *testing.T) {
-	dir := t.TempDir()
-	_ = os.MkdirAll(filepath.Join(dir, "kernels"), 0o755)
-	if _, err := Kernel(dir); err == nil {
-		t.Fatal("empty kernels dir accepted")
-	}
-	for _, name := range []string{"vmlinux", "vmlinux-6.1.9", "vmlinux-6.1.10", "vmlinux-5.10.200", "vmlinux-notaversion"} {
-		_ = os.WriteFile(filepath.Join(dir, "kernels", name), nil, 0o644)
-	}
-	got, err := Kernel(dir)
-	if err != nil || filepath.Base(got) != "vmlinux-6.1.10" {
-		t.Fatalf("picked %s, %v", got, err)
-	}
-	_ = os.Remove(filepath.Join(dir, "kernels", "vmlinux-6.1.10"))
-	_ = os.Remove(filepath.Join(dir, "kernels", "vmlinux-6.1.9"))
-	_ = os.Remove(filepath.Join(dir, "kernels", "vmlinux-5.10.200"))
-	if got, _ := Kernel(dir); filepath.Base(got) != "vmlinux" {
-		t.Fatalf("plain vmlinux not picked: %s", got)
 	}
 }

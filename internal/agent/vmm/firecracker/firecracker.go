@@ -253,6 +253,23 @@ func moveFile(from, to string) error {
 	if err := os.Rename(from, to); err == nil {
 		return nil
 	}
+	if err := copyFile(from, to); err != nil {
+		return err
+	}
+	return os.Remove(from)
+}
+
+// linkOrCopy makes to a copy of from, by hard link where it can.
+func linkOrCopy(from, to string) error {
+	_ = os.Remove(to)
+	if err := os.Link(from, to); err == nil {
+		return nil
+	}
+	return copyFile(from, to)
+}
+
+// copyFile copies a file's content into to, replacing it.
+func copyFile(from, to string) error {
 	in, err := os.Open(from)
 	if err != nil {
 		return err
@@ -266,10 +283,7 @@ func moveFile(from, to string) error {
 		out.Close()
 		return err
 	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Remove(from)
+	return out.Close()
 }
 
 // Restore implements vmm.Driver.
@@ -341,28 +355,6 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 	}
 	d.Log.Info("firecracker restored", "sandbox", spec.ID, "pid", inst.PID, "memory", backend.BackendType)
 	return inst, nil
-}
-
-// linkOrCopy makes to a copy of from, by hard link where it can.
-func linkOrCopy(from, to string) error {
-	_ = os.Remove(to)
-	if err := os.Link(from, to); err == nil {
-		return nil
-	}
-	in, err := os.Open(from)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // Stop implements vmm.Driver; a jail is removed with its VMM.

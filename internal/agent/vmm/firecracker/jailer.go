@@ -3,7 +3,6 @@ package firecracker
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -83,10 +82,8 @@ func (j *jail) stage(hostPath, inside string) error {
 		if err := syscall.Mknod(dst, syscall.S_IFBLK|0o600, int(st.Rdev)); err != nil {
 			return fmt.Errorf("jail %s: mknod: %w", hostPath, err)
 		}
-	} else if err := os.Link(hostPath, dst); err != nil {
-		if err := copyInto(hostPath, dst); err != nil {
-			return fmt.Errorf("jail %s: %w", hostPath, err)
-		}
+	} else if err := linkOrCopy(hostPath, dst); err != nil {
+		return fmt.Errorf("jail %s: %w", hostPath, err)
 	}
 	return os.Chown(dst, j.cfg.UID, j.cfg.GID)
 }
@@ -105,21 +102,4 @@ func (j *jail) remove() error {
 		}
 	}
 	return err
-}
-
-func copyInto(from, to string) error {
-	in, err := os.Open(from)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }

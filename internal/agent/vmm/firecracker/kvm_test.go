@@ -15,8 +15,8 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
-	"github.com/wrenn/wrenn/internal/guest/boot"
 	"github.com/wrenn/wrenn/internal/kvm"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 )
 
@@ -38,14 +38,7 @@ func TestFirecrackerOnKVM(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("KVM suite: needs root for network namespaces")
 	}
-	wrennDir := os.Getenv("WRENN_DIR")
-	if wrennDir == "" {
-		wrennDir = "/var/lib/wrenn"
-	}
-	kernel, err := boot.Kernel(wrennDir)
-	if err != nil {
-		t.Skipf("KVM suite: %v", err)
-	}
+	wrennDir, kernel, _ := guestimages.Require(t)
 	hostlock.Take(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -18,34 +18,11 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
-	"github.com/wrenn/wrenn/internal/guest/boot"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
 	"github.com/wrenn/wrenn/proto/envd/process/processconnect"
 )
-
-func images(t *testing.T) (kernel, rootfs string) {
-	t.Helper()
-	dir := os.Getenv("WRENN_DIR")
-	if dir == "" {
-		dir = "/var/lib/wrenn"
-	}
-	kernel, err := boot.Kernel(dir)
-	rootfs = filepath.Join(dir, "images/minimal/rootfs.ext4")
-	if err == nil {
-		_, err = os.Stat(rootfs)
-	}
-	if err != nil {
-		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
-			t.Fatalf("guest images missing: %v", err)
-		}
-		t.Skipf("guest images missing (%v); run make images", err)
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	return kernel, rootfs
-}
 
 func waitEnvd(ctx context.Context, url string) error {
 	client := &http.Client{Timeout: 500 * time.Millisecond}
@@ -66,7 +43,10 @@ func waitEnvd(ctx context.Context, url string) error {
 }
 
 func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
-	kernel, rootfs := images(t)
+	_, kernel, rootfs := guestimages.Require(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
 	hostlock.Take(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -1,0 +1,43 @@
+// Package procfs reads the few /proc figures Wrenn reports: a process's
+// resident memory and the host's memory.
+package procfs
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// field returns a "Name:   value kB" line's value in bytes.
+func field(path, name string) (int64, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, name+":"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("%s: %s: %w", path, name, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("%s has no %s", path, name)
+}
+
+// Mem returns a /proc/meminfo figure in bytes, such as "MemTotal" or "MemAvailable".
+func Mem(name string) (int64, error) { return field("/proc/meminfo", name) }
+
+// RSS returns a process's resident memory in bytes (0 if it is gone).
+func RSS(pid int) int64 {
+	if pid <= 0 {
+		return 0
+	}
+	n, err := field(fmt.Sprintf("/proc/%d/status", pid), "VmRSS")
+	if err != nil {
+		return 0
+	}
+	return n
+}

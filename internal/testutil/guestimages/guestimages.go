@@ -1,0 +1,34 @@
+// Package guestimages finds the guest kernel and minimal image that
+// `make images` builds, for tests that boot real VMs.
+package guestimages
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/wrenn/wrenn/internal/guest/kernel"
+)
+
+// Require returns WRENN_DIR (default /var/lib/wrenn), its kernel and its
+// minimal rootfs. Missing images skip the test, except under `make test`,
+// which sets WRENN_REQUIRE_IMAGES=1 so that they fail it instead.
+func Require(t testing.TB) (wrennDir, kernelPath, rootfs string) {
+	t.Helper()
+	wrennDir = os.Getenv("WRENN_DIR")
+	if wrennDir == "" {
+		wrennDir = "/var/lib/wrenn"
+	}
+	kernelPath, err := kernel.Pick(wrennDir)
+	rootfs = filepath.Join(wrennDir, "images/minimal/rootfs.ext4")
+	if err == nil {
+		_, err = os.Stat(rootfs)
+	}
+	if err != nil {
+		if os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
+			t.Fatalf("guest images missing (%v); `make images` builds them", err)
+		}
+		t.Skipf("guest images missing (%v); run `make images` or `make test`", err)
+	}
+	return wrennDir, kernelPath, rootfs
+}
