@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,8 +15,10 @@ import (
 
 // StartProcess starts a VMM in the sandbox's network namespace and in its
 // own session, so it outlives an agent restart. Output goes to
-// RunDir/vmm.log. It returns once socket exists (the VMM's control socket),
-// or an error with the log's last lines if the VMM exits first.
+// RunDir/vmm.log. It returns once socket (the VMM's control socket)
+// accepts connections, or an error with the log's last lines if the VMM
+// exits first. The socket's file alone is not enough: it appears at bind,
+// before the VMM listens, and a connection in between is refused.
 func StartProcess(ctx context.Context, spec Spec, argv []string, socket string) (Instance, error) {
 	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
 		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
@@ -45,7 +48,8 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string) 
 	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for {
-		if _, err := os.Stat(socket); err == nil {
+		if conn, err := net.Dial("unix", socket); err == nil {
+			conn.Close()
 			return inst, nil
 		}
 		select {
