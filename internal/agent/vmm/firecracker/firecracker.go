@@ -329,7 +329,7 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 		go func() {
 			serveCtx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 			defer cancel()
-			stats, err := uffd.Serve(serveCtx, ln, filepath.Join(dir, memoryFile))
+			stats, err := uffd.Serve(serveCtx, ln, filepath.Join(dir, memoryFile), true)
 			if err != nil {
 				d.Log.Error("uffd handler failed", "sandbox", spec.ID, "error", err)
 				return

@@ -90,8 +90,9 @@ func Listen(socket string) (*net.UnixListener, error) {
 }
 
 // Serve accepts Firecracker's connection on ln and serves memory from
-// memFile until every page is populated or ctx ends.
-func Serve(ctx context.Context, ln *net.UnixListener, memFile string) (Stats, error) {
+// memFile. With prefetch it also copies every page not yet touched and
+// returns once all are in; without, it serves faults until ctx ends.
+func Serve(ctx context.Context, ln *net.UnixListener, memFile string, prefetch bool) (Stats, error) {
 	defer ln.Close()
 	go func() {
 		<-ctx.Done()
@@ -129,7 +130,7 @@ func Serve(ctx context.Context, ln *net.UnixListener, memFile string) (Stats, er
 		}
 	}
 	h := &Handler{mem: mem, uffd: fd, regs: regions, done: map[uint64]bool{}}
-	return h.run(ctx)
+	return h.run(ctx, prefetch)
 }
 
 // receive reads the region list and the userfaultfd from Firecracker.
@@ -156,9 +157,11 @@ func receive(conn *net.UnixConn) ([]Region, int, error) {
 	return regions, fds[0], nil
 }
 
-func (h *Handler) run(ctx context.Context) (Stats, error) {
+func (h *Handler) run(ctx context.Context, prefetch bool) (Stats, error) {
 	prefetchDone := make(chan error, 1)
-	go func() { prefetchDone <- h.prefetch(ctx) }()
+	if prefetch {
+		go func() { prefetchDone <- h.prefetch(ctx) }()
+	}
 	msg := make([]byte, msgSize)
 	for {
 		select {
