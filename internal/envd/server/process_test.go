@@ -37,11 +37,12 @@ func TestEchoAndExitCodes(t *testing.T) {
 	}
 }
 
-func TestProtocolsJSONBinaryGRPC(t *testing.T) {
+func TestProtocolsConnectGRPCAndGRPCWeb(t *testing.T) {
 	for name, opts := range map[string][]connect.ClientOption{
 		"connect-json":  {connect.WithProtoJSON()},
 		"connect-proto": nil,
 		"grpc-h2c":      {connect.WithGRPC()},
+		"grpc-web":      {connect.WithGRPCWeb()},
 	} {
 		t.Run(name, func(t *testing.T) {
 			h := newHarness(t, opts...)
