@@ -332,7 +332,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 
 	if err := m.initGuest(ctx, rec, true); err != nil {
-		return fail(fmt.Errorf("%w; console: %s", err, consoleTail(rec.Spec.RunDir)))
+		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(filepath.Join(rec.Spec.RunDir, "console.log"), 20)))
 	}
 	rec.State = Running
 	rec.ExpiresAt = time.Now().UTC().Add(rec.Timeout)
@@ -362,17 +362,6 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, first bool) error 
 		return fmt.Errorf("init envd: %w", err)
 	}
 	return nil
-}
-
-func consoleTail(runDir string) string {
-	data, err := os.ReadFile(filepath.Join(runDir, "console.log"))
-	if err != nil {
-		return "(no console)"
-	}
-	if len(data) > 1500 {
-		data = data[len(data)-1500:]
-	}
-	return string(data)
 }
 
 // lock finds a sandbox and locks it for one operation.

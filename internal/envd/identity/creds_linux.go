@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,17 +18,37 @@ type Actor struct {
 	switchable bool // envd is root and the target is someone else
 }
 
-// NewActor prepares file operations for u. Without root, envd can act only
-// as itself; asking for anyone else is a permission error.
-func NewActor(u *User) (*Actor, error) {
+// mustSwitch reports whether acting as u needs envd to switch identity:
+// false when envd already is u. Without root, envd can act only as
+// itself; asking for anyone else is a permission error.
+func mustSwitch(u *User) (bool, error) {
 	self := uint32(os.Geteuid())
 	if self == u.UID {
-		return &Actor{user: u}, nil
+		return false, nil
 	}
 	if self != 0 {
-		return nil, fmt.Errorf("%w: envd runs as uid %d and cannot act as %q", os.ErrPermission, self, u.Name)
+		return false, fmt.Errorf("%w: envd runs as uid %d and cannot act as %q", os.ErrPermission, self, u.Name)
 	}
-	return &Actor{user: u, switchable: true}, nil
+	return true, nil
+}
+
+// NewActor prepares file operations for u.
+func NewActor(u *User) (*Actor, error) {
+	switchable, err := mustSwitch(u)
+	if err != nil {
+		return nil, err
+	}
+	return &Actor{user: u, switchable: switchable}, nil
+}
+
+// Credential is what a process started as u needs: nil when envd already
+// is u, else u's uid, gid and groups.
+func Credential(u *User) (*syscall.Credential, error) {
+	switchable, err := mustSwitch(u)
+	if err != nil || !switchable {
+		return nil, err
+	}
+	return &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: u.Groups}, nil
 }
 
 // User returns the account this actor acts as.

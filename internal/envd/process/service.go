@@ -204,7 +204,7 @@ func (s *Service) prepare(ctx context.Context, msg *pb.StartRequest) (startConfi
 	}
 
 	u := session.UserFrom(ctx)
-	cred, err := credentialFor(u)
+	cred, err := identity.Credential(u)
 	if err != nil {
 		return startConfig{}, connect.NewError(connect.CodePermissionDenied, err)
 	}
@@ -248,19 +248,6 @@ func (s *Service) prepare(ctx context.Context, msg *pb.StartRequest) (startConfi
 		cfg.pty = &ptySize{cols: cols, rows: rows}
 	}
 	return cfg, nil
-}
-
-// credentialFor returns the credential to start a process as u, or nil
-// when envd already is u.
-func credentialFor(u *identity.User) (*syscall.Credential, error) {
-	self := uint32(os.Geteuid())
-	if self == u.UID {
-		return nil, nil
-	}
-	if self != 0 {
-		return nil, fmt.Errorf("envd runs as uid %d and cannot start processes as %q", self, u.Name)
-	}
-	return &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: u.Groups}, nil
 }
 
 // buildEnv layers the environment: a login-like base for the user, then
