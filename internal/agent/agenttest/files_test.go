@@ -17,12 +17,11 @@ func TestStreamingFiles(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 3*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-bigfiles", DiskSizeMib: 1024})
-	sc := streamClient(a.addr, testToken)
 
 	const size = 100 << 20
 	src := io.LimitReader(rand.NewChaCha8([32]byte{9}), size)
 	sent := sha256.New()
-	up := sc.WriteFileStream(ctx)
+	up := a.client.WriteFileStream(ctx)
 	if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Header{Header: &pb.WriteFileRequest{SandboxId: sb.GetId(), Path: "big/blob.bin"}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +44,7 @@ func TestStreamingFiles(t *testing.T) {
 	}
 	t.Logf("wrote 100 MiB through the agent (last flush %v)", time.Since(start).Round(time.Millisecond))
 
-	down, err := sc.ReadFileStream(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "big/blob.bin"}))
+	down, err := a.client.ReadFileStream(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "big/blob.bin"}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,11 +59,11 @@ func TestStreamingFiles(t *testing.T) {
 	}
 
 	// A stream that does not start with a header is refused.
-	bad := sc.WriteFileStream(ctx)
+	bad := a.client.WriteFileStream(ctx)
 	_ = bad.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Data{Data: []byte("x")}})
 	_, err = bad.CloseAndReceive()
 	wantCode(t, err, connect.CodeInvalidArgument)
-	missing, err := sc.ReadFileStream(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "nope"}))
+	missing, err := a.client.ReadFileStream(ctx, connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.GetId(), Path: "nope"}))
 	if err == nil {
 		for missing.Receive() {
 		}

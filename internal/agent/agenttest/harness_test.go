@@ -112,7 +112,7 @@ func (a *agent) start() {
 		t.Fatal(err)
 	}
 	a.cmd = cmd
-	a.client = hostagentv1connect.NewHostAgentServiceClient(a.hc, a.scheme+"://"+a.addr, connect.WithInterceptors(bearer(testToken)))
+	a.client = hostagentv1connect.NewHostAgentServiceClient(withToken(a.hc, testToken), a.scheme+"://"+a.addr)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))
@@ -211,26 +211,25 @@ func leftovers(dir string) []string {
 	return leaks
 }
 
-func bearer(token string) connect.UnaryInterceptorFunc {
-	return func(next connect.UnaryFunc) connect.UnaryFunc {
-		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-			req.Header().Set("Authorization", "Bearer "+token)
-			return next(ctx, req)
-		}
+// withToken returns a copy of hc that sends the host token on every call,
+// unary and streaming alike.
+func withToken(hc *http.Client, token string) *http.Client {
+	next := hc.Transport
+	if next == nil {
+		next = http.DefaultTransport
 	}
+	return &http.Client{Transport: bearerTransport{token: token, next: next}}
 }
 
-// streamClient also authenticates streaming calls.
-func streamClient(addr, token string) hostagentv1connect.HostAgentServiceClient {
-	return hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearerTransport{token}}, "http://"+addr)
+type bearerTransport struct {
+	token string
+	next  http.RoundTripper
 }
-
-type bearerTransport struct{ token string }
 
 func (b bearerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	r = r.Clone(r.Context())
 	r.Header.Set("Authorization", "Bearer "+b.token)
-	return http.DefaultTransport.RoundTrip(r)
+	return b.next.RoundTrip(r)
 }
 
 func (a *agent) create(ctx context.Context, req *pb.CreateSandboxRequest) *pb.Sandbox {

@@ -19,7 +19,7 @@ func TestAgentRequiresHostToken(t *testing.T) {
 	ctx := testCtx(t, 30*time.Second)
 	for name, client := range map[string]hostagentv1connect.HostAgentServiceClient{
 		"no token":    hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr),
-		"wrong token": hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr, connect.WithInterceptors(bearer(testToken+"x"))),
+		"wrong token": hostagentv1connect.NewHostAgentServiceClient(withToken(http.DefaultClient, testToken+"x"), "http://"+a.addr),
 	} {
 		_, err := client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
 		if err == nil {
@@ -60,8 +60,7 @@ func TestCreateExecFilesDestroyLeavesNothing(t *testing.T) {
 	}
 
 	// Streaming exec delivers output as it happens.
-	sc := streamClient(a.addr, testToken)
-	stream, err := sc.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "/bin/sh", Args: []string{"-c", "echo one; sleep 0.3; echo two >&2; exit 3"}}))
+	stream, err := a.client.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "/bin/sh", Args: []string{"-c", "echo one; sleep 0.3; echo two >&2; exit 3"}}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,6 @@ func TestBackgroundProcessesAndPTY(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 3*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-procs"})
-	sc := streamClient(a.addr, testToken)
 
 	// A background process outlives the call that started it.
 	started, err := a.client.StartProcess(ctx, connect.NewRequest(&pb.ExecRequest{
@@ -30,7 +29,7 @@ func TestBackgroundProcessesAndPTY(t *testing.T) {
 		t.Fatalf("list: %v %v", err, list.Msg.GetProcesses())
 	}
 	connCtx, leave := context.WithCancel(ctx)
-	stream, err := sc.ConnectProcess(connCtx, connect.NewRequest(&pb.ConnectProcessRequest{Process: &pb.ProcessRef{SandboxId: sb.GetId(), Tag: "ticker"}}))
+	stream, err := a.client.ConnectProcess(connCtx, connect.NewRequest(&pb.ConnectProcessRequest{Process: &pb.ProcessRef{SandboxId: sb.GetId(), Tag: "ticker"}}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +58,7 @@ func TestBackgroundProcessesAndPTY(t *testing.T) {
 	}
 
 	// An interactive terminal: input, resize, exit.
-	term, err := sc.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "/bin/bash", Pty: &pb.PtySize{Cols: 80, Rows: 24}, Tag: "shell"}))
+	term, err := a.client.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "/bin/bash", Pty: &pb.PtySize{Cols: 80, Rows: 24}, Tag: "shell"}))
 	if err != nil {
 		t.Fatal(err)
 	}

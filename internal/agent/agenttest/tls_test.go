@@ -86,7 +86,7 @@ func TestMutualTLS(t *testing.T) {
 	}
 	// A certificate the CA did not sign, or none at all: the handshake fails.
 	for name, hc := range map[string]*http.Client{"no certificate": clientWith(nil, nil), "foreign certificate": clientWith(strangerPEM, strangerKey)} {
-		c := hostagentv1connect.NewHostAgentServiceClient(hc, "https://"+a.addr, connect.WithInterceptors(bearer(testToken)))
+		c := hostagentv1connect.NewHostAgentServiceClient(withToken(hc, testToken), "https://"+a.addr)
 		if _, err := c.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{})); err == nil {
 			t.Fatalf("%s: accepted", name)
 		}
