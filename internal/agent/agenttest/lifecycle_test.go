@@ -3,6 +3,7 @@ package agenttest
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"net/http"
 	"strings"
 	"testing"
@@ -53,6 +54,20 @@ func TestCreateExecFilesDestroyLeavesNothing(t *testing.T) {
 	}
 	if _, code := a.sh(ctx, sb.GetId(), "exit 7"); code != 7 {
 		t.Fatalf("exit code %d", code)
+	}
+	// Calls reuse the agent's connections to envd: its descriptors stay flat.
+	fds := func() int {
+		entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", a.cmd.Process.Pid))
+		return len(entries)
+	}
+	before := fds()
+	for range 30 {
+		if _, err := a.client.ListDir(ctx, connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.GetId(), Path: "/"})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := fds(); after > before+4 {
+		t.Fatalf("the agent holds %d descriptors after 30 calls, %d before: connections to envd are not reused", after, before)
 	}
 	res, err := a.client.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sb.GetId(), Cmd: "cat", Stdin: []byte("piped in"), User: "root"}))
 	if err != nil || string(res.Msg.GetStdout()) != "piped in" {

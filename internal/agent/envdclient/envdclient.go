@@ -40,6 +40,13 @@ type tokenTransport struct {
 	next  http.RoundTripper
 }
 
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the pool.
+func (t tokenTransport) CloseIdleConnections() {
+	if c, ok := t.next.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
+}
+
 func (t tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if t.token != "" {
 		r = r.Clone(r.Context())
@@ -59,6 +66,10 @@ func New(host, token string) *Client {
 		FS:   filesystemconnect.NewFilesystemClient(hc, base),
 	}
 }
+
+// Close drops the client's idle connections; it stays usable and dials
+// again when needed.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
 
 // AsUser names the Linux user a Connect request acts as ("" = envd's default).
 func AsUser[T any](req *connect.Request[T], user string) *connect.Request[T] {

@@ -79,6 +79,7 @@ type entry struct {
 	mu   sync.Mutex
 	rec  Record
 	view Record
+	envd *envdclient.Client // made on first use, under the manager's lock
 }
 
 // save persists e.rec and publishes it to listings.
@@ -251,6 +252,9 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 func (m *Manager) forget(id string, slot int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if e := m.sandboxes[id]; e != nil && e.envd != nil {
+		e.envd.Close()
+	}
 	delete(m.sandboxes, id)
 	if m.slots[slot] == id {
 		delete(m.slots, slot)
@@ -351,6 +355,7 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, first bool) error 
 		token = "" // envd has no token until this /init sets it
 	}
 	c := envdclient.New(rec.Net.SandboxIP.String(), token)
+	defer c.Close()
 	if err := c.WaitHealthy(waitCtx); err != nil {
 		return err
 	}
@@ -447,7 +452,7 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 		return Record{}, fmt.Errorf("%w: %s is %s", ErrWrongState, rec.ID, rec.State)
 	}
 	start := time.Now()
-	c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
+	c := m.client(e)
 	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	if err := c.PrepareSnapshot(prepCtx); err != nil {
 		m.log.Warn("guest did not flush before pause", "sandbox", rec.ID, "error", err)
@@ -456,6 +461,7 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 	if err := m.cfg.Driver.Snapshot(ctx, rec.Spec, rec.VMM, m.snapshotDir(rec.ID)); err != nil {
 		return Record{}, fmt.Errorf("pause %s: %w", rec.ID, err)
 	}
+	c.Close() // connections into the stopped VM are dead; dial afresh after resume
 	rec.State, rec.VMM = Paused, vmm.Instance{}
 	if err := m.save(e); err != nil {
 		return Record{}, err
@@ -565,7 +571,24 @@ func (m *Manager) Envd(id string) (*envdclient.Client, error) {
 	if rec.State != Running {
 		return nil, fmt.Errorf("%w: %s is %s, not running", ErrWrongState, id, rec.State)
 	}
-	return envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken), nil
+	m.mu.Lock()
+	e := m.sandboxes[id]
+	m.mu.Unlock()
+	if e == nil {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	return m.client(e), nil
+}
+
+// client returns the sandbox's envd client, one per sandbox so that calls
+// reuse connections instead of dialling the guest each time.
+func (m *Manager) client(e *entry) *envdclient.Client {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e.envd == nil {
+		e.envd = envdclient.New(e.view.Net.SandboxIP.String(), e.view.EnvdToken)
+	}
+	return e.envd
 }
 
 // SaveAsTemplate copies a sandbox's disk into a new template that new
@@ -586,8 +609,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (
 	rec := e.rec
 	switch rec.State {
 	case Running:
-		c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
-		if err := c.PrepareSnapshot(ctx); err != nil {
+		if err := m.client(e).PrepareSnapshot(ctx); err != nil {
 			m.log.Warn("guest did not flush before the disk copy", "sandbox", id, "error", err)
 		}
 		if err := m.cfg.Driver.Freeze(ctx, rec.Spec, rec.VMM); err != nil {
