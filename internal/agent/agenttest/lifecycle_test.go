@@ -3,8 +3,8 @@ package agenttest
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
