@@ -60,9 +60,14 @@ build-envd: ## Build envd as a static binary (it runs inside any guest image)
 	@if file $(BUILDS)/envd | grep -q 'statically linked'; then echo "builds/envd: statically linked"; \
 	 else echo "builds/envd is not statically linked:"; file $(BUILDS)/envd; exit 1; fi
 
+.PHONY: postgres
+postgres: ## Start the private PostgreSQL cluster in .dev/postgres (scripts/postgres.sh)
+	scripts/postgres.sh start
+
 .PHONY: test
-test: images ## Build the guest images if needed (cached), then run every test (as root)
-	WRENN_REQUIRE_IMAGES=1 $(GO) test -race -count=1 -timeout 30m ./...
+test: images postgres ## Build the guest images if needed (cached), start PostgreSQL, then run every test (as root)
+	WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_TEST_DATABASE_URL="$$(scripts/postgres.sh url)" \
+		$(GO) test -race -count=1 -timeout 30m ./...
 
 .PHONY: check
 check: fmt-check vet lint test ## fmt + vet + lint + test

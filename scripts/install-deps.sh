@@ -8,6 +8,7 @@ packages=(
 	qemu-system-x86 qemu-utils   # the guest VMs (TCG without KVM), qcow2 tools
 	e2fsprogs debootstrap tini   # guest images without Docker or loop mounts
 	linux-source-6.1 bc bison flex libelf-dev libssl-dev xz-utils  # the guest kernel
+	postgresql                   # the control plane's database (a private cluster, scripts/postgres.sh)
 	procps iproute2 ca-certificates
 )
 missing=()

@@ -1,0 +1,58 @@
+package store
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// APIKey is a team's key; only its hash is stored.
+type APIKey struct {
+	ID        string     `db:"id"`
+	TeamID    string     `db:"team_id"`
+	Name      string     `db:"name"`
+	KeyPrefix string     `db:"key_prefix"`
+	CreatedBy *string    `db:"created_by"`
+	CreatedAt time.Time  `db:"created_at"`
+	LastUsed  *time.Time `db:"last_used"`
+}
+
+const apiKeyCols = "id, team_id, name, key_prefix, created_by, created_at, last_used"
+
+// CreateAPIKey stores a key's hash.
+func (s *Store) CreateAPIKey(ctx context.Context, k APIKey, hash string) (APIKey, error) {
+	err := s.Pool.QueryRow(ctx, `INSERT INTO api_keys (id, team_id, name, key_hash, key_prefix, created_by)
+		VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at`, k.ID, k.TeamID, k.Name, hash, k.KeyPrefix, k.CreatedBy).Scan(&k.CreatedAt)
+	return k, mapErr(err, "create API key")
+}
+
+// APIKeys lists a team's keys, newest first.
+func (s *Store) APIKeys(ctx context.Context, teamID string) ([]APIKey, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+apiKeyCols+" FROM api_keys WHERE team_id = $1 ORDER BY created_at DESC, id", teamID)
+	ks, err := pgx.CollectRows(rows, pgx.RowToStructByName[APIKey])
+	return ks, mapErr(err, "list API keys")
+}
+
+// DeleteAPIKey revokes one of a team's keys.
+func (s *Store) DeleteAPIKey(ctx context.Context, teamID, id string) error {
+	return s.execOne(ctx, "delete API key", "DELETE FROM api_keys WHERE team_id = $1 AND id = $2", teamID, id)
+}
+
+// APIKeyByHash finds the key a request presents, if its team is live,
+// and records that it was used (at most one write a minute per key, so
+// busy keys do not turn every read into a write).
+func (s *Store) APIKeyByHash(ctx context.Context, hash string) (APIKey, error) {
+	rows, _ := s.Pool.Query(ctx, `SELECT k.id, k.team_id, k.name, k.key_prefix, k.created_by, k.created_at, k.last_used
+		FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.key_hash = $1 AND t.deleted_at IS NULL`, hash)
+	k, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[APIKey])
+	if err != nil {
+		return k, mapErr(err, "API key")
+	}
+	if k.LastUsed == nil || time.Since(*k.LastUsed) > time.Minute {
+		if _, err := s.Pool.Exec(ctx, "UPDATE api_keys SET last_used = now() WHERE id = $1", k.ID); err != nil {
+			s.log.Warn("record API key use", "key", k.ID, "err", err)
+		}
+	}
+	return k, nil
+}

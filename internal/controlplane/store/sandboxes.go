@@ -1,0 +1,166 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Sandbox is a capsule as the control plane records it.
+type Sandbox struct {
+	ID           string            `db:"id"`
+	TeamID       string            `db:"team_id"`
+	HostID       *string           `db:"host_id"`
+	Template     string            `db:"template"`
+	Status       string            `db:"status"`
+	VCPUs        int32             `db:"vcpus"`
+	MemoryMB     int32             `db:"memory_mb"`
+	DiskSizeMB   *int32            `db:"disk_size_mb"`
+	TimeoutSec   int32             `db:"timeout_sec"`
+	AutoPause    bool              `db:"auto_pause"`
+	Metadata     map[string]string `db:"metadata"`
+	GuestIP      string            `db:"guest_ip"`
+	HostIP       string            `db:"host_ip"`
+	Error        string            `db:"error"`
+	CreatedBy    *string           `db:"created_by"`
+	CreatedAt    time.Time         `db:"created_at"`
+	StartedAt    *time.Time        `db:"started_at"`
+	LastActiveAt *time.Time        `db:"last_active_at"`
+	LastUpdated  time.Time         `db:"last_updated"`
+	StoppedAt    *time.Time        `db:"stopped_at"`
+}
+
+const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
+	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at`
+
+// Live states hold resources on a host.
+var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
+
+// InsertSandbox records a capsule about to be created.
+func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) error {
+	if sb.Metadata == nil {
+		sb.Metadata = map[string]string{}
+	}
+	_, err := s.Pool.Exec(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
+		timeout_sec, auto_pause, metadata, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy)
+	return mapErr(err, "insert capsule")
+}
+
+// Sandbox returns one of a team's capsules; another team's is ErrNotFound.
+// An empty teamID (platform admin, background jobs) matches any team.
+func (s *Store) Sandbox(ctx context.Context, teamID, id string) (Sandbox, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+" FROM sandboxes WHERE id = $1 AND ($2 = '' OR team_id = $2)", id, teamID)
+	sb, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
+	return sb, mapErr(err, "capsule")
+}
+
+// SandboxFilter narrows a listing.
+type SandboxFilter struct {
+	TeamID   string            // "" lists every team (admins)
+	HostID   string            // "" any host
+	Statuses []string          // empty: any
+	Metadata map[string]string // all pairs must match
+	Limit    int
+}
+
+// Sandboxes lists capsules, newest first.
+func (s *Store) Sandboxes(ctx context.Context, f SandboxFilter) ([]Sandbox, error) {
+	var where []string
+	var args []any
+	add := func(cond string, v any) {
+		args = append(args, v)
+		where = append(where, fmt.Sprintf(cond, len(args)))
+	}
+	if f.TeamID != "" {
+		add("team_id = $%d", f.TeamID)
+	}
+	if f.HostID != "" {
+		add("host_id = $%d", f.HostID)
+	}
+	if len(f.Statuses) > 0 {
+		add("status = ANY($%d)", f.Statuses)
+	}
+	if len(f.Metadata) > 0 {
+		add("metadata @> $%d", f.Metadata)
+	}
+	q := "SELECT " + sandboxCols + " FROM sandboxes"
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	q += " ORDER BY created_at DESC, id"
+	if f.Limit > 0 {
+		q += fmt.Sprintf(" LIMIT %d", f.Limit)
+	}
+	rows, _ := s.Pool.Query(ctx, q, args...)
+	sbs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Sandbox])
+	return sbs, mapErr(err, "list capsules")
+}
+
+// Transition moves a capsule from one of the states in from to state to,
+// applying set (column = value pairs) in the same write. It returns
+// ErrConflict, with the current row, when the capsule is in another state.
+func (s *Store) Transition(ctx context.Context, id string, from []string, to string, set map[string]any) (Sandbox, error) {
+	cols := []string{"status = $2", "last_updated = now()"}
+	args := []any{id, to, from}
+	for k, v := range set {
+		args = append(args, v)
+		if v == Now {
+			cols = append(cols, k+" = now()")
+			args = args[:len(args)-1]
+			continue
+		}
+		cols = append(cols, fmt.Sprintf("%s = $%d", k, len(args)))
+	}
+	rows, _ := s.Pool.Query(ctx, "UPDATE sandboxes SET "+strings.Join(cols, ", ")+
+		" WHERE id = $1 AND status = ANY($3) RETURNING "+sandboxCols, args...)
+	sb, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
+	if err == pgx.ErrNoRows {
+		cur, gerr := s.Sandbox(ctx, "", id)
+		if gerr != nil {
+			return Sandbox{}, gerr
+		}
+		return cur, fmt.Errorf("capsule %s is %s: %w", id, cur.Status, ErrConflict)
+	}
+	return sb, mapErr(err, "update capsule")
+}
+
+// nowMarker stands for the database's now() in Transition's set.
+type nowMarker struct{}
+
+// Now, as a value in Transition's set, writes the database's clock.
+var Now = nowMarker{}
+
+// Touch records activity on a running capsule (exec, ping, files).
+func (s *Store) Touch(ctx context.Context, id string) error {
+	_, err := s.Pool.Exec(ctx, "UPDATE sandboxes SET last_active_at = now() WHERE id = $1 AND status = 'running'", id)
+	return mapErr(err, "touch capsule")
+}
+
+// Expired lists running capsules idle past their timeout.
+func (s *Store) Expired(ctx context.Context) ([]Sandbox, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+` FROM sandboxes
+		WHERE status = 'running' AND timeout_sec > 0
+		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now()`)
+	sbs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Sandbox])
+	return sbs, mapErr(err, "expired capsules")
+}
+
+// Stuck lists capsules in a transitional state for longer than age: a
+// replica died in the middle of an operation.
+func (s *Store) Stuck(ctx context.Context, age time.Duration) ([]Sandbox, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+` FROM sandboxes
+		WHERE status IN ('pending', 'starting', 'pausing', 'resuming', 'stopping') AND last_updated < now() - $1::interval`, age.String())
+	sbs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Sandbox])
+	return sbs, mapErr(err, "stuck capsules")
+}
+
+// TeamUsage sums the live reservations of a team.
+func (s *Store) TeamUsage(ctx context.Context, teamID string) (running, vcpus, memoryMB int64, err error) {
+	err = s.Pool.QueryRow(ctx, `SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
+		FROM sandboxes WHERE team_id = $1 AND status IN ('starting', 'running', 'resuming', 'pausing')`, teamID).Scan(&running, &vcpus, &memoryMB)
+	return running, vcpus, memoryMB, mapErr(err, "team usage")
+}

@@ -1,0 +1,122 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/internal/testutil/pgtest"
+)
+
+func open(t *testing.T) *store.Store {
+	t.Helper()
+	s, err := store.Open(context.Background(), pgtest.URL(t), 10*time.Second, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// The schema goes up, all the way down, and up again on a real server.
+func TestMigrationsUpDownUp(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	db := stdlib.OpenDBFromPool(s.Pool)
+	defer db.Close()
+	v, err := store.MigrationVersion(ctx, db)
+	if err != nil || v < 1 {
+		t.Fatalf("version after up = %d, %v", v, err)
+	}
+	if err := store.MigrateDown(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	var tables int
+	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name <> 'goose_db_version'").Scan(&tables); err != nil {
+		t.Fatal(err)
+	}
+	if tables != 0 {
+		t.Fatalf("%d tables left after migrating down", tables)
+	}
+	if err := s.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.TemplateByName(ctx, "team-x", "minimal"); err != nil {
+		t.Fatalf("the minimal template is not seeded again: %v", err)
+	}
+}
+
+// Two replicas starting at once both succeed and migrate once.
+func TestConcurrentMigrations(t *testing.T) {
+	url := pgtest.URL(t)
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			s, err := store.Open(context.Background(), url, 10*time.Second, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			if err == nil {
+				s.Close()
+			}
+			errs <- err
+		}()
+	}
+	for range 3 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestFirstUserIsAdminAndEmailsAreUnique(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	a, err := s.CreateUser(ctx, store.User{ID: "usr-a", Email: "A@example.com", PasswordHash: "x", Status: "active"}, store.Team{ID: "team-a", Name: "A", Slug: "a"}, false)
+	if err != nil || !a.IsAdmin {
+		t.Fatalf("first user admin=%v err=%v", a.IsAdmin, err)
+	}
+	b, err := s.CreateUser(ctx, store.User{ID: "usr-b", Email: "b@example.com", PasswordHash: "x", Status: "active"}, store.Team{ID: "team-b", Name: "B", Slug: "b"}, false)
+	if err != nil || b.IsAdmin {
+		t.Fatalf("second user admin=%v err=%v", b.IsAdmin, err)
+	}
+	_, err = s.CreateUser(ctx, store.User{ID: "usr-c", Email: "a@EXAMPLE.com", PasswordHash: "x", Status: "active"}, store.Team{ID: "team-c", Name: "C", Slug: "c"}, false)
+	if !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("duplicate email (other case): %v", err)
+	}
+	if _, err := s.Team(ctx, "team-c"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("a refused signup left its team behind: %v", err)
+	}
+	if err := s.SetAdmin(ctx, "usr-a", false); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("removing the last admin: %v", err)
+	}
+}
+
+// Two replicas never run the same job at once.
+func TestTryLockIsExclusive(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	inside := make(chan struct{})
+	release := make(chan struct{})
+	go func() {
+		_, _ = s.TryLock(ctx, 42, func(context.Context) error {
+			close(inside)
+			<-release
+			return nil
+		})
+	}()
+	<-inside
+	ran, err := s.TryLock(ctx, 42, func(context.Context) error { return nil })
+	if err != nil || ran {
+		t.Fatalf("second holder ran=%v err=%v", ran, err)
+	}
+	close(release)
+	time.Sleep(100 * time.Millisecond)
+	ran, err = s.TryLock(ctx, 42, func(context.Context) error { return nil })
+	if err != nil || !ran {
+		t.Fatalf("after release ran=%v err=%v", ran, err)
+	}
+}

@@ -1,0 +1,60 @@
+package store
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Template is a base image (platform-wide) or a team's snapshot.
+type Template struct {
+	ID              string            `db:"id"`
+	TeamID          *string           `db:"team_id"`
+	Name            string            `db:"name"`
+	Type            string            `db:"type"`
+	VCPUs           *int32            `db:"vcpus"`
+	MemoryMB        *int32            `db:"memory_mb"`
+	SizeBytes       int64             `db:"size_bytes"`
+	HostID          *string           `db:"host_id"`
+	SourceSandboxID *string           `db:"source_sandbox_id"`
+	Metadata        map[string]string `db:"metadata"`
+	CreatedAt       time.Time         `db:"created_at"`
+}
+
+const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at"
+
+// Templates lists the platform's templates and a team's own; typ filters.
+func (s *Store) Templates(ctx context.Context, teamID, typ string) ([]Template, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+templateCols+` FROM templates
+		WHERE (team_id IS NULL OR team_id = $1) AND ($2 = '' OR type = $2) ORDER BY team_id NULLS FIRST, created_at, name`, teamID, typ)
+	ts, err := pgx.CollectRows(rows, pgx.RowToStructByName[Template])
+	return ts, mapErr(err, "list templates")
+}
+
+// TemplateByName finds a template a team may use: its own first, then
+// the platform's.
+func (s *Store) TemplateByName(ctx context.Context, teamID, name string) (Template, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+templateCols+` FROM templates
+		WHERE name = $2 AND (team_id = $1 OR team_id IS NULL) ORDER BY team_id NULLS LAST LIMIT 1`, teamID, name)
+	t, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Template])
+	return t, mapErr(err, "template")
+}
+
+// InsertTemplate records a team's snapshot template.
+func (s *Store) InsertTemplate(ctx context.Context, t Template) (Template, error) {
+	if t.Metadata == nil {
+		t.Metadata = map[string]string{}
+	}
+	err := s.Pool.QueryRow(ctx, `INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING created_at`,
+		t.ID, t.TeamID, t.Name, t.Type, t.VCPUs, t.MemoryMB, t.SizeBytes, t.HostID, t.SourceSandboxID, t.Metadata).Scan(&t.CreatedAt)
+	return t, mapErr(err, "insert template")
+}
+
+// DeleteTemplate removes one of a team's templates.
+func (s *Store) DeleteTemplate(ctx context.Context, teamID, name string) (Template, error) {
+	rows, _ := s.Pool.Query(ctx, "DELETE FROM templates WHERE team_id = $1 AND name = $2 RETURNING "+templateCols, teamID, name)
+	t, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Template])
+	return t, mapErr(err, "delete template")
+}
