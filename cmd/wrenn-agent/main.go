@@ -16,7 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/proxy"
+	"github.com/wrenn/wrenn/internal/agent/registration"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/agent/server"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
@@ -33,6 +34,7 @@ import (
 	"github.com/wrenn/wrenn/internal/kvm"
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/version"
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -75,6 +77,10 @@ func run() error {
 	tlsCert := fs.String("tls-cert", envOr("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
 	tlsKey := fs.String("tls-key", envOr("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
 	clientCA := fs.String("tls-client-ca", envOr("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
+	register := fs.String("register", "", "register this host with the control plane using this one-time token, then serve")
+	address := fs.String("address", envOr("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
+	cpURL := fs.String("cp-url", envOr("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
+	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -93,10 +99,6 @@ func run() error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	token, err := hostToken(*dir)
-	if err != nil {
-		return err
-	}
 	var resolvers []netip.Addr
 	for _, s := range strings.Split(*dns, ",") {
 		a, err := netip.ParseAddr(strings.TrimSpace(s))
@@ -127,12 +129,17 @@ func run() error {
 	}
 	log.Info("VMM chosen", "vmm", driver.Name(), "accelerator", accel, "requested", *vmmName, "disks", disks.Name())
 
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), log)
+	if err != nil {
+		return err
+	}
+
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()),
 	})
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	if err := mgr.Start(ctx); err != nil {
 		return err
 	}
@@ -151,11 +158,16 @@ func run() error {
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
+	cfg := server.Config{
+		Manager: mgr, Token: token, Log: log, WrennDir: *dir,
+		VMM: driver.Name(), Accel: accel, Version: version.Version,
+	}
+	if creds != nil {
+		cfg.Tokens = creds.Tokens
+		go creds.Run(ctx, *heartbeat, log)
+	}
 	hs := &http.Server{
-		Handler: server.Handler(server.Config{
-			Manager: mgr, Token: token, Log: log, WrennDir: *dir,
-			VMM: driver.Name(), Accel: accel, Version: version.Version,
-		}),
+		Handler:           server.Handler(cfg),
 		Protocols:         &protocols,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
@@ -243,22 +255,68 @@ func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// hostToken is the credential the control plane presents on every call:
-// WRENN_HOST_TOKEN, else $WRENN_DIR/host-token (written at registration).
-func hostToken(dir string) (string, error) {
-	source, t := "WRENN_HOST_TOKEN", os.Getenv("WRENN_HOST_TOKEN")
-	if t == "" {
-		source = filepath.Join(dir, "host-token")
-		data, err := os.ReadFile(source)
-		if err != nil {
-			return "", fmt.Errorf("no host token: set WRENN_HOST_TOKEN or register the host so that %s exists (%w)", source, err)
+// credentials decides how the control plane authenticates to this agent:
+// a fixed WRENN_HOST_TOKEN (no registration, no heartbeats), a new
+// registration (--register), or the credentials saved by an earlier one.
+func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, log *slog.Logger) (*registration.Credentials, string, error) {
+	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" && registerToken == "" {
+		if len(t) < 16 {
+			return nil, "", errors.New("WRENN_HOST_TOKEN is shorter than 16 characters")
 		}
-		t = strings.TrimSpace(string(data))
+		log.Info("using the fixed host token from WRENN_HOST_TOKEN (no registration, no heartbeats)")
+		return nil, t, nil
 	}
-	if len(t) < 16 {
-		return "", fmt.Errorf("the host token from %s is shorter than 16 characters", source)
+	if registerToken != "" {
+		if address == "" {
+			address = listen
+		}
+		host, port, err := net.SplitHostPort(address)
+		if err != nil {
+			return nil, "", fmt.Errorf("--address %q: %w", address, err)
+		}
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			return nil, "", fmt.Errorf("--address %q: give the IP the control plane reaches this host on (e.g. 10.0.0.5:%s)", address, port)
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, "", err
+		}
+		c, err := registration.Register(ctx, dir, cpURL, registerToken, hostSpecs(dir, address, vmmName))
+		if err != nil {
+			return nil, "", err
+		}
+		log.Info("host registered with the control plane", "host", c.HostID, "control_plane", cpURL, "address", address)
+		tok, _ := c.Tokens()
+		return c, tok, nil
 	}
-	return t, nil
+	c, err := registration.Load(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, "", fmt.Errorf("this host is not registered: run wrenn-agent --register <token> --address <ip:port> (token from POST /v1/hosts), or set WRENN_HOST_TOKEN")
+		}
+		return nil, "", err
+	}
+	log.Info("loaded host credentials", "host", c.HostID, "control_plane", c.CPURL)
+	tok, _ := c.Tokens()
+	return c, tok, nil
+}
+
+func hostSpecs(dir, address, vmmName string) registration.Specs {
+	arch := runtime.GOARCH
+	switch arch {
+	case "amd64":
+		arch = "x86_64"
+	case "arm64":
+		arch = "aarch64"
+	}
+	s := registration.Specs{Arch: arch, CPUCores: int32(runtime.NumCPU()), Address: address, VMM: vmmName, Version: version.Version}
+	if mem, err := procfs.Mem("MemTotal"); err == nil {
+		s.MemoryMB = int32(mem >> 20)
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(dir, &st) == nil {
+		s.DiskGB = int32(int64(st.Blocks) * st.Bsize >> 30)
+	}
+	return s
 }
 
 // hostMemoryMiB is the memory sandboxes may reserve: three quarters of

@@ -1,14 +1,210 @@
-// Command wrenn-cp is not implemented yet; see the project's issues.
+// Command wrenn-cp is the control plane: the public API, accounts, hosts,
+// scheduling and reconciliation. It keeps no state of its own: everything
+// durable is in PostgreSQL, so several replicas can serve together.
+//
+//	wrenn-cp [serve]                              run the API (default)
+//	wrenn-cp migrate                              apply migrations and exit
+//	wrenn-cp admin create --email E --password P  create a platform admin
 package main
 
 import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"flag"
 	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
+	"time"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/api"
+	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
 func main() {
-	fmt.Fprintf(os.Stderr, "wrenn-cp %s: not implemented yet\n", version.Version)
-	os.Exit(2)
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "wrenn-cp:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func envDuration(key string, def time.Duration) (time.Duration, error) {
+	v := os.Getenv(key)
+	if v == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", key, err)
+	}
+	return d, nil
+}
+
+func run(args []string) error {
+	cmd := "serve"
+	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve", "migrate":
+		return serve(cmd, args)
+	case "admin":
+		if len(args) == 0 || args[0] != "create" {
+			return errors.New("usage: wrenn-cp admin create --email EMAIL --password PASSWORD [--name NAME]")
+		}
+		return adminCreate(args[1:])
+	case "version":
+		fmt.Println(version.Version)
+		return nil
+	default:
+		return fmt.Errorf("unknown command %q: use serve, migrate, admin create or version", cmd)
+	}
+}
+
+func logger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("WRENN_LOG_LEVEL: %w", err)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+// openStore connects (waiting up to a minute for the database) and migrates.
+func openStore(ctx context.Context, log *slog.Logger) (*store.Store, error) {
+	url := os.Getenv("DATABASE_URL")
+	if url == "" {
+		return nil, errors.New("DATABASE_URL is not set (for a local database: scripts/postgres.sh start && export DATABASE_URL=$(scripts/postgres.sh url))")
+	}
+	return store.Open(ctx, url, time.Minute, log)
+}
+
+// signer uses WRENN_JWT_SECRET, or else a secret generated once and kept
+// in the database, so every replica signs and verifies alike.
+func signer(ctx context.Context, st *store.Store) (*auth.Signer, error) {
+	secret := os.Getenv("WRENN_JWT_SECRET")
+	if secret == "" {
+		var err error
+		secret, err = st.Setting(ctx, "jwt_secret", hex.EncodeToString([]byte(ids.Random(32))))
+		if err != nil {
+			return nil, err
+		}
+	}
+	if len(secret) < 32 {
+		return nil, errors.New("WRENN_JWT_SECRET must be at least 32 characters")
+	}
+	ttl, err := envDuration("WRENN_JWT_TTL", auth.UserTokenTTL)
+	if err != nil {
+		return nil, err
+	}
+	return &auth.Signer{Secret: []byte(secret), UserTTL: ttl}, nil
+}
+
+func serve(cmd string, args []string) error {
+	fs := flag.NewFlagSet("wrenn-cp", flag.ContinueOnError)
+	listen := fs.String("listen", envOr("WRENN_CP_LISTEN_ADDR", ":8000"), "address of the API (WRENN_CP_LISTEN_ADDR)")
+	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error (WRENN_LOG_LEVEL)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	log, err := logger(*logLevel)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	st, err := openStore(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if cmd == "migrate" {
+		log.Info("database schema is up to date")
+		return nil
+	}
+	sg, err := signer(ctx, st)
+	if err != nil {
+		return err
+	}
+	interval, err := envDuration("WRENN_RECONCILE_INTERVAL", 10*time.Second)
+	if err != nil {
+		return err
+	}
+	silence, err := envDuration("WRENN_HOST_SILENCE", 90*time.Second)
+	if err != nil {
+		return err
+	}
+	agents := &agentclient.Pool{}
+	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log})
+	defer srv.Close()
+	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
+	go rec.Run(ctx)
+
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.Info("wrenn-cp listening", "addr", ln.Addr().String(), "version", version.Version, "reconcile_interval", interval, "host_silence", silence)
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("wrenn-cp stopping")
+	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return hs.Shutdown(sctx)
+}
+
+func adminCreate(args []string) error {
+	fs := flag.NewFlagSet("wrenn-cp admin create", flag.ContinueOnError)
+	email := fs.String("email", "", "the admin's email")
+	password := fs.String("password", os.Getenv("WRENN_ADMIN_PASSWORD"), "the admin's password (or WRENN_ADMIN_PASSWORD)")
+	name := fs.String("name", "", "display name")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log, err := logger(envOr("WRENN_LOG_LEVEL", "warn"))
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	st, err := openStore(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	sg, err := signer(ctx, st)
+	if err != nil {
+		return err
+	}
+	srv := api.New(api.Config{Store: st, Signer: sg, Agents: &agentclient.Pool{}, Log: log})
+	defer srv.Close()
+	u, err := srv.CreateAdmin(ctx, *email, *password, *name)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("created platform admin %s (%s)\n", u.Email, u.ID)
+	return nil
 }

@@ -40,8 +40,11 @@ const (
 
 // Config wires the server.
 type Config struct {
-	Manager  *sandbox.Manager
-	Token    string
+	Manager *sandbox.Manager
+	Token   string
+	// Tokens, when set, replaces Token: the current and the previous host
+	// token (a registered host's JWT rotates; the old one works until the next rotation).
+	Tokens   func() (current, previous string)
 	Log      *slog.Logger
 	WrennDir string
 	VMM      string // driver name
@@ -71,15 +74,22 @@ func Handler(cfg Config) http.Handler {
 	)
 	mux := http.NewServeMux()
 	mux.Handle(path, h)
-	return authenticate(cfg.Token, cfg.Log, mux)
+	tokens := cfg.Tokens
+	if tokens == nil {
+		tokens = func() (string, string) { return cfg.Token, "" }
+	}
+	return authenticate(tokens, cfg.Log, mux)
 }
 
 // authenticate compares the bearer token in constant time.
-func authenticate(token string, log *slog.Logger, next http.Handler) http.Handler {
-	want := []byte("Bearer " + token)
+func authenticate(tokens func() (string, string), log *slog.Logger, next http.Handler) http.Handler {
+	matches := func(got []byte, token string) bool {
+		return token != "" && subtle.ConstantTimeCompare(got, []byte("Bearer "+token)) == 1
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := []byte(r.Header.Get("Authorization"))
-		if token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
+		current, previous := tokens()
+		if !matches(got, current) && !matches(got, previous) {
 			log.Warn("unauthenticated agent call", "procedure", r.URL.Path, "remote", r.RemoteAddr)
 			_ = connect.NewErrorWriter().Write(w, r, connect.NewError(connect.CodeUnauthenticated, errors.New("missing or invalid host token")))
 			return

@@ -1,0 +1,96 @@
+// Package agentclient reaches host agents: one Connect client per host,
+// authenticated with the host's current token, reused across requests.
+package agentclient
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+)
+
+// Client is the agent API.
+type Client = hostagentv1connect.HostAgentServiceClient
+
+// Pool caches a client per (address, token); a new token (after a
+// refresh) makes a new client.
+type Pool struct {
+	// TLS, when set, is used for agents whose address starts with https://.
+	TLS *tls.Config
+
+	mu      sync.Mutex
+	clients map[string]Client
+	plain   *http.Client
+	secure  *http.Client
+}
+
+// Get returns the client for an agent at address ("ip:port" or a URL).
+func (p *Pool) Get(address, token string) Client {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	key := address + "\x00" + token
+	if c, ok := p.clients[key]; ok {
+		return c
+	}
+	if p.clients == nil {
+		p.clients = map[string]Client{}
+		p.plain = newHTTPClient(nil)
+		p.secure = newHTTPClient(p.TLS)
+	}
+	for k := range p.clients {
+		// Forget clients holding an older token of the same agent.
+		if strings.HasPrefix(k, address+"\x00") {
+			delete(p.clients, k)
+		}
+	}
+	hc, url := p.plain, address
+	switch {
+	case strings.HasPrefix(address, "https://"):
+		hc = p.secure
+	case strings.HasPrefix(address, "http://"):
+	default:
+		url = "http://" + address
+	}
+	c := hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: hc.Transport}}, url)
+	p.clients[key] = c
+	return c
+}
+
+func newHTTPClient(tlsConfig *tls.Config) *http.Client {
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	if tlsConfig == nil {
+		// Agents speak HTTP/2 without TLS (h2c): streams share one connection.
+		protocols.SetUnencryptedHTTP2(true)
+	} else {
+		protocols.SetHTTP2(true)
+	}
+	return &http.Client{Transport: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     tlsConfig,
+		Protocols:           &protocols,
+		MaxIdleConnsPerHost: 16,
+		IdleConnTimeout:     90 * time.Second,
+	}}
+}
+
+type bearer struct {
+	token string
+	next  http.RoundTripper
+}
+
+func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.token)
+	return b.next.RoundTrip(r)
+}
+
+// Ctx bounds a unary call that should not hang on a dead host.
+func Ctx(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, d)
+}

@@ -1,0 +1,258 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"net/mail"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+)
+
+type authResponse struct {
+	Token   string `json:"token"`
+	UserID  string `json:"user_id"`
+	TeamID  string `json:"team_id"`
+	Email   string `json:"email"`
+	Name    string `json:"name"`
+	IsAdmin bool   `json:"is_admin"`
+}
+
+func validEmail(s string) bool {
+	a, err := mail.ParseAddress(s)
+	return err == nil && a.Address == s && len(s) <= 254
+}
+
+func checkPassword(pw string) error {
+	if len(pw) < auth.MinPasswordLength {
+		return badRequest("password must be at least %d characters", auth.MinPasswordLength)
+	}
+	if len(pw) > 72 {
+		return badRequest("password must be at most 72 bytes")
+	}
+	return nil
+}
+
+func checkName(name string, max int, what string) error {
+	if !utf8.ValidString(name) || utf8.RuneCountInString(name) > max {
+		return badRequest("%s must be valid text of at most %d characters", what, max)
+	}
+	return nil
+}
+
+func newSlug() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	h := hex.EncodeToString(b)
+	return h[:6] + "-" + h[6:]
+}
+
+// signup creates an active account with its own team. (There is no mail
+// delivery yet, so accounts are not held back for activation.)
+func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) error {
+	var req struct {
+		Email    string `json:"email"`
+		Password string `json:"password"`
+		Name     string `json:"name"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	req.Email = strings.TrimSpace(req.Email)
+	if !validEmail(req.Email) {
+		return badRequest("email is not a valid address")
+	}
+	if err := checkPassword(req.Password); err != nil {
+		return err
+	}
+	if err := checkName(req.Name, 100, "name"); err != nil {
+		return err
+	}
+	u, err := s.createAccount(r.Context(), req.Email, req.Password, req.Name, false)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, map[string]any{"message": "account created; sign in with POST /v1/auth/login", "user_id": u.ID})
+	return nil
+}
+
+// CreateAdmin makes a platform-admin account (wrenn-cp admin create).
+func (s *Server) CreateAdmin(ctx context.Context, email, password, name string) (store.User, error) {
+	if !validEmail(email) {
+		return store.User{}, badRequest("email is not a valid address")
+	}
+	if err := checkPassword(password); err != nil {
+		return store.User{}, err
+	}
+	return s.createAccount(ctx, email, password, name, true)
+}
+
+func (s *Server) createAccount(ctx context.Context, email, password, name string, admin bool) (store.User, error) {
+	hash, err := auth.HashPassword(password)
+	if err != nil {
+		return store.User{}, err
+	}
+	teamName := name
+	if teamName == "" {
+		teamName = strings.SplitN(email, "@", 2)[0]
+	}
+	u, err := s.st.CreateUser(ctx, store.User{ID: ids.New("usr"), Email: email, Name: name, PasswordHash: hash, Status: "active"},
+		store.Team{ID: ids.New("team"), Name: teamName + "'s team", Slug: newSlug()}, admin)
+	if errors.Is(err, store.ErrConflict) {
+		return store.User{}, conflict("an account with this email already exists")
+	}
+	if err != nil {
+		return store.User{}, err
+	}
+	s.log.Info("account created", "user", u.ID, "admin", u.IsAdmin)
+	p := &principal{UserID: u.ID, Email: u.Email}
+	s.audit(ctx, p, "", "user", u.ID, "user.signup", nil, map[string]any{"admin": u.IsAdmin})
+	return u, nil
+}
+
+func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) error {
+	var req struct {
+		Email    string `json:"email"`
+		Password string `json:"password"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if req.Email == "" || req.Password == "" {
+		return badRequest("email and password are required")
+	}
+	// Throttle guessing per email as well as per source.
+	if wait, ok := s.limit.allow("login:" + strings.ToLower(req.Email)); !ok {
+		w.Header().Set("Retry-After", wait)
+		return errf(http.StatusTooManyRequests, "rate_limited", "too many login attempts; retry after %s s", wait)
+	}
+	invalid := errf(http.StatusUnauthorized, "invalid_credentials", "wrong email or password")
+	u, err := s.st.UserByEmail(r.Context(), req.Email)
+	if errors.Is(err, store.ErrNotFound) {
+		auth.BurnPasswordCheck(req.Password)
+		return invalid
+	}
+	if err != nil {
+		return err
+	}
+	if auth.CheckPassword(u.PasswordHash, req.Password) != nil {
+		s.audit(r.Context(), &principal{UserID: u.ID, Email: u.Email}, "", "user", u.ID, "user.login", errors.New("wrong password"), nil)
+		return invalid
+	}
+	if u.Status != "active" {
+		return errf(http.StatusForbidden, "account_inactive", "this account is %s", u.Status)
+	}
+	teams, err := s.st.TeamsForUser(r.Context(), u.ID)
+	if err != nil {
+		return err
+	}
+	if len(teams) == 0 {
+		return errf(http.StatusForbidden, "no_team", "this account belongs to no team")
+	}
+	return s.issue(w, u, teams[0].ID)
+}
+
+func (s *Server) issue(w http.ResponseWriter, u store.User, teamID string) error {
+	token, err := s.signer.UserToken(u.ID, teamID, u.Email, u.Name, u.IsAdmin)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, authResponse{Token: token, UserID: u.ID, TeamID: teamID, Email: u.Email, Name: u.Name, IsAdmin: u.IsAdmin})
+	return nil
+}
+
+func (s *Server) switchTeam(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		TeamID string `json:"team_id"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if req.TeamID == "" {
+		return badRequest("team_id is required")
+	}
+	if _, err := s.st.MemberRole(r.Context(), req.TeamID, p.UserID); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound("team")
+		}
+		return err
+	}
+	u, err := s.st.UserByID(r.Context(), p.UserID)
+	if err != nil {
+		return err
+	}
+	return s.issue(w, u, req.TeamID)
+}
+
+func (s *Server) me(w http.ResponseWriter, r *http.Request, p *principal) error {
+	u, err := s.st.UserByID(r.Context(), p.UserID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"user_id": u.ID, "name": u.Name, "email": u.Email, "has_password": true,
+		"providers": []string{}, "is_admin": u.IsAdmin, "team_id": p.TeamID, "role": p.Role, "created_at": u.CreatedAt})
+	return nil
+}
+
+func (s *Server) updateMe(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		Name string `json:"name"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	req.Name = strings.TrimSpace(req.Name)
+	if req.Name == "" {
+		return badRequest("name is required")
+	}
+	if err := checkName(req.Name, 100, "name"); err != nil {
+		return err
+	}
+	if err := s.st.SetUserName(r.Context(), p.UserID, req.Name); err != nil {
+		return err
+	}
+	u, err := s.st.UserByID(r.Context(), p.UserID)
+	if err != nil {
+		return err
+	}
+	return s.issue(w, u, p.TeamID)
+}
+
+func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		CurrentPassword string `json:"current_password"`
+		NewPassword     string `json:"new_password"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if err := checkPassword(req.NewPassword); err != nil {
+		return err
+	}
+	u, err := s.st.UserByID(r.Context(), p.UserID)
+	if err != nil {
+		return err
+	}
+	if auth.CheckPassword(u.PasswordHash, req.CurrentPassword) != nil {
+		s.audit(r.Context(), p, "", "user", u.ID, "user.password_change", errors.New("wrong current password"), nil)
+		return errf(http.StatusUnauthorized, "invalid_credentials", "the current password is wrong")
+	}
+	hash, err := auth.HashPassword(req.NewPassword)
+	if err != nil {
+		return err
+	}
+	err = s.st.SetPassword(r.Context(), u.ID, hash)
+	s.audit(r.Context(), p, "", "user", u.ID, "user.password_change", err, nil)
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+

@@ -1,0 +1,93 @@
+package api
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+)
+
+// audit records a state-changing action; a failure to record is logged,
+// never returned to the caller whose action already happened.
+func (s *Server) audit(ctx context.Context, p *principal, teamID, resourceType, resourceID, action string, err error, meta map[string]any) {
+	typ, id := p.actor()
+	e := store.AuditEntry{ID: ids.New("aud"), ActorType: typ, ActorID: id, ResourceType: resourceType, ResourceID: resourceID,
+		Action: action, Status: "success", Metadata: meta}
+	if p != nil {
+		e.ActorName = p.Email
+		if e.ActorName == "" {
+			e.ActorName = p.Name
+		}
+	}
+	if teamID != "" {
+		e.TeamID = &teamID
+	}
+	if err != nil {
+		e.Status = "failure"
+		if e.Metadata == nil {
+			e.Metadata = map[string]any{}
+		}
+		e.Metadata["error"] = err.Error()
+	}
+	if aerr := s.st.Audit(context.WithoutCancel(ctx), e); aerr != nil {
+		s.log.Error("audit log write failed", "action", action, "resource", resourceID, "err", aerr)
+	}
+}
+
+type auditJSON struct {
+	ID           string         `json:"id"`
+	ActorType    string         `json:"actor_type"`
+	ActorID      string         `json:"actor_id"`
+	ActorName    string         `json:"actor_name"`
+	ResourceType string         `json:"resource_type"`
+	ResourceID   string         `json:"resource_id"`
+	Action       string         `json:"action"`
+	Scope        string         `json:"scope"`
+	Status       string         `json:"status"`
+	Metadata     map[string]any `json:"metadata"`
+	CreatedAt    time.Time      `json:"created_at"`
+}
+
+func (s *Server) listAuditLogs(w http.ResponseWriter, r *http.Request, p *principal) error {
+	q := r.URL.Query()
+	limit := 50
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 200 {
+			return badRequest("limit must be between 1 and 200")
+		}
+		limit = n
+	}
+	before := time.Now().Add(time.Hour)
+	if v := q.Get("before"); v != "" {
+		t, err := time.Parse(time.RFC3339Nano, v)
+		if err != nil {
+			return badRequest("before must be an RFC 3339 time")
+		}
+		before = t
+	}
+	beforeID := q.Get("before_id")
+	if q.Get("before") != "" && beforeID == "" {
+		beforeID = "\uffff" // everything at exactly that time is before the cursor
+	}
+	entries, err := s.st.AuditPage(r.Context(), p.TeamID, before, beforeID, limit)
+	if err != nil {
+		return err
+	}
+	out := make([]auditJSON, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, auditJSON{ID: e.ID, ActorType: e.ActorType, ActorID: e.ActorID, ActorName: e.ActorName,
+			ResourceType: e.ResourceType, ResourceID: e.ResourceID, Action: e.Action, Scope: "team", Status: e.Status,
+			Metadata: e.Metadata, CreatedAt: e.CreatedAt})
+	}
+	var next any
+	if len(entries) == limit {
+		last := entries[len(entries)-1]
+		next = map[string]string{"before": last.CreatedAt.Format(time.RFC3339Nano), "before_id": last.ID}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"entries": out, "next_cursor": next})
+	return nil
+}

@@ -1,0 +1,554 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/scheduler"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+type capsuleJSON struct {
+	ID           string            `json:"id"`
+	Status       string            `json:"status"`
+	Template     string            `json:"template"`
+	VCPUs        int32             `json:"vcpus"`
+	MemoryMB     int32             `json:"memory_mb"`
+	DiskSizeMB   *int32            `json:"disk_size_mb"`
+	TimeoutSec   int32             `json:"timeout_sec"`
+	AutoPause    bool              `json:"auto_pause"`
+	GuestIP      string            `json:"guest_ip"`
+	HostIP       string            `json:"host_ip"`
+	HostID       *string           `json:"host_id,omitempty"`
+	CreatedAt    time.Time         `json:"created_at"`
+	StartedAt    *time.Time        `json:"started_at"`
+	LastActiveAt *time.Time        `json:"last_active_at"`
+	LastUpdated  time.Time         `json:"last_updated"`
+	Metadata     map[string]string `json:"metadata"`
+	StatusReason string            `json:"status_reason,omitempty"`
+}
+
+func toCapsule(sb store.Sandbox) capsuleJSON {
+	return capsuleJSON{ID: sb.ID, Status: sb.Status, Template: sb.Template, VCPUs: sb.VCPUs, MemoryMB: sb.MemoryMB,
+		DiskSizeMB: sb.DiskSizeMB, TimeoutSec: sb.TimeoutSec, AutoPause: sb.AutoPause, GuestIP: sb.GuestIP, HostIP: sb.HostIP,
+		HostID: sb.HostID, CreatedAt: sb.CreatedAt, StartedAt: sb.StartedAt, LastActiveAt: sb.LastActiveAt,
+		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, StatusReason: sb.Error}
+}
+
+// Limits on what one capsule may ask for.
+const (
+	maxVCPUs      = 16
+	maxMemoryMB   = 64 * 1024
+	maxDiskMB     = 512 * 1024
+	maxTimeoutSec = 30 * 24 * 3600
+	maxMetadata   = 64
+)
+
+var templateNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+type createCapsuleRequest struct {
+	Template   string            `json:"template"`
+	VCPUs      *int              `json:"vcpus"`
+	MemoryMB   *int              `json:"memory_mb"`
+	DiskSizeMB *int              `json:"disk_size_mb"`
+	TimeoutSec *int              `json:"timeout_sec"`
+	AutoPause  *bool             `json:"auto_pause"`
+	Envs       map[string]string `json:"envs"`
+	Metadata   map[string]string `json:"metadata"`
+	HostTags   []string          `json:"host_tags"`
+}
+
+func (req *createCapsuleRequest) validate() error {
+	if req.Template == "" {
+		req.Template = "minimal"
+	}
+	if !templateNameRE.MatchString(req.Template) {
+		return badRequest("template must be a template name")
+	}
+	intIn := func(v **int, def, lo, hi int, name string) error {
+		if *v == nil {
+			*v = &def
+		}
+		if **v < lo || **v > hi {
+			return badRequest("%s must be between %d and %d", name, lo, hi)
+		}
+		return nil
+	}
+	if err := intIn(&req.VCPUs, 1, 1, maxVCPUs, "vcpus"); err != nil {
+		return err
+	}
+	if err := intIn(&req.MemoryMB, 512, 128, maxMemoryMB, "memory_mb"); err != nil {
+		return err
+	}
+	if err := intIn(&req.DiskSizeMB, 0, 0, maxDiskMB, "disk_size_mb"); err != nil {
+		return err
+	}
+	if err := intIn(&req.TimeoutSec, 0, 0, maxTimeoutSec, "timeout_sec"); err != nil {
+		return err
+	}
+	if *req.TimeoutSec > 0 && *req.TimeoutSec < 60 {
+		*req.TimeoutSec = 60 // as documented: shorter positive timeouts are raised to 60 s
+	}
+	if req.AutoPause == nil {
+		t := true
+		req.AutoPause = &t
+	}
+	if len(req.Metadata) > maxMetadata || len(req.Envs) > 256 {
+		return badRequest("at most %d metadata pairs and 256 environment variables", maxMetadata)
+	}
+	for k, v := range req.Metadata {
+		if k == "" || len(k) > 128 || len(v) > 1024 {
+			return badRequest("metadata keys must be 1-128 bytes and values at most 1024")
+		}
+	}
+	for k := range req.Envs {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return badRequest("environment variable names must be non-empty without '=' or NUL")
+		}
+	}
+	return nil
+}
+
+// agentTemplate is the name a template has on its host: base images by
+// name, team snapshots by ID (names are only unique within a team).
+func agentTemplate(t store.Template) string {
+	if t.Type == "base" {
+		return t.Name
+	}
+	return t.ID
+}
+
+func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req createCapsuleRequest
+	if err := decode(w, r, &req, true); err != nil {
+		return err
+	}
+	if err := req.validate(); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	tpl, err := s.st.TemplateByName(ctx, p.TeamID, req.Template)
+	if errors.Is(err, store.ErrNotFound) {
+		return badRequest("template %q does not exist", req.Template)
+	}
+	if err != nil {
+		return err
+	}
+	hosts, err := s.st.SchedulableHosts(ctx, p.TeamID)
+	if err != nil {
+		return err
+	}
+	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags}
+	if tpl.HostID != nil {
+		sreq.HostID = *tpl.HostID
+	}
+	h, err := scheduler.Pick(hosts, sreq)
+	if err != nil {
+		s.audit(ctx, p, p.TeamID, "capsule", "", "capsule.create", err, nil)
+		return errf(http.StatusServiceUnavailable, "no_capacity", "%s", err.Error())
+	}
+	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
+		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
+		Metadata: req.Metadata}
+	if *req.DiskSizeMB > 0 {
+		d := int32(*req.DiskSizeMB)
+		sb.DiskSizeMB = &d
+	}
+	actor, _ := p.actor()
+	sb.CreatedBy = &actor
+	if err := s.st.InsertSandbox(ctx, sb); err != nil {
+		return err
+	}
+	s.log.Info("capsule placed", "capsule", sb.ID, "team", sb.TeamID, "host", h.ID, "template", sb.Template)
+	done := make(chan struct{})
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		defer close(done)
+		s.runCreate(sb, tpl, req.Envs, sreq, p)
+	}()
+	// ?wait=true answers when the capsule is running (or failed).
+	if r.URL.Query().Get("wait") == "true" {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		cur, err := s.st.Sandbox(ctx, p.TeamID, sb.ID)
+		if err != nil {
+			return err
+		}
+		if cur.Status == "error" {
+			return errf(http.StatusBadGateway, "create_failed", "capsule %s failed to start: %s", cur.ID, cur.Error)
+		}
+		writeJSON(w, http.StatusCreated, toCapsule(cur))
+		return nil
+	}
+	cur, err := s.st.Sandbox(ctx, p.TeamID, sb.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	return nil
+}
+
+// runCreate boots the capsule on its host; if the host cannot be reached
+// it tries up to two other hosts. It always leaves the record running
+// or in error, never half made.
+func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string]string, sreq scheduler.Request, p *principal) {
+	ctx, cancel := context.WithTimeout(s.bgCtx, s.cfg.CreateTimeout)
+	defer cancel()
+	hostID := *sb.HostID
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		if attempt > 0 {
+			sreq.Exclude = append(sreq.Exclude, hostID)
+			hosts, err := s.st.SchedulableHosts(ctx, sb.TeamID)
+			if err != nil {
+				lastErr = err
+				break
+			}
+			h, err := scheduler.Pick(hosts, sreq)
+			if err != nil {
+				break
+			}
+			if _, err := s.st.Transition(ctx, sb.ID, []string{"starting"}, "starting", map[string]any{"host_id": h.ID}); err != nil {
+				lastErr = err
+				break
+			}
+			s.log.Warn("retrying capsule create on another host", "capsule", sb.ID, "failed_host", hostID, "host", h.ID, "err", lastErr)
+			hostID = h.ID
+		}
+		c, h, err := s.agentFor(ctx, hostID)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		timeout := int32(maxTimeoutSec) // the control plane enforces inactivity; the agent's deadline is a backstop
+		in := &pb.CreateSandboxRequest{Id: sb.ID, Template: agentTemplate(tpl), Vcpus: sb.VCPUs, MemoryMib: sb.MemoryMB,
+			TimeoutSeconds: timeout, AutoPause: true, EnvVars: envs, Metadata: sb.Metadata}
+		if sb.DiskSizeMB != nil {
+			in.DiskSizeMib = *sb.DiskSizeMB
+		}
+		resp, err := c.CreateSandbox(ctx, connect.NewRequest(in))
+		if err == nil {
+			cur, terr := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "running", map[string]any{
+				"host_ip": resp.Msg.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": ""})
+			if terr != nil {
+				// Destroyed while starting: do not leave a VM behind.
+				s.log.Warn("capsule changed state while starting; destroying it on the host", "capsule", sb.ID, "status", cur.Status, "err", terr)
+				_, _ = c.DestroySandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.ID}))
+				return
+			}
+			s.log.Info("capsule running", "capsule", sb.ID, "host", h.ID, "address", cur.HostIP)
+			s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.create", nil, map[string]any{"host_id": h.ID, "template": sb.Template})
+			return
+		}
+		lastErr = err
+		if connect.CodeOf(err) != connect.CodeUnavailable {
+			break // the host answered: another host would fail the same way
+		}
+	}
+	msg := "no host could start the capsule"
+	if lastErr != nil {
+		msg = lastErr.Error()
+	}
+	s.log.Error("capsule create failed", "capsule", sb.ID, "err", msg)
+	_, _ = s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "error", map[string]any{"error": msg, "stopped_at": store.Now})
+	s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.create", errors.New(msg), nil)
+}
+
+// agentFor returns the client of a host that can take calls.
+func (s *Server) agentFor(ctx context.Context, hostID string) (agentclient.Client, store.Host, error) {
+	h, err := s.st.Host(ctx, hostID)
+	if err != nil {
+		return nil, h, err
+	}
+	if h.Address == nil || h.AgentToken == nil {
+		return nil, h, connect.NewError(connect.CodeUnavailable, fmt.Errorf("host %s is not registered", h.ID))
+	}
+	if h.Status == "unreachable" || h.Status == "offline" {
+		return nil, h, connect.NewError(connect.CodeUnavailable, fmt.Errorf("host %s is %s", h.ID, h.Status))
+	}
+	return s.agents.Get(*h.Address, *h.AgentToken), h, nil
+}
+
+// capsule loads one of the caller's capsules (another team's is 404).
+func (s *Server) capsule(r *http.Request, p *principal) (store.Sandbox, error) {
+	id := r.PathValue("id")
+	if !ids.Valid("sb", id) {
+		return store.Sandbox{}, notFound("capsule")
+	}
+	sb, err := s.st.Sandbox(r.Context(), p.TeamID, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return sb, notFound("capsule")
+	}
+	return sb, err
+}
+
+// running loads a capsule that must be running, waiting while it starts
+// or resumes (clients may call right after create), and returns its agent.
+func (s *Server) running(r *http.Request, p *principal) (store.Sandbox, agentclient.Client, error) {
+	ctx := r.Context()
+	deadline := time.Now().Add(s.cfg.CreateTimeout)
+	for {
+		sb, err := s.capsule(r, p)
+		if err != nil {
+			return sb, nil, err
+		}
+		switch sb.Status {
+		case "running":
+			c, _, err := s.agentFor(ctx, *sb.HostID)
+			if err == nil {
+				_ = s.st.Touch(ctx, sb.ID)
+			}
+			return sb, c, err
+		case "starting", "resuming", "pending":
+			if time.Now().After(deadline) {
+				return sb, nil, conflict("capsule %s is still %s", sb.ID, sb.Status)
+			}
+			select {
+			case <-ctx.Done():
+				return sb, nil, ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
+		default:
+			return sb, nil, errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+		}
+	}
+}
+
+func (s *Server) listCapsules(w http.ResponseWriter, r *http.Request, p *principal) error {
+	q := r.URL.Query()
+	f := store.SandboxFilter{TeamID: p.TeamID, Limit: 1000}
+	if v := q.Get("status"); v != "" {
+		for _, st := range strings.Split(v, ",") {
+			if !validStatus(st) {
+				return badRequest("unknown status %q", st)
+			}
+			f.Statuses = append(f.Statuses, st)
+		}
+	} else {
+		f.Statuses = append(append([]string{}, store.Live...), "hibernated", "missing")
+	}
+	for key, vals := range q {
+		if k, ok := strings.CutPrefix(key, "metadata."); ok && k != "" {
+			if f.Metadata == nil {
+				f.Metadata = map[string]string{}
+			}
+			f.Metadata[k] = vals[0]
+		}
+	}
+	sbs, err := s.st.Sandboxes(r.Context(), f)
+	if err != nil {
+		return err
+	}
+	out := make([]capsuleJSON, 0, len(sbs))
+	for _, sb := range sbs {
+		out = append(out, toCapsule(sb))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func validStatus(s string) bool {
+	switch s {
+	case "pending", "starting", "running", "pausing", "paused", "resuming", "stopping", "hibernated", "stopped", "missing", "error":
+		return true
+	}
+	return false
+}
+
+func (s *Server) getCapsule(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, toCapsule(sb))
+	return nil
+}
+
+func (s *Server) destroyCapsule(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	if sb.Status == "stopped" || sb.Status == "error" {
+		writeJSON(w, http.StatusAccepted, toCapsule(sb))
+		return nil
+	}
+	err = s.destroyOnHost(r.Context(), sb)
+	s.audit(r.Context(), p, p.TeamID, "capsule", sb.ID, "capsule.destroy", err, nil)
+	if err != nil {
+		return err
+	}
+	cur, err := s.st.Sandbox(r.Context(), p.TeamID, sb.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	return nil
+}
+
+// destroyOnHost marks a capsule stopping, destroys it on its host and
+// marks it stopped. If the host cannot be reached the capsule stays
+// stopping and the reconciler finishes the job when the host is back.
+func (s *Server) destroyOnHost(ctx context.Context, sb store.Sandbox) error {
+	if _, err := s.st.Transition(ctx, sb.ID, store.Live, "stopping", nil); err != nil {
+		return err
+	}
+	if sb.HostID == nil {
+		_, err := s.st.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
+		return err
+	}
+	if err := s.DestroyStopping(ctx, sb.ID, *sb.HostID); err != nil {
+		s.log.Warn("destroy deferred: host not reachable", "capsule", sb.ID, "host", *sb.HostID, "err", err)
+	}
+	return nil
+}
+
+// DestroyStopping finishes destroying a capsule marked stopping.
+func (s *Server) DestroyStopping(ctx context.Context, id, hostID string) error {
+	c, _, err := s.agentFor(ctx, hostID)
+	if err == nil {
+		cctx, cancel := agentclient.Ctx(ctx, time.Minute)
+		_, err = c.DestroySandbox(cctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
+		cancel()
+		if connect.CodeOf(err) == connect.CodeNotFound {
+			err = nil
+		}
+	}
+	if errors.Is(err, store.ErrNotFound) {
+		err = nil // the host was deleted with everything on it
+	}
+	if err != nil {
+		return err
+	}
+	_, err = s.st.Transition(ctx, id, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
+	s.log.Info("capsule destroyed", "capsule", id, "host", hostID)
+	return err
+}
+
+func (s *Server) ping(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	if sb.Status != "running" {
+		return errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+	}
+	if err := s.st.Touch(r.Context(), sb.ID); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) pause(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	cur, err := s.Pause(r.Context(), sb)
+	s.audit(r.Context(), p, p.TeamID, "capsule", sb.ID, "capsule.pause", err, nil)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	return nil
+}
+
+// Pause snapshots a running capsule on its host. On failure the record
+// follows what the host reports, so it never claims a state it is not in.
+func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, error) {
+	if sb.Status != "running" {
+		return sb, errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+	}
+	c, _, err := s.agentFor(ctx, *sb.HostID)
+	if err != nil {
+		return sb, err
+	}
+	if _, err := s.st.Transition(ctx, sb.ID, []string{"running"}, "pausing", nil); err != nil {
+		return sb, errf(http.StatusConflict, "not_running", "%s", err.Error())
+	}
+	_, perr := c.PauseSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.ID}))
+	if perr != nil {
+		s.settle(context.WithoutCancel(ctx), c, sb.ID, "pausing")
+		return sb, perr
+	}
+	return s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"pausing"}, "paused", nil)
+}
+
+// settle sets a capsule stuck in a transitional state to what its host says.
+func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from string) {
+	resp, err := c.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: id}))
+	to := ""
+	switch {
+	case connect.CodeOf(err) == connect.CodeNotFound:
+		to = "missing"
+	case err != nil:
+		return // the reconciler will look again
+	default:
+		to = agentStatus(resp.Msg.GetSandbox().GetState())
+	}
+	if to != "" {
+		_, _ = s.st.Transition(ctx, id, []string{from}, to, nil)
+	}
+}
+
+func agentStatus(st pb.SandboxState) string {
+	switch st {
+	case pb.SandboxState_SANDBOX_STATE_RUNNING:
+		return "running"
+	case pb.SandboxState_SANDBOX_STATE_PAUSED:
+		return "paused"
+	case pb.SandboxState_SANDBOX_STATE_STARTING, pb.SandboxState_SANDBOX_STATE_PENDING:
+		return "starting"
+	case pb.SandboxState_SANDBOX_STATE_STOPPED:
+		return "stopped"
+	case pb.SandboxState_SANDBOX_STATE_ERROR:
+		return "error"
+	}
+	return ""
+}
+
+func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	ctx := r.Context()
+	if sb.Status != "paused" {
+		return errf(http.StatusConflict, "not_paused", "capsule %s is %s, not paused", sb.ID, sb.Status)
+	}
+	c, _, err := s.agentFor(ctx, *sb.HostID)
+	if err != nil {
+		return err
+	}
+	if _, err := s.st.Transition(ctx, sb.ID, []string{"paused"}, "resuming", nil); err != nil {
+		return errf(http.StatusConflict, "not_paused", "%s", err.Error())
+	}
+	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))
+	if rerr != nil {
+		s.settle(context.WithoutCancel(ctx), c, sb.ID, "resuming")
+		s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.resume", rerr, nil)
+		return rerr
+	}
+	cur, err := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"resuming"}, "running", map[string]any{"last_active_at": store.Now})
+	s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.resume", err, nil)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	return nil
+}

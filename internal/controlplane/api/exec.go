@@ -1,0 +1,310 @@
+package api
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"connectrpc.com/connect"
+	"github.com/coder/websocket"
+
+	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+type execRequest struct {
+	Cmd        string            `json:"cmd"`
+	Args       []string          `json:"args"`
+	TimeoutSec *int              `json:"timeout_sec"`
+	Background bool              `json:"background"`
+	Tag        string            `json:"tag"`
+	Envs       map[string]string `json:"envs"`
+	Cwd        string            `json:"cwd"`
+	User       string            `json:"user"`
+}
+
+func (e *execRequest) validate() error {
+	if e.Cmd == "" {
+		return badRequest("cmd is required")
+	}
+	if len(e.Args) > 4096 {
+		return badRequest("at most 4096 args")
+	}
+	if e.TimeoutSec != nil && (*e.TimeoutSec < 0 || *e.TimeoutSec > 24*3600) {
+		return badRequest("timeout_sec must be between 0 and 86400")
+	}
+	if len(e.Tag) > 128 {
+		return badRequest("tag must be at most 128 characters")
+	}
+	return nil
+}
+
+func (e *execRequest) agent(sandboxID string) *pb.ExecRequest {
+	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: e.User, Tag: e.Tag}
+	if e.TimeoutSec != nil {
+		in.TimeoutSeconds = int32(*e.TimeoutSec)
+	}
+	return in
+}
+
+func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req execRequest
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if err := req.validate(); err != nil {
+		return err
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	if req.Background {
+		if req.Tag == "" {
+			req.Tag = "bg-" + auth.RandomString(8)
+		}
+		resp, err := c.StartProcess(r.Context(), connect.NewRequest(req.agent(sb.ID)))
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusAccepted, map[string]any{"sandbox_id": sb.ID, "cmd": req.Cmd, "pid": resp.Msg.GetPid(), "tag": req.Tag})
+		return nil
+	}
+	if req.TimeoutSec == nil {
+		t := 30
+		req.TimeoutSec = &t
+	}
+	start := time.Now()
+	resp, err := c.Exec(r.Context(), connect.NewRequest(req.agent(sb.ID)))
+	if err != nil {
+		return err
+	}
+	out := map[string]any{"sandbox_id": sb.ID, "cmd": req.Cmd, "exit_code": resp.Msg.GetExitCode(),
+		"duration_ms": time.Since(start).Milliseconds(), "truncated": resp.Msg.GetTruncated()}
+	stdout, stderr := resp.Msg.GetStdout(), resp.Msg.GetStderr()
+	if utf8.Valid(stdout) && utf8.Valid(stderr) {
+		out["stdout"], out["stderr"], out["encoding"] = string(stdout), string(stderr), "utf-8"
+	} else {
+		out["stdout"], out["stderr"], out["encoding"] = base64.StdEncoding.EncodeToString(stdout), base64.StdEncoding.EncodeToString(stderr), "base64"
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) listProcesses(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	resp, err := c.ListProcesses(r.Context(), connect.NewRequest(&pb.ListProcessesRequest{SandboxId: sb.ID}))
+	if err != nil {
+		return err
+	}
+	procs := make([]map[string]any, 0, len(resp.Msg.GetProcesses()))
+	for _, pr := range resp.Msg.GetProcesses() {
+		procs = append(procs, map[string]any{"pid": pr.GetPid(), "tag": pr.GetTag(), "cmd": pr.GetCmd(), "args": pr.GetArgs(), "cwd": pr.GetCwd()})
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"processes": procs})
+	return nil
+}
+
+// processRef reads a selector: a numeric PID or a tag.
+func processRef(sandboxID, selector string) *pb.ProcessRef {
+	if pid, err := strconv.ParseUint(selector, 10, 32); err == nil {
+		return &pb.ProcessRef{SandboxId: sandboxID, Pid: uint32(pid)}
+	}
+	return &pb.ProcessRef{SandboxId: sandboxID, Tag: selector}
+}
+
+func (s *Server) killProcess(w http.ResponseWriter, r *http.Request, p *principal) error {
+	force := true
+	switch r.URL.Query().Get("signal") {
+	case "", "SIGKILL":
+	case "SIGTERM":
+		force = false
+	default:
+		return badRequest("signal must be SIGKILL or SIGTERM")
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	_, err = c.KillProcess(r.Context(), connect.NewRequest(&pb.KillProcessRequest{Process: processRef(sb.ID, r.PathValue("selector")), Force: force}))
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// streamEvent is one WebSocket message of exec and process streams.
+type streamEvent struct {
+	Type     string `json:"type"`
+	PID      uint32 `json:"pid,omitempty"`
+	Data     string `json:"data,omitempty"`
+	Encoding string `json:"encoding,omitempty"`
+	ExitCode *int32 `json:"exit_code,omitempty"`
+}
+
+func outputEvent(typ string, b []byte) streamEvent {
+	if utf8.Valid(b) {
+		return streamEvent{Type: typ, Data: string(b)}
+	}
+	return streamEvent{Type: typ, Data: base64.StdEncoding.EncodeToString(b), Encoding: "base64"}
+}
+
+func wsWrite(ctx context.Context, conn *websocket.Conn, ev streamEvent) error {
+	b, _ := json.Marshal(ev)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return conn.Write(wctx, websocket.MessageText, b)
+}
+
+// pump relays an agent stream of process events to the WebSocket.
+func pump(ctx context.Context, conn *websocket.Conn, stream *connect.ServerStreamForClient[pb.ExecStreamResponse]) {
+	for stream.Receive() {
+		m := stream.Msg()
+		var ev streamEvent
+		switch e := m.GetEvent().(type) {
+		case *pb.ExecStreamResponse_Pid:
+			ev = streamEvent{Type: "start", PID: e.Pid}
+		case *pb.ExecStreamResponse_Stdout:
+			ev = outputEvent("stdout", e.Stdout)
+		case *pb.ExecStreamResponse_Stderr:
+			ev = outputEvent("stderr", e.Stderr)
+		case *pb.ExecStreamResponse_Pty:
+			ev = outputEvent("stdout", e.Pty)
+		case *pb.ExecStreamResponse_ExitCode:
+			code := e.ExitCode
+			ev = streamEvent{Type: "exit", ExitCode: &code}
+		default:
+			continue
+		}
+		if err := wsWrite(ctx, conn, ev); err != nil {
+			return
+		}
+		if ev.Type == "exit" {
+			conn.Close(websocket.StatusNormalClosure, "process exited")
+			return
+		}
+	}
+	if err := stream.Err(); err != nil && ctx.Err() == nil {
+		_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: connect.CodeOf(err).String() + ": " + errorMessage(err)})
+	}
+	conn.Close(websocket.StatusNormalClosure, "stream ended")
+}
+
+func errorMessage(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Message()
+	}
+	return err.Error()
+}
+
+// accept upgrades to a WebSocket; non-browser clients send no Origin and
+// browsers must be on the API's own origin.
+func accept(w http.ResponseWriter, r *http.Request) (*websocket.Conn, error) {
+	conn, err := websocket.Accept(w, r, nil)
+	if err != nil {
+		return nil, errf(http.StatusBadRequest, "websocket_required", "this endpoint needs a WebSocket upgrade")
+	}
+	conn.SetReadLimit(1 << 20)
+	return conn, nil
+}
+
+func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	conn, err := accept(w, r)
+	if err != nil {
+		return err
+	}
+	defer conn.CloseNow()
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	var start struct {
+		Type string `json:"type"`
+		execRequest
+	}
+	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
+	_, msg, err := conn.Read(rctx)
+	rcancel()
+	if err != nil {
+		return nil
+	}
+	if json.Unmarshal(msg, &start) != nil || start.Type != "start" {
+		_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: `the first message must be {"type":"start","cmd":...}`})
+		conn.Close(websocket.StatusPolicyViolation, "expected a start message")
+		return nil
+	}
+	if err := start.validate(); err != nil {
+		_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: err.Error()})
+		conn.Close(websocket.StatusPolicyViolation, "invalid start message")
+		return nil
+	}
+	tag := "ws-" + auth.RandomString(10)
+	start.Tag = tag
+	stream, err := c.ExecStream(ctx, connect.NewRequest(start.agent(sb.ID)))
+	if err != nil {
+		_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: errorMessage(err)})
+		return nil
+	}
+	defer stream.Close()
+	// Client messages: {"type":"stop"} kills the process; a closed socket
+	// ends the stream (and the agent stops the process with it).
+	go func() {
+		for {
+			_, msg, err := conn.Read(ctx)
+			if err != nil {
+				cancel()
+				return
+			}
+			var m struct {
+				Type string `json:"type"`
+			}
+			if json.Unmarshal(msg, &m) == nil && m.Type == "stop" {
+				_, _ = c.KillProcess(ctx, connect.NewRequest(&pb.KillProcessRequest{Process: &pb.ProcessRef{SandboxId: sb.ID, Tag: tag}, Force: true}))
+			}
+		}
+	}()
+	pump(ctx, conn, stream)
+	return nil
+}
+
+func (s *Server) processStream(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	stream, err := c.ConnectProcess(ctx, connect.NewRequest(&pb.ConnectProcessRequest{Process: processRef(sb.ID, r.PathValue("selector"))}))
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	conn, err := accept(w, r)
+	if err != nil {
+		return err
+	}
+	defer conn.CloseNow()
+	go func() {
+		// Reading notices the client going away; messages are ignored.
+		for {
+			if _, _, err := conn.Read(ctx); err != nil {
+				cancel()
+				return
+			}
+		}
+	}()
+	pump(ctx, conn, stream)
+	return nil
+}

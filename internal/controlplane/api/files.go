@@ -1,0 +1,290 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"mime/multipart"
+	"net/http"
+	"path"
+	"strings"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+// maxWholeFile bounds files/write and files/read (the agent's unary
+// limit); the stream variants have no limit.
+const maxWholeFile = 64 << 20
+
+type pathRequest struct {
+	Path  string `json:"path"`
+	Depth *int   `json:"depth"`
+	User  string `json:"user"`
+}
+
+func checkPath(p string) error {
+	if p == "" {
+		return badRequest("path is required")
+	}
+	if len(p) > 4096 || strings.ContainsRune(p, 0) {
+		return badRequest("path must be at most 4096 bytes without NUL")
+	}
+	return nil
+}
+
+func (s *Server) pathBody(w http.ResponseWriter, r *http.Request) (pathRequest, error) {
+	var req pathRequest
+	if err := decode(w, r, &req, false); err != nil {
+		return req, err
+	}
+	return req, checkPath(req.Path)
+}
+
+// uploadPart finds the multipart "path" field and the "file" part, in
+// either order. The file part is returned unread, for streaming.
+func uploadPart(r *http.Request) (string, *multipart.Part, error) {
+	mr, err := r.MultipartReader()
+	if err != nil {
+		return "", nil, badRequest("expected multipart/form-data with fields path and file")
+	}
+	var dest string
+	for {
+		part, err := mr.NextPart()
+		if err == io.EOF {
+			return "", nil, badRequest("multipart body has no file part")
+		}
+		if err != nil {
+			return "", nil, badRequest("malformed multipart body: %v", err)
+		}
+		switch part.FormName() {
+		case "path":
+			b, err := io.ReadAll(io.LimitReader(part, 4097))
+			if err != nil {
+				return "", nil, badRequest("malformed multipart body: %v", err)
+			}
+			dest = string(b)
+		case "file":
+			if dest == "" {
+				// The path may follow the file only in the non-streaming form; require it first here.
+				return "", nil, badRequest("the path field must come before the file part")
+			}
+			return dest, part, checkPath(dest)
+		}
+	}
+}
+
+func (s *Server) writeFile(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxWholeFile+1<<20)
+	dest, part, err := uploadPart(r)
+	if err != nil {
+		return err
+	}
+	data, err := io.ReadAll(io.LimitReader(part, maxWholeFile+1))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return errf(http.StatusRequestEntityTooLarge, "payload_too_large", "files/write takes at most %d MiB; use files/stream/write", maxWholeFile>>20)
+		}
+		return badRequest("reading the upload: %v", err)
+	}
+	if len(data) > maxWholeFile {
+		return errf(http.StatusRequestEntityTooLarge, "payload_too_large", "files/write takes at most %d MiB; use files/stream/write", maxWholeFile>>20)
+	}
+	if _, err := c.WriteFile(r.Context(), connect.NewRequest(&pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, Content: data, User: r.URL.Query().Get("user")})); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) streamWriteFile(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	dest, part, err := uploadPart(r)
+	if err != nil {
+		return err
+	}
+	up := c.WriteFileStream(r.Context())
+	if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Header{Header: &pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, User: r.URL.Query().Get("user")}}}); err != nil {
+		_, cerr := up.CloseAndReceive()
+		return errors.Join(err, cerr)
+	}
+	buf := make([]byte, 1<<20)
+	for {
+		n, rerr := part.Read(buf)
+		if n > 0 {
+			if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Data{Data: buf[:n]}}); err != nil {
+				_, cerr := up.CloseAndReceive()
+				if cerr != nil {
+					return cerr
+				}
+				return err
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			// The client went away mid-upload; the agent keeps no partial file.
+			_, _ = up.CloseAndReceive()
+			return badRequest("upload interrupted: %v", rerr)
+		}
+	}
+	if _, err := up.CloseAndReceive(); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) readFile(w http.ResponseWriter, r *http.Request, p *principal) error {
+	req, err := s.pathBody(w, r)
+	if err != nil {
+		return err
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	resp, err := c.ReadFile(r.Context(), connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.ID, Path: req.Path, User: req.User}))
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", fmt.Sprint(len(resp.Msg.GetContent())))
+	_, _ = w.Write(resp.Msg.GetContent())
+	return nil
+}
+
+func (s *Server) streamReadFile(w http.ResponseWriter, r *http.Request, p *principal) error {
+	req, err := s.pathBody(w, r)
+	if err != nil {
+		return err
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	stream, err := c.ReadFileStream(r.Context(), connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.ID, Path: req.Path, User: req.User}))
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	// The first chunk decides the status: errors such as a missing file
+	// arrive before any data.
+	if !stream.Receive() {
+		if err := stream.Err(); err != nil {
+			return err
+		}
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	for first := true; ; first = false {
+		if !first && !stream.Receive() {
+			break
+		}
+		if _, err := w.Write(stream.Msg().GetData()); err != nil {
+			return nil
+		}
+		_ = rc.Flush()
+	}
+	if err := stream.Err(); err != nil {
+		// Headers are sent: abort the response so the client sees a broken transfer, not a short file.
+		s.log.Warn("file stream broke", "capsule", sb.ID, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	return nil
+}
+
+type fileEntryJSON struct {
+	Name        string `json:"name"`
+	Path        string `json:"path"`
+	Type        string `json:"type"`
+	Size        int64  `json:"size"`
+	Mode        uint32 `json:"mode"`
+	Permissions string `json:"permissions"`
+	ModifiedAt  int64  `json:"modified_at"`
+}
+
+func toEntry(e *pb.FileEntry) fileEntryJSON {
+	mode := fs.FileMode(e.GetMode() & 0o777)
+	typ := "file"
+	if e.GetIsDir() {
+		typ, mode = "directory", mode|fs.ModeDir
+	}
+	return fileEntryJSON{Name: e.GetName(), Path: e.GetPath(), Type: typ, Size: e.GetSize(), Mode: e.GetMode(),
+		Permissions: mode.String(), ModifiedAt: e.GetModifiedAt().AsTime().Unix()}
+}
+
+func (s *Server) listDir(w http.ResponseWriter, r *http.Request, p *principal) error {
+	req, err := s.pathBody(w, r)
+	if err != nil {
+		return err
+	}
+	depth := 1
+	if req.Depth != nil {
+		depth = *req.Depth
+	}
+	if depth < 0 || depth > 16 {
+		return badRequest("depth must be between 0 and 16")
+	}
+	if depth == 0 {
+		depth = 1
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	resp, err := c.ListDir(r.Context(), connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.ID, Path: req.Path, User: req.User, Depth: uint32(depth)}))
+	if err != nil {
+		return err
+	}
+	out := make([]fileEntryJSON, 0, len(resp.Msg.GetEntries()))
+	for _, e := range resp.Msg.GetEntries() {
+		out = append(out, toEntry(e))
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"entries": out})
+	return nil
+}
+
+func (s *Server) makeDir(w http.ResponseWriter, r *http.Request, p *principal) error {
+	req, err := s.pathBody(w, r)
+	if err != nil {
+		return err
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	if _, err := c.MakeDir(r.Context(), connect.NewRequest(&pb.MakeDirRequest{SandboxId: sb.ID, Path: req.Path, User: req.User})); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"entry": fileEntryJSON{Name: path.Base(req.Path), Path: req.Path, Type: "directory", Permissions: (fs.ModeDir | 0o755).String()}})
+	return nil
+}
+
+func (s *Server) removePath(w http.ResponseWriter, r *http.Request, p *principal) error {
+	req, err := s.pathBody(w, r)
+	if err != nil {
+		return err
+	}
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	if _, err := c.RemovePath(r.Context(), connect.NewRequest(&pb.RemovePathRequest{SandboxId: sb.ID, Path: req.Path, User: req.User})); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}

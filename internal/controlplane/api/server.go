@@ -1,0 +1,242 @@
+// Package api is the control plane's public REST + WebSocket API under /v1.
+package api
+
+import (
+	"context"
+	_ "embed"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+)
+
+//go:embed openapi.yaml
+var openAPI []byte
+
+// Config is what the API needs.
+type Config struct {
+	Store  *store.Store
+	Signer *auth.Signer
+	Agents *agentclient.Pool
+	Log    *slog.Logger
+	// RatePerSecond and Burst limit each API key or user (per replica).
+	RatePerSecond float64
+	Burst         int
+	// CreateTimeout bounds one capsule create on an agent.
+	CreateTimeout time.Duration
+}
+
+// Server serves the API. Close waits for background work it started.
+type Server struct {
+	cfg    Config
+	st     *store.Store
+	signer *auth.Signer
+	agents *agentclient.Pool
+	log    *slog.Logger
+	limit  *limiter
+
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup
+}
+
+// New builds a Server.
+func New(cfg Config) *Server {
+	if cfg.RatePerSecond == 0 {
+		cfg.RatePerSecond, cfg.Burst = 50, 100
+	}
+	if cfg.CreateTimeout == 0 {
+		cfg.CreateTimeout = 3 * time.Minute
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
+		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), bgCtx: ctx, bgCancel: cancel}
+}
+
+// Close stops background work (creates in flight finish or are left for
+// the reconciler) and waits for it.
+func (s *Server) Close() {
+	s.bgCancel()
+	s.bg.Wait()
+}
+
+// access says who may call a route.
+type access int
+
+const (
+	public access = iota // no credentials
+	user                 // a user's JWT
+	team                 // an API key or a user's JWT
+	host                 // a host agent's JWT in X-Host-Token
+)
+
+// route is one documented endpoint; the OpenAPI test walks this table.
+type route struct {
+	method, path string
+	access       access
+	handler      func(*Server, http.ResponseWriter, *http.Request, *principal) error
+}
+
+// Routes lists every endpoint as "METHOD /path" (for tests and docs).
+func Routes() []string {
+	var out []string
+	for _, rt := range routes {
+		out = append(out, rt.method+" "+rt.path)
+	}
+	return out
+}
+
+var routes = []route{
+	{"POST", "/v1/auth/signup", public, (*Server).signup},
+	{"POST", "/v1/auth/login", public, (*Server).login},
+	{"POST", "/v1/auth/switch-team", user, (*Server).switchTeam},
+	{"GET", "/v1/me", user, (*Server).me},
+	{"PATCH", "/v1/me", user, (*Server).updateMe},
+	{"POST", "/v1/me/password", user, (*Server).changePassword},
+
+	{"GET", "/v1/api-keys", user, (*Server).listAPIKeys},
+	{"POST", "/v1/api-keys", user, (*Server).createAPIKey},
+	{"DELETE", "/v1/api-keys/{id}", user, (*Server).deleteAPIKey},
+
+	{"GET", "/v1/teams", user, (*Server).listTeams},
+	{"POST", "/v1/teams", user, (*Server).createTeam},
+	{"GET", "/v1/teams/{id}", user, (*Server).getTeam},
+	{"PATCH", "/v1/teams/{id}", user, (*Server).renameTeam},
+	{"DELETE", "/v1/teams/{id}", user, (*Server).deleteTeam},
+	{"GET", "/v1/teams/{id}/members", user, (*Server).listMembers},
+	{"POST", "/v1/teams/{id}/members", user, (*Server).addMember},
+	{"PATCH", "/v1/teams/{id}/members/{uid}", user, (*Server).updateMember},
+	{"DELETE", "/v1/teams/{id}/members/{uid}", user, (*Server).removeMember},
+	{"POST", "/v1/teams/{id}/leave", user, (*Server).leaveTeam},
+
+	{"POST", "/v1/capsules", team, (*Server).createCapsule},
+	{"GET", "/v1/capsules", team, (*Server).listCapsules},
+	{"GET", "/v1/capsules/{id}", team, (*Server).getCapsule},
+	{"DELETE", "/v1/capsules/{id}", team, (*Server).destroyCapsule},
+	{"POST", "/v1/capsules/{id}/exec", team, (*Server).exec},
+	{"GET", "/v1/capsules/{id}/exec/stream", team, (*Server).execStream},
+	{"GET", "/v1/capsules/{id}/processes", team, (*Server).listProcesses},
+	{"DELETE", "/v1/capsules/{id}/processes/{selector}", team, (*Server).killProcess},
+	{"GET", "/v1/capsules/{id}/processes/{selector}/stream", team, (*Server).processStream},
+	{"POST", "/v1/capsules/{id}/ping", team, (*Server).ping},
+	{"POST", "/v1/capsules/{id}/pause", team, (*Server).pause},
+	{"POST", "/v1/capsules/{id}/resume", team, (*Server).resume},
+	{"POST", "/v1/capsules/{id}/files/write", team, (*Server).writeFile},
+	{"POST", "/v1/capsules/{id}/files/read", team, (*Server).readFile},
+	{"POST", "/v1/capsules/{id}/files/list", team, (*Server).listDir},
+	{"POST", "/v1/capsules/{id}/files/mkdir", team, (*Server).makeDir},
+	{"POST", "/v1/capsules/{id}/files/remove", team, (*Server).removePath},
+	{"POST", "/v1/capsules/{id}/files/stream/write", team, (*Server).streamWriteFile},
+	{"POST", "/v1/capsules/{id}/files/stream/read", team, (*Server).streamReadFile},
+
+	{"POST", "/v1/snapshots", team, (*Server).createSnapshot},
+	{"GET", "/v1/snapshots", team, (*Server).listSnapshots},
+	{"DELETE", "/v1/snapshots/{name}", team, (*Server).deleteSnapshot},
+
+	{"POST", "/v1/hosts", user, (*Server).createHost},
+	{"GET", "/v1/hosts", user, (*Server).listHosts},
+	{"POST", "/v1/hosts/register", public, (*Server).registerHost},
+	{"POST", "/v1/hosts/auth/refresh", public, (*Server).refreshHost},
+	{"GET", "/v1/hosts/{id}", user, (*Server).getHost},
+	{"DELETE", "/v1/hosts/{id}", user, (*Server).deleteHost},
+	{"POST", "/v1/hosts/{id}/token", user, (*Server).regenerateHostToken},
+	{"POST", "/v1/hosts/{id}/heartbeat", host, (*Server).heartbeat},
+	{"GET", "/v1/hosts/{id}/delete-preview", user, (*Server).hostDeletePreview},
+	{"GET", "/v1/hosts/{id}/tags", user, (*Server).listHostTags},
+	{"POST", "/v1/hosts/{id}/tags", user, (*Server).addHostTag},
+	{"DELETE", "/v1/hosts/{id}/tags/{tag}", user, (*Server).removeHostTag},
+
+	{"GET", "/v1/audit-logs", user, (*Server).listAuditLogs},
+}
+
+// Handler returns the HTTP handler with every route, JSON errors for
+// unknown paths and methods, panic recovery and access logs.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	for _, rt := range routes {
+		mux.Handle(rt.method+" "+rt.path, s.wrap(rt))
+	}
+	mux.HandleFunc("GET /openapi.yaml", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/yaml")
+		_, _ = w.Write(openAPI)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := s.st.Pool.Ping(r.Context()); err != nil {
+			s.writeError(w, r, errf(http.StatusServiceUnavailable, "database_unavailable", "the database does not answer"))
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		for _, m := range []string{"GET", "POST", "PUT", "PATCH", "DELETE"} {
+			probe := r.Clone(r.Context())
+			probe.Method = m
+			if _, pattern := mux.Handler(probe); pattern != "/" && pattern != "" {
+				s.writeError(w, r, errf(http.StatusMethodNotAllowed, "method_not_allowed", "%s is not allowed on %s", r.Method, r.URL.Path))
+				return
+			}
+		}
+		s.writeError(w, r, errf(http.StatusNotFound, "not_found", "no route %s %s", r.Method, r.URL.Path))
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		defer func() {
+			if p := recover(); p != nil {
+				s.log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				if !rec.wrote {
+					s.writeError(rec, r, errf(http.StatusInternalServerError, "internal", "internal error"))
+				}
+			}
+			s.log.Debug("request", "method", r.Method, "path", r.URL.Path, "status", rec.status, "took", time.Since(start).Round(time.Microsecond))
+		}()
+		mux.ServeHTTP(rec, r)
+	})
+}
+
+// wrap authenticates, rate-limits and runs a route's handler.
+func (s *Server) wrap(rt route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p, err := s.authenticate(r, rt.access)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if p != nil && p.limitKey != "" {
+			if wait, ok := s.limit.allow(p.limitKey); !ok {
+				w.Header().Set("Retry-After", wait)
+				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests; retry after %s s", wait))
+				return
+			}
+		}
+		if err := rt.handler(s, w, r, p); err != nil {
+			s.writeError(w, r, err)
+		}
+	})
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	wrote  bool
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if !r.wrote {
+		r.status, r.wrote = code, true
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	r.wrote = true
+	return r.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController (flush, hijack for WebSockets) reach the real writer.
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

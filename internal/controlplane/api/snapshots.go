@@ -1,0 +1,137 @@
+package api
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+type templateJSON struct {
+	Name      string            `json:"name"`
+	Type      string            `json:"type"`
+	VCPUs     *int32            `json:"vcpus"`
+	MemoryMB  *int32            `json:"memory_mb"`
+	SizeBytes int64             `json:"size_bytes"`
+	CreatedAt time.Time         `json:"created_at"`
+	Platform  bool              `json:"platform"`
+	Metadata  map[string]string `json:"metadata"`
+}
+
+func toTemplate(t store.Template) templateJSON {
+	return templateJSON{Name: t.Name, Type: t.Type, VCPUs: t.VCPUs, MemoryMB: t.MemoryMB, SizeBytes: t.SizeBytes,
+		CreatedAt: t.CreatedAt, Platform: t.TeamID == nil, Metadata: t.Metadata}
+}
+
+func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request, p *principal) error {
+	typ := r.URL.Query().Get("type")
+	if typ != "" && typ != "base" && typ != "snapshot" {
+		return badRequest("type must be base or snapshot")
+	}
+	ts, err := s.st.Templates(r.Context(), p.TeamID, typ)
+	if err != nil {
+		return err
+	}
+	out := make([]templateJSON, 0, len(ts))
+	for _, t := range ts {
+		out = append(out, toTemplate(t))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// createSnapshot saves a running capsule (memory and disk) as a team
+// template; the capsule keeps running.
+func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		SandboxID string `json:"sandbox_id"`
+		Name      string `json:"name"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if req.SandboxID == "" {
+		return badRequest("sandbox_id is required")
+	}
+	if req.Name == "" {
+		req.Name = "snapshot-" + auth.RandomString(8)
+	}
+	if !templateNameRE.MatchString(req.Name) {
+		return badRequest("name must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
+	}
+	ctx := r.Context()
+	if existing, err := s.st.TemplateByName(ctx, p.TeamID, req.Name); err == nil {
+		if existing.TeamID == nil || r.URL.Query().Get("overwrite") != "true" {
+			return conflict("a template named %q already exists", req.Name)
+		}
+		if err := s.removeTemplate(r, p, existing); err != nil {
+			return err
+		}
+	}
+	r.SetPathValue("id", req.SandboxID)
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	id := ids.New("tpl")
+	resp, err := c.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: sb.ID, Name: id}))
+	if err != nil {
+		s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", err, map[string]any{"name": req.Name, "capsule": sb.ID})
+		return err
+	}
+	t, err := s.st.InsertTemplate(ctx, store.Template{ID: id, TeamID: &p.TeamID, Name: req.Name, Type: "snapshot", VCPUs: &sb.VCPUs,
+		MemoryMB: &sb.MemoryMB, SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID})
+	if err != nil {
+		// Do not leave files on the host that no record points to.
+		_, _ = c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: id}))
+		if errors.Is(err, store.ErrConflict) {
+			return conflict("a template named %q already exists", req.Name)
+		}
+		return err
+	}
+	s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", nil, map[string]any{"name": req.Name, "capsule": sb.ID})
+	writeJSON(w, http.StatusCreated, toTemplate(t))
+	return nil
+}
+
+func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request, p *principal) error {
+	t, err := s.st.TemplateByName(r.Context(), p.TeamID, r.PathValue("name"))
+	if errors.Is(err, store.ErrNotFound) || (err == nil && t.TeamID == nil) {
+		return notFound("template") // platform templates are not the team's to delete
+	}
+	if err != nil {
+		return err
+	}
+	if err := s.removeTemplate(r, p, t); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// removeTemplate deletes the record, then the files on the host.
+func (s *Server) removeTemplate(r *http.Request, p *principal, t store.Template) error {
+	ctx := r.Context()
+	if _, err := s.st.DeleteTemplate(ctx, p.TeamID, t.Name); err != nil {
+		return err
+	}
+	var herr error
+	if t.HostID != nil {
+		if c, _, err := s.agentFor(ctx, *t.HostID); err != nil {
+			herr = err
+		} else if _, err := c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: t.ID})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+			herr = err
+		}
+	}
+	if herr != nil {
+		s.log.Warn("template record deleted but its files stay on the host", "template", t.ID, "host", t.HostID, "err", herr)
+	}
+	s.audit(ctx, p, p.TeamID, "template", t.ID, "template.snapshot_delete", nil, map[string]any{"name": t.Name})
+	return nil
+}

@@ -1,0 +1,258 @@
+// Package reconciler runs the control plane's background jobs: it marks
+// silent hosts unreachable, enforces capsule timeouts, finishes work a
+// replica left half done, and makes the database agree with each host.
+// Every job runs under a PostgreSQL advisory lock, so with several
+// replicas each job runs on one of them at a time.
+package reconciler
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+// Actions are the capsule operations jobs reuse from the API.
+type Actions interface {
+	Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, error)
+	DestroyStopping(ctx context.Context, id, hostID string) error
+}
+
+// Reconciler holds the jobs' settings.
+type Reconciler struct {
+	Store   *store.Store
+	Agents  *agentclient.Pool
+	Actions Actions
+	Log     *slog.Logger
+	// Interval between passes (default 10 s).
+	Interval time.Duration
+	// HostSilence after which an online host is unreachable (default 90 s: three missed heartbeats).
+	HostSilence time.Duration
+	// StuckAfter is how long a transitional state may last before it is settled (default 5 min).
+	StuckAfter time.Duration
+}
+
+// lockKey is the advisory lock of the reconciler's pass.
+const lockKey = 0x77726e6e00000010
+
+// Run runs passes until ctx ends.
+func (r *Reconciler) Run(ctx context.Context) {
+	if r.Interval == 0 {
+		r.Interval = 10 * time.Second
+	}
+	t := time.NewTicker(r.Interval)
+	defer t.Stop()
+	for {
+		if _, err := r.Pass(ctx); err != nil && ctx.Err() == nil {
+			r.Log.Error("reconcile pass failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Pass runs every job once if no other replica is running them; it
+// reports whether it ran.
+func (r *Reconciler) Pass(ctx context.Context) (bool, error) {
+	if r.HostSilence == 0 {
+		r.HostSilence = 90 * time.Second
+	}
+	if r.StuckAfter == 0 {
+		r.StuckAfter = 5 * time.Minute
+	}
+	return r.Store.TryLock(ctx, lockKey, func(ctx context.Context) error {
+		down, err := r.Store.MarkUnreachable(ctx, r.HostSilence)
+		if err != nil {
+			return err
+		}
+		for _, id := range down {
+			r.Log.Warn("host missed its heartbeats: unreachable, no new capsules go there", "host", id)
+			r.audit(ctx, id, "host.down")
+		}
+		r.expire(ctx)
+		r.finishStopping(ctx)
+		r.settleStuck(ctx)
+		r.compareHosts(ctx)
+		return nil
+	})
+}
+
+func (r *Reconciler) audit(ctx context.Context, hostID, action string) {
+	_ = r.Store.Audit(ctx, store.AuditEntry{ID: ids.New("aud"),
+		ActorType: "system", ActorID: "reconciler", ResourceType: "host", ResourceID: hostID, Action: action, Status: "success"})
+}
+
+// expire pauses (or destroys) capsules idle past their timeout, including
+// those whose host was down when the time came.
+func (r *Reconciler) expire(ctx context.Context) {
+	sbs, err := r.Store.Expired(ctx)
+	if err != nil {
+		r.Log.Error("list expired capsules", "err", err)
+		return
+	}
+	for _, sb := range sbs {
+		if sb.AutoPause {
+			if _, err := r.Actions.Pause(ctx, sb); err != nil {
+				r.Log.Warn("timeout: pause failed; will retry", "capsule", sb.ID, "err", err)
+				continue
+			}
+			r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
+			continue
+		}
+		if _, err := r.Store.Transition(ctx, sb.ID, []string{"running"}, "stopping", nil); err != nil {
+			continue
+		}
+		r.Log.Info("timeout: destroying capsule", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
+		if sb.HostID != nil {
+			_ = r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID)
+		}
+	}
+}
+
+// finishStopping retries destroys that could not reach their host.
+func (r *Reconciler) finishStopping(ctx context.Context) {
+	sbs, err := r.Store.Sandboxes(ctx, store.SandboxFilter{Statuses: []string{"stopping"}})
+	if err != nil {
+		return
+	}
+	for _, sb := range sbs {
+		if sb.HostID == nil {
+			_, _ = r.Store.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
+			continue
+		}
+		if err := r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID); err != nil {
+			r.Log.Debug("destroy still waiting for its host", "capsule", sb.ID, "err", err)
+		}
+	}
+}
+
+// settleStuck resolves capsules left starting, pausing or resuming by a
+// replica that died: the host says what they really are.
+func (r *Reconciler) settleStuck(ctx context.Context) {
+	sbs, err := r.Store.Stuck(ctx, r.StuckAfter)
+	if err != nil {
+		return
+	}
+	for _, sb := range sbs {
+		if sb.Status == "stopping" || sb.HostID == nil {
+			continue
+		}
+		c, ok := r.client(ctx, *sb.HostID)
+		if !ok {
+			continue
+		}
+		resp, err := c.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: sb.ID}))
+		to, reason := "", ""
+		switch {
+		case connect.CodeOf(err) == connect.CodeNotFound:
+			to, reason = "error", "the control plane stopped during "+sb.Status+" and the host has no such capsule"
+		case err != nil:
+			continue
+		default:
+			to = stateName(resp.Msg.GetSandbox().GetState())
+		}
+		if to == "" || to == sb.Status {
+			continue
+		}
+		set := map[string]any{}
+		if reason != "" {
+			set["error"], set["stopped_at"] = reason, store.Now
+		}
+		if to == "running" && sb.StartedAt == nil {
+			set["started_at"], set["host_ip"], set["guest_ip"] = store.Now, resp.Msg.GetSandbox().GetAddress(), "169.254.0.21"
+		}
+		if _, err := r.Store.Transition(ctx, sb.ID, []string{sb.Status}, to, set); err == nil {
+			r.Log.Warn("settled a capsule left in a transitional state", "capsule", sb.ID, "from", sb.Status, "to", to)
+		}
+	}
+}
+
+// compareHosts fixes drift between the database and each online host:
+// capsules the host lost are marked missing, capsules the host paused on
+// its own are marked paused, and VMs no record owns are destroyed.
+func (r *Reconciler) compareHosts(ctx context.Context) {
+	hosts, err := r.Store.Hosts(ctx, "")
+	if err != nil {
+		return
+	}
+	for _, h := range hosts {
+		if h.Status != "online" || h.Address == nil || h.AgentToken == nil {
+			continue
+		}
+		c := r.Agents.Get(*h.Address, *h.AgentToken)
+		lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		resp, err := c.ListSandboxes(lctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
+		cancel()
+		if err != nil {
+			r.Log.Warn("list capsules on host", "host", h.ID, "err", err)
+			continue
+		}
+		onHost := map[string]*pb.Sandbox{}
+		for _, sb := range resp.Msg.GetSandboxes() {
+			onHost[sb.GetId()] = sb
+		}
+		recorded, err := r.Store.Sandboxes(ctx, store.SandboxFilter{HostID: h.ID})
+		if err != nil {
+			continue
+		}
+		known := map[string]bool{}
+		for _, sb := range recorded {
+			known[sb.ID] = true
+			a, present := onHost[sb.ID]
+			switch {
+			case sb.Status == "running" || sb.Status == "paused":
+				if !present {
+					r.Log.Warn("drift: capsule missing on its host", "capsule", sb.ID, "host", h.ID, "was", sb.Status)
+					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "missing", map[string]any{"error": "the host no longer has this capsule"})
+					continue
+				}
+				if got := stateName(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
+					r.Log.Info("drift: capsule state differs on host; following the host", "capsule", sb.ID, "db", sb.Status, "host_state", got)
+					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, got, nil)
+				}
+			case (sb.Status == "stopped" || sb.Status == "error") && present:
+				r.Log.Warn("drift: destroyed capsule still on its host; destroying", "capsule", sb.ID, "host", h.ID)
+				_, _ = c.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.ID}))
+			}
+		}
+		for id := range onHost {
+			if !known[id] {
+				// Creates insert their record before calling the host, so a
+				// VM without one was left by something else: remove it.
+				r.Log.Warn("drift: capsule on host has no record; destroying", "capsule", id, "host", h.ID)
+				_, _ = c.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
+			}
+		}
+	}
+}
+
+func (r *Reconciler) client(ctx context.Context, hostID string) (agentclient.Client, bool) {
+	h, err := r.Store.Host(ctx, hostID)
+	if err != nil || h.Address == nil || h.AgentToken == nil || h.Status != "online" {
+		return nil, false
+	}
+	return r.Agents.Get(*h.Address, *h.AgentToken), true
+}
+
+func stateName(st pb.SandboxState) string {
+	switch st {
+	case pb.SandboxState_SANDBOX_STATE_RUNNING:
+		return "running"
+	case pb.SandboxState_SANDBOX_STATE_PAUSED:
+		return "paused"
+	case pb.SandboxState_SANDBOX_STATE_STOPPED:
+		return "stopped"
+	case pb.SandboxState_SANDBOX_STATE_ERROR:
+		return "error"
+	}
+	return ""
+}
