@@ -255,4 +255,3 @@ func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *princ
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
-

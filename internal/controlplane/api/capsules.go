@@ -306,6 +306,9 @@ func (s *Server) running(r *http.Request, p *principal) (store.Sandbox, agentcli
 		if err != nil {
 			return sb, nil, err
 		}
+		if sb.HostID == nil && sb.Status != "error" && sb.Status != "stopped" {
+			return sb, nil, errf(http.StatusConflict, "not_placed", "capsule %s is on no host", sb.ID)
+		}
 		switch sb.Status {
 		case "running":
 			c, _, err := s.agentFor(ctx, *sb.HostID)
@@ -471,7 +474,7 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request, p *principal) err
 // Pause snapshots a running capsule on its host. On failure the record
 // follows what the host reports, so it never claims a state it is not in.
 func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, error) {
-	if sb.Status != "running" {
+	if sb.Status != "running" || sb.HostID == nil {
 		return sb, errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
 	}
 	c, _, err := s.agentFor(ctx, *sb.HostID)
@@ -528,7 +531,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) er
 		return err
 	}
 	ctx := r.Context()
-	if sb.Status != "paused" {
+	if sb.Status != "paused" || sb.HostID == nil {
 		return errf(http.StatusConflict, "not_paused", "capsule %s is %s, not paused", sb.ID, sb.Status)
 	}
 	c, _, err := s.agentFor(ctx, *sb.HostID)
