@@ -1,0 +1,363 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"mime/multipart"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/coder/websocket"
+
+	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
+	"github.com/wrenn/wrenn/internal/testutil/hostlock"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+var (
+	agentOnce sync.Once
+	agentBin  string
+	agentErr  error
+)
+
+func buildAgent(t *testing.T) string {
+	agentOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "wrenn-cp-agent")
+		if err != nil {
+			agentErr = err
+			return
+		}
+		agentBin = filepath.Join(dir, "wrenn-agent")
+		out, err := exec.Command("go", "build", "-o", agentBin, "github.com/wrenn/wrenn/cmd/wrenn-agent").CombinedOutput()
+		if err != nil {
+			agentErr = fmt.Errorf("build wrenn-agent: %v\n%s", err, out)
+		}
+	})
+	if agentErr != nil {
+		t.Fatal(agentErr)
+	}
+	return agentBin
+}
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	return port
+}
+
+// startAgent runs a real wrenn-agent that registers with the control plane
+// through the public flow (POST /v1/hosts, then --register).
+func (c *cp) startAgent(admin account) (hostID string, stop func()) {
+	t := c.t
+	system, _, _ := guestimages.Require(t)
+	if os.Geteuid() != 0 {
+		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
+	}
+	hostlock.Take(t)
+	bin := buildAgent(t)
+	dir := t.TempDir()
+	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
+		t.Fatal(err)
+	}
+	hostID, token := c.newHostToken(admin)
+	addr := "127.0.0.1:" + freePort(t)
+	logf, err := os.Create(filepath.Join(dir, "agent.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--listen", addr, "--proxy-listen", "off", "--dir", dir, "--register", token, "--address", addr,
+		"--cp-url", c.url, "--heartbeat-interval", "1s", "--log-level", "debug")
+	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN=")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop = func() {
+		if cmd.Process != nil && cmd.ProcessState == nil {
+			_ = cmd.Process.Signal(os.Interrupt)
+			_ = cmd.Wait()
+		}
+	}
+	t.Cleanup(func() {
+		stop()
+		if t.Failed() {
+			data, _ := os.ReadFile(logf.Name())
+			t.Logf("agent log:\n%s", data)
+		}
+	})
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var h struct {
+			Status string `json:"status"`
+		}
+		c.want(c.do("GET", "/v1/hosts/"+hostID, creds{jwt: admin.jwt}, nil), 200).json(t, &h)
+		if h.Status == "online" {
+			if _, err := os.Stat(filepath.Join(dir, "host-token")); err != nil {
+				t.Fatalf("the agent did not save its token: %v", err)
+			}
+			return hostID, stop
+		}
+		if time.Now().After(deadline) {
+			data, _ := os.ReadFile(logf.Name())
+			t.Fatalf("agent did not register:\n%s", data)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+type capsuleOut struct {
+	ID     string `json:"id"`
+	Status string `json:"status"`
+	HostID string `json:"host_id"`
+}
+
+func (c *cp) exec(key, id string, args ...string) (string, int) {
+	c.t.Helper()
+	var out struct {
+		Stdout   string `json:"stdout"`
+		ExitCode int    `json:"exit_code"`
+	}
+	c.want(c.do("POST", "/v1/capsules/"+id+"/exec", creds{key: key}, map[string]any{"cmd": args[0], "args": args[1:]}), 200).json(c.t, &out)
+	return out.Stdout, out.ExitCode
+}
+
+// The capsule journey through the public API against a real agent and a
+// real QEMU VM.
+func TestCapsulesOnARealAgent(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	hostID, _ := c.startAgent(admin)
+	key := c.apiKey(admin)
+
+	// Create returns at once with "starting"; exec waits for it to run.
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules", creds{key: key}, map[string]any{"memory_mb": 256, "metadata": map[string]string{"purpose": "test"}}), 202).json(t, &sb)
+	if sb.Status != "starting" || sb.HostID != hostID {
+		t.Fatalf("create: %+v", sb)
+	}
+	out, code := c.exec(key, sb.ID, "/bin/sh", "-c", "echo hello from wrenn; exit 3")
+	if out != "hello from wrenn\n" || code != 3 {
+		t.Fatalf("exec: %q %d", out, code)
+	}
+	var got capsuleOut
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+	if got.Status != "running" {
+		t.Fatalf("after exec: %+v", got)
+	}
+	var listed []capsuleOut
+	c.want(c.do("GET", "/v1/capsules?metadata.purpose=test", creds{key: key}, nil), 200).json(t, &listed)
+	if len(listed) != 1 || listed[0].ID != sb.ID {
+		t.Fatalf("metadata filter: %+v", listed)
+	}
+	c.want(c.do("GET", "/v1/capsules?metadata.purpose=other", creds{key: key}, nil), 200).json(t, &listed)
+	if len(listed) != 0 {
+		t.Fatalf("metadata filter matched: %+v", listed)
+	}
+
+	// Binary output comes back base64.
+	var bin struct {
+		Stdout, Encoding string
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/exec", creds{key: key}, map[string]any{"cmd": "/bin/sh", "args": []string{"-c", `printf '\377\376'`}}), 200).json(t, &bin)
+	if bin.Encoding != "base64" || bin.Stdout != "//4=" {
+		t.Fatalf("binary exec: %+v", bin)
+	}
+
+	// Files: upload, list, download, remove.
+	var body bytes.Buffer
+	mw := multipart.NewWriter(&body)
+	_ = mw.WriteField("path", "/home/user/note.txt")
+	fw, _ := mw.CreateFormFile("file", "note.txt")
+	_, _ = fw.Write([]byte("kept across pause"))
+	_ = mw.Close()
+	req, _ := http.NewRequest("POST", c.url+"/v1/capsules/"+sb.ID+"/files/write", &body)
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	req.Header.Set("X-API-Key", key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 204 {
+		t.Fatalf("upload: %v %v", resp.StatusCode, err)
+	}
+	resp.Body.Close()
+	r := c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/files/read", creds{key: key}, map[string]string{"path": "/home/user/note.txt"}), 200)
+	if string(r.body) != "kept across pause" {
+		t.Fatalf("download: %q", r.body)
+	}
+	var ls struct {
+		Entries []struct{ Name, Type string } `json:"entries"`
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/files/list", creds{key: key}, map[string]string{"path": "/home/user"}), 200).json(t, &ls)
+	if !strings.Contains(fmt.Sprint(ls.Entries), "note.txt") {
+		t.Fatalf("listing: %+v", ls)
+	}
+	if r := c.do("POST", "/v1/capsules/"+sb.ID+"/files/read", creds{key: key}, map[string]string{"path": "/nope"}); r.status != 404 {
+		t.Fatalf("missing file: %d %s", r.status, r.body)
+	}
+
+	// Streaming exec over a WebSocket.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, strings.Replace(c.url, "http", "ws", 1)+"/v1/capsules/"+sb.ID+"/exec/stream",
+		&websocket.DialOptions{HTTPHeader: http.Header{"X-API-Key": {key}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start, _ := json.Marshal(map[string]any{"type": "start", "cmd": "/bin/sh", "args": []string{"-c", "for i in 1 2 3; do echo line $i; done; echo oops >&2"}})
+	_ = ws.Write(ctx, websocket.MessageText, start)
+	var stdout, stderr string
+	exitCode := -1
+	for exitCode < 0 {
+		_, msg, err := ws.Read(ctx)
+		if err != nil {
+			t.Fatalf("stream ended early: %v (stdout %q)", err, stdout)
+		}
+		var ev struct {
+			Type     string `json:"type"`
+			Data     string `json:"data"`
+			ExitCode *int   `json:"exit_code"`
+		}
+		_ = json.Unmarshal(msg, &ev)
+		switch ev.Type {
+		case "stdout":
+			stdout += ev.Data
+		case "stderr":
+			stderr += ev.Data
+		case "exit":
+			exitCode = *ev.ExitCode
+		case "error":
+			t.Fatalf("stream error: %s", ev.Data)
+		}
+	}
+	ws.CloseNow()
+	if stdout != "line 1\nline 2\nline 3\n" || stderr != "oops\n" || exitCode != 0 {
+		t.Fatalf("stream: %q %q %d", stdout, stderr, exitCode)
+	}
+
+	// A background process survives pause and resume, as does memory.
+	var bg struct {
+		PID int    `json:"pid"`
+		Tag string `json:"tag"`
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/exec", creds{key: key}, map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "echo $$ > /tmp/bg.pid; sleep 600"}, "background": true, "tag": "sleeper"}), 202).json(t, &bg)
+	if bg.PID == 0 || bg.Tag != "sleeper" {
+		t.Fatalf("background: %+v", bg)
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/pause", creds{key: key}, nil), 202).json(t, &got)
+	if got.Status != "paused" {
+		t.Fatalf("pause: %+v", got)
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/exec", creds{key: key}, map[string]any{"cmd": "true"}), 409)
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/pause", creds{key: key}, nil), 409)
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/resume", creds{key: key}, nil), 202).json(t, &got)
+	if got.Status != "running" {
+		t.Fatalf("resume: %+v", got)
+	}
+	var procs struct {
+		Processes []struct {
+			Tag string `json:"tag"`
+		} `json:"processes"`
+	}
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/processes", creds{key: key}, nil), 200).json(t, &procs)
+	if !strings.Contains(fmt.Sprint(procs.Processes), "sleeper") {
+		t.Fatalf("background process lost across pause: %+v", procs)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID+"/processes/sleeper", creds{key: key}, nil), 204)
+
+	// Snapshot to a template; a capsule from it has the file.
+	var tpl struct {
+		Name string `json:"name"`
+		Type string `json:"type"`
+	}
+	c.want(c.do("POST", "/v1/snapshots", creds{key: key}, map[string]string{"sandbox_id": sb.ID, "name": "with-note"}), 201).json(t, &tpl)
+	if tpl.Type != "snapshot" {
+		t.Fatalf("snapshot: %+v", tpl)
+	}
+	c.want(c.do("POST", "/v1/snapshots", creds{key: key}, map[string]string{"sandbox_id": sb.ID, "name": "with-note"}), 409)
+	var child capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"template": "with-note", "memory_mb": 256}), 201).json(t, &child)
+	if out, _ := c.exec(key, child.ID, "cat", "/home/user/note.txt"); out != "kept across pause" {
+		t.Fatalf("capsule from snapshot: %q", out)
+	}
+
+	// Destroy: the record says stopped and the host has nothing left.
+	for _, id := range []string{sb.ID, child.ID} {
+		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 202).json(t, &got)
+		if got.Status != "stopped" {
+			t.Fatalf("destroy %s: %+v", id, got)
+		}
+	}
+	c.want(c.do("DELETE", "/v1/snapshots/with-note", creds{key: key}, nil), 204)
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/exec", creds{key: key}, map[string]any{"cmd": "true"}), 409)
+}
+
+// The reconciler enforces timeouts and fixes drift between the database
+// and the host.
+func TestReconcilerWithARealAgent(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	c.startAgent(admin)
+	key := c.apiKey(admin)
+	var idle, lost capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256, "timeout_sec": 60}), 201).json(t, &idle)
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &lost)
+	// The idle capsule's last activity is long ago; the other vanishes from the database's view of the host.
+	if _, err := c.st.Pool.Exec(t.Context(), "UPDATE sandboxes SET last_active_at = now() - interval '2 minutes' WHERE id = $1", idle.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.st.Pool.Exec(t.Context(), "DELETE FROM sandboxes WHERE id = $1", lost.ID); err != nil {
+		t.Fatal(err)
+	}
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
+	if ran, err := rec.Pass(context.Background()); err != nil || !ran {
+		t.Fatalf("pass: %v %v", ran, err)
+	}
+	var got capsuleOut
+	c.want(c.do("GET", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 200).json(t, &got)
+	if got.Status != "paused" {
+		t.Fatalf("idle capsule after its timeout: %s", got.Status)
+	}
+	// The unrecorded VM was destroyed on the host; a second pass finds no drift.
+	h, _ := c.st.Host(t.Context(), *mustHost(t, c, idle.ID))
+	ag := c.srv.agents.Get(*h.Address, *h.AgentToken)
+	list, err := ag.ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list.Msg.GetSandboxes() {
+		if s.GetId() == lost.ID {
+			t.Fatalf("the VM without a record is still on the host (%v)", s.GetState())
+		}
+	}
+	if ran, err := rec.Pass(context.Background()); err != nil || !ran {
+		t.Fatalf("second pass: %v %v", ran, err)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 202)
+}
+
+func mustHost(t *testing.T, c *cp, id string) *string {
+	sb, err := c.st.Sandbox(t.Context(), "", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sb.HostID
+}
