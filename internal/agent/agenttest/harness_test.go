@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +18,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
@@ -69,24 +69,12 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 // newAgentWith starts an agent that tests reach with hc over scheme.
 func newAgentWith(t *testing.T, hc *http.Client, scheme string, extraArgs ...string) *agent {
 	t.Helper()
-	system, _, _ := guestimages.Require(t)
+	dir := guestimages.AgentDir(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
 	hostlock.Take(t)
-	dir := t.TempDir()
-	// Share the kernel and the system's templates read only; templates a
-	// test makes stay in its own images directory.
-	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
-		t.Fatal(err)
-	}
-	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freePort(t), proxy: "127.0.0.1:" + freePort(t), args: extraArgs, hc: hc, scheme: scheme}
+	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freeport.Get(t), proxy: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
 	a.start()
 	t.Cleanup(func() {
 		a.stop()
@@ -266,15 +254,6 @@ func wantCode(t *testing.T, err error, code connect.Code) {
 	if err == nil || !errors.As(err, &ce) || ce.Code() != code {
 		t.Fatalf("want %v, got %v", code, err)
 	}
-}
-
-func freePort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 }
 
 func testCtx(t *testing.T, d time.Duration) context.Context {

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,6 +19,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
@@ -50,38 +50,18 @@ func buildAgent(t *testing.T) string {
 	return agentBin
 }
 
-func freePort(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	_, port, _ := net.SplitHostPort(l.Addr().String())
-	return port
-}
-
 // startAgent runs a real wrenn-agent that registers with the control plane
 // through the public flow (POST /v1/hosts, then --register).
 func (c *cp) startAgent(admin account) (hostID string, stop func()) {
 	t := c.t
-	system, _, _ := guestimages.Require(t)
+	dir := guestimages.AgentDir(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
 	hostlock.Take(t)
 	bin := buildAgent(t)
-	dir := t.TempDir()
-	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
-		t.Fatal(err)
-	}
 	hostID, token := c.newHostToken(admin)
-	addr := "127.0.0.1:" + freePort(t)
+	addr := "127.0.0.1:" + freeport.Get(t)
 	logf, err := os.Create(filepath.Join(dir, "agent.log"))
 	if err != nil {
 		t.Fatal(err)

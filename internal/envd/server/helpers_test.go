@@ -8,14 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +21,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/envd/server"
+	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
 	"github.com/wrenn/wrenn/proto/envd/filesystem/filesystemconnect"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
@@ -199,16 +198,6 @@ func newClientFor(url string) processconnect.ProcessClient {
 	return processconnect.NewProcessClient(http.DefaultClient, url)
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-}
-
 func runOutput(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return string(out), err
@@ -257,7 +246,7 @@ func TestMain(m *testing.M) {
 // process, so tests can measure envd alone.
 func devEnvd(t *testing.T, extraArgs ...string) (string, *exec.Cmd) {
 	t.Helper()
-	port := freePort(t)
+	port := freeport.Get(t)
 	cmd := startCmd(t, envdBinary, append([]string{"--dev", "--port", port}, extraArgs...)...)
 	url := "http://127.0.0.1:" + port
 	waitUntil(t, func() bool {

@@ -32,3 +32,22 @@ func Require(t testing.TB) (wrennDir, kernelPath, rootfs string) {
 	}
 	return wrennDir, kernelPath, rootfs
 }
+
+// AgentDir returns a fresh WRENN_DIR for a test's own agent: the system's
+// kernels and minimal image are shared (read only, by symlink); templates
+// the test makes stay in the new directory.
+func AgentDir(t testing.TB) string {
+	t.Helper()
+	system, _, _ := Require(t)
+	dir := t.TempDir()
+	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
