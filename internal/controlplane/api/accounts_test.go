@@ -70,6 +70,17 @@ func TestSignupLoginAndJWT(t *testing.T) {
 	c.want(c.do("POST", "/v1/me/password", creds{jwt: second.jwt}, map[string]string{"current_password": "correct horse", "new_password": "new password"}), 204)
 	c.want(c.do("POST", "/v1/auth/login", creds{}, map[string]string{"email": "second@example.com", "password": "new password"}), 200)
 
+	// A token for a team stops working the moment its holder leaves the team.
+	c.want(c.do("POST", "/v1/teams/"+admin.teamID+"/members", creds{jwt: admin.jwt}, map[string]string{"email": "second@example.com"}), 201)
+	var switched struct {
+		Token string `json:"token"`
+	}
+	c.want(c.do("POST", "/v1/auth/switch-team", creds{jwt: second.jwt}, map[string]string{"team_id": admin.teamID}), 200).json(t, &switched)
+	c.want(c.do("GET", "/v1/me", creds{jwt: switched.Token}, nil), 200)
+	c.want(c.do("DELETE", "/v1/teams/"+admin.teamID+"/members/"+second.userID, creds{jwt: admin.jwt}, nil), 204)
+	c.want(c.do("GET", "/v1/me", creds{jwt: switched.Token}, nil), 401)
+	c.want(c.do("GET", "/v1/me", creds{jwt: second.jwt}, nil), 200)
+
 	// Unknown routes and methods answer JSON errors too.
 	if r := c.do("GET", "/v1/nope", creds{}, nil); r.status != 404 || r.errorCode(t) != "not_found" {
 		t.Fatalf("unknown route: %d %s", r.status, r.body)

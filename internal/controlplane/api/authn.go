@@ -92,7 +92,7 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	}
 	// The token names a team; membership and account state are checked
 	// on every request, so removal from a team takes effect at once.
-	u, err := s.st.UserByID(ctx, claims.Subject)
+	u, role, err := s.st.UserInTeam(ctx, claims.Subject, claims.TeamID)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, errUnauthorized
@@ -102,12 +102,8 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	if u.Status != "active" {
 		return nil, errUnauthorized
 	}
-	role, err := s.st.MemberRole(ctx, claims.TeamID, u.ID)
-	if err != nil {
-		if errors.Is(err, store.ErrNotFound) {
-			return nil, errf(http.StatusUnauthorized, "unauthorized", "you are no longer a member of this token's team; log in again")
-		}
-		return nil, err
+	if role == "" {
+		return nil, errf(http.StatusUnauthorized, "unauthorized", "you are no longer a member of this token's team; log in again")
 	}
 	return &principal{TeamID: claims.TeamID, UserID: u.ID, IsAdmin: u.IsAdmin, Role: role, Email: u.Email, Name: u.Name, limitKey: "user:" + u.ID}, nil
 }

@@ -93,6 +93,21 @@ func (s *Store) UserByID(ctx context.Context, id string) (User, error) {
 	return u, mapErr(err, "user")
 }
 
+// UserInTeam returns an account and its role in a live team ("" when it
+// is not a member) in one query: every request with a user JWT needs both.
+func (s *Store) UserInTeam(ctx context.Context, userID, teamID string) (User, string, error) {
+	rows, _ := s.Pool.Query(ctx, `SELECT u.id, u.email, u.name, u.password_hash, u.is_admin, u.status, u.created_at, u.updated_at,
+		coalesce(m.role, '') AS role
+		FROM users u LEFT JOIN (team_members m JOIN teams t ON t.id = m.team_id AND t.deleted_at IS NULL)
+			ON m.user_id = u.id AND m.team_id = $2
+		WHERE u.id = $1`, userID, teamID)
+	row, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[struct {
+		User
+		Role string `db:"role"`
+	}])
+	return row.User, row.Role, mapErr(err, "user")
+}
+
 // SetPassword replaces a user's password hash.
 func (s *Store) SetPassword(ctx context.Context, userID, hash string) error {
 	return s.execOne(ctx, "set password", "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", userID, hash)
