@@ -9,7 +9,6 @@ package main
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -100,7 +99,7 @@ func signer(ctx context.Context, st *store.Store) (*auth.Signer, error) {
 	secret := os.Getenv("WRENN_JWT_SECRET")
 	if secret == "" {
 		var err error
-		secret, err = st.Setting(ctx, "jwt_secret", hex.EncodeToString([]byte(ids.Random(32))))
+		secret, err = st.Setting(ctx, "jwt_secret", ids.Random(32))
 		if err != nil {
 			return nil, err
 		}

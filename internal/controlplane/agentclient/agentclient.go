@@ -3,7 +3,6 @@
 package agentclient
 
 import (
-	"context"
 	"crypto/tls"
 	"net"
 	"net/http"
@@ -11,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
 )
 
@@ -90,7 +90,20 @@ func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
 	return b.next.RoundTrip(r)
 }
 
-// Ctx bounds a unary call that should not hang on a dead host.
-func Ctx(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, d)
+// Status is the capsule status the control plane records for an agent's
+// sandbox state ("" for states it does not name).
+func Status(st pb.SandboxState) string {
+	switch st {
+	case pb.SandboxState_SANDBOX_STATE_RUNNING:
+		return "running"
+	case pb.SandboxState_SANDBOX_STATE_PAUSED:
+		return "paused"
+	case pb.SandboxState_SANDBOX_STATE_STARTING, pb.SandboxState_SANDBOX_STATE_PENDING:
+		return "starting"
+	case pb.SandboxState_SANDBOX_STATE_STOPPED:
+		return "stopped"
+	case pb.SandboxState_SANDBOX_STATE_ERROR:
+		return "error"
+	}
+	return ""
 }

@@ -64,16 +64,6 @@ func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) er
 	if err := decode(w, r, &req, false); err != nil {
 		return err
 	}
-	req.Email = strings.TrimSpace(req.Email)
-	if !validEmail(req.Email) {
-		return badRequest("email is not a valid address")
-	}
-	if err := checkPassword(req.Password); err != nil {
-		return err
-	}
-	if err := checkName(req.Name, 100, "name"); err != nil {
-		return err
-	}
 	u, err := s.createAccount(r.Context(), req.Email, req.Password, req.Name, false)
 	if err != nil {
 		return err
@@ -84,16 +74,21 @@ func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) er
 
 // CreateAdmin makes a platform-admin account (wrenn-cp admin create).
 func (s *Server) CreateAdmin(ctx context.Context, email, password, name string) (store.User, error) {
+	return s.createAccount(ctx, email, password, name, true)
+}
+
+// createAccount validates and stores a new account with its own team.
+func (s *Server) createAccount(ctx context.Context, email, password, name string, admin bool) (store.User, error) {
+	email = strings.TrimSpace(email)
 	if !validEmail(email) {
 		return store.User{}, badRequest("email is not a valid address")
 	}
 	if err := checkPassword(password); err != nil {
 		return store.User{}, err
 	}
-	return s.createAccount(ctx, email, password, name, true)
-}
-
-func (s *Server) createAccount(ctx context.Context, email, password, name string, admin bool) (store.User, error) {
+	if err := checkName(name, 100, "name"); err != nil {
+		return store.User{}, err
+	}
 	hash, err := auth.HashPassword(password)
 	if err != nil {
 		return store.User{}, err

@@ -166,7 +166,8 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 	}
 	actor, _ := p.actor()
 	sb.CreatedBy = &actor
-	if err := s.st.InsertSandbox(ctx, sb); err != nil {
+	stored, err := s.st.InsertSandbox(ctx, sb)
+	if err != nil {
 		return err
 	}
 	s.log.Info("capsule placed", "capsule", sb.ID, "team", sb.TeamID, "host", h.ID, "template", sb.Template)
@@ -194,11 +195,7 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 		writeJSON(w, http.StatusCreated, toCapsule(cur))
 		return nil
 	}
-	cur, err := s.st.Sandbox(ctx, p.TeamID, sb.ID)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	writeJSON(w, http.StatusAccepted, toCapsule(stored))
 	return nil
 }
 
@@ -424,7 +421,7 @@ func (s *Server) destroyOnHost(ctx context.Context, sb store.Sandbox) error {
 func (s *Server) DestroyStopping(ctx context.Context, id, hostID string) error {
 	c, _, err := s.agentFor(ctx, hostID)
 	if err == nil {
-		cctx, cancel := agentclient.Ctx(ctx, time.Minute)
+		cctx, cancel := context.WithTimeout(ctx, time.Minute)
 		_, err = c.DestroySandbox(cctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
 		cancel()
 		if connect.CodeOf(err) == connect.CodeNotFound {
@@ -502,27 +499,11 @@ func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from stri
 	case err != nil:
 		return // the reconciler will look again
 	default:
-		to = agentStatus(resp.Msg.GetSandbox().GetState())
+		to = agentclient.Status(resp.Msg.GetSandbox().GetState())
 	}
 	if to != "" {
 		_, _ = s.st.Transition(ctx, id, []string{from}, to, nil)
 	}
-}
-
-func agentStatus(st pb.SandboxState) string {
-	switch st {
-	case pb.SandboxState_SANDBOX_STATE_RUNNING:
-		return "running"
-	case pb.SandboxState_SANDBOX_STATE_PAUSED:
-		return "paused"
-	case pb.SandboxState_SANDBOX_STATE_STARTING, pb.SandboxState_SANDBOX_STATE_PENDING:
-		return "starting"
-	case pb.SandboxState_SANDBOX_STATE_STOPPED:
-		return "stopped"
-	case pb.SandboxState_SANDBOX_STATE_ERROR:
-		return "error"
-	}
-	return ""
 }
 
 func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) error {

@@ -12,6 +12,8 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -35,12 +37,21 @@ func checkPath(p string) error {
 	return nil
 }
 
-func (s *Server) pathBody(w http.ResponseWriter, r *http.Request) (pathRequest, error) {
+// pathCall reads a {"path": ...} body and loads the running capsule it
+// is about, with its agent: the start of every path-based file route.
+func (s *Server) pathCall(w http.ResponseWriter, r *http.Request, p *principal) (pathRequest, store.Sandbox, agentclient.Client, error) {
 	var req pathRequest
 	if err := decode(w, r, &req, false); err != nil {
-		return req, err
+		return req, store.Sandbox{}, nil, err
 	}
-	return req, checkPath(req.Path)
+	if err := checkPath(req.Path); err != nil {
+		return req, store.Sandbox{}, nil, err
+	}
+	if req.Depth != nil && (*req.Depth < 0 || *req.Depth > 16) {
+		return req, store.Sandbox{}, nil, badRequest("depth must be between 0 and 16")
+	}
+	sb, c, err := s.running(r, p)
+	return req, sb, c, err
 }
 
 // uploadPart finds the multipart "path" field and the "file" part, in
@@ -147,11 +158,7 @@ func (s *Server) streamWriteFile(w http.ResponseWriter, r *http.Request, p *prin
 }
 
 func (s *Server) readFile(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, err := s.pathBody(w, r)
-	if err != nil {
-		return err
-	}
-	sb, c, err := s.running(r, p)
+	req, sb, c, err := s.pathCall(w, r, p)
 	if err != nil {
 		return err
 	}
@@ -166,11 +173,7 @@ func (s *Server) readFile(w http.ResponseWriter, r *http.Request, p *principal) 
 }
 
 func (s *Server) streamReadFile(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, err := s.pathBody(w, r)
-	if err != nil {
-		return err
-	}
-	sb, c, err := s.running(r, p)
+	req, sb, c, err := s.pathCall(w, r, p)
 	if err != nil {
 		return err
 	}
@@ -227,23 +230,13 @@ func toEntry(e *pb.FileEntry) fileEntryJSON {
 }
 
 func (s *Server) listDir(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, err := s.pathBody(w, r)
+	req, sb, c, err := s.pathCall(w, r, p)
 	if err != nil {
 		return err
 	}
-	depth := 1
-	if req.Depth != nil {
+	depth := 1 // 0 (non-recursive) and 1 both mean the directory's own entries
+	if req.Depth != nil && *req.Depth > 1 {
 		depth = *req.Depth
-	}
-	if depth < 0 || depth > 16 {
-		return badRequest("depth must be between 0 and 16")
-	}
-	if depth == 0 {
-		depth = 1
-	}
-	sb, c, err := s.running(r, p)
-	if err != nil {
-		return err
 	}
 	resp, err := c.ListDir(r.Context(), connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.ID, Path: req.Path, User: req.User, Depth: uint32(depth)}))
 	if err != nil {
@@ -258,11 +251,7 @@ func (s *Server) listDir(w http.ResponseWriter, r *http.Request, p *principal) e
 }
 
 func (s *Server) makeDir(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, err := s.pathBody(w, r)
-	if err != nil {
-		return err
-	}
-	sb, c, err := s.running(r, p)
+	req, sb, c, err := s.pathCall(w, r, p)
 	if err != nil {
 		return err
 	}
@@ -274,11 +263,7 @@ func (s *Server) makeDir(w http.ResponseWriter, r *http.Request, p *principal) e
 }
 
 func (s *Server) removePath(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, err := s.pathBody(w, r)
-	if err != nil {
-		return err
-	}
-	sb, c, err := s.running(r, p)
+	req, sb, c, err := s.pathCall(w, r, p)
 	if err != nil {
 		return err
 	}

@@ -46,6 +46,12 @@ func toHost(h store.Host) hostJSON {
 		CreatedAt: h.CreatedAt, UpdatedAt: h.UpdatedAt}
 }
 
+// newRegistrationToken makes a one-time token; only its hash is stored.
+func newRegistrationToken() (token, hash string, expires time.Time) {
+	token = "wrt_" + auth.RandomString(40)
+	return token, auth.HashToken(token), time.Now().Add(registrationTTL)
+}
+
 // hostFor loads a host the caller may manage: platform admins any host,
 // team owners and admins their team's BYOC hosts; others get 404.
 func (s *Server) hostFor(r *http.Request, p *principal) (store.Host, error) {
@@ -110,8 +116,8 @@ func (s *Server) createHost(w http.ResponseWriter, r *http.Request, p *principal
 	if req.AvailabilityZone != "" {
 		h.AvailabilityZone = &req.AvailabilityZone
 	}
-	token := "wrt_" + auth.RandomString(40)
-	created, err := s.st.CreateHost(r.Context(), h, auth.HashToken(token), time.Now().Add(registrationTTL))
+	token, hash, expires := newRegistrationToken()
+	created, err := s.st.CreateHost(r.Context(), h, hash, expires)
 	s.audit(r.Context(), p, p.TeamID, "host", h.ID, "host.create", err, map[string]any{"type": req.Type})
 	if err != nil {
 		return err
@@ -151,8 +157,8 @@ func (s *Server) regenerateHostToken(w http.ResponseWriter, r *http.Request, p *
 	if err != nil {
 		return err
 	}
-	token := "wrt_" + auth.RandomString(40)
-	err = s.st.NewRegistrationToken(r.Context(), h.ID, auth.HashToken(token), time.Now().Add(registrationTTL))
+	token, hash, expires := newRegistrationToken()
+	err = s.st.NewRegistrationToken(r.Context(), h.ID, hash, expires)
 	if errors.Is(err, store.ErrConflict) {
 		return conflict("host %s is already registered (%s); only pending hosts get registration tokens", h.ID, h.Status)
 	}
@@ -271,7 +277,7 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request, p *principal)
 	if r.PathValue("id") != p.HostID {
 		return forbidden("the host token belongs to another host")
 	}
-	back, err := s.st.Heartbeat(r.Context(), p.HostID, nil)
+	back, err := s.st.Heartbeat(r.Context(), p.HostID)
 	if err != nil {
 		return err
 	}

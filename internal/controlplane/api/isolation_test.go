@@ -22,7 +22,7 @@ func TestTenantIsolation(t *testing.T) {
 	// The victim's objects, written straight to the database (no VM is needed to prove isolation).
 	ctx := t.Context()
 	sb := store.Sandbox{ID: "sb-victimcapsule01", TeamID: victim.teamID, Template: "minimal", Status: "running", VCPUs: 1, MemoryMB: 256}
-	if err := c.st.InsertSandbox(ctx, sb); err != nil {
+	if _, err := c.st.InsertSandbox(ctx, sb); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.st.InsertTemplate(ctx, store.Template{ID: "tpl-victimsnap", TeamID: &victim.teamID, Name: "victim-snap", Type: "snapshot"}); err != nil {

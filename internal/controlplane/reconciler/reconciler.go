@@ -158,10 +158,10 @@ func (r *Reconciler) settleStuck(ctx context.Context) {
 		case err != nil:
 			continue
 		default:
-			to = stateName(resp.Msg.GetSandbox().GetState())
+			to = agentclient.Status(resp.Msg.GetSandbox().GetState())
 		}
-		if to == "" || to == sb.Status {
-			continue
+		if to == "" || to == sb.Status || to == "starting" {
+			continue // nothing to settle yet; a host still starting it is looked at next pass
 		}
 		set := map[string]any{}
 		if reason != "" {
@@ -215,7 +215,7 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "missing", map[string]any{"error": "the host no longer has this capsule"})
 					continue
 				}
-				if got := stateName(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
+				if got := agentclient.Status(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
 					r.Log.Info("drift: capsule state differs on host; following the host", "capsule", sb.ID, "db", sb.Status, "host_state", got)
 					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, got, nil)
 				}
@@ -241,18 +241,4 @@ func (r *Reconciler) client(ctx context.Context, hostID string) (agentclient.Cli
 		return nil, false
 	}
 	return r.Agents.Get(*h.Address, *h.AgentToken), true
-}
-
-func stateName(st pb.SandboxState) string {
-	switch st {
-	case pb.SandboxState_SANDBOX_STATE_RUNNING:
-		return "running"
-	case pb.SandboxState_SANDBOX_STATE_PAUSED:
-		return "paused"
-	case pb.SandboxState_SANDBOX_STATE_STOPPED:
-		return "stopped"
-	case pb.SandboxState_SANDBOX_STATE_ERROR:
-		return "error"
-	}
-	return ""
 }

@@ -154,7 +154,7 @@ func (s *Store) RefreshHost(ctx context.Context, refreshHash string, mint func(h
 
 // Heartbeat records that a registered host is alive; an unreachable host
 // comes back online. It returns whether the host was unreachable before.
-func (s *Store) Heartbeat(ctx context.Context, hostID string, specs *HostSpecs) (bool, error) {
+func (s *Store) Heartbeat(ctx context.Context, hostID string) (bool, error) {
 	var was string
 	err := s.Pool.QueryRow(ctx, `UPDATE hosts h SET last_heartbeat_at = now(), updated_at = now(),
 			status = CASE WHEN h.status IN ('unreachable', 'offline') THEN 'online' ELSE h.status END

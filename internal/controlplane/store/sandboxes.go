@@ -39,15 +39,17 @@ const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, d
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
 
-// InsertSandbox records a capsule about to be created.
-func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) error {
+// InsertSandbox records a capsule about to be created and returns the
+// stored row.
+func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) (Sandbox, error) {
 	if sb.Metadata == nil {
 		sb.Metadata = map[string]string{}
 	}
-	_, err := s.Pool.Exec(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
-		timeout_sec, auto_pause, metadata, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+	rows, _ := s.Pool.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
+		timeout_sec, auto_pause, metadata, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING `+sandboxCols,
 		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy)
-	return mapErr(err, "insert capsule")
+	stored, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
+	return stored, mapErr(err, "insert capsule")
 }
 
 // Sandbox returns one of a team's capsules; another team's is ErrNotFound.
@@ -107,12 +109,11 @@ func (s *Store) Transition(ctx context.Context, id string, from []string, to str
 	cols := []string{"status = $2", "last_updated = now()"}
 	args := []any{id, to, from}
 	for k, v := range set {
-		args = append(args, v)
 		if v == Now {
 			cols = append(cols, k+" = now()")
-			args = args[:len(args)-1]
 			continue
 		}
+		args = append(args, v)
 		cols = append(cols, fmt.Sprintf("%s = $%d", k, len(args)))
 	}
 	rows, _ := s.Pool.Query(ctx, "UPDATE sandboxes SET "+strings.Join(cols, ", ")+
