@@ -233,6 +233,8 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 		t.Fatalf("stream: %q %q %d", stdout, stderr, exitCode)
 	}
 
+	checkPTY(t, c, key, sb.ID)
+
 	// A background process survives pause and resume, as does memory.
 	var bg struct {
 		PID int    `json:"pid"`

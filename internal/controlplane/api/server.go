@@ -123,6 +123,7 @@ var routes = []route{
 	{"GET", "/v1/capsules/{id}/processes", team, (*Server).listProcesses},
 	{"DELETE", "/v1/capsules/{id}/processes/{selector}", team, (*Server).killProcess},
 	{"GET", "/v1/capsules/{id}/processes/{selector}/stream", team, (*Server).processStream},
+	{"GET", "/v1/capsules/{id}/pty", team, (*Server).pty},
 	{"POST", "/v1/capsules/{id}/ping", team, (*Server).ping},
 	{"POST", "/v1/capsules/{id}/pause", team, (*Server).pause},
 	{"POST", "/v1/capsules/{id}/resume", team, (*Server).resume},
