@@ -145,6 +145,32 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 	if got.Status != "running" {
 		t.Fatalf("after exec: %+v", got)
 	}
+
+	// Metrics: a live reading at first, then the samples a reconcile pass takes.
+	var m struct {
+		Points []struct {
+			Timestamp int64   `json:"timestamp_unix"`
+			CPUPct    float64 `json:"cpu_pct"`
+			MemBytes  int64   `json:"mem_bytes"`
+			DiskBytes int64   `json:"disk_bytes"`
+		} `json:"points"`
+	}
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/metrics", creds{key: key}, nil), 200).json(t, &m)
+	if len(m.Points) != 1 || m.Points[0].MemBytes <= 0 || m.Points[0].DiskBytes <= 0 {
+		t.Fatalf("live metrics: %+v", m)
+	}
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
+	if ran, err := rec.Pass(context.Background()); err != nil || !ran {
+		t.Fatalf("pass: %v %v", ran, err)
+	}
+	var stored int
+	if err := c.st.Pool.QueryRow(t.Context(), "SELECT count(*) FROM sandbox_metrics WHERE sandbox_id = $1", sb.ID).Scan(&stored); err != nil || stored != 1 {
+		t.Fatalf("samples stored by the reconciler: %d %v", stored, err)
+	}
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/metrics?range=1h", creds{key: key}, nil), 200).json(t, &m)
+	if len(m.Points) != 1 || m.Points[0].MemBytes <= 0 || m.Points[0].Timestamp < time.Now().Add(-time.Minute).Unix() {
+		t.Fatalf("sampled metrics: %+v", m)
+	}
 	var listed []capsuleOut
 	c.want(c.do("GET", "/v1/capsules?metadata.purpose=test", creds{key: key}, nil), 200).json(t, &listed)
 	if len(listed) != 1 || listed[0].ID != sb.ID {

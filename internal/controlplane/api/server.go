@@ -116,7 +116,10 @@ var routes = []route{
 
 	{"POST", "/v1/capsules", team, (*Server).createCapsule},
 	{"GET", "/v1/capsules", team, (*Server).listCapsules},
+	{"GET", "/v1/capsules/stats", team, (*Server).capsuleStats},
+	{"GET", "/v1/capsules/usage", team, (*Server).capsuleUsage},
 	{"GET", "/v1/capsules/{id}", team, (*Server).getCapsule},
+	{"GET", "/v1/capsules/{id}/metrics", team, (*Server).capsuleMetrics},
 	{"DELETE", "/v1/capsules/{id}", team, (*Server).destroyCapsule},
 	{"POST", "/v1/capsules/{id}/exec", team, (*Server).exec},
 	{"GET", "/v1/capsules/{id}/exec/stream", team, (*Server).execStream},

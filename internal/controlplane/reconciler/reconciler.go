@@ -1,6 +1,7 @@
 // Package reconciler runs the control plane's background jobs: it marks
 // silent hosts unreachable, enforces capsule timeouts, finishes work a
-// replica left half done, and makes the database agree with each host.
+// replica left half done, makes the database agree with each host and
+// samples running capsules' resource use.
 // Every job runs under a PostgreSQL advisory lock, so with several
 // replicas each job runs on one of them at a time.
 package reconciler
@@ -82,6 +83,9 @@ func (r *Reconciler) Pass(ctx context.Context) (bool, error) {
 		r.finishStopping(ctx)
 		r.settleStuck(ctx)
 		r.compareHosts(ctx)
+		if err := r.Store.Prune(ctx); err != nil {
+			r.Log.Warn("prune old samples and events", "err", err)
+		}
 		return nil
 	})
 }
@@ -205,9 +209,13 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 			continue
 		}
 		known := map[string]bool{}
+		var running []string
 		for _, sb := range recorded {
 			known[sb.ID] = true
 			a, present := onHost[sb.ID]
+			if present && sb.Status == "running" && agentclient.Status(a.GetState()) == "running" {
+				running = append(running, sb.ID)
+			}
 			switch {
 			case sb.Status == "running" || sb.Status == "paused":
 				if !present {
@@ -232,6 +240,7 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 				_, _ = c.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
 			}
 		}
+		r.sample(ctx, c, h.ID, running)
 	}
 }
 

@@ -1,0 +1,54 @@
+package reconciler
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+// sampleConcurrency bounds the metric calls in flight to one host.
+const sampleConcurrency = 8
+
+// sample reads the resource figures of a host's running capsules and
+// stores them for /v1/capsules/{id}/metrics.
+func (r *Reconciler) sample(ctx context.Context, c agentclient.Client, hostID string, ids []string) {
+	if len(ids) == 0 {
+		return
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	var (
+		mu      sync.Mutex
+		samples []store.MetricSample
+		wg      sync.WaitGroup
+		slots   = make(chan struct{}, sampleConcurrency)
+	)
+	for _, id := range ids {
+		wg.Add(1)
+		slots <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			m, err := c.GetSandboxMetrics(mctx, connect.NewRequest(&pb.GetSandboxMetricsRequest{Id: id}))
+			if err != nil {
+				r.Log.Debug("metrics sample failed", "capsule", id, "host", hostID, "err", err)
+				return
+			}
+			mu.Lock()
+			samples = append(samples, store.MetricSample{SandboxID: id, At: now, CPUPct: m.Msg.GetCpuUsedPct(),
+				MemBytes: m.Msg.GetMemUsedBytes(), DiskBytes: m.Msg.GetDiskUsedBytes()})
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if err := r.Store.RecordMetrics(ctx, samples); err != nil {
+		r.Log.Warn("store metric samples", "host", hostID, "err", err)
+	}
+}
