@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/version"
@@ -53,6 +55,18 @@ func envDuration(key string, def time.Duration) (time.Duration, error) {
 		return 0, fmt.Errorf("%s: %w", key, err)
 	}
 	return d, nil
+}
+
+func envBool(key string, def bool) (bool, error) {
+	v := os.Getenv(key)
+	if v == "" {
+		return def, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("%s must be true or false: %w", key, err)
+	}
+	return b, nil
 }
 
 func run(args []string) error {
@@ -151,17 +165,25 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	allowPrivate, err := envBool("WRENN_NOTIFY_ALLOW_PRIVATE", false)
+	if err != nil {
+		return err
+	}
+	notifyClient := notify.NewClient(allowPrivate)
 	agents := &agentclient.Pool{}
-	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log})
+	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
 	go rec.Run(ctx)
+	disp := &notify.Dispatcher{Store: st, Client: notifyClient, Log: log}
+	go disp.Run(ctx, srv.EventsChanged)
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	hs.RegisterOnShutdown(srv.Close) // ends event streams so shutdown need not wait for their clients
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	log.Info("wrenn-cp listening", "addr", ln.Addr().String(), "version", version.Version, "reconcile_interval", interval, "host_silence", silence)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/testutil/pgtest"
 )
@@ -42,7 +43,8 @@ func newCPOn(t *testing.T, dbURL string, secret []byte) *cp {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1})
+	srv := New(Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1,
+		NotifyClient: notify.NewClient(true)}) // test receivers listen on loopback
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(func() {
 		hs.Close()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
 
@@ -29,6 +30,8 @@ type Config struct {
 	Burst         int
 	// CreateTimeout bounds one capsule create on an agent.
 	CreateTimeout time.Duration
+	// NotifyClient sends channel test messages (default: public addresses only).
+	NotifyClient *http.Client
 }
 
 // Server serves the API. Close waits for background work it started.
@@ -39,7 +42,9 @@ type Server struct {
 	agents *agentclient.Pool
 	log    *slog.Logger
 	limit  *limiter
+	events eventWatch
 
+	notifyClient *http.Client
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
@@ -53,9 +58,12 @@ func New(cfg Config) *Server {
 	if cfg.CreateTimeout == 0 {
 		cfg.CreateTimeout = 3 * time.Minute
 	}
+	if cfg.NotifyClient == nil {
+		cfg.NotifyClient = notify.NewClient(false)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
-		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), bgCtx: ctx, bgCancel: cancel}
+		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
 // Close stops background work (creates in flight finish or are left for
@@ -154,6 +162,20 @@ var routes = []route{
 	{"GET", "/v1/hosts/{id}/tags", user, (*Server).listHostTags},
 	{"POST", "/v1/hosts/{id}/tags", user, (*Server).addHostTag},
 	{"DELETE", "/v1/hosts/{id}/tags/{tag}", user, (*Server).removeHostTag},
+
+	{"POST", "/v1/channels", user, (*Server).createChannel},
+	{"GET", "/v1/channels", user, (*Server).listChannels},
+	{"POST", "/v1/channels/test", user, (*Server).testChannel},
+	{"GET", "/v1/channels/{id}", user, (*Server).getChannel},
+	{"PATCH", "/v1/channels/{id}", user, (*Server).updateChannel},
+	{"DELETE", "/v1/channels/{id}", user, (*Server).deleteChannel},
+	{"PUT", "/v1/channels/{id}/config", user, (*Server).rotateChannelConfig},
+
+	// The streams authenticate themselves: headers or a single-use ticket.
+	{"GET", "/v1/events/stream", public, (*Server).streamEvents},
+	{"POST", "/v1/events/token", team, (*Server).issueEventTicket},
+	{"GET", "/v1/admin/events/stream", public, (*Server).adminStreamEvents},
+	{"POST", "/v1/admin/events/token", user, (*Server).issueAdminEventTicket},
 
 	{"GET", "/v1/audit-logs", user, (*Server).listAuditLogs},
 }
