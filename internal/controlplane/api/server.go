@@ -45,9 +45,9 @@ type Server struct {
 	events eventWatch
 
 	notifyClient *http.Client
-	bgCtx    context.Context
-	bgCancel context.CancelFunc
-	bg       sync.WaitGroup
+	bgCtx        context.Context
+	bgCancel     context.CancelFunc
+	bg           sync.WaitGroup
 }
 
 // New builds a Server.
