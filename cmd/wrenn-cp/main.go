@@ -25,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -78,15 +79,16 @@ func run(args []string) error {
 	case "serve", "migrate":
 		return serve(cmd, args)
 	case "admin":
-		if len(args) == 0 || args[0] != "create" {
-			return errors.New("usage: wrenn-cp admin create --email EMAIL --password PASSWORD [--name NAME]")
+		if len(args) == 0 || (args[0] != "create" && args[0] != "reset-password") {
+			return errors.New("usage: wrenn-cp admin create --email EMAIL --password PASSWORD [--name NAME]\n" +
+				"       wrenn-cp admin reset-password --email EMAIL --password PASSWORD")
 		}
-		return adminCreate(args[1:])
+		return admin(args[0], args[1:])
 	case "version":
 		fmt.Println(version.Version)
 		return nil
 	default:
-		return fmt.Errorf("unknown command %q: use serve, migrate, admin create or version", cmd)
+		return fmt.Errorf("unknown command %q: use serve, migrate, admin create, admin reset-password or version", cmd)
 	}
 }
 
@@ -170,8 +172,20 @@ func serve(cmd string, args []string) error {
 		return err
 	}
 	notifyClient := notify.NewClient(allowPrivate)
+	var mailer mail.Sender
+	if v := os.Getenv("WRENN_SMTP_URL"); v != "" {
+		m, err := mail.Parse(v)
+		if err != nil {
+			return fmt.Errorf("WRENN_SMTP_URL: %w", err)
+		}
+		mailer = m
+		log.Info("account mail enabled: signups need activation", "smtp", m.Addr, "from", m.From)
+	} else {
+		log.Info("WRENN_SMTP_URL is unset: signups are active at once and password reset by mail is off")
+	}
 	agents := &agentclient.Pool{}
-	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient})
+	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
+		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL")})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
 	go rec.Run(ctx)
@@ -198,11 +212,13 @@ func serve(cmd string, args []string) error {
 	return hs.Shutdown(sctx)
 }
 
-func adminCreate(args []string) error {
-	fs := flag.NewFlagSet("wrenn-cp admin create", flag.ContinueOnError)
-	email := fs.String("email", "", "the admin's email")
-	password := fs.String("password", os.Getenv("WRENN_ADMIN_PASSWORD"), "the admin's password (or WRENN_ADMIN_PASSWORD)")
-	name := fs.String("name", "", "display name")
+// admin runs "admin create" (a platform admin account) or "admin
+// reset-password" (a new password, for installs that send no mail).
+func admin(sub string, args []string) error {
+	fs := flag.NewFlagSet("wrenn-cp admin "+sub, flag.ContinueOnError)
+	email := fs.String("email", "", "the account's email")
+	password := fs.String("password", os.Getenv("WRENN_ADMIN_PASSWORD"), "the password (or WRENN_ADMIN_PASSWORD)")
+	name := fs.String("name", "", "display name (create)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -222,6 +238,14 @@ func adminCreate(args []string) error {
 	}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: &agentclient.Pool{}, Log: log})
 	defer srv.Close()
+	if sub == "reset-password" {
+		u, err := srv.ResetPassword(ctx, *email, *password)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("set a new password for %s (%s)\n", u.Email, u.ID)
+		return nil
+	}
 	u, err := srv.CreateAdmin(ctx, *email, *password, *name)
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/mail"
 	"strings"
@@ -64,21 +65,24 @@ func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) er
 	if err := decode(w, r, &req, false); err != nil {
 		return err
 	}
-	u, err := s.createAccount(r.Context(), req.Email, req.Password, req.Name, false)
-	if err != nil {
-		return err
+	if s.cfg.Mailer == nil {
+		u, err := s.createAccount(r.Context(), req.Email, req.Password, req.Name, false, "active")
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusCreated, map[string]any{"message": "account created; sign in with POST /v1/auth/login", "user_id": u.ID})
+		return nil
 	}
-	writeJSON(w, http.StatusCreated, map[string]any{"message": "account created; sign in with POST /v1/auth/login", "user_id": u.ID})
-	return nil
+	return s.signupWithActivation(w, r, req.Email, req.Password, req.Name)
 }
 
 // CreateAdmin makes a platform-admin account (wrenn-cp admin create).
 func (s *Server) CreateAdmin(ctx context.Context, email, password, name string) (store.User, error) {
-	return s.createAccount(ctx, email, password, name, true)
+	return s.createAccount(ctx, email, password, name, true, "active")
 }
 
 // createAccount validates and stores a new account with its own team.
-func (s *Server) createAccount(ctx context.Context, email, password, name string, admin bool) (store.User, error) {
+func (s *Server) createAccount(ctx context.Context, email, password, name string, admin bool, status string) (store.User, error) {
 	email = strings.TrimSpace(email)
 	if !validEmail(email) {
 		return store.User{}, badRequest("email is not a valid address")
@@ -97,7 +101,7 @@ func (s *Server) createAccount(ctx context.Context, email, password, name string
 	if teamName == "" {
 		teamName = strings.SplitN(email, "@", 2)[0]
 	}
-	u, err := s.st.CreateUser(ctx, store.User{ID: ids.New("usr"), Email: email, Name: name, PasswordHash: hash, Status: "active"},
+	u, err := s.st.CreateUser(ctx, store.User{ID: ids.New("usr"), Email: email, Name: name, PasswordHash: hash, Status: status},
 		store.Team{ID: ids.New("team"), Name: teamName + "'s team", Slug: newSlug()}, admin)
 	if errors.Is(err, store.ErrConflict) {
 		return store.User{}, conflict("an account with this email already exists")
@@ -139,6 +143,9 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) err
 	if auth.CheckPassword(u.PasswordHash, req.Password) != nil {
 		s.audit(r.Context(), &principal{UserID: u.ID, Email: u.Email}, "", "user", u.ID, "user.login", errors.New("wrong password"), nil)
 		return invalid
+	}
+	if u.Status == "pending" {
+		return errf(http.StatusForbidden, "account_inactive", "this account is not activated yet; use the link in the activation mail")
 	}
 	if u.Status != "active" {
 		return errf(http.StatusForbidden, "account_inactive", "this account is %s", u.Status)
@@ -249,4 +256,23 @@ func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *princ
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+// ResetPassword sets a new password for an account by email (wrenn-cp
+// admin reset-password, for installs that send no mail).
+func (s *Server) ResetPassword(ctx context.Context, email, password string) (store.User, error) {
+	if err := checkPassword(password); err != nil {
+		return store.User{}, err
+	}
+	u, err := s.st.UserByEmail(ctx, strings.TrimSpace(email))
+	if err != nil {
+		return u, fmt.Errorf("find %s: %w", email, err)
+	}
+	hash, err := auth.HashPassword(password)
+	if err != nil {
+		return u, err
+	}
+	err = s.st.SetPassword(ctx, u.ID, hash)
+	s.audit(ctx, &principal{}, "", "user", u.ID, "user.password_reset", err, map[string]any{"by": "wrenn-cp admin"})
+	return u, err
 }

@@ -32,7 +32,8 @@ func newCP(t *testing.T) *cp {
 	return newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"))
 }
 
-func newCPOn(t *testing.T, dbURL string, secret []byte) *cp {
+// newCPOn starts a control plane on dbURL; configure adjusts its Config.
+func newCPOn(t *testing.T, dbURL string, secret []byte, configure ...func(*Config)) *cp {
 	t.Helper()
 	level := slog.LevelWarn
 	if os.Getenv("WRENN_TEST_LOG") != "" {
@@ -43,8 +44,12 @@ func newCPOn(t *testing.T, dbURL string, secret []byte) *cp {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1,
-		NotifyClient: notify.NewClient(true)}) // test receivers listen on loopback
+	cfg := Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1,
+		NotifyClient: notify.NewClient(true)} // test receivers listen on loopback
+	for _, f := range configure {
+		f(&cfg)
+	}
+	srv := New(cfg)
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(func() {
 		hs.Close()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
@@ -32,6 +33,11 @@ type Config struct {
 	CreateTimeout time.Duration
 	// NotifyClient sends channel test messages (default: public addresses only).
 	NotifyClient *http.Client
+	// Mailer sends activation and password-reset mail; nil means signups
+	// are active at once and password reset by mail is unavailable.
+	Mailer mail.Sender
+	// PublicURL is where users reach the dashboard (links in mail).
+	PublicURL string
 }
 
 // Server serves the API. Close waits for background work it started.
@@ -101,11 +107,14 @@ func Routes() []string {
 
 var routes = []route{
 	{"POST", "/v1/auth/signup", public, (*Server).signup},
+	{"POST", "/v1/auth/activate", public, (*Server).activate},
 	{"POST", "/v1/auth/login", public, (*Server).login},
 	{"POST", "/v1/auth/switch-team", user, (*Server).switchTeam},
 	{"GET", "/v1/me", user, (*Server).me},
 	{"PATCH", "/v1/me", user, (*Server).updateMe},
 	{"POST", "/v1/me/password", user, (*Server).changePassword},
+	{"POST", "/v1/me/password/reset", public, (*Server).requestPasswordReset},
+	{"POST", "/v1/me/password/reset/confirm", public, (*Server).confirmPasswordReset},
 
 	{"GET", "/v1/api-keys", user, (*Server).listAPIKeys},
 	{"POST", "/v1/api-keys", user, (*Server).createAPIKey},

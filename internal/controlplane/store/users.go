@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -241,4 +242,27 @@ func (s *Store) execOne(ctx context.Context, what, sql string, args ...any) erro
 		return mapErr(pgx.ErrNoRows, what)
 	}
 	return nil
+}
+
+// DeletePendingUser removes a never-activated account and the team made
+// for it, so the email can sign up again. With onlyStale it does so only
+// when no activation token is still valid.
+func (s *Store) DeletePendingUser(ctx context.Context, email string, onlyStale bool) error {
+	return mapErr(s.inTx(ctx, func(tx pgx.Tx) error {
+		var id string
+		err := tx.QueryRow(ctx, `SELECT id FROM users u WHERE lower(email) = lower($1) AND status = 'pending'
+			AND (NOT $2 OR NOT EXISTS (SELECT 1 FROM user_tokens t WHERE t.user_id = u.id AND t.kind = 'activation'
+				AND t.used_at IS NULL AND t.expires_at > now()))`, email, onlyStale).Scan(&id)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM teams WHERE id IN (SELECT team_id FROM team_members WHERE user_id = $1 AND role = 'owner')`, id); err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, "DELETE FROM users WHERE id = $1", id)
+		return err
+	}), "delete pending user")
 }
