@@ -78,6 +78,8 @@ func (s *Server) classify(ctx context.Context, err error) *apiError {
 		return errf(http.StatusNotFound, "not_found", "not found")
 	case errors.Is(err, store.ErrConflict):
 		return errf(http.StatusConflict, "conflict", "%s", err.Error())
+	case errors.Is(err, store.ErrInvalid):
+		return badRequest("a value in the request is not acceptable: %s", err.Error())
 	case errors.As(err, &ce):
 		msg := ce.Message()
 		switch ce.Code() {

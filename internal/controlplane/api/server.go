@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
@@ -237,6 +238,10 @@ func (s *Server) Handler() http.Handler {
 // wrap authenticates, rate-limits and runs a route's handler.
 func (s *Server) wrap(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !cleanPath(r.URL.Path) {
+			s.writeError(w, r, badRequest("the path holds control characters or invalid UTF-8"))
+			return
+		}
 		p, err := s.authenticate(r, rt.access)
 		if err != nil {
 			s.writeError(w, r, err)
@@ -253,6 +258,20 @@ func (s *Server) wrap(rt route) http.Handler {
 			s.writeError(w, r, err)
 		}
 	})
+}
+
+// cleanPath refuses decoded paths with control characters (NUL, newlines)
+// or invalid UTF-8, which no ID or name contains.
+func cleanPath(p string) bool {
+	if !utf8.ValidString(p) {
+		return false
+	}
+	for _, r := range p {
+		if r < 0x20 || r == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 type statusRecorder struct {

@@ -24,6 +24,9 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrConflict means a unique constraint or a state check refused the write.
 	ErrConflict = errors.New("conflict")
+	// ErrInvalid means PostgreSQL refused a value (a NUL byte in text, a
+	// number out of range): bad input that got past validation.
+	ErrInvalid = errors.New("invalid value")
 )
 
 // Store wraps a connection pool.
@@ -148,8 +151,15 @@ func mapErr(err error, what string) error {
 		return fmt.Errorf("%s: %w", what, ErrNotFound)
 	}
 	var pe *pgconn.PgError
-	if errors.As(err, &pe) && pe.Code == "23505" {
-		return fmt.Errorf("%s: %w", what, ErrConflict)
+	if errors.As(err, &pe) {
+		switch {
+		case pe.Code == "23505":
+			return fmt.Errorf("%s: %w", what, ErrConflict)
+		case pe.Code == "22021" || pe.Code == "22P05" || pe.Code == "22P02" || pe.Code == "22003" || pe.Code == "22001":
+			// invalid byte sequence, untranslatable character, bad text
+			// representation, numeric out of range, string too long
+			return fmt.Errorf("%s: %w: %s", what, ErrInvalid, pe.Message)
+		}
 	}
 	return fmt.Errorf("%s: %w", what, err)
 }
