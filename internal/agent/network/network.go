@@ -58,6 +58,28 @@ type Allocation struct {
 	MAC       string     `json:"mac"`
 }
 
+// SlotRange is the slots one agent may use. Agents sharing a machine
+// (tests, or several agents on one big host) get disjoint ranges, so
+// their namespaces, interfaces and addresses never meet.
+type SlotRange struct{ First, Last int }
+
+// AllSlots is the whole range, for the usual one agent per host.
+var AllSlots = SlotRange{1, MaxSlot}
+
+// ParseSlotRange reads "first-last", e.g. "1-1000".
+func ParseSlotRange(s string) (SlotRange, error) {
+	a, b, ok := strings.Cut(s, "-")
+	first, err1 := strconv.Atoi(strings.TrimSpace(a))
+	last, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if !ok || err1 != nil || err2 != nil || first < 1 || last > MaxSlot || first > last {
+		return SlotRange{}, fmt.Errorf("slot range %q: want first-last within 1-%d", s, MaxSlot)
+	}
+	return SlotRange{first, last}, nil
+}
+
+// Contains reports whether slot is in the range.
+func (r SlotRange) Contains(slot int) bool { return slot >= r.First && slot <= r.Last }
+
 // ForSlot derives the allocation for a slot (1..MaxSlot).
 func ForSlot(slot int) (Allocation, error) {
 	if slot < 1 || slot > MaxSlot {

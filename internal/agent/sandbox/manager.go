@@ -59,6 +59,8 @@ type Config struct {
 	BootTimeout    time.Duration // VMM start to envd ready
 	HostMemoryMiB  int           // capacity for running sandboxes
 	ReapInterval   time.Duration
+	// Slots this agent may use (default all); see network.SlotRange.
+	Slots network.SlotRange
 }
 
 // Manager owns the sandboxes of one host.
@@ -103,6 +105,9 @@ func New(cfg Config) *Manager {
 	}
 	if cfg.ReapInterval == 0 {
 		cfg.ReapInterval = 2 * time.Second
+	}
+	if cfg.Slots == (network.SlotRange{}) {
+		cfg.Slots = network.AllSlots
 	}
 	return &Manager{
 		cfg: cfg, log: cfg.Log,
@@ -221,11 +226,14 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 			return nil, fmt.Errorf("%w: %d MiB requested, %d of %d MiB in use", ErrNoCapacity, p.MemoryMiB, used, m.cfg.HostMemoryMiB)
 		}
 	}
-	slot := 1
-	for ; slot <= network.MaxSlot; slot++ {
+	slot := m.cfg.Slots.First
+	for ; slot <= m.cfg.Slots.Last; slot++ {
 		if _, taken := m.slots[slot]; !taken {
 			break
 		}
+	}
+	if slot > m.cfg.Slots.Last {
+		return nil, fmt.Errorf("%w: all network slots %d-%d are in use", ErrNoCapacity, m.cfg.Slots.First, m.cfg.Slots.Last)
 	}
 	alloc, err := network.ForSlot(slot)
 	if err != nil {

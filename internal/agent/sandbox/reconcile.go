@@ -80,8 +80,8 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		return fmt.Errorf("reconcile namespaces: %w", err)
 	}
 	for _, slot := range slots {
-		if _, owned := m.slots[slot]; owned {
-			continue
+		if _, owned := m.slots[slot]; owned || !m.cfg.Slots.Contains(slot) {
+			continue // ours, or another agent's on this machine
 		}
 		if a, err := network.ForSlot(slot); err == nil {
 			m.log.Warn("removing orphan network namespace", "netns", a.NetNS)

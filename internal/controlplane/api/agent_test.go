@@ -51,14 +51,18 @@ func buildAgent(t *testing.T) string {
 }
 
 // startAgent runs a real wrenn-agent that registers with the control plane
-// through the public flow (POST /v1/hosts, then --register).
-func (c *cp) startAgent(admin account) (hostID string, stop func()) {
+// through the public flow (POST /v1/hosts, then --register); extra are
+// more agent flags.
+func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop func()) {
 	t := c.t
 	dir := guestimages.AgentDir(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
-	hostlock.Take(t)
+	if !c.hostLocked {
+		hostlock.Take(t) // once per test: the lock is not reentrant
+		c.hostLocked = true
+	}
 	bin := buildAgent(t)
 	hostID, token := c.newHostToken(admin)
 	addr := "127.0.0.1:" + freeport.Get(t)
@@ -66,8 +70,8 @@ func (c *cp) startAgent(admin account) (hostID string, stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "--listen", addr, "--proxy-listen", "off", "--dir", dir, "--register", token, "--address", addr,
-		"--cp-url", c.url, "--heartbeat-interval", "1s", "--log-level", "debug")
+	cmd := exec.Command(bin, append([]string{"--listen", addr, "--proxy-listen", "off", "--dir", dir, "--register", token, "--address", addr,
+		"--cp-url", c.url, "--heartbeat-interval", "1s", "--log-level", "debug"}, extra...)...)
 	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN=")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {

@@ -25,6 +25,8 @@ type cp struct {
 	st  *store.Store
 	srv *Server
 	url string
+
+	hostLocked bool // this test holds the host lock (agents change host networking)
 }
 
 func newCP(t *testing.T) *cp {

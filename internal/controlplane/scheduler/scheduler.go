@@ -4,8 +4,10 @@ package scheduler
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"sort"
+	"strings"
 
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
@@ -55,7 +57,15 @@ func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 		fits = append(fits, scored{h: h, mem: mem / memCap, vcpu: vcpu / vcpuCap})
 	}
 	if len(fits) == 0 {
-		return store.HostLoad{}, ErrNoHost
+		// Say what was asked, so "no room" and "no such tag" read differently.
+		want := fmt.Sprintf("%d vCPU, %d MB", r.VCPUs, r.MemoryMB)
+		if len(r.Tags) > 0 {
+			want += ", tags " + strings.Join(r.Tags, ",")
+		}
+		if r.HostID != "" {
+			want += ", on host " + r.HostID + " (where its snapshot is)"
+		}
+		return store.HostLoad{}, fmt.Errorf("%w (%s; %d online hosts)", ErrNoHost, want, len(hosts))
 	}
 	sort.Slice(fits, func(i, j int) bool {
 		a, b := fits[i], fits[j]
