@@ -24,6 +24,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/builder"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
@@ -191,6 +192,8 @@ func serve(cmd string, args []string) error {
 	go rec.Run(ctx)
 	disp := &notify.Dispatcher{Store: st, Client: notifyClient, Log: log}
 	go disp.Run(ctx, srv.EventsChanged)
+	bld := &builder.Builder{Store: st, Capsules: srv, Log: log}
+	go bld.Run(ctx)
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {

@@ -39,6 +39,7 @@ func (s *Server) audit(ctx context.Context, p *principal, teamID, resourceType, 
 
 type auditJSON struct {
 	ID           string         `json:"id"`
+	TeamID       *string        `json:"team_id"`
 	ActorType    string         `json:"actor_type"`
 	ActorID      string         `json:"actor_id"`
 	ActorName    string         `json:"actor_name"`
@@ -52,6 +53,11 @@ type auditJSON struct {
 }
 
 func (s *Server) listAuditLogs(w http.ResponseWriter, r *http.Request, p *principal) error {
+	return s.writeAudit(w, r, p.TeamID)
+}
+
+// writeAudit pages a team's audit log ("" every team's, for admins).
+func (s *Server) writeAudit(w http.ResponseWriter, r *http.Request, teamID string) error {
 	q := r.URL.Query()
 	limit := 50
 	if v := q.Get("limit"); v != "" {
@@ -73,14 +79,18 @@ func (s *Server) listAuditLogs(w http.ResponseWriter, r *http.Request, p *princi
 	if q.Get("before") != "" && beforeID == "" {
 		beforeID = "\uffff" // everything at exactly that time is before the cursor
 	}
-	entries, err := s.st.AuditPage(r.Context(), p.TeamID, before, beforeID, limit)
+	entries, err := s.st.AuditPage(r.Context(), teamID, before, beforeID, limit)
 	if err != nil {
 		return err
 	}
+	scope := "team"
+	if teamID == "" {
+		scope = "platform"
+	}
 	out := make([]auditJSON, 0, len(entries))
 	for _, e := range entries {
-		out = append(out, auditJSON{ID: e.ID, ActorType: e.ActorType, ActorID: e.ActorID, ActorName: e.ActorName,
-			ResourceType: e.ResourceType, ResourceID: e.ResourceID, Action: e.Action, Scope: "team", Status: e.Status,
+		out = append(out, auditJSON{ID: e.ID, TeamID: e.TeamID, ActorType: e.ActorType, ActorID: e.ActorID, ActorName: e.ActorName,
+			ResourceType: e.ResourceType, ResourceID: e.ResourceID, Action: e.Action, Scope: scope, Status: e.Status,
 			Metadata: e.Metadata, CreatedAt: e.CreatedAt})
 	}
 	var next any

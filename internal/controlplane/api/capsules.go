@@ -119,13 +119,14 @@ func (req *createCapsuleRequest) validate() error {
 	return nil
 }
 
-// agentTemplate is the name a template has on its host: base images by
-// name, team snapshots by ID (names are only unique within a team).
+// agentTemplate is the name a template has on its host: images shipped
+// with every host by name, templates made on a host by ID (names are only
+// unique within a team).
 func agentTemplate(t store.Template) string {
-	if t.Type == "base" {
-		return t.Name
+	if t.Type == "base" && t.HostID == nil {
+		return t.Name // shipped on every host (minimal)
 	}
-	return t.ID
+	return t.ID // made on one host: snapshots and builds
 }
 
 func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -137,40 +138,10 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 		return err
 	}
 	ctx := r.Context()
-	tpl, err := s.st.TemplateByName(ctx, p.TeamID, req.Template)
-	if errors.Is(err, store.ErrNotFound) {
-		return badRequest("template %q does not exist", req.Template)
-	}
+	sb, tpl, sreq, err := s.place(ctx, p, req)
 	if err != nil {
 		return err
 	}
-	hosts, err := s.st.SchedulableHosts(ctx, p.TeamID)
-	if err != nil {
-		return err
-	}
-	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags}
-	if tpl.HostID != nil {
-		sreq.HostID = *tpl.HostID
-	}
-	h, err := scheduler.Pick(hosts, sreq)
-	if err != nil {
-		s.audit(ctx, p, p.TeamID, "capsule", "", "capsule.create", err, nil)
-		return errf(http.StatusServiceUnavailable, "no_capacity", "%s", err.Error())
-	}
-	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
-		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
-		Metadata: req.Metadata}
-	if *req.DiskSizeMB > 0 {
-		d := int32(*req.DiskSizeMB)
-		sb.DiskSizeMB = &d
-	}
-	actor, _ := p.actor()
-	sb.CreatedBy = &actor
-	stored, err := s.st.InsertSandbox(ctx, sb)
-	if err != nil {
-		return err
-	}
-	s.log.Info("capsule placed", "capsule", sb.ID, "team", sb.TeamID, "host", h.ID, "template", sb.Template)
 	done := make(chan struct{})
 	s.bg.Add(1)
 	go func() {
@@ -195,8 +166,85 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 		writeJSON(w, http.StatusCreated, toCapsule(cur))
 		return nil
 	}
-	writeJSON(w, http.StatusAccepted, toCapsule(stored))
+	writeJSON(w, http.StatusAccepted, toCapsule(sb))
 	return nil
+}
+
+// place checks the template, picks a host and records the capsule as
+// starting on it (the stored row is returned); runCreate then boots it.
+func (s *Server) place(ctx context.Context, p *principal, req createCapsuleRequest) (store.Sandbox, store.Template, scheduler.Request, error) {
+	var none store.Sandbox
+	tpl, err := s.st.TemplateByName(ctx, p.TeamID, req.Template)
+	if errors.Is(err, store.ErrNotFound) {
+		return none, tpl, scheduler.Request{}, badRequest("template %q does not exist", req.Template)
+	}
+	if err != nil {
+		return none, tpl, scheduler.Request{}, err
+	}
+	hosts, err := s.st.SchedulableHosts(ctx, p.TeamID)
+	if err != nil {
+		return none, tpl, scheduler.Request{}, err
+	}
+	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags}
+	if tpl.HostID != nil {
+		sreq.HostID = *tpl.HostID
+	}
+	h, err := scheduler.Pick(hosts, sreq)
+	if err != nil {
+		s.audit(ctx, p, p.TeamID, "capsule", "", "capsule.create", err, nil)
+		return none, tpl, sreq, errf(http.StatusServiceUnavailable, "no_capacity", "%s", err.Error())
+	}
+	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
+		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
+		Metadata: req.Metadata}
+	if *req.DiskSizeMB > 0 {
+		d := int32(*req.DiskSizeMB)
+		sb.DiskSizeMB = &d
+	}
+	actor, _ := p.actor()
+	sb.CreatedBy = &actor
+	stored, err := s.st.InsertSandbox(ctx, sb)
+	if err != nil {
+		return none, tpl, sreq, err
+	}
+	s.log.Info("capsule placed", "capsule", sb.ID, "team", sb.TeamID, "host", h.ID, "template", sb.Template)
+	return stored, tpl, sreq, nil
+}
+
+// StartCapsule creates a capsule for a background job of the control
+// plane (a template build) on behalf of a team member, and returns it
+// once it runs.
+func (s *Server) StartCapsule(ctx context.Context, teamID, userID, template string, vcpus, memoryMB int, envs, metadata map[string]string) (store.Sandbox, error) {
+	zero, no := 0, false
+	req := createCapsuleRequest{Template: template, VCPUs: &vcpus, MemoryMB: &memoryMB, TimeoutSec: &zero, AutoPause: &no, Envs: envs, Metadata: metadata}
+	if err := req.validate(); err != nil {
+		return store.Sandbox{}, err
+	}
+	p := &principal{TeamID: teamID, UserID: userID}
+	sb, tpl, sreq, err := s.place(ctx, p, req)
+	if err != nil {
+		return sb, err
+	}
+	s.runCreate(sb, tpl, envs, sreq, p)
+	cur, err := s.st.Sandbox(context.WithoutCancel(ctx), teamID, sb.ID)
+	if err != nil {
+		return cur, err
+	}
+	if cur.Status != "running" {
+		return cur, fmt.Errorf("capsule %s did not start: %s", cur.ID, cur.Error)
+	}
+	return cur, nil
+}
+
+// DestroyCapsule destroys a capsule for a background job.
+func (s *Server) DestroyCapsule(ctx context.Context, sb store.Sandbox) error {
+	return s.destroyOnHost(ctx, sb)
+}
+
+// AgentFor returns the client of a host that can take calls.
+func (s *Server) AgentFor(ctx context.Context, hostID string) (agentclient.Client, error) {
+	c, _, err := s.agentFor(ctx, hostID)
+	return c, err
 }
 
 // runCreate boots the capsule on its host; if the host cannot be reached
@@ -329,8 +377,14 @@ func (s *Server) running(r *http.Request, p *principal) (store.Sandbox, agentcli
 }
 
 func (s *Server) listCapsules(w http.ResponseWriter, r *http.Request, p *principal) error {
+	return s.writeCapsules(w, r, p.TeamID)
+}
+
+// writeCapsules lists a team's capsules ("" every team's) with the
+// status= and metadata.KEY= filters.
+func (s *Server) writeCapsules(w http.ResponseWriter, r *http.Request, teamID string) error {
 	q := r.URL.Query()
-	f := store.SandboxFilter{TeamID: p.TeamID, Limit: 1000}
+	f := store.SandboxFilter{TeamID: teamID, Limit: 1000}
 	if v := q.Get("status"); v != "" {
 		for _, st := range strings.Split(v, ",") {
 			if !validStatus(st) {

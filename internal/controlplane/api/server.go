@@ -160,6 +160,11 @@ var routes = []route{
 	{"GET", "/v1/snapshots", team, (*Server).listSnapshots},
 	{"DELETE", "/v1/snapshots/{name}", team, (*Server).deleteSnapshot},
 
+	{"POST", "/v1/builds", team, (*Server).createBuild},
+	{"GET", "/v1/builds", team, (*Server).listBuilds},
+	{"GET", "/v1/builds/{id}", team, (*Server).getBuild},
+	{"POST", "/v1/builds/{id}/cancel", team, (*Server).cancelBuild},
+
 	{"POST", "/v1/hosts", user, (*Server).createHost},
 	{"GET", "/v1/hosts", user, (*Server).listHosts},
 	{"POST", "/v1/hosts/register", public, (*Server).registerHost},
@@ -188,6 +193,21 @@ var routes = []route{
 	{"POST", "/v1/admin/events/token", user, (*Server).issueAdminEventTicket},
 
 	{"GET", "/v1/audit-logs", user, (*Server).listAuditLogs},
+
+	// Platform administration (the handlers check the admin flag).
+	{"GET", "/v1/admin/users", user, (*Server).adminListUsers},
+	{"PUT", "/v1/admin/users/{id}/admin", user, (*Server).adminSetUserAdmin},
+	{"PUT", "/v1/admin/users/{id}/active", user, (*Server).adminSetUserActive},
+	{"GET", "/v1/admin/teams", user, (*Server).adminListTeams},
+	{"DELETE", "/v1/admin/teams/{id}", user, (*Server).adminDeleteTeam},
+	{"GET", "/v1/admin/templates", user, (*Server).adminListTemplates},
+	{"DELETE", "/v1/admin/templates/{name}", user, (*Server).adminDeleteTemplate},
+	{"GET", "/v1/admin/capsules", user, (*Server).adminListCapsules},
+	{"GET", "/v1/admin/audit-logs", user, (*Server).adminListAuditLogs},
+	{"POST", "/v1/admin/builds", user, (*Server).adminCreateBuild},
+	{"GET", "/v1/admin/builds", user, (*Server).adminListBuilds},
+	{"GET", "/v1/admin/builds/{id}", user, (*Server).adminGetBuild},
+	{"POST", "/v1/admin/builds/{id}/cancel", user, (*Server).adminCancelBuild},
 }
 
 // Handler returns the HTTP handler with every route, JSON errors for

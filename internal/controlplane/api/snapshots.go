@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"time"
@@ -121,17 +122,24 @@ func (s *Server) removeTemplate(r *http.Request, p *principal, t store.Template)
 	if _, err := s.st.DeleteTemplate(ctx, p.TeamID, t.Name); err != nil {
 		return err
 	}
+	s.removeTemplateFiles(ctx, t)
+	s.audit(ctx, p, p.TeamID, "template", t.ID, "template.snapshot_delete", nil, map[string]any{"name": t.Name})
+	return nil
+}
+
+// removeTemplateFiles deletes a template's files from the host that made
+// it, once its record is gone.
+func (s *Server) removeTemplateFiles(ctx context.Context, t store.Template) {
+	if t.HostID == nil {
+		return
+	}
 	var herr error
-	if t.HostID != nil {
-		if c, _, err := s.agentFor(ctx, *t.HostID); err != nil {
-			herr = err
-		} else if _, err := c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: t.ID})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
-			herr = err
-		}
+	if c, _, err := s.agentFor(ctx, *t.HostID); err != nil {
+		herr = err
+	} else if _, err := c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: t.ID})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+		herr = err
 	}
 	if herr != nil {
 		s.log.Warn("template record deleted but its files stay on the host", "template", t.ID, "host", t.HostID, "err", herr)
 	}
-	s.audit(ctx, p, p.TeamID, "template", t.ID, "template.snapshot_delete", nil, map[string]any{"name": t.Name})
-	return nil
 }

@@ -1,0 +1,224 @@
+package api
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
+)
+
+// requireAdmin lets only platform admins through (checked against the
+// database on every request, not only the token's claim).
+func requireAdmin(p *principal) error {
+	if p == nil || !p.IsAdmin {
+		return forbidden("this needs a platform admin")
+	}
+	return nil
+}
+
+type adminUserJSON struct {
+	ID        string    `json:"id"`
+	Email     string    `json:"email"`
+	Name      string    `json:"name"`
+	IsAdmin   bool      `json:"is_admin"`
+	Status    string    `json:"status"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+func (s *Server) adminListUsers(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	us, err := s.st.ListUsers(r.Context())
+	if err != nil {
+		return err
+	}
+	out := make([]adminUserJSON, 0, len(us))
+	for _, u := range us {
+		out = append(out, adminUserJSON{ID: u.ID, Email: u.Email, Name: u.Name, IsAdmin: u.IsAdmin, Status: u.Status, CreatedAt: u.CreatedAt})
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// adminUser loads the path's user.
+func (s *Server) adminUser(r *http.Request) (store.User, error) {
+	id := r.PathValue("id")
+	if !ids.Valid("usr", id) {
+		return store.User{}, notFound("user")
+	}
+	u, err := s.st.UserByID(r.Context(), id)
+	if errors.Is(err, store.ErrNotFound) {
+		return u, notFound("user")
+	}
+	return u, err
+}
+
+func (s *Server) adminSetUserAdmin(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		Admin *bool `json:"admin"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	if req.Admin == nil {
+		return badRequest("admin (true or false) is required")
+	}
+	u, err := s.adminUser(r)
+	if err != nil {
+		return err
+	}
+	err = s.st.SetAdmin(r.Context(), u.ID, *req.Admin)
+	if errors.Is(err, store.ErrConflict) {
+		return conflict("%s is the last platform admin", u.Email)
+	}
+	s.audit(r.Context(), p, "", "user", u.ID, "user.set_admin", err, map[string]any{"admin": *req.Admin})
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) adminSetUserActive(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		Active *bool `json:"active"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	if req.Active == nil {
+		return badRequest("active (true or false) is required")
+	}
+	u, err := s.adminUser(r)
+	if err != nil {
+		return err
+	}
+	if u.ID == p.UserID && !*req.Active {
+		return conflict("you cannot deactivate your own account")
+	}
+	status := "disabled"
+	if *req.Active {
+		status = "active"
+	}
+	err = s.st.SetUserStatus(r.Context(), u.ID, status)
+	s.audit(r.Context(), p, "", "user", u.ID, "user.set_active", err, map[string]any{"active": *req.Active})
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) adminListTeams(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	ts, err := s.st.AllTeams(r.Context())
+	if err != nil {
+		return err
+	}
+	out := make([]map[string]any, 0, len(ts))
+	for _, t := range ts {
+		out = append(out, map[string]any{"id": t.ID, "name": t.Name, "slug": t.Slug, "created_at": t.CreatedAt,
+			"members": t.Members, "live_capsules": t.LiveCapsules})
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// adminDeleteTeam destroys a team's capsules and deletes the team.
+func (s *Server) adminDeleteTeam(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	id := r.PathValue("id")
+	if !ids.Valid("team", id) {
+		return notFound("team")
+	}
+	if _, err := s.st.Team(r.Context(), id); errors.Is(err, store.ErrNotFound) {
+		return notFound("team")
+	} else if err != nil {
+		return err
+	}
+	live, err := s.st.Sandboxes(r.Context(), store.SandboxFilter{TeamID: id, Statuses: store.Live})
+	if err != nil {
+		return err
+	}
+	for _, sb := range live {
+		if err := s.destroyOnHost(r.Context(), sb); err != nil {
+			return err
+		}
+	}
+	err = s.st.DeleteTeam(r.Context(), id)
+	s.audit(r.Context(), p, id, "team", id, "team.delete", err, map[string]any{"by": "platform admin", "capsules_destroyed": len(live)})
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) adminListTemplates(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	ts, err := s.st.AllTemplates(r.Context())
+	if err != nil {
+		return err
+	}
+	out := make([]map[string]any, 0, len(ts))
+	for _, t := range ts {
+		out = append(out, map[string]any{"template": toTemplate(t), "team_id": t.TeamID, "host_id": t.HostID})
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// adminDeleteTemplate deletes a platform template made on a host (a
+// platform build); images shipped with every host are not the API's to delete.
+func (s *Server) adminDeleteTemplate(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	name := r.PathValue("name")
+	t, err := s.st.TemplateByName(r.Context(), "", name)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && t.TeamID != nil) {
+		return notFound("platform template")
+	}
+	if err != nil {
+		return err
+	}
+	if t.HostID == nil {
+		return conflict("template %q ships with every host; remove it from the hosts' images instead", name)
+	}
+	if _, err := s.st.DeletePlatformTemplate(r.Context(), name); err != nil {
+		return err
+	}
+	s.removeTemplateFiles(r.Context(), t)
+	s.audit(r.Context(), p, "", "template", t.ID, "template.delete", nil, map[string]any{"name": name})
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) adminListCapsules(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	return s.writeCapsules(w, r, "")
+}
+
+func (s *Server) adminListAuditLogs(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	return s.writeAudit(w, r, "")
+}
