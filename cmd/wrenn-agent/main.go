@@ -132,7 +132,7 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), log)
+	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), *tlsCert != "", log)
 	if err != nil {
 		return err
 	}
@@ -263,7 +263,8 @@ func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
 // credentials decides how the control plane authenticates to this agent:
 // a fixed WRENN_HOST_TOKEN (no registration, no heartbeats), a new
 // registration (--register), or the credentials saved by an earlier one.
-func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, log *slog.Logger) (*registration.Credentials, string, error) {
+// With TLS the control plane is told to call https://<address>.
+func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, useTLS bool, log *slog.Logger) (*registration.Credentials, string, error) {
 	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" && registerToken == "" {
 		if len(t) < 16 {
 			return nil, "", errors.New("WRENN_HOST_TOKEN is shorter than 16 characters")
@@ -284,6 +285,9 @@ func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen
 		}
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, "", err
+		}
+		if useTLS {
+			address = "https://" + address
 		}
 		c, err := registration.Register(ctx, dir, cpURL, registerToken, hostSpecs(dir, address, vmmName))
 		if err != nil {

@@ -184,7 +184,11 @@ func serve(cmd string, args []string) error {
 	} else {
 		log.Info("WRENN_SMTP_URL is unset: signups are active at once and password reset by mail is off")
 	}
-	agents := &agentclient.Pool{}
+	agentTLS, err := agentclient.TLSConfig(os.Getenv("WRENN_AGENT_CA"), os.Getenv("WRENN_AGENT_CLIENT_CERT"), os.Getenv("WRENN_AGENT_CLIENT_KEY"))
+	if err != nil {
+		return err
+	}
+	agents := &agentclient.Pool{TLS: agentTLS}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
 		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL")})
 	defer srv.Close()

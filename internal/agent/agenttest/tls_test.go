@@ -1,70 +1,29 @@
 package agenttest
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/testutil/testcerts"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
 )
 
-// issue makes a certificate signed by parent (self-signed when parent is nil).
-func issue(t *testing.T, name string, isCA, server bool, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey, []byte, []byte) {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: isCA, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-	}
-	if server {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
-	} else if !isCA {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
-	}
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	keyDER, _ := x509.MarshalECPrivateKey(key)
-	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
-}
-
 func TestMutualTLS(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey, caPEM, _ := issue(t, "wrenn test CA", true, false, nil, nil)
-	_, _, srvPEM, srvKey := issue(t, "agent", false, true, ca, caKey)
-	_, _, cliPEM, cliKey := issue(t, "control plane", false, false, ca, caKey)
-	_, _, strangerPEM, strangerKey := issue(t, "stranger", false, false, nil, nil) // not signed by the CA
-	files := map[string][]byte{"ca.pem": caPEM, "server.pem": srvPEM, "server.key": srvKey}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ca := testcerts.Issue(t, dir, "ca", testcerts.CA, nil)
+	srv := testcerts.Issue(t, dir, "server", testcerts.Server, ca)
+	cli := testcerts.Issue(t, dir, "client", testcerts.Client, ca)
+	stranger := testcerts.Issue(t, dir, "stranger", testcerts.Client, nil) // not signed by the CA
+	cliPEM, cliKey := cli.CertPEM, cli.KeyPEM
+	strangerPEM, strangerKey := stranger.CertPEM, stranger.KeyPEM
 	roots := x509.NewCertPool()
-	roots.AddCert(ca)
+	roots.AddCert(ca.X509)
 	clientWith := func(certPEM, keyPEM []byte) *http.Client {
 		cfg := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 		if certPEM != nil {
@@ -77,7 +36,7 @@ func TestMutualTLS(t *testing.T) {
 		return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}}
 	}
 	a := newAgentWith(t, clientWith(cliPEM, cliKey), "https",
-		"--tls-cert", filepath.Join(dir, "server.pem"), "--tls-key", filepath.Join(dir, "server.key"), "--tls-client-ca", filepath.Join(dir, "ca.pem"))
+		"--tls-cert", srv.CertFile, "--tls-key", srv.KeyFile, "--tls-client-ca", ca.CertFile)
 	ctx := testCtx(t, time.Minute)
 
 	// The control plane's certificate and token: accepted.

@@ -40,7 +40,11 @@ func (p *Pool) Get(address, token string) Client {
 	if p.clients == nil {
 		p.clients = map[string]Client{}
 		p.plain = newHTTPClient(nil)
-		p.secure = newHTTPClient(p.TLS)
+		secure := p.TLS
+		if secure == nil {
+			secure = &tls.Config{MinVersion: tls.VersionTLS12} // system roots
+		}
+		p.secure = newHTTPClient(secure)
 	}
 	for k := range p.clients {
 		// Forget clients holding an older token of the same agent.

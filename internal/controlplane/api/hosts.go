@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
@@ -182,12 +184,23 @@ type hostSpecsJSON struct {
 	Version  string `json:"version"`
 }
 
+// validAgentAddress accepts host:port (plain HTTP/2) or https://host:port
+// (an agent serving TLS).
+func validAgentAddress(a string) bool {
+	host, port, err := net.SplitHostPort(strings.TrimPrefix(a, "https://"))
+	if err != nil || host == "" || len(a) > 300 || strings.ContainsAny(host, "/?#@ ") {
+		return false
+	}
+	n, err := strconv.Atoi(port)
+	return err == nil && n >= 1 && n <= 65535
+}
+
 func (h hostSpecsJSON) validate() error {
 	if h.Address == "" {
 		return badRequest("address (ip:port of the agent) is required")
 	}
-	if _, _, err := net.SplitHostPort(h.Address); err != nil {
-		return badRequest("address must be host:port")
+	if !validAgentAddress(h.Address) {
+		return badRequest("address must be host:port or https://host:port")
 	}
 	if h.Arch != "" && !archRE.MatchString(h.Arch) {
 		return badRequest("arch is not an architecture name")

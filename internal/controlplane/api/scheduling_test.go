@@ -1,7 +1,12 @@
 package api
 
 import (
+	"strings"
 	"testing"
+
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/testutil/pgtest"
+	"github.com/wrenn/wrenn/internal/testutil/testcerts"
 )
 
 // Two real agents on one machine (disjoint network slot ranges): capsules
@@ -71,4 +76,34 @@ func TestSchedulingAcrossTwoAgents(t *testing.T) {
 			t.Fatalf("a capsule was left %s: %+v", sb.Status, sb)
 		}
 	}
+}
+
+// An agent serving mutual TLS registers as https://; the control plane
+// verifies it with the operator's CA and presents its own certificate.
+func TestAgentOverMutualTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcerts.Issue(t, dir, "ca", testcerts.CA, nil)
+	agentCert := testcerts.Issue(t, dir, "agent", testcerts.Server, ca)
+	cpCert := testcerts.Issue(t, dir, "control-plane", testcerts.Client, ca)
+	tlsCfg, err := agentclient.TLSConfig(ca.CertFile, cpCert.CertFile, cpCert.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
+		cfg.Agents = &agentclient.Pool{TLS: tlsCfg}
+	})
+	admin := c.signup("admin@example.com")
+	hostID, _ := c.startAgent(admin, "--tls-cert", agentCert.CertFile, "--tls-key", agentCert.KeyFile, "--tls-client-ca", ca.CertFile)
+	var h struct{ Address string }
+	c.want(c.do("GET", "/v1/hosts/"+hostID, creds{jwt: admin.jwt}, nil), 200).json(t, &h)
+	if !strings.HasPrefix(h.Address, "https://127.0.0.1:") {
+		t.Fatalf("registered address %q", h.Address)
+	}
+	key := c.apiKey(admin)
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &sb)
+	if out, code := c.exec(key, sb.ID, "echo", "over tls"); out != "over tls\n" || code != 0 {
+		t.Fatalf("exec over TLS: %q %d", out, code)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
 }
