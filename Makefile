@@ -93,9 +93,9 @@ proto: tools ## Regenerate the protobuf and Connect code (committed)
 	PATH=$(TOOLS_BIN):$$PATH $(TOOLS_BIN)/buf generate
 
 .PHONY: bench
-bench: build-envd images ## Run the benchmarks and print a table (JSON in builds/bench.json)
+bench: build-envd images postgres ## Run the benchmarks and print a table (JSON in builds/bench.json)
 	@mkdir -p $(BUILDS)
-	$(GO) run ./cmd/wrenn-bench -json $(BUILDS)/bench.json
+	$(GO) run ./cmd/wrenn-bench -json $(BUILDS)/bench.json -database-url "$$(scripts/postgres.sh url)"
 
 .PHONY: tools
 tools: $(TOOLS_BIN)/.installed ## Install the pinned code generators and linter

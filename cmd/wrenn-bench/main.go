@@ -11,11 +11,13 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/bench"
 	"github.com/wrenn/wrenn/internal/bench/agentbench"
 	"github.com/wrenn/wrenn/internal/bench/bootbench"
+	"github.com/wrenn/wrenn/internal/bench/cpbench"
 	"github.com/wrenn/wrenn/internal/bench/envdbench"
 )
 
@@ -35,6 +37,11 @@ func run() error {
 	agentRuns := flag.Int("agent-runs", 5, "sandbox create/pause/resume cycles to time")
 	idle := flag.Int("idle", 4, "idle sandboxes to measure the cost of")
 	wrennDir := flag.String("wrenn-dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
+	dbURL := flag.String("database-url", envOr("DATABASE_URL", ""), "PostgreSQL for the control plane suite (it makes and drops its own database)")
+	listRows := flag.Int("list-rows", 100, "capsule records GET /v1/capsules returns")
+	listFor := flag.Duration("list-for", 5*time.Second, "how long to load GET /v1/capsules")
+	creates := flag.Int("creates", 3, "capsule creates through the API to time")
+	suites := flag.String("suites", "envd,guest,agent,cp", "suites to run, comma-separated")
 	flag.Parse()
 	if *execRuns < 1 || *transferMiB < 1 || *boots < 1 {
 		return fmt.Errorf("-exec-runs, -transfer-mib and -boots must be positive")
@@ -43,23 +50,51 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 
+	want := map[string]bool{}
+	for _, name := range strings.Split(*suites, ",") {
+		switch name = strings.TrimSpace(name); name {
+		case "envd", "guest", "agent", "cp":
+			want[name] = true
+		default:
+			return fmt.Errorf("-suites: unknown suite %q (envd, guest, agent, cp)", name)
+		}
+	}
 	started := time.Now()
-	results, err := envdbench.Run(ctx, envdbench.Config{
-		EnvdBinary: *envd, ExecRuns: *execRuns, TransferBytes: *transferMiB << 20, TransferRuns: 3, Log: log,
-	})
-	if err != nil {
-		return fmt.Errorf("envd suite: %w", err)
+	var results []bench.Result
+	if want["envd"] {
+		r, err := envdbench.Run(ctx, envdbench.Config{
+			EnvdBinary: *envd, ExecRuns: *execRuns, TransferBytes: *transferMiB << 20, TransferRuns: 3, Log: log,
+		})
+		if err != nil {
+			return fmt.Errorf("envd suite: %w", err)
+		}
+		results = append(results, r...)
 	}
-	guest, err := bootbench.Run(ctx, bootbench.Config{WrennDir: *wrennDir, Boots: *boots, Log: log})
-	if err != nil {
-		return fmt.Errorf("guest suite: %w", err)
+	if want["guest"] {
+		r, err := bootbench.Run(ctx, bootbench.Config{WrennDir: *wrennDir, Boots: *boots, Log: log})
+		if err != nil {
+			return fmt.Errorf("guest suite: %w", err)
+		}
+		results = append(results, r...)
 	}
-	results = append(results, guest...)
-	agent, err := agentbench.Run(ctx, agentbench.Config{WrennDir: *wrennDir, Runs: *agentRuns, Idle: *idle, Log: log})
-	if err != nil {
-		return fmt.Errorf("agent suite: %w", err)
+	if want["agent"] {
+		r, err := agentbench.Run(ctx, agentbench.Config{WrennDir: *wrennDir, Runs: *agentRuns, Idle: *idle, Log: log})
+		if err != nil {
+			return fmt.Errorf("agent suite: %w", err)
+		}
+		results = append(results, r...)
 	}
-	results = append(results, agent...)
+	if want["cp"] && *dbURL == "" {
+		return fmt.Errorf("the control plane suite needs -database-url (make bench passes the private cluster's)")
+	}
+	if want["cp"] {
+		r, err := cpbench.Run(ctx, cpbench.Config{DatabaseURL: *dbURL, WrennDir: *wrennDir, ListRows: *listRows, ListFor: *listFor,
+			Creates: *creates, ExecRuns: *execRuns, Log: log})
+		if err != nil {
+			return fmt.Errorf("control plane suite: %w", err)
+		}
+		results = append(results, r...)
+	}
 
 	host, _ := os.Hostname()
 	fmt.Printf("\nWrenn benchmarks on %s (%d CPUs, %s/%s), %s\n\n", host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, time.Since(started).Round(time.Second))

@@ -84,6 +84,18 @@ func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop fun
 		}
 	}
 	t.Cleanup(func() {
+		// A test that failed half way leaves VMs the agent would keep
+		// running after it stops: destroy whatever is still there.
+		if cmd.ProcessState == nil {
+			ag := c.srv.agents.Get(addr, c.hostToken(hostID))
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			if list, err := ag.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{})); err == nil {
+				for _, sb := range list.Msg.GetSandboxes() {
+					_, _ = ag.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.GetId()}))
+				}
+			}
+			cancel()
+		}
 		stop()
 		if t.Failed() {
 			data, _ := os.ReadFile(logf.Name())
@@ -364,6 +376,15 @@ func TestReconcilerWithARealAgent(t *testing.T) {
 		t.Fatalf("second pass: %v %v", ran, err)
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 202)
+}
+
+// hostToken is the credential the control plane holds for a host.
+func (c *cp) hostToken(hostID string) string {
+	h, err := c.st.Host(context.Background(), hostID)
+	if err != nil || h.AgentToken == nil {
+		return ""
+	}
+	return *h.AgentToken
 }
 
 func mustHost(t *testing.T, c *cp, id string) *string {
