@@ -493,13 +493,35 @@ func (s *Server) DestroyStopping(ctx context.Context, id, hostID string) error {
 	return err
 }
 
+// ping resets the inactivity timer; a body {"timeout_sec": N} also sets
+// a new timeout (0: none; positive values below 60 become 60).
 func (s *Server) ping(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		TimeoutSec *int `json:"timeout_sec"`
+	}
+	if err := decode(w, r, &req, true); err != nil {
+		return err
+	}
+	if req.TimeoutSec != nil && (*req.TimeoutSec < 0 || *req.TimeoutSec > maxTimeoutSec) {
+		return badRequest("timeout_sec must be between 0 and %d", maxTimeoutSec)
+	}
 	sb, err := s.capsule(r, p)
 	if err != nil {
 		return err
 	}
 	if sb.Status != "running" {
 		return errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+	}
+	if req.TimeoutSec != nil {
+		t := *req.TimeoutSec
+		if t > 0 && t < 60 {
+			t = 60
+		}
+		err := s.st.SetTimeout(r.Context(), sb.ID, t)
+		s.audit(r.Context(), p, p.TeamID, "capsule", sb.ID, "capsule.set_timeout", err, map[string]any{"timeout_sec": t})
+		if err != nil {
+			return err
+		}
 	}
 	if err := s.st.Touch(r.Context(), sb.ID); err != nil {
 		return err

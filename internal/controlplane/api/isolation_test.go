@@ -33,12 +33,28 @@ func TestTenantIsolation(t *testing.T) {
 	}
 	c.want(c.do("GET", "/v1/api-keys", creds{jwt: victim.jwt}, nil), 200).json(t, &keys)
 
+	build, err := c.st.InsertBuild(ctx, store.Build{ID: "bld-victimbuild0001", TeamID: victim.teamID, Name: "victim-build", Recipe: []byte(`{"name":"victim-build","commands":["true"]}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ch struct{ ID string }
+	c.want(c.do("POST", "/v1/channels", creds{jwt: victim.jwt}, map[string]any{"name": "victim", "provider": "webhook",
+		"config": map[string]string{"url": "https://example.com/hook"}, "events": []string{"capsule.created"}}), 201).json(t, &ch)
+	// Each path gets the victim's object of the path's kind.
 	sub := func(path string) string {
-		r := strings.NewReplacer("{id}", sb.ID, "{selector}", "1", "{name}", "victim-snap", "{uid}", victim.userID, "{tag}", "x")
+		id := sb.ID
+		if strings.HasPrefix(path, "/v1/builds/") {
+			id = build.ID
+		}
+		r := strings.NewReplacer("{id}", id, "{selector}", "1", "{name}", "victim-snap", "{uid}", victim.userID, "{tag}", "x")
 		return r.Replace(path)
 	}
 	missing := func(path string) string {
-		return strings.NewReplacer("{id}", "sb-doesnotexist0001", "{selector}", "1", "{name}", "no-such-snap", "{uid}", "usr-nobody", "{tag}", "x").Replace(path)
+		id := "sb-doesnotexist0001"
+		if strings.HasPrefix(path, "/v1/builds/") {
+			id = "bld-doesnotexist001"
+		}
+		return strings.NewReplacer("{id}", id, "{selector}", "1", "{name}", "no-such-snap", "{uid}", "usr-nobody", "{tag}", "x").Replace(path)
 	}
 	bodies := map[string]any{
 		"exec": map[string]any{"cmd": "true"}, "files/read": map[string]string{"path": "/etc/hostname"},
@@ -69,7 +85,7 @@ func TestTenantIsolation(t *testing.T) {
 		}
 		checked++
 	}
-	if checked < 18 {
+	if checked < 22 {
 		t.Fatalf("only %d capsule routes checked", checked)
 	}
 	// Snapshot of another team's capsule, listing, key revocation, team routes.
@@ -87,6 +103,16 @@ func TestTenantIsolation(t *testing.T) {
 		}
 	}
 	c.want(c.do("DELETE", "/v1/api-keys/"+keys[0].ID, creds{jwt: attacker.jwt}, nil), 404)
+	for _, m := range []string{"GET", "PATCH", "DELETE"} {
+		c.want(c.do(m, "/v1/channels/"+ch.ID, creds{jwt: attacker.jwt}, map[string]any{"name": "pwned", "events": []string{"host.up"}}), 404)
+	}
+	c.want(c.do("PUT", "/v1/channels/"+ch.ID+"/config", creds{jwt: attacker.jwt}, map[string]any{"config": map[string]string{"url": "https://evil.example.com"}}), 404)
+	var chans, builds []map[string]any
+	c.want(c.do("GET", "/v1/channels", creds{jwt: attacker.jwt}, nil), 200).json(t, &chans)
+	c.want(c.do("GET", "/v1/builds", creds{key: attackerKey}, nil), 200).json(t, &builds)
+	if len(chans) != 0 || len(builds) != 0 {
+		t.Fatalf("another team's channels or builds are listed: %v %v", chans, builds)
+	}
 	for _, m := range []string{"GET", "PATCH", "DELETE"} {
 		c.want(c.do(m, "/v1/teams/"+victim.teamID, creds{jwt: attacker.jwt}, map[string]string{"name": "pwned"}), 404)
 	}

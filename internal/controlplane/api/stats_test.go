@@ -124,3 +124,34 @@ func TestUsageAndStats(t *testing.T) {
 	}
 	c.want(c.do("GET", "/v1/capsules/sb-usage0000000000001/metrics", creds{key: key}, nil), 404)
 }
+
+// Ping keeps a capsule alive and can set its timeout.
+func TestPingSetsTimeout(t *testing.T) {
+	c := newCP(t)
+	a := c.signup("ping@example.com")
+	key := c.apiKey(a)
+	if _, err := c.st.InsertSandbox(t.Context(), store.Sandbox{ID: "sb-ping0000000000001", TeamID: a.teamID, Template: "minimal", Status: "running", VCPUs: 1, MemoryMB: 256}); err != nil {
+		t.Fatal(err)
+	}
+	timeout := func() int {
+		var out struct {
+			TimeoutSec int `json:"timeout_sec"`
+		}
+		c.want(c.do("GET", "/v1/capsules/sb-ping0000000000001", creds{key: key}, nil), 200).json(t, &out)
+		return out.TimeoutSec
+	}
+	c.want(c.do("POST", "/v1/capsules/sb-ping0000000000001/ping", creds{key: key}, nil), 204)
+	c.want(c.do("POST", "/v1/capsules/sb-ping0000000000001/ping", creds{key: key}, map[string]int{"timeout_sec": 600}), 204)
+	if got := timeout(); got != 600 {
+		t.Fatalf("timeout %d, want 600", got)
+	}
+	c.want(c.do("POST", "/v1/capsules/sb-ping0000000000001/ping", creds{key: key}, map[string]int{"timeout_sec": 5}), 204)
+	if got := timeout(); got != 60 {
+		t.Fatalf("timeout %d, want 60 (raised)", got)
+	}
+	c.want(c.do("POST", "/v1/capsules/sb-ping0000000000001/ping", creds{key: key}, map[string]int{"timeout_sec": -1}), 400)
+	c.want(c.do("POST", "/v1/capsules/sb-ping0000000000001/ping", creds{key: key}, map[string]int{"timeout_sec": 0}), 204)
+	if got := timeout(); got != 0 {
+		t.Fatalf("timeout %d, want 0", got)
+	}
+}

@@ -141,6 +141,12 @@ func (s *Store) Touch(ctx context.Context, id string) error {
 	return mapErr(err, "touch capsule")
 }
 
+// SetTimeout changes a capsule's inactivity timeout (0: none).
+func (s *Store) SetTimeout(ctx context.Context, id string, seconds int) error {
+	_, err := s.Pool.Exec(ctx, "UPDATE sandboxes SET timeout_sec = $2, last_updated = now() WHERE id = $1", id, seconds)
+	return mapErr(err, "set timeout")
+}
+
 // Expired lists running capsules idle past their timeout.
 func (s *Store) Expired(ctx context.Context) ([]Sandbox, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+` FROM sandboxes
