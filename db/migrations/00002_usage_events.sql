@@ -93,7 +93,7 @@ BEGIN
         WHEN NEW.status = 'running' THEN 'capsule.running'
         WHEN NEW.status = 'paused' THEN 'capsule.paused'
         WHEN NEW.status = 'stopped' THEN 'capsule.destroyed'
-        WHEN NEW.status IN ('error', 'missing') THEN 'capsule.failed'
+        WHEN NEW.status IN ('error', 'missing') THEN 'capsule.error'
     END;
     IF ev IS NOT NULL THEN
         INSERT INTO events (team_id, event, resource_id, payload)

@@ -172,8 +172,9 @@ func TestChannelsAndEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	first, second := nextFrame(t, frames), nextFrame(t, frames)
-	if first.event != "capsule.created" || second.event != "capsule.running" || second.data.Resource["id"] != "sb-events000000000001" {
-		t.Fatalf("stream frames: %+v %+v", first, second)
+	if first.event != "capsule.created" || second.event != "capsule.running" || second.data.Resource["id"] != "sb-events000000000001" ||
+		second.data.Resource["type"] != "sandbox" || !strings.Contains(string(second.data.Sandbox), `"status":"running"`) {
+		t.Fatalf("stream frames: %s %s (sandbox %s)", first.event, second.event, second.data.Sandbox)
 	}
 	// Another team's stream sees none of it; a reconnect with Last-Event-ID
 	// gets what came after.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -135,12 +136,15 @@ func (s *Server) adminStreamEvents(w http.ResponseWriter, r *http.Request, _ *pr
 	return s.serveEvents(w, r, "")
 }
 
-// sseEvent is the data of one SSE frame.
+// sseEvent is the data of one SSE frame: the public API's shape (event,
+// resource, sandbox for capsule events, timestamp) plus the event's id and
+// its payload as data.
 type sseEvent struct {
-	ID        string          `json:"id"`
+	ID        string          `json:"id,omitempty"`
 	Event     string          `json:"event"`
-	Resource  map[string]any  `json:"resource"`
-	Data      json.RawMessage `json:"data"`
+	Resource  map[string]any  `json:"resource,omitempty"`
+	Sandbox   json.RawMessage `json:"sandbox,omitempty"`
+	Data      json.RawMessage `json:"data,omitempty"`
 	Timestamp int64           `json:"timestamp"`
 }
 
@@ -173,7 +177,8 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request, teamID stri
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
-	if _, err := fmt.Fprint(w, ": connected\nretry: 2000\n\n"); err != nil {
+	hello, _ := json.Marshal(sseEvent{Event: "connected", Timestamp: time.Now().Unix()})
+	if _, err := fmt.Fprintf(w, "retry: 2000\nevent: connected\ndata: %s\n\n", hello); err != nil {
 		return nil
 	}
 	_ = rc.Flush()
@@ -216,8 +221,16 @@ func (s *Server) serveEvents(w http.ResponseWriter, r *http.Request, teamID stri
 }
 
 func writeSSE(w http.ResponseWriter, ev store.Event) error {
-	data, _ := json.Marshal(sseEvent{ID: ev.ID, Event: ev.Event, Resource: map[string]any{"id": ev.ResourceID},
-		Data: ev.Payload, Timestamp: ev.CreatedAt.Unix()})
+	kind, _, _ := strings.Cut(ev.Event, ".")
+	if kind == "capsule" {
+		kind = "sandbox"
+	}
+	out := sseEvent{ID: ev.ID, Event: ev.Event, Resource: map[string]any{"id": ev.ResourceID, "type": kind},
+		Data: ev.Payload, Timestamp: ev.CreatedAt.Unix()}
+	if kind == "sandbox" {
+		out.Sandbox = ev.Payload
+	}
+	data, _ := json.Marshal(out)
 	_, err := fmt.Fprintf(w, "id: %d\nevent: %s\ndata: %s\n\n", ev.Seq, ev.Event, data)
 	return err
 }

@@ -40,7 +40,7 @@ var optional = map[string][]string{
 
 // EventNames are the events a channel may subscribe to.
 var EventNames = []string{
-	"capsule.created", "capsule.running", "capsule.paused", "capsule.destroyed", "capsule.failed",
+	"capsule.created", "capsule.running", "capsule.paused", "capsule.destroyed", "capsule.error",
 	"template.snapshot.created", "template.snapshot.deleted", "host.up", "host.down",
 }
 
