@@ -50,10 +50,27 @@ func buildAgent(t *testing.T) string {
 	return agentBin
 }
 
+// agentProc is a real wrenn-agent process under test.
+type agentProc struct {
+	c      *cp
+	bin    string
+	dir    string
+	addr   string
+	hostID string
+	extra  []string
+	log    *os.File
+	cmd    *exec.Cmd
+}
+
 // startAgent runs a real wrenn-agent that registers with the control plane
 // through the public flow (POST /v1/hosts, then --register); extra are
 // more agent flags.
 func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop func()) {
+	a := c.startAgentProc(admin, extra...)
+	return a.hostID, a.stop
+}
+
+func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
 	t := c.t
 	dir := guestimages.AgentDir(t)
 	if os.Geteuid() != 0 {
@@ -63,31 +80,22 @@ func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop fun
 		hostlock.Take(t) // once per test: the lock is not reentrant
 		c.hostLocked = true
 	}
-	bin := buildAgent(t)
 	hostID, token := c.newHostToken(admin)
-	addr := "127.0.0.1:" + freeport.Get(t)
 	logf, err := os.Create(filepath.Join(dir, "agent.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, append([]string{"--listen", addr, "--proxy-listen", "off", "--dir", dir, "--register", token, "--address", addr,
-		"--cp-url", c.url, "--heartbeat-interval", "1s", "--log-level", "debug"}, extra...)...)
-	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN=")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	stop = func() {
-		if cmd.Process != nil && cmd.ProcessState == nil {
-			_ = cmd.Process.Signal(os.Interrupt)
-			_ = cmd.Wait()
-		}
-	}
+	a := &agentProc{c: c, bin: buildAgent(t), dir: dir, addr: "127.0.0.1:" + freeport.Get(t), hostID: hostID, extra: extra, log: logf}
 	t.Cleanup(func() {
 		// A test that failed half way leaves VMs the agent would keep
 		// running after it stops: destroy whatever is still there.
-		if cmd.ProcessState == nil {
-			ag := c.srv.agents.Get(addr, c.hostToken(hostID))
+		if a.running() {
+			h, _ := c.st.Host(context.Background(), hostID)
+			address := a.addr
+			if h.Address != nil {
+				address = *h.Address
+			}
+			ag := c.srv.agents.Get(address, c.hostToken(hostID))
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			if list, err := ag.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{})); err == nil {
 				for _, sb := range list.Msg.GetSandboxes() {
@@ -96,27 +104,70 @@ func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop fun
 			}
 			cancel()
 		}
-		stop()
+		a.stop()
 		if t.Failed() {
 			data, _ := os.ReadFile(logf.Name())
 			t.Logf("agent log:\n%s", data)
 		}
 	})
+	a.run("--register", token, "--address", a.addr)
+	a.waitOnline(admin)
+	if _, err := os.Stat(filepath.Join(dir, "host-token")); err != nil {
+		t.Fatalf("the agent did not save its token: %v", err)
+	}
+	return a
+}
+
+func (a *agentProc) run(args ...string) {
+	a.cmd = exec.Command(a.bin, append(append([]string{"--listen", a.addr, "--proxy-listen", "off", "--dir", a.dir,
+		"--cp-url", a.c.url, "--heartbeat-interval", "1s", "--log-level", "debug"}, args...), a.extra...)...)
+	a.cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN=")
+	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
+	if err := a.cmd.Start(); err != nil {
+		a.c.t.Fatal(err)
+	}
+}
+
+func (a *agentProc) running() bool {
+	return a.cmd != nil && a.cmd.Process != nil && a.cmd.ProcessState == nil
+}
+
+// stop ends the agent process; its VMs keep running, as in production.
+func (a *agentProc) stop() {
+	if a.running() {
+		_ = a.cmd.Process.Signal(os.Interrupt)
+		_ = a.cmd.Wait()
+	}
+}
+
+// restart starts the agent again with the credentials it saved.
+func (a *agentProc) restart(admin account) {
+	a.stop()
+	a.run()
+	a.waitOnline(admin)
+}
+
+func (a *agentProc) waitOnline(admin account) {
+	t, c := a.c.t, a.c
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var h struct {
-			Status string `json:"status"`
+			Status  string `json:"status"`
+			Address string `json:"address"`
 		}
-		c.want(c.do("GET", "/v1/hosts/"+hostID, creds{jwt: admin.jwt}, nil), 200).json(t, &h)
+		c.want(c.do("GET", "/v1/hosts/"+a.hostID, creds{jwt: admin.jwt}, nil), 200).json(t, &h)
 		if h.Status == "online" {
-			if _, err := os.Stat(filepath.Join(dir, "host-token")); err != nil {
-				t.Fatalf("the agent did not save its token: %v", err)
+			// The record may still say online from before a restart: ask the agent itself.
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, err := c.srv.agents.Get(h.Address, c.hostToken(a.hostID)).GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+			cancel()
+			if err == nil {
+				return
 			}
-			return hostID, stop
 		}
 		if time.Now().After(deadline) {
-			data, _ := os.ReadFile(logf.Name())
-			t.Fatalf("agent did not register:\n%s", data)
+			data, _ := os.ReadFile(a.log.Name())
+			t.Fatalf("agent did not come online:\n%s", data)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -393,4 +444,44 @@ func mustHost(t *testing.T, c *cp, id string) *string {
 		t.Fatal(err)
 	}
 	return sb.HostID
+}
+
+// A capsule whose timeout passes while its agent is down is paused once
+// the agent is back; in between it is left as it was, not failed.
+func TestTimeoutWhileAgentDown(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	a := c.startAgentProc(admin)
+	key := c.apiKey(admin)
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256, "timeout_sec": 60}), 201).json(t, &sb)
+	c.exec(key, sb.ID, "/bin/sh", "-c", "echo remembered > /tmp/mark")
+
+	a.stop()
+	if _, err := c.st.Pool.Exec(t.Context(), "UPDATE sandboxes SET last_active_at = now() - interval '5 minutes' WHERE id = $1", sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
+	if _, err := rec.Pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var got capsuleOut
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+	if got.Status != "running" {
+		t.Fatalf("while its agent is down the capsule became %s", got.Status)
+	}
+
+	a.restart(admin) // the agent re-adopts the VM that kept running
+	if _, err := rec.Pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+	if got.Status != "paused" {
+		t.Fatalf("after the agent came back: %s, want paused", got.Status)
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/resume", creds{key: key}, nil), 202)
+	if out, _ := c.exec(key, sb.ID, "cat", "/tmp/mark"); out != "remembered\n" {
+		t.Fatalf("after resume: %q", out)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"regexp"
 	"strings"
@@ -559,14 +560,20 @@ func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, er
 	}
 	_, perr := c.PauseSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.ID}))
 	if perr != nil {
-		s.settle(context.WithoutCancel(ctx), c, sb.ID, "pausing")
+		s.settle(context.WithoutCancel(ctx), c, sb.ID, "pausing", "running", perr)
 		return sb, perr
 	}
 	return s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"pausing"}, "paused", nil)
 }
 
-// settle sets a capsule stuck in a transitional state to what its host says.
-func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from string) {
+// settle sets a capsule left in a transitional state by a failed call to
+// what its host says. A call that never reached the host (it could not be
+// dialled) changed nothing there, so the capsule goes back to before.
+func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from, before string, callErr error) {
+	if neverSent(callErr) {
+		_, _ = s.st.Transition(ctx, id, []string{from}, before, nil)
+		return
+	}
 	resp, err := c.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: id}))
 	to := ""
 	switch {
@@ -580,6 +587,13 @@ func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from stri
 	if to != "" {
 		_, _ = s.st.Transition(ctx, id, []string{from}, to, nil)
 	}
+}
+
+// neverSent reports whether a call failed before reaching the agent: its
+// connection could not be made.
+func neverSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -600,7 +614,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) er
 	}
 	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))
 	if rerr != nil {
-		s.settle(context.WithoutCancel(ctx), c, sb.ID, "resuming")
+		s.settle(context.WithoutCancel(ctx), c, sb.ID, "resuming", "paused", rerr)
 		s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.resume", rerr, nil)
 		return rerr
 	}
