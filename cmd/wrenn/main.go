@@ -1,14 +1,19 @@
-// Command wrenn is not implemented yet; see the project's issues.
+// Command wrenn is Wrenn's command-line client; `wrenn --help` lists
+// what it does.
 package main
 
 import (
-	"fmt"
+	"context"
 	"os"
+	"os/signal"
+	"syscall"
 
-	"github.com/wrenn/wrenn/internal/version"
+	"github.com/wrenn/wrenn/internal/cli"
 )
 
 func main() {
-	fmt.Fprintf(os.Stderr, "wrenn %s: not implemented yet\n", version.Version)
-	os.Exit(2)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := cli.Run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
 }

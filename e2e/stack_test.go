@@ -1,0 +1,213 @@
+// Package e2e runs the whole of Wrenn as a user meets it: the real
+// wrenn-cp and wrenn-agent binaries on a real PostgreSQL, QEMU VMs, and
+// the public REST API (through the Go SDK) or the wrenn CLI.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/testutil/freeport"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
+	"github.com/wrenn/wrenn/internal/testutil/hostlock"
+	"github.com/wrenn/wrenn/internal/testutil/pgtest"
+	"github.com/wrenn/wrenn/pkg/wrenn"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// binaries builds wrenn-cp, wrenn-agent and wrenn once per test run.
+func binaries(t *testing.T) string {
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "wrenn-e2e-bin")
+		if buildErr != nil {
+			return
+		}
+		for _, name := range []string{"wrenn-cp", "wrenn-agent", "wrenn"} {
+			out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, name), "github.com/wrenn/wrenn/cmd/"+name).CombinedOutput()
+			if err != nil {
+				buildErr = fmt.Errorf("build %s: %v\n%s", name, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+// stack is a running control plane and agent with an admin account.
+type stack struct {
+	t        *testing.T
+	url      string
+	agentDir string
+	bin      string
+	key      string // the admin's API key
+	token    string // the admin's JWT
+	email    string
+	password string
+}
+
+// process runs a binary until the test ends, logging into a file that is
+// printed if the test fails.
+func process(t *testing.T, bin, logPath string, env []string, args ...string) *exec.Cmd {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Signal(os.Interrupt)
+			done := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				_ = cmd.Process.Kill()
+			}
+		}
+		if t.Failed() {
+			data, _ := os.ReadFile(logPath)
+			t.Logf("%s log:\n%s", filepath.Base(bin), data)
+		}
+	})
+	return cmd
+}
+
+// startStack starts wrenn-cp on a fresh database, signs up the first
+// user (a platform admin), and starts an agent that registers through
+// POST /v1/hosts and --register, exactly as an operator would.
+func startStack(t *testing.T) *stack {
+	if os.Geteuid() != 0 {
+		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
+	}
+	agentDir := guestimages.AgentDir(t)
+	hostlock.Take(t)
+	bin := binaries(t)
+	dbURL := pgtest.URL(t)
+	work := t.TempDir()
+	cpAddr := "127.0.0.1:" + freeport.Get(t)
+	s := &stack{t: t, url: "http://" + cpAddr, agentDir: agentDir, bin: bin, email: "admin@example.com", password: "a long password"}
+	process(t, filepath.Join(bin, "wrenn-cp"), filepath.Join(work, "cp.log"), []string{
+		"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
+		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET="})
+	s.waitHTTP(s.url + "/healthz")
+
+	ctx := context.Background()
+	anon, err := wrenn.New(s.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := anon.Signup(ctx, s.email, s.password, "Admin"); err != nil {
+		t.Fatal(err)
+	}
+	login, err := anon.Login(ctx, s.email, s.password)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.token = login.Token
+	user, _ := wrenn.New(s.url, wrenn.WithToken(login.Token))
+	key, err := user.CreateAPIKey(ctx, "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.key = key.Key
+	host, regToken, err := user.CreateHost(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentAddr := "127.0.0.1:" + freeport.Get(t)
+	process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
+		"--listen", agentAddr, "--proxy-listen", "off", "--dir", agentDir, "--register", regToken, "--address", agentAddr,
+		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", "2001-3000")
+	deadline := time.Now().Add(time.Minute)
+	for {
+		hs, err := user.ListHosts(ctx)
+		if err == nil && len(hs) == 1 && hs[0].ID == host.ID && hs[0].Status == "online" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not come online: %+v %v", hs, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return s
+}
+
+func (s *stack) waitHTTP(url string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("%s did not answer: %v", url, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// client is the Go SDK with the admin's API key.
+func (s *stack) client() *wrenn.Client {
+	c, err := wrenn.New(s.url, wrenn.WithAPIKey(s.key))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return c
+}
+
+// nothingLeft checks the host has no VM, no disk and no network of a
+// capsule left.
+func (s *stack) nothingLeft() {
+	s.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var left []string
+		entries, _ := os.ReadDir(filepath.Join(s.agentDir, "sandboxes"))
+		for _, e := range entries {
+			left = append(left, "sandbox dir "+e.Name())
+		}
+		out, _ := exec.Command("ip", "netns", "list").Output()
+		for _, line := range strings.Split(string(out), "\n") {
+			var slot int
+			if _, err := fmt.Sscanf(line, "wrenn-%d", &slot); err == nil && slot >= 2001 && slot <= 3000 {
+				left = append(left, "netns "+strings.Fields(line)[0])
+			}
+		}
+		ps, _ := exec.Command("pgrep", "-af", "qemu-system.*"+s.agentDir).Output()
+		if len(bytes.TrimSpace(ps)) > 0 {
+			left = append(left, "qemu: "+string(ps))
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("left on the host after every capsule was destroyed: %v", left)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -1,0 +1,121 @@
+package wrenn
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// Capsule is a sandbox as the API reports it.
+type Capsule struct {
+	ID           string            `json:"id"`
+	Status       string            `json:"status"` // starting, running, pausing, paused, resuming, stopping, stopped, missing, error
+	Template     string            `json:"template"`
+	VCPUs        int               `json:"vcpus"`
+	MemoryMB     int               `json:"memory_mb"`
+	DiskSizeMB   *int              `json:"disk_size_mb"`
+	TimeoutSec   int               `json:"timeout_sec"`
+	AutoPause    bool              `json:"auto_pause"`
+	HostID       string            `json:"host_id,omitempty"`
+	CreatedAt    time.Time         `json:"created_at"`
+	StartedAt    *time.Time        `json:"started_at"`
+	LastActiveAt *time.Time        `json:"last_active_at"`
+	Metadata     map[string]string `json:"metadata"`
+	StatusReason string            `json:"status_reason,omitempty"`
+}
+
+// CreateCapsuleParams describe a new capsule; zero values take the
+// server's defaults (template minimal, 1 vCPU, 512 MB, no timeout).
+type CreateCapsuleParams struct {
+	Template   string            `json:"template,omitempty"`
+	VCPUs      int               `json:"vcpus,omitempty"`
+	MemoryMB   int               `json:"memory_mb,omitempty"`
+	DiskSizeMB int               `json:"disk_size_mb,omitempty"`
+	TimeoutSec int               `json:"timeout_sec,omitempty"` // idle seconds before auto-pause
+	AutoPause  *bool             `json:"auto_pause,omitempty"`  // false: destroy instead of pause at the timeout
+	Envs       map[string]string `json:"envs,omitempty"`
+	Metadata   map[string]string `json:"metadata,omitempty"`
+	HostTags   []string          `json:"host_tags,omitempty"`
+	// Wait returns once the capsule runs (or failed) instead of at once
+	// with status "starting".
+	Wait bool `json:"-"`
+}
+
+// CreateCapsule starts a capsule.
+func (c *Client) CreateCapsule(ctx context.Context, p CreateCapsuleParams) (Capsule, error) {
+	path := "/v1/capsules"
+	if p.Wait {
+		path += "?wait=true"
+	}
+	var out Capsule
+	err := c.do(ctx, http.MethodPost, path, p, &out)
+	return out, err
+}
+
+// ListCapsulesParams filter a listing.
+type ListCapsulesParams struct {
+	Statuses []string          // default: every live state
+	Metadata map[string]string // every pair must match
+}
+
+// ListCapsules lists the team's capsules, newest first.
+func (c *Client) ListCapsules(ctx context.Context, p ListCapsulesParams) ([]Capsule, error) {
+	q := url.Values{}
+	for i, s := range p.Statuses {
+		if i == 0 {
+			q.Set("status", s)
+		} else {
+			q.Set("status", q.Get("status")+","+s)
+		}
+	}
+	for k, v := range p.Metadata {
+		q.Set("metadata."+k, v)
+	}
+	path := "/v1/capsules"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var out []Capsule
+	err := c.do(ctx, http.MethodGet, path, nil, &out)
+	return out, err
+}
+
+// GetCapsule returns one capsule.
+func (c *Client) GetCapsule(ctx context.Context, id string) (Capsule, error) {
+	var out Capsule
+	err := c.do(ctx, http.MethodGet, "/v1/capsules/"+url.PathEscape(id), nil, &out)
+	return out, err
+}
+
+// DestroyCapsule destroys a capsule and everything in it.
+func (c *Client) DestroyCapsule(ctx context.Context, id string) (Capsule, error) {
+	var out Capsule
+	err := c.do(ctx, http.MethodDelete, "/v1/capsules/"+url.PathEscape(id), nil, &out)
+	return out, err
+}
+
+// PauseCapsule snapshots a running capsule's memory and disk and stops it.
+func (c *Client) PauseCapsule(ctx context.Context, id string) (Capsule, error) {
+	var out Capsule
+	err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/pause", nil, &out)
+	return out, err
+}
+
+// ResumeCapsule brings a paused capsule back with its memory intact.
+func (c *Client) ResumeCapsule(ctx context.Context, id string) (Capsule, error) {
+	var out Capsule
+	err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/resume", nil, &out)
+	return out, err
+}
+
+// Ping resets a capsule's inactivity timer.
+func (c *Client) Ping(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/ping", nil, nil)
+}
+
+// SetTimeout sets a capsule's inactivity timeout (0: none) and resets
+// its timer.
+func (c *Client) SetTimeout(ctx context.Context, id string, timeout time.Duration) error {
+	return c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/ping", map[string]int{"timeout_sec": int(timeout.Seconds())}, nil)
+}
