@@ -1,0 +1,171 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// cli runs the wrenn binary with its own config file.
+type cli struct {
+	t      *testing.T
+	bin    string
+	config string
+	env    []string
+}
+
+// run returns stdout, stderr and the exit code.
+func (c *cli) run(stdin string, args ...string) (string, string, int) {
+	c.t.Helper()
+	cmd := exec.Command(c.bin, args...)
+	cmd.Env = append(append(os.Environ(), "WRENN_CONFIG="+c.config, "WRENN_API_KEY=", "WRENN_URL="), c.env...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) {
+			c.t.Fatalf("wrenn %v: %v", args, err)
+		}
+	case <-time.After(3 * time.Minute):
+		_ = cmd.Process.Kill()
+		c.t.Fatalf("wrenn %v did not finish: %s %s", args, out.String(), errb.String())
+	}
+	return out.String(), errb.String(), cmd.ProcessState.ExitCode()
+}
+
+// ok runs a command that must succeed and returns its stdout.
+func (c *cli) ok(args ...string) string {
+	c.t.Helper()
+	out, errOut, code := c.run("", args...)
+	if code != 0 {
+		c.t.Fatalf("wrenn %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// The same journey through the wrenn CLI binary.
+func TestJourneyThroughTheCLI(t *testing.T) {
+	s := startStack(t)
+	c := &cli{t: t, bin: filepath.Join(s.bin, "wrenn"), config: filepath.Join(t.TempDir(), "config.json"), env: []string{"WRENN_PASSWORD=" + s.password}}
+
+	// Without configuration: a clear error.
+	if _, errOut, code := c.run("", "sandbox", "list"); code != 1 || !strings.Contains(errOut, "wrenn login") {
+		t.Fatalf("unconfigured: %d %q", code, errOut)
+	}
+	c.ok("login", s.url, "--email", s.email)
+	if st, err := os.Stat(c.config); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("config file: %v %v", st, err)
+	}
+
+	var sb struct{ ID, Status string }
+	if err := json.Unmarshal([]byte(c.ok("sandbox", "create", "--memory", "256", "-m", "owner=cli", "--json")), &sb); err != nil || sb.Status != "running" {
+		t.Fatalf("create: %+v %v", sb, err)
+	}
+	if out := c.ok("sandbox", "list", "-m", "owner=cli"); !strings.Contains(out, sb.ID) || !strings.Contains(out, "running") {
+		t.Fatalf("list table:\n%s", out)
+	}
+
+	// exec streams output and returns the command's exit code.
+	out, errOut, code := c.run("", "exec", sb.ID, "--", "/bin/sh", "-c", "echo to-out; echo to-err >&2; exit 3")
+	if out != "to-out\n" || errOut != "to-err\n" || code != 3 {
+		t.Fatalf("exec: %q %q %d", out, errOut, code)
+	}
+	if _, errOut, code := c.run("", "exec", sb.ID, "ls"); code != 1 || !strings.Contains(errOut, "--") {
+		t.Fatalf("exec without --: %d %q", code, errOut)
+	}
+
+	// shell: a terminal fed from a pipe; its exit code comes back.
+	out, _, code = c.run("echo from-the-shell-$((2*21))\nexit 4\n", "shell", sb.ID)
+	if code != 4 || !strings.Contains(out, "from-the-shell-42") {
+		t.Fatalf("shell: %d %q", code, out)
+	}
+
+	// files put, ls, get, mkdir, rm.
+	local := filepath.Join(t.TempDir(), "notes.txt")
+	if err := os.WriteFile(local, []byte("carried by the cli\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.ok("files", "mkdir", sb.ID, "/home/user/box")
+	c.ok("files", "put", sb.ID, local, "/home/user/box/notes.txt")
+	if ls := c.ok("files", "ls", sb.ID, "/home/user/box"); !strings.Contains(ls, "notes.txt") {
+		t.Fatalf("ls:\n%s", ls)
+	}
+	if got := c.ok("files", "get", sb.ID, "/home/user/box/notes.txt"); got != "carried by the cli\n" {
+		t.Fatalf("get: %q", got)
+	}
+	back := filepath.Join(t.TempDir(), "back.txt")
+	c.ok("files", "get", sb.ID, "/home/user/box/notes.txt", back)
+	if data, _ := os.ReadFile(back); string(data) != "carried by the cli\n" {
+		t.Fatalf("get to a file: %q", data)
+	}
+
+	// pause, resume, timeout, snapshot, a capsule from it, templates.
+	c.ok("sandbox", "pause", sb.ID)
+	c.ok("sandbox", "resume", sb.ID)
+	if out := c.ok("sandbox", "timeout", sb.ID, "10m"); !strings.Contains(out, "10m0s") {
+		t.Fatalf("timeout:\n%s", out)
+	}
+	c.ok("snapshot", "create", sb.ID, "--name", "cli-snap")
+	if out := c.ok("template", "list"); !strings.Contains(out, "cli-snap") || !strings.Contains(out, "minimal") {
+		t.Fatalf("template list:\n%s", out)
+	}
+	var child struct{ ID string }
+	if err := json.Unmarshal([]byte(c.ok("sandbox", "create", "-t", "cli-snap", "--memory", "256", "--json")), &child); err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("exec", child.ID, "--", "cat", "/home/user/box/notes.txt"); out != "carried by the cli\n" {
+		t.Fatalf("capsule from the snapshot: %q", out)
+	}
+
+	// Hosts and keys (the saved sign-in).
+	if out := c.ok("host", "list"); !strings.Contains(out, "online") {
+		t.Fatalf("host list:\n%s", out)
+	}
+	if out := c.ok("host", "token"); !strings.Contains(out, "wrenn-agent --register") {
+		t.Fatalf("host token:\n%s", out)
+	}
+	var key struct{ ID, Key string }
+	if err := json.Unmarshal([]byte(c.ok("key", "create", "ci", "--json")), &key); err != nil || !strings.HasPrefix(key.Key, "wrn_") {
+		t.Fatalf("key create: %+v %v", key, err)
+	}
+	if out := c.ok("key", "list"); !strings.Contains(out, key.ID) || !strings.Contains(out, "wrenn-cli") {
+		t.Fatalf("key list:\n%s", out)
+	}
+	c.ok("key", "revoke", key.ID)
+	if _, errOut, code := c.run("", "sandbox", "list", "--api-key", key.Key); code != 1 || !strings.Contains(errOut, "invalid") && !strings.Contains(errOut, "key") {
+		t.Fatalf("revoked key: %d %q", code, errOut)
+	}
+
+	// Errors a user would make.
+	if _, errOut, code := c.run("", "sandbox", "get", "sb-doesnotexist0001"); code != 1 || !strings.Contains(errOut, "not found") {
+		t.Fatalf("missing capsule: %d %q", code, errOut)
+	}
+	if _, errOut, code := c.run("", "sandbox", "timeout", sb.ID, "soon"); code != 1 || !strings.Contains(errOut, "duration") {
+		t.Fatalf("bad duration: %d %q", code, errOut)
+	}
+
+	for _, id := range []string{sb.ID, child.ID} {
+		c.ok("sandbox", "kill", id)
+	}
+	c.ok("template", "delete", "cli-snap")
+	if out := c.ok("sandbox", "list", "--json"); strings.TrimSpace(out) != "[]" {
+		t.Fatalf("capsules left: %s", out)
+	}
+	if out := c.ok("completion", "bash"); !strings.Contains(out, "wrenn") {
+		t.Fatal("no bash completion")
+	}
+	s.nothingLeft()
+}
