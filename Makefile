@@ -113,5 +113,21 @@ clean: ## Remove build output
 	rm -rf $(BUILDS)
 
 .PHONY: dev
-dev: build-envd ## Run the stack locally (today: envd in --dev mode on 127.0.0.1:49983)
+dev: ## Install what is missing, build, and run PostgreSQL, wrenn-cp and an agent; Ctrl-C stops all
+	scripts/dev.sh up
+
+.PHONY: dev-agent
+dev-agent: ## Run only a wrenn-agent against WRENN_CP_URL (default http://127.0.0.1:8000), registering if needed
+	scripts/dev.sh agent
+
+.PHONY: dev-down
+dev-down: ## Stop what make dev left running (pauses running capsules first)
+	scripts/dev.sh down
+
+.PHONY: dev-frontend
+dev-frontend: ## Dashboard with hot reload (the dashboard does not exist yet)
+	@echo "dev-frontend: there is no web dashboard yet; it is the next piece of work" >&2; exit 1
+
+.PHONY: dev-envd
+dev-envd: build-envd ## Run envd alone in --dev mode on 127.0.0.1:49983 (ENVD_PORT)
 	$(BUILDS)/envd --dev --port $${ENVD_PORT:-49983}

@@ -68,6 +68,13 @@ and, if no key is saved yet, creates an API key named "wrenn-cli" for everything
 					return err
 				}
 				cfg.Token, cfg.TokenExpires = res.Token, time.Now().Add(6*time.Hour-time.Minute)
+				if cfg.APIKey != "" && key == "" {
+					// A key saved for another server (or a reset database) is replaced.
+					old, _ := wrenn.New(cfg.URL, wrenn.WithAPIKey(cfg.APIKey))
+					if _, err := old.ListCapsules(ctx, wrenn.ListCapsulesParams{}); wrenn.IsUnauthorized(err) {
+						cfg.APIKey = ""
+					}
+				}
 				if cfg.APIKey == "" {
 					user, _ := wrenn.New(cfg.URL, wrenn.WithToken(res.Token))
 					k, err := user.CreateAPIKey(ctx, "wrenn-cli")
