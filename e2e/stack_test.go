@@ -137,6 +137,8 @@ func startStack(t *testing.T) *stack {
 		t.Fatal(err)
 	}
 	agentAddr := "127.0.0.1:" + freeport.Get(t)
+	// Runs after the agent stops: a failed test must not leave VMs running.
+	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+agentDir).Run() })
 	process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
 		"--listen", agentAddr, "--proxy-listen", "off", "--dir", agentDir, "--register", regToken, "--address", agentAddr,
 		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", "2001-3000")

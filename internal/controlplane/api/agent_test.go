@@ -105,6 +105,8 @@ func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
 			cancel()
 		}
 		a.stop()
+		// VMs the agent could not be asked to destroy (it was stopped by the test).
+		_ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+dir).Run()
 		if t.Failed() {
 			data, _ := os.ReadFile(logf.Name())
 			t.Logf("agent log:\n%s", data)
