@@ -40,11 +40,11 @@ build-guest: build-envd ## Build what goes into guest images: envd, wrenn-init (
 
 .PHONY: kernel
 kernel: ## Build the guest kernel (cached) into WRENN_DIR/kernels/vmlinux-<version>
-	scripts/build-kernel.sh
+	scripts/with-progress.sh kernel scripts/build-kernel.sh
 
 .PHONY: rootfs
 rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) into WRENN_DIR/images/minimal
-	scripts/build-rootfs.sh minimal
+	scripts/with-progress.sh rootfs scripts/build-rootfs.sh minimal
 
 .PHONY: images
 images: kernel rootfs ## Build the kernel and the minimal image
