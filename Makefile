@@ -65,9 +65,28 @@ postgres: ## Start the private PostgreSQL cluster in .dev/postgres (scripts/post
 	scripts/postgres.sh start
 
 .PHONY: test
-test: images postgres ## Build the guest images if needed (cached), start PostgreSQL, then run every test (as root)
-	WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_TEST_DATABASE_URL="$$(scripts/postgres.sh url)" \
-		$(GO) test -race -count=1 -timeout 30m ./...
+test: images postgres web-deps ## Build the guest images if needed (cached), start PostgreSQL, then run every test (as root)
+	cd web && npx vitest run
+	$(MAKE) --no-print-directory web-check
+	WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_REQUIRE_BROWSER=1 WRENN_TEST_DATABASE_URL="$$(scripts/postgres.sh url)" \
+		WRENN_ARTIFACTS="$(CURDIR)/$(BUILDS)/artifacts" $(GO) test -race -count=1 -timeout 30m ./...
+
+.PHONY: web-deps
+web-deps: web/node_modules/.installed ## Install the dashboard's npm packages (pinned by web/package-lock.json)
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a==20&&b<19)) { console.error("the dashboard needs Node.js 20.19 or newer, this is "+process.version); process.exit(1) }'
+	cd web && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: web
+web: web-deps ## Build the dashboard into internal/controlplane/web/dist (committed; go build embeds it)
+	cd web && npx vite build
+
+.PHONY: web-check
+web-check: web-deps ## Fail if the committed dashboard build is not what web/ builds
+	@rm -rf $(BUILDS)/web-check && cd web && npx vite build --logLevel warn --outDir ../$(BUILDS)/web-check
+	@diff -r $(BUILDS)/web-check internal/controlplane/web/dist >/dev/null || { echo "internal/controlplane/web/dist is stale: run make web and commit it" >&2; exit 1; }
 
 .PHONY: check
 check: fmt-check vet lint test ## fmt + vet + lint + test
@@ -125,8 +144,8 @@ dev-down: ## Stop what make dev left running (pauses running capsules first)
 	scripts/dev.sh down
 
 .PHONY: dev-frontend
-dev-frontend: ## Dashboard with hot reload (the dashboard does not exist yet)
-	@echo "dev-frontend: there is no web dashboard yet; it is the next piece of work" >&2; exit 1
+dev-frontend: web-deps ## Dashboard with hot reload on :5173, calling the API of make dev (WRENN_URL)
+	cd web && npx vite --host 127.0.0.1
 
 .PHONY: dev-envd
 dev-envd: build-envd ## Run envd alone in --dev mode on 127.0.0.1:49983 (ENVD_PORT)

@@ -211,7 +211,7 @@ cat <<EOF
 
   Wrenn is running ($(($(date +%s) - started)) s).
     API          $CP_URL   (OpenAPI: $CP_URL/openapi.yaml)
-    Dashboard    $CP_URL   (the web dashboard is not built yet)
+    Dashboard    $CP_URL   (log in as the admin below; make dev-frontend serves it with hot reload)
     Admin        $ADMIN_EMAIL, password in $pwfile
     CLI          builds/wrenn is signed in (~/.config/wrenn/config.json); try:
                    builds/wrenn sandbox create

@@ -9,6 +9,7 @@ packages=(
 	e2fsprogs debootstrap tini   # guest images without Docker or loop mounts
 	linux-source-6.1 bc bison flex libelf-dev libssl-dev xz-utils  # the guest kernel
 	postgresql                   # the control plane's database (a private cluster, scripts/postgres.sh)
+	chromium                     # the dashboard's browser tests (driven by playwright-core)
 	procps iproute2 ca-certificates curl  # curl: make dev's health checks
 )
 missing=()

@@ -30,6 +30,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/internal/controlplane/web"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
@@ -190,7 +191,7 @@ func serve(cmd string, args []string) error {
 	}
 	agents := &agentclient.Pool{TLS: agentTLS}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
-		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL")})
+		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler()})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
 	go rec.Run(ctx)

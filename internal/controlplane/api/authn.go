@@ -66,6 +66,16 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 		}
 		return &principal{HostID: h.ID, limitKey: "host:" + h.ID}, nil
 	}
+	// Browsers cannot put headers on a WebSocket: a team route's upgrade
+	// may carry a single-use ticket from POST /v1/events/token instead.
+	if t := r.URL.Query().Get("ticket"); t != "" && a == team && r.Header.Get("X-API-Key") == "" && r.Header.Get("Authorization") == "" &&
+		strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		teamID, admin, err := s.st.UseEventTicket(ctx, auth.HashToken(t))
+		if err != nil || admin {
+			return nil, errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used or expired")
+		}
+		return &principal{TeamID: teamID, Name: "dashboard session", limitKey: "team:" + teamID}, nil
+	}
 	if key := r.Header.Get("X-API-Key"); key != "" {
 		if a == user {
 			return nil, forbidden("this endpoint needs a user session (JWT), not an API key")

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -39,6 +40,8 @@ type Config struct {
 	Mailer mail.Sender
 	// PublicURL is where users reach the dashboard (links in mail).
 	PublicURL string
+	// Dashboard, when set, serves every GET outside /v1 (the web app).
+	Dashboard http.Handler
 }
 
 // Server serves the API. Close waits for background work it started.
@@ -229,6 +232,10 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if s.cfg.Dashboard != nil && (r.Method == http.MethodGet || r.Method == http.MethodHead) && !strings.HasPrefix(r.URL.Path, "/v1/") {
+			s.cfg.Dashboard.ServeHTTP(w, r)
+			return
+		}
 		for _, m := range []string{"GET", "POST", "PUT", "PATCH", "DELETE"} {
 			probe := r.Clone(r.Context())
 			probe.Method = m

@@ -1,0 +1,88 @@
+// The dashboard in headless Chromium against a running stack: log in,
+// create a capsule, run `echo hi` in its terminal, upload a file and see it
+// listed, destroy the capsule. Screenshots of the main pages go to
+// $SCREENSHOTS. Run by e2e/dashboard_test.go.
+import { chromium } from 'playwright-core'
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+
+const base = process.env.WRENN_URL
+const shots = process.env.SCREENSHOTS
+mkdirSync(shots, { recursive: true })
+const step = (m) => console.log(`[dashboard] ${m}`)
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+    '--disable-sync', '--no-first-run', '--disable-quic'],
+})
+const page = await browser.newPage({ viewport: { width: 1400, height: 900 } })
+page.setDefaultTimeout(60_000)
+const problems = []
+page.on('pageerror', (e) => problems.push(`page error: ${e.message}`))
+page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`) })
+page.on('dialog', (d) => d.accept())
+page.on('request', (r) => { if (!r.url().startsWith(base) && !r.url().startsWith('ws') && !r.url().startsWith('blob:') && !r.url().startsWith('data:')) problems.push(`outside request: ${r.url()}`) })
+const shot = (name) => page.screenshot({ path: join(shots, `${name}.png`), fullPage: true })
+
+try {
+  await page.goto(base + '/')
+  await page.getByRole('heading', { name: 'Log in' }).waitFor()
+  await shot('login')
+  await page.getByLabel('Email').fill(process.env.WRENN_EMAIL)
+  await page.getByLabel('Password').fill(process.env.WRENN_PASSWORD)
+  await page.getByRole('button', { name: 'Log in' }).click()
+  await page.getByRole('heading', { name: 'Capsules' }).waitFor()
+  step('logged in')
+
+  await page.getByRole('button', { name: 'New capsule' }).click()
+  await page.getByLabel('Memory (MB)').fill('256')
+  await page.getByLabel('Metadata (key=value, comma separated)').fill('from=dashboard')
+  await shot('create-dialog')
+  await page.getByRole('button', { name: 'Create', exact: true }).click()
+  await page.waitForURL(/#\/capsules\/sb-/)
+  const id = page.url().split('/').pop()
+  step(`created ${id}`)
+  await page.getByTitle('running').waitFor({ timeout: 120_000 })
+  await page.getByRole('status').filter({ hasText: 'connected' }).waitFor()
+  await page.getByTestId('terminal').click()
+  await page.keyboard.type('echo hi-from-$((6*7))')
+  await page.keyboard.press('Enter')
+  await page.locator('.xterm-rows').filter({ hasText: 'hi-from-42' }).waitFor()
+  step('terminal answered')
+  await shot('capsule-terminal')
+
+  await page.getByRole('tab', { name: 'Files' }).click()
+  const file = join(shots, 'upload.txt')
+  writeFileSync(file, 'uploaded from the dashboard\n')
+  await page.getByLabel('Upload a file').setInputFiles(file)
+  await page.getByRole('cell', { name: 'upload.txt', exact: true }).waitFor()
+  step('file uploaded and listed')
+  await shot('capsule-files')
+
+  await page.goto(base + '/#/capsules')
+  await page.getByRole('link', { name: id }).waitFor()
+  await shot('capsules')
+  for (const p of ['templates', 'keys', 'team', 'usage', 'audit', 'hosts']) {
+    await page.goto(`${base}/#/${p}`)
+    await page.locator('main h1').waitFor()
+    await page.waitForTimeout(300)
+    await shot(p)
+  }
+
+  await page.goto(`${base}/#/capsules/${id}`)
+  await page.getByRole('button', { name: 'Destroy' }).click()
+  await page.getByRole('heading', { name: 'Capsules' }).waitFor()
+  await page.getByText('No capsules.').waitFor()
+  step('destroyed')
+} catch (e) {
+  await shot('failure').catch(() => {})
+  console.error(`[dashboard] ${e.stack || e}`)
+  process.exitCode = 1
+} finally {
+  await browser.close()
+}
+if (problems.length) {
+  console.error('[dashboard] problems:\n' + problems.join('\n'))
+  process.exitCode = 1
+}
