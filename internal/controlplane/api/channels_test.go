@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
@@ -252,6 +254,18 @@ func TestChannelsAndEvents(t *testing.T) {
 	all := openSSE(t, c.url+"/v1/admin/events/stream?ticket="+tk.Ticket+"&after=0", http.Header{})
 	if f := nextFrame(t, all); f.event != "capsule.created" {
 		t.Fatalf("admin stream: %+v", f)
+	}
+
+	// A ticket also opens a team route's WebSocket (browsers cannot send
+	// headers there), once; without an upgrade it is no credential.
+	c.want(c.do("POST", "/v1/events/token", creds{key: key}, nil), 200).json(t, &tk)
+	c.want(c.do("GET", "/v1/capsules/sb-events000000000001/pty?ticket="+tk.Ticket, creds{}, nil), 401)
+	wsURL := strings.Replace(c.url, "http", "ws", 1) + "/v1/capsules/sb-events000000000001/pty?ticket=" + tk.Ticket
+	if _, resp, err := websocket.Dial(ctx, wsURL, nil); err == nil || resp == nil || resp.StatusCode != 409 {
+		t.Fatalf("ticketed WebSocket should pass authentication and meet the capsule's state (409): %v %v", resp, err)
+	}
+	if _, resp, err := websocket.Dial(ctx, wsURL, nil); err == nil || resp == nil || resp.StatusCode != 401 {
+		t.Fatalf("a used ticket opened a WebSocket: %v %v", resp, err)
 	}
 
 	// Update, rotate, delete.
