@@ -130,6 +130,30 @@ func TestJourneyThroughTheCLI(t *testing.T) {
 		t.Fatalf("capsule from the snapshot: %q", out)
 	}
 
+	// A template build from a recipe file, its log followed to the end.
+	recipe := filepath.Join(t.TempDir(), "recipe.json")
+	if err := os.WriteFile(recipe, []byte(`{"name": "cli-built", "memory_mb": 256, "commands": ["echo building-$((1+1))", "echo v2 > /opt/built"],
+		"healthcheck": {"cmd": "test -s /opt/built"}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("template", "build", "-f", recipe); !strings.Contains(out, "building-2") || !strings.Contains(out, `template "cli-built" is ready`) {
+		t.Fatalf("template build:\n%s", out)
+	}
+	var built struct{ ID string }
+	if err := json.Unmarshal([]byte(c.ok("sandbox", "create", "-t", "cli-built", "--memory", "256", "--json")), &built); err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("exec", built.ID, "--", "cat", "/opt/built"); out != "v2\n" {
+		t.Fatalf("capsule from the built template: %q", out)
+	}
+	c.ok("sandbox", "kill", built.ID)
+	c.ok("template", "delete", "cli-built")
+	broken := filepath.Join(t.TempDir(), "broken.json")
+	_ = os.WriteFile(broken, []byte(`{"name": "x", "commands": []}`), 0o644)
+	if _, errOut, code := c.run("", "template", "build", "-f", broken); code != 1 || !strings.Contains(errOut, "commands") {
+		t.Fatalf("bad recipe: %d %q", code, errOut)
+	}
+
 	// Hosts and keys (the saved sign-in).
 	if out := c.ok("host", "list"); !strings.Contains(out, "online") {
 		t.Fatalf("host list:\n%s", out)
