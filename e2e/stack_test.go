@@ -12,42 +12,24 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
+	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	"github.com/wrenn/wrenn/internal/testutil/pgtest"
 	"github.com/wrenn/wrenn/pkg/wrenn"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-// binaries builds wrenn-cp, wrenn-agent and wrenn once per test run.
+// binaries builds wrenn-cp, wrenn-agent and wrenn once per test run and
+// returns the directory holding them.
 func binaries(t *testing.T) string {
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "wrenn-e2e-bin")
-		if buildErr != nil {
-			return
-		}
-		for _, name := range []string{"wrenn-cp", "wrenn-agent", "wrenn"} {
-			out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, name), "github.com/wrenn/wrenn/cmd/"+name).CombinedOutput()
-			if err != nil {
-				buildErr = fmt.Errorf("build %s: %v\n%s", name, err, out)
-				return
-			}
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	for _, name := range []string{"wrenn-cp", "wrenn-agent", "wrenn"} {
+		gobin.Path(t, name)
 	}
-	return binDir
+	return filepath.Dir(gobin.Path(t, "wrenn"))
 }
 
 // stack is a running control plane and agent with an admin account.

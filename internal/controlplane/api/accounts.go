@@ -150,6 +150,11 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) err
 	if u.Status != "active" {
 		return errf(http.StatusForbidden, "account_inactive", "this account is %s", u.Status)
 	}
+	return s.signIn(w, r, u)
+}
+
+// signIn answers a JWT for the user's first team.
+func (s *Server) signIn(w http.ResponseWriter, r *http.Request, u store.User) error {
 	teams, err := s.st.TeamsForUser(r.Context(), u.ID)
 	if err != nil {
 		return err

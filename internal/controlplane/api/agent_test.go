@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,35 +19,11 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
+	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
-
-var (
-	agentOnce sync.Once
-	agentBin  string
-	agentErr  error
-)
-
-func buildAgent(t *testing.T) string {
-	agentOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "wrenn-cp-agent")
-		if err != nil {
-			agentErr = err
-			return
-		}
-		agentBin = filepath.Join(dir, "wrenn-agent")
-		out, err := exec.Command("go", "build", "-o", agentBin, "github.com/wrenn/wrenn/cmd/wrenn-agent").CombinedOutput()
-		if err != nil {
-			agentErr = fmt.Errorf("build wrenn-agent: %v\n%s", err, out)
-		}
-	})
-	if agentErr != nil {
-		t.Fatal(agentErr)
-	}
-	return agentBin
-}
 
 // agentProc is a real wrenn-agent process under test.
 type agentProc struct {
@@ -85,7 +60,7 @@ func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &agentProc{c: c, bin: buildAgent(t), dir: dir, addr: "127.0.0.1:" + freeport.Get(t), hostID: hostID, extra: extra, log: logf}
+	a := &agentProc{c: c, bin: gobin.Path(t, "wrenn-agent"), dir: dir, addr: "127.0.0.1:" + freeport.Get(t), hostID: hostID, extra: extra, log: logf}
 	t.Cleanup(func() {
 		// A test that failed half way leaves VMs the agent would keep
 		// running after it stops: destroy whatever is still there.

@@ -32,14 +32,11 @@ func channelOut(ch store.Channel) channelJSON {
 		LastError: ch.LastError, LastDeliveredAt: ch.LastDeliveredAt, CreatedAt: ch.CreatedAt, UpdatedAt: ch.UpdatedAt}
 }
 
-func validChannelName(name string) error {
+// validChannel checks a channel's name and event list.
+func validChannel(name string, events []string) error {
 	if n := len(strings.TrimSpace(name)); n == 0 || n > 128 {
 		return badRequest("name must be 1 to 128 characters")
 	}
-	return nil
-}
-
-func validEvents(events []string) error {
 	if len(events) == 0 {
 		return badRequest("events must list at least one of %s", strings.Join(notify.EventNames, ", "))
 	}
@@ -85,10 +82,7 @@ func (s *Server) createChannel(w http.ResponseWriter, r *http.Request, p *princi
 	if err := writeRole(p); err != nil {
 		return err
 	}
-	if err := validChannelName(req.Name); err != nil {
-		return err
-	}
-	if err := validEvents(req.Events); err != nil {
+	if err := validChannel(req.Name, req.Events); err != nil {
 		return err
 	}
 	cfg, err := channelConfig(req.Provider, req.Config)
@@ -159,10 +153,7 @@ func (s *Server) updateChannel(w http.ResponseWriter, r *http.Request, p *princi
 	if err := writeRole(p); err != nil {
 		return err
 	}
-	if err := validChannelName(req.Name); err != nil {
-		return err
-	}
-	if err := validEvents(req.Events); err != nil {
+	if err := validChannel(req.Name, req.Events); err != nil {
 		return err
 	}
 	ch, err := s.st.UpdateChannel(r.Context(), p.TeamID, r.PathValue("id"), strings.TrimSpace(req.Name), req.Events)

@@ -13,7 +13,9 @@ import (
 	"connectrpc.com/connect"
 	"github.com/coder/websocket"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/store"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -218,25 +220,55 @@ func accept(w http.ResponseWriter, r *http.Request) (*websocket.Conn, error) {
 	return conn, nil
 }
 
-func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal) error {
+// session is an accepted WebSocket on a running capsule; its context
+// ends with the request or when cancelled.
+type session struct {
+	sb     store.Sandbox
+	c      agentclient.Client
+	conn   *websocket.Conn
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// openSession checks the capsule runs, then upgrades the request.
+func (s *Server) openSession(w http.ResponseWriter, r *http.Request, p *principal) (*session, error) {
 	sb, c, err := s.running(r, p)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	conn, err := accept(w, r)
 	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(r.Context())
+	return &session{sb: sb, c: c, conn: conn, ctx: ctx, cancel: cancel}, nil
+}
+
+func (ss *session) close() {
+	ss.cancel()
+	ss.conn.CloseNow()
+}
+
+// first reads the client's opening message, which must come within 30 s.
+func (ss *session) first() ([]byte, error) {
+	rctx, rcancel := context.WithTimeout(ss.ctx, 30*time.Second)
+	defer rcancel()
+	_, msg, err := ss.conn.Read(rctx)
+	return msg, err
+}
+
+func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal) error {
+	ss, err := s.openSession(w, r, p)
+	if err != nil {
 		return err
 	}
-	defer conn.CloseNow()
-	ctx, cancel := context.WithCancel(r.Context())
-	defer cancel()
+	defer ss.close()
+	sb, c, conn, ctx, cancel := ss.sb, ss.c, ss.conn, ss.ctx, ss.cancel
 	var start struct {
 		Type string `json:"type"`
 		execRequest
 	}
-	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
-	_, msg, err := conn.Read(rctx)
-	rcancel()
+	msg, err := ss.first()
 	if err != nil {
 		return nil
 	}

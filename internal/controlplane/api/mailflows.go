@@ -83,14 +83,7 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request, _ *principal) 
 		return err
 	}
 	s.audit(r.Context(), &principal{UserID: u.ID, Email: u.Email}, "", "user", u.ID, "user.activate", nil, nil)
-	teams, err := s.st.TeamsForUser(r.Context(), u.ID)
-	if err != nil {
-		return err
-	}
-	if len(teams) == 0 {
-		return errf(http.StatusForbidden, "no_team", "this account belongs to no team")
-	}
-	return s.issue(w, u, teams[0].ID)
+	return s.signIn(w, r, u)
 }
 
 // requestPasswordReset mails a reset link. It answers 204 whether or not

@@ -52,17 +52,12 @@ func validPTYSize(cols, rows uint32) bool {
 // lives in the capsule, not in the socket: a client that drops can come
 // back with {"type":"connect","tag":...}.
 func (s *Server) pty(w http.ResponseWriter, r *http.Request, p *principal) error {
-	sb, c, err := s.running(r, p)
+	ss, err := s.openSession(w, r, p)
 	if err != nil {
 		return err
 	}
-	conn, err := accept(w, r)
-	if err != nil {
-		return err
-	}
-	defer conn.CloseNow()
-	ctx, cancel := context.WithCancel(r.Context())
-	defer cancel()
+	defer ss.close()
+	sb, c, conn, ctx, cancel := ss.sb, ss.c, ss.conn, ss.ctx, ss.cancel
 	send := func(ev ptyEvent) error {
 		b, _ := json.Marshal(ev)
 		wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
@@ -74,9 +69,7 @@ func (s *Server) pty(w http.ResponseWriter, r *http.Request, p *principal) error
 		conn.Close(websocket.StatusPolicyViolation, "terminal session refused")
 	}
 
-	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
-	_, raw, err := conn.Read(rctx)
-	rcancel()
+	raw, err := ss.first()
 	if err != nil {
 		return nil
 	}
