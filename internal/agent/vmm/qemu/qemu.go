@@ -79,6 +79,10 @@ func (d *Driver) args(spec vmm.Spec) []string {
 		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap",
 		"-device", "virtio-blk-device,drive=root",
 		"-device", "virtio-rng-device",
+		// seccomp: no obsolete system calls, no privilege changes, no
+		// scheduler/resource tweaks. spawn stays allowed: snapshots stream
+		// through an exec: migration target.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
 	}
 	if spec.TapDevice != "" {
 		args = append(args,

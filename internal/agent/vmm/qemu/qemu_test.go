@@ -85,6 +85,11 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 		t.Fatalf("%v\nconsole:\n%s", err, console)
 	}
 	t.Logf("booted to envd in %v (%s)", time.Since(start).Round(time.Millisecond), d.Accelerator())
+	// QEMU runs under its seccomp sandbox: no privilege changes, no obsolete calls.
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", inst.PID))
+	if err != nil || !strings.Contains(string(status), "Seccomp:\t2") {
+		t.Fatalf("QEMU is not confined by seccomp (filter mode 2): %v\n%s", err, status)
+	}
 
 	// A process that counts in memory only.
 	client := processconnect.NewProcessClient(http.DefaultClient, url)
