@@ -70,6 +70,20 @@ test: images postgres web-deps ## Build the guest images if needed (cached), sta
 	$(MAKE) --no-print-directory web-check
 	WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_REQUIRE_BROWSER=1 WRENN_TEST_DATABASE_URL="$$(scripts/postgres.sh url)" \
 		WRENN_ARTIFACTS="$(CURDIR)/$(BUILDS)/artifacts" $(GO) test -race -count=1 -timeout 30m ./...
+	$(MAKE) --no-print-directory fuzz
+
+# Fuzz targets: package and function. `make fuzz FUZZTIME=10m` digs longer.
+FUZZ_TARGETS := internal/controlplane/api:FuzzDecodeRequests internal/controlplane/api:FuzzHostRegistration \
+	internal/controlplane/recipe:FuzzParse internal/envd/identity:FuzzResolvePath
+FUZZTIME ?= 10s
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for FUZZTIME (10s each in make test)
+	@mkdir -p $(BUILDS)
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$fn ($$pkg, $(FUZZTIME))"; \
+		$(GO) test ./$$pkg -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) >$(BUILDS)/fuzz.log 2>&1 || { cat $(BUILDS)/fuzz.log; exit 1; }; \
+	done
 
 .PHONY: web-deps
 web-deps: web/node_modules/.installed ## Install the dashboard's npm packages (pinned by web/package-lock.json)

@@ -87,6 +87,10 @@ func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
 			t.Logf("agent log:\n%s", data)
 		}
 	})
+	if c.agentDirs == nil {
+		c.agentDirs = map[string]string{}
+	}
+	c.agentDirs[hostID] = dir
 	a.run("--register", token, "--address", a.addr)
 	a.waitOnline(admin)
 	if _, err := os.Stat(filepath.Join(dir, "host-token")); err != nil {
@@ -305,6 +309,24 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 
 	checkPTY(t, c, key, sb.ID)
 
+	// Paths only ever name files inside the guest: traversal and symlinks
+	// toward the host's secrets find nothing of the host.
+	hostToken := c.hostToken(hostID)
+	c.exec(key, sb.ID, "ln", "-s", "/../../../../../../../../tmp", "/home/user/escape")
+	for _, p := range []string{"/../../../../.." + mustAgentDir(t, c, hostID) + "/host-token", "/home/user/escape/../../../etc/shadow",
+		"/home/user/escape/" + filepath.Base(mustAgentDir(t, c, hostID)) + "/host-token"} {
+		r := c.do("POST", "/v1/capsules/"+sb.ID+"/files/read", creds{key: key}, map[string]string{"path": p})
+		if hostToken != "" && strings.Contains(string(r.body), hostToken) {
+			t.Fatalf("reading %q returned the host's token", p)
+		}
+		if r.status != 404 && r.status != 403 && r.status != 200 {
+			t.Fatalf("reading %q: %d %s", p, r.status, r.body)
+		}
+	}
+	for _, name := range []string{"../../etc", "a/b", ".hidden", strings.Repeat("x", 80)} {
+		c.want(c.do("POST", "/v1/snapshots", creds{key: key}, map[string]string{"sandbox_id": sb.ID, "name": name}), 400)
+	}
+
 	// A background process survives pause and resume, as does memory.
 	var bg struct {
 		PID int    `json:"pid"`
@@ -404,6 +426,15 @@ func TestReconcilerWithARealAgent(t *testing.T) {
 		t.Fatalf("second pass: %v %v", ran, err)
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 202)
+}
+
+// mustAgentDir is the WRENN_DIR of the test's agent for a host.
+func mustAgentDir(t *testing.T, c *cp, hostID string) string {
+	t.Helper()
+	if c.agentDirs == nil || c.agentDirs[hostID] == "" {
+		t.Fatalf("no agent directory known for %s", hostID)
+	}
+	return c.agentDirs[hostID]
 }
 
 // hostToken is the credential the control plane holds for a host.

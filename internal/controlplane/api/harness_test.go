@@ -26,7 +26,8 @@ type cp struct {
 	srv *Server
 	url string
 
-	hostLocked bool // this test holds the host lock (agents change host networking)
+	hostLocked bool              // this test holds the host lock (agents change host networking)
+	agentDirs  map[string]string // host ID -> its test agent's WRENN_DIR
 }
 
 func newCP(t *testing.T) *cp {
