@@ -493,3 +493,74 @@ func TestTimeoutWhileAgentDown(t *testing.T) {
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
 }
+
+// A fork bomb and a memory hog in one capsule disturb neither another
+// capsule nor the agent: each is bounded by its own VM (vCPUs, memory).
+func TestNoisyNeighbour(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	c.startAgent(admin)
+	key := c.apiKey(admin)
+	var noisy, quiet capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &noisy)
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &quiet)
+
+	// As root in the guest, so the guest's own limits for users do not stop them.
+	for _, attack := range []string{
+		"bomb() { bomb | bomb & }; bomb",
+		"head -c 2000000000 /dev/zero | tail > /dev/null",
+	} {
+		c.want(c.do("POST", "/v1/capsules/"+noisy.ID+"/exec", creds{key: key}, map[string]any{"cmd": "/bin/sh", "args": []string{"-c", attack},
+			"user": "root", "background": true}), 202)
+	}
+	time.Sleep(3 * time.Second) // let them take what they can
+	// The attack is real: the noisy VM's vCPU is busy on the host.
+	if busy := vmmCPU(t, noisy.ID, 2*time.Second); busy < 0.5 {
+		t.Fatalf("the noisy capsule's VMM used only %.0f%% of a core; the attack did not run", busy*100)
+	}
+
+	for i := range 3 {
+		start := time.Now()
+		out, code := c.exec(key, quiet.ID, "echo", "still here")
+		if out != "still here\n" || code != 0 {
+			t.Fatalf("the quiet capsule, round %d: %q %d", i, out, code)
+		}
+		t.Logf("quiet capsule answered in %s", time.Since(start).Round(time.Millisecond))
+		var h struct{ Status string }
+		c.want(c.do("GET", "/v1/hosts/"+*mustHost(t, c, quiet.ID), creds{jwt: admin.jwt}, nil), 200).json(t, &h)
+		if h.Status != "online" {
+			t.Fatalf("the host is %s while a neighbour misbehaves", h.Status)
+		}
+	}
+	// The noisy capsule is still under the platform's control.
+	var got capsuleOut
+	c.want(c.do("DELETE", "/v1/capsules/"+noisy.ID, creds{key: key}, nil), 202).json(t, &got)
+	if got.Status != "stopped" {
+		t.Fatalf("destroying the noisy capsule: %+v", got)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+quiet.ID, creds{key: key}, nil), 202)
+}
+
+// vmmCPU measures the share of one core a capsule's QEMU uses over d.
+func vmmCPU(t *testing.T, id string, d time.Duration) float64 {
+	t.Helper()
+	out, err := exec.Command("pgrep", "-f", "qemu-system.*-name "+id).Output()
+	if err != nil {
+		t.Fatalf("no QEMU for %s: %v", id, err)
+	}
+	pid := strings.Fields(string(out))[0]
+	ticks := func() float64 {
+		data, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := strings.Fields(string(data)[strings.LastIndexByte(string(data), ')')+2:])
+		var u, s float64
+		fmt.Sscan(f[11], &u)
+		fmt.Sscan(f[12], &s)
+		return u + s
+	}
+	before := ticks()
+	time.Sleep(d)
+	return (ticks() - before) / 100 / d.Seconds()
+}
