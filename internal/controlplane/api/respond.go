@@ -63,6 +63,9 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	if ae.status >= 500 {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "status", ae.status, "err", err)
 	}
+	if ae.code == "database_unavailable" {
+		w.Header().Set("Retry-After", "2")
+	}
 	body := map[string]any{"code": ae.code, "message": ae.message}
 	for k, v := range ae.extra {
 		body[k] = v
@@ -78,6 +81,8 @@ func (s *Server) classify(ctx context.Context, err error) *apiError {
 		return errf(http.StatusNotFound, "not_found", "not found")
 	case errors.Is(err, store.ErrConflict):
 		return errf(http.StatusConflict, "conflict", "%s", err.Error())
+	case errors.Is(err, store.ErrUnavailable):
+		return errf(http.StatusServiceUnavailable, "database_unavailable", "the database cannot be reached; retry shortly")
 	case errors.Is(err, store.ErrInvalid):
 		return badRequest("a value in the request is not acceptable: %s", err.Error())
 	case errors.As(err, &ce):

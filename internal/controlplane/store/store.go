@@ -7,7 +7,10 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -27,7 +30,26 @@ var (
 	// ErrInvalid means PostgreSQL refused a value (a NUL byte in text, a
 	// number out of range): bad input that got past validation.
 	ErrInvalid = errors.New("invalid value")
+	// ErrUnavailable means PostgreSQL could not be reached or dropped the
+	// connection (a restart, a failover): the request may be retried.
+	ErrUnavailable = errors.New("database unavailable")
 )
+
+// unreachable reports whether err is the database being down or going
+// away rather than a problem with the query.
+func unreachable(err error) bool {
+	var ce *pgconn.ConnectError
+	var oe *net.OpError
+	var pe *pgconn.PgError
+	switch {
+	case errors.As(err, &ce), errors.As(err, &oe), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
+		return true
+	case errors.As(err, &pe):
+		// connection exceptions, and the server shutting down or starting up
+		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03"
+	}
+	return pgconn.SafeToRetry(err) || strings.Contains(err.Error(), "conn closed")
+}
 
 // Store wraps a connection pool.
 type Store struct {
@@ -149,6 +171,9 @@ func mapErr(err error, what string) error {
 	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("%s: %w", what, ErrNotFound)
+	}
+	if unreachable(err) {
+		return fmt.Errorf("%s: %w: %v", what, ErrUnavailable, err)
 	}
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) {
