@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"net/http"
 	"os"
 	"os/exec"
@@ -11,8 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
 // privateCluster is a PostgreSQL cluster of the test's own, which it may
@@ -136,4 +141,74 @@ func TestPostgresRestartDuringTraffic(t *testing.T) {
 	// What was written before is still there.
 	c.want(c.do("GET", "/v1/api-keys", creds{jwt: a.jwt}, nil), 200)
 	c.want(c.do("POST", "/v1/auth/login", creds{}, map[string]string{"email": "restart@example.com", "password": "correct horse"}), 200)
+}
+
+// The agent is killed (SIGKILL) while a capsule boots: the create ends
+// cleanly with a reason, the restarted agent clears the half-made VM, and
+// after a reconcile pass the database and the host agree, with no VM left
+// that nobody owns.
+func TestAgentKilledDuringCreate(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	a := c.startAgentProc(admin)
+	key := c.apiKey(admin)
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules", creds{key: key}, map[string]any{"memory_mb": 256}), 202).json(t, &sb)
+	time.Sleep(700 * time.Millisecond) // QEMU is starting; the guest is not up yet
+	_ = a.cmd.Process.Kill()
+	_ = a.cmd.Wait()
+
+	// The create answers for itself: error with a reason (or running, had it finished).
+	deadline := time.Now().Add(time.Minute)
+	var got struct {
+		Status       string `json:"status"`
+		StatusReason string `json:"status_reason"`
+	}
+	for {
+		c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+		if got.Status != "starting" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the capsule stayed starting after its agent died")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("after the kill: %s (%s)", got.Status, got.StatusReason)
+	if got.Status == "error" && got.StatusReason == "" {
+		t.Fatal("a failed create must say why")
+	}
+
+	a.restart(admin)
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
+	for range 2 {
+		if _, err := rec.Pass(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+	list, err := c.srv.agents.Get(a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	onHost := map[string]string{}
+	for _, s := range list.Msg.GetSandboxes() {
+		onHost[s.GetId()] = s.GetState().String()
+	}
+	switch got.Status {
+	case "running":
+		if _, ok := onHost[sb.ID]; !ok {
+			t.Fatalf("the database says running, the host has nothing: %v", onHost)
+		}
+	default:
+		if len(onHost) != 0 {
+			t.Fatalf("the database says %s, the host still has %v", got.Status, onHost)
+		}
+		if out, _ := exec.Command("pgrep", "-f", "qemu-system.*-name "+sb.ID).Output(); len(out) > 0 {
+			t.Fatalf("a QEMU of the failed create is still running: %s", out)
+		}
+	}
+	if got.Status == "running" {
+		c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	}
 }
