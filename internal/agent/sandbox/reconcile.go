@@ -56,6 +56,11 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		}
 		switch {
 		case rec.State == Running && m.cfg.Driver.Alive(rec.Spec, rec.VMM):
+			// A pause cut short by the agent's death may have stopped the
+			// vCPUs: make sure the adopted VM runs.
+			if err := m.cfg.Driver.Thaw(ctx, rec.Spec, rec.VMM); err != nil {
+				m.log.Warn("could not make sure the adopted sandbox runs", "sandbox", rec.ID, "error", err)
+			}
 			m.adopt(rec)
 			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
 		case rec.State == Paused:
@@ -64,6 +69,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				_ = m.teardown(ctx, rec)
 				continue
 			}
+			// A resume cut short may have left a VMM restoring: the
+			// snapshot is the truth, so that VMM goes.
+			m.killVMMsUnder(dir)
 			m.adopt(rec)
 			m.log.Info("kept paused sandbox", "sandbox", rec.ID)
 		default:
@@ -133,6 +141,13 @@ func (m *Manager) killVMMsUnder(dir string) {
 		}
 		m.log.Warn("killing orphan VMM", "pid", pid, "dir", dir)
 		_ = syscall.Kill(pid, syscall.SIGKILL)
+		// Wait for it to go, so its sockets and TAP are free for the next VMM.
+		for range 50 {
+			if _, err := os.Stat("/proc/" + p.Name()); err != nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }
 

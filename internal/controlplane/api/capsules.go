@@ -306,7 +306,10 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		}
 	}
 	msg := "no host could start the capsule"
-	if lastErr != nil {
+	switch {
+	case connect.CodeOf(lastErr) == connect.CodeUnavailable && !neverSent(lastErr):
+		msg = fmt.Sprintf("the agent on host %s stopped answering while it started the capsule (%v)", hostID, lastErr)
+	case lastErr != nil:
 		msg = lastErr.Error()
 	}
 	s.log.Error("capsule create failed", "capsule", sb.ID, "err", msg)

@@ -212,3 +212,62 @@ func TestAgentKilledDuringCreate(t *testing.T) {
 		c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
 	}
 }
+
+// The agent is killed during a pause and during a resume: each call fails
+// with a clear error, and once the agent is back the capsule settles into
+// a state the host agrees with and can be used (resumed, or run commands).
+func TestAgentKilledDuringPauseAndResume(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	a := c.startAgentProc(admin)
+	key := c.apiKey(admin)
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &sb)
+	c.exec(key, sb.ID, "/bin/sh", "-c", "echo kept > /home/user/mark")
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log, StuckAfter: time.Millisecond}
+	status := func() string {
+		var got capsuleOut
+		c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+		return got.Status
+	}
+	// usable brings the capsule back to running whatever state it settled in.
+	usable := func(when string) {
+		t.Helper()
+		for range 3 {
+			if _, err := rec.Pass(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		switch st := status(); st {
+		case "paused":
+			c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/resume", creds{key: key}, nil), 202)
+		case "running":
+		default:
+			t.Fatalf("%s: the capsule settled as %s", when, st)
+		}
+		if out, _ := c.exec(key, sb.ID, "cat", "/home/user/mark"); out != "kept\n" {
+			t.Fatalf("%s: the capsule lost its file: %q", when, out)
+		}
+	}
+	for _, op := range []string{"pause", "resume"} {
+		if op == "resume" {
+			c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/pause", creds{key: key}, nil), 202)
+		}
+		done := make(chan response, 1)
+		go func() { done <- c.do("POST", "/v1/capsules/"+sb.ID+"/"+op, creds{key: key}, nil) }()
+		time.Sleep(40 * time.Millisecond)
+		_ = a.cmd.Process.Kill()
+		_ = a.cmd.Wait()
+		r := <-done
+		t.Logf("%s with the agent killed: %d %s", op, r.status, r.body)
+		if r.status != 202 {
+			if r.status < 400 || r.status == 500 {
+				t.Fatalf("%s: %d %s", op, r.status, r.body)
+			}
+			r.errorCode(t)
+		}
+		a.restart(admin)
+		usable("after a killed " + op)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+}
