@@ -85,6 +85,10 @@ fuzz: ## Run every fuzz target for FUZZTIME (10s each in make test)
 		$(GO) test ./$$pkg -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) >$(BUILDS)/fuzz.log 2>&1 || { cat $(BUILDS)/fuzz.log; exit 1; }; \
 	done
 
+.PHONY: chaos
+chaos: images postgres ## Fault-injection tests and a soak (WRENN_SOAK, default 5m); prints what was survived
+	scripts/chaos.sh
+
 .PHONY: web-deps
 web-deps: web/node_modules/.installed ## Install the dashboard's npm packages (pinned by web/package-lock.json)
 

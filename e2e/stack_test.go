@@ -42,6 +42,8 @@ type stack struct {
 	token    string // the admin's JWT
 	email    string
 	password string
+	cp       *exec.Cmd
+	agent    *exec.Cmd
 }
 
 // process runs a binary until the test ends, logging into a file that is
@@ -90,7 +92,7 @@ func startStack(t *testing.T) *stack {
 	work := t.TempDir()
 	cpAddr := "127.0.0.1:" + freeport.Get(t)
 	s := &stack{t: t, url: "http://" + cpAddr, agentDir: agentDir, bin: bin, email: "admin@example.com", password: "a long password"}
-	process(t, filepath.Join(bin, "wrenn-cp"), filepath.Join(work, "cp.log"), []string{
+	s.cp = process(t, filepath.Join(bin, "wrenn-cp"), filepath.Join(work, "cp.log"), []string{
 		"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
 		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET="})
 	s.waitHTTP(s.url + "/healthz")
@@ -121,7 +123,7 @@ func startStack(t *testing.T) *stack {
 	agentAddr := "127.0.0.1:" + freeport.Get(t)
 	// Runs after the agent stops: a failed test must not leave VMs running.
 	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+agentDir).Run() })
-	process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
+	s.agent = process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
 		"--listen", agentAddr, "--proxy-listen", "off", "--dir", agentDir, "--register", regToken, "--address", agentAddr,
 		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", "2001-3000")
 	deadline := time.Now().Add(time.Minute)

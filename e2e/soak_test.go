@@ -1,0 +1,131 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/pkg/wrenn"
+)
+
+// usage is what the soak test watches for leaks.
+type usage struct {
+	CPRSSMiB, AgentRSSMiB float64
+	CPFDs, AgentFDs       int
+	DirMiB                float64 // $WRENN_DIR, following nothing (images are symlinks)
+	Namespaces, VMs       int
+}
+
+func measure(t *testing.T, s *stack) usage {
+	rss := func(pid int) float64 {
+		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		for _, line := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+				kb, _ := strconv.ParseFloat(f[1], 64)
+				return kb / 1024
+			}
+		}
+		return 0
+	}
+	fds := func(pid int) int {
+		entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		return len(entries)
+	}
+	u := usage{CPRSSMiB: rss(s.cp.Process.Pid), AgentRSSMiB: rss(s.agent.Process.Pid), CPFDs: fds(s.cp.Process.Pid), AgentFDs: fds(s.agent.Process.Pid)}
+	out, _ := exec.Command("du", "-sk", "-P", s.agentDir).Output()
+	if f := strings.Fields(string(out)); len(f) > 0 {
+		kb, _ := strconv.ParseFloat(f[0], 64)
+		u.DirMiB = kb / 1024
+	}
+	ns, _ := exec.Command("ip", "netns", "list").Output()
+	for _, line := range strings.Split(string(ns), "\n") {
+		var slot int
+		if _, err := fmt.Sscanf(line, "wrenn-%d", &slot); err == nil && slot >= 2001 && slot <= 3000 {
+			u.Namespaces++
+		}
+	}
+	ps, _ := exec.Command("pgrep", "-f", "qemu-system.*"+s.agentDir).Output()
+	u.VMs = len(strings.Fields(string(ps)))
+	return u
+}
+
+// Capsules are created, used and destroyed in a loop for a bounded time
+// (WRENN_SOAK, default 45s): the control plane's and agent's memory and
+// file descriptors and the host's disk, namespaces and VMs stay flat.
+// The figures go to $WRENN_ARTIFACTS/soak.json.
+func TestSoak(t *testing.T) {
+	d := 45 * time.Second
+	if v := os.Getenv("WRENN_SOAK"); v != "" {
+		var err error
+		if d, err = time.ParseDuration(v); err != nil {
+			t.Fatalf("WRENN_SOAK: %v", err)
+		}
+	}
+	s := startStack(t)
+	c := s.client()
+	ctx := context.Background()
+	cycle := func(i int) error {
+		sb, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Wait: true})
+		if err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+		res, err := c.Exec(ctx, sb.ID, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", fmt.Sprintf("echo %d > /tmp/n; cat /tmp/n", i)}})
+		if err != nil || string(res.Stdout) != fmt.Sprintf("%d\n", i) {
+			return fmt.Errorf("exec: %q %v", res.Stdout, err)
+		}
+		if _, err := c.DestroyCapsule(ctx, sb.ID); err != nil {
+			return fmt.Errorf("destroy: %w", err)
+		}
+		return nil
+	}
+	// Warm up (first allocations, caches), then take the baseline.
+	for i := range 2 {
+		if err := cycle(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.nothingLeft()
+	before := measure(t, s)
+	start := time.Now()
+	cycles, failed := 0, 0
+	for time.Since(start) < d {
+		if err := cycle(cycles); err != nil {
+			failed++
+			t.Errorf("cycle %d: %v", cycles, err)
+		}
+		cycles++
+	}
+	s.nothingLeft()
+	time.Sleep(2 * time.Second) // let connections and goroutines of the last cycle close
+	after := measure(t, s)
+	report := map[string]any{"seconds": time.Since(start).Seconds(), "cycles": cycles, "failed": failed, "before": before, "after": after}
+	data, _ := json.MarshalIndent(report, "", "  ")
+	t.Logf("soak: %s", data)
+	if dir := os.Getenv("WRENN_ARTIFACTS"); dir != "" {
+		_ = os.MkdirAll(dir, 0o755)
+		_ = os.WriteFile(filepath.Join(dir, "soak.json"), data, 0o644)
+	}
+	if cycles < 3 {
+		t.Fatalf("only %d cycles ran", cycles)
+	}
+	grew := func(name string, b, a, slack float64) {
+		if a > b+slack {
+			t.Errorf("%s grew from %.1f to %.1f over %d cycles", name, b, a, cycles)
+		}
+	}
+	grew("control plane RSS (MiB)", before.CPRSSMiB, after.CPRSSMiB, 16+before.CPRSSMiB/4)
+	grew("agent RSS (MiB)", before.AgentRSSMiB, after.AgentRSSMiB, 16+before.AgentRSSMiB/4)
+	grew("control plane file descriptors", float64(before.CPFDs), float64(after.CPFDs), 8)
+	grew("agent file descriptors", float64(before.AgentFDs), float64(after.AgentFDs), 8)
+	grew("WRENN_DIR (MiB)", before.DirMiB, after.DirMiB, 2)
+	if after.Namespaces != 0 || after.VMs != 0 {
+		t.Errorf("left after the loop: %d namespaces, %d VMs", after.Namespaces, after.VMs)
+	}
+}
