@@ -129,3 +129,50 @@ func TestSoak(t *testing.T) {
 		t.Errorf("left after the loop: %d namespaces, %d VMs", after.Namespaces, after.VMs)
 	}
 }
+
+// The control plane restarts (a deploy) while a client follows a command's
+// output: the client is told the stream ended early, the capsule keeps
+// running on its host, and after the restart everything works as before.
+func TestControlPlaneRestartDuringExecStream(t *testing.T) {
+	s := startStack(t)
+	c := s.client()
+	ctx := context.Background()
+	sb, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Wait: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 100)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.ExecStream(ctx, sb.ID, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", "for i in $(seq 1 300); do echo line $i; sleep 0.1; done"}},
+			func(_ string, data []byte) { lines <- string(data) })
+		done <- err
+	}()
+	select {
+	case <-lines:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no output before the restart")
+	}
+	start := time.Now()
+	s.restartCP()
+	t.Logf("control plane back in %s", time.Since(start).Round(time.Millisecond))
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "ended before the command did") {
+			t.Fatalf("the client was not told the stream broke: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stream hung across the restart")
+	}
+	cur, err := c.GetCapsule(ctx, sb.ID)
+	if err != nil || cur.Status != "running" {
+		t.Fatalf("after the restart: %+v %v", cur, err)
+	}
+	if res, err := c.Exec(ctx, sb.ID, wrenn.ExecParams{Cmd: "echo", Args: []string{"after"}}); err != nil || string(res.Stdout) != "after\n" {
+		t.Fatalf("exec after the restart: %q %v", res.Stdout, err)
+	}
+	if _, err := c.DestroyCapsule(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.nothingLeft()
+}

@@ -44,6 +44,17 @@ type stack struct {
 	password string
 	cp       *exec.Cmd
 	agent    *exec.Cmd
+	cpEnv    []string
+	cpLog    string
+}
+
+// restartCP stops the control plane (SIGTERM, as a deploy would) and
+// starts it again on the same address and database.
+func (s *stack) restartCP() {
+	_ = s.cp.Process.Signal(os.Interrupt)
+	_ = s.cp.Wait()
+	s.cp = process(s.t, filepath.Join(s.bin, "wrenn-cp"), s.cpLog+".2", s.cpEnv)
+	s.waitHTTP(s.url + "/healthz")
 }
 
 // process runs a binary until the test ends, logging into a file that is
@@ -92,9 +103,10 @@ func startStack(t *testing.T) *stack {
 	work := t.TempDir()
 	cpAddr := "127.0.0.1:" + freeport.Get(t)
 	s := &stack{t: t, url: "http://" + cpAddr, agentDir: agentDir, bin: bin, email: "admin@example.com", password: "a long password"}
-	s.cp = process(t, filepath.Join(bin, "wrenn-cp"), filepath.Join(work, "cp.log"), []string{
-		"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
-		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET="})
+	s.cpEnv = []string{"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
+		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET="}
+	s.cpLog = filepath.Join(work, "cp.log")
+	s.cp = process(t, filepath.Join(bin, "wrenn-cp"), s.cpLog, s.cpEnv)
 	s.waitHTTP(s.url + "/healthz")
 
 	ctx := context.Background()

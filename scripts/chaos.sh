@@ -15,6 +15,7 @@ faults=(
 	"internal/controlplane/api TestAgentKilledDuringPauseAndResume agent killed during pause and resume"
 	"internal/controlplane/api TestTimeoutWhileAgentDown capsule timeout passes while its agent is down"
 	"internal/controlplane/api TestNoisyNeighbour fork bomb and memory hog next to another capsule"
+	"e2e TestControlPlaneRestartDuringExecStream control plane restarted during an exec stream"
 	"e2e TestSoak soak: create, exec, destroy for $WRENN_SOAK"
 )
 rows=()
