@@ -189,11 +189,11 @@ pwfile=$DEV_DIR/admin-password
 if [ ! -s "$pwfile" ]; then
 	(umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$pwfile")
 fi
-export WRENN_PASSWORD
-WRENN_PASSWORD=$(cat "$pwfile")
-if ! wrenn login --email "$ADMIN_EMAIL" >/dev/null 2>&1; then
-	WRENN_ADMIN_PASSWORD=$WRENN_PASSWORD "$BUILDS/wrenn-cp" admin create --email "$ADMIN_EMAIL" --name Admin
-	wrenn login --email "$ADMIN_EMAIL"
+# The password reaches only the commands that need it, not the servers' environment.
+admin_pw=$(cat "$pwfile")
+if ! WRENN_PASSWORD=$admin_pw wrenn login --email "$ADMIN_EMAIL" >/dev/null 2>&1; then
+	WRENN_ADMIN_PASSWORD=$admin_pw "$BUILDS/wrenn-cp" admin create --email "$ADMIN_EMAIL" --name Admin
+	WRENN_PASSWORD=$admin_pw wrenn login --email "$ADMIN_EMAIL"
 fi
 
 say "5/6 agent"
