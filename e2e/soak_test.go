@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/pkg/wrenn"
 )
 
@@ -24,16 +25,7 @@ type usage struct {
 }
 
 func measure(t *testing.T, s *stack) usage {
-	rss := func(pid int) float64 {
-		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		for _, line := range strings.Split(string(data), "\n") {
-			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-				kb, _ := strconv.ParseFloat(f[1], 64)
-				return kb / 1024
-			}
-		}
-		return 0
-	}
+	rss := func(pid int) float64 { return float64(procfs.RSS(pid)) / (1 << 20) }
 	fds := func(pid int) int {
 		entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 		return len(entries)
@@ -44,15 +36,7 @@ func measure(t *testing.T, s *stack) usage {
 		kb, _ := strconv.ParseFloat(f[0], 64)
 		u.DirMiB = kb / 1024
 	}
-	ns, _ := exec.Command("ip", "netns", "list").Output()
-	for _, line := range strings.Split(string(ns), "\n") {
-		var slot int
-		if _, err := fmt.Sscanf(line, "wrenn-%d", &slot); err == nil && slot >= 2001 && slot <= 3000 {
-			u.Namespaces++
-		}
-	}
-	ps, _ := exec.Command("pgrep", "-f", "qemu-system.*"+s.agentDir).Output()
-	u.VMs = len(strings.Fields(string(ps)))
+	u.Namespaces, u.VMs = len(s.namespaces()), len(s.vms())
 	return u
 }
 

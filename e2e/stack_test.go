@@ -4,7 +4,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -31,6 +30,9 @@ func binaries(t *testing.T) string {
 	}
 	return filepath.Dir(gobin.Path(t, "wrenn"))
 }
+
+// The stack's agent uses its own network slots, apart from other tests'.
+const firstSlot, lastSlot = 2001, 3000
 
 // stack is a running control plane and agent with an admin account.
 type stack struct {
@@ -137,7 +139,7 @@ func startStack(t *testing.T) *stack {
 	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+agentDir).Run() })
 	s.agent = process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
 		"--listen", agentAddr, "--proxy-listen", "off", "--dir", agentDir, "--register", regToken, "--address", agentAddr,
-		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", "2001-3000")
+		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", fmt.Sprintf("%d-%d", firstSlot, lastSlot))
 	deadline := time.Now().Add(time.Minute)
 	for {
 		hs, err := user.ListHosts(ctx)
@@ -189,16 +191,11 @@ func (s *stack) nothingLeft() {
 		for _, e := range entries {
 			left = append(left, "sandbox dir "+e.Name())
 		}
-		out, _ := exec.Command("ip", "netns", "list").Output()
-		for _, line := range strings.Split(string(out), "\n") {
-			var slot int
-			if _, err := fmt.Sscanf(line, "wrenn-%d", &slot); err == nil && slot >= 2001 && slot <= 3000 {
-				left = append(left, "netns "+strings.Fields(line)[0])
-			}
+		for _, ns := range s.namespaces() {
+			left = append(left, "netns "+ns)
 		}
-		ps, _ := exec.Command("pgrep", "-af", "qemu-system.*"+s.agentDir).Output()
-		if len(bytes.TrimSpace(ps)) > 0 {
-			left = append(left, "qemu: "+string(ps))
+		for _, vm := range s.vms() {
+			left = append(left, "qemu: "+vm)
 		}
 		if len(left) == 0 {
 			return
@@ -208,4 +205,29 @@ func (s *stack) nothingLeft() {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// namespaces lists the network namespaces of the stack's agent's slots.
+func (s *stack) namespaces() []string {
+	var out []string
+	list, _ := exec.Command("ip", "netns", "list").Output()
+	for _, line := range strings.Split(string(list), "\n") {
+		var slot int
+		if _, err := fmt.Sscanf(line, "wrenn-%d", &slot); err == nil && slot >= firstSlot && slot <= lastSlot {
+			out = append(out, strings.Fields(line)[0])
+		}
+	}
+	return out
+}
+
+// vms lists the QEMU processes of the stack's agent (PID and command line).
+func (s *stack) vms() []string {
+	ps, _ := exec.Command("pgrep", "-af", "qemu-system.*"+s.agentDir).Output()
+	var out []string
+	for _, line := range strings.Split(strings.TrimSpace(string(ps)), "\n") {
+		if line != "" {
+			out = append(out, line)
+		}
+	}
+	return out
 }

@@ -1,5 +1,5 @@
 // Package procfs reads the few /proc figures Wrenn reports: a process's
-// resident memory and the host's memory.
+// resident memory and CPU time, and the host's memory.
 package procfs
 
 import (
@@ -40,4 +40,22 @@ func RSS(pid int) int64 {
 		return 0
 	}
 	return n
+}
+
+// CPUTicks returns the CPU time a process has used, user plus system, in
+// clock ticks (1/100 s on Linux); 0 if it is gone.
+func CPUTicks(pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name may hold spaces; fields are counted after its ')'.
+	s := string(data)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 13 {
+		return 0
+	}
+	user, _ := strconv.ParseInt(f[11], 10, 64)
+	system, _ := strconv.ParseInt(f[12], 10, 64)
+	return user + system
 }

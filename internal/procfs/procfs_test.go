@@ -3,6 +3,7 @@ package procfs
 import (
 	"os"
 	"testing"
+	"time"
 )
 
 func TestFigures(t *testing.T) {
@@ -19,6 +20,16 @@ func TestFigures(t *testing.T) {
 	}
 	if rss := RSS(os.Getpid()); rss < 1<<20 {
 		t.Fatalf("own RSS %d", rss)
+	}
+	// CPU time grows while the process computes.
+	before, deadline := CPUTicks(os.Getpid()), time.Now().Add(5*time.Second)
+	for CPUTicks(os.Getpid()) <= before {
+		if time.Now().After(deadline) {
+			t.Fatalf("CPU time stayed at %d ticks while busy", before)
+		}
+	}
+	if CPUTicks(1<<30) != 0 {
+		t.Fatal("CPU time of no process")
 	}
 	if RSS(0) != 0 || RSS(1<<30) != 0 {
 		t.Fatal("RSS of no process")

@@ -11,7 +11,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -175,16 +174,7 @@ func idleCost(ctx context.Context, m *sandbox.Manager, cfg Config) ([]bench.Resu
 func cpuTicks(pids []int) int64 {
 	var total int64
 	for _, p := range pids {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(data)[strings.LastIndexByte(string(data), ')')+2:])
-		if len(f) > 12 {
-			u, _ := strconv.ParseInt(f[11], 10, 64) // utime
-			s, _ := strconv.ParseInt(f[12], 10, 64) // stime
-			total += u + s
-		}
+		total += procfs.CPUTicks(p)
 	}
 	return total
 }

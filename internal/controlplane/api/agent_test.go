@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
@@ -548,18 +550,8 @@ func vmmCPU(t *testing.T, id string, d time.Duration) float64 {
 	if err != nil {
 		t.Fatalf("no QEMU for %s: %v", id, err)
 	}
-	pid := strings.Fields(string(out))[0]
-	ticks := func() float64 {
-		data, err := os.ReadFile("/proc/" + pid + "/stat")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := strings.Fields(string(data)[strings.LastIndexByte(string(data), ')')+2:])
-		var u, s float64
-		fmt.Sscan(f[11], &u)
-		fmt.Sscan(f[12], &s)
-		return u + s
-	}
+	pid, _ := strconv.Atoi(strings.Fields(string(out))[0])
+	ticks := func() float64 { return float64(procfs.CPUTicks(pid)) }
 	before := ticks()
 	time.Sleep(d)
 	return (ticks() - before) / 100 / d.Seconds()

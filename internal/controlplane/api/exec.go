@@ -160,8 +160,9 @@ func outputEvent(typ string, b []byte) streamEvent {
 	return streamEvent{Type: typ, Data: base64.StdEncoding.EncodeToString(b), Encoding: "base64"}
 }
 
-func wsWrite(ctx context.Context, conn *websocket.Conn, ev streamEvent) error {
-	b, _ := json.Marshal(ev)
+// wsWrite sends one JSON message, giving a stalled client 30 s.
+func wsWrite(ctx context.Context, conn *websocket.Conn, msg any) error {
+	b, _ := json.Marshal(msg)
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	return conn.Write(wctx, websocket.MessageText, b)

@@ -58,12 +58,7 @@ func (s *Server) pty(w http.ResponseWriter, r *http.Request, p *principal) error
 	}
 	defer ss.close()
 	sb, c, conn, ctx, cancel := ss.sb, ss.c, ss.conn, ss.ctx, ss.cancel
-	send := func(ev ptyEvent) error {
-		b, _ := json.Marshal(ev)
-		wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
-		defer wcancel()
-		return conn.Write(wctx, websocket.MessageText, b)
-	}
+	send := func(ev ptyEvent) error { return wsWrite(ctx, conn, ev) }
 	fail := func(msg string) {
 		_ = send(ptyEvent{Type: "error", Data: msg, Fatal: true})
 		conn.Close(websocket.StatusPolicyViolation, "terminal session refused")
