@@ -81,6 +81,7 @@ func run() error {
 	address := fs.String("address", envOr("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
 	cpURL := fs.String("cp-url", envOr("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
 	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
+	minFree := fs.Int("min-free-mib", envInt("WRENN_MIN_FREE_MIB", sandbox.DefaultMinFreeMiB), "disk space under --dir that creates, pauses and resumes leave free; they are refused with a clear error rather than fill the disk (WRENN_MIN_FREE_MIB)")
 	slots := fs.String("slots", envOr("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -144,6 +145,7 @@ func run() error {
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
+		MinFreeMiB: *minFree,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return err

@@ -57,6 +57,8 @@ type agent struct {
 	cmd    *exec.Cmd
 	client hostagentv1connect.HostAgentServiceClient
 	log    *os.File
+	// logPath is outside dir, so the log still tells when dir is full.
+	logPath string
 }
 
 // newAgent prepares a WRENN_DIR that shares the built kernel and images
@@ -69,12 +71,17 @@ func newAgent(t *testing.T, extraArgs ...string) *agent {
 // newAgentWith starts an agent that tests reach with hc over scheme.
 func newAgentWith(t *testing.T, hc *http.Client, scheme string, extraArgs ...string) *agent {
 	t.Helper()
-	dir := guestimages.AgentDir(t)
+	return newAgentIn(t, guestimages.AgentDir(t), hc, scheme, extraArgs...)
+}
+
+// newAgentIn starts an agent on a WRENN_DIR the test prepared.
+func newAgentIn(t *testing.T, dir string, hc *http.Client, scheme string, extraArgs ...string) *agent {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
 	hostlock.Take(t)
-	a := &agent{t: t, dir: dir, addr: "127.0.0.1:" + freeport.Get(t), proxy: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
+	a := &agent{t: t, dir: dir, logPath: filepath.Join(t.TempDir(), "agent.log"), addr: "127.0.0.1:" + freeport.Get(t), proxy: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
 	a.start()
 	t.Cleanup(func() {
 		a.stop()
@@ -86,8 +93,7 @@ func newAgentWith(t *testing.T, hc *http.Client, scheme string, extraArgs ...str
 
 func (a *agent) start() {
 	t := a.t
-	logPath := filepath.Join(a.dir, "agent.log")
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := os.OpenFile(a.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +138,7 @@ func (a *agent) kill() {
 }
 
 func (a *agent) logTail() string {
-	data, _ := os.ReadFile(filepath.Join(a.dir, "agent.log"))
+	data, _ := os.ReadFile(a.logPath)
 	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
 	if len(lines) > 40 {
 		lines = lines[len(lines)-40:]

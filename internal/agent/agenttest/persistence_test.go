@@ -1,8 +1,11 @@
 package agenttest
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -100,6 +103,20 @@ func TestAgentRestartAdoptsRunningAndKeepsPaused(t *testing.T) {
 	}
 
 	a.kill() // kill -9: no chance to clean up
+	// As if the agent had died between writing the snapshot and saving the
+	// record (or the disk was full for the record): the record says running.
+	recPath := filepath.Join(a.dir, "sandboxes", paused.GetId(), "sandbox.json")
+	rec, err := os.ReadFile(recPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost := bytes.Replace(rec, []byte(`"state": "paused"`), []byte(`"state": "running"`), 1)
+	if bytes.Equal(lost, rec) {
+		t.Fatalf("no paused state in the record:\n%s", rec)
+	}
+	if err := os.WriteFile(recPath, lost, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	a.start()
 
 	list, err := a.client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))

@@ -59,6 +59,9 @@ type Config struct {
 	BootTimeout    time.Duration // VMM start to envd ready
 	HostMemoryMiB  int           // capacity for running sandboxes
 	ReapInterval   time.Duration
+	// MinFreeMiB is the disk space under WrennDir that creates, pauses and
+	// resumes leave free (DefaultMinFreeMiB when 0; see needSpace).
+	MinFreeMiB int
 	// Slots this agent may use (default all); see network.SlotRange.
 	Slots network.SlotRange
 }
@@ -106,6 +109,9 @@ func New(cfg Config) *Manager {
 	if cfg.ReapInterval == 0 {
 		cfg.ReapInterval = 2 * time.Second
 	}
+	if cfg.MinFreeMiB == 0 {
+		cfg.MinFreeMiB = DefaultMinFreeMiB
+	}
 	if cfg.Slots == (network.SlotRange{}) {
 		cfg.Slots = network.AllSlots
 	}
@@ -119,6 +125,14 @@ func New(cfg Config) *Manager {
 func (m *Manager) sandboxDir(id string) string { return filepath.Join(m.cfg.WrennDir, "sandboxes", id) }
 func (m *Manager) snapshotDir(id string) string {
 	return filepath.Join(m.cfg.WrennDir, "snapshots", id)
+}
+
+// snapshotDone marks a snapshot the driver finished writing.
+const snapshotDone = "complete"
+
+func (m *Manager) hasSnapshot(id string) bool {
+	_, err := os.Stat(filepath.Join(m.snapshotDir(id), snapshotDone))
+	return err == nil
 }
 
 // CreateParams is a request for a new sandbox.
@@ -274,6 +288,10 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	if err := m.validate(&p); err != nil {
 		return Record{}, err
 	}
+	// Room to pause it later is part of what a sandbox needs.
+	if err := m.needSpace("a new sandbox", p.MemoryMiB); err != nil {
+		return Record{}, err
+	}
 	e, err := m.reserve(p)
 	if err != nil {
 		return Record{}, err
@@ -282,6 +300,7 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	start := time.Now()
 	rec, err := m.create(ctx, e)
 	if err != nil {
+		err = noSpace(err)
 		m.log.Warn("create failed; undone", "sandbox", p.ID, "error", err)
 		m.forget(p.ID, e.rec.Net.Slot)
 		return Record{}, err
@@ -459,6 +478,10 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 	default:
 		return Record{}, fmt.Errorf("%w: %s is %s", ErrWrongState, rec.ID, rec.State)
 	}
+	// The memory snapshot is at most the guest's memory.
+	if err := m.needSpace("pausing "+rec.ID, rec.MemoryMiB); err != nil {
+		return Record{}, err
+	}
 	start := time.Now()
 	c := m.client(e)
 	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -467,12 +490,18 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 	}
 	cancel()
 	if err := m.cfg.Driver.Snapshot(ctx, rec.Spec, rec.VMM, m.snapshotDir(rec.ID)); err != nil {
-		return Record{}, fmt.Errorf("pause %s: %w", rec.ID, err)
+		return Record{}, noSpace(fmt.Errorf("pause %s: %w", rec.ID, err))
+	}
+	if err := os.WriteFile(filepath.Join(m.snapshotDir(rec.ID), snapshotDone), nil, 0o600); err != nil {
+		m.log.Warn("could not mark the snapshot complete", "sandbox", rec.ID, "error", err)
 	}
 	c.Close() // connections into the stopped VM are dead; dial afresh after resume
 	rec.State, rec.VMM = Paused, vmm.Instance{}
 	if err := m.save(e); err != nil {
-		return Record{}, err
+		// The snapshot is complete and the VMM gone: the sandbox is paused
+		// whatever the record says, and a restarted agent sees it so (see
+		// reconcile), so the pause stands.
+		m.log.Error("sandbox paused but its record could not be saved", "sandbox", rec.ID, "error", err)
 	}
 	m.log.Info("sandbox paused", "sandbox", rec.ID, "took", time.Since(start).Round(time.Millisecond))
 	return *rec, nil
@@ -497,6 +526,9 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	default:
 		return Record{}, fmt.Errorf("%w: %s is %s", ErrWrongState, rec.ID, rec.State)
 	}
+	if err := m.needSpace("resuming "+rec.ID, 0); err != nil {
+		return Record{}, err
+	}
 	start := time.Now()
 	if !m.cfg.Net.Exists(rec.Net) {
 		// The host rebooted since the pause; the slot is still ours.
@@ -514,12 +546,17 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 		rec.VMM = vmm.Instance{}
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
+	paused := *rec
 	if timeout > 0 {
 		rec.Timeout = timeout
 	}
 	rec.State, rec.ExpiresAt = Running, time.Now().UTC().Add(rec.Timeout)
 	if err := m.save(e); err != nil {
-		return Record{}, err
+		// Still paused on disk: stay paused, so the snapshot stays the truth.
+		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
+		*rec = paused
+		rec.VMM = vmm.Instance{}
+		return Record{}, noSpace(fmt.Errorf("resume %s: %w", rec.ID, err))
 	}
 	// The memory now lives in the VM again; the snapshot is stale.
 	_ = os.RemoveAll(m.snapshotDir(rec.ID))

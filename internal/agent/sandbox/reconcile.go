@@ -13,6 +13,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/vmm"
 )
 
 // Start prepares the host, takes back what an earlier agent left, and runs
@@ -61,8 +62,19 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			if err := m.cfg.Driver.Thaw(ctx, rec.Spec, rec.VMM); err != nil {
 				m.log.Warn("could not make sure the adopted sandbox runs", "sandbox", rec.ID, "error", err)
 			}
+			_ = os.RemoveAll(m.snapshotDir(rec.ID)) // what that pause had written
 			m.adopt(rec)
 			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
+		case rec.State == Running && m.hasSnapshot(rec.ID):
+			// The pause finished but its record was not saved (a full
+			// disk, a crash in between): the snapshot is the truth.
+			m.killVMMsUnder(dir)
+			rec.State, rec.VMM = Paused, vmm.Instance{}
+			if err := writeRecord(dir, rec); err != nil {
+				m.log.Warn("could not save the paused state", "sandbox", rec.ID, "error", err)
+			}
+			m.adopt(rec)
+			m.log.Warn("kept sandbox as paused: its snapshot is complete but its record said running", "sandbox", rec.ID)
 		case rec.State == Paused:
 			if _, err := os.Stat(filepath.Join(m.snapshotDir(rec.ID))); err != nil {
 				m.log.Error("paused sandbox has no snapshot; removing it", "sandbox", rec.ID)
@@ -156,12 +168,14 @@ func (m *Manager) killVMMsUnder(dir string) {
 func (m *Manager) reap(ctx context.Context) {
 	t := time.NewTicker(m.cfg.ReapInterval)
 	defer t.Stop()
+	warned := map[string]bool{}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		m.continueStalledVMs(ctx, warned)
 		now := time.Now()
 		for _, rec := range m.List() {
 			if rec.State != Running || now.Before(rec.ExpiresAt) {

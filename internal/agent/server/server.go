@@ -119,7 +119,7 @@ func toConnect(err error) error {
 		return connect.NewError(connect.CodeAlreadyExists, err)
 	case errors.Is(err, sandbox.ErrWrongState):
 		return connect.NewError(connect.CodeFailedPrecondition, err)
-	case errors.Is(err, sandbox.ErrNoCapacity):
+	case errors.Is(err, sandbox.ErrNoCapacity), errors.Is(err, sandbox.ErrNoSpace):
 		return connect.NewError(connect.CodeResourceExhausted, err)
 	case errors.Is(err, context.DeadlineExceeded):
 		return connect.NewError(connect.CodeDeadlineExceeded, err)

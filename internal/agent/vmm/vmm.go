@@ -52,4 +52,7 @@ type Driver interface {
 	// copied consistently; Thaw lets the VM run again.
 	Freeze(ctx context.Context, spec Spec, inst Instance) error
 	Thaw(ctx context.Context, spec Spec, inst Instance) error
+	// Stalled reports whether the VMM stopped the VM because a write to
+	// the host failed (a full disk); Thaw continues it once there is room.
+	Stalled(ctx context.Context, spec Spec, inst Instance) (bool, error)
 }

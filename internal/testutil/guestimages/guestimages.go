@@ -38,8 +38,14 @@ func Require(t testing.TB) (wrennDir, kernelPath, rootfs string) {
 // the test makes stay in the new directory.
 func AgentDir(t testing.TB) string {
 	t.Helper()
+	return AgentDirIn(t, t.TempDir())
+}
+
+// AgentDirIn is AgentDir on an empty directory the caller chose (a small
+// file system, for instance).
+func AgentDirIn(t testing.TB, dir string) string {
+	t.Helper()
 	system, _, _ := Require(t)
-	dir := t.TempDir()
 	if err := os.Symlink(filepath.Join(system, "kernels"), filepath.Join(dir, "kernels")); err != nil {
 		t.Fatal(err)
 	}

@@ -382,3 +382,9 @@ func (d *Driver) Freeze(ctx context.Context, spec vmm.Spec, _ vmm.Instance) erro
 func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
 	return NewAPI(d.socket(spec)).Resume(ctx)
 }
+
+// Stalled implements vmm.Driver. Firecracker never stops a VM on a failed
+// host write: the guest gets the I/O error instead.
+func (d *Driver) Stalled(context.Context, vmm.Spec, vmm.Instance) (bool, error) {
+	return false, nil
+}

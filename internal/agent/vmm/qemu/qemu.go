@@ -76,7 +76,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 		"-serial", "file:" + filepath.Join(spec.RunDir, "console.log"),
 		"-qmp", "unix:" + qmpSocket(spec) + ",server=on,wait=off",
 		"-kernel", spec.Kernel, "-append", strings.Join(kargs, " "),
-		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap",
+		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap,werror=enospc,rerror=report",
 		"-device", "virtio-blk-device,drive=root",
 		"-device", "virtio-rng-device",
 		// seccomp: no obsolete system calls, no privilege changes, no
@@ -235,6 +235,22 @@ func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
 // device before it returns, so the disk file is consistent afterwards.
 func (d *Driver) Freeze(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
 	return d.qmp(ctx, spec, "stop")
+}
+
+// Stalled implements vmm.Driver. QEMU's default for a failed disk write
+// with ENOSPC (werror=enospc) is to stop the VM with status io-error and
+// retry the write on cont.
+func (d *Driver) Stalled(ctx context.Context, spec vmm.Spec, _ vmm.Instance) (bool, error) {
+	c, err := qmp.Dial(ctx, qmpSocket(spec))
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	status, err := c.Status(ctx)
+	if err != nil {
+		return false, err
+	}
+	return status == "io-error", nil
 }
 
 // Thaw implements vmm.Driver.
