@@ -14,6 +14,8 @@ faults=(
 	"internal/controlplane/api TestAgentKilledDuringCreate agent killed during a create"
 	"internal/controlplane/api TestAgentKilledDuringPauseAndResume agent killed during pause and resume"
 	"internal/controlplane/api TestTimeoutWhileAgentDown capsule timeout passes while its agent is down"
+	"internal/agent/agenttest TestFullDisk disk under WRENN_DIR filled, then freed"
+	"internal/agent/agenttest TestAgentRestartAdoptsRunningAndKeepsPaused agent killed; a paused record left saying running"
 	"internal/controlplane/api TestNoisyNeighbour fork bomb and memory hog next to another capsule"
 	"e2e TestControlPlaneRestartDuringExecStream control plane restarted during an exec stream"
 	"e2e TestSoak soak: create, exec, destroy for $WRENN_SOAK"
