@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/proxy"
@@ -82,6 +83,8 @@ func run() error {
 	cpURL := fs.String("cp-url", envOr("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
 	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
 	minFree := fs.Int("min-free-mib", envInt("WRENN_MIN_FREE_MIB", sandbox.DefaultMinFreeMiB), "disk space under --dir that creates, pauses and resumes leave free; they are refused with a clear error rather than fill the disk (WRENN_MIN_FREE_MIB)")
+	cgroupParent := fs.String("cgroup-parent", envOr("WRENN_CGROUP_PARENT", "wrenn"), "each VMM runs in <cgroup root>/<this>/<sandbox id> with its VM's CPU, memory and process limits; \"off\" runs VMMs without (WRENN_CGROUP_PARENT)")
+	overhead := fs.Int("vmm-overhead-mib", envInt("WRENN_VMM_OVERHEAD_MIB", 256), "memory a VMM may use beyond its guest's RAM before its cgroup limit (WRENN_VMM_OVERHEAD_MIB)")
 	slots := fs.String("slots", envOr("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -110,8 +113,20 @@ func run() error {
 		resolvers = append(resolvers, a)
 	}
 	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps}
+	var cgroups sandbox.Cgroups
+	var jailGroups *cgroup.VMMs
+	if *cgroupParent != "off" {
+		vmms, err := vmmCgroups(*cgroupParent, *overhead)
+		if err != nil {
+			return err
+		}
+		fc.Confine, cgroups, jailGroups = vmms, vmms, &vmms
+		log.Info("VMMs run in cgroups of their own", "parent", vmms.Dirs["memory"], "cgroup_v2", vmms.V2, "overhead_mib", *overhead)
+	} else {
+		log.Warn("VMMs run without cgroup limits (--cgroup-parent off)")
+	}
 	if *jailer != "" {
-		fc.Jailer = &firecracker.Jailer{Binary: *jailer, UID: *jailUID, GID: *jailGID, ChrootBase: *jailBase}
+		fc.Jailer = &firecracker.Jailer{Binary: *jailer, UID: *jailUID, GID: *jailGID, ChrootBase: *jailBase, Cgroups: jailGroups}
 	}
 	driver, accel, err := chooseVMM(*vmmName, fc)
 	if err != nil {
@@ -145,7 +160,7 @@ func run() error {
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
-		MinFreeMiB: *minFree,
+		MinFreeMiB: *minFree, Cgroups: cgroups,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return err
@@ -231,6 +246,7 @@ func chooseVMM(name string, fc firecracker.Driver) (vmm.Driver, string, error) {
 		return nil, "", fmt.Errorf("--vmm %q: use auto, qemu or firecracker", name)
 	}
 	q := qemu.New(fc.Log)
+	q.Confine = fc.Confine
 	return q, q.Accelerator(), nil
 }
 
@@ -338,4 +354,22 @@ func hostMemoryMiB() int64 {
 		return 0
 	}
 	return total >> 20 * 3 / 4
+}
+
+// vmmCgroups finds this host's cgroup layout and prepares the parent group
+// the VMMs' groups are made in.
+func vmmCgroups(parent string, overheadMiB int) (cgroup.VMMs, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return cgroup.VMMs{}, err
+	}
+	defer f.Close()
+	h, err := cgroup.Detect(f, parent)
+	if err != nil {
+		return cgroup.VMMs{}, fmt.Errorf("--cgroup-parent: %w (or run VMMs without limits: --cgroup-parent off)", err)
+	}
+	if err := h.Prepare(); err != nil {
+		return cgroup.VMMs{}, fmt.Errorf("--cgroup-parent: %w (an unprivileged agent needs scripts/prepare-wrenn-user.sh; or --cgroup-parent off)", err)
+	}
+	return cgroup.VMMs{Hierarchy: h, OverheadMiB: overheadMiB}, nil
 }

@@ -18,6 +18,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
@@ -197,6 +198,14 @@ func leftovers(dir string) []string {
 		if strings.Contains(string(cmdline), "qemu-system") && strings.Contains(string(cmdline), dir) {
 			leaks = append(leaks, "qemu pid "+p.Name())
 		}
+	}
+	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
+		if h, err := cgroup.Detect(f, "wrenn"); err == nil {
+			for _, g := range h.EmptyGroups() {
+				leaks = append(leaks, "cgroup wrenn/"+g)
+			}
+		}
+		f.Close()
 	}
 	routes, _ := exec.Command("ip", "route", "show", "10.201.0.0/16").Output()
 	if s := strings.TrimSpace(string(routes)); s != "" {

@@ -59,11 +59,30 @@ type Config struct {
 	BootTimeout    time.Duration // VMM start to envd ready
 	HostMemoryMiB  int           // capacity for running sandboxes
 	ReapInterval   time.Duration
+	// Cgroups holds the VMMs' control groups (see package cgroup); nil
+	// when the agent runs without them.
+	Cgroups Cgroups
 	// MinFreeMiB is the disk space under WrennDir that creates, pauses and
 	// resumes leave free (DefaultMinFreeMiB when 0; see needSpace).
 	MinFreeMiB int
 	// Slots this agent may use (default all); see network.SlotRange.
 	Slots network.SlotRange
+}
+
+// Cgroups are the VMMs' control groups, one per sandbox, named by its id.
+type Cgroups interface {
+	Remove(id string) error
+	EmptyGroups() []string
+}
+
+// releaseCgroup removes a sandbox's control group once its VMM is gone.
+func (m *Manager) releaseCgroup(id string) {
+	if m.cfg.Cgroups == nil {
+		return
+	}
+	if err := m.cfg.Cgroups.Remove(id); err != nil {
+		m.log.Warn("could not remove the VMM's cgroup", "sandbox", id, "error", err)
+	}
 }
 
 // Manager owns the sandboxes of one host.
@@ -352,6 +371,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		RunDir: filepath.Join(dir, "run"),
 	}
 	rec.State = Starting
+	undo = append(undo, func() { m.releaseCgroup(rec.ID) })
 	inst, err := m.cfg.Driver.Boot(ctx, rec.Spec)
 	if err != nil {
 		return fail(err)
@@ -442,6 +462,7 @@ func (m *Manager) teardown(ctx context.Context, rec Record) error {
 			return fmt.Errorf("destroy %s: %w", rec.ID, err)
 		}
 	}
+	m.releaseCgroup(rec.ID)
 	if err := m.cfg.Net.Teardown(ctx, rec.Net); err != nil {
 		return fmt.Errorf("destroy %s: %w", rec.ID, err)
 	}
@@ -496,6 +517,7 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 		m.log.Warn("could not mark the snapshot complete", "sandbox", rec.ID, "error", err)
 	}
 	c.Close() // connections into the stopped VM are dead; dial afresh after resume
+	m.releaseCgroup(rec.ID)
 	rec.State, rec.VMM = Paused, vmm.Instance{}
 	if err := m.save(e); err != nil {
 		// The snapshot is complete and the VMM gone: the sandbox is paused
@@ -538,11 +560,13 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	}
 	inst, err := m.cfg.Driver.Restore(ctx, rec.Spec, m.snapshotDir(rec.ID))
 	if err != nil {
+		m.releaseCgroup(rec.ID)
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
 	rec.VMM = inst
 	if err := m.initGuest(ctx, rec, false); err != nil {
 		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
+		m.releaseCgroup(rec.ID)
 		rec.VMM = vmm.Instance{}
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
@@ -554,6 +578,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	if err := m.save(e); err != nil {
 		// Still paused on disk: stay paused, so the snapshot stays the truth.
 		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
+		m.releaseCgroup(rec.ID)
 		*rec = paused
 		rec.VMM = vmm.Instance{}
 		return Record{}, noSpace(fmt.Errorf("resume %s: %w", rec.ID, err))

@@ -121,6 +121,14 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			}
 		}
 	}
+	// Control groups of VMMs that no longer run.
+	if m.cfg.Cgroups != nil {
+		for _, id := range m.cfg.Cgroups.EmptyGroups() {
+			if e, owned := m.sandboxes[id]; !owned || e.rec.State != Running {
+				m.releaseCgroup(id)
+			}
+		}
+	}
 	// Snapshot directories of sandboxes that are gone.
 	snaps, _ := os.ReadDir(filepath.Join(m.cfg.WrennDir, "snapshots"))
 	for _, s := range snaps {

@@ -18,8 +18,10 @@ import (
 // RunDir/vmm.log. It returns once socket (the VMM's control socket)
 // accepts connections, or an error with the log's last lines if the VMM
 // exits first. The socket's file alone is not enough: it appears at bind,
-// before the VMM listens, and a connection in between is refused.
-func StartProcess(ctx context.Context, spec Spec, argv []string, socket string) (Instance, error) {
+// before the VMM listens, and a connection in between is refused. A
+// non-nil confine places the process under its limits first; if that
+// fails the VMM is killed: it never runs unconfined.
+func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, confine Confiner) (Instance, error) {
 	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
 		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
 	}
@@ -45,6 +47,13 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string) 
 		_ = cmd.Wait() // reap it while this agent lives
 		close(exited)
 	}()
+	if confine != nil {
+		if err := confine.Confine(spec, inst.PID); err != nil {
+			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
+			<-exited
+			return Instance{}, fmt.Errorf("confine vmm: %w", err)
+		}
+	}
 	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for {

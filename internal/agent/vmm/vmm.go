@@ -28,6 +28,12 @@ type Spec struct {
 	RunDir     string   `json:"run_dir"` // sockets, console log, VMM log
 }
 
+// Confiner puts a VMM process under its VM's resource limits; drivers call
+// it right after the process starts, before it allocates guest memory.
+type Confiner interface {
+	Confine(spec Spec, pid int) error
+}
+
 // Instance is a running VMM process.
 type Instance struct {
 	PID int `json:"pid"`

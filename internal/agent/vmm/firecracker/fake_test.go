@@ -69,9 +69,25 @@ func fakeJailer() int {
 	if len(rest) != 2 || rest[0] != "--api-sock" || !strings.HasPrefix(rest[1], "/") {
 		return fail("firecracker arguments %v", rest)
 	}
+	// The jailer's cgroup flags: a version, a parent relative to the
+	// hierarchy's root, and controller files that exist in that version.
+	version := map[string][]string{"1": {"cpu.cfs_period_us=", "cpu.cfs_quota_us=", "memory.limit_in_bytes=", "pids.max="},
+		"2": {"cpu.max=", "memory.max=", "pids.max="}}
+	if len(flags["--cgroup"]) > 0 {
+		if len(flags["--cgroup-version"]) != 1 || version[flags["--cgroup-version"][0]] == nil {
+			return fail("--cgroup-version %v", flags["--cgroup-version"])
+		}
+		if len(flags["--parent-cgroup"]) != 1 || strings.HasPrefix(flags["--parent-cgroup"][0], "/") {
+			return fail("--parent-cgroup %v: want one path relative to the cgroup root", flags["--parent-cgroup"])
+		}
+	}
 	for _, c := range flags["--cgroup"] {
-		if !strings.HasPrefix(c, "cpu.max=") && !strings.HasPrefix(c, "memory.max=") {
-			return fail("unexpected cgroup %q", c)
+		known := false
+		for _, prefix := range version[flags["--cgroup-version"][0]] {
+			known = known || strings.HasPrefix(c, prefix)
+		}
+		if !known {
+			return fail("cgroup setting %q unknown to cgroup v%s", c, flags["--cgroup-version"][0])
 		}
 	}
 	logFile, _ := os.OpenFile(os.Getenv("WRENN_FAKE_FC_LOG"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)

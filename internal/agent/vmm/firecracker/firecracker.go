@@ -41,6 +41,9 @@ type Driver struct {
 	DiffSnapshots bool
 	// Jailer, when set, runs each VM under Firecracker's jailer.
 	Jailer *Jailer
+	// Confine, when set, puts each Firecracker not run by the jailer under
+	// its VM's cgroup limits (the jailer makes the cgroup itself).
+	Confine vmm.Confiner
 }
 
 // baseMemory is where a restored sandbox's memory file is kept, as the
@@ -112,7 +115,9 @@ func (d *Driver) check(spec vmm.Spec) error {
 
 func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, error) {
 	argv := []string{d.Binary, "--api-sock", d.socket(spec), "--id", spec.ID}
+	confine := d.Confine
 	if j := d.jail(spec); j != nil {
+		confine = nil
 		argv = j.argv(spec)
 		if err := os.MkdirAll(j.host("/run"), 0o750); err != nil {
 			return vmm.Instance{}, nil, err
@@ -120,7 +125,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, 
 		_ = os.Chown(j.host("/run"), j.cfg.UID, j.cfg.GID)
 		spec.NetNS = "" // the jailer joins the namespace itself
 	}
-	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec))
+	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec), confine)
 	if err != nil {
 		return vmm.Instance{}, nil, err
 	}

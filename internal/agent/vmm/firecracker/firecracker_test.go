@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 )
 
@@ -246,7 +247,12 @@ func TestJailer(t *testing.T) {
 	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
 	_ = os.WriteFile(rootfs, []byte("disk"), 0o644)
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), true)
-	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail")}
+	// The jailer makes the VM's cgroup under the agent's parent; here that
+	// parent is a plain directory standing in for a cgroup v1 layout.
+	cgroups := &cgroup.VMMs{Hierarchy: cgroup.Hierarchy{Parent: "wrenn", Dirs: map[string]string{
+		"cpu": filepath.Join(dir, "cg", "cpu", "wrenn"), "memory": filepath.Join(dir, "cg", "memory", "wrenn"), "pids": filepath.Join(dir, "cg", "pids", "wrenn"),
+	}}, OverheadMiB: 64}
+	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail"), Cgroups: cgroups}
 	spec := vmm.Spec{ID: "sb-jailed", Kernel: kernel, Disk: rootfs, DiskFormat: "raw", VCPUs: 2, MemoryMiB: 256, RunDir: filepath.Join(dir, "run")}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -289,8 +295,12 @@ func TestJailer(t *testing.T) {
 		}
 		if e.Method == "JAILER" {
 			jailers++
-			if !strings.Contains(e.Path, "--uid 65534") || !strings.Contains(e.Path, "--cgroup cpu.max=200000 100000") || !strings.Contains(e.Path, "--cgroup memory.max=335544320") {
-				t.Fatalf("jailer arguments: %s", e.Path)
+			// Two vCPUs and a quarter for the VMM; 256 MiB and 64 for the VMM.
+			for _, want := range []string{"--uid 65534", "--cgroup-version 1", "--parent-cgroup wrenn", "--cgroup cpu.cfs_quota_us=225000",
+				"--cgroup cpu.cfs_period_us=100000", "--cgroup memory.limit_in_bytes=335544320", "--cgroup pids.max=136"} {
+				if !strings.Contains(e.Path, want) {
+					t.Fatalf("jailer arguments lack %q: %s", want, e.Path)
+				}
 			}
 		}
 		var body map[string]any

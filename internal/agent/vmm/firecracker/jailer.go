@@ -8,16 +8,20 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 )
 
 // Jailer runs Firecracker under Firecracker's jailer: in a chroot of its
 // own, in the sandbox's network namespace, as an unprivileged user, in a
-// cgroup that caps its CPU and memory.
+// cgroup that caps its CPU, memory and processes.
 type Jailer struct {
 	Binary     string // the jailer binary
 	UID, GID   int
 	ChrootBase string // default /srv/jailer
+	// Cgroups is where the jailer makes each VM's cgroup (the agent's
+	// layout, v1 or v2, and parent) and the VMM's overhead; nil: none.
+	Cgroups *cgroup.VMMs
 }
 
 // jail describes one sandbox's chroot.
@@ -53,10 +57,17 @@ func (j *jail) argv(spec vmm.Spec) []string {
 	args := []string{j.cfg.Binary,
 		"--id", j.id, "--exec-file", j.exec,
 		"--uid", strconv.Itoa(j.cfg.UID), "--gid", strconv.Itoa(j.cfg.GID),
-		"--chroot-base-dir", j.cfg.ChrootBase, "--cgroup-version", "2",
-		// Caps: its vCPUs' worth of CPU, and its memory plus 64 MiB for the VMM itself.
-		"--cgroup", fmt.Sprintf("cpu.max=%d 100000", spec.VCPUs*100000),
-		"--cgroup", fmt.Sprintf("memory.max=%d", int64(spec.MemoryMiB+64)<<20),
+		"--chroot-base-dir", j.cfg.ChrootBase,
+	}
+	if cg := j.cfg.Cgroups; cg != nil {
+		version := "1"
+		if cg.V2 {
+			version = "2"
+		}
+		args = append(args, "--cgroup-version", version, "--parent-cgroup", cg.Parent)
+		for _, s := range cg.Settings(cgroup.ForVM(spec.VCPUs, spec.MemoryMiB, cg.OverheadMiB)) {
+			args = append(args, "--cgroup", s)
+		}
 	}
 	if spec.NetNS != "" {
 		args = append(args, "--netns", "/var/run/netns/"+spec.NetNS)
@@ -96,10 +107,8 @@ func (j *jail) unstage(inside, hostPath string) error {
 // remove deletes the jail and its cgroup.
 func (j *jail) remove() error {
 	err := os.RemoveAll(filepath.Dir(j.root()))
-	if cg := filepath.Join("/sys/fs/cgroup", filepath.Base(j.exec), j.id); cg != "" {
-		if rerr := os.Remove(cg); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			err = errors.Join(err, rerr)
-		}
+	if cg := j.cfg.Cgroups; cg != nil {
+		err = errors.Join(err, cg.Remove(j.id))
 	}
 	return err
 }

@@ -28,7 +28,9 @@ const (
 type Driver struct {
 	Binary string // default qemu-system-x86_64
 	Log    *slog.Logger
-	kvm    bool
+	// Confine, when set, puts each QEMU under its VM's cgroup limits.
+	Confine vmm.Confiner
+	kvm     bool
 }
 
 var _ vmm.Driver = (*Driver)(nil)
@@ -95,7 +97,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 // start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
 	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
-	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec))
+	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), d.Confine)
 }
 
 // Boot implements vmm.Driver.
