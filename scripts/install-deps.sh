@@ -11,6 +11,7 @@ packages=(
 	postgresql                   # the control plane's database (a private cluster, scripts/postgres.sh)
 	chromium                     # the dashboard's browser tests (driven by playwright-core)
 	procps iproute2 ca-certificates curl  # curl: make dev's health checks
+	util-linux passwd systemd    # setpriv (unprivileged agent and VMMs), useradd, systemd-analyze (unit checks)
 )
 missing=()
 for p in "${packages[@]}"; do

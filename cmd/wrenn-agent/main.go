@@ -25,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
+	"github.com/wrenn/wrenn/internal/agent/privdrop"
 	"github.com/wrenn/wrenn/internal/agent/proxy"
 	"github.com/wrenn/wrenn/internal/agent/registration"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
@@ -85,6 +86,7 @@ func run() error {
 	minFree := fs.Int("min-free-mib", envInt("WRENN_MIN_FREE_MIB", sandbox.DefaultMinFreeMiB), "disk space under --dir that creates, pauses and resumes leave free; they are refused with a clear error rather than fill the disk (WRENN_MIN_FREE_MIB)")
 	cgroupParent := fs.String("cgroup-parent", envOr("WRENN_CGROUP_PARENT", "wrenn"), "each VMM runs in <cgroup root>/<this>/<sandbox id> with its VM's CPU, memory and process limits; \"off\" runs VMMs without (WRENN_CGROUP_PARENT)")
 	overhead := fs.Int("vmm-overhead-mib", envInt("WRENN_VMM_OVERHEAD_MIB", 256), "memory a VMM may use beyond its guest's RAM before its cgroup limit (WRENN_VMM_OVERHEAD_MIB)")
+	runAs := fs.String("user", envOr("WRENN_USER", ""), "started as root, prepare the host and go on as this user with only CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (scripts/prepare-wrenn-user.sh creates it) (WRENN_USER)")
 	slots := fs.String("slots", envOr("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -103,6 +105,28 @@ func run() error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *runAs != "" && *jailer != "" {
+		return errors.New("--jailer needs the agent to run as root (the jailer chroots, makes device nodes and changes uid itself); drop --user")
+	}
+	if *runAs != "" {
+		plan := privdrop.Plan{User: *runAs, WrennDir: *dir, Args: os.Args[1:]}
+		if *cgroupParent != "off" {
+			h, err := detectCgroups(*cgroupParent)
+			if err != nil {
+				return err
+			}
+			plan.Cgroups = &h
+		}
+		if _, err := privdrop.Become(plan); err != nil {
+			return err
+		}
+	}
+	if caps, err := procfs.Status(os.Getpid(), "CapEff"); err == nil {
+		log.Info("privileges", "uid", os.Geteuid(), "capabilities", caps)
+	}
+	if os.Geteuid() == 0 {
+		log.Warn("running as root: start with --user wrenn (scripts/prepare-wrenn-user.sh) to keep only the capabilities the agent needs")
+	}
 
 	var resolvers []netip.Addr
 	for _, s := range strings.Split(*dns, ",") {
@@ -356,17 +380,25 @@ func hostMemoryMiB() int64 {
 	return total >> 20 * 3 / 4
 }
 
-// vmmCgroups finds this host's cgroup layout and prepares the parent group
-// the VMMs' groups are made in.
-func vmmCgroups(parent string, overheadMiB int) (cgroup.VMMs, error) {
+// detectCgroups finds this host's cgroup layout with the VMMs' parent.
+func detectCgroups(parent string) (cgroup.Hierarchy, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return cgroup.VMMs{}, err
+		return cgroup.Hierarchy{}, err
 	}
 	defer f.Close()
 	h, err := cgroup.Detect(f, parent)
 	if err != nil {
-		return cgroup.VMMs{}, fmt.Errorf("--cgroup-parent: %w (or run VMMs without limits: --cgroup-parent off)", err)
+		return cgroup.Hierarchy{}, fmt.Errorf("--cgroup-parent: %w (or run VMMs without limits: --cgroup-parent off)", err)
+	}
+	return h, nil
+}
+
+// vmmCgroups prepares the parent group the VMMs' groups are made in.
+func vmmCgroups(parent string, overheadMiB int) (cgroup.VMMs, error) {
+	h, err := detectCgroups(parent)
+	if err != nil {
+		return cgroup.VMMs{}, err
 	}
 	if err := h.Prepare(); err != nil {
 		return cgroup.VMMs{}, fmt.Errorf("--cgroup-parent: %w (an unprivileged agent needs scripts/prepare-wrenn-user.sh; or --cgroup-parent off)", err)

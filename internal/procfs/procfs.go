@@ -1,5 +1,5 @@
 // Package procfs reads the few /proc figures Wrenn reports: a process's
-// resident memory and CPU time, and the host's memory.
+// resident memory, CPU time and status fields, and the host's memory.
 package procfs
 
 import (
@@ -58,4 +58,20 @@ func CPUTicks(pid int) int64 {
 	user, _ := strconv.ParseInt(f[11], 10, 64)
 	system, _ := strconv.ParseInt(f[12], 10, 64)
 	return user + system
+}
+
+// Status returns a raw field of a process's /proc/<pid>/status, such as
+// "CapEff" (a hex mask; `capsh --decode` names it) or "NoNewPrivs".
+func Status(pid int, name string) (string, error) {
+	path := fmt.Sprintf("/proc/%d/status", pid)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, name+":"); ok {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("%s has no %s", path, name)
 }

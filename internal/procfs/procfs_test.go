@@ -2,6 +2,7 @@ package procfs
 
 import (
 	"os"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -17,6 +18,12 @@ func TestFigures(t *testing.T) {
 	}
 	if _, err := Mem("NoSuchField"); err == nil {
 		t.Fatal("missing field found")
+	}
+	if pid, err := Status(os.Getpid(), "Pid"); err != nil || pid != strconv.Itoa(os.Getpid()) {
+		t.Fatalf("own Pid field %q, %v", pid, err)
+	}
+	if _, err := Status(os.Getpid(), "NoSuchField"); err == nil {
+		t.Fatal("missing status field found")
 	}
 	if rss := RSS(os.Getpid()); rss < 1<<20 {
 		t.Fatalf("own RSS %d", rss)

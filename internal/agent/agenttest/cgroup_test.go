@@ -104,13 +104,15 @@ func groupGone(t *testing.T, h cgroup.Hierarchy, id string) {
 
 // TestVMMCgroupLimits: each QEMU runs in a cgroup of its own, capped at its
 // VM's vCPUs, memory and a process count, from its first moment (boot and
-// restore alike); the group goes when the VMM does.
+// restore alike), holding no capability; the group goes when the VMM does.
 func TestVMMCgroupLimits(t *testing.T) {
 	a := newAgent(t)
 	h := vmmCgroups(t)
 	ctx := testCtx(t, 4*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-cgroup", Vcpus: 2, MemoryMib: 384})
 	checkConfined(t, h, sb.GetId(), qemuPID(t, a.dir, sb.GetId()), 2, 384)
+	// Under a root agent the VMM is root with every capability gone.
+	checkVMMPrivileges(t, qemuPID(t, a.dir, sb.GetId()), "0", "0000000000000000")
 
 	// Load the guest, then read what the VMM really used against its cap.
 	if out, code := a.sh(ctx, sb.GetId(), "head -c 200M /dev/zero | tail -c 1 >/dev/null; for i in 1 2; do timeout 3 sh -c 'while :; do :; done' & done; wait; echo ok"); code != 0 {

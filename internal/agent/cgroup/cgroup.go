@@ -296,7 +296,8 @@ func (h Hierarchy) EmptyGroups() []string {
 	for _, d := range h.dirs() {
 		entries, _ := os.ReadDir(d)
 		for _, e := range entries {
-			if !e.IsDir() || seen[e.Name()] {
+			// Dot names are not VMs' (the agent's own group is ".agent").
+			if !e.IsDir() || seen[e.Name()] || strings.HasPrefix(e.Name(), ".") {
 				continue
 			}
 			procs, err := os.ReadFile(filepath.Join(d, e.Name(), "cgroup.procs"))

@@ -242,7 +242,8 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress Egress) error 
 		{"-n", ns, "addr", "add", a.NSIP.String() + "/31", "dev", a.NSVeth},
 		{"-n", ns, "link", "set", a.NSVeth, "up"},
 		{"-n", ns, "route", "add", "default", "via", a.HostIP.String()},
-		{"-n", ns, "tuntap", "add", a.Tap, "mode", "tap"},
+		// Owned by the agent's user, so the VMM opens it without CAP_NET_ADMIN.
+		{"-n", ns, "tuntap", "add", a.Tap, "mode", "tap", "user", strconv.Itoa(os.Geteuid())},
 		{"-n", ns, "addr", "add", gw, "dev", a.Tap},
 		{"-n", ns, "link", "set", a.Tap, "up"},
 		{"route", "replace", a.SandboxIP.String() + "/32", "via", a.NSIP.String(), "dev", a.HostVeth},

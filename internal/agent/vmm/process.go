@@ -18,14 +18,15 @@ import (
 // RunDir/vmm.log. It returns once socket (the VMM's control socket)
 // accepts connections, or an error with the log's last lines if the VMM
 // exits first. The socket's file alone is not enough: it appears at bind,
-// before the VMM listens, and a connection in between is refused. A
-// non-nil confine places the process under its limits first; if that
-// fails the VMM is killed: it never runs unconfined.
-func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, confine Confiner) (Instance, error) {
+// before the VMM listens, and a connection in between is refused.
+func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, opts StartOptions) (Instance, error) {
 	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {
 		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
 	}
 	_ = os.Remove(socket)
+	if !opts.KeepPrivileges {
+		argv = append(dropPrivileges(), argv...)
+	}
 	if spec.NetNS != "" {
 		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
 	}
@@ -47,8 +48,8 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		_ = cmd.Wait() // reap it while this agent lives
 		close(exited)
 	}()
-	if confine != nil {
-		if err := confine.Confine(spec, inst.PID); err != nil {
+	if opts.Confine != nil {
+		if err := opts.Confine.Confine(spec, inst.PID); err != nil {
 			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
 			<-exited
 			return Instance{}, fmt.Errorf("confine vmm: %w", err)
@@ -70,6 +71,29 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// StartOptions say how a VMM process starts.
+type StartOptions struct {
+	// Confine, when set, places the process under its limits first; if
+	// that fails the VMM is killed: it never runs unconfined.
+	Confine Confiner
+	// KeepPrivileges lets the process keep the agent's capabilities (the
+	// Firecracker jailer needs them to build its jail and drops them
+	// itself). Otherwise the VMM starts with none.
+	KeepPrivileges bool
+}
+
+// dropPrivileges is the prefix that starts a VMM with no capabilities and
+// no way to gain any (no_new_privs): a VMM needs none, since the agent
+// makes its TAP device owned by the agent's user. An agent running as root
+// also clears the bounding set, so even a root VMM holds no capability.
+func dropPrivileges() []string {
+	argv := []string{"setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs"}
+	if os.Geteuid() == 0 {
+		argv = append(argv, "--bounding-set=-all")
+	}
+	return append(argv, "--")
 }
 
 // ProcessAlive reports whether pid runs and its command line contains

@@ -115,9 +115,13 @@ func (d *Driver) check(spec vmm.Spec) error {
 
 func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, error) {
 	argv := []string{d.Binary, "--api-sock", d.socket(spec), "--id", spec.ID}
-	confine := d.Confine
+	// A lazy restore needs Firecracker to create a userfaultfd, which the
+	// kernel allows a process without CAP_SYS_PTRACE only with
+	// vm.unprivileged_userfaultfd=1: such a Firecracker keeps the agent's
+	// capabilities (the jailer drops them in its own way).
+	opts := vmm.StartOptions{Confine: d.Confine, KeepPrivileges: d.LazyMemory}
 	if j := d.jail(spec); j != nil {
-		confine = nil
+		opts = vmm.StartOptions{KeepPrivileges: true}
 		argv = j.argv(spec)
 		if err := os.MkdirAll(j.host("/run"), 0o750); err != nil {
 			return vmm.Instance{}, nil, err
@@ -125,7 +129,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, 
 		_ = os.Chown(j.host("/run"), j.cfg.UID, j.cfg.GID)
 		spec.NetNS = "" // the jailer joins the namespace itself
 	}
-	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec), confine)
+	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec), opts)
 	if err != nil {
 		return vmm.Instance{}, nil, err
 	}

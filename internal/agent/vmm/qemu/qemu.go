@@ -97,7 +97,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 // start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
 	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
-	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), d.Confine)
+	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: d.Confine})
 }
 
 // Boot implements vmm.Driver.
