@@ -79,6 +79,7 @@ func run() error {
 	tlsCert := fs.String("tls-cert", envOr("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
 	tlsKey := fs.String("tls-key", envOr("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
 	clientCA := fs.String("tls-client-ca", envOr("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
+	managedTLS := fs.Bool("managed-tls", envOr("WRENN_AGENT_MANAGED_TLS", "") == "1", "at --register, have the control plane's CA (WRENN_AGENT_CA_DIR) certify a key made here and serve mutual TLS with it, renewed at heartbeats (WRENN_AGENT_MANAGED_TLS=1)")
 	register := fs.String("register", "", "register this host with the control plane using this one-time token, then serve")
 	address := fs.String("address", envOr("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
 	cpURL := fs.String("cp-url", envOr("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
@@ -172,7 +173,10 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), *tlsCert != "", log)
+	if *managedTLS && (*tlsCert != "" || *clientCA != "") {
+		return errors.New("--managed-tls and --tls-cert/--tls-client-ca exclude each other: the control plane's CA or your own")
+	}
+	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), *tlsCert != "", *managedTLS, log)
 	if err != nil {
 		return err
 	}
@@ -193,6 +197,19 @@ func run() error {
 	tlsConfig, err := serverTLS(*tlsCert, *tlsKey, *clientCA)
 	if err != nil {
 		return err
+	}
+	managed := creds != nil && creds.ManagedTLS
+	if *managedTLS && !managed {
+		return errors.New("--managed-tls: this host was registered without it; register it again with --register <token> --managed-tls")
+	}
+	if managed {
+		if tlsConfig != nil {
+			return errors.New("this host was registered with --managed-tls: drop --tls-cert/--tls-key")
+		}
+		if tlsConfig, err = creds.ServerTLS(); err != nil {
+			return err
+		}
+		log.Info("serving mutual TLS with the certificate the control plane signed", "expires", creds.CertificateExpiry().Format(time.RFC3339))
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -230,7 +247,7 @@ func run() error {
 		go func() { errc <- ps.Serve(pln) }()
 		log.Info("sandbox proxy listening", "addr", pln.Addr().String())
 	}
-	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "tls", tlsConfig != nil, "mutual_tls", *clientCA != "", "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
+	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "tls", tlsConfig != nil, "mutual_tls", *clientCA != "" || managed, "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
@@ -306,7 +323,7 @@ func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
 // a fixed WRENN_HOST_TOKEN (no registration, no heartbeats), a new
 // registration (--register), or the credentials saved by an earlier one.
 // With TLS the control plane is told to call https://<address>.
-func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, useTLS bool, log *slog.Logger) (*registration.Credentials, string, error) {
+func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, useTLS, managedTLS bool, log *slog.Logger) (*registration.Credentials, string, error) {
 	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" && registerToken == "" {
 		if len(t) < 16 {
 			return nil, "", errors.New("WRENN_HOST_TOKEN is shorter than 16 characters")
@@ -328,10 +345,10 @@ func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, "", err
 		}
-		if useTLS {
+		if useTLS || managedTLS {
 			address = "https://" + address
 		}
-		c, err := registration.Register(ctx, dir, cpURL, registerToken, hostSpecs(dir, address, vmmName))
+		c, err := registration.Register(ctx, dir, cpURL, registerToken, hostSpecs(dir, address, vmmName), managedTLS)
 		if err != nil {
 			return nil, "", err
 		}

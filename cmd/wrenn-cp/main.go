@@ -21,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentca"
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
@@ -189,9 +190,20 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	var ca *agentca.CA
+	if dir := os.Getenv("WRENN_AGENT_CA_DIR"); dir != "" {
+		if agentTLS != nil {
+			return errors.New("WRENN_AGENT_CA_DIR (a CA this control plane runs) and WRENN_AGENT_CA/WRENN_AGENT_CLIENT_CERT (your own) exclude each other")
+		}
+		if ca, err = agentca.Open(dir); err != nil {
+			return err
+		}
+		agentTLS = ca.ClientTLS()
+		log.Info("running the agent CA: agents started with --managed-tls get certificates at registration", "dir", dir)
+	}
 	agents := &agentclient.Pool{TLS: agentTLS}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
-		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler()})
+		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
 	go rec.Run(ctx)

@@ -1,6 +1,7 @@
 package agenttest
 
 import (
+	"errors"
 	"net/http"
 	"os"
 	"os/exec"
@@ -33,26 +34,33 @@ func smallDisk(t *testing.T, sizeMiB int) string {
 }
 
 // fill takes every free byte of the file system under dir and returns the
-// file that holds them.
+// file that holds them. The running sandboxes write meanwhile, so it takes
+// space in shrinking pieces until not even a page is left.
 func fill(t *testing.T, dir string) string {
 	t.Helper()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
 	path := filepath.Join(dir, "filler")
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	free := int64(st.Bavail) * st.Bsize
-	if err := unix.Fallocate(int(f.Fd()), 0, 0, free); err != nil {
-		t.Fatalf("fill %d bytes: %v", free, err)
+	var size int64
+	for chunk := int64(64 << 20); chunk >= 4096; {
+		err := unix.Fallocate(int(f.Fd()), 0, size, chunk)
+		switch {
+		case err == nil:
+			size += chunk
+		case errors.Is(err, unix.ENOSPC):
+			chunk /= 2
+		default:
+			t.Fatalf("fill: %v", err)
+		}
 	}
+	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil || st.Bavail != 0 {
 		t.Fatalf("disk not full: %d blocks free (%v)", st.Bavail, err)
 	}
+	t.Logf("filled %d MiB", size>>20)
 	return path
 }
 

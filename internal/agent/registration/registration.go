@@ -6,6 +6,7 @@ package registration
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -45,11 +47,14 @@ type Credentials struct {
 	HostID       string `json:"host_id"`
 	CPURL        string `json:"cp_url"`
 	RefreshToken string `json:"refresh_token"`
+	// ManagedTLS: the control plane signs this agent's TLS certificate.
+	ManagedTLS bool `json:"managed_tls,omitempty"`
 
 	dir      string
 	mu       sync.RWMutex
 	token    string
 	previous string
+	cert     atomic.Pointer[tls.Certificate]
 }
 
 // Tokens returns the current and the previous host token.
@@ -113,20 +118,37 @@ type tokenResponse struct {
 	} `json:"host"`
 	Token        string `json:"token"`
 	RefreshToken string `json:"refresh_token"`
+	Certificate  string `json:"certificate"`
+	CACert       string `json:"ca_certificate"`
 }
 
 // Register trades a registration token for credentials and saves them.
-func Register(ctx context.Context, dir, cpURL, token string, specs Specs) (*Credentials, error) {
+// With managedTLS it also asks the control plane to certify a key made
+// here (see ServerTLS).
+func Register(ctx context.Context, dir, cpURL, token string, specs Specs, managedTLS bool) (*Credentials, error) {
 	cpURL = strings.TrimRight(cpURL, "/")
 	in := struct {
 		Token string `json:"token"`
+		CSR   string `json:"csr,omitempty"`
 		Specs
-	}{token, specs}
+	}{Token: token, Specs: specs}
+	if managedTLS {
+		csr, err := certRequest(dir)
+		if err != nil {
+			return nil, err
+		}
+		in.CSR = csr
+	}
 	var out tokenResponse
 	if err := post(ctx, cpURL+"/v1/hosts/register", nil, in, &out); err != nil {
 		return nil, fmt.Errorf("register host: %w", err)
 	}
-	c := &Credentials{HostID: out.Host.ID, CPURL: cpURL, RefreshToken: out.RefreshToken, dir: dir, token: out.Token}
+	c := &Credentials{HostID: out.Host.ID, CPURL: cpURL, RefreshToken: out.RefreshToken, ManagedTLS: managedTLS, dir: dir, token: out.Token}
+	if managedTLS {
+		if err := c.saveCertificate(out.Certificate, out.CACert); err != nil {
+			return nil, fmt.Errorf("register host: %w", err)
+		}
+	}
 	if err := c.save(); err != nil {
 		return nil, err
 	}
@@ -180,16 +202,34 @@ func writeFile(path string, data []byte) error {
 	return nil
 }
 
-// Refresh rotates the JWT and the refresh token.
+// Refresh rotates the JWT and the refresh token, and renews a managed
+// TLS certificate that is due.
 func (c *Credentials) Refresh(ctx context.Context) error {
+	in := map[string]string{"refresh_token": c.RefreshToken}
+	renew := c.certificateDue()
+	if renew {
+		csr, err := certRequest(c.dir)
+		if err != nil {
+			return err
+		}
+		in["csr"] = csr
+	}
 	var out tokenResponse
-	if err := post(ctx, c.CPURL+"/v1/hosts/auth/refresh", nil, map[string]string{"refresh_token": c.RefreshToken}, &out); err != nil {
+	if err := post(ctx, c.CPURL+"/v1/hosts/auth/refresh", nil, in, &out); err != nil {
 		return fmt.Errorf("refresh host token: %w", err)
 	}
 	c.mu.Lock()
 	c.previous, c.token, c.RefreshToken = c.token, out.Token, out.RefreshToken
 	c.mu.Unlock()
-	return c.save()
+	if err := c.save(); err != nil {
+		return err
+	}
+	if renew {
+		if err := c.saveCertificate(out.Certificate, out.CACert); err != nil {
+			return fmt.Errorf("renew TLS certificate: %w", err)
+		}
+	}
+	return nil
 }
 
 // expiresWithin reports whether the JWT expires within d (unverified
@@ -206,7 +246,7 @@ func (c *Credentials) expiresWithin(d time.Duration) bool {
 // Heartbeat sends one heartbeat, refreshing the token first when it is
 // close to expiry or after the control plane refuses it.
 func (c *Credentials) Heartbeat(ctx context.Context) error {
-	if c.expiresWithin(24 * time.Hour) {
+	if c.expiresWithin(24*time.Hour) || c.certificateDue() {
 		if err := c.Refresh(ctx); err != nil {
 			return err
 		}

@@ -296,7 +296,7 @@ func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.
 		return nil, nil, err
 	}
 	creds, err := registration.Register(ctx, work, c.base, host.RegistrationToken, registration.Specs{
-		Arch: runtime.GOARCH, CPUCores: int32(runtime.NumCPU()), MemoryMB: 16384, DiskGB: 100, Address: ln.Addr().String(), VMM: "qemu"})
+		Arch: runtime.GOARCH, CPUCores: int32(runtime.NumCPU()), MemoryMB: 16384, DiskGB: 100, Address: ln.Addr().String(), VMM: "qemu"}, false)
 	if err != nil {
 		cleanup()
 		return nil, nil, err

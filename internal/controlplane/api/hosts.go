@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentca"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -226,9 +227,40 @@ func (s *Server) mintHost(jwt, refresh *string) func(string) (string, string, ti
 	}
 }
 
+// checkCSR refuses a certificate request this control plane cannot honour,
+// before any token is spent on it.
+func (s *Server) checkCSR(csr string) error {
+	if csr == "" {
+		return nil
+	}
+	if s.cfg.AgentCA == nil {
+		return badRequest("this control plane does not run an agent CA (WRENN_AGENT_CA_DIR is unset); start the agent without --managed-tls or give it certificates of your own")
+	}
+	if err := agentca.CheckRequest([]byte(csr)); err != nil {
+		return badRequest("csr: %s", err.Error())
+	}
+	return nil
+}
+
+// certify adds the host's signed certificate and the CA to a token answer
+// when the agent sent a certificate request.
+func (s *Server) certify(out map[string]any, csr string, h store.Host) error {
+	if csr == "" {
+		return nil
+	}
+	cert, err := s.cfg.AgentCA.SignHost([]byte(csr), h.ID, deref(h.Address))
+	if err != nil {
+		return badRequest("csr: %s", err.Error())
+	}
+	out["certificate"], out["ca_certificate"] = string(cert), string(s.cfg.AgentCA.CertPEM())
+	s.log.Info("agent certificate issued", "host", h.ID, "address", deref(h.Address))
+	return nil
+}
+
 func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *principal) error {
 	var req struct {
 		Token string `json:"token"`
+		CSR   string `json:"csr"`
 		hostSpecsJSON
 	}
 	if err := decode(w, r, &req, false); err != nil {
@@ -238,6 +270,9 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *princip
 		return badRequest("token is required")
 	}
 	if err := req.validate(); err != nil {
+		return err
+	}
+	if err := s.checkCSR(req.CSR); err != nil {
 		return err
 	}
 	var jwt, refresh string
@@ -252,7 +287,11 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *princip
 	}
 	s.log.Info("host registered", "host", h.ID, "address", req.Address, "cpus", req.CPUCores, "memory_mb", req.MemoryMB, "vmm", req.VMM)
 	s.audit(r.Context(), &principal{HostID: h.ID}, deref(h.TeamID), "host", h.ID, "host.register", nil, map[string]any{"address": req.Address})
-	writeJSON(w, http.StatusCreated, map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh})
+	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh}
+	if err := s.certify(out, req.CSR, h); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, out)
 	return nil
 }
 
@@ -266,12 +305,16 @@ func deref(s *string) string {
 func (s *Server) refreshHost(w http.ResponseWriter, r *http.Request, _ *principal) error {
 	var req struct {
 		RefreshToken string `json:"refresh_token"`
+		CSR          string `json:"csr"`
 	}
 	if err := decode(w, r, &req, false); err != nil {
 		return err
 	}
 	if req.RefreshToken == "" {
 		return badRequest("refresh_token is required")
+	}
+	if err := s.checkCSR(req.CSR); err != nil {
+		return err
 	}
 	var jwt, refresh string
 	h, err := s.st.RefreshHost(r.Context(), auth.HashToken(req.RefreshToken), s.mintHost(&jwt, &refresh))
@@ -282,7 +325,11 @@ func (s *Server) refreshHost(w http.ResponseWriter, r *http.Request, _ *principa
 		return err
 	}
 	s.log.Info("host token refreshed", "host", h.ID)
-	writeJSON(w, http.StatusOK, map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh})
+	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh}
+	if err := s.certify(out, req.CSR, h); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentca"
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
@@ -42,6 +43,9 @@ type Config struct {
 	PublicURL string
 	// Dashboard, when set, serves every GET outside /v1 (the web app).
 	Dashboard http.Handler
+	// AgentCA, when set, signs agents' TLS certificates at registration
+	// and refresh (see package agentca).
+	AgentCA *agentca.CA
 }
 
 // Server serves the API. Close waits for background work it started.
