@@ -15,6 +15,7 @@ faults=(
 	"internal/controlplane/api TestAgentKilledDuringPauseAndResume agent killed during pause and resume"
 	"internal/controlplane/api TestTimeoutWhileAgentDown capsule timeout passes while its agent is down"
 	"internal/agent/agenttest TestFullDisk disk under WRENN_DIR filled, then freed"
+	"internal/controlplane/api TestFullDiskThroughTheAPI the same through the API: clear 503s, DB and host agree"
 	"internal/agent/agenttest TestAgentRestartAdoptsRunningAndKeepsPaused agent killed; a paused record left saying running"
 	"internal/controlplane/api TestNoisyNeighbour fork bomb and memory hog next to another capsule"
 	"e2e TestControlPlaneRestartDuringExecStream control plane restarted during an exec stream"

@@ -1,75 +1,26 @@
 package agenttest
 
 import (
-	"errors"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
-	"golang.org/x/sys/unix"
 
+	"github.com/wrenn/wrenn/internal/testutil/fulldisk"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
-
-// smallDisk mounts a tmpfs of sizeMiB for a test's WRENN_DIR: a disk that
-// can really be filled.
-func smallDisk(t *testing.T, sizeMiB int) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a small file system needs root")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+strconv.Itoa(sizeMiB)+"m,mode=0755", "wrenn-fulldisk", dir).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
-	return dir
-}
-
-// fill takes every free byte of the file system under dir and returns the
-// file that holds them. The running sandboxes write meanwhile, so it takes
-// space in shrinking pieces until not even a page is left.
-func fill(t *testing.T, dir string) string {
-	t.Helper()
-	path := filepath.Join(dir, "filler")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var size int64
-	for chunk := int64(64 << 20); chunk >= 4096; {
-		err := unix.Fallocate(int(f.Fd()), 0, size, chunk)
-		switch {
-		case err == nil:
-			size += chunk
-		case errors.Is(err, unix.ENOSPC):
-			chunk /= 2
-		default:
-			t.Fatalf("fill: %v", err)
-		}
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil || st.Bavail != 0 {
-		t.Fatalf("disk not full: %d blocks free (%v)", st.Bavail, err)
-	}
-	t.Logf("filled %d MiB", size>>20)
-	return path
-}
 
 // TestFullDisk fills the file system under WRENN_DIR and checks the promise:
 // every refused request says why, nothing running or paused is lost, a
 // guest's writes wait instead of failing, and everything works again once
 // space is freed — with nothing left behind.
 func TestFullDisk(t *testing.T) {
-	dir := guestimages.AgentDirIn(t, smallDisk(t, 1024))
+	dir := guestimages.AgentDirIn(t, fulldisk.Mount(t, 1024))
 	a := newAgentIn(t, dir, http.DefaultClient, "http", "--min-free-mib", "64")
 	ctx := testCtx(t, 6*time.Minute)
 
@@ -85,7 +36,7 @@ func TestFullDisk(t *testing.T) {
 		t.Fatalf("write mark: %s", out)
 	}
 
-	filler := fill(t, dir)
+	filler := fulldisk.Fill(t, dir)
 
 	// A create is refused with the reason, and leaves nothing.
 	_, err := a.client.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Id: "sb-full-new", Template: "minimal", Vcpus: 1, MemoryMib: 256}))

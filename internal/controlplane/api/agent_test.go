@@ -48,8 +48,12 @@ func (c *cp) startAgent(admin account, extra ...string) (hostID string, stop fun
 }
 
 func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
+	return c.startAgentProcIn(admin, guestimages.AgentDir(c.t), extra...)
+}
+
+// startAgentProcIn is startAgentProc on a WRENN_DIR the test prepared.
+func (c *cp) startAgentProcIn(admin account, dir string, extra ...string) *agentProc {
 	t := c.t
-	dir := guestimages.AgentDir(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
@@ -58,7 +62,8 @@ func (c *cp) startAgentProc(admin account, extra ...string) *agentProc {
 		c.hostLocked = true
 	}
 	hostID, token := c.newHostToken(admin)
-	logf, err := os.Create(filepath.Join(dir, "agent.log"))
+	// The log lives outside WRENN_DIR: it must tell even when that disk is full.
+	logf, err := os.Create(filepath.Join(t.TempDir(), "agent.log"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -144,11 +144,12 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 		return err
 	}
 	done := make(chan struct{})
+	var createErr error // read after done closes
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
 		defer close(done)
-		s.runCreate(sb, tpl, req.Envs, sreq, p)
+		createErr = s.runCreate(sb, tpl, req.Envs, sreq, p)
 	}()
 	// ?wait=true answers when the capsule is running (or failed).
 	if r.URL.Query().Get("wait") == "true" {
@@ -162,6 +163,9 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 			return err
 		}
 		if cur.Status == "error" {
+			if connect.CodeOf(createErr) == connect.CodeResourceExhausted {
+				return errf(http.StatusServiceUnavailable, "host_full", "capsule %s failed to start: no host had room: %s", cur.ID, cur.Error)
+			}
 			return errf(http.StatusBadGateway, "create_failed", "capsule %s failed to start: %s", cur.ID, cur.Error)
 		}
 		writeJSON(w, http.StatusCreated, toCapsule(cur))
@@ -249,9 +253,10 @@ func (s *Server) AgentFor(ctx context.Context, hostID string) (agentclient.Clien
 }
 
 // runCreate boots the capsule on its host; if the host cannot be reached
-// it tries up to two other hosts. It always leaves the record running
-// or in error, never half made.
-func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string]string, sreq scheduler.Request, p *principal) {
+// or has no room (memory, disk) it tries up to two other hosts. It always
+// leaves the record running or in error, never half made, and returns the
+// last host's error when it failed.
+func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string]string, sreq scheduler.Request, p *principal) error {
 	ctx, cancel := context.WithTimeout(s.bgCtx, s.cfg.CreateTimeout)
 	defer cancel()
 	hostID := *sb.HostID
@@ -294,15 +299,15 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 				// Destroyed while starting: do not leave a VM behind.
 				s.log.Warn("capsule changed state while starting; destroying it on the host", "capsule", sb.ID, "status", cur.Status, "err", terr)
 				_, _ = c.DestroySandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.ID}))
-				return
+				return terr
 			}
 			s.log.Info("capsule running", "capsule", sb.ID, "host", h.ID, "address", cur.HostIP)
 			s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.create", nil, map[string]any{"host_id": h.ID, "template": sb.Template})
-			return
+			return nil
 		}
 		lastErr = err
-		if connect.CodeOf(err) != connect.CodeUnavailable {
-			break // the host answered: another host would fail the same way
+		if code := connect.CodeOf(err); code != connect.CodeUnavailable && code != connect.CodeResourceExhausted {
+			break // the host answered about the request: another host would fail the same way
 		}
 	}
 	msg := "no host could start the capsule"
@@ -315,6 +320,10 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 	s.log.Error("capsule create failed", "capsule", sb.ID, "err", msg)
 	_, _ = s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "error", map[string]any{"error": msg, "stopped_at": store.Now})
 	s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.create", errors.New(msg), nil)
+	if lastErr == nil {
+		lastErr = errors.New(msg)
+	}
+	return lastErr
 }
 
 // agentFor returns the client of a host that can take calls.

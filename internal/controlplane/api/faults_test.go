@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -17,6 +18,8 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
+	"github.com/wrenn/wrenn/internal/testutil/fulldisk"
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -270,4 +273,77 @@ func TestAgentKilledDuringPauseAndResume(t *testing.T) {
 		usable("after a killed " + op)
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+}
+
+// The disk under the agent's WRENN_DIR fills up: a create and a pause
+// through the API are refused with the reason, the running capsule keeps
+// running with its files, nothing half made is left in the database or on
+// the host, and everything works again once space is freed.
+func TestFullDiskThroughTheAPI(t *testing.T) {
+	c := newCP(t)
+	admin := c.signup("admin@example.com")
+	dir := guestimages.AgentDirIn(t, fulldisk.Mount(t, 1024))
+	a := c.startAgentProcIn(admin, dir, "--min-free-mib", "64")
+	key := c.apiKey(admin)
+	var sb capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &sb)
+	if out, code := c.exec(key, sb.ID, "sh", "-c", "echo kept > /home/user/mark && sync"); code != 0 {
+		t.Fatalf("write: %q", out)
+	}
+
+	filler := fulldisk.Fill(t, dir)
+	createResp := c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256})
+	t.Logf("create on a full disk: %d %s", createResp.status, createResp.body)
+	if createResp.status != 503 || !strings.Contains(string(createResp.body), "host_full") || !strings.Contains(string(createResp.body), "free disk space under WRENN_DIR") {
+		t.Fatalf("create on a full disk: %d %s", createResp.status, createResp.body)
+	}
+	r := c.do("POST", "/v1/capsules/"+sb.ID+"/pause", creds{key: key}, nil)
+	if r.status != 503 || !strings.Contains(string(r.body), "free disk space under WRENN_DIR") {
+		t.Fatalf("pause on a full disk: %d %s", r.status, r.body)
+	}
+	var got capsuleOut
+	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
+	if got.Status != "running" {
+		t.Fatalf("after a refused pause the capsule is %q", got.Status)
+	}
+	if out, _ := c.exec(key, sb.ID, "cat", "/home/user/mark"); out != "kept\n" {
+		t.Fatalf("capsule after a refused pause: %q", out)
+	}
+
+	// The database and the host agree after a reconcile pass: the refused
+	// create left no VM, and its record says why it failed.
+	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
+	if _, err := rec.Pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	list, err := c.srv.agents.Get(a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(list.Msg.GetSandboxes()); n != 1 || list.Msg.GetSandboxes()[0].GetId() != sb.ID {
+		t.Fatalf("host holds %d sandboxes, want only %s: %v", n, sb.ID, list.Msg.GetSandboxes())
+	}
+	refused := regexp.MustCompile(`sb-[a-z0-9]+`).FindString(string(createResp.body))
+	var failed struct {
+		Status string `json:"status"`
+		Error  string `json:"status_reason"`
+	}
+	c.want(c.do("GET", "/v1/capsules/"+refused, creds{key: key}, nil), 200).json(t, &failed)
+	if failed.Status != "error" || !strings.Contains(failed.Error, "free disk space") {
+		t.Fatalf("the refused create is %+v in the database", failed)
+	}
+
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/pause", creds{key: key}, nil), 202)
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/resume", creds{key: key}, nil), 202)
+	if out, _ := c.exec(key, sb.ID, "cat", "/home/user/mark"); out != "kept\n" {
+		t.Fatalf("after pause and resume: %q", out)
+	}
+	var fresh capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &fresh)
+	for _, id := range []string{sb.ID, fresh.ID} {
+		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 202)
+	}
 }
