@@ -9,13 +9,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/kvm"
+	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 )
@@ -102,4 +106,117 @@ func TestFirecrackerOnKVM(t *testing.T) {
 		t.Logf("restore (lazy=%v) to envd: %v", lazy, time.Since(start))
 	}
 	_ = d.Stop(ctx, spec, inst)
+}
+
+// TestFirecrackerJailerOnKVM runs the same life under Firecracker's jailer:
+// chroot, unprivileged uid, the sandbox's namespace, and a cgroup with the
+// VM's limits under the agent's parent (this host's cgroup version). It
+// needs what TestFirecrackerOnKVM needs plus a jailer binary on PATH (or
+// WRENN_JAILER) of the same release as firecracker.
+func TestFirecrackerJailerOnKVM(t *testing.T) {
+	if !kvm.Usable() {
+		t.Skip("KVM suite: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); the jailer's command line and staged jail were checked against a stand-in above")
+	}
+	lookup := func(env, name string) string {
+		if p := os.Getenv(env); p != "" {
+			return p
+		}
+		p, err := exec.LookPath(name)
+		if err != nil {
+			t.Skipf("KVM suite: no %s binary on PATH (set %s)", name, env)
+		}
+		return p
+	}
+	bin, jailerBin := lookup("WRENN_FIRECRACKER", "firecracker"), lookup("WRENN_JAILER", "jailer")
+	if os.Geteuid() != 0 {
+		t.Skip("KVM suite: the jailer needs root")
+	}
+	wrennDir, kernel, _ := guestimages.Require(t)
+	hostlock.Take(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	nets := &network.Manager{Log: log}
+	if err := nets.PrepareHost(ctx); err != nil {
+		t.Fatal(err)
+	}
+	alloc, _ := network.ForSlot(32003)
+	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
+		t.Fatal(err)
+	}
+	defer nets.Teardown(context.Background(), alloc)
+	mounts, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := cgroup.Detect(mounts, "wrenn-kvm-test")
+	mounts.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	diskPath := filepath.Join(dir, "rootfs.ext4")
+	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath, 0); err != nil {
+		t.Fatal(err)
+	}
+	spec := vmm.Spec{
+		ID: "sb-fc-jailed", Kernel: kernel, Disk: diskPath, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256,
+		TapDevice: alloc.Tap, MAC: alloc.MAC, NetNS: alloc.NetNS, RunDir: filepath.Join(dir, "run"),
+		KernelArgs: alloc.KernelArgs([]netip.Addr{netip.MustParseAddr("1.1.1.1")}),
+	}
+	d := New(log, bin, false)
+	d.Jailer = &Jailer{Binary: jailerBin, UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail"),
+		Cgroups: &cgroup.VMMs{Hierarchy: h, OverheadMiB: 64}}
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatalf("jailed boot: %v\n%s", err, vmm.LogTail(filepath.Join(spec.RunDir, "vmm.log"), 30))
+	}
+	health := func() error {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			res, err := http.Get("http://" + alloc.SandboxIP.String() + ":49983/health")
+			if err == nil {
+				res.Body.Close()
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return err
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := health(); err != nil {
+		t.Fatalf("envd in the jailed VM: %v", err)
+	}
+	// The VMM runs as the jail's user, in the VM's cgroup with its limits.
+	if uid, _ := procfs.Status(inst.PID, "Uid"); !strings.HasPrefix(uid, "65534") {
+		t.Errorf("jailed firecracker runs as uid %q", uid)
+	}
+	for _, dir := range h.Paths(spec.ID) {
+		procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if err != nil || !strings.Contains(string(procs), strconv.Itoa(inst.PID)) {
+			t.Errorf("jailed firecracker %d is not in %s (%v)", inst.PID, dir, err)
+		}
+	}
+	snap := filepath.Join(dir, "snap")
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+		t.Fatal(err)
+	}
+	if inst, err = d.Restore(ctx, spec, snap); err != nil {
+		t.Fatal(err)
+	}
+	if err := health(); err != nil {
+		t.Fatalf("envd after a jailed restore: %v", err)
+	}
+	if err := d.Stop(ctx, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range h.Paths(spec.ID) {
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("the VM's cgroup %s outlived it (%v)", dir, err)
+		}
+	}
 }
