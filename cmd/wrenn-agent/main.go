@@ -142,11 +142,17 @@ func run() error {
 	var jailGroups *cgroup.VMMs
 	if *cgroupParent != "off" {
 		vmms, err := vmmCgroups(*cgroupParent, *overhead)
-		if err != nil {
+		switch {
+		case err == nil:
+			fc.Confine, cgroups, jailGroups = vmms, vmms, &vmms
+			log.Info("VMMs run in cgroups of their own", "parent", vmms.Dirs["memory"], "cgroup_v2", vmms.V2, "overhead_mib", *overhead)
+		case flagGiven(fs, "cgroup-parent", "WRENN_CGROUP_PARENT"):
 			return err
+		default:
+			// The default parent cannot be used (a container without a
+			// delegated cgroup, say): say so loudly rather than not start.
+			log.Warn("VMMs run WITHOUT cgroup limits: this host's cgroups cannot be used; fix it, or name a usable parent with --cgroup-parent, or silence this with --cgroup-parent off", "error", err)
 		}
-		fc.Confine, cgroups, jailGroups = vmms, vmms, &vmms
-		log.Info("VMMs run in cgroups of their own", "parent", vmms.Dirs["memory"], "cgroup_v2", vmms.V2, "overhead_mib", *overhead)
 	} else {
 		log.Warn("VMMs run without cgroup limits (--cgroup-parent off)")
 	}
@@ -421,4 +427,12 @@ func vmmCgroups(parent string, overheadMiB int) (cgroup.VMMs, error) {
 		return cgroup.VMMs{}, fmt.Errorf("--cgroup-parent: %w (an unprivileged agent needs scripts/prepare-wrenn-user.sh; or --cgroup-parent off)", err)
 	}
 	return cgroup.VMMs{Hierarchy: h, OverheadMiB: overheadMiB}, nil
+}
+
+// flagGiven reports whether the operator chose a setting, on the command
+// line or in the environment, rather than leaving the default.
+func flagGiven(fs *flag.FlagSet, name, env string) bool {
+	given := os.Getenv(env) != ""
+	fs.Visit(func(f *flag.Flag) { given = given || f.Name == name })
+	return given
 }
