@@ -24,45 +24,48 @@ import (
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 )
 
-// TestFirecrackerOnKVM boots the real guest image with the real firecracker
-// binary, snapshots it and restores it from the file and through the UFFD
-// handler. It needs a working KVM (see kvm.Usable), a firecracker binary
-// on PATH (or WRENN_FIRECRACKER), root, and the images from `make images`.
-func TestFirecrackerOnKVM(t *testing.T) {
+// kvmBinary skips the test unless this host can run the KVM suite, and
+// returns the binary named by env (or found on PATH as name).
+func kvmBinary(t *testing.T, env, name string) string {
+	t.Helper()
 	if !kvm.Usable() {
-		t.Skip("KVM suite: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); the API conformance tests above still ran")
-	}
-	bin := os.Getenv("WRENN_FIRECRACKER")
-	if bin == "" {
-		var err error
-		if bin, err = exec.LookPath("firecracker"); err != nil {
-			t.Skip("KVM suite: no firecracker binary on PATH (set WRENN_FIRECRACKER)")
-		}
+		t.Skip("KVM suite: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); the API conformance tests and the stand-in jailer above still ran")
 	}
 	if os.Geteuid() != 0 {
 		t.Skip("KVM suite: needs root for network namespaces")
 	}
+	if p := os.Getenv(env); p != "" {
+		return p
+	}
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("KVM suite: no %s binary on PATH (set %s)", name, env)
+	}
+	return p
+}
+
+// kvmVM prepares network slot and a copy of the minimal image for a VM
+// named id, and returns its spec and a wait for its envd to answer.
+func kvmVM(t *testing.T, ctx context.Context, slot int, id string) (vmm.Spec, func() error) {
+	t.Helper()
 	wrennDir, kernel, _ := guestimages.Require(t)
 	hostlock.Take(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	nets := &network.Manager{Log: log}
+	nets := &network.Manager{Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if err := nets.PrepareHost(ctx); err != nil {
 		t.Fatal(err)
 	}
-	alloc, _ := network.ForSlot(32002)
+	alloc, _ := network.ForSlot(slot)
 	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
 		t.Fatal(err)
 	}
-	defer nets.Teardown(context.Background(), alloc)
+	t.Cleanup(func() { _ = nets.Teardown(context.Background(), alloc) })
 	dir := t.TempDir()
 	diskPath := filepath.Join(dir, "rootfs.ext4")
 	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath, 0); err != nil {
 		t.Fatal(err)
 	}
 	spec := vmm.Spec{
-		ID: "sb-fc-kvm", Kernel: kernel, Disk: diskPath, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256,
+		ID: id, Kernel: kernel, Disk: diskPath, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256,
 		TapDevice: alloc.Tap, MAC: alloc.MAC, NetNS: alloc.NetNS, RunDir: filepath.Join(dir, "run"),
 		KernelArgs: alloc.KernelArgs([]netip.Addr{netip.MustParseAddr("1.1.1.1")}),
 	}
@@ -80,7 +83,19 @@ func TestFirecrackerOnKVM(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	d := New(log, bin, false)
+	return spec, health
+}
+
+// TestFirecrackerOnKVM boots the real guest image with the real firecracker
+// binary, snapshots it and restores it from the file and through the UFFD
+// handler. It needs a working KVM (see kvm.Usable), a firecracker binary
+// on PATH (or WRENN_FIRECRACKER), root, and the images from `make images`.
+func TestFirecrackerOnKVM(t *testing.T) {
+	bin := kvmBinary(t, "WRENN_FIRECRACKER", "firecracker")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	spec, health := kvmVM(t, ctx, 32002, "sb-fc-kvm")
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), bin, false)
 	start := time.Now()
 	inst, err := d.Boot(ctx, spec)
 	if err != nil {
@@ -91,7 +106,7 @@ func TestFirecrackerOnKVM(t *testing.T) {
 	}
 	t.Logf("firecracker boot to envd: %v", time.Since(start))
 	for _, lazy := range []bool{false, true} {
-		snap := filepath.Join(dir, "snap")
+		snap := filepath.Join(filepath.Dir(spec.RunDir), "snap")
 		if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
 			t.Fatal(err)
 		}
@@ -114,37 +129,11 @@ func TestFirecrackerOnKVM(t *testing.T) {
 // needs what TestFirecrackerOnKVM needs plus a jailer binary on PATH (or
 // WRENN_JAILER) of the same release as firecracker.
 func TestFirecrackerJailerOnKVM(t *testing.T) {
-	if !kvm.Usable() {
-		t.Skip("KVM suite: no usable KVM on this host (needs /dev/kvm and a CPU with vmx or svm); the jailer's command line and staged jail were checked against a stand-in above")
-	}
-	lookup := func(env, name string) string {
-		if p := os.Getenv(env); p != "" {
-			return p
-		}
-		p, err := exec.LookPath(name)
-		if err != nil {
-			t.Skipf("KVM suite: no %s binary on PATH (set %s)", name, env)
-		}
-		return p
-	}
-	bin, jailerBin := lookup("WRENN_FIRECRACKER", "firecracker"), lookup("WRENN_JAILER", "jailer")
-	if os.Geteuid() != 0 {
-		t.Skip("KVM suite: the jailer needs root")
-	}
-	wrennDir, kernel, _ := guestimages.Require(t)
-	hostlock.Take(t)
+	bin := kvmBinary(t, "WRENN_FIRECRACKER", "firecracker")
+	jailerBin := kvmBinary(t, "WRENN_JAILER", "jailer")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	nets := &network.Manager{Log: log}
-	if err := nets.PrepareHost(ctx); err != nil {
-		t.Fatal(err)
-	}
-	alloc, _ := network.ForSlot(32003)
-	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
-		t.Fatal(err)
-	}
-	defer nets.Teardown(context.Background(), alloc)
+	spec, health := kvmVM(t, ctx, 32003, "sb-fc-jailed")
 	mounts, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
@@ -157,36 +146,12 @@ func TestFirecrackerJailerOnKVM(t *testing.T) {
 	if err := h.Prepare(); err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	diskPath := filepath.Join(dir, "rootfs.ext4")
-	if _, err := (disk.SparseCopy{}).Clone(ctx, filepath.Join(wrennDir, "images/minimal/rootfs.ext4"), diskPath, 0); err != nil {
-		t.Fatal(err)
-	}
-	spec := vmm.Spec{
-		ID: "sb-fc-jailed", Kernel: kernel, Disk: diskPath, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256,
-		TapDevice: alloc.Tap, MAC: alloc.MAC, NetNS: alloc.NetNS, RunDir: filepath.Join(dir, "run"),
-		KernelArgs: alloc.KernelArgs([]netip.Addr{netip.MustParseAddr("1.1.1.1")}),
-	}
-	d := New(log, bin, false)
-	d.Jailer = &Jailer{Binary: jailerBin, UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail"),
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), bin, false)
+	d.Jailer = &Jailer{Binary: jailerBin, UID: 65534, GID: 65534, ChrootBase: filepath.Join(t.TempDir(), "jail"),
 		Cgroups: &cgroup.VMMs{Hierarchy: h, OverheadMiB: 64}}
 	inst, err := d.Boot(ctx, spec)
 	if err != nil {
 		t.Fatalf("jailed boot: %v\n%s", err, vmm.LogTail(filepath.Join(spec.RunDir, "vmm.log"), 30))
-	}
-	health := func() error {
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			res, err := http.Get("http://" + alloc.SandboxIP.String() + ":49983/health")
-			if err == nil {
-				res.Body.Close()
-				return nil
-			}
-			if time.Now().After(deadline) {
-				return err
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
 	}
 	if err := health(); err != nil {
 		t.Fatalf("envd in the jailed VM: %v", err)
@@ -201,7 +166,7 @@ func TestFirecrackerJailerOnKVM(t *testing.T) {
 			t.Errorf("jailed firecracker %d is not in %s (%v)", inst.PID, dir, err)
 		}
 	}
-	snap := filepath.Join(dir, "snap")
+	snap := filepath.Join(filepath.Dir(spec.RunDir), "snap")
 	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
 		t.Fatal(err)
 	}
