@@ -17,7 +17,6 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +32,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/agent/vmm/firecracker"
 	"github.com/wrenn/wrenn/internal/agent/vmm/qemu"
+	"github.com/wrenn/wrenn/internal/envconf"
 	"github.com/wrenn/wrenn/internal/kvm"
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/version"
@@ -46,55 +46,50 @@ func main() {
 	}
 }
 
-func envInt(key string, def int) int {
-	if n, err := strconv.Atoi(os.Getenv(key)); err == nil {
-		return n
-	}
-	return def
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
-}
-
 func run() error {
 	fs := flag.NewFlagSet("wrenn-agent", flag.ContinueOnError)
-	listen := fs.String("listen", envOr("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
-	proxyListen := fs.String("proxy-listen", envOr("WRENN_PROXY_LISTEN_ADDR", "127.0.0.1:5007"), "address of the proxy to sandbox ports, <port>-<sandbox>.<domain>; \"off\" disables (WRENN_PROXY_LISTEN_ADDR)")
-	dir := fs.String("dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
-	vmmName := fs.String("vmm", envOr("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
-	fcBinary := fs.String("firecracker", envOr("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
-	lazy := fs.Bool("lazy-memory", envOr("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
-	jailer := fs.String("jailer", envOr("WRENN_JAILER", ""), "Firecracker: run each VM under this jailer binary (WRENN_JAILER)")
+	var envErrs []error // numbers in the environment that do not parse
+	envInt := func(key string, def int) int {
+		n, err := envconf.Int(key, def)
+		envErrs = append(envErrs, err)
+		return n
+	}
+	listen := fs.String("listen", envconf.String("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
+	proxyListen := fs.String("proxy-listen", envconf.String("WRENN_PROXY_LISTEN_ADDR", "127.0.0.1:5007"), "address of the proxy to sandbox ports, <port>-<sandbox>.<domain>; \"off\" disables (WRENN_PROXY_LISTEN_ADDR)")
+	dir := fs.String("dir", envconf.String("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
+	vmmName := fs.String("vmm", envconf.String("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
+	fcBinary := fs.String("firecracker", envconf.String("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
+	lazy := fs.Bool("lazy-memory", envconf.String("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
+	jailer := fs.String("jailer", envconf.String("WRENN_JAILER", ""), "Firecracker: run each VM under this jailer binary (WRENN_JAILER)")
 	jailUID := fs.Int("jailer-uid", envInt("WRENN_JAILER_UID", 65534), "Firecracker: the uid jailed VMMs run as (WRENN_JAILER_UID)")
 	jailGID := fs.Int("jailer-gid", envInt("WRENN_JAILER_GID", 65534), "Firecracker: the gid jailed VMMs run as (WRENN_JAILER_GID)")
-	jailBase := fs.String("jailer-chroot", envOr("WRENN_JAILER_CHROOT", "/srv/jailer"), "Firecracker: the jailer's chroot base directory (WRENN_JAILER_CHROOT)")
-	diffSnaps := fs.Bool("diff-snapshots", envOr("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
-	diskName := fs.String("disk", envOr("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
-	dns := fs.String("dns", envOr("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
+	jailBase := fs.String("jailer-chroot", envconf.String("WRENN_JAILER_CHROOT", "/srv/jailer"), "Firecracker: the jailer's chroot base directory (WRENN_JAILER_CHROOT)")
+	diffSnaps := fs.Bool("diff-snapshots", envconf.String("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
+	diskName := fs.String("disk", envconf.String("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
+	dns := fs.String("dns", envconf.String("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
-	tlsCert := fs.String("tls-cert", envOr("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
-	tlsKey := fs.String("tls-key", envOr("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
-	clientCA := fs.String("tls-client-ca", envOr("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
-	managedTLS := fs.Bool("managed-tls", envOr("WRENN_AGENT_MANAGED_TLS", "") == "1", "at --register, have the control plane's CA (WRENN_AGENT_CA_DIR) certify a key made here and serve mutual TLS with it, renewed at heartbeats (WRENN_AGENT_MANAGED_TLS=1)")
+	tlsCert := fs.String("tls-cert", envconf.String("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
+	tlsKey := fs.String("tls-key", envconf.String("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
+	clientCA := fs.String("tls-client-ca", envconf.String("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
+	managedTLS := fs.Bool("managed-tls", envconf.String("WRENN_AGENT_MANAGED_TLS", "") == "1", "at --register, have the control plane's CA (WRENN_AGENT_CA_DIR) certify a key made here and serve mutual TLS with it, renewed at heartbeats (WRENN_AGENT_MANAGED_TLS=1)")
 	register := fs.String("register", "", "register this host with the control plane using this one-time token, then serve")
-	address := fs.String("address", envOr("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
-	cpURL := fs.String("cp-url", envOr("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
+	address := fs.String("address", envconf.String("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
+	cpURL := fs.String("cp-url", envconf.String("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
 	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
 	minFree := fs.Int("min-free-mib", envInt("WRENN_MIN_FREE_MIB", sandbox.DefaultMinFreeMiB), "disk space under --dir that creates, pauses and resumes leave free; they are refused with a clear error rather than fill the disk (WRENN_MIN_FREE_MIB)")
-	cgroupParent := fs.String("cgroup-parent", envOr("WRENN_CGROUP_PARENT", "wrenn"), "each VMM runs in <cgroup root>/<this>/<sandbox id> with its VM's CPU, memory and process limits; \"off\" runs VMMs without (WRENN_CGROUP_PARENT)")
+	cgroupParent := fs.String("cgroup-parent", envconf.String("WRENN_CGROUP_PARENT", "wrenn"), "each VMM runs in <cgroup root>/<this>/<sandbox id> with its VM's CPU, memory and process limits; \"off\" runs VMMs without (WRENN_CGROUP_PARENT)")
 	overhead := fs.Int("vmm-overhead-mib", envInt("WRENN_VMM_OVERHEAD_MIB", 256), "memory a VMM may use beyond its guest's RAM before its cgroup limit (WRENN_VMM_OVERHEAD_MIB)")
-	runAs := fs.String("user", envOr("WRENN_USER", ""), "started as root, prepare the host and go on as this user with only CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (scripts/prepare-wrenn-user.sh creates it) (WRENN_USER)")
-	slots := fs.String("slots", envOr("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
-	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
+	runAs := fs.String("user", envconf.String("WRENN_USER", ""), "started as root, prepare the host and go on as this user with only CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (scripts/prepare-wrenn-user.sh creates it) (WRENN_USER)")
+	slots := fs.String("slots", envconf.String("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
+	logLevel := fs.String("log-level", envconf.String("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
+		return err
+	}
+	if err := errors.Join(envErrs...); err != nil {
 		return err
 	}
 	if *showVersion {

@@ -19,6 +19,7 @@ import (
 	"github.com/wrenn/wrenn/internal/bench/bootbench"
 	"github.com/wrenn/wrenn/internal/bench/cpbench"
 	"github.com/wrenn/wrenn/internal/bench/envdbench"
+	"github.com/wrenn/wrenn/internal/envconf"
 )
 
 func main() {
@@ -36,8 +37,8 @@ func run() error {
 	boots := flag.Int("boots", 5, "guest boots to time")
 	agentRuns := flag.Int("agent-runs", 5, "sandbox create/pause/resume cycles to time")
 	idle := flag.Int("idle", 4, "idle sandboxes to measure the cost of")
-	wrennDir := flag.String("wrenn-dir", envOr("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
-	dbURL := flag.String("database-url", envOr("DATABASE_URL", ""), "PostgreSQL for the control plane suite (it makes and drops its own database)")
+	wrennDir := flag.String("wrenn-dir", envconf.String("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
+	dbURL := flag.String("database-url", envconf.String("DATABASE_URL", ""), "PostgreSQL for the control plane suite (it makes and drops its own database)")
 	listRows := flag.Int("list-rows", 100, "capsule records GET /v1/capsules returns")
 	listFor := flag.Duration("list-for", 5*time.Second, "how long to load GET /v1/capsules")
 	creates := flag.Int("creates", 3, "capsule creates through the API to time")
@@ -117,11 +118,4 @@ func run() error {
 		fmt.Printf("\nJSON: %s\n", *jsonOut)
 	}
 	return nil
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
 }

@@ -17,7 +17,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -32,6 +31,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/controlplane/web"
+	"github.com/wrenn/wrenn/internal/envconf"
 	"github.com/wrenn/wrenn/internal/version"
 )
 
@@ -40,37 +40,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, "wrenn-cp:", err)
 		os.Exit(1)
 	}
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
-}
-
-func envDuration(key string, def time.Duration) (time.Duration, error) {
-	v := os.Getenv(key)
-	if v == "" {
-		return def, nil
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		return 0, fmt.Errorf("%s: %w", key, err)
-	}
-	return d, nil
-}
-
-func envBool(key string, def bool) (bool, error) {
-	v := os.Getenv(key)
-	if v == "" {
-		return def, nil
-	}
-	b, err := strconv.ParseBool(v)
-	if err != nil {
-		return false, fmt.Errorf("%s must be true or false: %w", key, err)
-	}
-	return b, nil
 }
 
 func run(args []string) error {
@@ -126,7 +95,7 @@ func signer(ctx context.Context, st *store.Store) (*auth.Signer, error) {
 	if len(secret) < 32 {
 		return nil, errors.New("WRENN_JWT_SECRET must be at least 32 characters")
 	}
-	ttl, err := envDuration("WRENN_JWT_TTL", auth.UserTokenTTL)
+	ttl, err := envconf.Duration("WRENN_JWT_TTL", auth.UserTokenTTL)
 	if err != nil {
 		return nil, err
 	}
@@ -135,8 +104,8 @@ func signer(ctx context.Context, st *store.Store) (*auth.Signer, error) {
 
 func serve(cmd string, args []string) error {
 	fs := flag.NewFlagSet("wrenn-cp", flag.ContinueOnError)
-	listen := fs.String("listen", envOr("WRENN_CP_LISTEN_ADDR", ":8000"), "address of the API (WRENN_CP_LISTEN_ADDR)")
-	logLevel := fs.String("log-level", envOr("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error (WRENN_LOG_LEVEL)")
+	listen := fs.String("listen", envconf.String("WRENN_CP_LISTEN_ADDR", ":8000"), "address of the API (WRENN_CP_LISTEN_ADDR)")
+	logLevel := fs.String("log-level", envconf.String("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error (WRENN_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -162,15 +131,15 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
-	interval, err := envDuration("WRENN_RECONCILE_INTERVAL", 10*time.Second)
+	interval, err := envconf.Duration("WRENN_RECONCILE_INTERVAL", 10*time.Second)
 	if err != nil {
 		return err
 	}
-	silence, err := envDuration("WRENN_HOST_SILENCE", 90*time.Second)
+	silence, err := envconf.Duration("WRENN_HOST_SILENCE", 90*time.Second)
 	if err != nil {
 		return err
 	}
-	allowPrivate, err := envBool("WRENN_NOTIFY_ALLOW_PRIVATE", false)
+	allowPrivate, err := envconf.Bool("WRENN_NOTIFY_ALLOW_PRIVATE", false)
 	if err != nil {
 		return err
 	}
@@ -242,7 +211,7 @@ func admin(sub string, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log, err := logger(envOr("WRENN_LOG_LEVEL", "warn"))
+	log, err := logger(envconf.String("WRENN_LOG_LEVEL", "warn"))
 	if err != nil {
 		return err
 	}
