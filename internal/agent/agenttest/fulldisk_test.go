@@ -64,6 +64,13 @@ func TestFullDisk(t *testing.T) {
 		t.Fatalf("after a refused resume: %v %v", got, err)
 	}
 
+	// Saving a template is refused and installs nothing.
+	_, err = a.client.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: running.GetId(), Name: "full-tpl"}))
+	wantCode(t, err, connect.CodeResourceExhausted)
+	if _, err := os.Stat(filepath.Join(dir, "images", "full-tpl")); !os.IsNotExist(err) {
+		t.Fatalf("a refused template save left files: %v", err)
+	}
+
 	// The guest writes more than the host has: QEMU holds the VM instead of
 	// failing the writes, and it finishes once there is room.
 	if out, code := a.sh(ctx, running.GetId(),

@@ -677,6 +677,11 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (
 	}
 	defer e.mu.Unlock()
 	rec := e.rec
+	// The copy holds the disk's data; its size is not known before, so the
+	// reserve is what is checked, and a full disk midway is reported as such.
+	if err := m.needSpace("saving template "+name, 0); err != nil {
+		return template.Metadata{}, err
+	}
 	switch rec.State {
 	case Running:
 		if err := m.client(e).PrepareSnapshot(ctx); err != nil {
@@ -698,12 +703,12 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (
 	tmp := filepath.Join(m.sandboxDir(id), "template.raw")
 	defer os.Remove(tmp)
 	if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
-		return template.Metadata{}, err
+		return template.Metadata{}, noSpace(err)
 	}
 	parent, _ := m.templates.Get(rec.Template)
 	meta, err := m.templates.Install(ctx, name, tmp, template.Metadata{Source: source + ":" + id, Parent: rec.Template, EnvdVersion: parent.EnvdVersion})
 	if err != nil {
-		return template.Metadata{}, err
+		return template.Metadata{}, noSpace(err)
 	}
 	m.log.Info("template saved from sandbox", "template", name, "sandbox", id, "took", time.Since(start).Round(time.Millisecond))
 	return meta, nil
