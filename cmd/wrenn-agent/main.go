@@ -113,7 +113,7 @@ func run() error {
 			}
 			plan.Cgroups = &h
 		}
-		if _, err := privdrop.Become(plan); err != nil {
+		if err := privdrop.Become(plan); err != nil {
 			return err
 		}
 	}

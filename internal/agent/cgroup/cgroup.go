@@ -21,8 +21,8 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 )
 
-// controllers the limits need.
-var controllers = []string{"cpu", "memory", "pids"}
+// controllers are the ones the limits need.
+func controllers() []string { return []string{"cpu", "memory", "pids"} }
 
 // Limits for one VMM.
 type Limits struct {
@@ -89,7 +89,7 @@ func Detect(mountinfo io.Reader, parent string) (Hierarchy, error) {
 			}
 		case "cgroup":
 			for _, opt := range strings.Split(fields[sep+3], ",") {
-				for _, c := range controllers {
+				for _, c := range controllers() {
 					if opt == c {
 						v1[c] = mountpoint
 					}
@@ -103,12 +103,12 @@ func Detect(mountinfo io.Reader, parent string) (Hierarchy, error) {
 	h := Hierarchy{Parent: parent, Dirs: map[string]string{}}
 	if len(v1) == 0 && v2 != "" {
 		h.V2 = true
-		for _, c := range controllers {
+		for _, c := range controllers() {
 			h.Dirs[c] = filepath.Join(v2, parent)
 		}
 		return h, nil
 	}
-	for _, c := range controllers {
+	for _, c := range controllers() {
 		mp, ok := v1[c]
 		if !ok {
 			return Hierarchy{}, fmt.Errorf("no cgroup v1 %s controller mounted (found %v), and cgroup v2 is not the only hierarchy", c, keys(v1))
@@ -139,7 +139,7 @@ func unescape(s string) string {
 
 func keys(m map[string]string) []string {
 	var out []string
-	for _, c := range controllers {
+	for _, c := range controllers() {
 		if _, ok := m[c]; ok {
 			out = append(out, c)
 		}
@@ -177,7 +177,7 @@ func enable(dir string) error {
 		return fmt.Errorf("cgroup: %w", err)
 	}
 	var want []string
-	for _, c := range controllers {
+	for _, c := range controllers() {
 		if !strings.Contains(" "+strings.TrimSpace(string(have))+" ", " "+c+" ") {
 			want = append(want, "+"+c)
 		}
@@ -195,7 +195,7 @@ func enable(dir string) error {
 func (h Hierarchy) dirs() []string {
 	seen := map[string]bool{}
 	var out []string
-	for _, c := range controllers {
+	for _, c := range controllers() {
 		if d := h.Dirs[c]; !seen[d] {
 			seen[d] = true
 			out = append(out, d)

@@ -65,7 +65,7 @@ func TestSettings(t *testing.T) {
 func TestConfineWritesAndRemoves(t *testing.T) {
 	root := t.TempDir()
 	h := Hierarchy{Parent: "wrenn", Dirs: map[string]string{}}
-	for _, c := range controllers {
+	for _, c := range controllers() {
 		h.Dirs[c] = filepath.Join(root, c, "wrenn")
 	}
 	if err := h.Prepare(); err != nil {

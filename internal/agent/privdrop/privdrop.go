@@ -22,10 +22,11 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 )
 
-// Capabilities the agent keeps. net_admin: links, TAP devices, routes,
-// iptables rules and network sysctls; net_raw: iptables; sys_admin: making
-// network namespaces (a bind mount) and entering them (setns).
-var Capabilities = []string{"net_admin", "net_raw", "sys_admin"}
+// keptCaps is setpriv's form of the capabilities the agent keeps.
+// net_admin: links, TAP devices, routes, iptables rules and network
+// sysctls; net_raw: iptables; sys_admin: making network namespaces (a bind
+// mount) and entering them (setns).
+const keptCaps = "-all,+net_admin,+net_raw,+sys_admin"
 
 // AgentGroup is the agent's own group below the cgroup parent. Its name
 // starts with a dot, which no sandbox id does.
@@ -42,60 +43,57 @@ type Plan struct {
 }
 
 // Become prepares the host as root and replaces this process with the
-// agent running as p.User; the new agent sees the same flags and carries
-// on (done is true) because it already is that user. It returns done=false
-// only with an error.
-func Become(p Plan) (done bool, err error) {
+// agent running as p.User. The new agent sees the same flags, and Become
+// returns nil to it because it already is that user; anything else that
+// returns is an error.
+func Become(p Plan) error {
 	u, err := user.Lookup(p.User)
 	if err != nil {
-		return false, fmt.Errorf("--user: %w (scripts/prepare-wrenn-user.sh creates it)", err)
+		return fmt.Errorf("--user: %w (scripts/prepare-wrenn-user.sh creates it)", err)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	switch {
 	case uid == 0:
-		return false, fmt.Errorf("--user %s is root", p.User)
+		return fmt.Errorf("--user %s is root", p.User)
 	case os.Geteuid() == uid:
-		return true, nil
+		return nil
 	case os.Geteuid() != 0:
-		return false, fmt.Errorf("--user %s: start the agent as root; it drops to the user itself", p.User)
+		return fmt.Errorf("--user %s: start the agent as root; it drops to the user itself", p.User)
 	}
 	if err := checkOwner(p.WrennDir, uid); err != nil {
-		return false, err
+		return err
 	}
 	if err := os.MkdirAll("/run/netns", 0o755); err != nil {
-		return false, fmt.Errorf("prepare /run/netns: %w", err)
+		return fmt.Errorf("prepare /run/netns: %w", err)
 	}
 	if err := os.Chown("/run/netns", uid, gid); err != nil {
-		return false, fmt.Errorf("prepare /run/netns: %w", err)
+		return fmt.Errorf("prepare /run/netns: %w", err)
 	}
 	if p.Cgroups != nil {
 		if err := delegate(*p.Cgroups, uid, gid); err != nil {
-			return false, err
+			return err
 		}
 	}
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
-		return false, fmt.Errorf("--user needs setpriv (util-linux): %w", err)
+		return fmt.Errorf("--user needs setpriv (util-linux): %w", err)
 	}
 	self, err := os.Executable()
 	if err != nil {
-		return false, fmt.Errorf("find the agent binary: %w", err)
+		return fmt.Errorf("find the agent binary: %w", err)
 	}
-	err = syscall.Exec(setpriv, append(SetprivArgs(uid, gid), append([]string{self}, p.Args...)...), os.Environ())
-	return false, fmt.Errorf("exec setpriv: %w", err)
+	err = syscall.Exec(setpriv, append(setprivArgs(uid, gid), append([]string{self}, p.Args...)...), os.Environ())
+	return fmt.Errorf("exec setpriv: %w", err)
 }
 
-// SetprivArgs is setpriv's command line up to the program: become uid:gid
-// (with the user's groups, kvm among them) holding exactly Capabilities,
-// inherited by the agent's own helpers (ip, iptables) and nothing more.
-func SetprivArgs(uid, gid int) []string {
-	caps := "-all"
-	for _, c := range Capabilities {
-		caps += ",+" + c
-	}
+// setprivArgs is setpriv's command line up to the program: become uid:gid
+// (with the user's groups, kvm among them) holding exactly the kept
+// capabilities, inherited by the agent's own helpers (ip, iptables) and
+// nothing more.
+func setprivArgs(uid, gid int) []string {
 	return []string{"setpriv", "--reuid=" + strconv.Itoa(uid), "--regid=" + strconv.Itoa(gid), "--init-groups",
-		"--inh-caps=" + caps, "--ambient-caps=" + caps, "--bounding-set=" + caps, "--"}
+		"--inh-caps=" + keptCaps, "--ambient-caps=" + keptCaps, "--bounding-set=" + keptCaps, "--"}
 }
 
 // checkOwner insists that the user owns WRENN_DIR: sandboxes made by a
