@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -91,6 +92,48 @@ func TestJourneyThroughTheCLI(t *testing.T) {
 	out, _, code = c.run("echo from-the-shell-$((2*21))\nexit 4\n", "shell", sb.ID)
 	if code != 4 || !strings.Contains(out, "from-the-shell-42") {
 		t.Fatalf("shell: %d %q", code, out)
+	}
+
+	// shell on a real terminal: raw keys, its size, a resize, Ctrl-] to
+	// leave the session running, --join to come back, and the exit code.
+	term := c.startOnPTY(120, 40, "shell", sb.ID)
+	tag := regexp.MustCompile(`--join ([A-Za-z0-9-]+)`).FindStringSubmatch(term.expect("--join "))
+	if tag == nil {
+		t.Fatal("the shell did not name its session")
+	}
+	term.expect("user@") // the remote prompt: the CLI is in raw mode by now
+	term.keys("stty size; echo typed-$((6*7))\r")
+	term.expect("40 120")
+	term.expect("typed-42")
+	if !strings.Contains(term.expect("typed-42"), "echo typed-") {
+		t.Fatal("keystrokes were not echoed by the remote terminal")
+	}
+	setSize(t, term.master, 100, 30) // the kernel sends the CLI SIGWINCH
+	for try := 0; ; try++ {          // the resize travels to the guest while we ask
+		term.keys("stty size\r")
+		if _, ok := term.shows("30 100", time.Second); ok {
+			break
+		}
+		if try == 20 {
+			t.Fatalf("the remote terminal never took the new size:\n%s", term.expect("30 100"))
+		}
+	}
+	term.keys("cd /tmp && export KEPT=yes\r\x1d")
+	term.expect("[left session " + tag[1] + " running]")
+	if code := term.wait(); code != 0 {
+		t.Fatalf("leaving with Ctrl-]: exit %d", code)
+	}
+	if !term.cooked() {
+		t.Fatal("the CLI left the terminal in raw mode")
+	}
+	again := c.startOnPTY(90, 20, "shell", sb.ID, "--join", tag[1])
+	again.expect("--join " + tag[1])
+	time.Sleep(300 * time.Millisecond) // a rejoined session shows no new prompt
+	again.keys("echo back-in-$(pwd)-$KEPT\r")
+	again.expect("back-in-/tmp-yes")
+	again.keys("exit 3\r")
+	if code := again.wait(); code != 3 {
+		t.Fatalf("exit code through the terminal: %d", code)
 	}
 
 	// files put, ls, get, mkdir, rm.
