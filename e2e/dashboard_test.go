@@ -9,7 +9,8 @@ import (
 
 // The dashboard that wrenn-cp embeds, in headless Chromium (Debian's
 // chromium driven by playwright-core): log in, create a capsule, run a
-// command in its terminal, upload a file, see it listed, destroy the
+// command in its terminal, upload a file, see it listed, tag a host,
+// create a team and switch to it and back, destroy the
 // capsule. Screenshots of the main pages are kept in
 // $WRENN_ARTIFACTS/dashboard (default: the test's temporary directory).
 func TestDashboardInChromium(t *testing.T) {
@@ -38,7 +39,7 @@ func TestDashboardInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatalf("dashboard journey failed: %v (screenshots in %s)", err, shots)
 	}
-	for _, page := range []string{"login", "capsules", "capsule-terminal", "capsule-files", "templates", "keys", "usage", "audit", "hosts"} {
+	for _, page := range []string{"login", "capsules", "capsule-terminal", "capsule-files", "templates", "keys", "usage", "audit", "hosts", "hosts-tagged", "team-switched"} {
 		if st, err := os.Stat(filepath.Join(shots, page+".png")); err != nil || st.Size() < 2000 {
 			t.Errorf("screenshot of %s missing or empty: %v", page, err)
 		}

@@ -1,6 +1,7 @@
 // The dashboard in headless Chromium against a running stack: log in,
 // create a capsule, run `echo hi` in its terminal, upload a file and see it
-// listed, destroy the capsule. Screenshots of the main pages go to
+// listed, tag a host, create a team and switch to it and back, destroy the
+// capsule. Screenshots of the main pages go to
 // $SCREENSHOTS. Run by e2e/dashboard_test.go.
 import { chromium } from 'playwright-core'
 import { mkdirSync, writeFileSync } from 'node:fs'
@@ -69,6 +70,34 @@ try {
     await page.waitForTimeout(300)
     await shot(p)
   }
+
+  // Host tags: add one, see it, remove it.
+  await page.goto(`${base}/#/hosts`)
+  const hostCell = page.locator('td.mono').first()
+  const hostID = (await hostCell.textContent()).trim()
+  await page.getByLabel(`New tag for ${hostID}`).fill('gpu')
+  await page.getByRole('button', { name: `Add tag to ${hostID}` }).click()
+  await page.getByRole('button', { name: `Remove tag gpu from ${hostID}` }).waitFor()
+  await shot('hosts-tagged')
+  await page.getByRole('button', { name: `Remove tag gpu from ${hostID}` }).click()
+  await page.getByRole('button', { name: `Remove tag gpu from ${hostID}` }).waitFor({ state: 'detached' })
+  step(`tagged and untagged ${hostID}`)
+
+  // Teams: make one, land in it (no capsules there), switch back.
+  await page.goto(`${base}/#/team`)
+  const firstTeam = (await page.locator('main h1').textContent()).replace('Team: ', '').trim()
+  await page.getByLabel('New team name').fill('dashboard-team')
+  await page.getByRole('button', { name: 'Create team' }).click()
+  await page.getByRole('heading', { name: 'Team: dashboard-team' }).waitFor()
+  await page.goto(`${base}/#/capsules`)
+  await page.getByText('No capsules.').waitFor()
+  await page.goto(`${base}/#/team`)
+  await shot('team-switched')
+  await page.getByRole('button', { name: `Switch to ${firstTeam}` }).click()
+  await page.getByRole('heading', { name: `Team: ${firstTeam}` }).waitFor()
+  await page.goto(`${base}/#/capsules`)
+  await page.getByRole('link', { name: id }).waitFor()
+  step('created a team, switched to it and back')
 
   await page.goto(`${base}/#/capsules/${id}`)
   await page.getByRole('button', { name: 'Destroy' }).click()
