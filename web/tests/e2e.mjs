@@ -85,7 +85,9 @@ try {
 
   // Teams: make one, land in it (no capsules there), switch back.
   await page.goto(`${base}/#/team`)
-  const firstTeam = (await page.locator('main h1').textContent()).replace('Team: ', '').trim()
+  const heading = page.getByRole('heading', { name: /^Team: / }) // named once the teams have loaded
+  await heading.waitFor()
+  const firstTeam = (await heading.textContent()).replace('Team: ', '').trim()
   await page.getByLabel('New team name').fill('dashboard-team')
   await page.getByRole('button', { name: 'Create team' }).click()
   await page.getByRole('heading', { name: 'Team: dashboard-team' }).waitFor()
