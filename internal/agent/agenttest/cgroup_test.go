@@ -121,7 +121,7 @@ func TestVMMCgroupLimits(t *testing.T) {
 	if !h.V2 {
 		peak, _ := strconv.ParseInt(readTrim(t, filepath.Join(h.Dirs["memory"], sb.GetId(), "memory.max_usage_in_bytes")), 10, 64)
 		throttled := readTrim(t, filepath.Join(h.Dirs["cpu"], sb.GetId(), "cpu.stat"))
-		t.Logf("QEMU peak memory %d MiB of a %d MiB cap; cpu.stat: %s", peak>>20, (384 + 256), strings.ReplaceAll(throttled, "\n", ", "))
+		t.Logf("QEMU peak memory %d MiB of a %d MiB cap; cpu.stat: %s", peak>>20, cgroup.ForVM(2, 384, 256).MemoryBytes>>20, strings.ReplaceAll(throttled, "\n", ", "))
 	}
 
 	if _, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.GetId()})); err != nil {

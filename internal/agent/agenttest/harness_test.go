@@ -85,6 +85,9 @@ func newAgentIn(t *testing.T, dir string, hc *http.Client, scheme string, extraA
 	a := &agent{t: t, dir: dir, logPath: filepath.Join(t.TempDir(), "agent.log"), addr: "127.0.0.1:" + freeport.Get(t), proxy: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
 	a.start()
 	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent log (last lines):\n%s", a.logTail())
+		}
 		a.stop()
 		a.destroyAll()
 		a.assertClean()

@@ -35,12 +35,16 @@ type Limits struct {
 }
 
 // ForVM returns the limits for a VM: its vCPUs plus a quarter CPU for
-// device emulation, its memory plus the VMM's own overhead, and room for
-// the VMM's threads and the helper it starts to write snapshots.
+// device emulation; twice its memory plus the VMM's own overhead (the
+// guest's RAM, and the page cache of writing a snapshot of that RAM, which
+// the group is charged for and which a file system such as tmpfs cannot
+// drop); and room for the VMM's threads and the helper it starts to write
+// snapshots. The memory limit is a cap on a runaway VMM, not a packing
+// figure: hitting it kills the VMM.
 func ForVM(vcpus, memoryMiB, overheadMiB int) Limits {
 	return Limits{
 		CPUs:        float64(vcpus) + 0.25,
-		MemoryBytes: int64(memoryMiB+overheadMiB) << 20,
+		MemoryBytes: int64(2*memoryMiB+overheadMiB) << 20,
 		Pids:        128 + 4*vcpus,
 	}
 }

@@ -51,11 +51,11 @@ func TestDetect(t *testing.T) {
 func TestSettings(t *testing.T) {
 	lim := ForVM(2, 512, 64)
 	v1 := Hierarchy{}.Settings(lim)
-	if want := []string{"cpu.cfs_period_us=100000", "cpu.cfs_quota_us=225000", "memory.limit_in_bytes=603979776", "pids.max=136"}; !reflect.DeepEqual(v1, want) {
+	if want := []string{"cpu.cfs_period_us=100000", "cpu.cfs_quota_us=225000", "memory.limit_in_bytes=1140850688", "pids.max=136"}; !reflect.DeepEqual(v1, want) {
 		t.Fatalf("v1: %v", v1)
 	}
 	v2 := Hierarchy{V2: true}.Settings(lim)
-	if want := []string{"cpu.max=225000 100000", "memory.max=603979776", "pids.max=136"}; !reflect.DeepEqual(v2, want) {
+	if want := []string{"cpu.max=225000 100000", "memory.max=1140850688", "pids.max=136"}; !reflect.DeepEqual(v2, want) {
 		t.Fatalf("v2: %v", v2)
 	}
 }
@@ -81,7 +81,7 @@ func TestConfineWritesAndRemoves(t *testing.T) {
 		data, _ := os.ReadFile(filepath.Join(h.Dirs[c], "sb-1", f))
 		return string(data)
 	}
-	if read("memory", "memory.limit_in_bytes") != "201326592" || read("cpu", "cgroup.procs") != "4242" || read("pids", "pids.max") != "132" {
+	if read("memory", "memory.limit_in_bytes") != "335544320" || read("cpu", "cgroup.procs") != "4242" || read("pids", "pids.max") != "132" {
 		t.Fatalf("files: %q %q %q", read("memory", "memory.limit_in_bytes"), read("cpu", "cgroup.procs"), read("pids", "pids.max"))
 	}
 	// A group whose process list is empty is an orphan; one with a process is not.

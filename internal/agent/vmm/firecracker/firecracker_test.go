@@ -295,9 +295,9 @@ func TestJailer(t *testing.T) {
 		}
 		if e.Method == "JAILER" {
 			jailers++
-			// Two vCPUs and a quarter for the VMM; 256 MiB and 64 for the VMM.
+			// Two vCPUs and a quarter for the VMM; twice 256 MiB and 64 for the VMM.
 			for _, want := range []string{"--uid 65534", "--cgroup-version 1", "--parent-cgroup wrenn", "--cgroup cpu.cfs_quota_us=225000",
-				"--cgroup cpu.cfs_period_us=100000", "--cgroup memory.limit_in_bytes=335544320", "--cgroup pids.max=136"} {
+				"--cgroup cpu.cfs_period_us=100000", "--cgroup memory.limit_in_bytes=603979776", "--cgroup pids.max=136"} {
 				if !strings.Contains(e.Path, want) {
 					t.Fatalf("jailer arguments lack %q: %s", want, e.Path)
 				}

@@ -56,7 +56,9 @@ func qmpSocket(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "qmp.so
 // args builds the QEMU command line. Boot and Restore use the same one, as
 // migration requires.
 func (d *Driver) args(spec vmm.Spec) []string {
-	accel, cpu := "tcg", "qemu64,+arat"
+	// TCG's translation cache would otherwise grow to 1 GiB of the VMM's
+	// memory, which its cgroup limit counts; 128 MiB is plenty for one guest.
+	accel, cpu := "tcg,tb-size=128", "qemu64,+arat"
 	if d.kvm {
 		accel, cpu = "kvm", "host"
 	}
