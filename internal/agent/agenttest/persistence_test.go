@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -266,4 +267,38 @@ func TestTimeoutReaper(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	t.Fatalf("reaper did not act within 60 s\n%s", a.logTail())
+}
+
+// A VMM that dies under a running sandbox (here: kill -9) is noticed within
+// a reaper interval: the sandbox goes to error with the reason, refuses
+// what needs a VM, and destroys cleanly.
+func TestDeadVMMIsReported(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 2*time.Minute)
+	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-dies"})
+	pid := qemuPID(t, a.dir, sb.GetId())
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var got *pb.Sandbox
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		res, err := a.client.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: sb.GetId()}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got = res.Msg.GetSandbox(); got.GetState() == pb.SandboxState_SANDBOX_STATE_ERROR {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the sandbox stayed %v after its VMM died", got.GetState())
+		}
+	}
+	if !strings.Contains(got.GetError(), "exited unexpectedly") || !strings.Contains(got.GetError(), strconv.Itoa(pid)) {
+		t.Fatalf("error does not explain: %q", got.GetError())
+	}
+	_, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.GetId()}))
+	wantCode(t, err, connect.CodeFailedPrecondition)
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.GetId()})); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -328,3 +328,22 @@ var _ vmm.Confiner = VMMs{}
 func (v VMMs) Confine(spec vmm.Spec, pid int) error {
 	return v.Hierarchy.Confine(spec.ID, pid, ForVM(spec.VCPUs, spec.MemoryMiB, v.OverheadMiB))
 }
+
+// OOMKilled reports whether the kernel's OOM killer has ended a process of
+// VM id's group at the group's memory limit.
+func (h Hierarchy) OOMKilled(id string) bool {
+	file := "memory.oom_control" // v1: "oom_kill N"
+	if h.V2 {
+		file = "memory.events" // v2: "oom_kill N"
+	}
+	data, err := os.ReadFile(filepath.Join(h.Dirs["memory"], id, file))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if n, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			return strings.TrimSpace(n) != "0"
+		}
+	}
+	return false
+}

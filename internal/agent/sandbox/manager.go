@@ -73,6 +73,9 @@ type Config struct {
 type Cgroups interface {
 	Remove(id string) error
 	EmptyGroups() []string
+	// OOMKilled reports whether the kernel's OOM killer ended a process
+	// in the group at its memory limit.
+	OOMKilled(id string) bool
 }
 
 // releaseCgroup removes a sandbox's control group once its VMM is gone.

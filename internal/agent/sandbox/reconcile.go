@@ -59,9 +59,11 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		case rec.State == Running && m.cfg.Driver.Alive(rec.Spec, rec.VMM):
 			// A pause cut short by the agent's death may have stopped the
 			// vCPUs: make sure the adopted VM runs.
-			if err := m.cfg.Driver.Thaw(ctx, rec.Spec, rec.VMM); err != nil {
+			thawCtx, cancel := context.WithTimeout(ctx, 5*time.Second) // a hung VMM must not hold up the start
+			if err := m.cfg.Driver.Thaw(thawCtx, rec.Spec, rec.VMM); err != nil {
 				m.log.Warn("could not make sure the adopted sandbox runs", "sandbox", rec.ID, "error", err)
 			}
+			cancel()
 			_ = os.RemoveAll(m.snapshotDir(rec.ID)) // what that pause had written
 			m.adopt(rec)
 			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
@@ -183,6 +185,7 @@ func (m *Manager) reap(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		m.noticeDeadVMMs()
 		m.continueStalledVMs(ctx, warned)
 		now := time.Now()
 		for _, rec := range m.List() {
@@ -235,4 +238,35 @@ func (m *Manager) destroyIfExpired(ctx context.Context, id string) error {
 	}
 	m.forget(id, e.rec.Net.Slot)
 	return nil
+}
+
+// noticeDeadVMMs puts a running sandbox whose VMM has died (a crash, the
+// OOM killer at its cgroup's limit, someone's kill -9) into Error with the
+// reason, so that the control plane and the user learn it at once rather
+// than from timeouts. Its disk stays until it is destroyed.
+func (m *Manager) noticeDeadVMMs() {
+	for _, rec := range m.List() {
+		if rec.State != Running || m.cfg.Driver.Alive(rec.Spec, rec.VMM) {
+			continue
+		}
+		e, err := m.lock(rec.ID)
+		if err != nil {
+			continue
+		}
+		// Look again under the lock: a pause may have just stopped it.
+		if e.rec.State == Running && !m.cfg.Driver.Alive(e.rec.Spec, e.rec.VMM) {
+			reason := "its VMM (pid " + strconv.Itoa(e.rec.VMM.PID) + ") exited unexpectedly"
+			if m.cfg.Cgroups != nil && m.cfg.Cgroups.OOMKilled(e.rec.ID) {
+				reason += ": the kernel's out-of-memory killer ended it at its cgroup's memory limit (raise --vmm-overhead-mib)"
+			}
+			reason += "; its memory is lost, its disk is kept until it is destroyed; VMM log: " + vmm.LogTail(filepath.Join(e.rec.Spec.RunDir, "vmm.log"), 3)
+			m.log.Error("sandbox's VMM died", "sandbox", e.rec.ID, "reason", reason)
+			e.rec.State, e.rec.Error, e.rec.VMM = Error, reason, vmm.Instance{}
+			if err := m.save(e); err != nil {
+				m.log.Warn("could not save the error state", "sandbox", e.rec.ID, "error", err)
+			}
+			m.releaseCgroup(e.rec.ID)
+		}
+		e.mu.Unlock()
+	}
 }

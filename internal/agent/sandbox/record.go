@@ -32,6 +32,7 @@ type Record struct {
 	ID        string             `json:"id"`
 	Template  string             `json:"template"`
 	State     State              `json:"state"`
+	Error     string             `json:"error,omitempty"` // why it is in Error
 	VCPUs     int                `json:"vcpus"`
 	MemoryMiB int                `json:"memory_mib"`
 	DiskMiB   int                `json:"disk_mib"`

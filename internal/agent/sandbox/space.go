@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -75,10 +76,13 @@ func (m *Manager) continueIfStalled(ctx context.Context, id string, freeMiB int6
 	}
 	defer e.mu.Unlock()
 	rec := e.rec
-	if rec.State != Running {
+	if rec.State != Running || !m.cfg.Driver.Alive(rec.Spec, rec.VMM) {
 		return
 	}
-	if stalled, err := m.cfg.Driver.Stalled(ctx, rec.Spec, rec.VMM); err != nil || !stalled {
+	// Bounded: the sandbox's lock is held, and a VMM may hang.
+	askCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if stalled, err := m.cfg.Driver.Stalled(askCtx, rec.Spec, rec.VMM); err != nil || !stalled {
 		delete(warned, id)
 		return
 	}
@@ -90,7 +94,7 @@ func (m *Manager) continueIfStalled(ctx context.Context, id string, freeMiB int6
 		}
 		return
 	}
-	if err := m.cfg.Driver.Thaw(ctx, rec.Spec, rec.VMM); err != nil {
+	if err := m.cfg.Driver.Thaw(askCtx, rec.Spec, rec.VMM); err != nil {
 		m.log.Error("could not continue a sandbox stopped by a full disk", "sandbox", id, "error", err)
 		return
 	}

@@ -167,6 +167,7 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 		Id: r.ID, Template: r.Template, State: states[r.State], Vcpus: int32(r.VCPUs), MemoryMib: int32(r.MemoryMiB),
 		CreatedAt: timestamppb.New(r.CreatedAt), ExpiresAt: timestamppb.New(r.ExpiresAt), AutoPause: r.AutoPause,
 		Metadata: r.Metadata, Address: r.Net.SandboxIP.String(), Egress: eg, DiskSizeMib: int32(r.DiskMiB),
+		Error: r.Error,
 	}
 }
 

@@ -433,6 +433,45 @@ func TestReconcilerWithARealAgent(t *testing.T) {
 		t.Fatalf("second pass: %v %v", ran, err)
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 202)
+
+	// A capsule whose VM dies on the host: the agent notices, and the next
+	// pass marks it error with the host's reason, then clears it there.
+	var doomed capsuleOut
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &doomed)
+	if err := exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+doomed.ID).Run(); err != nil {
+		t.Fatalf("kill the capsule's VMM: %v", err)
+	}
+	var failed struct {
+		Status string `json:"status"`
+		Reason string `json:"status_reason"`
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		if _, err := rec.Pass(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		c.want(c.do("GET", "/v1/capsules/"+doomed.ID, creds{key: key}, nil), 200).json(t, &failed)
+		if failed.Status == "error" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the capsule whose VM died is still %q", failed.Status)
+		}
+	}
+	if !strings.Contains(failed.Reason, "exited unexpectedly") {
+		t.Fatalf("reason: %q", failed.Reason)
+	}
+	if _, err := rec.Pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	list, err = ag.ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list.Msg.GetSandboxes() {
+		if s.GetId() == doomed.ID {
+			t.Fatalf("the failed capsule is still on the host (%v)", s.GetState())
+		}
+	}
 }
 
 // mustAgentDir is the WRENN_DIR of the test's agent for a host.

@@ -223,6 +223,12 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "missing", map[string]any{"error": "the host no longer has this capsule"})
 					continue
 				}
+				if agentclient.Status(a.GetState()) == "error" {
+					reason := "the host reports the capsule failed: " + a.GetError()
+					r.Log.Error("capsule failed on its host", "capsule", sb.ID, "host", h.ID, "reason", a.GetError())
+					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "error", map[string]any{"error": reason, "stopped_at": store.Now})
+					continue
+				}
 				if got := agentclient.Status(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
 					r.Log.Info("drift: capsule state differs on host; following the host", "capsule", sb.ID, "db", sb.Status, "host_state", got)
 					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, got, nil)

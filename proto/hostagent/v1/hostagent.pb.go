@@ -346,9 +346,11 @@ type Sandbox struct {
 	AutoPause bool                   `protobuf:"varint,8,opt,name=auto_pause,json=autoPause,proto3" json:"auto_pause,omitempty"`
 	Metadata  map[string]string      `protobuf:"bytes,9,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Where the host reaches the sandbox (envd listens on port 49983).
-	Address       string        `protobuf:"bytes,10,opt,name=address,proto3" json:"address,omitempty"`
-	Egress        *EgressPolicy `protobuf:"bytes,11,opt,name=egress,proto3" json:"egress,omitempty"`
-	DiskSizeMib   int32         `protobuf:"varint,12,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
+	Address     string        `protobuf:"bytes,10,opt,name=address,proto3" json:"address,omitempty"`
+	Egress      *EgressPolicy `protobuf:"bytes,11,opt,name=egress,proto3" json:"egress,omitempty"`
+	DiskSizeMib int32         `protobuf:"varint,12,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
+	// Why the sandbox is in SANDBOX_STATE_ERROR (its VMM died, say).
+	Error         string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -465,6 +467,13 @@ func (x *Sandbox) GetDiskSizeMib() int32 {
 		return x.DiskSizeMib
 	}
 	return 0
+}
+
+func (x *Sandbox) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
 }
 
 type CreateSandboxRequest struct {
@@ -3363,7 +3372,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODE_ALLOW_ALL\x10\x01\x12\x11\n" +
 	"\rMODE_DENY_ALL\x10\x02\x12\x13\n" +
-	"\x0fMODE_ALLOW_LIST\x10\x03\"\xa1\x04\n" +
+	"\x0fMODE_ALLOW_LIST\x10\x03\"\xb7\x04\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\btemplate\x18\x02 \x01(\tR\btemplate\x120\n" +
@@ -3381,7 +3390,8 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\aaddress\x18\n" +
 	" \x01(\tR\aaddress\x122\n" +
 	"\x06egress\x18\v \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
-	"\rdisk_size_mib\x18\f \x01(\x05R\vdiskSizeMib\x1a;\n" +
+	"\rdisk_size_mib\x18\f \x01(\x05R\vdiskSizeMib\x12\x14\n" +
+	"\x05error\x18\r \x01(\tR\x05error\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaa\x04\n" +
