@@ -439,6 +439,26 @@ func (m *Manager) lock(id string) (*entry, error) {
 	return e, nil
 }
 
+// tryLock is lock for the reaper's watchers: it returns nil at once when
+// the sandbox is gone or busy with an operation, so one slow pause cannot
+// hold up every other sandbox's checks.
+func (m *Manager) tryLock(id string) *entry {
+	m.mu.Lock()
+	e, ok := m.sandboxes[id]
+	m.mu.Unlock()
+	if !ok || !e.mu.TryLock() {
+		return nil
+	}
+	m.mu.Lock()
+	current, still := m.sandboxes[id]
+	m.mu.Unlock()
+	if !still || current != e {
+		e.mu.Unlock()
+		return nil
+	}
+	return e
+}
+
 // Destroy stops a sandbox and removes everything it had. Destroying a
 // sandbox that does not exist succeeds.
 func (m *Manager) Destroy(ctx context.Context, id string) error {

@@ -249,9 +249,9 @@ func (m *Manager) noticeDeadVMMs() {
 		if rec.State != Running || m.cfg.Driver.Alive(rec.Spec, rec.VMM) {
 			continue
 		}
-		e, err := m.lock(rec.ID)
-		if err != nil {
-			continue
+		e := m.tryLock(rec.ID)
+		if e == nil {
+			continue // busy: look again next tick
 		}
 		// Look again under the lock: a pause may have just stopped it.
 		if e.rec.State == Running && !m.cfg.Driver.Alive(e.rec.Spec, e.rec.VMM) {

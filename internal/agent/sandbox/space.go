@@ -70,9 +70,9 @@ func (m *Manager) continueStalledVMs(ctx context.Context, warned map[string]bool
 }
 
 func (m *Manager) continueIfStalled(ctx context.Context, id string, freeMiB int64, warned map[string]bool) {
-	e, err := m.lock(id)
-	if err != nil {
-		return
+	e := m.tryLock(id)
+	if e == nil {
+		return // busy (a pause, a copy): look again next tick
 	}
 	defer e.mu.Unlock()
 	rec := e.rec
