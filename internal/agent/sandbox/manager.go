@@ -429,14 +429,18 @@ func (m *Manager) lock(id string) (*entry, error) {
 	}
 	e.mu.Lock()
 	// It may have been destroyed while we waited.
-	m.mu.Lock()
-	current, still := m.sandboxes[id]
-	m.mu.Unlock()
-	if !still || current != e {
+	if !m.current(id, e) {
 		e.mu.Unlock()
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	return e, nil
+}
+
+// current reports whether e is still the sandbox id.
+func (m *Manager) current(id string, e *entry) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.sandboxes[id] == e
 }
 
 // tryLock is lock for the reaper's watchers: it returns nil at once when
@@ -449,10 +453,7 @@ func (m *Manager) tryLock(id string) *entry {
 	if !ok || !e.mu.TryLock() {
 		return nil
 	}
-	m.mu.Lock()
-	current, still := m.sandboxes[id]
-	m.mu.Unlock()
-	if !still || current != e {
+	if !m.current(id, e) {
 		e.mu.Unlock()
 		return nil
 	}
