@@ -306,9 +306,8 @@ func TestFullDiskThroughTheAPI(t *testing.T) {
 	if got.Status != "running" {
 		t.Fatalf("after a refused pause the capsule is %q", got.Status)
 	}
-	if out, _ := c.exec(key, sb.ID, "cat", "/home/user/mark"); out != "kept\n" {
-		t.Fatalf("capsule after a refused pause: %q", out)
-	}
+	// (Its guest may be held by now, waiting for a disk write: its files
+	// are read back once space is freed, below.)
 
 	// The database and the host agree after a reconcile pass: the refused
 	// create left no VM, and its record says why it failed.

@@ -196,24 +196,29 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 		return fail(err)
 	}
 	defer c.Close()
-	// The incoming VM ends up paused, as it was when saved.
+	// The incoming VM ends up stopped in the state it was saved in:
+	// paused, or io-error if a full disk had stopped it (cont retries the
+	// write). Loading a snapshot from local disk takes seconds; the bound
+	// keeps a stuck load from holding the sandbox for ever.
+	loadCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
 	for {
-		status, err := c.Status(ctx)
+		status, err := c.Status(loadCtx)
 		if err != nil {
 			return fail(fmt.Errorf("restore: %w", err))
-		}
-		if status == "paused" || status == "postmigrate" || status == "prelaunch" {
-			if mst, desc, _ := c.MigrationStatus(ctx); mst == "failed" {
-				return fail(fmt.Errorf("restore: migration failed: %s", desc))
-			}
-			break
 		}
 		if status == "running" {
 			break
 		}
+		if status != "inmigrate" {
+			if mst, desc, _ := c.MigrationStatus(loadCtx); mst == "failed" {
+				return fail(fmt.Errorf("restore: migration failed: %s", desc))
+			}
+			break
+		}
 		select {
-		case <-ctx.Done():
-			return fail(ctx.Err())
+		case <-loadCtx.Done():
+			return fail(fmt.Errorf("restore: the snapshot did not load: %w", loadCtx.Err()))
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
