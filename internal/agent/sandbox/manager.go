@@ -88,6 +88,13 @@ func (m *Manager) releaseCgroup(id string) {
 	}
 }
 
+// discardVMM stops a VMM whose work is abandoned (a resume that failed
+// half way) and frees its cgroup.
+func (m *Manager) discardVMM(spec vmm.Spec, inst vmm.Instance) {
+	_ = m.cfg.Driver.Stop(context.Background(), spec, inst)
+	m.releaseCgroup(spec.ID)
+}
+
 // Manager owns the sandboxes of one host.
 type Manager struct {
 	cfg       Config
@@ -589,8 +596,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	}
 	rec.VMM = inst
 	if err := m.initGuest(ctx, rec, false); err != nil {
-		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
-		m.releaseCgroup(rec.ID)
+		m.discardVMM(rec.Spec, inst)
 		rec.VMM = vmm.Instance{}
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
@@ -601,8 +607,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	rec.State, rec.ExpiresAt = Running, time.Now().UTC().Add(rec.Timeout)
 	if err := m.save(e); err != nil {
 		// Still paused on disk: stay paused, so the snapshot stays the truth.
-		_ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst)
-		m.releaseCgroup(rec.ID)
+		m.discardVMM(rec.Spec, inst)
 		*rec = paused
 		rec.VMM = vmm.Instance{}
 		return Record{}, noSpace(fmt.Errorf("resume %s: %w", rec.ID, err))
