@@ -16,6 +16,8 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/readlimit"
+	"github.com/wrenn/wrenn/internal/safetext"
 	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
 	"github.com/wrenn/wrenn/proto/envd/filesystem/filesystemconnect"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
@@ -25,13 +27,42 @@ import (
 // Port is where envd listens in every guest.
 const Port = 49983
 
+// What the agent reads from envd is bounded: the guest is less trusted
+// than the host, and a program in it can take over envd's port. Per
+// sandbox, at most maxListingsAtOnce listings and maxHeldOutputs command
+// outputs are held at a time, so one hostile guest costs the agent a
+// bounded amount of memory however many calls its tenant makes.
+const (
+	// MaxListing bounds a directory listing or a process list.
+	MaxListing = 2 << 20
+	// maxStreamMessage bounds one message of a process's stream (envd
+	// sends output in pieces of 32 KiB).
+	maxStreamMessage = 256 << 10
+	// maxSmallBody bounds every other answer: /metrics, errors, the
+	// replies to MakeDir, Remove, SendInput and the like.
+	maxSmallBody = 64 << 10
+	// maxHeaderBytes bounds the response headers envd may send.
+	maxHeaderBytes = 64 << 10
+	// maxMessageText bounds an error message from envd passed on to callers.
+	maxMessageText = 1024
+
+	maxListingsAtOnce = 2
+	maxHeldOutputs    = 8
+)
+
 // Client talks to one sandbox's envd.
 type Client struct {
 	base  string
 	token string
 	http  *http.Client
-	Proc  processconnect.ProcessClient
-	FS    filesystemconnect.FilesystemClient
+	// proc and fs carry calls with small answers and the process streams;
+	// procList and fsList the listings.
+	proc     processconnect.ProcessClient
+	fs       filesystemconnect.FilesystemClient
+	procList processconnect.ProcessClient
+	fsList   filesystemconnect.FilesystemClient
+	listings chan struct{}
+	outputs  chan struct{}
 }
 
 // tokenTransport adds the sandbox's access token to every request.
@@ -59,12 +90,52 @@ func (t tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // set by Init (empty before Init).
 func New(host, token string) *Client {
 	base := fmt.Sprintf("http://%s:%d", host, Port)
-	hc := &http.Client{Transport: tokenTransport{token: token, next: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute}}}
-	return &Client{
-		base: base, token: token, http: hc,
-		Proc: processconnect.NewProcessClient(hc, base),
-		FS:   filesystemconnect.NewFilesystemClient(hc, base),
+	pool := newTransport()
+	bounded := func(maxBody int64) *http.Client {
+		return &http.Client{Transport: tokenTransport{token: token, next: &readlimit.Transport{
+			Next: pool, MaxBody: maxBody, MaxMessage: maxStreamMessage,
+			// A download is read in chunks and bounded by its caller.
+			Stream: func(r *http.Request) bool { return r.Method == http.MethodGet && r.URL.Path == "/files" },
+		}}}
 	}
+	small, large := bounded(maxSmallBody), bounded(MaxListing+maxSmallBody)
+	// No compression: the guest is one hop away, and a compressed answer
+	// is how a small reply becomes a large allocation.
+	opts := func(max int) []connect.ClientOption {
+		return []connect.ClientOption{connect.WithReadMaxBytes(max), connect.WithAcceptCompression("gzip", nil, nil)}
+	}
+	return &Client{
+		base: base, token: token, http: small,
+		proc:     processconnect.NewProcessClient(small, base, opts(maxStreamMessage)...),
+		fs:       filesystemconnect.NewFilesystemClient(small, base, opts(maxSmallBody)...),
+		procList: processconnect.NewProcessClient(large, base, opts(MaxListing)...),
+		fsList:   filesystemconnect.NewFilesystemClient(large, base, opts(MaxListing)...),
+		listings: make(chan struct{}, maxListingsAtOnce),
+		outputs:  make(chan struct{}, maxHeldOutputs),
+	}
+}
+
+// hold takes one of slots, waiting for it until ctx ends.
+func hold(ctx context.Context, slots chan struct{}) (release func(), err error) {
+	select {
+	case slots <- struct{}{}:
+		return func() { <-slots }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for the sandbox's earlier calls to finish: %w", ctx.Err())
+	}
+}
+
+// HoldOutput reserves room for one command's output held whole (a unary
+// exec); release it when the output has been sent on.
+func (c *Client) HoldOutput(ctx context.Context) (release func(), err error) {
+	return hold(ctx, c.outputs)
+}
+
+// newTransport never asks for or decodes compressed bodies and bounds the
+// headers it accepts.
+func newTransport() *http.Transport {
+	return &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute,
+		DisableCompression: true, MaxResponseHeaderBytes: maxHeaderBytes}
 }
 
 // Close drops the client's idle connections; it stays usable and dials
@@ -81,7 +152,8 @@ func AsUser[T any](req *connect.Request[T], user string) *connect.Request[T] {
 
 // WaitHealthy polls /health until envd answers or ctx ends.
 func (c *Client) WaitHealthy(ctx context.Context) error {
-	probe := &http.Client{Timeout: time.Second}
+	probe := &http.Client{Timeout: time.Second, Transport: newTransport()}
+	defer probe.CloseIdleConnections()
 	var last error
 	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/health", nil)
@@ -160,8 +232,15 @@ func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
 	if res.StatusCode != http.StatusOK {
 		return Metrics{}, responseError("/metrics", res)
 	}
+	data, err := io.ReadAll(io.LimitReader(res.Body, maxSmallBody+1))
+	if err != nil {
+		return Metrics{}, fmt.Errorf("envd metrics: %w", err)
+	}
+	if len(data) > maxSmallBody {
+		return Metrics{}, fmt.Errorf("envd metrics: the answer is larger than %d KiB", maxSmallBody>>10)
+	}
 	var m Metrics
-	if err := json.NewDecoder(res.Body).Decode(&m); err != nil {
+	if err := json.Unmarshal(data, &m); err != nil {
 		return Metrics{}, fmt.Errorf("envd metrics: %w", err)
 	}
 	return m, nil
@@ -179,11 +258,11 @@ func responseError(path string, res *http.Response) error {
 	var body struct {
 		Message string `json:"message"`
 	}
-	data, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	data, _ := io.ReadAll(io.LimitReader(res.Body, maxSmallBody))
 	if json.Unmarshal(data, &body) != nil || body.Message == "" {
 		body.Message = fmt.Sprintf("%s answered %d", path, res.StatusCode)
 	}
-	return &FileError{Status: res.StatusCode, Message: body.Message}
+	return &FileError{Status: res.StatusCode, Message: safetext.Clip(body.Message, maxMessageText)}
 }
 
 // OpenFile starts a download; the caller closes the reader.
@@ -295,7 +374,7 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) err
 	if spec.PTY != nil {
 		msg.Pty = &pb.PTY{Size: &pb.PTY_Size{Cols: spec.PTY.Cols, Rows: spec.PTY.Rows}}
 	}
-	stream, err := c.Proc.Start(ctx, AsUser(connect.NewRequest(msg), spec.User))
+	stream, err := c.proc.Start(ctx, AsUser(connect.NewRequest(msg), spec.User))
 	if err != nil {
 		return err
 	}
@@ -340,9 +419,31 @@ func follow(recv func() bool, msg func() *pb.ProcessEvent, streamErr func() erro
 		}
 	}
 	if err := streamErr(); err != nil {
-		return err
+		return tooLarge(err, maxStreamMessage, "a message of the process's stream", "")
 	}
 	return errors.New("envd closed the stream before the process ended")
+}
+
+// size writes a byte count for a message.
+func size(n int) string {
+	if n >= 1<<20 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
+}
+
+// tooLarge turns the Connect error for an answer over its limit into one
+// that names the limit and what to do instead. Its code is OutOfRange, so
+// that callers can tell it from a host without room (ResourceExhausted).
+func tooLarge(err error, limit int, what, hint string) error {
+	if connect.CodeOf(err) != connect.CodeResourceExhausted {
+		return err
+	}
+	msg := fmt.Sprintf("%s from envd is larger than %s, the most the host agent accepts", what, size(limit))
+	if hint != "" {
+		msg += "; " + hint
+	}
+	return connect.NewError(connect.CodeOutOfRange, errors.New(msg))
 }
 
 // Selector names a process by pid, or by tag when pid is 0.
@@ -359,7 +460,7 @@ func Selector(pid uint32, tag string) (*pb.ProcessSelector, error) {
 
 // Connect streams a running process's events from now until it ends.
 func (c *Client) Connect(ctx context.Context, sel *pb.ProcessSelector, fn func(ExecEvent) error) error {
-	stream, err := c.Proc.Connect(ctx, connect.NewRequest(&pb.ConnectRequest{Process: sel}))
+	stream, err := c.proc.Connect(ctx, connect.NewRequest(&pb.ConnectRequest{Process: sel}))
 	if err != nil {
 		return err
 	}
@@ -369,9 +470,14 @@ func (c *Client) Connect(ctx context.Context, sel *pb.ProcessSelector, fn func(E
 
 // List returns the processes envd runs.
 func (c *Client) List(ctx context.Context) ([]*pb.ProcessInfo, error) {
-	res, err := c.Proc.List(ctx, connect.NewRequest(&pb.ListRequest{}))
+	release, err := hold(ctx, c.listings)
 	if err != nil {
 		return nil, err
+	}
+	defer release()
+	res, err := c.procList.List(ctx, connect.NewRequest(&pb.ListRequest{}))
+	if err != nil {
+		return nil, tooLarge(err, MaxListing, "the process list", "")
 	}
 	return res.Msg.GetProcesses(), nil
 }
@@ -384,12 +490,12 @@ func (c *Client) SendInput(ctx context.Context, sel *pb.ProcessSelector, data []
 		if pty {
 			in = &pb.ProcessInput{Input: &pb.ProcessInput_Pty{Pty: data}}
 		}
-		if _, err := c.Proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: in})); err != nil {
+		if _, err := c.proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: in})); err != nil {
 			return err
 		}
 	}
 	if closeStdin {
-		_, err := c.Proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
+		_, err := c.proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
 		return err
 	}
 	return nil
@@ -397,7 +503,7 @@ func (c *Client) SendInput(ctx context.Context, sel *pb.ProcessSelector, data []
 
 // Resize changes a process's terminal size.
 func (c *Client) Resize(ctx context.Context, sel *pb.ProcessSelector, size PTYSize) error {
-	_, err := c.Proc.Update(ctx, connect.NewRequest(&pb.UpdateRequest{Process: sel, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: size.Cols, Rows: size.Rows}}}))
+	_, err := c.proc.Update(ctx, connect.NewRequest(&pb.UpdateRequest{Process: sel, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: size.Cols, Rows: size.Rows}}}))
 	return err
 }
 
@@ -407,36 +513,41 @@ func (c *Client) Signal(ctx context.Context, sel *pb.ProcessSelector, force bool
 	if force {
 		sig = pb.Signal_SIGNAL_SIGKILL
 	}
-	_, err := c.Proc.SendSignal(ctx, connect.NewRequest(&pb.SendSignalRequest{Process: sel, Signal: sig}))
+	_, err := c.proc.SendSignal(ctx, connect.NewRequest(&pb.SendSignalRequest{Process: sel, Signal: sig}))
 	return err
 }
 
 func (c *Client) sendStdin(ctx context.Context, pid uint32, data []byte) error {
 	sel := &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: pid}}
-	if _, err := c.Proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: data}}})); err != nil {
+	if _, err := c.proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: data}}})); err != nil {
 		return err
 	}
-	_, err := c.Proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
+	_, err := c.proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
 	return err
 }
 
 // ListDir lists a directory.
 func (c *Client) ListDir(ctx context.Context, path, user string, depth uint32) ([]*fspb.EntryInfo, error) {
-	res, err := c.FS.ListDir(ctx, AsUser(connect.NewRequest(&fspb.ListDirRequest{Path: path, Depth: depth}), user))
+	release, err := hold(ctx, c.listings)
 	if err != nil {
 		return nil, err
+	}
+	defer release()
+	res, err := c.fsList.ListDir(ctx, AsUser(connect.NewRequest(&fspb.ListDirRequest{Path: path, Depth: depth}), user))
+	if err != nil {
+		return nil, tooLarge(err, MaxListing, "the listing of "+path, "list a subdirectory or use a lower depth")
 	}
 	return res.Msg.GetEntries(), nil
 }
 
 // MakeDir creates a directory and its parents.
 func (c *Client) MakeDir(ctx context.Context, path, user string) error {
-	_, err := c.FS.MakeDir(ctx, AsUser(connect.NewRequest(&fspb.MakeDirRequest{Path: path}), user))
+	_, err := c.fs.MakeDir(ctx, AsUser(connect.NewRequest(&fspb.MakeDirRequest{Path: path}), user))
 	return err
 }
 
 // Remove deletes a file or directory tree.
 func (c *Client) Remove(ctx context.Context, path, user string) error {
-	_, err := c.FS.Remove(ctx, AsUser(connect.NewRequest(&fspb.RemoveRequest{Path: path}), user))
+	_, err := c.fs.Remove(ctx, AsUser(connect.NewRequest(&fspb.RemoveRequest{Path: path}), user))
 	return err
 }

@@ -90,6 +90,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Transport: &http.Transport{
 			DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 			ResponseHeaderTimeout: 60 * time.Second,
+			// Bodies pass through as they come; headers from the guest are bounded.
+			MaxResponseHeaderBytes: 1 << 20,
+			DisableCompression:     true,
 		},
 		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
 			h.Log.Debug("proxy upstream error", "sandbox", id, "port", port, "error", err)

@@ -25,17 +25,20 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/guest/template"
 	"github.com/wrenn/wrenn/internal/procfs"
+	"github.com/wrenn/wrenn/internal/safetext"
 	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
 )
 
-// Limits on what passes through the agent in one message.
+// Limits on what passes through the agent in one message. Large files
+// travel through the streaming RPCs in chunks instead.
 const (
-	maxFileBytes    = 64 << 20
-	maxExecOutput   = 16 << 20
+	maxFileBytes    = 4 << 20 // unary ReadFile and WriteFile, exec stdin
+	maxExecOutput   = 1 << 20 // each of stdout and stderr of a unary Exec (ExecStream has no limit)
 	maxRPCMessage   = maxFileBytes + 1<<20
 	defaultExecTime = 60 * time.Second
+	maxErrorText    = 1024 // an error message passed on from envd
 )
 
 // Config wires the server.
@@ -105,7 +108,20 @@ func toConnect(err error) error {
 	}
 	var ce *connect.Error
 	if errors.As(err, &ce) {
-		return err
+		// envd's words reach tenants and logs: bounded and printable.
+		msg := safetext.Clip(ce.Message(), maxErrorText)
+		if !connect.IsWireError(ce) {
+			// The agent's side of a call to envd failed on what envd sent.
+			switch ce.Code() {
+			case connect.CodeResourceExhausted:
+				return connect.NewError(connect.CodeOutOfRange, errors.New("an answer from envd in the capsule is larger than the host agent accepts"))
+			case connect.CodeInternal, connect.CodeUnknown:
+				return connect.NewError(connect.CodeDataLoss, fmt.Errorf("envd in the capsule answered in a way the host agent does not accept (%s); a program in the capsule may have stopped or replaced it", msg))
+			case connect.CodeUnavailable:
+				return connect.NewError(connect.CodeUnavailable, fmt.Errorf("envd in the capsule does not answer (%s)", msg))
+			}
+		}
+		return connect.NewError(ce.Code(), errors.New(msg))
 	}
 	var fe *envdclient.FileError
 	switch {
@@ -352,6 +368,11 @@ func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest])
 	}
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
+	release, err := c.HoldOutput(ctx)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeDeadlineExceeded, err)
+	}
+	defer release()
 	var stdout, stderr bytes.Buffer
 	res := &pb.ExecResponse{}
 	err = c.Exec(ctx, spec, func(ev envdclient.ExecEvent) error {

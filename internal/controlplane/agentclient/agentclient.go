@@ -3,19 +3,39 @@
 package agentclient
 
 import (
+	"context"
 	"crypto/tls"
+	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/readlimit"
+	"github.com/wrenn/wrenn/internal/safetext"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
 )
 
 // Client is the agent API.
 type Client = hostagentv1connect.HostAgentServiceClient
+
+// MaxMessage bounds one answer from an agent: agents (BYOC ones above
+// all) are less trusted than the control plane. The agent's own unary
+// answers (an exec's output, a directory listing) stay below it; files
+// travel in chunks through the streaming calls, whose messages are
+// bounded by maxStreamMessage (the agent sends 256 KiB at most).
+const (
+	MaxMessage       = 4 << 20
+	maxStreamMessage = 1 << 20
+)
+
+// maxHeaderBytes bounds an agent's response headers.
+const maxHeaderBytes = 64 << 10
 
 // Pool caches a client per (address, token); a new token (after a
 // refresh) makes a new client.
@@ -60,7 +80,11 @@ func (p *Pool) Get(address, token string) Client {
 	default:
 		url = "http://" + address
 	}
-	c := hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: hc.Transport}}, url)
+	// No compression: a compressed answer is how a small reply becomes a
+	// large allocation, and agents sit on fast links.
+	limited := &readlimit.Transport{Next: hc.Transport, MaxBody: MaxMessage + 64<<10, MaxMessage: maxStreamMessage}
+	c := hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: limited}}, url,
+		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil))
 	p.clients[key] = c
 	return c
 }
@@ -80,6 +104,10 @@ func newHTTPClient(tlsConfig *tls.Config) *http.Client {
 		Protocols:           &protocols,
 		MaxIdleConnsPerHost: 16,
 		IdleConnTimeout:     90 * time.Second,
+		// Dialled agents must answer the TLS handshake and send headers in time.
+		TLSHandshakeTimeout:    10 * time.Second,
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: maxHeaderBytes,
 	}}
 }
 
@@ -110,4 +138,35 @@ func Status(st pb.SandboxState) string {
 		return "error"
 	}
 	return ""
+}
+
+// maxErrorText bounds an agent's error message passed on to tenants.
+const maxErrorText = 512
+
+// Message says what went wrong with a call to an agent in words fit for a
+// tenant: an error the agent answered keeps its message, bounded and
+// printable; a failure to reach it or to read its answer is described
+// without echoing what the other end sent (a registered address may be
+// anything that answers, and its bytes are no tenant's business).
+func Message(err error) string {
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return "the host agent did not answer in time"
+		}
+		return "the host agent cannot be reached"
+	}
+	if connect.IsWireError(ce) {
+		return safetext.Clip(ce.Message(), maxErrorText)
+	}
+	switch ce.Code() {
+	case connect.CodeResourceExhausted:
+		return fmt.Sprintf("the host agent's answer is larger than %d MiB, the most the control plane accepts", MaxMessage>>20)
+	case connect.CodeDeadlineExceeded:
+		return "the host agent did not answer in time"
+	case connect.CodeCanceled:
+		return "the call to the host agent was cancelled"
+	default:
+		return "the host agent cannot be reached or did not answer as an agent"
+	}
 }

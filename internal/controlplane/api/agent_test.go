@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"mime/multipart"
 	"net/http"
 	"os"
@@ -273,6 +274,45 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 	}
 	if r := c.do("POST", "/v1/capsules/"+sb.ID+"/files/read", creds{key: key}, map[string]string{"path": "/nope"}); r.status != 404 {
 		t.Fatalf("missing file: %d %s", r.status, r.body)
+	}
+	// files/write passes uploads on in chunks and stops at 64 MiB: one
+	// byte more is refused, and no part of the file is left.
+	pr, pw := io.Pipe()
+	big := multipart.NewWriter(pw)
+	go func() {
+		_ = big.WriteField("path", "/home/user/big")
+		fw, err := big.CreateFormFile("file", "big")
+		for i := 0; err == nil && i < 64; i++ {
+			_, err = fw.Write(bytes.Repeat([]byte("z"), 1<<20))
+		}
+		if err == nil {
+			_, err = fw.Write([]byte("z"))
+		}
+		if err == nil {
+			err = big.Close()
+		}
+		pw.CloseWithError(err)
+	}()
+	req, _ = http.NewRequest("POST", c.url+"/v1/capsules/"+sb.ID+"/files/write", pr)
+	req.Header.Set("Content-Type", big.FormDataContentType())
+	req.Header.Set("X-API-Key", key)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestEntityTooLarge {
+			t.Fatalf("an upload over 64 MiB: %d", resp.StatusCode)
+		}
+	}
+	if r := c.do("POST", "/v1/capsules/"+sb.ID+"/files/read", creds{key: key}, map[string]string{"path": "/home/user/big"}); r.status != 404 {
+		t.Fatalf("a refused upload left a file: %d", r.status)
+	}
+	// A command's output beyond 1 MiB per stream is cut, and says so.
+	var long struct {
+		Stdout    string `json:"stdout"`
+		Truncated bool   `json:"truncated"`
+	}
+	c.want(c.do("POST", "/v1/capsules/"+sb.ID+"/exec", creds{key: key}, map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "head -c 3000000 /dev/zero | tr '\\0' a"}}), 200).json(t, &long)
+	if len(long.Stdout) != 1<<20 || !long.Truncated {
+		t.Fatalf("long output: %d bytes, truncated %v", len(long.Stdout), long.Truncated)
 	}
 
 	// Streaming exec over a WebSocket.

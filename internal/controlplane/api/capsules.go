@@ -313,9 +313,9 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 	msg := "no host could start the capsule"
 	switch {
 	case connect.CodeOf(lastErr) == connect.CodeUnavailable && !neverSent(lastErr):
-		msg = fmt.Sprintf("the agent on host %s stopped answering while it started the capsule (%v)", hostID, lastErr)
+		msg = fmt.Sprintf("the agent on host %s stopped answering while it started the capsule (%s)", hostID, agentclient.Message(lastErr))
 	case lastErr != nil:
-		msg = lastErr.Error()
+		msg = agentclient.Message(lastErr)
 	}
 	s.log.Error("capsule create failed", "capsule", sb.ID, "err", msg)
 	_, _ = s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "error", map[string]any{"error": msg, "stopped_at": store.Now})

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -203,11 +202,7 @@ func pump(ctx context.Context, conn *websocket.Conn, stream *connect.ServerStrea
 }
 
 func errorMessage(err error) string {
-	var ce *connect.Error
-	if errors.As(err, &ce) {
-		return ce.Message()
-	}
-	return err.Error()
+	return agentclient.Message(err)
 }
 
 // accept upgrades to a WebSocket; non-browser clients send no Origin and

@@ -1,8 +1,8 @@
 package api
 
 import (
+	"context"
 	"errors"
-	"fmt"
 	"io"
 	"io/fs"
 	"mime/multipart"
@@ -17,8 +17,8 @@ import (
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
-// maxWholeFile bounds files/write and files/read (the agent's unary
-// limit); the stream variants have no limit.
+// maxWholeFile bounds files/write (as it always has); files/stream/write
+// has no limit. Both pass the upload on in chunks.
 const maxWholeFile = 64 << 20
 
 type pathRequest struct {
@@ -87,55 +87,57 @@ func uploadPart(r *http.Request) (string, *multipart.Part, error) {
 	}
 }
 
+// writeFile uploads a file of at most maxWholeFile bytes. Like the stream
+// variant it passes the upload on in chunks: nothing is held whole.
 func (s *Server) writeFile(w http.ResponseWriter, r *http.Request, p *principal) error {
-	sb, c, err := s.running(r, p)
-	if err != nil {
-		return err
-	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxWholeFile+1<<20)
-	dest, part, err := uploadPart(r)
-	if err != nil {
-		return err
-	}
-	data, err := io.ReadAll(io.LimitReader(part, maxWholeFile+1))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return errf(http.StatusRequestEntityTooLarge, "payload_too_large", "files/write takes at most %d MiB; use files/stream/write", maxWholeFile>>20)
-		}
-		return badRequest("reading the upload: %v", err)
-	}
-	if len(data) > maxWholeFile {
-		return errf(http.StatusRequestEntityTooLarge, "payload_too_large", "files/write takes at most %d MiB; use files/stream/write", maxWholeFile>>20)
-	}
-	if _, err := c.WriteFile(r.Context(), connect.NewRequest(&pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, Content: data, User: r.URL.Query().Get("user")})); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
+	return s.upload(w, r, p, maxWholeFile)
 }
 
 func (s *Server) streamWriteFile(w http.ResponseWriter, r *http.Request, p *principal) error {
+	return s.upload(w, r, p, 0)
+}
+
+// upload streams a multipart upload to the agent; limit > 0 bounds the
+// request body. A broken or oversized upload leaves no file behind (the
+// agent renames its temporary file only once all of it arrived).
+func (s *Server) upload(w http.ResponseWriter, r *http.Request, p *principal, limit int64) error {
 	sb, c, err := s.running(r, p)
 	if err != nil {
 		return err
+	}
+	if limit > 0 {
+		r.Body = http.MaxBytesReader(w, r.Body, limit+1<<20) // room for the multipart framing
 	}
 	dest, part, err := uploadPart(r)
 	if err != nil {
 		return err
 	}
-	up := c.WriteFileStream(r.Context())
+	// Cancelling ctx breaks the stream, which tells the agent to drop the file.
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	up := c.WriteFileStream(ctx)
 	if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Header{Header: &pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, User: r.URL.Query().Get("user")}}}); err != nil {
 		_, cerr := up.CloseAndReceive()
 		return errors.Join(err, cerr)
 	}
+	abort := func(e error) error {
+		cancel()
+		_, _ = up.CloseAndReceive()
+		return e
+	}
 	buf := make([]byte, 1<<20)
+	var sent int64
 	for {
 		n, rerr := part.Read(buf)
+		sent += int64(n)
+		var mbe *http.MaxBytesError
+		if limit > 0 && (sent > limit || errors.As(rerr, &mbe)) {
+			return abort(errf(http.StatusRequestEntityTooLarge, "payload_too_large", "files/write takes at most %d MiB; use files/stream/write", limit>>20))
+		}
 		if n > 0 {
 			if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Data{Data: buf[:n]}}); err != nil {
-				_, cerr := up.CloseAndReceive()
-				if cerr != nil {
+				// The agent ended the stream: its answer says why.
+				if _, cerr := up.CloseAndReceive(); cerr != nil {
 					return cerr
 				}
 				return err
@@ -145,9 +147,7 @@ func (s *Server) streamWriteFile(w http.ResponseWriter, r *http.Request, p *prin
 			break
 		}
 		if rerr != nil {
-			// The client went away mid-upload; the agent keeps no partial file.
-			_, _ = up.CloseAndReceive()
-			return badRequest("upload interrupted: %v", rerr)
+			return abort(badRequest("upload interrupted: %v", rerr))
 		}
 	}
 	if _, err := up.CloseAndReceive(); err != nil {
@@ -157,19 +157,10 @@ func (s *Server) streamWriteFile(w http.ResponseWriter, r *http.Request, p *prin
 	return nil
 }
 
+// readFile and streamReadFile both pass the file on in chunks as the
+// agent sends them; neither holds it whole.
 func (s *Server) readFile(w http.ResponseWriter, r *http.Request, p *principal) error {
-	req, sb, c, err := s.pathCall(w, r, p)
-	if err != nil {
-		return err
-	}
-	resp, err := c.ReadFile(r.Context(), connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.ID, Path: req.Path, User: req.User}))
-	if err != nil {
-		return err
-	}
-	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("Content-Length", fmt.Sprint(len(resp.Msg.GetContent())))
-	_, _ = w.Write(resp.Msg.GetContent())
-	return nil
+	return s.streamReadFile(w, r, p)
 }
 
 func (s *Server) streamReadFile(w http.ResponseWriter, r *http.Request, p *principal) error {

@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
 
@@ -85,8 +86,22 @@ func (s *Server) classify(ctx context.Context, err error) *apiError {
 		return errf(http.StatusServiceUnavailable, "database_unavailable", "the database cannot be reached; retry shortly")
 	case errors.Is(err, store.ErrInvalid):
 		return badRequest("a value in the request is not acceptable: %s", err.Error())
+	case errors.As(err, &ce) && !connect.IsWireError(ce):
+		// The call failed on our side: the agent could not be reached, or
+		// what it sent was not an answer we take.
+		switch ce.Code() {
+		case connect.CodeDeadlineExceeded:
+			return errf(http.StatusGatewayTimeout, "timeout", "the host agent did not answer in time")
+		case connect.CodeCanceled:
+			if ctx.Err() != nil {
+				return errf(499, "canceled", "request canceled")
+			}
+		case connect.CodeResourceExhausted:
+			return errf(http.StatusBadGateway, "agent_error", "%s", agentclient.Message(err))
+		}
+		return errf(http.StatusBadGateway, "host_unavailable", "the capsule's host cannot be reached")
 	case errors.As(err, &ce):
-		msg := ce.Message()
+		msg := agentclient.Message(err) // the agent's words, bounded
 		switch ce.Code() {
 		case connect.CodeNotFound:
 			return errf(http.StatusNotFound, "not_found", "%s", msg)
@@ -96,12 +111,16 @@ func (s *Server) classify(ctx context.Context, err error) *apiError {
 			return errf(http.StatusConflict, "conflict", "%s", msg)
 		case connect.CodePermissionDenied:
 			return errf(http.StatusForbidden, "forbidden", "%s", msg)
+		case connect.CodeOutOfRange:
+			return errf(http.StatusUnprocessableEntity, "too_large", "%s", msg)
 		case connect.CodeResourceExhausted:
 			return errf(http.StatusServiceUnavailable, "host_full", "the host has no room: %s", msg)
 		case connect.CodeDeadlineExceeded:
 			return errf(http.StatusGatewayTimeout, "timeout", "the host agent did not answer in time")
 		case connect.CodeUnavailable:
-			return errf(http.StatusBadGateway, "host_unavailable", "the capsule's host cannot be reached")
+			return errf(http.StatusBadGateway, "host_unavailable", "%s", msg)
+		case connect.CodeDataLoss:
+			return errf(http.StatusBadGateway, "envd_error", "%s", msg)
 		default:
 			return errf(http.StatusBadGateway, "agent_error", "host agent error: %s", msg)
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/internal/safetext"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -197,7 +198,7 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 		resp, err := c.ListSandboxes(lctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
 		cancel()
 		if err != nil {
-			r.Log.Warn("list capsules on host", "host", h.ID, "err", err)
+			r.Log.Warn("list capsules on host", "host", h.ID, "err", agentclient.Message(err), "code", connect.CodeOf(err))
 			continue
 		}
 		onHost := map[string]*pb.Sandbox{}
@@ -224,8 +225,8 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 					continue
 				}
 				if agentclient.Status(a.GetState()) == "error" {
-					reason := "the host reports the capsule failed: " + a.GetError()
-					r.Log.Error("capsule failed on its host", "capsule", sb.ID, "host", h.ID, "reason", a.GetError())
+					reason := "the host reports the capsule failed: " + safetext.Clip(a.GetError(), 512)
+					r.Log.Error("capsule failed on its host", "capsule", sb.ID, "host", h.ID, "reason", reason)
 					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "error", map[string]any{"error": reason, "stopped_at": store.Now})
 					continue
 				}

@@ -2,6 +2,7 @@ package reconciler
 
 import (
 	"context"
+	"math"
 	"sync"
 	"time"
 
@@ -39,6 +40,10 @@ func (r *Reconciler) sample(ctx context.Context, c agentclient.Client, hostID st
 			m, err := c.GetSandboxMetrics(mctx, connect.NewRequest(&pb.GetSandboxMetricsRequest{Id: id}))
 			if err != nil {
 				r.Log.Debug("metrics sample failed", "capsule", id, "host", hostID, "err", err)
+				return
+			}
+			if pct := m.Msg.GetCpuUsedPct(); math.IsNaN(pct) || math.IsInf(pct, 0) || pct < 0 {
+				r.Log.Warn("metrics sample refused: the host sent a CPU figure that is not a percentage", "capsule", id, "host", hostID)
 				return
 			}
 			mu.Lock()

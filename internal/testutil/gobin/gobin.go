@@ -21,6 +21,19 @@ var (
 // binary's path.
 func Path(t testing.TB, name string) string {
 	t.Helper()
+	return build(t, name, "github.com/wrenn/wrenn/cmd/"+name, false)
+}
+
+// Static builds the project's package pkg (a path such as
+// "internal/testutil/hostileenvd") as a static binary that runs inside
+// any guest, once, and returns its path.
+func Static(t testing.TB, pkg string) string {
+	t.Helper()
+	return build(t, filepath.Base(pkg)+"-static", "github.com/wrenn/wrenn/"+pkg, true)
+}
+
+func build(t testing.TB, name, pkg string, static bool) string {
+	t.Helper()
 	mu.Lock()
 	defer mu.Unlock()
 	if dir == "" {
@@ -33,7 +46,11 @@ func Path(t testing.TB, name string) string {
 	bin := filepath.Join(dir, name)
 	err, done := built[name]
 	if !done {
-		out, berr := exec.Command("go", "build", "-o", bin, "github.com/wrenn/wrenn/cmd/"+name).CombinedOutput()
+		cmd := exec.Command("go", "build", "-o", bin, pkg)
+		if static {
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		}
+		out, berr := cmd.CombinedOutput()
 		if berr != nil {
 			err = fmt.Errorf("build %s: %v\n%s", name, berr, out)
 		}

@@ -108,12 +108,25 @@ func (c *Client) execute(command string, args any) (json.RawMessage, error) {
 	}
 }
 
+// maxLine bounds one QMP message: a VMM a guest took over must not make
+// the agent buffer without end.
+const maxLine = 1 << 20
+
 func (c *Client) readJSON(v any) error {
-	line, err := c.r.ReadBytes('\n')
-	if err != nil {
-		return err
+	var line []byte
+	for {
+		part, err := c.r.ReadSlice('\n')
+		if len(line)+len(part) > maxLine {
+			return fmt.Errorf("a QMP message longer than %d bytes", maxLine)
+		}
+		line = append(line, part...)
+		if err == nil {
+			return json.Unmarshal(line, v)
+		}
+		if !errors.Is(err, bufio.ErrBufferFull) {
+			return err
+		}
 	}
-	return json.Unmarshal(line, v)
 }
 
 // Status returns the VM's run state ("running", "paused", "inmigrate", ...).
