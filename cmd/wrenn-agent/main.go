@@ -80,6 +80,8 @@ func run() error {
 	cgroupParent := fs.String("cgroup-parent", envconf.String("WRENN_CGROUP_PARENT", "wrenn"), "each VMM runs in <cgroup root>/<this>/<sandbox id> with its VM's CPU, memory and process limits; \"off\" runs VMMs without (WRENN_CGROUP_PARENT)")
 	overhead := fs.Int("vmm-overhead-mib", envInt("WRENN_VMM_OVERHEAD_MIB", 256), "memory a VMM may use beyond its guest's RAM before its cgroup limit (WRENN_VMM_OVERHEAD_MIB)")
 	runAs := fs.String("user", envconf.String("WRENN_USER", ""), "started as root, prepare the host and go on as this user with only CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (scripts/prepare-wrenn-user.sh creates it) (WRENN_USER)")
+	consoleKiB := fs.Int("console-log-kib", envInt("WRENN_CONSOLE_LOG_KIB", 1024), "each sandbox keeps its VMM's output and guest console in vmm.log, rotated at this size with one older file kept (WRENN_CONSOLE_LOG_KIB)")
+	consoleRate := fs.Int("console-log-rate-kib", envInt("WRENN_CONSOLE_LOG_RATE_KIB", 64), "console output kept per sandbox and second, in bursts of --console-log-kib; the rest is dropped and counted (WRENN_CONSOLE_LOG_RATE_KIB)")
 	slots := fs.String("slots", envconf.String("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envconf.String("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -132,7 +134,8 @@ func run() error {
 		}
 		resolvers = append(resolvers, a)
 	}
-	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps}
+	console := vmm.ConsoleLog{MaxBytes: int64(*consoleKiB) << 10, BytesPerSecond: int64(*consoleRate) << 10, Log: log}
+	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps, Console: console}
 	var cgroups sandbox.Cgroups
 	var jailGroups *cgroup.VMMs
 	if *cgroupParent != "off" {
@@ -189,7 +192,7 @@ func run() error {
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
-		MinFreeMiB: *minFree, Cgroups: cgroups,
+		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return err
@@ -288,7 +291,7 @@ func chooseVMM(name string, fc firecracker.Driver) (vmm.Driver, string, error) {
 		return nil, "", fmt.Errorf("--vmm %q: use auto, qemu or firecracker", name)
 	}
 	q := qemu.New(fc.Log)
-	q.Confine = fc.Confine
+	q.Confine, q.Console = fc.Confine, fc.Console
 	return q, q.Accelerator(), nil
 }
 

@@ -67,6 +67,9 @@ type Config struct {
 	MinFreeMiB int
 	// Slots this agent may use (default all); see network.SlotRange.
 	Slots network.SlotRange
+	// Console is how the VMMs' output is kept; the manager reads adopted
+	// VMMs' consoles again with it.
+	Console vmm.ConsoleLog
 }
 
 // Cgroups are the VMMs' control groups, one per sandbox, named by its id.
@@ -393,7 +396,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 
 	if err := m.initGuest(ctx, rec, true); err != nil {
-		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(filepath.Join(rec.Spec.RunDir, "console.log"), 20)))
+		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(vmm.LogPath(rec.Spec.RunDir), 20)))
 	}
 	rec.State = Running
 	rec.ExpiresAt = time.Now().UTC().Add(rec.Timeout)

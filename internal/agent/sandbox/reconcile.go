@@ -65,6 +65,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			}
 			cancel()
 			_ = os.RemoveAll(m.snapshotDir(rec.ID)) // what that pause had written
+			if _, err := m.cfg.Console.Follow(rec.Spec.RunDir); err != nil {
+				m.log.Warn("cannot read the adopted sandbox's console; its output is not kept", "sandbox", rec.ID, "error", err)
+			}
 			m.adopt(rec)
 			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
 		case rec.State == Running && m.hasSnapshot(rec.ID):
@@ -259,7 +262,7 @@ func (m *Manager) noticeDeadVMMs() {
 			if m.cfg.Cgroups != nil && m.cfg.Cgroups.OOMKilled(e.rec.ID) {
 				reason += ": the kernel's out-of-memory killer ended it at its cgroup's memory limit (raise --vmm-overhead-mib)"
 			}
-			reason += "; its memory is lost, its disk is kept until it is destroyed; VMM log: " + vmm.LogTail(filepath.Join(e.rec.Spec.RunDir, "vmm.log"), 3)
+			reason += "; its memory is lost, its disk is kept until it is destroyed; VMM log: " + vmm.LogTail(vmm.LogPath(e.rec.Spec.RunDir), 3)
 			m.log.Error("sandbox's VMM died", "sandbox", e.rec.ID, "reason", reason)
 			e.rec.State, e.rec.Error, e.rec.VMM = Error, reason, vmm.Instance{}
 			if err := m.save(e); err != nil {

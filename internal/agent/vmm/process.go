@@ -7,15 +7,15 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 )
 
 // StartProcess starts a VMM in the sandbox's network namespace and in its
-// own session, so it outlives an agent restart. Output goes to
-// RunDir/vmm.log. It returns once socket (the VMM's control socket)
+// own session, so it outlives an agent restart. Its output goes through
+// the console FIFO into the capped RunDir/vmm.log (see ConsoleLog). It
+// returns once socket (the VMM's control socket)
 // accepts connections, or an error with the log's last lines if the VMM
 // exits first. The socket's file alone is not enough: it appears at bind,
 // before the VMM listens, and a connection in between is refused.
@@ -30,14 +30,14 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 	if spec.NetNS != "" {
 		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
 	}
-	logPath := filepath.Join(spec.RunDir, "vmm.log")
-	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	logPath := LogPath(spec.RunDir)
+	console, _, err := opts.Console.Open(spec.RunDir)
 	if err != nil {
 		return Instance{}, fmt.Errorf("vmm log: %w", err)
 	}
-	defer logFile.Close()
+	defer console.Close() // the VMM holds its own copy
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.Stdout, cmd.Stderr = console, console
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return Instance{}, fmt.Errorf("start %s: %w", argv[0], err)
@@ -78,6 +78,8 @@ type StartOptions struct {
 	// Confine, when set, places the process under its limits first; if
 	// that fails the VMM is killed: it never runs unconfined.
 	Confine Confiner
+	// Console says how much of the VMM's output is kept.
+	Console ConsoleLog
 	// KeepPrivileges lets the process keep the agent's capabilities (the
 	// Firecracker jailer needs them to build its jail and drops them
 	// itself). Otherwise the VMM starts with none.
@@ -142,17 +144,4 @@ func isZombie(pid int) bool {
 	}
 	i := strings.LastIndexByte(string(stat), ')')
 	return i > 0 && i+2 < len(stat) && stat[i+2] == 'Z'
-}
-
-// LogTail returns the last n lines of a log file, joined for an error message.
-func LogTail(path string, n int) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, " | ")
 }

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // upload posts files as multipart parts; names are the parts' file names
@@ -158,6 +159,12 @@ func TestFilesInterruptedUploadKeepsOldContent(t *testing.T) {
 	req.Header.Set("Content-Type", mw.FormDataContentType())
 	if res, err := h.http.Do(req); err == nil {
 		res.Body.Close()
+	}
+	// The client may give up before envd made its temporary file: wait
+	// for that file to appear (1 MiB arrives first), then to go.
+	deadline := time.Now().Add(time.Second)
+	for entries, _ := os.ReadDir(dir); len(entries) == 1 && time.Now().Before(deadline); entries, _ = os.ReadDir(dir) {
+		time.Sleep(5 * time.Millisecond)
 	}
 	waitUntil(t, func() bool {
 		entries, _ := os.ReadDir(dir)

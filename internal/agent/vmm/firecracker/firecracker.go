@@ -44,6 +44,9 @@ type Driver struct {
 	// Confine, when set, puts each Firecracker not run by the jailer under
 	// its VM's cgroup limits (the jailer makes the cgroup itself).
 	Confine vmm.Confiner
+	// Console says how much of each Firecracker's output (its guest's
+	// serial console included) is kept.
+	Console vmm.ConsoleLog
 }
 
 // baseMemory is where a restored sandbox's memory file is kept, as the
@@ -119,9 +122,9 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, 
 	// kernel allows a process without CAP_SYS_PTRACE only with
 	// vm.unprivileged_userfaultfd=1: such a Firecracker keeps the agent's
 	// capabilities (the jailer drops them in its own way).
-	opts := vmm.StartOptions{Confine: d.Confine, KeepPrivileges: d.LazyMemory}
+	opts := vmm.StartOptions{Confine: d.Confine, KeepPrivileges: d.LazyMemory, Console: d.Console}
 	if j := d.jail(spec); j != nil {
-		opts = vmm.StartOptions{KeepPrivileges: true}
+		opts = vmm.StartOptions{KeepPrivileges: true, Console: d.Console}
 		argv = j.argv(spec)
 		if err := os.MkdirAll(j.host("/run"), 0o750); err != nil {
 			return vmm.Instance{}, nil, err

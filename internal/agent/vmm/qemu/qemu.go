@@ -30,6 +30,8 @@ type Driver struct {
 	Log    *slog.Logger
 	// Confine, when set, puts each QEMU under its VM's cgroup limits.
 	Confine vmm.Confiner
+	// Console says how much of each QEMU's output and guest console is kept.
+	Console vmm.ConsoleLog
 	kvm     bool
 }
 
@@ -77,7 +79,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 		"-M", "microvm,acpi=off", "-accel", accel, "-cpu", cpu,
 		"-m", strconv.Itoa(spec.MemoryMiB), "-smp", strconv.Itoa(spec.VCPUs),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		"-serial", "file:" + filepath.Join(spec.RunDir, "console.log"),
+		"-serial", "file:" + vmm.ConsolePath(spec.RunDir), // read by the agent into a capped log
 		"-qmp", "unix:" + qmpSocket(spec) + ",server=on,wait=off",
 		"-kernel", spec.Kernel, "-append", strings.Join(kargs, " "),
 		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap,werror=enospc,rerror=report",
@@ -99,7 +101,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 // start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
 	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
-	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: d.Confine})
+	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: d.Confine, Console: d.Console})
 }
 
 // Boot implements vmm.Driver.

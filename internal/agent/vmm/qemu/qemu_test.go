@@ -81,8 +81,7 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 	defer d.Stop(context.Background(), spec, inst)
 	url := "http://" + alloc.SandboxIP.String() + ":49983"
 	if err := waitEnvd(ctx, url); err != nil {
-		console, _ := os.ReadFile(filepath.Join(spec.RunDir, "console.log"))
-		t.Fatalf("%v\nconsole:\n%s", err, console)
+		t.Fatalf("%v\nconsole: %s", err, vmm.LogTail(vmm.LogPath(spec.RunDir), 40))
 	}
 	t.Logf("booted to envd in %v (%s)", time.Since(start).Round(time.Millisecond), d.Accelerator())
 	// QEMU runs under its seccomp sandbox: no privilege changes, no obsolete calls.
