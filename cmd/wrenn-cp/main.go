@@ -25,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/builder"
+	"github.com/wrenn/wrenn/internal/controlplane/hostaddr"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
@@ -170,11 +171,16 @@ func serve(cmd string, args []string) error {
 		agentTLS = ca.ClientTLS()
 		log.Info("running the agent CA: agents started with --managed-tls get certificates at registration", "dir", dir)
 	}
-	agents := &agentclient.Pool{TLS: agentTLS}
+	allow, err := hostaddr.ParseAllow(os.Getenv("WRENN_HOST_ADDRESS_ALLOW"))
+	if err != nil {
+		return fmt.Errorf("WRENN_HOST_ADDRESS_ALLOW: %w", err)
+	}
+	addresses := hostaddr.Policy{Allow: allow, Own: hostaddr.LocalAddrs()}
+	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
-		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca})
+		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses})
 	defer srv.Close()
-	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence}
+	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)
 	disp := &notify.Dispatcher{Store: st, Client: notifyClient, Log: log}
 	go disp.Run(ctx, srv.EventsChanged)

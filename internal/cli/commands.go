@@ -155,6 +155,8 @@ func (a *app) sandboxCmd() *cobra.Command {
 	create.Flags().StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
 	create.Flags().StringArrayVarP(&metadata, "metadata", "m", nil, "metadata KEY=VALUE (repeatable)")
 	create.Flags().BoolVar(&noWait, "no-wait", false, "return while the capsule is still starting")
+	create.Flags().StringArrayVar(&p.HostTags, "host-tag", nil, "run on a host carrying this tag (repeatable)")
+	create.Flags().BoolVar(&p.BYOC, "byoc", false, "run on one of your team's own (BYOC) hosts")
 
 	var statuses []string
 	list := &cobra.Command{

@@ -37,6 +37,9 @@ type CreateCapsuleParams struct {
 	Envs       map[string]string `json:"envs,omitempty"`
 	Metadata   map[string]string `json:"metadata,omitempty"`
 	HostTags   []string          `json:"host_tags,omitempty"`
+	// BYOC places the capsule on one of the team's own hosts (a team a
+	// platform admin enabled for BYOC).
+	BYOC bool `json:"byoc,omitempty"`
 	// Wait returns once the capsule runs (or failed) instead of at once
 	// with status "starting".
 	Wait bool `json:"-"`

@@ -37,38 +37,42 @@ const (
 // maxHeaderBytes bounds an agent's response headers.
 const maxHeaderBytes = 64 << 10
 
-// Pool caches a client per (address, token); a new token (after a
+// Pool caches a client per (host, address, token); a new token (after a
 // refresh) makes a new client.
 type Pool struct {
 	// TLS, when set, is used for agents whose address starts with https://.
 	TLS *tls.Config
+	// HostIdentity requires an agent's TLS certificate to name the host
+	// being called (its subject common name is the host ID, as the
+	// control plane's own CA issues them), not only to be signed by a
+	// trusted CA: one host's certificate cannot stand in for another's.
+	HostIdentity bool
 
 	mu      sync.Mutex
 	clients map[string]Client
 	plain   *http.Client
 	secure  *http.Client
+	perHost map[string]*http.Client // with HostIdentity, by host ID
 }
 
-// Get returns the client for an agent at address ("ip:port" or a URL).
-func (p *Pool) Get(address, token string) Client {
+// Get returns the client for host hostID's agent at address ("ip:port"
+// or a URL).
+func (p *Pool) Get(hostID, address, token string) Client {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	key := address + "\x00" + token
+	key := hostID + "\x00" + address + "\x00" + token
 	if c, ok := p.clients[key]; ok {
 		return c
 	}
 	if p.clients == nil {
 		p.clients = map[string]Client{}
+		p.perHost = map[string]*http.Client{}
 		p.plain = newHTTPClient(nil)
-		secure := p.TLS
-		if secure == nil {
-			secure = &tls.Config{MinVersion: tls.VersionTLS12} // system roots
-		}
-		p.secure = newHTTPClient(secure)
+		p.secure = newHTTPClient(p.tlsConfig())
 	}
 	for k := range p.clients {
-		// Forget clients holding an older token of the same agent.
-		if strings.HasPrefix(k, address+"\x00") {
+		// Forget clients holding an older token or address of the same host.
+		if strings.HasPrefix(k, hostID+"\x00") {
 			delete(p.clients, k)
 		}
 	}
@@ -76,6 +80,9 @@ func (p *Pool) Get(address, token string) Client {
 	switch {
 	case strings.HasPrefix(address, "https://"):
 		hc = p.secure
+		if p.HostIdentity {
+			hc = p.hostClient(hostID)
+		}
 	case strings.HasPrefix(address, "http://"):
 	default:
 		url = "http://" + address
@@ -87,6 +94,34 @@ func (p *Pool) Get(address, token string) Client {
 		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil))
 	p.clients[key] = c
 	return c
+}
+
+func (p *Pool) tlsConfig() *tls.Config {
+	if p.TLS == nil {
+		return &tls.Config{MinVersion: tls.VersionTLS12} // system roots
+	}
+	return p.TLS.Clone()
+}
+
+// hostClient is the HTTP client for one host whose certificate must name it.
+func (p *Pool) hostClient(hostID string) *http.Client {
+	if hc, ok := p.perHost[hostID]; ok {
+		return hc
+	}
+	cfg := p.tlsConfig()
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != hostID {
+			name := ""
+			if len(cs.PeerCertificates) > 0 {
+				name = cs.PeerCertificates[0].Subject.CommonName
+			}
+			return fmt.Errorf("the agent's certificate is for %q, not for host %s", name, hostID)
+		}
+		return nil
+	}
+	hc := newHTTPClient(cfg)
+	p.perHost[hostID] = hc
+	return hc
 }
 
 func newHTTPClient(tlsConfig *tls.Config) *http.Client {

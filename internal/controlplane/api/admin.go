@@ -128,10 +128,42 @@ func (s *Server) adminListTeams(w http.ResponseWriter, r *http.Request, p *princ
 	}
 	out := make([]map[string]any, 0, len(ts))
 	for _, t := range ts {
-		out = append(out, map[string]any{"id": t.ID, "name": t.Name, "slug": t.Slug, "created_at": t.CreatedAt,
+		out = append(out, map[string]any{"id": t.ID, "name": t.Name, "slug": t.Slug, "is_byoc": t.IsBYOC, "created_at": t.CreatedAt,
 			"members": t.Members, "live_capsules": t.LiveCapsules})
 	}
 	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// adminSetTeamBYOC lets a team run hosts of its own (PUT
+// /v1/admin/teams/{id}/byoc {"enabled": bool}). Disabling it keeps the
+// team's hosts registered but gives them no more capsules.
+func (s *Server) adminSetTeamBYOC(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	id := r.PathValue("id")
+	if !ids.Valid("team", id) {
+		return notFound("team")
+	}
+	var req struct {
+		Enabled *bool `json:"enabled"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	if req.Enabled == nil {
+		return badRequest(`enabled (true or false) is required`)
+	}
+	err := s.st.SetTeamBYOC(r.Context(), id, *req.Enabled)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("team")
+	}
+	s.audit(r.Context(), p, id, "team", id, "team.set_byoc", err, map[string]any{"enabled": *req.Enabled})
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
 

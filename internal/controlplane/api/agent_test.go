@@ -78,7 +78,7 @@ func (c *cp) startAgentProcIn(admin account, dir string, extra ...string) *agent
 			if h.Address != nil {
 				address = *h.Address
 			}
-			ag := c.srv.agents.Get(address, c.hostToken(hostID))
+			ag := c.srv.agents.Get(hostID, address, c.hostToken(hostID))
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			if list, err := ag.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{})); err == nil {
 				for _, sb := range list.Msg.GetSandboxes() {
@@ -148,7 +148,7 @@ func (a *agentProc) waitOnline(admin account) {
 		if h.Status == "online" {
 			// The record may still say online from before a restart: ask the agent itself.
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			_, err := c.srv.agents.Get(h.Address, c.hostToken(a.hostID)).GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+			_, err := c.srv.agents.Get(a.hostID, h.Address, c.hostToken(a.hostID)).GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
 			cancel()
 			if err == nil {
 				return
@@ -459,7 +459,7 @@ func TestReconcilerWithARealAgent(t *testing.T) {
 	}
 	// The unrecorded VM was destroyed on the host; a second pass finds no drift.
 	h, _ := c.st.Host(t.Context(), *mustHost(t, c, idle.ID))
-	ag := c.srv.agents.Get(*h.Address, *h.AgentToken)
+	ag := c.srv.agents.Get(h.ID, *h.Address, *h.AgentToken)
 	list, err := ag.ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
 	if err != nil {
 		t.Fatal(err)

@@ -67,6 +67,9 @@ type createCapsuleRequest struct {
 	Envs       map[string]string `json:"envs"`
 	Metadata   map[string]string `json:"metadata"`
 	HostTags   []string          `json:"host_tags"`
+	// BYOC places the capsule on one of the team's own hosts (a team a
+	// platform admin enabled for BYOC); otherwise shared hosts are used.
+	BYOC bool `json:"byoc"`
 }
 
 func (req *createCapsuleRequest) validate() error {
@@ -190,7 +193,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	if err != nil {
 		return none, tpl, scheduler.Request{}, err
 	}
-	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags}
+	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: req.BYOC}
 	if tpl.HostID != nil {
 		sreq.HostID = *tpl.HostID
 	}
@@ -338,7 +341,12 @@ func (s *Server) agentFor(ctx context.Context, hostID string) (agentclient.Clien
 	if h.Status == "unreachable" || h.Status == "offline" {
 		return nil, h, connect.NewError(connect.CodeUnavailable, fmt.Errorf("host %s is %s", h.ID, h.Status))
 	}
-	return s.agents.Get(*h.Address, *h.AgentToken), h, nil
+	if err := s.cfg.HostAddresses.Check(h.Type, *h.Address); err != nil {
+		// Registered before the rules, or the operator narrowed them: not dialled.
+		s.log.Warn("not calling a host at an address the rules refuse", "host", h.ID, "address", *h.Address, "err", err)
+		return nil, h, connect.NewError(connect.CodeUnavailable, fmt.Errorf("host %s is at an address the control plane does not call", h.ID))
+	}
+	return s.agents.Get(h.ID, *h.Address, *h.AgentToken), h, nil
 }
 
 // capsule loads one of the caller's capsules (another team's is 404).

@@ -190,7 +190,7 @@ func TestAgentKilledDuringCreate(t *testing.T) {
 		}
 	}
 	c.want(c.do("GET", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 200).json(t, &got)
-	list, err := c.srv.agents.Get(a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	list, err := c.srv.agents.Get(a.hostID, a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,7 +315,7 @@ func TestFullDiskThroughTheAPI(t *testing.T) {
 	if _, err := rec.Pass(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	list, err := c.srv.agents.Get(a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
+	list, err := c.srv.agents.Get(a.hostID, a.addr, c.hostToken(a.hostID)).ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{}))
 	if err != nil {
 		t.Fatal(err)
 	}

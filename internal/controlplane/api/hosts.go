@@ -106,6 +106,16 @@ func (s *Server) createHost(w http.ResponseWriter, r *http.Request, p *principal
 		if !p.IsAdmin && p.Role != "owner" && p.Role != "admin" {
 			return forbidden("adding a team host needs the owner or admin role")
 		}
+		t, err := s.st.Team(r.Context(), req.TeamID)
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound("team")
+		}
+		if err != nil {
+			return err
+		}
+		if !t.IsBYOC {
+			return errf(http.StatusForbidden, "byoc_disabled", "hosts of a team's own (BYOC) are not enabled for this team; a platform admin enables them with PUT /v1/admin/teams/%s/byoc", t.ID)
+		}
 		h.TeamID = &req.TeamID
 	default:
 		return badRequest("type must be regular or byoc")
@@ -276,8 +286,20 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *princip
 		return err
 	}
 	var jwt, refresh string
+	// The host's type decides which addresses it may register; the token
+	// stays unspent when the address is refused.
+	check := func(h store.Host, teamBYOC bool) error {
+		if h.Type == "byoc" && !teamBYOC {
+			return errf(http.StatusForbidden, "byoc_disabled", "BYOC hosts are not enabled for this host's team; a platform admin enables them")
+		}
+		if err := s.cfg.HostAddresses.Check(h.Type, req.Address); err != nil {
+			s.log.Warn("host registration refused: address", "host", h.ID, "address", req.Address, "remote", r.RemoteAddr, "err", err)
+			return badRequest("address: %s", err.Error())
+		}
+		return nil
+	}
 	h, err := s.st.RegisterHost(r.Context(), auth.HashToken(req.Token), store.HostSpecs{Arch: req.Arch, CPUCores: req.CPUCores,
-		MemoryMB: req.MemoryMB, DiskGB: req.DiskGB, Address: req.Address, VMM: req.VMM, Version: req.Version}, s.mintHost(&jwt, &refresh))
+		MemoryMB: req.MemoryMB, DiskGB: req.DiskGB, Address: req.Address, VMM: req.VMM, Version: req.Version}, check, s.mintHost(&jwt, &refresh))
 	if errors.Is(err, store.ErrNotFound) {
 		s.log.Warn("host registration refused: unknown, used or expired token", "remote", r.RemoteAddr)
 		return errf(http.StatusUnauthorized, "invalid_token", "the registration token is unknown, already used or expired")

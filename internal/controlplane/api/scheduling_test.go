@@ -128,7 +128,7 @@ func TestManagedAgentTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
-		cfg.Agents = &agentclient.Pool{TLS: ca.ClientTLS()}
+		cfg.Agents = &agentclient.Pool{TLS: ca.ClientTLS(), HostIdentity: true}
 		cfg.AgentCA = ca
 	})
 	admin := c.signup("admin@example.com")

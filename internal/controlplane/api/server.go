@@ -15,6 +15,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentca"
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
+	"github.com/wrenn/wrenn/internal/controlplane/hostaddr"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -46,6 +47,9 @@ type Config struct {
 	// AgentCA, when set, signs agents' TLS certificates at registration
 	// and refresh (see package agentca).
 	AgentCA *agentca.CA
+	// HostAddresses says which addresses hosts may register and the
+	// control plane dials (see package hostaddr).
+	HostAddresses hostaddr.Policy
 }
 
 // Server serves the API. Close waits for background work it started.
@@ -207,6 +211,7 @@ var routes = []route{
 	{"PUT", "/v1/admin/users/{id}/active", user, (*Server).adminSetUserActive},
 	{"GET", "/v1/admin/teams", user, (*Server).adminListTeams},
 	{"DELETE", "/v1/admin/teams/{id}", user, (*Server).adminDeleteTeam},
+	{"PUT", "/v1/admin/teams/{id}/byoc", user, (*Server).adminSetTeamBYOC},
 	{"GET", "/v1/admin/templates", user, (*Server).adminListTemplates},
 	{"DELETE", "/v1/admin/templates/{name}", user, (*Server).adminDeleteTemplate},
 	{"GET", "/v1/admin/capsules", user, (*Server).adminListCapsules},

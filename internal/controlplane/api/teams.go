@@ -85,8 +85,13 @@ type teamJSON struct {
 	ID        string    `json:"id"`
 	Name      string    `json:"name"`
 	Slug      string    `json:"slug"`
+	IsBYOC    bool      `json:"is_byoc"`
 	CreatedAt time.Time `json:"created_at"`
 	Role      string    `json:"role,omitempty"`
+}
+
+func toTeam(t store.Team, role string) teamJSON {
+	return teamJSON{ID: t.ID, Name: t.Name, Slug: t.Slug, IsBYOC: t.IsBYOC, CreatedAt: t.CreatedAt, Role: role}
 }
 
 func (s *Server) listTeams(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -96,7 +101,7 @@ func (s *Server) listTeams(w http.ResponseWriter, r *http.Request, p *principal)
 	}
 	out := make([]teamJSON, 0, len(teams))
 	for _, t := range teams {
-		out = append(out, teamJSON{ID: t.ID, Name: t.Name, Slug: t.Slug, CreatedAt: t.CreatedAt, Role: t.Role})
+		out = append(out, toTeam(t.Team, t.Role))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -123,7 +128,7 @@ func (s *Server) createTeam(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusCreated, teamJSON{ID: created.ID, Name: created.Name, Slug: created.Slug, CreatedAt: created.CreatedAt, Role: "owner"})
+	writeJSON(w, http.StatusCreated, toTeam(created, "owner"))
 	return nil
 }
 
@@ -176,7 +181,7 @@ func (s *Server) getTeam(w http.ResponseWriter, r *http.Request, p *principal) e
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"team": teamJSON{ID: t.ID, Name: t.Name, Slug: t.Slug, CreatedAt: t.CreatedAt}, "members": ms})
+	writeJSON(w, http.StatusOK, map[string]any{"team": toTeam(t, ""), "members": ms})
 	return nil
 }
 

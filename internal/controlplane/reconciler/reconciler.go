@@ -14,6 +14,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/hostaddr"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/safetext"
@@ -38,6 +39,10 @@ type Reconciler struct {
 	HostSilence time.Duration
 	// StuckAfter is how long a transitional state may last before it is settled (default 5 min).
 	StuckAfter time.Duration
+	// HostAddresses says which host addresses may be dialled; a host at
+	// any other (registered before the rules, or the rules narrowed) is
+	// left alone.
+	HostAddresses hostaddr.Policy
 }
 
 // lockKey is the advisory lock of the reconciler's pass.
@@ -190,10 +195,10 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 		return
 	}
 	for _, h := range hosts {
-		if h.Status != "online" || h.Address == nil || h.AgentToken == nil {
+		if h.Status != "online" || h.Address == nil || h.AgentToken == nil || r.HostAddresses.Check(h.Type, *h.Address) != nil {
 			continue
 		}
-		c := r.Agents.Get(*h.Address, *h.AgentToken)
+		c := r.Agents.Get(h.ID, *h.Address, *h.AgentToken)
 		lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		resp, err := c.ListSandboxes(lctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
 		cancel()
@@ -253,8 +258,8 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 
 func (r *Reconciler) client(ctx context.Context, hostID string) (agentclient.Client, bool) {
 	h, err := r.Store.Host(ctx, hostID)
-	if err != nil || h.Address == nil || h.AgentToken == nil || h.Status != "online" {
+	if err != nil || h.Address == nil || h.AgentToken == nil || h.Status != "online" || r.HostAddresses.Check(h.Type, *h.Address) != nil {
 		return nil, false
 	}
-	return r.Agents.Get(*h.Address, *h.AgentToken), true
+	return r.Agents.Get(h.ID, *h.Address, *h.AgentToken), true
 }

@@ -22,6 +22,9 @@ type Request struct {
 	Tags     []string // the host must carry every tag
 	HostID   string   // pinned (a snapshot lives on one host); "" any
 	Exclude  []string // hosts that already failed this create
+	// BYOC asks for the team's own hosts only; otherwise only shared
+	// hosts are used (a pinned host is used whatever its type).
+	BYOC bool
 }
 
 // memoryShare is the part of a host's memory capsules may reserve; the
@@ -44,6 +47,9 @@ func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 		if slices.Contains(r.Exclude, h.ID) || (r.HostID != "" && h.ID != r.HostID) {
 			continue
 		}
+		if r.HostID == "" && (h.Type == "byoc") != r.BYOC {
+			continue
+		}
 		if !hasTags(h.Tags, r.Tags) || h.MemoryMB == nil || h.CPUCores == nil || *h.MemoryMB <= 0 || *h.CPUCores <= 0 {
 			continue
 		}
@@ -64,6 +70,9 @@ func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 		}
 		if r.HostID != "" {
 			want += ", on host " + r.HostID + " (where its snapshot is)"
+		}
+		if r.BYOC {
+			want += ", on a BYOC host of the team"
 		}
 		return store.HostLoad{}, fmt.Errorf("%w (%s; %d online hosts)", ErrNoHost, want, len(hosts))
 	}

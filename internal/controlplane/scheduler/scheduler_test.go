@@ -42,3 +42,25 @@ func TestPick(t *testing.T) {
 		t.Errorf("a host with unknown specs was picked: %v", err)
 	}
 }
+
+// BYOC hosts take only capsules that ask for them, and requests for them
+// get nothing else; a pinned host is used whatever its type.
+func TestPickBYOC(t *testing.T) {
+	shared := host("host-shared", 8192, 4, 0, 0)
+	own := host("host-own", 65536, 16, 0, 0)
+	own.Type = "byoc"
+	shared.Type = "regular"
+	hosts := []store.HostLoad{shared, own}
+	if got, err := Pick(hosts, Request{VCPUs: 1, MemoryMB: 512}); err != nil || got.ID != "host-shared" {
+		t.Errorf("plain request: %q %v (the emptier BYOC host must not be used)", got.ID, err)
+	}
+	if got, err := Pick(hosts, Request{VCPUs: 1, MemoryMB: 512, BYOC: true}); err != nil || got.ID != "host-own" {
+		t.Errorf("BYOC request: %q %v", got.ID, err)
+	}
+	if _, err := Pick([]store.HostLoad{shared}, Request{VCPUs: 1, MemoryMB: 512, BYOC: true}); !errors.Is(err, ErrNoHost) {
+		t.Errorf("BYOC request without BYOC hosts: %v", err)
+	}
+	if got, err := Pick(hosts, Request{VCPUs: 1, MemoryMB: 512, HostID: "host-own"}); err != nil || got.ID != "host-own" {
+		t.Errorf("pinned to a BYOC host: %q %v", got.ID, err)
+	}
+}

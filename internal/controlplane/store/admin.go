@@ -12,6 +12,7 @@ type TeamSummary struct {
 	ID           string    `db:"id"`
 	Name         string    `db:"name"`
 	Slug         string    `db:"slug"`
+	IsBYOC       bool      `db:"is_byoc"`
 	CreatedAt    time.Time `db:"created_at"`
 	Members      int64     `db:"members"`
 	LiveCapsules int64     `db:"live_capsules"`
@@ -19,7 +20,7 @@ type TeamSummary struct {
 
 // AllTeams lists every live team with its member and live capsule counts.
 func (s *Store) AllTeams(ctx context.Context) ([]TeamSummary, error) {
-	rows, _ := s.Pool.Query(ctx, `SELECT t.id, t.name, t.slug, t.created_at,
+	rows, _ := s.Pool.Query(ctx, `SELECT t.id, t.name, t.slug, t.is_byoc, t.created_at,
 			(SELECT count(*) FROM team_members m WHERE m.team_id = t.id) AS members,
 			(SELECT count(*) FROM sandboxes sb WHERE sb.team_id = t.id AND sb.status = ANY($1)) AS live_capsules
 		FROM teams t WHERE t.deleted_at IS NULL ORDER BY t.created_at, t.id`, Live)

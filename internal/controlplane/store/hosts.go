@@ -102,12 +102,23 @@ func (s *Store) NewRegistrationToken(ctx context.Context, hostID, tokenHash stri
 
 // RegisterHost consumes a registration token (once, before it expires),
 // records the specs and the agent's credentials, and marks the host
-// online. mint is called inside the transaction with the host's ID.
-func (s *Store) RegisterHost(ctx context.Context, tokenHash string, specs HostSpecs, mint func(hostID string) (jwt, refreshHash string, refreshExpires time.Time, err error)) (Host, error) {
+// online. check sees the host (its type and team) and may refuse, leaving
+// the token unspent; mint is called inside the transaction with the
+// host's ID.
+func (s *Store) RegisterHost(ctx context.Context, tokenHash string, specs HostSpecs, check func(h Host, teamBYOC bool) error, mint func(hostID string) (jwt, refreshHash string, refreshExpires time.Time, err error)) (Host, error) {
 	var hostID string
 	err := s.inTx(ctx, func(tx pgx.Tx) error {
 		if err := tx.QueryRow(ctx, `UPDATE host_registration_tokens SET used_at = now()
 			WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now() RETURNING host_id`, tokenHash).Scan(&hostID); err != nil {
+			return err
+		}
+		var h Host
+		var teamBYOC bool
+		if err := tx.QueryRow(ctx, `SELECT h.id, h.type, h.team_id, coalesce(t.is_byoc, false) FROM hosts h
+			LEFT JOIN teams t ON t.id = h.team_id WHERE h.id = $1`, hostID).Scan(&h.ID, &h.Type, &h.TeamID, &teamBYOC); err != nil {
+			return err
+		}
+		if err := check(h, teamBYOC); err != nil {
 			return err
 		}
 		jwt, refreshHash, refreshExpires, err := mint(hostID)
@@ -204,15 +215,17 @@ type HostLoad struct {
 	Running       int64 `db:"running"`
 }
 
-// SchedulableHosts lists online hosts a team may use (shared hosts and
-// the team's own BYOC hosts) with their reservations.
+// SchedulableHosts lists online hosts a team may use (shared hosts, and
+// its own BYOC hosts when a platform admin enabled BYOC for it) with their
+// reservations. Other teams' BYOC hosts are never listed.
 func (s *Store) SchedulableHosts(ctx context.Context, teamID string) ([]HostLoad, error) {
 	rows, _ := s.Pool.Query(ctx, `SELECT `+hostCols+`,
 		coalesce(sum(sb.memory_mb) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming')), 0)::bigint AS reserved_mb,
 		coalesce(sum(sb.vcpus) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming')), 0)::bigint AS reserved_vcpus,
 		count(sb.id) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming'))::bigint AS running
 		FROM hosts h LEFT JOIN sandboxes sb ON sb.host_id = h.id
-		WHERE h.status = 'online' AND h.address IS NOT NULL AND (h.type = 'regular' OR h.team_id = $1)
+		WHERE h.status = 'online' AND h.address IS NOT NULL AND (h.type = 'regular' OR
+			(h.type = 'byoc' AND h.team_id = $1 AND EXISTS (SELECT 1 FROM teams t WHERE t.id = $1 AND t.is_byoc)))
 		GROUP BY h.id ORDER BY h.id`, teamID)
 	hs, err := pgx.CollectRows(rows, pgx.RowToStructByName[HostLoad])
 	return hs, mapErr(err, "schedulable hosts")

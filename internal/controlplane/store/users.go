@@ -25,6 +25,7 @@ type Team struct {
 	ID        string     `db:"id"`
 	Name      string     `db:"name"`
 	Slug      string     `db:"slug"`
+	IsBYOC    bool       `db:"is_byoc"` // a platform admin let it run hosts of its own
 	CreatedAt time.Time  `db:"created_at"`
 	DeletedAt *time.Time `db:"deleted_at"`
 }
@@ -171,7 +172,7 @@ func (s *Store) UseUserToken(ctx context.Context, kind, hash string) (string, er
 
 // TeamsForUser lists the live teams a user belongs to, oldest first.
 func (s *Store) TeamsForUser(ctx context.Context, userID string) ([]TeamWithRole, error) {
-	rows, _ := s.Pool.Query(ctx, `SELECT t.id, t.name, t.slug, t.created_at, t.deleted_at, m.role
+	rows, _ := s.Pool.Query(ctx, `SELECT t.id, t.name, t.slug, t.is_byoc, t.created_at, t.deleted_at, m.role
 		FROM teams t JOIN team_members m ON m.team_id = t.id
 		WHERE m.user_id = $1 AND t.deleted_at IS NULL ORDER BY m.joined_at, t.id`, userID)
 	ts, err := pgx.CollectRows(rows, pgx.RowToStructByName[TeamWithRole])
@@ -193,7 +194,7 @@ func (s *Store) MemberRole(ctx context.Context, teamID, userID string) (string, 
 
 // Team returns a live team.
 func (s *Store) Team(ctx context.Context, id string) (Team, error) {
-	rows, _ := s.Pool.Query(ctx, "SELECT id, name, slug, created_at, deleted_at FROM teams WHERE id = $1 AND deleted_at IS NULL", id)
+	rows, _ := s.Pool.Query(ctx, "SELECT id, name, slug, is_byoc, created_at, deleted_at FROM teams WHERE id = $1 AND deleted_at IS NULL", id)
 	t, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Team])
 	return t, mapErr(err, "team")
 }
@@ -225,6 +226,11 @@ func (s *Store) RemoveMember(ctx context.Context, teamID, userID string) error {
 // RenameTeam renames a live team.
 func (s *Store) RenameTeam(ctx context.Context, teamID, name string) error {
 	return s.execOne(ctx, "rename team", "UPDATE teams SET name = $2 WHERE id = $1 AND deleted_at IS NULL", teamID, name)
+}
+
+// SetTeamBYOC enables or disables hosts of a team's own (BYOC) for a live team.
+func (s *Store) SetTeamBYOC(ctx context.Context, teamID string, enabled bool) error {
+	return s.execOne(ctx, "set byoc", "UPDATE teams SET is_byoc = $2 WHERE id = $1 AND deleted_at IS NULL", teamID, enabled)
 }
 
 // DeleteTeam marks a team deleted; its rows stay for the audit trail.
