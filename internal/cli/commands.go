@@ -644,9 +644,16 @@ func (a *app) keyCmd() *cobra.Command {
 				return err
 			}
 			return a.print(keys, func(w *tabwriter.Writer) {
-				row(w, "ID", "NAME", "PREFIX", "CREATED", "LAST USED")
+				row(w, "ID", "NAME", "PREFIX", "MADE BY", "CREATED", "LAST USED")
 				for _, x := range keys {
-					row(w, x.ID, x.Name, x.KeyPrefix, x.CreatedAt.Format("2006-01-02 15:04"), ago(x.LastUsed))
+					by := "a removed user"
+					if x.CreatorEmail != nil {
+						by = *x.CreatorEmail
+					}
+					if !x.Active {
+						by += " (suspended)"
+					}
+					row(w, x.ID, x.Name, x.KeyPrefix, by, x.CreatedAt.Format("2006-01-02 15:04"), ago(x.LastUsed))
 				}
 			})
 		},

@@ -44,9 +44,13 @@ func (c *Client) CreateHost(ctx context.Context) (Host, string, error) {
 
 // APIKey is a team API key; Key is only set when it was just created.
 type APIKey struct {
-	ID        string     `json:"id"`
-	Name      string     `json:"name"`
-	KeyPrefix string     `json:"key_prefix"`
+	ID           string  `json:"id"`
+	Name         string  `json:"name"`
+	KeyPrefix    string  `json:"key_prefix"`
+	CreatedBy    *string `json:"created_by"`
+	CreatorEmail *string `json:"creator_email"`
+	// Active is false while the key's creator is deactivated.
+	Active    bool       `json:"active"`
 	CreatedAt time.Time  `json:"created_at"`
 	LastUsed  *time.Time `json:"last_used"`
 	Key       string     `json:"key,omitempty"`

@@ -90,6 +90,10 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 			}
 			return nil, err
 		}
+		if !k.CreatorActive {
+			// Checked on every request: deactivation suspends a user's keys at once.
+			return nil, errf(http.StatusUnauthorized, "unauthorized", "this API key no longer works: the user who made it left the team or is deactivated")
+		}
 		return &principal{TeamID: k.TeamID, KeyID: k.ID, Name: k.Name, limitKey: "key:" + k.ID}, nil
 	}
 	bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")

@@ -13,17 +13,21 @@ import (
 )
 
 type apiKeyJSON struct {
-	ID        string     `json:"id"`
-	TeamID    string     `json:"team_id"`
-	Name      string     `json:"name"`
-	KeyPrefix string     `json:"key_prefix"`
-	CreatedAt time.Time  `json:"created_at"`
-	LastUsed  *time.Time `json:"last_used"`
-	Key       *string    `json:"key,omitempty"`
+	ID           string     `json:"id"`
+	TeamID       string     `json:"team_id"`
+	Name         string     `json:"name"`
+	KeyPrefix    string     `json:"key_prefix"`
+	CreatedBy    *string    `json:"created_by"`
+	CreatorEmail *string    `json:"creator_email"`
+	Active       bool       `json:"active"` // false while its creator is deactivated
+	CreatedAt    time.Time  `json:"created_at"`
+	LastUsed     *time.Time `json:"last_used"`
+	Key          *string    `json:"key,omitempty"`
 }
 
 func toAPIKey(k store.APIKey) apiKeyJSON {
-	return apiKeyJSON{ID: k.ID, TeamID: k.TeamID, Name: k.Name, KeyPrefix: k.KeyPrefix, CreatedAt: k.CreatedAt, LastUsed: k.LastUsed}
+	return apiKeyJSON{ID: k.ID, TeamID: k.TeamID, Name: k.Name, KeyPrefix: k.KeyPrefix, CreatedBy: k.CreatedBy, CreatorEmail: k.CreatorEmail,
+		Active: k.CreatorActive, CreatedAt: k.CreatedAt, LastUsed: k.LastUsed}
 }
 
 func (s *Server) listAPIKeys(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -65,9 +69,20 @@ func (s *Server) createAPIKey(w http.ResponseWriter, r *http.Request, p *princip
 	return nil
 }
 
+// deleteAPIKey revokes a key: its creator, or the team's owners and admins.
 func (s *Server) deleteAPIKey(w http.ResponseWriter, r *http.Request, p *principal) error {
 	id := r.PathValue("id")
-	err := s.st.DeleteAPIKey(r.Context(), p.TeamID, id)
+	k, err := s.st.APIKey(r.Context(), p.TeamID, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("API key")
+	}
+	if err != nil {
+		return err
+	}
+	if (k.CreatedBy == nil || *k.CreatedBy != p.UserID) && p.Role != "owner" && p.Role != "admin" {
+		return forbidden("only the key's creator and the team's owners and admins may revoke it")
+	}
+	err = s.st.DeleteAPIKey(r.Context(), p.TeamID, id)
 	if errors.Is(err, store.ErrNotFound) {
 		return notFound("API key")
 	}
@@ -326,8 +341,8 @@ func (s *Server) removeMember(w http.ResponseWriter, r *http.Request, p *princip
 	if role == "owner" {
 		return forbidden("the owner cannot be removed")
 	}
-	err = s.st.RemoveMember(r.Context(), p.TeamID, uid)
-	s.audit(r.Context(), p, p.TeamID, "team_member", uid, "team.member_remove", err, nil)
+	revoked, err := s.st.RemoveMember(r.Context(), p.TeamID, uid)
+	s.audit(r.Context(), p, p.TeamID, "team_member", uid, "team.member_remove", err, map[string]any{"api_keys_revoked": revoked})
 	if err != nil {
 		return err
 	}
@@ -342,8 +357,8 @@ func (s *Server) leaveTeam(w http.ResponseWriter, r *http.Request, p *principal)
 	if p.Role == "owner" {
 		return forbidden("the owner cannot leave; delete the team instead")
 	}
-	err := s.st.RemoveMember(r.Context(), p.TeamID, p.UserID)
-	s.audit(r.Context(), p, p.TeamID, "team_member", p.UserID, "team.leave", err, nil)
+	revoked, err := s.st.RemoveMember(r.Context(), p.TeamID, p.UserID)
+	s.audit(r.Context(), p, p.TeamID, "team_member", p.UserID, "team.leave", err, map[string]any{"api_keys_revoked": revoked})
 	if err != nil {
 		return err
 	}

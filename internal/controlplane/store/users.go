@@ -218,9 +218,23 @@ func (s *Store) SetMemberRole(ctx context.Context, teamID, userID, role string) 
 	return s.execOne(ctx, "set role", "UPDATE team_members SET role = $3 WHERE team_id = $1 AND user_id = $2 AND role <> 'owner'", teamID, userID, role)
 }
 
-// RemoveMember removes a non-owner from a team.
-func (s *Store) RemoveMember(ctx context.Context, teamID, userID string) error {
-	return s.execOne(ctx, "remove member", "DELETE FROM team_members WHERE team_id = $1 AND user_id = $2 AND role <> 'owner'", teamID, userID)
+// RemoveMember removes a non-owner from a team and revokes the API keys
+// they made for it; it returns how many keys went.
+func (s *Store) RemoveMember(ctx context.Context, teamID, userID string) (int64, error) {
+	var revoked int64
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, "DELETE FROM team_members WHERE team_id = $1 AND user_id = $2 AND role <> 'owner'", teamID, userID)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return pgx.ErrNoRows
+		}
+		tag, err = tx.Exec(ctx, "DELETE FROM api_keys WHERE team_id = $1 AND created_by = $2", teamID, userID)
+		revoked = tag.RowsAffected()
+		return err
+	})
+	return revoked, mapErr(err, "remove member")
 }
 
 // RenameTeam renames a live team.
