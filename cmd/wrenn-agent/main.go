@@ -237,6 +237,8 @@ func run() error {
 		Handler:           server.Handler(cfg),
 		Protocols:         &protocols,
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute, // streams keep their connection busy, not idle
+		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	errc := make(chan error, 2)
@@ -247,7 +249,8 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("proxy listen: %w", err)
 		}
-		ps = &http.Server{Handler: &proxy.Handler{Sandboxes: mgr, Log: log}, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		ps = &http.Server{Handler: &proxy.Handler{Sandboxes: mgr, Log: log}, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute,
+			MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 		go func() { errc <- ps.Serve(pln) }()
 		log.Info("sandbox proxy listening", "addr", pln.Addr().String())
 	}

@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -176,9 +175,18 @@ func serve(cmd string, args []string) error {
 		return fmt.Errorf("WRENN_HOST_ADDRESS_ALLOW: %w", err)
 	}
 	addresses := hostaddr.Policy{Allow: allow, Own: hostaddr.LocalAddrs()}
+	proxies, err := hostaddr.ParseAllow(os.Getenv("WRENN_TRUSTED_PROXIES"))
+	if err != nil {
+		return fmt.Errorf("WRENN_TRUSTED_PROXIES: %w", err)
+	}
+	authRate, err := envconf.Int("WRENN_AUTH_RATE_PER_MINUTE", 30)
+	if err != nil {
+		return err
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
-		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses})
+		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
+		TrustedProxies: proxies, PublicPerMinute: float64(authRate)})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)
@@ -191,8 +199,7 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	hs.RegisterOnShutdown(srv.Close) // ends event streams so shutdown need not wait for their clients
+	hs := srv.HTTPServer()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	log.Info("wrenn-cp listening", "addr", ln.Addr().String(), "version", version.Version, "reconcile_interval", interval, "host_silence", silence)

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"net/http"
 	"net/mail"
+	"strconv"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
@@ -115,6 +117,15 @@ func (s *Server) createAccount(ctx context.Context, email, password, name string
 	return u, nil
 }
 
+// After loginFailuresFree wrong passwords in a row an account waits
+// loginWait before the next try, doubling with each failure up to
+// loginMaxWait; a success clears it.
+const (
+	loginFailuresFree = 5
+	loginWait         = time.Second
+	loginMaxWait      = 15 * time.Minute
+)
+
 func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) error {
 	var req struct {
 		Email    string `json:"email"`
@@ -140,9 +151,24 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) err
 	if err != nil {
 		return err
 	}
+	// After repeated failures an account waits, whichever address asks:
+	// guessing spread over many addresses gains nothing.
+	if u.LoginBlockedUntil != nil {
+		if wait := time.Until(*u.LoginBlockedUntil); wait > 0 {
+			secs := strconv.Itoa(int(wait.Seconds()) + 1)
+			w.Header().Set("Retry-After", secs)
+			return errf(http.StatusTooManyRequests, "rate_limited", "too many failed logins for this account; retry after %s s", secs)
+		}
+	}
 	if auth.CheckPassword(u.PasswordHash, req.Password) != nil {
+		if _, err := s.st.LoginFailed(r.Context(), u.ID, loginFailuresFree, loginWait, loginMaxWait); err != nil {
+			return err
+		}
 		s.audit(r.Context(), &principal{UserID: u.ID, Email: u.Email}, "", "user", u.ID, "user.login", errors.New("wrong password"), nil)
 		return invalid
+	}
+	if err := s.st.LoginSucceeded(r.Context(), u.ID); err != nil {
+		return err
 	}
 	if u.Status == "pending" {
 		return errf(http.StatusForbidden, "account_inactive", "this account is not activated yet; use the link in the activation mail")
@@ -162,11 +188,15 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request, u store.User) er
 	if len(teams) == 0 {
 		return errf(http.StatusForbidden, "no_team", "this account belongs to no team")
 	}
-	return s.issue(w, u, teams[0].ID)
+	return s.issue(w, r, u, teams[0].ID)
 }
 
-func (s *Server) issue(w http.ResponseWriter, u store.User, teamID string) error {
-	token, err := s.signer.UserToken(u.ID, teamID, u.Email, u.Name, u.IsAdmin)
+func (s *Server) issue(w http.ResponseWriter, r *http.Request, u store.User, teamID string) error {
+	membership, err := s.st.MembershipKey(r.Context(), teamID, u.ID)
+	if err != nil {
+		return err
+	}
+	token, err := s.signer.UserToken(u.ID, teamID, u.Email, u.Name, u.IsAdmin, u.SessionEpoch, membership)
 	if err != nil {
 		return err
 	}
@@ -194,7 +224,7 @@ func (s *Server) switchTeam(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	return s.issue(w, u, req.TeamID)
+	return s.issue(w, r, u, req.TeamID)
 }
 
 func (s *Server) me(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -228,7 +258,7 @@ func (s *Server) updateMe(w http.ResponseWriter, r *http.Request, p *principal) 
 	if err != nil {
 		return err
 	}
-	return s.issue(w, u, p.TeamID)
+	return s.issue(w, r, u, p.TeamID)
 }
 
 func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -254,7 +284,8 @@ func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *princ
 	if err != nil {
 		return err
 	}
-	err = s.st.SetPassword(r.Context(), u.ID, hash)
+	// Every session ends, this one too: the user signs in with the new password.
+	_, err = s.st.SetPassword(r.Context(), u.ID, hash)
 	s.audit(r.Context(), p, "", "user", u.ID, "user.password_change", err, nil)
 	if err != nil {
 		return err
@@ -277,7 +308,7 @@ func (s *Server) ResetPassword(ctx context.Context, email, password string) (sto
 	if err != nil {
 		return u, err
 	}
-	err = s.st.SetPassword(ctx, u.ID, hash)
+	_, err = s.st.SetPassword(ctx, u.ID, hash)
 	s.audit(ctx, &principal{}, "", "user", u.ID, "user.password_reset", err, map[string]any{"by": "wrenn-cp admin"})
 	return u, err
 }

@@ -57,10 +57,10 @@ func TestSignupLoginAndJWT(t *testing.T) {
 	// Tokens: garbage, wrong signature, expired.
 	c.want(c.do("GET", "/v1/me", creds{jwt: "garbage"}, nil), 401)
 	other := &auth.Signer{Secret: []byte("another-secret-0123456789abcdefghij")}
-	forged, _ := other.UserToken(admin.userID, admin.teamID, admin.email, "", true)
+	forged, _ := other.UserToken(admin.userID, admin.teamID, admin.email, "", true, 0, "")
 	c.want(c.do("GET", "/v1/me", creds{jwt: forged}, nil), 401)
 	expired := &auth.Signer{Secret: c.srv.signer.Secret, Now: func() time.Time { return time.Now().Add(-7 * time.Hour) }}
-	old, _ := expired.UserToken(admin.userID, admin.teamID, admin.email, "", true)
+	old, _ := expired.UserToken(admin.userID, admin.teamID, admin.email, "", true, 0, "")
 	c.want(c.do("GET", "/v1/me", creds{jwt: old}, nil), 401)
 	hostTok, _ := c.srv.signer.HostToken("host-x")
 	c.want(c.do("GET", "/v1/me", creds{jwt: hostTok}, nil), 401)
@@ -68,7 +68,15 @@ func TestSignupLoginAndJWT(t *testing.T) {
 	// Password change.
 	c.want(c.do("POST", "/v1/me/password", creds{jwt: second.jwt}, map[string]string{"current_password": "nope nope", "new_password": "new password"}), 401)
 	c.want(c.do("POST", "/v1/me/password", creds{jwt: second.jwt}, map[string]string{"current_password": "correct horse", "new_password": "new password"}), 204)
-	c.want(c.do("POST", "/v1/auth/login", creds{}, map[string]string{"email": "second@example.com", "password": "new password"}), 200)
+	// It ends every session, the one that changed it too.
+	if r := c.want(c.do("GET", "/v1/me", creds{jwt: second.jwt}, nil), 401); r.errorCode(t) != "session_ended" {
+		t.Fatal(string(r.body))
+	}
+	var relogged struct {
+		Token string `json:"token"`
+	}
+	c.want(c.do("POST", "/v1/auth/login", creds{}, map[string]string{"email": "second@example.com", "password": "new password"}), 200).json(t, &relogged)
+	second.jwt = relogged.Token
 
 	// A token for a team stops working the moment its holder leaves the team.
 	c.want(c.do("POST", "/v1/teams/"+admin.teamID+"/members", creds{jwt: admin.jwt}, map[string]string{"email": "second@example.com"}), 201)

@@ -106,6 +106,7 @@ func TestAPIKeysEndWithTheirCreatorsAccess(t *testing.T) {
 		t.Fatal("a reactivated user's key does not work")
 	}
 	// Leaving the team revokes one's keys too; owners revoke anyone's.
+	second = inTeam(c.relogin(second)) // deactivation ended the old session
 	c.want(c.do("POST", "/v1/teams/"+owner.teamID+"/leave", creds{jwt: second.jwt}, nil), 204)
 	if works(secondKey.Key) != 401 {
 		t.Fatal("a key outlived its creator leaving the team")

@@ -66,15 +66,16 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 		}
 		return &principal{HostID: h.ID, limitKey: "host:" + h.ID}, nil
 	}
-	// Browsers cannot put headers on a WebSocket: a team route's upgrade
-	// may carry a single-use ticket from POST /v1/events/token instead.
+	// Browsers cannot put headers on a WebSocket: a capsule's stream may
+	// be opened with a single-use ticket from POST /v1/events/token,
+	// issued for exactly that stream (its path), instead.
 	if t := r.URL.Query().Get("ticket"); t != "" && a == team && r.Header.Get("X-API-Key") == "" && r.Header.Get("Authorization") == "" &&
 		strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
-		teamID, admin, err := s.st.UseEventTicket(ctx, auth.HashToken(t))
-		if err != nil || admin {
-			return nil, errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used or expired")
+		tk, err := s.st.UseEventTicket(ctx, auth.HashToken(t))
+		if err != nil || tk.Admin || tk.Scope != r.URL.Path {
+			return nil, errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or for another stream")
 		}
-		return &principal{TeamID: teamID, Name: "dashboard session", limitKey: "team:" + teamID}, nil
+		return &principal{TeamID: tk.TeamID, Name: "dashboard session", limitKey: "team:" + tk.TeamID}, nil
 	}
 	if key := r.Header.Get("X-API-Key"); key != "" {
 		if a == user {
@@ -106,7 +107,7 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	}
 	// The token names a team; membership and account state are checked
 	// on every request, so removal from a team takes effect at once.
-	u, role, err := s.st.UserInTeam(ctx, claims.Subject, claims.TeamID)
+	u, m, err := s.st.UserInTeam(ctx, claims.Subject, claims.TeamID)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, errUnauthorized
@@ -116,8 +117,13 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	if u.Status != "active" {
 		return nil, errUnauthorized
 	}
-	if role == "" {
+	if claims.Epoch != u.SessionEpoch {
+		return nil, errf(http.StatusUnauthorized, "session_ended", "this session ended (the password was changed or reset, or the account was deactivated); log in again")
+	}
+	// A token of an earlier membership (the user was removed, perhaps
+	// added back since) ended with it.
+	if m.Role == "" || m.Key != claims.Membership {
 		return nil, errf(http.StatusUnauthorized, "unauthorized", "you are no longer a member of this token's team; log in again")
 	}
-	return &principal{TeamID: claims.TeamID, UserID: u.ID, IsAdmin: u.IsAdmin, Role: role, Email: u.Email, Name: u.Name, limitKey: "user:" + u.ID}, nil
+	return &principal{TeamID: claims.TeamID, UserID: u.ID, IsAdmin: u.IsAdmin, Role: m.Role, Email: u.Email, Name: u.Name, limitKey: "user:" + u.ID}, nil
 }

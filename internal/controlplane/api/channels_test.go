@@ -256,11 +256,25 @@ func TestChannelsAndEvents(t *testing.T) {
 		t.Fatalf("admin stream: %+v", f)
 	}
 
-	// A ticket also opens a team route's WebSocket (browsers cannot send
-	// headers there), once; without an upgrade it is no credential.
-	c.want(c.do("POST", "/v1/events/token", creds{key: key}, nil), 200).json(t, &tk)
+	// A ticket also opens a capsule's WebSocket (browsers cannot send
+	// headers there): the one it was issued for, once; without an upgrade
+	// it is no credential.
+	pty := map[string]string{"path": "/v1/capsules/sb-events000000000001/pty"}
+	c.want(c.do("POST", "/v1/events/token", creds{key: key}, map[string]string{"path": "/v1/capsules"}), 400)
+	c.want(c.do("POST", "/v1/events/token", creds{key: key}, pty), 200).json(t, &tk)
 	c.want(c.do("GET", "/v1/capsules/sb-events000000000001/pty?ticket="+tk.Ticket, creds{}, nil), 401)
-	wsURL := strings.Replace(c.url, "http", "ws", 1) + "/v1/capsules/sb-events000000000001/pty?ticket=" + tk.Ticket
+	base := strings.Replace(c.url, "http", "ws", 1)
+	// An event-stream ticket, or one for another stream, opens nothing else (each try spends it).
+	for _, path := range []string{"/v1/capsules", "/v1/capsules/sb-events000000000001/exec/stream", "/v1/capsules/sb-events000000000002/pty"} {
+		for _, body := range []any{nil, pty} {
+			c.want(c.do("POST", "/v1/events/token", creds{key: key}, body), 200).json(t, &tk)
+			if _, resp, err := websocket.Dial(ctx, base+path+"?ticket="+tk.Ticket, nil); err == nil || resp == nil || resp.StatusCode != 401 {
+				t.Fatalf("a ticket for another stream opened %s: %v %v", path, resp, err)
+			}
+		}
+	}
+	c.want(c.do("POST", "/v1/events/token", creds{key: key}, pty), 200).json(t, &tk)
+	wsURL := base + "/v1/capsules/sb-events000000000001/pty?ticket=" + tk.Ticket
 	if _, resp, err := websocket.Dial(ctx, wsURL, nil); err == nil || resp == nil || resp.StatusCode != 409 {
 		t.Fatalf("ticketed WebSocket should pass authentication and meet the capsule's state (409): %v %v", resp, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -79,23 +80,44 @@ func (s *Server) listenEvents(ctx context.Context) {
 	}
 }
 
+// The streams a team's ticket may open: its event stream, and a
+// capsule's terminal, exec stream or process output.
+const teamEventStream = "/v1/events/stream"
+
+var ticketScopeRE = regexp.MustCompile(`^/v1/capsules/[a-z0-9-]{1,64}/(pty|exec/stream|processes/[A-Za-z0-9._-]{1,128}/stream)$`)
+
+// issueEventTicket gives a browser a 30-second single-use ticket for one
+// stream: {"path": "/v1/capsules/<id>/pty"} names it; no body means the
+// team's event stream.
 func (s *Server) issueEventTicket(w http.ResponseWriter, r *http.Request, p *principal) error {
-	return s.ticket(w, r, p.TeamID, false)
+	var req struct {
+		Path string `json:"path"`
+	}
+	if err := decode(w, r, &req, true); err != nil {
+		return err
+	}
+	switch {
+	case req.Path == "":
+		req.Path = teamEventStream
+	case req.Path != teamEventStream && !ticketScopeRE.MatchString(req.Path):
+		return badRequest("path must be %s or a capsule's pty, exec/stream or processes/{selector}/stream", teamEventStream)
+	}
+	return s.ticket(w, r, p.TeamID, false, req.Path)
 }
 
 func (s *Server) issueAdminEventTicket(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if !p.IsAdmin {
 		return forbidden("this needs a platform admin")
 	}
-	return s.ticket(w, r, "", true)
+	return s.ticket(w, r, "", true, "/v1/admin/events/stream")
 }
 
-func (s *Server) ticket(w http.ResponseWriter, r *http.Request, teamID string, admin bool) error {
+func (s *Server) ticket(w http.ResponseWriter, r *http.Request, teamID string, admin bool, scope string) error {
 	t := "evt_" + auth.RandomString(32)
-	if err := s.st.AddEventTicket(r.Context(), auth.HashToken(t), teamID, admin, ticketTTL); err != nil {
+	if err := s.st.AddEventTicket(r.Context(), auth.HashToken(t), teamID, admin, scope, ticketTTL); err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"ticket": t, "expires_in": int(ticketTTL.Seconds())})
+	writeJSON(w, http.StatusOK, map[string]any{"ticket": t, "expires_in": int(ticketTTL.Seconds()), "path": scope})
 	return nil
 }
 
@@ -104,11 +126,11 @@ func (s *Server) ticket(w http.ResponseWriter, r *http.Request, teamID string, a
 func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request, _ *principal) error {
 	teamID := ""
 	if t := r.URL.Query().Get("ticket"); t != "" {
-		team, admin, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
-		if err != nil || admin {
-			return errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used or expired")
+		tk, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
+		if err != nil || tk.Admin || tk.Scope != teamEventStream {
+			return errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or for another stream")
 		}
-		teamID = team
+		teamID = tk.TeamID
 	} else {
 		p, err := s.authenticate(r, team)
 		if err != nil {
@@ -129,8 +151,8 @@ func (s *Server) adminStreamEvents(w http.ResponseWriter, r *http.Request, _ *pr
 	if t == "" {
 		return errf(http.StatusUnauthorized, "unauthorized", "the admin stream needs ?ticket= from POST /v1/admin/events/token")
 	}
-	_, admin, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
-	if err != nil || !admin {
+	tk, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
+	if err != nil || !tk.Admin || tk.Scope != r.URL.Path {
 		return errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or not an admin ticket")
 	}
 	return s.serveEvents(w, r, "")

@@ -80,6 +80,10 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		t := 30
 		req.TimeoutSec = &t
 	}
+	// The answer waits for the command: its deadline follows the command's.
+	if d := time.Duration(*req.TimeoutSec)*time.Second + time.Minute; d > s.cfg.Limits.Write {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+	}
 	start := time.Now()
 	resp, err := c.Exec(r.Context(), connect.NewRequest(req.agent(sb.ID)))
 	if err != nil {

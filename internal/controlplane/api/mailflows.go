@@ -156,7 +156,7 @@ func (s *Server) confirmPasswordReset(w http.ResponseWriter, r *http.Request, _ 
 	if err != nil {
 		return err
 	}
-	err = s.st.SetPassword(r.Context(), userID, hash)
+	_, err = s.st.SetPassword(r.Context(), userID, hash)
 	s.audit(r.Context(), &principal{UserID: userID}, "", "user", userID, "user.password_reset", err, nil)
 	if err != nil {
 		return err

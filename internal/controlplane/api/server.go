@@ -6,6 +6,7 @@ import (
 	_ "embed"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -33,6 +34,16 @@ type Config struct {
 	// RatePerSecond and Burst limit each API key or user (per replica).
 	RatePerSecond float64
 	Burst         int
+	// PublicPerMinute and PublicBurst limit each client address on the
+	// routes that need no credentials (login, signup, activation, password
+	// reset, host registration and refresh), per replica; negative: off.
+	PublicPerMinute float64
+	PublicBurst     int
+	// TrustedProxies are the reverse proxies whose X-Forwarded-For names
+	// the client (WRENN_TRUSTED_PROXIES); otherwise the peer is the client.
+	TrustedProxies []netip.Prefix
+	// Limits bound connections on the API's listener (see HTTPServer).
+	Limits Limits
 	// CreateTimeout bounds one capsule create on an agent.
 	CreateTimeout time.Duration
 	// NotifyClient sends channel test messages (default: public addresses only).
@@ -60,6 +71,7 @@ type Server struct {
 	agents *agentclient.Pool
 	log    *slog.Logger
 	limit  *limiter
+	public *limiter // per client address, on routes without credentials
 	events eventWatch
 
 	notifyClient *http.Client
@@ -76,12 +88,20 @@ func New(cfg Config) *Server {
 	if cfg.CreateTimeout == 0 {
 		cfg.CreateTimeout = 3 * time.Minute
 	}
+	if cfg.PublicPerMinute == 0 {
+		cfg.PublicPerMinute = 30
+	}
+	if cfg.PublicBurst == 0 {
+		cfg.PublicBurst = 20
+	}
+	cfg.Limits = cfg.Limits.withDefaults()
 	if cfg.NotifyClient == nil {
 		cfg.NotifyClient = notify.NewClient(false)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
-		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
+		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), public: newLimiter(cfg.PublicPerMinute/60, cfg.PublicBurst),
+		notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
 // Close stops background work (creates in flight finish or are left for
@@ -257,6 +277,10 @@ func (s *Server) Handler() http.Handler {
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		// Every request has deadlines; routes that stream lift them (wrap).
+		rc := http.NewResponseController(w)
+		_ = rc.SetReadDeadline(start.Add(s.cfg.Limits.Body))
+		_ = rc.SetWriteDeadline(start.Add(s.cfg.Limits.Write))
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		defer func() {
 			if p := recover(); p != nil {
@@ -274,9 +298,17 @@ func (s *Server) Handler() http.Handler {
 // wrap authenticates, rate-limits and runs a route's handler.
 func (s *Server) wrap(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.setDeadlines(w, rt)
 		if !cleanPath(r.URL.Path) {
 			s.writeError(w, r, badRequest("the path holds control characters or invalid UTF-8"))
 			return
+		}
+		if rt.access == public && !streams[rt.path] {
+			if wait, ok := s.public.allow("ip:" + s.clientIP(r).String()); !ok {
+				w.Header().Set("Retry-After", wait)
+				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests from this address; retry after %s s", wait))
+				return
+			}
 		}
 		p, err := s.authenticate(r, rt.access)
 		if err != nil {

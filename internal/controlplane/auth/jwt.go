@@ -25,6 +25,12 @@ type UserClaims struct {
 	Name    string `json:"name"`
 	IsAdmin bool   `json:"is_admin"`
 	Kind    string `json:"kind"`
+	// Epoch is the user's session epoch when the token was issued; a
+	// password change, reset or deactivation raises it, ending the token.
+	Epoch int32 `json:"sep"`
+	// Membership is the key of the user's membership of TeamID; removal
+	// from the team ends it.
+	Membership string `json:"mem"`
 	jwt.RegisteredClaims
 }
 
@@ -58,14 +64,15 @@ func (s *Signer) sign(claims jwt.Claims) (string, error) {
 	return t, nil
 }
 
-// UserToken issues a token for userID acting in teamID.
-func (s *Signer) UserToken(userID, teamID, email, name string, isAdmin bool) (string, error) {
+// UserToken issues a token for userID acting in teamID, valid while the
+// user's session epoch is epoch and the membership (its key) lasts.
+func (s *Signer) UserToken(userID, teamID, email, name string, isAdmin bool, epoch int32, membership string) (string, error) {
 	ttl := s.UserTTL
 	if ttl == 0 {
 		ttl = UserTokenTTL
 	}
 	now := s.now()
-	return s.sign(UserClaims{TeamID: teamID, Email: email, Name: name, IsAdmin: isAdmin, Kind: "user",
+	return s.sign(UserClaims{TeamID: teamID, Email: email, Name: name, IsAdmin: isAdmin, Kind: "user", Epoch: epoch, Membership: membership,
 		RegisteredClaims: jwt.RegisteredClaims{Subject: userID, IssuedAt: jwt.NewNumericDate(now), ExpiresAt: jwt.NewNumericDate(now.Add(ttl)), Issuer: "wrenn"}})
 }
 

@@ -38,25 +38,34 @@ func (s *Store) LastEventSeq(ctx context.Context) (int64, error) {
 }
 
 // AddEventTicket stores a single-use SSE ticket.
-func (s *Store) AddEventTicket(ctx context.Context, hash, teamID string, admin bool, ttl time.Duration) error {
+func (s *Store) AddEventTicket(ctx context.Context, hash, teamID string, admin bool, scope string, ttl time.Duration) error {
 	var team *string
 	if teamID != "" {
 		team = &teamID
 	}
-	_, err := s.Pool.Exec(ctx, "INSERT INTO event_tickets (token_hash, team_id, admin, expires_at) VALUES ($1, $2, $3, now() + $4::interval)",
-		hash, team, admin, ttl.String())
+	_, err := s.Pool.Exec(ctx, "INSERT INTO event_tickets (token_hash, team_id, admin, scope, expires_at) VALUES ($1, $2, $3, $4, now() + $5::interval)",
+		hash, team, admin, scope, ttl.String())
 	return mapErr(err, "event ticket")
+}
+
+// Ticket is what a single-use ticket grants: one stream (scope, a path)
+// of one team, or of the platform for an admin.
+type Ticket struct {
+	TeamID string
+	Admin  bool
+	Scope  string
 }
 
 // UseEventTicket consumes a ticket; ErrNotFound when it is unknown, used
 // or expired.
-func (s *Store) UseEventTicket(ctx context.Context, hash string) (teamID string, admin bool, err error) {
+func (s *Store) UseEventTicket(ctx context.Context, hash string) (Ticket, error) {
+	var t Ticket
 	var team *string
-	err = s.Pool.QueryRow(ctx, "DELETE FROM event_tickets WHERE token_hash = $1 AND expires_at > now() RETURNING team_id, admin", hash).Scan(&team, &admin)
+	err := s.Pool.QueryRow(ctx, "DELETE FROM event_tickets WHERE token_hash = $1 AND expires_at > now() RETURNING team_id, admin, scope", hash).Scan(&team, &t.Admin, &t.Scope)
 	if team != nil {
-		teamID = *team
+		t.TeamID = *team
 	}
-	return teamID, admin, mapErr(err, "event ticket")
+	return t, mapErr(err, "event ticket")
 }
 
 // Channel is a team's notification target.

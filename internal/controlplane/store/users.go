@@ -18,6 +18,10 @@ type User struct {
 	Status       string    `db:"status"`
 	CreatedAt    time.Time `db:"created_at"`
 	UpdatedAt    time.Time `db:"updated_at"`
+	// LoginBlockedUntil is set after repeated failed logins.
+	LoginBlockedUntil *time.Time `db:"login_blocked_until"`
+	// SessionEpoch is in every JWT issued to the user; raising it ends them.
+	SessionEpoch int32 `db:"session_epoch"`
 }
 
 // Team is a tenant: every capsule, key and snapshot belongs to one.
@@ -45,7 +49,7 @@ type Member struct {
 	JoinedAt time.Time `db:"joined_at"`
 }
 
-const userCols = "id, email, name, password_hash, is_admin, status, created_at, updated_at"
+const userCols = "id, email, name, password_hash, is_admin, status, created_at, updated_at, login_blocked_until, session_epoch"
 
 // signupLock makes "is this the first user?" and the insert one step.
 const signupLock = 0x77726e6e00000002
@@ -95,24 +99,63 @@ func (s *Store) UserByID(ctx context.Context, id string) (User, error) {
 	return u, mapErr(err, "user")
 }
 
-// UserInTeam returns an account and its role in a live team ("" when it
-// is not a member) in one query: every request with a user JWT needs both.
-func (s *Store) UserInTeam(ctx context.Context, userID, teamID string) (User, string, error) {
+// Membership is a user's place in one team.
+type Membership struct {
+	Role string // "" when not a member
+	// Key is new for every membership (a user removed and added back has
+	// another); user JWTs for the team carry it.
+	Key string
+}
+
+// UserInTeam returns an account and its membership of a live team in one
+// query: every request with a user JWT needs both.
+func (s *Store) UserInTeam(ctx context.Context, userID, teamID string) (User, Membership, error) {
 	rows, _ := s.Pool.Query(ctx, `SELECT u.id, u.email, u.name, u.password_hash, u.is_admin, u.status, u.created_at, u.updated_at,
-		coalesce(m.role, '') AS role
+		u.login_blocked_until, u.session_epoch, coalesce(m.role, '') AS role, coalesce(m.session_key::text, '') AS session_key
 		FROM users u LEFT JOIN (team_members m JOIN teams t ON t.id = m.team_id AND t.deleted_at IS NULL)
 			ON m.user_id = u.id AND m.team_id = $2
 		WHERE u.id = $1`, userID, teamID)
 	row, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[struct {
 		User
 		Role string `db:"role"`
+		Key  string `db:"session_key"`
 	}])
-	return row.User, row.Role, mapErr(err, "user")
+	return row.User, Membership{Role: row.Role, Key: row.Key}, mapErr(err, "user")
 }
 
-// SetPassword replaces a user's password hash.
-func (s *Store) SetPassword(ctx context.Context, userID, hash string) error {
-	return s.execOne(ctx, "set password", "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", userID, hash)
+// MembershipKey is the key of userID's membership of a live team.
+func (s *Store) MembershipKey(ctx context.Context, teamID, userID string) (string, error) {
+	var key string
+	err := s.Pool.QueryRow(ctx, `SELECT m.session_key::text FROM team_members m JOIN teams t ON t.id = m.team_id
+		WHERE m.team_id = $1 AND m.user_id = $2 AND t.deleted_at IS NULL`, teamID, userID).Scan(&key)
+	return key, mapErr(err, "membership")
+}
+
+// SetPassword replaces a user's password hash and ends every session
+// issued before (it returns the new session epoch).
+func (s *Store) SetPassword(ctx context.Context, userID, hash string) (int32, error) {
+	var epoch int32
+	err := s.Pool.QueryRow(ctx, `UPDATE users SET password_hash = $2, session_epoch = session_epoch + 1, failed_logins = 0,
+		login_blocked_until = NULL, updated_at = now() WHERE id = $1 RETURNING session_epoch`, userID, hash).Scan(&epoch)
+	return epoch, mapErr(err, "set password")
+}
+
+// LoginFailed counts a wrong password; from the threshold-th failure in a
+// row on, logins wait base, 2*base, 4*base ... up to max. It returns when
+// the next login may be tried (nil: at once).
+func (s *Store) LoginFailed(ctx context.Context, userID string, threshold int, base, max time.Duration) (*time.Time, error) {
+	var until *time.Time
+	err := s.Pool.QueryRow(ctx, `UPDATE users SET failed_logins = failed_logins + 1,
+			login_blocked_until = CASE WHEN failed_logins + 1 >= $2
+				THEN now() + least($3::interval * power(2, least(failed_logins + 1 - $2, 30)), $4::interval) END
+		WHERE id = $1 RETURNING login_blocked_until`, userID, threshold, base.String(), max.String()).Scan(&until)
+	return until, mapErr(err, "login failed")
+}
+
+// LoginSucceeded clears the count of failed logins.
+func (s *Store) LoginSucceeded(ctx context.Context, userID string) error {
+	_, err := s.Pool.Exec(ctx, "UPDATE users SET failed_logins = 0, login_blocked_until = NULL WHERE id = $1 AND failed_logins > 0", userID)
+	return mapErr(err, "login succeeded")
 }
 
 // SetUserName renames a user.
@@ -120,9 +163,11 @@ func (s *Store) SetUserName(ctx context.Context, userID, name string) error {
 	return s.execOne(ctx, "set name", "UPDATE users SET name = $2, updated_at = now() WHERE id = $1", userID, name)
 }
 
-// SetUserStatus activates or disables a user.
+// SetUserStatus activates or disables a user; disabling ends every
+// session issued before (they stay ended after reactivation).
 func (s *Store) SetUserStatus(ctx context.Context, userID, status string) error {
-	return s.execOne(ctx, "set status", "UPDATE users SET status = $2, updated_at = now() WHERE id = $1", userID, status)
+	return s.execOne(ctx, "set status", `UPDATE users SET status = $2, updated_at = now(),
+		session_epoch = session_epoch + CASE WHEN $2 = 'disabled' THEN 1 ELSE 0 END WHERE id = $1`, userID, status)
 }
 
 // SetAdmin grants or revokes platform admin; the last admin stays.

@@ -71,10 +71,11 @@ export const get = (p) => request('GET', p)
 export const post = (p, b) => request('POST', p, b)
 export const del = (p) => request('DELETE', p)
 
-// ticket gets a single-use credential for a WebSocket or EventSource,
-// which cannot carry an Authorization header.
-export async function ticket() {
-  const t = await post('/v1/events/token')
+// ticket gets a single-use credential for one WebSocket or EventSource
+// (path: the stream it opens; default the team's event stream), which
+// cannot carry an Authorization header.
+export async function ticket(path) {
+  const t = await post('/v1/events/token', path ? { path } : undefined)
   return t.ticket
 }
 

@@ -1,0 +1,183 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/testutil/pgtest"
+)
+
+// limitedCP serves the API through the server wrenn-cp runs (HTTPServer),
+// with its connection limits shortened for the test.
+func limitedCP(t *testing.T) *cp {
+	t.Helper()
+	c := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
+		cfg.Limits = Limits{ReadHeader: time.Second, Idle: 2 * time.Second, Body: 2 * time.Second}
+		cfg.PublicPerMinute, cfg.PublicBurst = 60, 10
+		cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := c.srv.HTTPServer()
+	go func() { _ = hs.Serve(ln) }()
+	t.Cleanup(func() { _ = hs.Close() })
+	c.url = "http://" + ln.Addr().String()
+	return c
+}
+
+// closedWithin opens n connections, writes what each sends, and reports
+// how many the server closed within d (reading all it answers).
+func closedWithin(t *testing.T, addr string, n int, send string, d time.Duration) int {
+	t.Helper()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	closed := 0
+	for range n {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := io.WriteString(conn, send); err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = conn.SetReadDeadline(time.Now().Add(d))
+			_, err := io.Copy(io.Discard, conn) // nil at end of file: the server closed it
+			if err == nil {
+				mu.Lock()
+				closed++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return closed
+}
+
+// Slow bodies, slow headers and idle keep-alives are cut off; guessing
+// passwords meets 429 with Retry-After from one address, and an account
+// under attack from many addresses waits longer after each failure.
+func TestConnectionsAndLoginsAreLimited(t *testing.T) {
+	c := limitedCP(t)
+	addr := c.url[len("http://"):]
+	c.signup("victim@example.com")
+
+	slowBody := "POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"email\":"
+	if n := closedWithin(t, addr, 50, slowBody, 6*time.Second); n != 50 {
+		t.Errorf("slow bodies: %d of 50 connections closed within 6 s (body deadline 2 s)", n)
+	}
+	slowHeaders := "POST /v1/auth/login HTTP/1.1\r\nHost: x\r\n"
+	if n := closedWithin(t, addr, 50, slowHeaders, 5*time.Second); n != 50 {
+		t.Errorf("slow headers: %d of 50 connections closed within 5 s (header deadline 1 s)", n)
+	}
+	idle := "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+	if n := closedWithin(t, addr, 50, idle, 6*time.Second); n != 50 {
+		t.Errorf("idle keep-alives: %d of 50 connections closed within 6 s (idle timeout 2 s)", n)
+	}
+
+	login := func(password, from string) *http.Response {
+		body, _ := json.Marshal(map[string]string{"email": "victim@example.com", "password": password})
+		req, _ := http.NewRequest("POST", c.url+"/v1/auth/login", bytes.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		if from != "" {
+			req.Header.Set("X-Forwarded-For", from)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+	// 150 wrong passwords in a burst from one address (the proxy says which).
+	statuses := map[int]int{}
+	for range 150 {
+		resp := login("wrong password!", "203.0.113.5")
+		statuses[resp.StatusCode]++
+		if resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") == "" {
+			t.Fatal("429 without Retry-After")
+		}
+	}
+	if statuses[http.StatusTooManyRequests] < 130 || statuses[http.StatusOK] > 0 {
+		t.Fatalf("150 wrong passwords from one address: %v", statuses)
+	}
+	// The account itself now waits, whichever address asks, with the right password too.
+	resp := login("correct horse", "198.51.100.77")
+	if resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("the right password during the account's wait: %d", resp.StatusCode)
+	}
+	wait, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
+	if wait < 1 {
+		t.Fatalf("Retry-After %q", resp.Header.Get("Retry-After"))
+	}
+	t.Logf("after the burst the account waits %d s", wait)
+	// Each further failure doubles the wait: spread over many addresses,
+	// guesses come slower and slower.
+	var waits []int
+	for i := range 2 {
+		time.Sleep(time.Duration(waits0(waits, wait))*time.Second + 100*time.Millisecond)
+		if r := login("another guess!!", fmt.Sprintf("198.51.100.%d", 10+i)); r.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("a guess after the wait: %d", r.StatusCode)
+		}
+		r := login("another guess!!", fmt.Sprintf("198.51.100.%d", 20+i))
+		w, _ := strconv.Atoi(r.Header.Get("Retry-After"))
+		if r.StatusCode != http.StatusTooManyRequests || len(waits) > 0 && w <= waits[len(waits)-1] {
+			t.Fatalf("the wait after failure %d: %d, Retry-After %d (before: %v)", i, r.StatusCode, w, waits)
+		}
+		waits = append(waits, w)
+	}
+	t.Logf("waits after further failures: %v s", waits)
+	// The owner gets in once the wait is over, and that clears the count.
+	time.Sleep(time.Duration(waits[len(waits)-1])*time.Second + 100*time.Millisecond)
+	if r := login("correct horse", "198.51.100.99"); r.StatusCode != http.StatusOK {
+		t.Fatalf("the right password after the wait: %d", r.StatusCode)
+	}
+	if r := login("wrong password!", "198.51.100.98"); r.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("one failure after a success: %d", r.StatusCode)
+	}
+
+	// X-Forwarded-For counts only from a trusted proxy: through an
+	// untrusted peer the header is the client's own words.
+	untrusted := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
+		cfg.PublicPerMinute, cfg.PublicBurst = 60, 5
+	})
+	limited := 0
+	for i := range 20 {
+		body := bytes.NewBufferString(`{"email":"nobody@example.com","password":"x"}`)
+		req, _ := http.NewRequest("POST", untrusted.url+"/v1/auth/login", body)
+		req.Header.Set("X-Forwarded-For", fmt.Sprintf("198.51.100.%d", i))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusTooManyRequests {
+			limited++
+		}
+	}
+	if limited < 10 {
+		t.Fatalf("forged X-Forwarded-For escaped the limit: %d of 20 limited", limited)
+	}
+}
+
+func waits0(waits []int, first int) int {
+	if len(waits) == 0 {
+		return first
+	}
+	return waits[len(waits)-1]
+}
