@@ -201,7 +201,7 @@ func TestJourneyThroughTheCLI(t *testing.T) {
 	if out := c.ok("host", "list"); !strings.Contains(out, "online") {
 		t.Fatalf("host list:\n%s", out)
 	}
-	if out := c.ok("host", "token"); !strings.Contains(out, "wrenn-agent --register") {
+	if out := c.ok("host", "token"); !strings.Contains(out, "WRENN_REGISTRATION_TOKEN=wrt_") {
 		t.Fatalf("host token:\n%s", out)
 	}
 	var key struct{ ID, Key string }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/controlplane/seal"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
@@ -106,7 +107,7 @@ func startStack(t *testing.T) *stack {
 	cpAddr := "127.0.0.1:" + freeport.Get(t)
 	s := &stack{t: t, url: "http://" + cpAddr, agentDir: agentDir, bin: bin, email: "admin@example.com", password: "a long password"}
 	s.cpEnv = []string{"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
-		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET="}
+		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET=", "WRENN_ENCRYPTION_KEY=" + seal.Generate(), "WRENN_ENCRYPTION_KEY_FILE="}
 	s.cpLog = filepath.Join(work, "cp.log")
 	s.cp = process(t, filepath.Join(bin, "wrenn-cp"), s.cpLog, s.cpEnv)
 	s.waitHTTP(s.url + "/healthz")
@@ -146,10 +147,15 @@ func startStack(t *testing.T) *stack {
 		if err == nil && len(hs) == 1 && hs[0].ID == host.ID && hs[0].Status == "online" {
 			break
 		}
+
 		if time.Now().After(deadline) {
 			t.Fatalf("the agent did not come online: %+v %v", hs, err)
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+	// --register put the token on the command line; the agent took it off.
+	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.agent.Process.Pid)); strings.Contains(string(cmdline), regToken) {
+		t.Fatalf("the registration token is on the agent's command line: %q", cmdline)
 	}
 	return s
 }

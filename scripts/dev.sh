@@ -88,6 +88,7 @@ register_agent() {
 		if [ -n "$id" ] && grep -q "$CP_URL" "$hostfile" && wrenn host list --json | grep -q "\"$id\""; then
 			say "agent: reusing its registration as $id"
 			REGISTER_ARGS=()
+			REGISTRATION_TOKEN=
 			return
 		fi
 		say "agent: its saved registration belongs to another control plane or database; registering again"
@@ -96,13 +97,15 @@ register_agent() {
 	local token
 	token=$(wrenn host token --json | sed -n 's/.*"registration_token": *"\([^"]*\)".*/\1/p')
 	[ -n "$token" ] || die "could not get a registration token from the control plane"
-	REGISTER_ARGS=(--register "$token" --address "$AGENT_ADDR")
+	# The token goes in the environment, never on a command line (ps shows those).
+	REGISTRATION_TOKEN=$token
+	REGISTER_ARGS=(--address "$AGENT_ADDR")
 }
 
 start_agent() {
 	register_agent
 	say "starting wrenn-agent on $AGENT_ADDR (WRENN_DIR=$WRENN_DIR; log: $LOG_DIR/agent.log)"
-	start agent "$LOG_DIR/agent.log" "$BUILDS/wrenn-agent" --listen "$AGENT_ADDR" --cp-url "$CP_URL" --dir "$WRENN_DIR" "${REGISTER_ARGS[@]}"
+	WRENN_REGISTRATION_TOKEN=$REGISTRATION_TOKEN start agent "$LOG_DIR/agent.log" "$BUILDS/wrenn-agent" --listen "$AGENT_ADDR" --cp-url "$CP_URL" --dir "$WRENN_DIR" "${REGISTER_ARGS[@]}"
 	for _ in $(seq 1 300); do
 		# Listening, and seen online by the control plane (the record may say
 		# online from before a restart, so the port is checked too).
@@ -169,6 +172,12 @@ fi
 export DATABASE_URL
 
 say "4/6 control plane on $CP_URL (log: $LOG_DIR/cp.log)"
+# The key that seals the database's secrets: made once, kept apart from the database.
+if [ -z "${WRENN_ENCRYPTION_KEY:-}${WRENN_ENCRYPTION_KEY_FILE:-}" ]; then
+	keyfile=$DEV_DIR/encryption-key
+	[ -s "$keyfile" ] || (umask 077 && "$BUILDS/wrenn-cp" keygen >"$keyfile")
+	export WRENN_ENCRYPTION_KEY_FILE=$keyfile
+fi
 stop_pid cp
 stop_pid agent
 if (exec 3<>"/dev/tcp/${CP_ADDR%:*}/${CP_ADDR##*:}") 2>/dev/null; then

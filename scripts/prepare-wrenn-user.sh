@@ -79,6 +79,11 @@ if [ "$systemd" = yes ]; then
 			"deploy/systemd/$unit.service" >"/etc/systemd/system/$unit.service"
 	done
 	[ -f /etc/wrenn/agent.env ] || install -m 0640 /dev/null /etc/wrenn/agent.env
+	# The control plane's encryption key, made once: keep a copy apart from the database's backups.
+	if [ ! -s /etc/wrenn/encryption-key ] && [ -x "$bin/wrenn-cp" ]; then
+		(umask 077 && "$bin/wrenn-cp" keygen >/etc/wrenn/encryption-key)
+		say "made /etc/wrenn/encryption-key for wrenn-cp (every control-plane replica needs the same key)"
+	fi
 	systemctl daemon-reload
 	say "installed wrenn-agent.service and wrenn-cp.service; put settings in /etc/wrenn/agent.env and /etc/wrenn/cp.env (see .env.example), then: systemctl enable --now wrenn-agent"
 else

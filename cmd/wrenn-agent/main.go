@@ -40,13 +40,64 @@ import (
 )
 
 func main() {
+	if err := keepTokenOffCommandLine(); err != nil {
+		fmt.Fprintln(os.Stderr, "wrenn-agent:", err)
+		os.Exit(1)
+	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "wrenn-agent:", err)
 		os.Exit(1)
 	}
 }
 
+// keepTokenOffCommandLine: a registration token given with --register on
+// the command line (as the operator contract allows) is visible to every
+// user of the machine through ps and /proc; the agent moves it into its
+// environment and starts again without it, at once.
+// WRENN_REGISTRATION_TOKEN keeps it off the command line altogether.
+func keepTokenOffCommandLine() error {
+	args, token, found := withoutRegisterToken(os.Args[1:])
+	if !found {
+		return nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("restart without the token on the command line: %w", err)
+	}
+	env := append(os.Environ(), "WRENN_REGISTRATION_TOKEN="+token)
+	return syscall.Exec(self, append([]string{os.Args[0]}, args...), env)
+}
+
+// withoutRegisterToken takes "--register TOKEN" (or -register, =TOKEN)
+// out of args.
+func withoutRegisterToken(args []string) (rest []string, token string, found bool) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			return append(rest, args[i:]...), token, found
+		}
+		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "register" {
+			rest = append(rest, a)
+			continue
+		}
+		switch {
+		case hasValue:
+			token, found = value, true
+		case i+1 < len(args):
+			token, found = args[i+1], true
+			i++
+		default:
+			rest = append(rest, a) // no value: the flag parser says so
+		}
+	}
+	return rest, token, found
+}
+
 func run() error {
+	// What the agent and its VMMs write (disks, snapshots, templates,
+	// logs) is tenant data: readable by the agent's user alone.
+	syscall.Umask(0o077)
 	fs := flag.NewFlagSet("wrenn-agent", flag.ContinueOnError)
 	var envErrs []error // numbers in the environment that do not parse
 	envInt := func(key string, def int) int {
@@ -72,7 +123,7 @@ func run() error {
 	tlsKey := fs.String("tls-key", envconf.String("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
 	clientCA := fs.String("tls-client-ca", envconf.String("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
 	managedTLS := fs.Bool("managed-tls", envconf.String("WRENN_AGENT_MANAGED_TLS", "") == "1", "at --register, have the control plane's CA (WRENN_AGENT_CA_DIR) certify a key made here and serve mutual TLS with it, renewed at heartbeats (WRENN_AGENT_MANAGED_TLS=1)")
-	register := fs.String("register", "", "register this host with the control plane using this one-time token, then serve")
+	register := fs.String("register", envconf.String("WRENN_REGISTRATION_TOKEN", ""), "register this host with the control plane using this one-time token, then serve; WRENN_REGISTRATION_TOKEN keeps it off the command line")
 	address := fs.String("address", envconf.String("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
 	cpURL := fs.String("cp-url", envconf.String("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
 	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
@@ -331,7 +382,11 @@ func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
 // registration (--register), or the credentials saved by an earlier one.
 // With TLS the control plane is told to call https://<address>.
 func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, useTLS, managedTLS bool, log *slog.Logger) (*registration.Credentials, string, error) {
-	if t := os.Getenv("WRENN_HOST_TOKEN"); t != "" && registerToken == "" {
+	// The VMMs this agent starts inherit its environment: tokens leave it.
+	fixed := os.Getenv("WRENN_HOST_TOKEN")
+	_ = os.Unsetenv("WRENN_HOST_TOKEN")
+	_ = os.Unsetenv("WRENN_REGISTRATION_TOKEN")
+	if t := fixed; t != "" && registerToken == "" {
 		if len(t) < 16 {
 			return nil, "", errors.New("WRENN_HOST_TOKEN is shorter than 16 characters")
 		}

@@ -5,6 +5,7 @@
 //	wrenn-cp [serve]                              run the API (default)
 //	wrenn-cp migrate                              apply migrations and exit
 //	wrenn-cp admin create --email E --password P  create a platform admin
+//	wrenn-cp keygen                               print a new WRENN_ENCRYPTION_KEY
 package main
 
 import (
@@ -16,6 +17,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -29,6 +31,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/internal/controlplane/seal"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/controlplane/web"
 	"github.com/wrenn/wrenn/internal/envconf"
@@ -59,8 +62,11 @@ func run(args []string) error {
 	case "version":
 		fmt.Println(version.Version)
 		return nil
+	case "keygen":
+		fmt.Println(seal.Generate())
+		return nil
 	default:
-		return fmt.Errorf("unknown command %q: use serve, migrate, admin create, admin reset-password or version", cmd)
+		return fmt.Errorf("unknown command %q: use serve, migrate, admin create, admin reset-password, keygen or version", cmd)
 	}
 }
 
@@ -72,13 +78,46 @@ func logger(level string) (*slog.Logger, error) {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
 }
 
-// openStore connects (waiting up to a minute for the database) and migrates.
+// openStore connects (waiting up to a minute for the database), migrates,
+// and gives the store the keyring that seals its secrets.
 func openStore(ctx context.Context, log *slog.Logger) (*store.Store, error) {
 	url := os.Getenv("DATABASE_URL")
 	if url == "" {
 		return nil, errors.New("DATABASE_URL is not set (for a local database: scripts/postgres.sh start && export DATABASE_URL=$(scripts/postgres.sh url))")
 	}
-	return store.Open(ctx, url, time.Minute, log)
+	keys, err := keyring()
+	if err != nil {
+		return nil, err
+	}
+	st, err := store.Open(ctx, url, time.Minute, log)
+	if err != nil {
+		return nil, err
+	}
+	st.Secrets = keys
+	return st, nil
+}
+
+// keyring reads the key that seals the database's secrets:
+// WRENN_ENCRYPTION_KEY, or the file WRENN_ENCRYPTION_KEY_FILE names, and
+// the keys of earlier rotations in WRENN_ENCRYPTION_OLD_KEYS. There is no
+// default: a control plane without a key does not start.
+func keyring() (*seal.Keyring, error) {
+	key := os.Getenv("WRENN_ENCRYPTION_KEY")
+	if f := os.Getenv("WRENN_ENCRYPTION_KEY_FILE"); f != "" {
+		if key != "" {
+			return nil, errors.New("set WRENN_ENCRYPTION_KEY or WRENN_ENCRYPTION_KEY_FILE, not both")
+		}
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("WRENN_ENCRYPTION_KEY_FILE: %w", err)
+		}
+		key = string(data)
+	}
+	if strings.TrimSpace(key) == "" {
+		return nil, errors.New("no encryption key: the control plane seals the secrets it keeps in the database (JWT signing secret, host tokens, channel credentials) " +
+			"with WRENN_ENCRYPTION_KEY or the file WRENN_ENCRYPTION_KEY_FILE names; make one with `wrenn-cp keygen` and keep it apart from the database (make dev makes one in .dev/)")
+	}
+	return seal.New(key, strings.Split(os.Getenv("WRENN_ENCRYPTION_OLD_KEYS"), ",")...)
 }
 
 // signer uses WRENN_JWT_SECRET, or else a secret generated once and kept
@@ -123,6 +162,15 @@ func serve(cmd string, args []string) error {
 		return err
 	}
 	defer st.Close()
+	// Secrets stored in the clear (before sealing) or with an older key
+	// are sealed with the current one; one the keys cannot open stops here.
+	n, err := st.ResealSecrets(ctx)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		log.Info("sealed secrets with the current encryption key", "count", n)
+	}
 	if cmd == "migrate" {
 		log.Info("database schema is up to date")
 		return nil

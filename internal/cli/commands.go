@@ -621,7 +621,7 @@ func (a *app) hostCmd() *cobra.Command {
 			if a.json {
 				return a.print(out, nil)
 			}
-			fmt.Fprintf(a.stdout, "Host %s. On the new host, within one hour, run:\n\n  wrenn-agent --register %s --address <its-ip>:50051 --cp-url %s\n",
+			fmt.Fprintf(a.stdout, "Host %s. On the new host, within one hour, run:\n\n  WRENN_REGISTRATION_TOKEN=%s wrenn-agent --address <its-ip>:50051 --cp-url %s\n",
 				host.ID, tok, c.BaseURL())
 			return nil
 		},

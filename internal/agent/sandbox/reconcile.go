@@ -20,10 +20,11 @@ import (
 // the reaper until ctx ends.
 func (m *Manager) Start(ctx context.Context) error {
 	for _, d := range []string{"sandboxes", "snapshots"} {
-		if err := os.MkdirAll(filepath.Join(m.cfg.WrennDir, d), 0o750); err != nil {
+		if err := os.MkdirAll(filepath.Join(m.cfg.WrennDir, d), 0o700); err != nil {
 			return fmt.Errorf("prepare %s: %w", d, err)
 		}
 	}
+	m.privatize()
 	if err := m.cfg.Net.PrepareHost(ctx); err != nil {
 		return err
 	}
@@ -32,6 +33,46 @@ func (m *Manager) Start(ctx context.Context) error {
 	}
 	go m.reap(ctx)
 	return nil
+}
+
+// privatize makes tenant data on disk readable by the agent's user alone:
+// sandbox and snapshot directories, and templates made from capsules
+// (snapshots, builds), which earlier versions left readable by everyone.
+// Shipped images (minimal, base) stay readable: they hold no tenant's data.
+func (m *Manager) privatize() {
+	tighten := func(root string) {
+		_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.Type()&os.ModeSymlink != 0 {
+				return nil
+			}
+			fi, err := d.Info()
+			if err != nil {
+				return nil
+			}
+			want := fi.Mode().Perm() &^ 0o077
+			if d.IsDir() {
+				want |= 0o700
+			}
+			if (d.IsDir() || fi.Mode().IsRegular()) && want != fi.Mode().Perm() {
+				if err := os.Chmod(path, want); err != nil {
+					m.log.Warn("cannot make tenant data private", "path", path, "error", err)
+				}
+			}
+			return nil
+		})
+	}
+	for _, d := range []string{"sandboxes", "snapshots"} {
+		tighten(filepath.Join(m.cfg.WrennDir, d))
+	}
+	all, err := m.templates.List()
+	if err != nil {
+		return
+	}
+	for _, t := range all {
+		if strings.HasPrefix(t.Source, "snapshot:") || strings.HasPrefix(t.Source, "build:") {
+			tighten(filepath.Dir(m.templates.RootfsPath(t.Name)))
+		}
+	}
 }
 
 // reconcile loads the saved sandboxes: running ones whose VMM still runs

@@ -15,9 +15,13 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
+	"github.com/wrenn/wrenn/internal/controlplane/seal"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/testutil/pgtest"
 )
+
+// testEncryptionKey seals the test control planes' secrets.
+var testEncryptionKey = seal.Generate()
 
 // cp is one control plane on a fresh database, served over real HTTP.
 type cp struct {
@@ -45,6 +49,9 @@ func newCPOn(t *testing.T, dbURL string, secret []byte, configure ...func(*Confi
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	st, err := store.Open(context.Background(), dbURL, 10*time.Second, log)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Secrets, err = seal.New(testEncryptionKey); err != nil {
 		t.Fatal(err)
 	}
 	cfg := Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1,

@@ -88,44 +88,56 @@ type Channel struct {
 const channelCols = `id, team_id, name, provider, config, events, delivered_seq, attempts, next_attempt_at, last_error,
 	last_delivered_at, created_at, updated_at`
 
+// channels collects channel rows with their configs opened.
+func (s *Store) channels(rows pgx.Rows, what string) ([]Channel, error) {
+	out, err := pgx.CollectRows(rows, pgx.RowToStructByName[Channel])
+	if err == nil {
+		err = s.openChannels(out)
+	}
+	return out, mapErr(err, what)
+}
+
+func (s *Store) oneChannel(rows pgx.Rows, what string) (Channel, error) {
+	out, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Channel])
+	if err == nil {
+		err = s.unsealMap(out.Config)
+	}
+	return out, mapErr(err, what)
+}
+
 // CreateChannel stores a channel that starts with the next event (no
 // replay of history).
 func (s *Store) CreateChannel(ctx context.Context, ch Channel) (Channel, error) {
 	rows, _ := s.Pool.Query(ctx, `INSERT INTO channels (id, team_id, name, provider, config, events, delivered_seq)
 		VALUES ($1, $2, $3, $4, $5, $6, (SELECT coalesce(max(seq), 0) FROM events)) RETURNING `+channelCols,
-		ch.ID, ch.TeamID, ch.Name, ch.Provider, ch.Config, ch.Events)
-	out, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "create channel")
+		ch.ID, ch.TeamID, ch.Name, ch.Provider, s.sealMap(ch.Config), ch.Events)
+	return s.oneChannel(rows, "create channel")
 }
 
 // Channels lists a team's channels.
 func (s *Store) Channels(ctx context.Context, teamID string) ([]Channel, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+channelCols+" FROM channels WHERE team_id = $1 ORDER BY created_at, id", teamID)
-	out, err := pgx.CollectRows(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "channels")
+	return s.channels(rows, "channels")
 }
 
 // Channel returns one of a team's channels.
 func (s *Store) Channel(ctx context.Context, teamID, id string) (Channel, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+channelCols+" FROM channels WHERE team_id = $1 AND id = $2", teamID, id)
-	out, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "channel")
+	return s.oneChannel(rows, "channel")
 }
 
 // UpdateChannel renames a channel and replaces its event list.
 func (s *Store) UpdateChannel(ctx context.Context, teamID, id, name string, events []string) (Channel, error) {
 	rows, _ := s.Pool.Query(ctx, `UPDATE channels SET name = $3, events = $4, updated_at = now()
 		WHERE team_id = $1 AND id = $2 RETURNING `+channelCols, teamID, id, name, events)
-	out, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "update channel")
+	return s.oneChannel(rows, "update channel")
 }
 
 // SetChannelConfig replaces a channel's provider settings (secrets).
 func (s *Store) SetChannelConfig(ctx context.Context, teamID, id string, config map[string]string) (Channel, error) {
 	rows, _ := s.Pool.Query(ctx, `UPDATE channels SET config = $3, updated_at = now(), attempts = 0, next_attempt_at = now()
-		WHERE team_id = $1 AND id = $2 RETURNING `+channelCols, teamID, id, config)
-	out, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "rotate channel config")
+		WHERE team_id = $1 AND id = $2 RETURNING `+channelCols, teamID, id, s.sealMap(config))
+	return s.oneChannel(rows, "rotate channel config")
 }
 
 // DeleteChannel removes a channel.
@@ -137,8 +149,7 @@ func (s *Store) DeleteChannel(ctx context.Context, teamID, id string) error {
 func (s *Store) DueChannels(ctx context.Context) ([]Channel, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+channelCols+` FROM channels c WHERE next_attempt_at <= now()
 		AND EXISTS (SELECT 1 FROM events e WHERE e.team_id = c.team_id AND e.seq > c.delivered_seq AND e.event = ANY(c.events))`)
-	out, err := pgx.CollectRows(rows, pgx.RowToStructByName[Channel])
-	return out, mapErr(err, "due channels")
+	return s.channels(rows, "due channels")
 }
 
 // PendingEvents are a channel's undelivered events, oldest first.

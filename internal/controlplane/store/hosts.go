@@ -66,6 +66,9 @@ func (s *Store) CreateHost(ctx context.Context, h Host, tokenHash string, expire
 func (s *Store) Host(ctx context.Context, id string) (Host, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+hostCols+" FROM hosts h WHERE h.id = $1", id)
 	h, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Host])
+	if err == nil {
+		err = s.openHost(&h)
+	}
 	return h, mapErr(err, "host")
 }
 
@@ -79,6 +82,11 @@ func (s *Store) Hosts(ctx context.Context, teamID string) ([]Host, error) {
 	}
 	rows, _ := s.Pool.Query(ctx, q+" ORDER BY h.created_at, h.id", args...)
 	hs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Host])
+	for i := range hs {
+		if err == nil {
+			err = s.openHost(&hs[i])
+		}
+	}
 	return hs, mapErr(err, "list hosts")
 }
 
@@ -127,7 +135,7 @@ func (s *Store) RegisterHost(ctx context.Context, tokenHash string, specs HostSp
 		}
 		if _, err := tx.Exec(ctx, `UPDATE hosts SET arch = $2, cpu_cores = $3, memory_mb = $4, disk_gb = $5, address = $6,
 			vmm = $7, version = $8, agent_token = $9, status = 'online', last_heartbeat_at = now(), updated_at = now() WHERE id = $1`,
-			hostID, specs.Arch, specs.CPUCores, specs.MemoryMB, specs.DiskGB, specs.Address, specs.VMM, specs.Version, jwt); err != nil {
+			hostID, specs.Arch, specs.CPUCores, specs.MemoryMB, specs.DiskGB, specs.Address, specs.VMM, specs.Version, s.seal(jwt)); err != nil {
 			return err
 		}
 		_, err = tx.Exec(ctx, "INSERT INTO host_refresh_tokens (token_hash, host_id, expires_at) VALUES ($1, $2, $3)", refreshHash, hostID, refreshExpires)
@@ -151,7 +159,7 @@ func (s *Store) RefreshHost(ctx context.Context, refreshHash string, mint func(h
 		if err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, "UPDATE hosts SET agent_token = $2, updated_at = now() WHERE id = $1", hostID, jwt); err != nil {
+		if _, err := tx.Exec(ctx, "UPDATE hosts SET agent_token = $2, updated_at = now() WHERE id = $1", hostID, s.seal(jwt)); err != nil {
 			return err
 		}
 		_, err = tx.Exec(ctx, "INSERT INTO host_refresh_tokens (token_hash, host_id, expires_at) VALUES ($1, $2, $3)", next, hostID, expires)
@@ -228,5 +236,10 @@ func (s *Store) SchedulableHosts(ctx context.Context, teamID string) ([]HostLoad
 			(h.type = 'byoc' AND h.team_id = $1 AND EXISTS (SELECT 1 FROM teams t WHERE t.id = $1 AND t.is_byoc)))
 		GROUP BY h.id ORDER BY h.id`, teamID)
 	hs, err := pgx.CollectRows(rows, pgx.RowToStructByName[HostLoad])
+	for i := range hs {
+		if err == nil {
+			err = s.openHost(&hs[i].Host)
+		}
+	}
 	return hs, mapErr(err, "schedulable hosts")
 }

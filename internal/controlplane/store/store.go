@@ -20,6 +20,7 @@ import (
 	"github.com/pressly/goose/v3"
 
 	"github.com/wrenn/wrenn/db/migrations"
+	"github.com/wrenn/wrenn/internal/controlplane/seal"
 )
 
 var (
@@ -54,7 +55,9 @@ func unreachable(err error) bool {
 // Store wraps a connection pool.
 type Store struct {
 	Pool *pgxpool.Pool
-	log  *slog.Logger
+	// Secrets, when set, seals the secrets the store keeps (see secrets.go).
+	Secrets *seal.Keyring
+	log     *slog.Logger
 }
 
 // Open connects, waits up to wait for the database to answer, and applies
@@ -212,10 +215,13 @@ func (s *Store) TryLock(ctx context.Context, key int64, fn func(ctx context.Cont
 // Setting returns the value under key, storing def first if the key is
 // new. Concurrent first calls agree on one value.
 func (s *Store) Setting(ctx context.Context, key, def string) (string, error) {
-	if _, err := s.Pool.Exec(ctx, "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", key, def); err != nil {
+	if _, err := s.Pool.Exec(ctx, "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", key, s.seal(def)); err != nil {
 		return "", mapErr(err, "setting "+key)
 	}
 	var v string
 	err := s.Pool.QueryRow(ctx, "SELECT value FROM settings WHERE key = $1", key).Scan(&v)
+	if err == nil {
+		v, err = s.unseal(v)
+	}
 	return v, mapErr(err, "setting "+key)
 }
