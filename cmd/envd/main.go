@@ -39,6 +39,7 @@ func run() error {
 	addr := fs.String("addr", "", "IP address to listen on (default: all; 127.0.0.1 with --dev)")
 	dev := fs.Bool("dev", false, "run on a developer machine: act as the current user by default, never touch the clock, listen on loopback")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	tokenFile := fs.String("access-token-file", "", "file holding the access token every request must carry (X-Access-Token) from the start; /init may change it")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -60,6 +61,15 @@ func run() error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
 	cfg := server.Config{Log: log, Version: version.Version, FallbackUser: "user", SetClock: true}
+	if *tokenFile != "" {
+		data, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return fmt.Errorf("--access-token-file: %w", err)
+		}
+		if cfg.AccessToken = strings.TrimSpace(string(data)); cfg.AccessToken == "" {
+			return fmt.Errorf("--access-token-file %s is empty", *tokenFile)
+		}
+	}
 	listenIP := *addr
 	if *dev {
 		me, err := user.Current()

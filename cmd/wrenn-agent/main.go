@@ -117,7 +117,8 @@ func run() error {
 	jailBase := fs.String("jailer-chroot", envconf.String("WRENN_JAILER_CHROOT", "/srv/jailer"), "Firecracker: the jailer's chroot base directory (WRENN_JAILER_CHROOT)")
 	diffSnaps := fs.Bool("diff-snapshots", envconf.String("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
 	diskName := fs.String("disk", envconf.String("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
-	dns := fs.String("dns", envconf.String("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS)")
+	dns := fs.String("dns", envconf.String("WRENN_GUEST_DNS", "1.1.1.1,8.8.8.8"), "resolvers for guests, comma-separated (WRENN_GUEST_DNS); reachable on port 53 unless a sandbox denies all egress")
+	guestPrivate := fs.String("guest-private-egress", envconf.String("WRENN_GUEST_PRIVATE_EGRESS", ""), "private, CGNAT or other non-public IPv4 ranges guests may reach, comma-separated CIDRs; by default guests reach only the public internet (WRENN_GUEST_PRIVATE_EGRESS)")
 	timeout := fs.Duration("default-timeout", 5*time.Minute, "sandbox timeout when a create names none")
 	tlsCert := fs.String("tls-cert", envconf.String("WRENN_AGENT_TLS_CERT", ""), "serve RPCs over TLS with this certificate (WRENN_AGENT_TLS_CERT)")
 	tlsKey := fs.String("tls-key", envconf.String("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
@@ -185,6 +186,17 @@ func run() error {
 		}
 		resolvers = append(resolvers, a)
 	}
+	var privateEgress []netip.Prefix
+	for _, s := range strings.Split(*guestPrivate, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(s)
+		if err != nil || !p.Addr().Is4() {
+			return fmt.Errorf("--guest-private-egress: %q is not an IPv4 CIDR", s)
+		}
+		privateEgress = append(privateEgress, p)
+	}
 	console := vmm.ConsoleLog{MaxBytes: int64(*consoleKiB) << 10, BytesPerSecond: int64(*consoleRate) << 10, Log: log}
 	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps, Console: console}
 	var cgroups sandbox.Cgroups
@@ -241,7 +253,7 @@ func run() error {
 		return err
 	}
 	mgr := sandbox.New(sandbox.Config{
-		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log}, Log: log,
+		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log, Resolvers: resolvers, PrivateAllow: privateEgress}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
 		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console,
 	})

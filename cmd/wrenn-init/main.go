@@ -22,8 +22,10 @@ import (
 )
 
 const (
-	envdPath = "/usr/local/bin/envd"
-	tiniPath = "/usr/bin/tini"
+	envdPath  = "/usr/local/bin/envd"
+	tiniPath  = "/usr/bin/tini"
+	runDir    = "/run/wrenn"
+	tokenFile = runDir + "/envd-token" // root's alone
 )
 
 func main() {
@@ -76,6 +78,16 @@ func run() error {
 	startChrony()
 
 	argv := []string{envdPath, "--port", cfg.EnvdPort}
+	if cfg.EnvdToken != "" {
+		// envd starts with its token: there is no moment it answers without one.
+		if err := os.MkdirAll(runDir, 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", runDir, err)
+		}
+		if err := os.WriteFile(tokenFile, []byte(cfg.EnvdToken), 0o600); err != nil {
+			return fmt.Errorf("write envd's token: %w", err)
+		}
+		argv = append(argv, "--access-token-file", tokenFile)
+	}
 	env := []string{"PATH=" + searchPath, "HOME=/root", "LANG=C.UTF-8"}
 	if _, err := os.Stat(tiniPath); err == nil {
 		// -s: stay a subreaper even if something else becomes PID 1's child.

@@ -157,6 +157,22 @@ func (a *app) sandboxCmd() *cobra.Command {
 	create.Flags().BoolVar(&noWait, "no-wait", false, "return while the capsule is still starting")
 	create.Flags().StringArrayVar(&p.HostTags, "host-tag", nil, "run on a host carrying this tag (repeatable)")
 	create.Flags().BoolVar(&p.BYOC, "byoc", false, "run on one of your team's own (BYOC) hosts")
+	var egressMode string
+	var egressCIDRs []string
+	create.Flags().StringVar(&egressMode, "egress", "", "what the capsule may reach: allow_all (the public internet, default), deny_all or allow_list")
+	create.Flags().StringArrayVar(&egressCIDRs, "egress-cidr", nil, "a CIDR for --egress allow_list to allow, or for allow_all to deny (repeatable)")
+	create.PreRunE = func(*cobra.Command, []string) error {
+		if egressMode == "" && len(egressCIDRs) == 0 {
+			return nil
+		}
+		p.Egress = &wrenn.Egress{Mode: egressMode}
+		if egressMode == "allow_list" {
+			p.Egress.Allow = egressCIDRs
+		} else {
+			p.Egress.Deny = egressCIDRs
+		}
+		return nil
+	}
 
 	var statuses []string
 	list := &cobra.Command{

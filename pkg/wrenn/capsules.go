@@ -22,7 +22,17 @@ type Capsule struct {
 	StartedAt    *time.Time        `json:"started_at"`
 	LastActiveAt *time.Time        `json:"last_active_at"`
 	Metadata     map[string]string `json:"metadata"`
+	Egress       Egress            `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
+}
+
+// Egress is a capsule's outbound policy: Mode "allow_all" (the public
+// internet but Deny), "deny_all", or "allow_list" (Allow only). Private
+// networks need the host operator's allowance whatever it says.
+type Egress struct {
+	Mode  string   `json:"mode"`
+	Allow []string `json:"allow,omitempty"`
+	Deny  []string `json:"deny,omitempty"`
 }
 
 // CreateCapsuleParams describe a new capsule; zero values take the
@@ -40,6 +50,9 @@ type CreateCapsuleParams struct {
 	// BYOC places the capsule on one of the team's own hosts (a team a
 	// platform admin enabled for BYOC).
 	BYOC bool `json:"byoc,omitempty"`
+	// Egress is what the capsule may reach; the zero value is the public
+	// internet.
+	Egress *Egress `json:"egress,omitempty"`
 	// Wait returns once the capsule runs (or failed) instead of at once
 	// with status "starting".
 	Wait bool `json:"-"`

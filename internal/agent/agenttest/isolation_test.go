@@ -14,11 +14,23 @@ import (
 )
 
 // outsideHost is a test host in its own namespace, routed from the host,
-// standing in for "the internet" so no test traffic leaves the machine.
-// It answers HTTP on TCP 8080 with "outside".
+// standing in for "the internet" so no test traffic leaves the machine:
+// its address is in a documentation range (TEST-NET-2), public as far as
+// the egress rules go, and routed only to that namespace here. It
+// answers HTTP on TCP 8080 with "outside".
 func outsideHost(t *testing.T) string {
+	return testHost(t, "wrenntest-out", "wrtout", "198.51.100.1", "198.51.100.2")
+}
+
+// privateHost is another such host on a private range (the host's LAN, as
+// far as a guest can tell).
+func privateHost(t *testing.T) string {
+	return testHost(t, "wrenntest-lan", "wrtlan", "10.199.0.1", "10.199.0.2")
+}
+
+func testHost(t *testing.T, ns, ifPrefix, hostAddr, nsAddr string) string {
 	t.Helper()
-	const ns, hostIf, nsIf = "wrenntest-out", "wrtout-h", "wrtout-n"
+	hostIf, nsIf := ifPrefix+"-h", ifPrefix+"-n"
 	run := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
@@ -29,12 +41,12 @@ func outsideHost(t *testing.T) string {
 	run("ip", "netns", "add", ns)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
 	run("ip", "link", "add", hostIf, "type", "veth", "peer", "name", nsIf, "netns", ns)
-	run("ip", "addr", "add", "10.199.0.1/30", "dev", hostIf)
+	run("ip", "addr", "add", hostAddr+"/30", "dev", hostIf) // the /30 is routed here, nowhere else
 	run("ip", "link", "set", hostIf, "up")
-	run("ip", "-n", ns, "addr", "add", "10.199.0.2/30", "dev", nsIf)
+	run("ip", "-n", ns, "addr", "add", nsAddr+"/30", "dev", nsIf)
 	run("ip", "-n", ns, "link", "set", nsIf, "up")
 	run("ip", "-n", ns, "link", "set", "lo", "up")
-	run("ip", "-n", ns, "route", "add", "default", "via", "10.199.0.1")
+	run("ip", "-n", ns, "route", "add", "default", "via", hostAddr)
 	// socat unescapes its address text, so the reply comes from a script.
 	reply := filepath.Join(t.TempDir(), "reply.sh")
 	script := "#!/bin/sh\nprintf 'HTTP/1.0 200 OK\\r\\nContent-Length: 8\\r\\n\\r\\noutside\\n'\n"
@@ -46,7 +58,7 @@ func outsideHost(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = server.Process.Kill(); _ = server.Wait() })
-	return "10.199.0.2"
+	return nsAddr
 }
 
 // reach reports whether a sandbox can open a TCP connection to addr:port.
@@ -60,11 +72,13 @@ func TestIsolationAndEgress(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 4*time.Minute)
 	outside := outsideHost(t)
+	lan := privateHost(t)
 
 	open := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-open"})
 	denied := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-denied", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_DENY_ALL}})
-	listed := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-listed", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_LIST, AllowCidrs: []string{"10.199.0.0/30"}}})
+	listed := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-listed", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_LIST, AllowCidrs: []string{"198.51.100.0/30", "10.199.0.0/30"}}})
 	other := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-otherlist", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_LIST, AllowCidrs: []string{"192.0.2.0/24"}}})
+	blocked := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-denylist", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_ALL, DenyCidrs: []string{"198.51.100.0/30"}}})
 	if open.GetAddress() == denied.GetAddress() {
 		t.Fatalf("two sandboxes share the address %s", open.GetAddress())
 	}
@@ -92,6 +106,16 @@ func TestIsolationAndEgress(t *testing.T) {
 	if a.reach(ctx, other.GetId(), outside, 8080) {
 		t.Fatal("allow_list sandbox reached a CIDR not on its list")
 	}
+	if a.reach(ctx, blocked.GetId(), outside, 8080) {
+		t.Fatal("a sandbox reached a CIDR on its deny list")
+	}
+	// Private networks (the host's LAN) are out of reach by default, even
+	// for a policy that lists them: only the operator opens them.
+	for _, sb := range []*pb.Sandbox{open, listed, blocked} {
+		if a.reach(ctx, sb.GetId(), lan, 8080) {
+			t.Fatalf("%s reached a private address without the operator's allowance", sb.GetId())
+		}
+	}
 
 	// Sandboxes cannot reach each other, by address or through the veths.
 	if a.reach(ctx, open.GetId(), denied.GetAddress(), 49983) {
@@ -111,9 +135,25 @@ func TestIsolationAndEgress(t *testing.T) {
 		t.Fatal("sandbox reached 169.254.169.254")
 	}
 	// The host still reaches every sandbox's envd.
-	for _, sb := range []*pb.Sandbox{open, denied, listed, other} {
+	for _, sb := range []*pb.Sandbox{open, denied, listed, other, blocked} {
 		if out, code := a.sh(ctx, sb.GetId(), "echo alive"); out != "alive\n" || code != 0 {
 			t.Fatalf("%s unreachable from the host", sb.GetId())
 		}
+	}
+}
+
+// The operator opens a private range to guests (--guest-private-egress);
+// each sandbox's own policy still applies to it.
+func TestPrivateEgressNeedsTheOperator(t *testing.T) {
+	a := newAgent(t, "--guest-private-egress", "10.199.0.0/30")
+	ctx := testCtx(t, 3*time.Minute)
+	lan := privateHost(t)
+	open := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-lan-open"})
+	denied := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-lan-denied", Egress: &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_DENY_ALL}})
+	if !a.reach(ctx, open.GetId(), lan, 8080) {
+		t.Fatal("a private range the operator allows is out of reach")
+	}
+	if a.reach(ctx, denied.GetId(), lan, 8080) {
+		t.Fatal("deny_all reached a private range the operator allows")
 	}
 }

@@ -23,6 +23,8 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+
+	egresspolicy "github.com/wrenn/wrenn/internal/egress"
 )
 
 // MaxSlot is the highest slot: the veth range is a /16 of /31 pairs.
@@ -43,6 +45,7 @@ const (
 	guestPrefixLen = 30
 	tapName        = "tap0"
 	ifacePrefix    = "wrn" // host-side veth names: wrn<slot>h; the host rules match wrn+
+	privateChain   = "WRENN-PRIVATE"
 )
 
 // Allocation is one sandbox's network, derived from its slot.
@@ -120,47 +123,15 @@ func (a Allocation) KernelArgs(dns []netip.Addr) []string {
 	return args
 }
 
-// EgressMode says what a sandbox may reach outside the host.
-type EgressMode string
-
-// Egress modes.
-const (
-	AllowAll  EgressMode = "allow_all"
-	DenyAll   EgressMode = "deny_all"
-	AllowList EgressMode = "allow_list"
-)
-
-// Egress is a sandbox's outbound policy.
-type Egress struct {
-	Mode  EgressMode     `json:"mode"`
-	Allow []netip.Prefix `json:"allow,omitempty"`
-}
-
-// Validate rejects unknown modes and lists that do not fit their mode.
-func (e Egress) Validate() error {
-	switch e.Mode {
-	case AllowAll, DenyAll, "":
-		if len(e.Allow) > 0 {
-			return fmt.Errorf("egress mode %q takes no allow list", e.Mode)
-		}
-	case AllowList:
-		if len(e.Allow) == 0 {
-			return errors.New("egress mode allow_list needs at least one CIDR")
-		}
-		for _, p := range e.Allow {
-			if !p.Addr().Is4() {
-				return fmt.Errorf("egress CIDR %s: only IPv4 is supported", p)
-			}
-		}
-	default:
-		return fmt.Errorf("unknown egress mode %q (allow_all, deny_all, allow_list)", e.Mode)
-	}
-	return nil
-}
-
 // Manager creates and removes sandbox networks.
 type Manager struct {
 	Log *slog.Logger
+	// PrivateAllow are parts of egress.PrivateRanges guests may reach (the
+	// operator's --guest-private-egress); each sandbox's policy still applies.
+	PrivateAllow []netip.Prefix
+	// Resolvers are the guests' DNS servers, reachable on port 53 in every
+	// mode but deny_all (they may be private).
+	Resolvers []netip.Addr
 }
 
 // PrepareHost enables forwarding and installs the host-wide rules once;
@@ -215,7 +186,7 @@ func (m *Manager) PrepareHost(ctx context.Context) error {
 
 // Setup creates the sandbox's network. It first removes whatever a crashed
 // earlier attempt left for this slot, and on failure removes what it made.
-func (m *Manager) Setup(ctx context.Context, a Allocation, egress Egress) error {
+func (m *Manager) Setup(ctx context.Context, a Allocation, egress egresspolicy.Policy) error {
 	if err := egress.Validate(); err != nil {
 		return err
 	}
@@ -230,7 +201,7 @@ func (m *Manager) Setup(ctx context.Context, a Allocation, egress Egress) error 
 	return nil
 }
 
-func (m *Manager) setup(ctx context.Context, a Allocation, egress Egress) error {
+func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.Policy) error {
 	ns := a.NetNS
 	gw := fmt.Sprintf("%s/%d", GatewayIP, guestPrefixLen)
 	steps := [][]string{
@@ -257,6 +228,21 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress Egress) error 
 		return err
 	}
 	guest := GuestIP.String()
+	// Private ranges, in a chain of the namespace's own: the operator's
+	// allowances return to the policy, the rest is dropped.
+	if err := iptables(ctx, ns, "-N", privateChain); err != nil {
+		return err
+	}
+	for _, p := range m.PrivateAllow {
+		if err := iptables(ctx, ns, "-A", privateChain, "-d", p.Masked().String(), "-j", "RETURN"); err != nil {
+			return err
+		}
+	}
+	for _, p := range egresspolicy.PrivateRanges {
+		if err := iptables(ctx, ns, "-A", privateChain, "-d", p.String(), "-j", "DROP"); err != nil {
+			return err
+		}
+	}
 	rules := [][]string{
 		// The sandbox address is the guest, both ways.
 		{"-t", "nat", "-A", "PREROUTING", "-i", a.NSVeth, "-d", a.SandboxIP.String(), "-j", "DNAT", "--to-destination", guest},
@@ -268,14 +254,24 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress Egress) error 
 		{"-A", "FORWARD", "-i", a.Tap, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"},
 		{"-A", "FORWARD", "-i", a.Tap, "-d", "169.254.0.0/16", "-j", "DROP"},
 	}
-	switch egress.Mode {
-	case DenyAll:
+	if egress.Mode == egresspolicy.DenyAll {
 		rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", "DROP"})
-	case AllowList:
-		for _, p := range egress.Allow {
-			rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", p.Masked().String(), "-j", "ACCEPT"})
+	} else {
+		for _, r := range m.Resolvers {
+			for _, proto := range []string{"udp", "tcp"} {
+				rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", r.String(), "-p", proto, "--dport", "53", "-j", "ACCEPT"})
+			}
 		}
-		rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", "DROP"})
+		rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", privateChain})
+		for _, p := range egress.Deny {
+			rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", p.Masked().String(), "-j", "DROP"})
+		}
+		if egress.Mode == egresspolicy.AllowList {
+			for _, p := range egress.Allow {
+				rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", p.Masked().String(), "-j", "ACCEPT"})
+			}
+			rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", "DROP"})
+		}
 	}
 	for _, r := range rules {
 		if err := iptables(ctx, ns, r...); err != nil {

@@ -24,6 +24,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/guest/kernel"
 	"github.com/wrenn/wrenn/internal/guest/template"
 )
@@ -178,7 +179,7 @@ type CreateParams struct {
 	AutoPause bool
 	EnvVars   map[string]string
 	Metadata  map[string]string
-	Egress    network.Egress
+	Egress    egress.Policy
 }
 
 var validID = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{2,63}$`)
@@ -246,7 +247,7 @@ func (m *Manager) validate(p *CreateParams) error {
 		}
 	}
 	if p.Egress.Mode == "" {
-		p.Egress.Mode = network.AllowAll
+		p.Egress.Mode = egress.AllowAll
 	}
 	if err := p.Egress.Validate(); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
@@ -379,7 +380,8 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	rec.Spec = vmm.Spec{
 		ID: rec.ID, Kernel: kernelPath, Disk: dsk.Path, DiskFormat: dsk.Format,
 		VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB,
-		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID),
+		// envd gets its token as a boot input: it never answers without one.
+		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID, "wrenn.envd_token="+rec.EnvdToken),
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
 		RunDir: filepath.Join(dir, "run"),
 	}
@@ -410,11 +412,9 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 func (m *Manager) initGuest(ctx context.Context, rec *Record, first bool) error {
 	waitCtx, cancel := context.WithTimeout(ctx, m.cfg.BootTimeout)
 	defer cancel()
-	token := rec.EnvdToken
-	if first {
-		token = "" // envd has no token until this /init sets it
-	}
-	c := envdclient.New(rec.Net.SandboxIP.String(), token)
+	// envd had its token from boot (images older than that take it from
+	// this /init, and accept the header before).
+	c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
 	defer c.Close()
 	if err := c.WaitHealthy(waitCtx); err != nil {
 		return err

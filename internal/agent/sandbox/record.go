@@ -10,6 +10,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/egress"
 )
 
 // State is where a sandbox is in its life.
@@ -42,7 +43,7 @@ type Record struct {
 	AutoPause bool               `json:"auto_pause"`
 	Metadata  map[string]string  `json:"metadata,omitempty"`
 	EnvVars   map[string]string  `json:"env_vars,omitempty"`
-	Egress    network.Egress     `json:"egress"`
+	Egress    egress.Policy      `json:"egress"`
 	EnvdToken string             `json:"envd_token"`
 	Net       network.Allocation `json:"net"`
 	DiskFile  string             `json:"disk_file"` // the sandbox's own disk data (see disk.Cloner)

@@ -21,8 +21,8 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
-	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
+	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/guest/template"
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/safetext"
@@ -171,13 +171,16 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 	}
 	eg := &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_ALL}
 	switch r.Egress.Mode {
-	case network.DenyAll:
+	case egress.DenyAll:
 		eg.Mode = pb.EgressPolicy_MODE_DENY_ALL
-	case network.AllowList:
+	case egress.AllowList:
 		eg.Mode = pb.EgressPolicy_MODE_ALLOW_LIST
-		for _, p := range r.Egress.Allow {
-			eg.AllowCidrs = append(eg.AllowCidrs, p.String())
-		}
+	}
+	for _, p := range r.Egress.Allow {
+		eg.AllowCidrs = append(eg.AllowCidrs, p.String())
+	}
+	for _, p := range r.Egress.Deny {
+		eg.DenyCidrs = append(eg.DenyCidrs, p.String())
 	}
 	return &pb.Sandbox{
 		Id: r.ID, Template: r.Template, State: states[r.State], Vcpus: int32(r.VCPUs), MemoryMib: int32(r.MemoryMiB),
@@ -187,24 +190,32 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 	}
 }
 
-func egressFrom(p *pb.EgressPolicy) (network.Egress, error) {
-	var e network.Egress
+func egressFrom(p *pb.EgressPolicy) (egress.Policy, error) {
+	var e egress.Policy
 	switch p.GetMode() {
 	case pb.EgressPolicy_MODE_UNSPECIFIED, pb.EgressPolicy_MODE_ALLOW_ALL:
-		e.Mode = network.AllowAll
+		e.Mode = egress.AllowAll
 	case pb.EgressPolicy_MODE_DENY_ALL:
-		e.Mode = network.DenyAll
+		e.Mode = egress.DenyAll
 	case pb.EgressPolicy_MODE_ALLOW_LIST:
-		e.Mode = network.AllowList
+		e.Mode = egress.AllowList
 	default:
 		return e, fmt.Errorf("%w: unknown egress mode %v", sandbox.ErrInvalid, p.GetMode())
 	}
-	for _, c := range p.GetAllowCidrs() {
-		prefix, err := parsePrefix(c)
-		if err != nil {
-			return e, fmt.Errorf("%w: egress CIDR %q: %v", sandbox.ErrInvalid, c, err)
+	for _, list := range []struct {
+		in  []string
+		out *[]netip.Prefix
+	}{{p.GetAllowCidrs(), &e.Allow}, {p.GetDenyCidrs(), &e.Deny}} {
+		for _, c := range list.in {
+			prefix, err := parsePrefix(c)
+			if err != nil {
+				return e, fmt.Errorf("%w: egress CIDR %q: %v", sandbox.ErrInvalid, c, err)
+			}
+			*list.out = append(*list.out, prefix)
 		}
-		e.Allow = append(e.Allow, prefix)
+	}
+	if err := e.Validate(); err != nil {
+		return e, fmt.Errorf("%w: %v", sandbox.ErrInvalid, err)
 	}
 	return e, nil
 }
@@ -240,13 +251,13 @@ func (s *Server) CreateSandbox(ctx context.Context, req *connect.Request[pb.Crea
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	egress, err := egressFrom(msg.GetEgress())
+	policy, err := egressFrom(msg.GetEgress())
 	if err != nil {
 		return nil, toConnect(err)
 	}
 	rec, err := s.m.Create(ctx, sandbox.CreateParams{
 		ID: msg.GetId(), Template: msg.GetTemplate(), VCPUs: int(msg.GetVcpus()), MemoryMiB: int(msg.GetMemoryMib()), DiskMiB: int(msg.GetDiskSizeMib()),
-		Timeout: timeout, AutoPause: msg.GetAutoPause(), EnvVars: msg.GetEnvVars(), Metadata: msg.GetMetadata(), Egress: egress,
+		Timeout: timeout, AutoPause: msg.GetAutoPause(), EnvVars: msg.GetEnvVars(), Metadata: msg.GetMetadata(), Egress: policy,
 	})
 	if err != nil {
 		return nil, toConnect(err)

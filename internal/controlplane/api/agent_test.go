@@ -202,6 +202,31 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 		t.Fatalf("after exec: %+v", got)
 	}
 
+	// An egress policy travels to the host; bad ones are refused up front.
+	for _, bad := range []map[string]any{
+		{"mode": "allow_list"}, {"mode": "deny_all", "deny": []string{"198.51.100.0/24"}},
+		{"mode": "allow_all", "deny": []string{"not-a-cidr"}}, {"mode": "open"},
+	} {
+		c.want(c.do("POST", "/v1/capsules", creds{key: key}, map[string]any{"egress": bad}), 400)
+	}
+	var fenced struct {
+		capsuleOut
+		Egress struct {
+			Mode  string   `json:"mode"`
+			Allow []string `json:"allow"`
+		} `json:"egress"`
+	}
+	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256,
+		"egress": map[string]any{"mode": "allow_list", "allow": []string{"198.51.100.0/30"}}}), 201).json(t, &fenced)
+	if fenced.Egress.Mode != "allow_list" || len(fenced.Egress.Allow) != 1 {
+		t.Fatalf("the capsule's egress: %+v", fenced.Egress)
+	}
+	onHost, err := c.srv.agents.Get(hostID, c.hostAddress(hostID), c.hostToken(hostID)).GetSandbox(context.Background(), connect.NewRequest(&pb.GetSandboxRequest{Id: fenced.ID}))
+	if err != nil || onHost.Msg.GetSandbox().GetEgress().GetMode() != pb.EgressPolicy_MODE_ALLOW_LIST || len(onHost.Msg.GetSandbox().GetEgress().GetAllowCidrs()) != 1 {
+		t.Fatalf("the host's policy for the capsule: %v %v", onHost, err)
+	}
+	c.want(c.do("DELETE", "/v1/capsules/"+fenced.ID, creds{key: key}, nil), 202)
+
 	// Metrics: a live reading at first, then the samples a reconcile pass takes.
 	var m struct {
 		Points []struct {
@@ -521,6 +546,15 @@ func mustAgentDir(t *testing.T, c *cp, hostID string) string {
 		t.Fatalf("no agent directory known for %s", hostID)
 	}
 	return c.agentDirs[hostID]
+}
+
+// hostAddress is where the control plane reaches a host.
+func (c *cp) hostAddress(hostID string) string {
+	h, err := c.st.Host(context.Background(), hostID)
+	if err != nil || h.Address == nil {
+		return ""
+	}
+	return *h.Address
 }
 
 // hostToken is the credential the control plane holds for a host.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"regexp"
 	"strings"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/scheduler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/internal/egress"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -36,6 +38,7 @@ type capsuleJSON struct {
 	LastActiveAt *time.Time        `json:"last_active_at"`
 	LastUpdated  time.Time         `json:"last_updated"`
 	Metadata     map[string]string `json:"metadata"`
+	Egress       store.Egress      `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
 }
 
@@ -43,7 +46,48 @@ func toCapsule(sb store.Sandbox) capsuleJSON {
 	return capsuleJSON{ID: sb.ID, Status: sb.Status, Template: sb.Template, VCPUs: sb.VCPUs, MemoryMB: sb.MemoryMB,
 		DiskSizeMB: sb.DiskSizeMB, TimeoutSec: sb.TimeoutSec, AutoPause: sb.AutoPause, GuestIP: sb.GuestIP, HostIP: sb.HostIP,
 		HostID: sb.HostID, CreatedAt: sb.CreatedAt, StartedAt: sb.StartedAt, LastActiveAt: sb.LastActiveAt,
-		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, StatusReason: sb.Error}
+		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, Egress: sb.Egress, StatusReason: sb.Error}
+}
+
+// checkEgress validates an egress policy as the agents enforce it.
+func checkEgress(e *store.Egress) error {
+	if e.Mode == "" {
+		e.Mode = "allow_all"
+	}
+	var policy egress.Policy
+	policy.Mode = egress.Mode(e.Mode)
+	for _, list := range []struct {
+		in  []string
+		out *[]netip.Prefix
+	}{{e.Allow, &policy.Allow}, {e.Deny, &policy.Deny}} {
+		for _, c := range list.in {
+			p, err := netip.ParsePrefix(c)
+			if err != nil {
+				a, aerr := netip.ParseAddr(c)
+				if aerr != nil {
+					return badRequest("egress: %q is not an IPv4 CIDR or address", c)
+				}
+				p = netip.PrefixFrom(a, a.BitLen())
+			}
+			*list.out = append(*list.out, p)
+		}
+	}
+	if err := policy.Validate(); err != nil {
+		return badRequest("egress: %s", err.Error())
+	}
+	return nil
+}
+
+// egressProto is the agent's form of a policy checkEgress accepted.
+func egressProto(e store.Egress) *pb.EgressPolicy {
+	out := &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_ALL, AllowCidrs: e.Allow, DenyCidrs: e.Deny}
+	switch e.Mode {
+	case "deny_all":
+		out.Mode = pb.EgressPolicy_MODE_DENY_ALL
+	case "allow_list":
+		out.Mode = pb.EgressPolicy_MODE_ALLOW_LIST
+	}
+	return out
 }
 
 // Limits on what one capsule may ask for.
@@ -70,6 +114,8 @@ type createCapsuleRequest struct {
 	// BYOC places the capsule on one of the team's own hosts (a team a
 	// platform admin enabled for BYOC); otherwise shared hosts are used.
 	BYOC bool `json:"byoc"`
+	// Egress is what the capsule may reach (default: the public internet).
+	Egress store.Egress `json:"egress"`
 }
 
 func (req *createCapsuleRequest) validate() error {
@@ -120,7 +166,7 @@ func (req *createCapsuleRequest) validate() error {
 			return badRequest("environment variable names must be non-empty without '=' or NUL")
 		}
 	}
-	return nil
+	return checkEgress(&req.Egress)
 }
 
 // agentTemplate is the name a template has on its host: images shipped
@@ -204,7 +250,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	}
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
-		Metadata: req.Metadata}
+		Metadata: req.Metadata, Egress: req.Egress}
 	if *req.DiskSizeMB > 0 {
 		d := int32(*req.DiskSizeMB)
 		sb.DiskSizeMB = &d
@@ -290,7 +336,7 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		}
 		timeout := int32(maxTimeoutSec) // the control plane enforces inactivity; the agent's deadline is a backstop
 		in := &pb.CreateSandboxRequest{Id: sb.ID, Template: agentTemplate(tpl), Vcpus: sb.VCPUs, MemoryMib: sb.MemoryMB,
-			TimeoutSeconds: timeout, AutoPause: true, EnvVars: envs, Metadata: sb.Metadata}
+			TimeoutSeconds: timeout, AutoPause: true, EnvVars: envs, Metadata: sb.Metadata, Egress: egressProto(sb.Egress)}
 		if sb.DiskSizeMB != nil {
 			in.DiskSizeMib = *sb.DiskSizeMB
 		}

@@ -31,10 +31,19 @@ type Sandbox struct {
 	LastActiveAt *time.Time        `db:"last_active_at"`
 	LastUpdated  time.Time         `db:"last_updated"`
 	StoppedAt    *time.Time        `db:"stopped_at"`
+	Egress       Egress            `db:"egress"`
+}
+
+// Egress is a capsule's outbound policy: mode allow_all (with an optional
+// deny list), deny_all, or allow_list.
+type Egress struct {
+	Mode  string   `json:"mode"`
+	Allow []string `json:"allow,omitempty"`
+	Deny  []string `json:"deny,omitempty"`
 }
 
 const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
-	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at`
+	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress`
 
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
@@ -45,9 +54,12 @@ func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) (Sandbox, error) 
 	if sb.Metadata == nil {
 		sb.Metadata = map[string]string{}
 	}
+	if sb.Egress.Mode == "" {
+		sb.Egress.Mode = "allow_all"
+	}
 	rows, _ := s.Pool.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
-		timeout_sec, auto_pause, metadata, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING `+sandboxCols,
-		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy)
+		timeout_sec, auto_pause, metadata, created_by, egress) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING `+sandboxCols,
+		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress)
 	stored, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
 	return stored, mapErr(err, "insert capsule")
 }

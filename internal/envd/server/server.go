@@ -46,6 +46,9 @@ type Config struct {
 	SetClock bool
 	// DiskPath is the file system /metrics reports on.
 	DiskPath string
+	// AccessToken, when set, is required from the first request on; /init
+	// may change it. Without it envd takes its token from the first /init.
+	AccessToken string
 }
 
 // Server is a configured envd.
@@ -75,6 +78,9 @@ func New(cfg Config) *Server {
 		sampler:    metrics.NewSampler(cfg.DiskPath),
 	}
 	s.processes = process.NewService(cfg.Log, s.defaults)
+	if cfg.AccessToken != "" {
+		s.defaults.Apply(session.Update{Token: &cfg.AccessToken})
+	}
 
 	opts := []connect.HandlerOption{
 		connect.WithReadMaxBytes(maxRPCMessage),

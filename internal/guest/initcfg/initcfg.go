@@ -14,6 +14,9 @@ type Config struct {
 	Hostname string
 	DNS      []netip.Addr
 	EnvdPort string
+	// EnvdToken is envd's access token, given before envd starts so that
+	// it never answers a request without it (wrenn.envd_token).
+	EnvdToken string
 }
 
 // Defaults apply when the command line does not say.
@@ -24,7 +27,7 @@ const (
 
 // Parse reads wrenn.* parameters from a kernel command line:
 //
-//	wrenn.hostname=sb-1234 wrenn.dns=1.1.1.1,8.8.8.8 wrenn.envd_port=49983
+//	wrenn.hostname=sb-1234 wrenn.dns=1.1.1.1,8.8.8.8 wrenn.envd_port=49983 wrenn.envd_token=<hex>
 //
 // Unknown parameters are ignored; malformed wrenn.* values are errors.
 func Parse(cmdline string) (Config, error) {
@@ -54,6 +57,11 @@ func Parse(cmdline string) (Config, error) {
 				return cfg, fmt.Errorf("wrenn.envd_port %q is not a port", value)
 			}
 			cfg.EnvdPort = value
+		case "wrenn.envd_token":
+			if !validToken(value) {
+				return cfg, fmt.Errorf("wrenn.envd_token is not 16 to 128 hex digits")
+			}
+			cfg.EnvdToken = value
 		}
 	}
 	return cfg, nil
@@ -68,6 +76,18 @@ func validHostname(s string) bool {
 		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
 		case r == '-' && i > 0 && i < len(s)-1:
 		default:
+			return false
+		}
+	}
+	return true
+}
+
+func validToken(s string) bool {
+	if len(s) < 16 || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
 			return false
 		}
 	}

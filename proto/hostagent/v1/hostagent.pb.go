@@ -90,9 +90,9 @@ type EgressPolicy_Mode int32
 
 const (
 	EgressPolicy_MODE_UNSPECIFIED EgressPolicy_Mode = 0 // allow all
-	EgressPolicy_MODE_ALLOW_ALL   EgressPolicy_Mode = 1
+	EgressPolicy_MODE_ALLOW_ALL   EgressPolicy_Mode = 1 // everything public, but deny_cidrs
 	EgressPolicy_MODE_DENY_ALL    EgressPolicy_Mode = 2
-	EgressPolicy_MODE_ALLOW_LIST  EgressPolicy_Mode = 3
+	EgressPolicy_MODE_ALLOW_LIST  EgressPolicy_Mode = 3 // allow_cidrs only
 )
 
 // Enum value maps for EgressPolicy_Mode.
@@ -282,10 +282,15 @@ func (x *GetHostInfoResponse) GetTemplates() []string {
 	return nil
 }
 
+// What a sandbox may reach outside its host. Private, CGNAT, loopback,
+// link-local and multicast ranges are refused in every mode unless the
+// agent's operator allows some (--guest-private-egress); the guest's DNS
+// resolvers are reachable unless the mode is DENY_ALL.
 type EgressPolicy struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Mode          EgressPolicy_Mode      `protobuf:"varint,1,opt,name=mode,proto3,enum=hostagent.v1.EgressPolicy_Mode" json:"mode,omitempty"`
 	AllowCidrs    []string               `protobuf:"bytes,2,rep,name=allow_cidrs,json=allowCidrs,proto3" json:"allow_cidrs,omitempty"`
+	DenyCidrs     []string               `protobuf:"bytes,3,rep,name=deny_cidrs,json=denyCidrs,proto3" json:"deny_cidrs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -330,6 +335,13 @@ func (x *EgressPolicy) GetMode() EgressPolicy_Mode {
 func (x *EgressPolicy) GetAllowCidrs() []string {
 	if x != nil {
 		return x.AllowCidrs
+	}
+	return nil
+}
+
+func (x *EgressPolicy) GetDenyCidrs() []string {
+	if x != nil {
+		return x.DenyCidrs
 	}
 	return nil
 }
@@ -3363,11 +3375,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x03vmm\x18\x06 \x01(\tR\x03vmm\x12 \n" +
 	"\vaccelerator\x18\a \x01(\tR\vaccelerator\x12\x18\n" +
 	"\aversion\x18\b \x01(\tR\aversion\x12\x1c\n" +
-	"\ttemplates\x18\t \x03(\tR\ttemplates\"\xbe\x01\n" +
+	"\ttemplates\x18\t \x03(\tR\ttemplates\"\xdd\x01\n" +
 	"\fEgressPolicy\x123\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\x1f.hostagent.v1.EgressPolicy.ModeR\x04mode\x12\x1f\n" +
 	"\vallow_cidrs\x18\x02 \x03(\tR\n" +
-	"allowCidrs\"X\n" +
+	"allowCidrs\x12\x1d\n" +
+	"\n" +
+	"deny_cidrs\x18\x03 \x03(\tR\tdenyCidrs\"X\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODE_ALLOW_ALL\x10\x01\x12\x11\n" +

@@ -18,6 +18,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/kvm"
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
@@ -55,7 +56,7 @@ func kvmVM(t *testing.T, ctx context.Context, slot int, id string) (vmm.Spec, fu
 		t.Fatal(err)
 	}
 	alloc, _ := network.ForSlot(slot)
-	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
+	if err := nets.Setup(ctx, alloc, egress.Policy{Mode: egress.AllowAll}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = nets.Teardown(context.Background(), alloc) })

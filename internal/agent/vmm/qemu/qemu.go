@@ -55,8 +55,36 @@ func (d *Driver) Accelerator() string {
 
 func qmpSocket(spec vmm.Spec) string { return filepath.Join(spec.RunDir, "qmp.sock") }
 
+// kernelArgs are the guest kernel's command line.
+func (d *Driver) kernelArgs(spec vmm.Spec) []string {
+	kargs := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet",
+		"root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/wrenn-init"}
+	if !d.kvm {
+		kargs = append(kargs, kvm.TCGKernelArgs()...)
+	}
+	return append(kargs, spec.KernelArgs...)
+}
+
+// writeConfig puts the kernel command line in a QEMU config file in the
+// run directory (the agent's alone): it holds envd's token, and QEMU's own
+// command line is visible to every user of the host.
+func (d *Driver) writeConfig(spec vmm.Spec) (string, error) {
+	line := strings.Join(d.kernelArgs(spec), " ")
+	if strings.ContainsAny(line, "\"\n\\") {
+		return "", fmt.Errorf("kernel arguments with quotes, backslashes or newlines: %q", line)
+	}
+	if err := os.MkdirAll(spec.RunDir, 0o700); err != nil {
+		return "", fmt.Errorf("qemu config: %w", err)
+	}
+	path := filepath.Join(spec.RunDir, "qemu.cfg")
+	if err := os.WriteFile(path, []byte("[machine]\n  append = \""+line+"\"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("qemu config: %w", err)
+	}
+	return path, nil
+}
+
 // args builds the QEMU command line. Boot and Restore use the same one, as
-// migration requires.
+// migration requires; the kernel's command line comes from writeConfig.
 func (d *Driver) args(spec vmm.Spec) []string {
 	// TCG's translation cache would otherwise grow to 1 GiB of the VMM's
 	// memory, which its cgroup limit counts; 128 MiB is plenty for one guest.
@@ -64,12 +92,6 @@ func (d *Driver) args(spec vmm.Spec) []string {
 	if d.kvm {
 		accel, cpu = "kvm", "host"
 	}
-	kargs := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet",
-		"root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/wrenn-init"}
-	if !d.kvm {
-		kargs = append(kargs, kvm.TCGKernelArgs()...)
-	}
-	kargs = append(kargs, spec.KernelArgs...)
 	format := spec.DiskFormat
 	if format == "" {
 		format = "raw"
@@ -81,7 +103,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "file:" + vmm.ConsolePath(spec.RunDir), // read by the agent into a capped log
 		"-qmp", "unix:" + qmpSocket(spec) + ",server=on,wait=off",
-		"-kernel", spec.Kernel, "-append", strings.Join(kargs, " "),
+		"-kernel", spec.Kernel,
 		"-drive", "id=root,file=" + spec.Disk + ",format=" + format + ",if=none,cache=writeback,discard=unmap,werror=enospc,rerror=report",
 		"-device", "virtio-blk-device,drive=root",
 		"-device", "virtio-rng-device",
@@ -100,7 +122,11 @@ func (d *Driver) args(spec vmm.Spec) []string {
 
 // start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
-	argv := append([]string{d.Binary}, append(d.args(spec), extra...)...)
+	cfg, err := d.writeConfig(spec)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	argv := append([]string{d.Binary}, append(d.args(spec), append([]string{"-readconfig", cfg}, extra...)...)...)
 	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: d.Confine, Console: d.Console})
 }
 

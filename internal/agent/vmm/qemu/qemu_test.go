@@ -18,6 +18,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
 	pb "github.com/wrenn/wrenn/proto/envd/process"
@@ -56,7 +57,7 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	alloc, _ := network.ForSlot(32001)
-	if err := nets.Setup(ctx, alloc, network.Egress{Mode: network.AllowAll}); err != nil {
+	if err := nets.Setup(ctx, alloc, egress.Policy{Mode: egress.AllowAll}); err != nil {
 		t.Fatal(err)
 	}
 	defer nets.Teardown(context.Background(), alloc)
