@@ -231,10 +231,18 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	signups, err := envconf.Int("WRENN_SIGNUPS_PER_HOUR", 10)
+	if err != nil {
+		return err
+	}
+	quotas, err := teamQuotas()
+	if err != nil {
+		return err
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
 		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
-		TrustedProxies: proxies, PublicPerMinute: float64(authRate)})
+		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)
@@ -260,6 +268,29 @@ func serve(cmd string, args []string) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	return hs.Shutdown(sctx)
+}
+
+// teamQuotas reads the platform's default limits per team (0: none).
+func teamQuotas() (store.Quota, error) {
+	var q store.Quota
+	for _, v := range []struct {
+		key string
+		def int
+		out *int64
+	}{
+		{"WRENN_TEAM_MAX_CAPSULES", 50, &q.Capsules}, {"WRENN_TEAM_MAX_VCPUS", 64, &q.VCPUs},
+		{"WRENN_TEAM_MAX_MEMORY_MB", 128 << 10, &q.MemoryMB}, {"WRENN_TEAM_MAX_DISK_MB", 1 << 20, &q.DiskMB},
+	} {
+		n, err := envconf.Int(v.key, v.def)
+		if err != nil {
+			return q, err
+		}
+		if n < 0 {
+			return q, fmt.Errorf("%s must not be negative (0: no limit)", v.key)
+		}
+		*v.out = int64(n)
+	}
+	return q, nil
 }
 
 // admin runs "admin create" (a platform admin account) or "admin

@@ -67,6 +67,11 @@ func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) er
 	if err := decode(w, r, &req, false); err != nil {
 		return err
 	}
+	// Each account brings a team with its own quota: accounts come slowly.
+	if wait, ok := s.signups.allow("signup:" + s.clientIP(r).String()); !ok {
+		w.Header().Set("Retry-After", wait)
+		return errf(http.StatusTooManyRequests, "rate_limited", "too many new accounts from this address; retry after %s s", wait)
+	}
 	if s.cfg.Mailer == nil {
 		u, err := s.createAccount(r.Context(), req.Email, req.Password, req.Name, false, "active")
 		if err != nil {

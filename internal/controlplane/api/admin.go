@@ -167,6 +167,36 @@ func (s *Server) adminSetTeamBYOC(w http.ResponseWriter, r *http.Request, p *pri
 	return nil
 }
 
+// adminSetTeamLimits overrides the platform's quotas for one team: each
+// field a number (0: no limit) or null (the platform default).
+func (s *Server) adminSetTeamLimits(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := requireAdmin(p); err != nil {
+		return err
+	}
+	id := r.PathValue("id")
+	if !ids.Valid("team", id) {
+		return notFound("team")
+	}
+	var o store.QuotaOverride
+	if err := decode(w, r, &o, false); err != nil {
+		return err
+	}
+	for _, v := range []*int32{o.Capsules, o.VCPUs, o.MemoryMB, o.DiskMB} {
+		if v != nil && *v < 0 {
+			return badRequest("limits must be 0 (no limit), a positive number, or null (the platform default)")
+		}
+	}
+	err := s.st.SetTeamQuota(r.Context(), id, o)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("team")
+	}
+	s.audit(r.Context(), p, id, "team", id, "team.set_limits", err, map[string]any{"limits": o})
+	if err != nil {
+		return err
+	}
+	return s.writeLimits(w, r, id)
+}
+
 // adminDeleteTeam destroys a team's capsules and deletes the team.
 func (s *Server) adminDeleteTeam(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if err := requireAdmin(p); err != nil {

@@ -257,8 +257,9 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	}
 	actor, _ := p.actor()
 	sb.CreatedBy = &actor
-	stored, err := s.st.InsertSandbox(ctx, sb)
+	stored, err := s.st.InsertSandboxWithin(ctx, sb, s.cfg.Quotas)
 	if err != nil {
+		s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.create", err, nil)
 		return none, tpl, sreq, err
 	}
 	s.log.Info("capsule placed", "capsule", sb.ID, "team", sb.TeamID, "host", h.ID, "template", sb.Template)
@@ -675,8 +676,11 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) er
 	if err != nil {
 		return err
 	}
-	if _, err := s.st.Transition(ctx, sb.ID, []string{"paused"}, "resuming", nil); err != nil {
-		return errf(http.StatusConflict, "not_paused", "%s", err.Error())
+	if err := s.st.ResumeWithin(ctx, sb, s.cfg.Quotas); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return errf(http.StatusConflict, "not_paused", "%s", err.Error())
+		}
+		return err
 	}
 	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))
 	if rerr != nil {

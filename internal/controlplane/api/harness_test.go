@@ -54,7 +54,7 @@ func newCPOn(t *testing.T, dbURL string, secret []byte, configure ...func(*Confi
 	if st.Secrets, err = seal.New(testEncryptionKey); err != nil {
 		t.Fatal(err)
 	}
-	cfg := Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1,
+	cfg := Config{Store: st, Signer: &auth.Signer{Secret: secret}, Agents: &agentclient.Pool{}, Log: log, RatePerSecond: -1, SignupsPerHour: -1,
 		NotifyClient: notify.NewClient(true)} // test receivers listen on loopback
 	for _, f := range configure {
 		f(&cfg)

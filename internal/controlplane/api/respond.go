@@ -77,7 +77,10 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 // classify maps store and agent errors to API errors.
 func (s *Server) classify(ctx context.Context, err error) *apiError {
 	var ce *connect.Error
+	var qe *store.QuotaError
 	switch {
+	case errors.As(err, &qe):
+		return errf(http.StatusTooManyRequests, "quota_exceeded", "%s; destroy or pause capsules, or ask a platform admin to raise it", qe.Error())
 	case errors.Is(err, store.ErrNotFound):
 		return errf(http.StatusNotFound, "not_found", "not found")
 	case errors.Is(err, store.ErrConflict):

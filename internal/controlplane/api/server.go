@@ -44,6 +44,12 @@ type Config struct {
 	TrustedProxies []netip.Prefix
 	// Limits bound connections on the API's listener (see HTTPServer).
 	Limits Limits
+	// Quotas are the platform's default limits per team (zero fields: no
+	// limit); platform admins override them per team.
+	Quotas store.Quota
+	// SignupsPerHour limits new accounts per client address (default 10;
+	// negative: off).
+	SignupsPerHour float64
 	// CreateTimeout bounds one capsule create on an agent.
 	CreateTimeout time.Duration
 	// NotifyClient sends channel test messages (default: public addresses only).
@@ -72,6 +78,8 @@ type Server struct {
 	log    *slog.Logger
 	limit  *limiter
 	public *limiter // per client address, on routes without credentials
+	// signups limits new accounts per client address.
+	signups *limiter
 	events eventWatch
 
 	notifyClient *http.Client
@@ -94,6 +102,9 @@ func New(cfg Config) *Server {
 	if cfg.PublicBurst == 0 {
 		cfg.PublicBurst = 20
 	}
+	if cfg.SignupsPerHour == 0 {
+		cfg.SignupsPerHour = 10
+	}
 	cfg.Limits = cfg.Limits.withDefaults()
 	if cfg.NotifyClient == nil {
 		cfg.NotifyClient = notify.NewClient(false)
@@ -101,6 +112,7 @@ func New(cfg Config) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
 		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), public: newLimiter(cfg.PublicPerMinute/60, cfg.PublicBurst),
+		signups: newLimiter(cfg.SignupsPerHour/3600, max(1, int(cfg.SignupsPerHour))),
 		notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
@@ -162,6 +174,7 @@ var routes = []route{
 	{"PATCH", "/v1/teams/{id}/members/{uid}", user, (*Server).updateMember},
 	{"DELETE", "/v1/teams/{id}/members/{uid}", user, (*Server).removeMember},
 	{"POST", "/v1/teams/{id}/leave", user, (*Server).leaveTeam},
+	{"GET", "/v1/teams/{id}/limits", user, (*Server).teamLimits},
 
 	{"POST", "/v1/capsules", team, (*Server).createCapsule},
 	{"GET", "/v1/capsules", team, (*Server).listCapsules},
@@ -232,6 +245,7 @@ var routes = []route{
 	{"GET", "/v1/admin/teams", user, (*Server).adminListTeams},
 	{"DELETE", "/v1/admin/teams/{id}", user, (*Server).adminDeleteTeam},
 	{"PUT", "/v1/admin/teams/{id}/byoc", user, (*Server).adminSetTeamBYOC},
+	{"PUT", "/v1/admin/teams/{id}/limits", user, (*Server).adminSetTeamLimits},
 	{"GET", "/v1/admin/templates", user, (*Server).adminListTemplates},
 	{"DELETE", "/v1/admin/templates/{name}", user, (*Server).adminDeleteTemplate},
 	{"GET", "/v1/admin/capsules", user, (*Server).adminListCapsules},

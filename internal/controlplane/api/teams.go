@@ -350,6 +350,23 @@ func (s *Server) removeMember(w http.ResponseWriter, r *http.Request, p *princip
 	return nil
 }
 
+// teamLimits tells a team's members its quotas and what its capsules hold.
+func (s *Server) teamLimits(w http.ResponseWriter, r *http.Request, p *principal) error {
+	if err := teamFor(r, p); err != nil {
+		return err
+	}
+	return s.writeLimits(w, r, p.TeamID)
+}
+
+func (s *Server) writeLimits(w http.ResponseWriter, r *http.Request, teamID string) error {
+	override, limits, usage, err := s.st.TeamQuota(r.Context(), teamID, s.cfg.Quotas)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"team_id": teamID, "limits": limits, "overrides": override, "usage": usage})
+	return nil
+}
+
 func (s *Server) leaveTeam(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if err := teamFor(r, p); err != nil {
 		return err

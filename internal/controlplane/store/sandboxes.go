@@ -51,17 +51,26 @@ var Live = []string{"pending", "starting", "running", "pausing", "paused", "resu
 // InsertSandbox records a capsule about to be created and returns the
 // stored row.
 func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) (Sandbox, error) {
+	stored, err := insertSandbox(ctx, s.Pool, sb)
+	return stored, mapErr(err, "insert capsule")
+}
+
+// querier runs queries: the pool or a transaction.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func insertSandbox(ctx context.Context, q querier, sb Sandbox) (Sandbox, error) {
 	if sb.Metadata == nil {
 		sb.Metadata = map[string]string{}
 	}
 	if sb.Egress.Mode == "" {
 		sb.Egress.Mode = "allow_all"
 	}
-	rows, _ := s.Pool.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
+	rows, _ := q.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
 		timeout_sec, auto_pause, metadata, created_by, egress) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING `+sandboxCols,
 		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress)
-	stored, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
-	return stored, mapErr(err, "insert capsule")
+	return pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
 }
 
 // Sandbox returns one of a team's capsules; another team's is ErrNotFound.
