@@ -80,7 +80,7 @@ type Server struct {
 	public *limiter // per client address, on routes without credentials
 	// signups limits new accounts per client address.
 	signups *limiter
-	events eventWatch
+	events  eventWatch
 
 	notifyClient *http.Client
 	bgCtx        context.Context
@@ -112,7 +112,7 @@ func New(cfg Config) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
 		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), public: newLimiter(cfg.PublicPerMinute/60, cfg.PublicBurst),
-		signups: newLimiter(cfg.SignupsPerHour/3600, max(1, int(cfg.SignupsPerHour))),
+		signups:      newLimiter(cfg.SignupsPerHour/3600, max(1, int(cfg.SignupsPerHour))),
 		notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
