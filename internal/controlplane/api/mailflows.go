@@ -103,7 +103,8 @@ func (s *Server) requestPasswordReset(w http.ResponseWriter, r *http.Request, _ 
 		return errf(http.StatusServiceUnavailable, "mail_not_configured",
 			"this server sends no mail (WRENN_SMTP_URL is unset); an administrator can set a new password with wrenn-cp admin reset-password")
 	}
-	if wait, ok := s.limit.allow("reset:" + strings.ToLower(email)); !ok {
+	// Per account, whichever address asks: nobody's inbox is flooded.
+	if wait, ok := s.mails.allow("reset:" + strings.ToLower(email)); !ok {
 		w.Header().Set("Retry-After", wait)
 		return errf(http.StatusTooManyRequests, "rate_limited", "too many reset requests; retry after %s s", wait)
 	}

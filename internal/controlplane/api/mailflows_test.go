@@ -83,6 +83,17 @@ func TestActivationAndPasswordReset(t *testing.T) {
 	c.want(c.do("POST", "/v1/me/password/reset/confirm", creds{}, map[string]string{"token": rst, "new_password": "third password"}), 400)
 	c.want(login("first password"), 401)
 	c.want(login("second password"), 200)
+	// Nobody's inbox is flooded: a few reset mails an hour per account.
+	limited := false
+	for range 10 {
+		if r := c.do("POST", "/v1/me/password/reset", creds{}, map[string]string{"email": "new@example.com"}); r.status == http.StatusTooManyRequests {
+			limited = r.header.Get("Retry-After") != ""
+			break
+		}
+	}
+	if !limited {
+		t.Fatal("ten reset requests for one account in a row were all sent")
+	}
 }
 
 // Without SMTP, signups are active at once and reset by mail says plainly

@@ -69,6 +69,9 @@ type Config struct {
 	HostAddresses hostaddr.Policy
 }
 
+// mailsPerHour is how many password-reset mails one account may be sent.
+const mailsPerHour = 5
+
 // Server serves the API. Close waits for background work it started.
 type Server struct {
 	cfg    Config
@@ -80,7 +83,9 @@ type Server struct {
 	public *limiter // per client address, on routes without credentials
 	// signups limits new accounts per client address.
 	signups *limiter
-	events  eventWatch
+	// mails limits the mail one account is sent (password resets).
+	mails  *limiter
+	events eventWatch
 
 	notifyClient *http.Client
 	bgCtx        context.Context
@@ -113,6 +118,7 @@ func New(cfg Config) *Server {
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
 		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), public: newLimiter(cfg.PublicPerMinute/60, cfg.PublicBurst),
 		signups:      newLimiter(cfg.SignupsPerHour/3600, max(1, int(cfg.SignupsPerHour))),
+		mails:        newLimiter(mailsPerHour/3600, mailsPerHour),
 		notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
