@@ -64,8 +64,15 @@ func keepTokenOffCommandLine() error {
 	if err != nil {
 		return fmt.Errorf("restart without the token on the command line: %w", err)
 	}
-	env := append(os.Environ(), "WRENN_REGISTRATION_TOKEN="+token)
-	return syscall.Exec(self, append([]string{os.Args[0]}, args...), env)
+	// The flag's token wins over one the environment held already.
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "WRENN_REGISTRATION_TOKEN=") {
+			env = append(env, kv)
+		}
+	}
+	env = append(env, "WRENN_REGISTRATION_TOKEN="+token)
+	return syscall.Exec(self, append([]string{os.Args[0], "--register-env"}, args...), env)
 }
 
 // withoutRegisterToken takes "--register TOKEN" (or -register, =TOKEN)
@@ -124,7 +131,8 @@ func run() error {
 	tlsKey := fs.String("tls-key", envconf.String("WRENN_AGENT_TLS_KEY", ""), "the certificate's key (WRENN_AGENT_TLS_KEY)")
 	clientCA := fs.String("tls-client-ca", envconf.String("WRENN_AGENT_TLS_CLIENT_CA", ""), "require client certificates signed by this CA: mutual TLS (WRENN_AGENT_TLS_CLIENT_CA)")
 	managedTLS := fs.Bool("managed-tls", envconf.String("WRENN_AGENT_MANAGED_TLS", "") == "1", "at --register, have the control plane's CA (WRENN_AGENT_CA_DIR) certify a key made here and serve mutual TLS with it, renewed at heartbeats (WRENN_AGENT_MANAGED_TLS=1)")
-	register := fs.String("register", envconf.String("WRENN_REGISTRATION_TOKEN", ""), "register this host with the control plane using this one-time token, then serve; WRENN_REGISTRATION_TOKEN keeps it off the command line")
+	register := fs.String("register", "", "register this host with the control plane using this one-time token, then serve (the agent moves it off its command line at once; WRENN_REGISTRATION_TOKEN keeps it off altogether)")
+	registerEnv := fs.Bool("register-env", false, "register with the token in WRENN_REGISTRATION_TOKEN even when this host has saved credentials, as --register does")
 	address := fs.String("address", envconf.String("WRENN_HOST_ADDRESS", ""), "ip:port where the control plane reaches this agent (registration; default: the --listen address) (WRENN_HOST_ADDRESS)")
 	cpURL := fs.String("cp-url", envconf.String("WRENN_CP_URL", "http://localhost:8000"), "the control plane's URL, for registration and heartbeats (WRENN_CP_URL)")
 	heartbeat := fs.Duration("heartbeat-interval", 30*time.Second, "time between heartbeats to the control plane")
@@ -243,7 +251,7 @@ func run() error {
 	if *managedTLS && (*tlsCert != "" || *clientCA != "") {
 		return errors.New("--managed-tls and --tls-cert/--tls-client-ca exclude each other: the control plane's CA or your own")
 	}
-	creds, token, err := credentials(ctx, *dir, *register, *cpURL, *address, *listen, driver.Name(), *tlsCert != "", *managedTLS, log)
+	creds, token, err := credentials(ctx, *dir, registrationToken(*register, *registerEnv, *dir, log), *cpURL, *address, *listen, driver.Name(), *tlsCert != "", *managedTLS, log)
 	if err != nil {
 		return err
 	}
@@ -393,6 +401,25 @@ func serverTLS(certFile, keyFile, clientCA string) (*tls.Config, error) {
 // a fixed WRENN_HOST_TOKEN (no registration, no heartbeats), a new
 // registration (--register), or the credentials saved by an earlier one.
 // With TLS the control plane is told to call https://<address>.
+// registrationToken is the token to register with now: --register's, or
+// WRENN_REGISTRATION_TOKEN's when --register-env says so or the host has
+// no saved credentials yet. A token left in the environment of a host
+// that registered already is ignored (it was spent), not used again.
+func registrationToken(flag string, fromEnv bool, dir string, log *slog.Logger) string {
+	if flag != "" {
+		return flag
+	}
+	env := os.Getenv("WRENN_REGISTRATION_TOKEN")
+	if env == "" || fromEnv {
+		return env
+	}
+	if _, err := registration.Load(dir); err == nil {
+		log.Warn("ignoring WRENN_REGISTRATION_TOKEN: this host is registered already; remove it from the agent's environment")
+		return ""
+	}
+	return env
+}
+
 func credentials(ctx context.Context, dir, registerToken, cpURL, address, listen, vmmName string, useTLS, managedTLS bool, log *slog.Logger) (*registration.Credentials, string, error) {
 	// The VMMs this agent starts inherit its environment: tokens leave it.
 	fixed := os.Getenv("WRENN_HOST_TOKEN")

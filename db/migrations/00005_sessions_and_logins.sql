@@ -12,10 +12,19 @@ ALTER TABLE users ADD COLUMN session_epoch integer NOT NULL DEFAULT 0;
 -- and added back is a new membership, and the old tokens stay dead.
 ALTER TABLE team_members ADD COLUMN session_key uuid NOT NULL DEFAULT gen_random_uuid();
 
--- A ticket opens the one stream (path) it was issued for.
+-- A ticket opens the one stream (path) it was issued for, and only while
+-- the credential it was issued to (a user's session, an API key) lasts.
 ALTER TABLE event_tickets ADD COLUMN scope text NOT NULL DEFAULT '/v1/events/stream';
+ALTER TABLE event_tickets ADD COLUMN user_id text;
+ALTER TABLE event_tickets ADD COLUMN key_id text;
+ALTER TABLE event_tickets ADD COLUMN session_epoch integer NOT NULL DEFAULT 0;
+ALTER TABLE event_tickets ADD COLUMN membership text NOT NULL DEFAULT '';
 
 -- +goose Down
+ALTER TABLE event_tickets DROP COLUMN membership;
+ALTER TABLE event_tickets DROP COLUMN session_epoch;
+ALTER TABLE event_tickets DROP COLUMN key_id;
+ALTER TABLE event_tickets DROP COLUMN user_id;
 ALTER TABLE event_tickets DROP COLUMN scope;
 ALTER TABLE team_members DROP COLUMN session_key;
 ALTER TABLE users DROP COLUMN session_epoch;

@@ -19,10 +19,12 @@ import (
 
 // A process on the host races the agent for a booting sandbox's envd, as
 // an attacker would: from the moment the VM starts it tries, as fast as it
-// can, to set its own token with /init and to run a command. envd has its
+// can, to set its own token with /init and to run a command. envd has a
 // token from boot (a kernel argument the agent writes where only it can
-// read), so every try is refused; the agent's own token works. QEMU's
-// command line, which every user of the host can read, holds no token.
+// read), so every try is refused; the agent's first /init replaces it with
+// the sandbox's own, so the boot token a guest process can read in
+// /proc/cmdline opens nothing afterwards. QEMU's command line, which every
+// user of the host can read, holds neither.
 func TestEnvdNeverAnswersWithoutItsToken(t *testing.T) {
 	const slot = 2999 // one slot: the sandbox's address is known before it exists
 	a := newAgent(t, "--slots", fmt.Sprintf("%d-%d", slot, slot))
@@ -87,8 +89,29 @@ func TestEnvdNeverAnswersWithoutItsToken(t *testing.T) {
 	if err != nil || json.Unmarshal(data, &rec) != nil || len(rec.EnvdToken) < 16 {
 		t.Fatalf("no envd token in the sandbox record: %v", err)
 	}
+	// The boot token, which any process in the guest can read in
+	// /proc/cmdline, died with the agent's /init: it opens nothing.
+	cmdline, _ := a.sh(ctx, sb.GetId(), "cat /proc/cmdline")
+	_, after, ok := strings.Cut(cmdline, "wrenn.envd_token=")
+	boot := strings.Fields(after + " ")[0]
+	if !ok || len(boot) < 16 || boot == rec.EnvdToken {
+		t.Fatalf("no boot token of its own on the guest's command line: %q", cmdline)
+	}
+	for token, want := range map[string]int{boot: http.StatusUnauthorized, rec.EnvdToken: http.StatusOK} {
+		req, _ := http.NewRequest("POST", base+"/process.Process/List", bytes.NewBufferString("{}"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("X-Access-Token", token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("envd with the %s token: %d, want %d", map[bool]string{true: "boot", false: "sandbox's"}[token == boot], resp.StatusCode, want)
+		}
+	}
 	ps, _ := exec.Command("ps", "-eo", "args").Output()
-	if strings.Contains(string(ps), rec.EnvdToken) {
+	if strings.Contains(string(ps), rec.EnvdToken) || strings.Contains(string(ps), boot) {
 		t.Fatal("envd's token is on a command line (ps shows it)")
 	}
 }

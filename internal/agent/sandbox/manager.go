@@ -377,11 +377,18 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	if err != nil {
 		return fail(err)
 	}
+	var boot [24]byte
+	if _, err := rand.Read(boot[:]); err != nil {
+		return fail(err)
+	}
+	bootToken := hex.EncodeToString(boot[:])
 	rec.Spec = vmm.Spec{
 		ID: rec.ID, Kernel: kernelPath, Disk: dsk.Path, DiskFormat: dsk.Format,
 		VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB,
-		// envd gets its token as a boot input: it never answers without one.
-		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID, "wrenn.envd_token="+rec.EnvdToken),
+		// envd gets a token as a boot input, so it never answers without
+		// one; the first /init replaces it with the sandbox's own, so the
+		// boot token (readable in the guest's /proc/cmdline) dies at once.
+		KernelArgs: append(rec.Net.KernelArgs(m.cfg.DNS), "wrenn.hostname="+rec.ID, "wrenn.envd_token="+bootToken),
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
 		RunDir: filepath.Join(dir, "run"),
 	}
@@ -397,7 +404,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		return fail(err)
 	}
 
-	if err := m.initGuest(ctx, rec, true); err != nil {
+	if err := m.initGuest(ctx, rec, bootToken); err != nil {
 		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(vmm.LogPath(rec.Spec.RunDir), 20)))
 	}
 	rec.State = Running
@@ -408,13 +415,20 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	return *rec, nil
 }
 
-// initGuest waits for envd and sends it the token, environment and clock.
-func (m *Manager) initGuest(ctx context.Context, rec *Record, first bool) error {
+// initGuest waits for envd and sends it the clock and, after a boot
+// (bootToken set), the sandbox's token and environment.
+func (m *Manager) initGuest(ctx context.Context, rec *Record, bootToken string) error {
+	first := bootToken != ""
 	waitCtx, cancel := context.WithTimeout(ctx, m.cfg.BootTimeout)
 	defer cancel()
-	// envd had its token from boot (images older than that take it from
-	// this /init, and accept the header before).
-	c := envdclient.New(rec.Net.SandboxIP.String(), rec.EnvdToken)
+	// A booted envd answers to the boot token until this /init gives it
+	// the sandbox's own (images older than boot tokens accept anything
+	// until then); a restored one knows the sandbox's token already.
+	token := rec.EnvdToken
+	if first {
+		token = bootToken
+	}
+	c := envdclient.New(rec.Net.SandboxIP.String(), token)
 	defer c.Close()
 	if err := c.WaitHealthy(waitCtx); err != nil {
 		return err
@@ -598,7 +612,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
 	rec.VMM = inst
-	if err := m.initGuest(ctx, rec, false); err != nil {
+	if err := m.initGuest(ctx, rec, ""); err != nil {
 		m.discardVMM(rec.Spec, inst)
 		rec.VMM = vmm.Instance{}
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)

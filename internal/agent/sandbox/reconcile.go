@@ -14,6 +14,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/safetext"
 )
 
 // Start prepares the host, takes back what an earlier agent left, and runs
@@ -74,6 +75,10 @@ func (m *Manager) privatize() {
 		}
 	}
 }
+
+// maxErrorText bounds the reason a sandbox failed, as the control plane
+// and its tenants read it.
+const maxErrorText = 1024
 
 // reconcile loads the saved sandboxes: running ones whose VMM still runs
 // are adopted, paused ones are kept, anything half made or dead is cleaned
@@ -304,6 +309,7 @@ func (m *Manager) noticeDeadVMMs() {
 				reason += ": the kernel's out-of-memory killer ended it at its cgroup's memory limit (raise --vmm-overhead-mib)"
 			}
 			reason += "; its memory is lost, its disk is kept until it is destroyed; VMM log: " + vmm.LogTail(vmm.LogPath(e.rec.Spec.RunDir), 3)
+			reason = safetext.Clip(reason, maxErrorText) // the log is the guest's words
 			m.log.Error("sandbox's VMM died", "sandbox", e.rec.ID, "reason", reason)
 			e.rec.State, e.rec.Error, e.rec.VMM = Error, reason, vmm.Instance{}
 			if err := m.save(e); err != nil {

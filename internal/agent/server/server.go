@@ -307,11 +307,15 @@ func (s *Server) GetSandbox(_ context.Context, req *connect.Request[pb.GetSandbo
 	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: toProto(rec)}), nil
 }
 
-// ListSandboxes returns every sandbox on this host.
+// ListSandboxes returns every sandbox on this host, without their
+// metadata (GetSandbox has it): a host's whole list must fit one message
+// however much metadata its tenants attach.
 func (s *Server) ListSandboxes(_ context.Context, _ *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
 	res := &pb.ListSandboxesResponse{}
 	for _, r := range s.m.List() {
-		res.Sandboxes = append(res.Sandboxes, toProto(r))
+		sb := toProto(r)
+		sb.Metadata = nil
+		res.Sandboxes = append(res.Sandboxes, sb)
 	}
 	return connect.NewResponse(res), nil
 }

@@ -68,7 +68,7 @@ func (s *Server) signup(w http.ResponseWriter, r *http.Request, _ *principal) er
 		return err
 	}
 	// Each account brings a team with its own quota: accounts come slowly.
-	if wait, ok := s.signups.allow("signup:" + s.clientIP(r).String()); !ok {
+	if wait, ok := s.signups.allow("signup:" + s.clientKey(r)); !ok {
 		w.Header().Set("Retry-After", wait)
 		return errf(http.StatusTooManyRequests, "rate_limited", "too many new accounts from this address; retry after %s s", wait)
 	}
@@ -148,8 +148,18 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) err
 		return errf(http.StatusTooManyRequests, "rate_limited", "too many login attempts; retry after %s s", wait)
 	}
 	invalid := errf(http.StatusUnauthorized, "invalid_credentials", "wrong email or password")
+	waiting := func(until time.Time) error {
+		secs := strconv.Itoa(int(time.Until(until).Seconds()) + 1)
+		w.Header().Set("Retry-After", secs)
+		return errf(http.StatusTooManyRequests, "rate_limited", "too many failed logins for this account; retry after %s s", secs)
+	}
 	u, err := s.st.UserByEmail(r.Context(), req.Email)
 	if errors.Is(err, store.ErrNotFound) {
+		// An unknown email waits as an account would, so that the waits
+		// do not tell which emails have accounts.
+		if ok, until := s.misses.attempt(strings.ToLower(req.Email)); !ok {
+			return waiting(until)
+		}
 		auth.BurnPasswordCheck(req.Password)
 		return invalid
 	}
@@ -158,17 +168,14 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request, _ *principal) err
 	}
 	// After repeated failures an account waits, whichever address asks:
 	// guessing spread over many addresses gains nothing.
-	if u.LoginBlockedUntil != nil {
-		if wait := time.Until(*u.LoginBlockedUntil); wait > 0 {
-			secs := strconv.Itoa(int(wait.Seconds()) + 1)
-			w.Header().Set("Retry-After", secs)
-			return errf(http.StatusTooManyRequests, "rate_limited", "too many failed logins for this account; retry after %s s", secs)
-		}
+	ok, until, err := s.st.LoginAttempt(r.Context(), u.ID, loginFailuresFree, loginWait, loginMaxWait)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return waiting(until)
 	}
 	if auth.CheckPassword(u.PasswordHash, req.Password) != nil {
-		if _, err := s.st.LoginFailed(r.Context(), u.ID, loginFailuresFree, loginWait, loginMaxWait); err != nil {
-			return err
-		}
 		s.audit(r.Context(), &principal{UserID: u.ID, Email: u.Email}, "", "user", u.ID, "user.login", errors.New("wrong password"), nil)
 		return invalid
 	}

@@ -1,10 +1,12 @@
 package api
 
 import (
+	"context"
 	"crypto/subtle"
 	"errors"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -20,6 +22,9 @@ type principal struct {
 	Role    string // role in TeamID (users only)
 	Email   string
 	Name    string
+	// A user's session: the epoch and membership key its JWT carries.
+	Epoch      int32
+	Membership string
 
 	limitKey string
 }
@@ -71,11 +76,7 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	// issued for exactly that stream (its path), instead.
 	if t := r.URL.Query().Get("ticket"); t != "" && a == team && r.Header.Get("X-API-Key") == "" && r.Header.Get("Authorization") == "" &&
 		strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
-		tk, err := s.st.UseEventTicket(ctx, auth.HashToken(t))
-		if err != nil || tk.Admin || tk.Scope != r.URL.Path {
-			return nil, errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or for another stream")
-		}
-		return &principal{TeamID: tk.TeamID, Name: "dashboard session", limitKey: "team:" + tk.TeamID}, nil
+		return s.useTicket(ctx, t, r.URL.Path, false)
 	}
 	if key := r.Header.Get("X-API-Key"); key != "" {
 		if a == user {
@@ -125,5 +126,86 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 	if m.Role == "" || m.Key != claims.Membership {
 		return nil, errf(http.StatusUnauthorized, "unauthorized", "you are no longer a member of this token's team; log in again")
 	}
-	return &principal{TeamID: claims.TeamID, UserID: u.ID, IsAdmin: u.IsAdmin, Role: m.Role, Email: u.Email, Name: u.Name, limitKey: "user:" + u.ID}, nil
+	return &principal{TeamID: claims.TeamID, UserID: u.ID, IsAdmin: u.IsAdmin, Role: m.Role, Email: u.Email, Name: u.Name,
+		Epoch: claims.Epoch, Membership: claims.Membership, limitKey: "user:" + u.ID}, nil
+}
+
+// useTicket consumes a ticket for the stream at path: one issued for it,
+// on behalf of a credential that still stands.
+func (s *Server) useTicket(ctx context.Context, ticket, path string, admin bool) (*principal, error) {
+	refused := errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or for another stream")
+	tk, err := s.st.UseEventTicket(ctx, auth.HashToken(ticket))
+	if errors.Is(err, store.ErrNotFound) || err == nil && (tk.Admin != admin || tk.Scope != path) {
+		return nil, refused
+	}
+	if err != nil {
+		return nil, err
+	}
+	p := &principal{TeamID: tk.TeamID, UserID: tk.UserID, KeyID: tk.KeyID, Epoch: tk.Epoch, Membership: tk.Membership,
+		Name: "dashboard session", limitKey: "team:" + tk.TeamID}
+	if ok, err := s.stillValid(ctx, p); err != nil || !ok {
+		if err != nil {
+			return nil, err
+		}
+		return nil, errf(http.StatusUnauthorized, "session_ended", "the session or key this ticket was issued to has ended")
+	}
+	return p, nil
+}
+
+// whileValid gives a long request (a stream) a context that ends when the
+// credential p came with ends: the stream stops within Limits.Recheck of
+// a password change, a removal from the team, a deactivation or a key's
+// revocation. stop releases it.
+func (s *Server) whileValid(r *http.Request, p *principal) (*http.Request, func()) {
+	ctx, cancel := context.WithCancel(r.Context())
+	if p == nil || p.KeyID == "" && p.UserID == "" {
+		return r.WithContext(ctx), cancel
+	}
+	go func() {
+		t := time.NewTicker(s.cfg.Limits.Recheck)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if ok, err := s.stillValid(ctx, p); err == nil && !ok {
+				s.log.Info("ending a stream: the session or key it was opened with ended", "path", r.URL.Path, "team", p.TeamID)
+				cancel()
+				return
+			}
+		}
+	}()
+	return r.WithContext(ctx), cancel
+}
+
+// stillValid reports whether the credential p came with still stands: an
+// API key whose creator is an active member, or a user session whose
+// epoch and membership are current. Streams check it while they run.
+func (s *Server) stillValid(ctx context.Context, p *principal) (bool, error) {
+	switch {
+	case p.KeyID != "":
+		k, err := s.st.APIKeyByID(ctx, p.KeyID)
+		if errors.Is(err, store.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil && k.CreatorActive, err
+	case p.UserID != "" && p.TeamID != "":
+		u, m, err := s.st.UserInTeam(ctx, p.UserID, p.TeamID)
+		if errors.Is(err, store.ErrNotFound) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		return u.Status == "active" && u.SessionEpoch == p.Epoch && m.Role != "" && m.Key == p.Membership, nil
+	case p.UserID != "": // an admin ticket: the account and its session
+		u, err := s.st.UserByID(ctx, p.UserID)
+		if errors.Is(err, store.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil && u.Status == "active" && u.IsAdmin && u.SessionEpoch == p.Epoch, err
+	}
+	return true, nil
 }

@@ -102,19 +102,25 @@ func (s *Server) issueEventTicket(w http.ResponseWriter, r *http.Request, p *pri
 	case req.Path != teamEventStream && !ticketScopeRE.MatchString(req.Path):
 		return badRequest("path must be %s or a capsule's pty, exec/stream or processes/{selector}/stream", teamEventStream)
 	}
-	return s.ticket(w, r, p.TeamID, false, req.Path)
+	return s.ticket(w, r, p, false, req.Path)
 }
 
 func (s *Server) issueAdminEventTicket(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if !p.IsAdmin {
 		return forbidden("this needs a platform admin")
 	}
-	return s.ticket(w, r, "", true, "/v1/admin/events/stream")
+	return s.ticket(w, r, p, true, "/v1/admin/events/stream")
 }
 
-func (s *Server) ticket(w http.ResponseWriter, r *http.Request, teamID string, admin bool, scope string) error {
+// ticket issues a ticket for one stream on behalf of p's credential: it
+// works, and its stream lasts, only as long as that credential does.
+func (s *Server) ticket(w http.ResponseWriter, r *http.Request, p *principal, admin bool, scope string) error {
 	t := "evt_" + auth.RandomString(32)
-	if err := s.st.AddEventTicket(r.Context(), auth.HashToken(t), teamID, admin, scope, ticketTTL); err != nil {
+	tk := store.Ticket{Admin: admin, Scope: scope, UserID: p.UserID, KeyID: p.KeyID, Epoch: p.Epoch, Membership: p.Membership}
+	if !admin {
+		tk.TeamID = p.TeamID
+	}
+	if err := s.st.AddEventTicket(r.Context(), auth.HashToken(t), tk, ticketTTL); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"ticket": t, "expires_in": int(ticketTTL.Seconds()), "path": scope})
@@ -124,25 +130,24 @@ func (s *Server) ticket(w http.ResponseWriter, r *http.Request, teamID string, a
 // streamEvents serves a team's events as Server-Sent Events. Credentials
 // come as headers (SDKs) or a single-use ?ticket= (browsers).
 func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request, _ *principal) error {
-	teamID := ""
+	var p *principal
+	var err error
 	if t := r.URL.Query().Get("ticket"); t != "" {
-		tk, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
-		if err != nil || tk.Admin || tk.Scope != teamEventStream {
-			return errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or for another stream")
+		if p, err = s.useTicket(r.Context(), t, teamEventStream, false); err != nil {
+			return err
 		}
-		teamID = tk.TeamID
 	} else {
-		p, err := s.authenticate(r, team)
-		if err != nil {
+		if p, err = s.authenticate(r, team); err != nil {
 			return err
 		}
 		if wait, ok := s.limit.allow(p.limitKey); !ok {
 			w.Header().Set("Retry-After", wait)
 			return errf(http.StatusTooManyRequests, "rate_limited", "too many requests; retry after %s s", wait)
 		}
-		teamID = p.TeamID
 	}
-	return s.serveEvents(w, r, teamID)
+	r, stop := s.whileValid(r, p)
+	defer stop()
+	return s.serveEvents(w, r, p.TeamID)
 }
 
 // adminStreamEvents serves every team's events to a platform admin.
@@ -151,10 +156,12 @@ func (s *Server) adminStreamEvents(w http.ResponseWriter, r *http.Request, _ *pr
 	if t == "" {
 		return errf(http.StatusUnauthorized, "unauthorized", "the admin stream needs ?ticket= from POST /v1/admin/events/token")
 	}
-	tk, err := s.st.UseEventTicket(r.Context(), auth.HashToken(t))
-	if err != nil || !tk.Admin || tk.Scope != r.URL.Path {
-		return errf(http.StatusUnauthorized, "unauthorized", "the ticket is unknown, used, expired or not an admin ticket")
+	p, err := s.useTicket(r.Context(), t, r.URL.Path, true)
+	if err != nil {
+		return err
 	}
+	r, stop := s.whileValid(r, p)
+	defer stop()
 	return s.serveEvents(w, r, "")
 }
 

@@ -35,8 +35,10 @@ func (l *limiter) allow(key string) (string, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if now.Sub(l.swept) > time.Minute {
+		// Forget only buckets that have refilled: a forgotten bucket
+		// comes back full, so forgetting a spent one would reset it.
 		for k, b := range l.buckets {
-			if now.Sub(b.last) > time.Minute {
+			if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
 				delete(l.buckets, k)
 			}
 		}
@@ -54,5 +56,8 @@ func (l *limiter) allow(key string) (string, bool) {
 		return "", true
 	}
 	wait := (1 - b.tokens) / l.rate
+	if l.rate <= 0 || wait > 24*3600 {
+		wait = 24 * 3600
+	}
 	return strconv.Itoa(int(wait) + 1), false
 }

@@ -1,6 +1,8 @@
 package api
 
 import (
+	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -29,6 +31,9 @@ type Limits struct {
 	Upload time.Duration
 	// MaxHeaderBytes bounds a request's headers (default 64 KiB).
 	MaxHeaderBytes int
+	// Recheck is how often a stream checks that the credential it was
+	// opened with still stands (default 15 s).
+	Recheck time.Duration
 }
 
 func (l Limits) withDefaults() Limits {
@@ -42,6 +47,7 @@ func (l Limits) withDefaults() Limits {
 	def(&l.Body, 30*time.Second)
 	def(&l.Write, 10*time.Minute)
 	def(&l.Upload, 10*time.Minute)
+	def(&l.Recheck, 15*time.Second)
 	if l.MaxHeaderBytes <= 0 {
 		l.MaxHeaderBytes = 64 << 10
 	}
@@ -72,21 +78,53 @@ var streams = map[string]bool{
 }
 
 // setDeadlines gives an ordinary request its body and answer deadlines;
-// streams get none.
-func (s *Server) setDeadlines(w http.ResponseWriter, rt route) {
+// streams get none. A request without a body gets no read deadline: the
+// server's read that watches for the client going away would meet it and
+// cancel the request's context half way through a long call.
+func (s *Server) setDeadlines(w http.ResponseWriter, r *http.Request, rt route) {
 	rc := http.NewResponseController(w)
 	l := s.cfg.Limits
+	read, write := l.Body, l.Write
 	switch {
 	case streams[rt.path]:
 		_ = rc.SetReadDeadline(time.Time{})
 		_ = rc.SetWriteDeadline(time.Time{})
+		return
 	case rt.path == "/v1/capsules/{id}/files/write":
-		_ = rc.SetReadDeadline(time.Now().Add(l.Upload))
-		_ = rc.SetWriteDeadline(time.Now().Add(l.Upload))
-	default:
-		_ = rc.SetReadDeadline(time.Now().Add(l.Body))
-		_ = rc.SetWriteDeadline(time.Now().Add(l.Write))
+		read, write = l.Upload, l.Upload
 	}
+	bodyDeadline(w, r, read)
+	_ = rc.SetWriteDeadline(time.Now().Add(write))
+}
+
+// bodyDeadline gives a request's body d to arrive. The deadline is lifted
+// once the body is read: the server then reads on to notice the client
+// going away, and a deadline met there would cancel the request's
+// context half way through a long call. A request without a body gets none.
+func bodyDeadline(w http.ResponseWriter, r *http.Request, d time.Duration) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(d))
+	if b, ok := r.Body.(*liftingBody); ok {
+		r.Body = b.ReadCloser // a second deadline replaces the first
+	}
+	r.Body = &liftingBody{ReadCloser: r.Body, rc: rc}
+}
+
+// liftingBody lifts the read deadline when its body ends.
+type liftingBody struct {
+	io.ReadCloser
+	rc *http.ResponseController
+}
+
+func (b *liftingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if errors.Is(err, io.EOF) {
+		_ = b.rc.SetReadDeadline(time.Time{}) // all of it came in time
+	}
+	return n, err
 }
 
 // clientIP is the address a request came from: the connection's peer, or
@@ -116,6 +154,19 @@ func (s *Server) clientIP(r *http.Request) netip.Addr {
 		}
 	}
 	return peer
+}
+
+// clientKey names a client for the per-address limits: its IPv4
+// address, or its IPv6 /64 (one site holds a whole /64, so single
+// addresses would cost it nothing to vary).
+func (s *Server) clientKey(r *http.Request) string {
+	a := s.clientIP(r)
+	if a.Is6() {
+		if p, err := a.Prefix(64); err == nil {
+			return p.String()
+		}
+	}
+	return a.String()
 }
 
 func trusted(proxies []netip.Prefix, a netip.Addr) bool {

@@ -7,8 +7,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -150,6 +152,42 @@ func TestConnectionsAndLoginsAreLimited(t *testing.T) {
 		t.Fatalf("one failure after a success: %d", r.StatusCode)
 	}
 
+	// Parallel guesses cannot all pass before the first is counted: each
+	// claims its try in one update of the account's row.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	parallel := map[int]int{}
+	for i := range 30 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code := login("parallel guess!", fmt.Sprintf("192.0.2.%d", i+1)).StatusCode
+			mu.Lock()
+			parallel[code]++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if parallel[http.StatusUnauthorized] > loginFailuresFree+1 {
+		t.Fatalf("30 parallel guesses from 30 addresses: %v (at most %d may be checked)", parallel, loginFailuresFree+1)
+	}
+	// An email without an account waits the same way: the 429 tells nothing.
+	ghost := map[int]int{}
+	for i := range 8 {
+		body, _ := json.Marshal(map[string]string{"email": "ghost@example.com", "password": "a guess!"})
+		req, _ := http.NewRequest("POST", c.url+"/v1/auth/login", bytes.NewReader(body))
+		req.Header.Set("X-Forwarded-For", fmt.Sprintf("192.0.2.%d", 100+i))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		ghost[resp.StatusCode]++
+	}
+	if ghost[http.StatusUnauthorized] != loginFailuresFree || ghost[http.StatusTooManyRequests] != 8-loginFailuresFree {
+		t.Fatalf("an email without an account: %v", ghost)
+	}
+
 	// X-Forwarded-For counts only from a trusted proxy: through an
 	// untrusted peer the header is the client's own words.
 	untrusted := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
@@ -180,4 +218,66 @@ func waits0(waits []int, first int) int {
 		return first
 	}
 	return waits[len(waits)-1]
+}
+
+// A body deadline bounds the body, not the call: a request that takes
+// longer than it (with a body, or without) keeps its context.
+func TestBodyDeadlineDoesNotCancelLongCalls(t *testing.T) {
+	got := make(chan error, 2)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bodyDeadline(w, r, 200*time.Millisecond)
+		_, _ = io.ReadAll(r.Body)
+		time.Sleep(600 * time.Millisecond)
+		got <- r.Context().Err()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer hs.Close()
+	for _, body := range []io.Reader{nil, strings.NewReader(`{"a":1}`)} {
+		resp, err := http.Post(hs.URL, "application/json", body)
+		if err != nil || resp.StatusCode != http.StatusNoContent {
+			t.Fatalf("%v %v", resp, err)
+		}
+		resp.Body.Close()
+		if err := <-got; err != nil {
+			t.Fatalf("the call's context ended with its body deadline: %v", err)
+		}
+	}
+	// A body that does not come in time is cut off.
+	conn, err := net.Dial("tcp", hs.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_, _ = io.WriteString(conn, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+	_ = conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.Copy(io.Discard, conn); err != nil {
+		t.Fatalf("a slow body held the connection: %v", err)
+	}
+}
+
+// IPv6 clients are one client per /64; X-Forwarded-For from a trusted
+// proxy names the client, from anyone else nothing.
+func TestClientKey(t *testing.T) {
+	s := &Server{cfg: Config{TrustedProxies: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}}
+	key := func(remote, xff string) string {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = remote
+		if xff != "" {
+			r.Header.Set("X-Forwarded-For", xff)
+		}
+		return s.clientKey(r)
+	}
+	for _, c := range []struct{ remote, xff, want string }{
+		{"203.0.113.7:5000", "", "203.0.113.7"},
+		{"203.0.113.7:5000", "198.51.100.1", "203.0.113.7"},
+		{"10.1.2.3:5000", "198.51.100.1", "198.51.100.1"},
+		{"10.1.2.3:5000", "198.51.100.1, 10.9.9.9", "198.51.100.1"},
+		{"10.1.2.3:5000", "garbage", "10.1.2.3"},
+		{"[2001:db8:1:2:3:4:5:6]:5000", "", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:ffff::1]:5000", "", "2001:db8:1:2::/64"},
+	} {
+		if got := key(c.remote, c.xff); got != c.want {
+			t.Errorf("%s with %q: %s, want %s", c.remote, c.xff, got, c.want)
+		}
+	}
 }

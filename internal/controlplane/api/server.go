@@ -70,7 +70,7 @@ type Config struct {
 }
 
 // mailsPerHour is how many password-reset mails one account may be sent.
-const mailsPerHour = 5
+const mailsPerHour = 5.0
 
 // Server serves the API. Close waits for background work it started.
 type Server struct {
@@ -84,7 +84,9 @@ type Server struct {
 	// signups limits new accounts per client address.
 	signups *limiter
 	// mails limits the mail one account is sent (password resets).
-	mails  *limiter
+	mails *limiter
+	// misses makes unknown emails wait as accounts do after failed logins.
+	misses missTracker
 	events eventWatch
 
 	notifyClient *http.Client
@@ -118,7 +120,7 @@ func New(cfg Config) *Server {
 	return &Server{cfg: cfg, st: cfg.Store, signer: cfg.Signer, agents: cfg.Agents, log: cfg.Log,
 		limit: newLimiter(cfg.RatePerSecond, cfg.Burst), public: newLimiter(cfg.PublicPerMinute/60, cfg.PublicBurst),
 		signups:      newLimiter(cfg.SignupsPerHour/3600, max(1, int(cfg.SignupsPerHour))),
-		mails:        newLimiter(mailsPerHour/3600, mailsPerHour),
+		mails:        newLimiter(mailsPerHour/3600, int(mailsPerHour)),
 		notifyClient: cfg.NotifyClient, bgCtx: ctx, bgCancel: cancel}
 }
 
@@ -298,9 +300,8 @@ func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		// Every request has deadlines; routes that stream lift them (wrap).
-		rc := http.NewResponseController(w)
-		_ = rc.SetReadDeadline(start.Add(s.cfg.Limits.Body))
-		_ = rc.SetWriteDeadline(start.Add(s.cfg.Limits.Write))
+		bodyDeadline(w, r, s.cfg.Limits.Body)
+		_ = http.NewResponseController(w).SetWriteDeadline(start.Add(s.cfg.Limits.Write))
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		defer func() {
 			if p := recover(); p != nil {
@@ -318,13 +319,13 @@ func (s *Server) Handler() http.Handler {
 // wrap authenticates, rate-limits and runs a route's handler.
 func (s *Server) wrap(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.setDeadlines(w, rt)
+		s.setDeadlines(w, r, rt)
 		if !cleanPath(r.URL.Path) {
 			s.writeError(w, r, badRequest("the path holds control characters or invalid UTF-8"))
 			return
 		}
 		if rt.access == public && !streams[rt.path] {
-			if wait, ok := s.public.allow("ip:" + s.clientIP(r).String()); !ok {
+			if wait, ok := s.public.allow("ip:" + s.clientKey(r)); !ok {
 				w.Header().Set("Retry-After", wait)
 				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests from this address; retry after %s s", wait))
 				return
@@ -341,6 +342,11 @@ func (s *Server) wrap(rt route) http.Handler {
 				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests; retry after %s s", wait))
 				return
 			}
+		}
+		if streams[rt.path] && rt.access == team {
+			var stop func()
+			r, stop = s.whileValid(r, p)
+			defer stop()
 		}
 		if err := rt.handler(s, w, r, p); err != nil {
 			s.writeError(w, r, err)

@@ -2,7 +2,11 @@ package api
 
 import (
 	"context"
+	"net/http"
 	"testing"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/testutil/pgtest"
 )
 
 // What ends a user's access ends the sessions they already hold: a
@@ -68,5 +72,56 @@ func TestSessionsEndWhenAccessEnds(t *testing.T) {
 	ended("removal from the team, after being added back", switched.Token)
 	if !alive(fresh) {
 		t.Fatal("removal from one team ended the session of another")
+	}
+}
+
+// A stream opened before access ended does not outlive it: an event
+// stream on a user's session, on a ticket the session got, and on an API
+// key, each close within moments of the password change or removal.
+func TestStreamsEndWithTheirCredential(t *testing.T) {
+	c := newCPOn(t, pgtest.URL(t), []byte("test-secret-0123456789abcdef0123456789"), func(cfg *Config) {
+		cfg.Limits.Recheck = 200 * time.Millisecond
+	})
+	owner := c.signup("owner@example.com")
+	u := c.signup("user@example.com")
+	c.want(c.do("POST", "/v1/teams/"+owner.teamID+"/members", creds{jwt: owner.jwt}, map[string]string{"email": u.email}), 201)
+	var switched struct {
+		Token string `json:"token"`
+	}
+	c.want(c.do("POST", "/v1/auth/switch-team", creds{jwt: u.jwt}, map[string]string{"team_id": owner.teamID}), 200).json(t, &switched)
+	var key struct {
+		Key string `json:"key"`
+	}
+	c.want(c.do("POST", "/v1/api-keys", creds{jwt: switched.Token}, map[string]string{"name": "k"}), 201).json(t, &key)
+	var tk struct{ Ticket string }
+	c.want(c.do("POST", "/v1/events/token", creds{jwt: switched.Token}, nil), 200).json(t, &tk)
+
+	streams := map[string]<-chan sseFrame{
+		"session": openSSE(t, c.url+"/v1/events/stream", http.Header{"Authorization": {"Bearer " + switched.Token}}),
+		"ticket":  openSSE(t, c.url+"/v1/events/stream?ticket="+tk.Ticket, http.Header{}),
+		"API key": openSSE(t, c.url+"/v1/events/stream", http.Header{"X-Api-Key": {key.Key}}),
+	}
+	// Still open while the access lasts.
+	time.Sleep(600 * time.Millisecond)
+	for name, s := range streams {
+		select {
+		case _, ok := <-s:
+			if !ok {
+				t.Fatalf("the %s stream closed while its access lasted", name)
+			}
+		default:
+		}
+	}
+	c.want(c.do("DELETE", "/v1/teams/"+owner.teamID+"/members/"+u.userID, creds{jwt: owner.jwt}, nil), 204)
+	for name, s := range streams {
+		deadline := time.After(5 * time.Second)
+		for open := true; open; {
+			select {
+			case _, ok := <-s:
+				open = ok
+			case <-deadline:
+				t.Fatalf("the %s stream outlived its access by 5 s", name)
+			}
+		}
 	}
 }

@@ -54,6 +54,15 @@ func (s *Store) DeleteAPIKey(ctx context.Context, teamID, id string) error {
 	return s.execOne(ctx, "delete API key", "DELETE FROM api_keys WHERE team_id = $1 AND id = $2", teamID, id)
 }
 
+// APIKeyByID finds a live team's key by its ID.
+func (s *Store) APIKeyByID(ctx context.Context, id string) (APIKey, error) {
+	rows, _ := s.Pool.Query(ctx, `SELECT `+apiKeyCols+`
+		FROM api_keys k JOIN teams t ON t.id = k.team_id LEFT JOIN users u ON u.id = k.created_by
+		WHERE k.id = $1 AND t.deleted_at IS NULL`, id)
+	k, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[APIKey])
+	return k, mapErr(err, "API key")
+}
+
 // APIKeyByHash finds the key a request presents, if its team is live,
 // and records that it was used (at most one write a minute per key, so
 // busy keys do not turn every read into a write). The caller checks

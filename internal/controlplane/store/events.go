@@ -38,32 +38,50 @@ func (s *Store) LastEventSeq(ctx context.Context) (int64, error) {
 }
 
 // AddEventTicket stores a single-use SSE ticket.
-func (s *Store) AddEventTicket(ctx context.Context, hash, teamID string, admin bool, scope string, ttl time.Duration) error {
-	var team *string
-	if teamID != "" {
-		team = &teamID
+func (s *Store) AddEventTicket(ctx context.Context, hash string, t Ticket, ttl time.Duration) error {
+	var team, user, key *string
+	if t.TeamID != "" {
+		team = &t.TeamID
 	}
-	_, err := s.Pool.Exec(ctx, "INSERT INTO event_tickets (token_hash, team_id, admin, scope, expires_at) VALUES ($1, $2, $3, $4, now() + $5::interval)",
-		hash, team, admin, scope, ttl.String())
+	if t.UserID != "" {
+		user = &t.UserID
+	}
+	if t.KeyID != "" {
+		key = &t.KeyID
+	}
+	_, err := s.Pool.Exec(ctx, `INSERT INTO event_tickets (token_hash, team_id, admin, scope, user_id, key_id, session_epoch, membership, expires_at)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9::interval)`,
+		hash, team, t.Admin, t.Scope, user, key, t.Epoch, t.Membership, ttl.String())
 	return mapErr(err, "event ticket")
 }
 
-// Ticket is what a single-use ticket grants: one stream (scope, a path)
-// of one team, or of the platform for an admin.
+// Ticket is what a single-use ticket grants: one stream (Scope, a path)
+// of one team, or of the platform for an admin, on behalf of the
+// credential it was issued to (a user's session or an API key).
 type Ticket struct {
-	TeamID string
-	Admin  bool
-	Scope  string
+	TeamID     string
+	Admin      bool
+	Scope      string
+	UserID     string
+	KeyID      string
+	Epoch      int32
+	Membership string
 }
 
 // UseEventTicket consumes a ticket; ErrNotFound when it is unknown, used
 // or expired.
 func (s *Store) UseEventTicket(ctx context.Context, hash string) (Ticket, error) {
 	var t Ticket
-	var team *string
-	err := s.Pool.QueryRow(ctx, "DELETE FROM event_tickets WHERE token_hash = $1 AND expires_at > now() RETURNING team_id, admin, scope", hash).Scan(&team, &t.Admin, &t.Scope)
-	if team != nil {
-		t.TeamID = *team
+	var team, user, key *string
+	err := s.Pool.QueryRow(ctx, `DELETE FROM event_tickets WHERE token_hash = $1 AND expires_at > now()
+		RETURNING team_id, admin, scope, user_id, key_id, session_epoch, membership`, hash).Scan(&team, &t.Admin, &t.Scope, &user, &key, &t.Epoch, &t.Membership)
+	for _, f := range []struct {
+		in  *string
+		out *string
+	}{{team, &t.TeamID}, {user, &t.UserID}, {key, &t.KeyID}} {
+		if f.in != nil {
+			*f.out = *f.in
+		}
 	}
 	return t, mapErr(err, "event ticket")
 }

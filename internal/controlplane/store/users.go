@@ -140,16 +140,29 @@ func (s *Store) SetPassword(ctx context.Context, userID, hash string) (int32, er
 	return epoch, mapErr(err, "set password")
 }
 
-// LoginFailed counts a wrong password; from the threshold-th failure in a
-// row on, logins wait base, 2*base, 4*base ... up to max. It returns when
-// the next login may be tried (nil: at once).
-func (s *Store) LoginFailed(ctx context.Context, userID string, threshold int, base, max time.Duration) (*time.Time, error) {
-	var until *time.Time
-	err := s.Pool.QueryRow(ctx, `UPDATE users SET failed_logins = failed_logins + 1,
+// LoginAttempt claims one password check for the account, counted as a
+// failure until LoginSucceeded clears it: from the threshold-th failure in
+// a row on, the account waits base, 2*base, 4*base ... up to max between
+// attempts. The claim and the count are one update of the user's row, so
+// parallel guesses cannot all pass before the first is counted. While the
+// account waits it returns ok false and when the wait ends.
+func (s *Store) LoginAttempt(ctx context.Context, userID string, threshold int, base, max time.Duration) (ok bool, until time.Time, err error) {
+	tag, err := s.Pool.Exec(ctx, `UPDATE users SET failed_logins = failed_logins + 1,
 			login_blocked_until = CASE WHEN failed_logins + 1 >= $2
 				THEN now() + least($3::interval * power(2, least(failed_logins + 1 - $2, 30)), $4::interval) END
-		WHERE id = $1 RETURNING login_blocked_until`, userID, threshold, base.String(), max.String()).Scan(&until)
-	return until, mapErr(err, "login failed")
+		WHERE id = $1 AND (login_blocked_until IS NULL OR login_blocked_until <= now())`, userID, threshold, base.String(), max.String())
+	if err != nil {
+		return false, time.Time{}, mapErr(err, "login attempt")
+	}
+	if tag.RowsAffected() == 1 {
+		return true, time.Time{}, nil
+	}
+	var blocked *time.Time
+	err = s.Pool.QueryRow(ctx, "SELECT login_blocked_until FROM users WHERE id = $1", userID).Scan(&blocked)
+	if err == nil && blocked != nil {
+		until = *blocked
+	}
+	return false, until, mapErr(err, "login attempt")
 }
 
 // LoginSucceeded clears the count of failed logins.
