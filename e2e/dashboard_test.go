@@ -39,7 +39,7 @@ func TestDashboardInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatalf("dashboard journey failed: %v (screenshots in %s)", err, shots)
 	}
-	for _, page := range []string{"login", "capsules", "capsule-terminal", "capsule-files", "templates", "keys", "usage", "audit", "hosts", "hosts-tagged", "team-switched"} {
+	for _, page := range []string{"login", "capsules", "capsule-terminal", "capsule-files", "capsule-ports", "templates", "keys", "usage", "audit", "hosts", "hosts-tagged", "team-switched"} {
 		if st, err := os.Stat(filepath.Join(shots, page+".png")); err != nil || st.Size() < 2000 {
 			t.Errorf("screenshot of %s missing or empty: %v", page, err)
 		}

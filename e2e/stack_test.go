@@ -139,7 +139,7 @@ func startStack(t *testing.T) *stack {
 	// Runs after the agent stops: a failed test must not leave VMs running.
 	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+agentDir).Run() })
 	s.agent = process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
-		"--listen", agentAddr, "--proxy-listen", "off", "--dir", agentDir, "--register", regToken, "--address", agentAddr,
+		"--listen", agentAddr, "--dir", agentDir, "--register", regToken, "--address", agentAddr,
 		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", fmt.Sprintf("%d-%d", firstSlot, lastSlot))
 	deadline := time.Now().Add(time.Minute)
 	for {

@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/envd/ports"
 	"github.com/wrenn/wrenn/internal/envd/server"
 	"github.com/wrenn/wrenn/internal/version"
 )
@@ -40,6 +41,8 @@ func run() error {
 	dev := fs.Bool("dev", false, "run on a developer machine: act as the current user by default, never touch the clock, listen on loopback")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	tokenFile := fs.String("access-token-file", "", "file holding the access token every request must carry (X-Access-Token) from the start; /init may change it")
+	forward := fs.Bool("forward-loopback", true, "make servers bound only to 127.0.0.1/::1 reachable on the guest's own addresses (off with --dev)")
+	identityDir := fs.String("identity-dir", "/run/wrenn", "where /init writes the sandbox's identity, .WRENN_SANDBOX_ID and .WRENN_TEMPLATE_ID (off with --dev)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -60,7 +63,7 @@ func run() error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	cfg := server.Config{Log: log, Version: version.Version, FallbackUser: "user", SetClock: true}
+	cfg := server.Config{Log: log, Version: version.Version, FallbackUser: "user", SetClock: true, Port: uint16(*port), IdentityDir: *identityDir}
 	if *tokenFile != "" {
 		data, err := os.ReadFile(*tokenFile)
 		if err != nil {
@@ -76,10 +79,16 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("look up current user: %w", err)
 		}
-		cfg.FallbackUser, cfg.SetClock = me.Username, false
+		cfg.FallbackUser, cfg.SetClock, cfg.IdentityDir, *forward = me.Username, false, "", false
 		if listenIP == "" {
 			listenIP = "127.0.0.1"
 		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if *forward {
+		cfg.Forwarder = &ports.Forwarder{Log: log, Except: []uint16{uint16(*port)}}
+		go cfg.Forwarder.Run(ctx)
 	}
 	srv := server.New(cfg)
 
@@ -98,8 +107,6 @@ func run() error {
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	// guest_uptime is the time since the kernel started: in a VM, boot-to-ready.

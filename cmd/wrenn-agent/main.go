@@ -25,7 +25,6 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/privdrop"
-	"github.com/wrenn/wrenn/internal/agent/proxy"
 	"github.com/wrenn/wrenn/internal/agent/registration"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/agent/server"
@@ -113,7 +112,6 @@ func run() error {
 		return n
 	}
 	listen := fs.String("listen", envconf.String("WRENN_HOST_LISTEN_ADDR", ":50051"), "address for the control plane's RPCs (WRENN_HOST_LISTEN_ADDR)")
-	proxyListen := fs.String("proxy-listen", envconf.String("WRENN_PROXY_LISTEN_ADDR", "127.0.0.1:5007"), "address of the proxy to sandbox ports, <port>-<sandbox>.<domain>; \"off\" disables (WRENN_PROXY_LISTEN_ADDR)")
 	dir := fs.String("dir", envconf.String("WRENN_DIR", "/var/lib/wrenn"), "host directory with kernels/, images/, sandboxes/, snapshots/ (WRENN_DIR)")
 	vmmName := fs.String("vmm", envconf.String("WRENN_VMM", "auto"), "VMM driver: auto, qemu or firecracker (WRENN_VMM)")
 	fcBinary := fs.String("firecracker", envconf.String("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
@@ -305,26 +303,15 @@ func run() error {
 		go creds.Run(ctx, *heartbeat, log)
 	}
 	hs := &http.Server{
-		Handler:           server.Handler(cfg),
+		Handler:           server.Handler(ctx, cfg),
 		Protocols:         &protocols,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute, // streams keep their connection busy, not idle
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	errc := make(chan error, 2)
+	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	var ps *http.Server
-	if *proxyListen != "off" {
-		pln, err := net.Listen("tcp", *proxyListen)
-		if err != nil {
-			return fmt.Errorf("proxy listen: %w", err)
-		}
-		ps = &http.Server{Handler: &proxy.Handler{Sandboxes: mgr, Log: log}, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute,
-			MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-		go func() { errc <- ps.Serve(pln) }()
-		log.Info("sandbox proxy listening", "addr", pln.Addr().String())
-	}
 	log.Info("wrenn-agent listening", "addr", ln.Addr().String(), "tls", tlsConfig != nil, "mutual_tls", *clientCA != "" || managed, "dir", *dir, "version", version.Version, "sandboxes", len(mgr.List()))
 	select {
 	case err := <-errc:
@@ -335,9 +322,6 @@ func run() error {
 	log.Info("wrenn-agent stopping; sandboxes keep running")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if ps != nil {
-		_ = ps.Shutdown(shutdownCtx)
-	}
 	return hs.Shutdown(shutdownCtx)
 }
 

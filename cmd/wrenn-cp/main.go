@@ -10,11 +10,14 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -239,10 +242,15 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	ing, err := ingressConfig(*listen)
+	if err != nil {
+		return err
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
 		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
-		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas})
+		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas,
+		IngressDomain: ing.domain, IngressScheme: ing.scheme})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)
@@ -256,9 +264,24 @@ func serve(cmd string, args []string) error {
 		return fmt.Errorf("listen: %w", err)
 	}
 	hs := srv.HTTPServer()
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- hs.Serve(ln) }()
-	log.Info("wrenn-cp listening", "addr", ln.Addr().String(), "version", version.Version, "reconcile_interval", interval, "host_silence", silence)
+	var is *http.Server
+	if ing.listen != "" {
+		iln, err := net.Listen("tcp", ing.listen)
+		if err != nil {
+			return fmt.Errorf("ingress listen: %w", err)
+		}
+		is = srv.IngressServer()
+		if ing.tls != nil {
+			is.TLSConfig = ing.tls
+			iln = tls.NewListener(iln, ing.tls)
+		}
+		go func() { errc <- is.Serve(iln) }()
+		log.Info("sandbox ingress listening", "addr", iln.Addr().String(), "tls", ing.tls != nil)
+	}
+	log.Info("wrenn-cp listening", "addr", ln.Addr().String(), "version", version.Version, "reconcile_interval", interval, "host_silence", silence,
+		"sandbox_urls", ing.scheme+"://<port>-<capsule id>."+ing.domain)
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
@@ -267,7 +290,68 @@ func serve(cmd string, args []string) error {
 	log.Info("wrenn-cp stopping")
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
+	if is != nil {
+		_ = is.Shutdown(sctx)
+	}
 	return hs.Shutdown(sctx)
+}
+
+// ingressSettings say where sandbox ports are served and how their URLs read.
+type ingressSettings struct {
+	domain, scheme string
+	listen         string      // a listener for the ingress alone ("": none)
+	tls            *tls.Config // on that listener
+}
+
+// ingressConfig reads WRENN_INGRESS_*: the domain under which
+// <port>-<capsule id>.<domain> names reach this control plane (by default
+// WRENN_PUBLIC_URL's host, else localhost and the port of the ingress's
+// listener or the API's), and an
+// optional listener of its own, with TLS for a wildcard certificate.
+func ingressConfig(apiListen string) (ingressSettings, error) {
+	s := ingressSettings{domain: os.Getenv("WRENN_INGRESS_DOMAIN"), scheme: "http", listen: os.Getenv("WRENN_INGRESS_LISTEN_ADDR")}
+	if pub := os.Getenv("WRENN_PUBLIC_URL"); pub != "" {
+		u, err := url.Parse(pub)
+		if err != nil || u.Host == "" {
+			return s, fmt.Errorf("WRENN_PUBLIC_URL %q is not a URL", pub)
+		}
+		if s.domain == "" {
+			s.domain = u.Host
+		}
+		if u.Scheme == "https" {
+			s.scheme = "https"
+		}
+	}
+	if s.domain == "" {
+		addr := apiListen
+		if s.listen != "" {
+			addr = s.listen
+		}
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return s, fmt.Errorf("listen address %q: %w", addr, err)
+		}
+		s.domain = net.JoinHostPort("localhost", port)
+	}
+	if strings.ContainsAny(s.domain, "/ ") || strings.HasPrefix(s.domain, ".") {
+		return s, fmt.Errorf("WRENN_INGRESS_DOMAIN %q must be a host name, such as sandboxes.example.com", s.domain)
+	}
+	cert, key := os.Getenv("WRENN_INGRESS_TLS_CERT"), os.Getenv("WRENN_INGRESS_TLS_KEY")
+	if (cert == "") != (key == "") {
+		return s, errors.New("WRENN_INGRESS_TLS_CERT and WRENN_INGRESS_TLS_KEY go together")
+	}
+	if cert != "" {
+		if s.listen == "" {
+			return s, errors.New("WRENN_INGRESS_TLS_CERT needs WRENN_INGRESS_LISTEN_ADDR: TLS is served on the ingress's own listener")
+		}
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			return s, fmt.Errorf("ingress TLS certificate: %w", err)
+		}
+		s.tls = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+		s.scheme = "https"
+	}
+	return s, nil
 }
 
 // teamQuotas reads the platform's default limits per team (0: none).

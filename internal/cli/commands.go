@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -157,6 +158,8 @@ func (a *app) sandboxCmd() *cobra.Command {
 	create.Flags().BoolVar(&noWait, "no-wait", false, "return while the capsule is still starting")
 	create.Flags().StringArrayVar(&p.HostTags, "host-tag", nil, "run on a host carrying this tag (repeatable)")
 	create.Flags().BoolVar(&p.BYOC, "byoc", false, "run on one of your team's own (BYOC) hosts")
+	create.Flags().BoolVar(&p.Public, "public", false, "let anyone reach the capsule's ports through the ingress (default: the team and holders of its traffic token)")
+	create.Flags().BoolVar(&p.AutoResume, "auto-resume", false, "resume the capsule, when paused, on traffic to its ports")
 	var egressMode string
 	var egressCIDRs []string
 	create.Flags().StringVar(&egressMode, "egress", "", "what the capsule may reach: allow_all (the public internet, default), deny_all or allow_list")
@@ -251,9 +254,66 @@ func (a *app) sandboxCmd() *cobra.Command {
 			return a.print(s, a.capsuleTable(s))
 		},
 	}
-	sb.AddCommand(create, list, get, kill, pause, resume, setTimeout)
+	var withToken bool
+	urlCmd := &cobra.Command{
+		Use: "url ID PORT", Short: "Print the URL of a port in a capsule (through the control plane's ingress)",
+		Args: cobra.ExactArgs(2), ValidArgsFunction: a.completeCapsules,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			port, err := strconv.Atoi(args[1])
+			if err != nil || port < 1 || port > 65535 {
+				return fmt.Errorf("port %q: want a number from 1 to 65535", args[1])
+			}
+			c, err := a.client(false)
+			if err != nil {
+				return err
+			}
+			s, err := c.GetCapsule(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			u := s.URL(port)
+			if withToken && !s.Public && s.TrafficAccessToken != "" && port != envdPort {
+				// A link a browser can open: the ingress keeps the token in a cookie.
+				u += "/?wrenn_traffic_token=" + s.TrafficAccessToken
+			}
+			return a.print(map[string]any{"id": s.ID, "port": port, "url": u, "public": s.Public}, func(w *tabwriter.Writer) { fmt.Fprintln(w, u) })
+		},
+	}
+	urlCmd.Flags().BoolVar(&withToken, "with-token", false, "for a capsule that is not public, a link that carries its traffic token (for a browser)")
+	ports := &cobra.Command{
+		Use: "ports ID", Short: "List the ports servers in a capsule listen on, with their URLs",
+		Args: cobra.ExactArgs(1), ValidArgsFunction: a.completeCapsules,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client(false)
+			if err != nil {
+				return err
+			}
+			ps, err := c.ListPorts(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return a.print(ps, func(w *tabwriter.Writer) {
+				row(w, "PORT", "ADDRESSES", "PROCESS", "URL")
+				for _, pt := range ps {
+					addrs := strings.Join(pt.Addresses, ",")
+					if pt.Forwarded {
+						addrs += " (forwarded)"
+					}
+					proc := "-"
+					if pt.PID > 0 {
+						proc = fmt.Sprintf("%s (%d)", pt.Command, pt.PID)
+					}
+					row(w, pt.Port, addrs, proc, pt.URL)
+				}
+			})
+		},
+	}
+	sb.AddCommand(create, list, get, kill, pause, resume, setTimeout, urlCmd, ports)
 	return sb
 }
+
+// envdPort is envd's port in every capsule; envd checks its own token.
+const envdPort = 49983
 
 // pairs parses KEY=VALUE flags.
 func pairs(kvs []string, flag string) (map[string]string, error) {

@@ -2,6 +2,7 @@ package wrenn
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
 	"time"
@@ -24,6 +25,49 @@ type Capsule struct {
 	Metadata     map[string]string `json:"metadata"`
 	Egress       Egress            `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
+	// Public: the capsule's ports answer anyone through the ingress.
+	Public bool `json:"public"`
+	// AutoResume: traffic to a paused capsule resumes it.
+	AutoResume bool `json:"auto_resume"`
+	// Domain and URLScheme make port URLs: <scheme>://<port>-<id>.<domain> (see URL).
+	Domain    string `json:"domain"`
+	URLScheme string `json:"url_scheme"`
+	// EnvdAccessToken is envd's token (X-Access-Token), for clients that
+	// talk to envd directly; TrafficAccessToken opens the ports of a
+	// capsule that is not public (E2b-Traffic-Access-Token header). Both
+	// come with GetCapsule and a create that waits.
+	EnvdAccessToken    string `json:"envd_access_token,omitempty"`
+	TrafficAccessToken string `json:"traffic_access_token,omitempty"`
+}
+
+// URL is the address of a port in the capsule through the control
+// plane's ingress.
+func (cp Capsule) URL(port int) string {
+	scheme := cp.URLScheme
+	if scheme == "" {
+		scheme = "https"
+	}
+	return fmt.Sprintf("%s://%d-%s.%s", scheme, port, cp.ID, cp.Domain)
+}
+
+// Port is a port a server in a capsule listens on.
+type Port struct {
+	Port      int      `json:"port"`
+	Addresses []string `json:"addresses"`
+	// Forwarded: the server listens on loopback only and is reached
+	// through envd's forward.
+	Forwarded bool   `json:"forwarded"`
+	PID       int    `json:"pid,omitempty"`
+	Command   string `json:"command,omitempty"`
+	URL       string `json:"url"`
+}
+
+// ListPorts lists the ports servers in a running capsule listen on, with
+// their URLs.
+func (c *Client) ListPorts(ctx context.Context, id string) ([]Port, error) {
+	var out []Port
+	err := c.do(ctx, http.MethodGet, "/v1/capsules/"+url.PathEscape(id)+"/ports", nil, &out)
+	return out, err
 }
 
 // Egress is a capsule's outbound policy: Mode "allow_all" (the public
@@ -53,6 +97,11 @@ type CreateCapsuleParams struct {
 	// Egress is what the capsule may reach; the zero value is the public
 	// internet.
 	Egress *Egress `json:"egress,omitempty"`
+	// Public opens the capsule's ports to anyone through the ingress;
+	// otherwise they need the team's credentials or its traffic token.
+	Public bool `json:"public,omitempty"`
+	// AutoResume resumes the capsule, when paused, on ingress traffic.
+	AutoResume bool `json:"auto_resume,omitempty"`
 	// Wait returns once the capsule runs (or failed) instead of at once
 	// with status "starting".
 	Wait bool `json:"-"`

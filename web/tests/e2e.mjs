@@ -1,6 +1,7 @@
 // The dashboard in headless Chromium against a running stack: log in,
 // create a capsule, run `echo hi` in its terminal, upload a file and see it
-// listed, tag a host, create a team and switch to it and back, destroy the
+// listed, open a port of it through the ingress, move from one capsule's
+// page to another's and act on the second, tag a host, create a team and switch to it and back, destroy the
 // capsule. Screenshots of the main pages go to
 // $SCREENSHOTS. Run by e2e/dashboard_test.go.
 import { chromium } from 'playwright-core'
@@ -23,7 +24,10 @@ const problems = []
 page.on('pageerror', (e) => problems.push(`page error: ${e.message}`))
 page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`) })
 page.on('dialog', (d) => d.accept())
-page.on('request', (r) => { if (!r.url().startsWith(base) && !r.url().startsWith('ws') && !r.url().startsWith('blob:') && !r.url().startsWith('data:')) problems.push(`outside request: ${r.url()}`) })
+// Sandbox ports are reached at <port>-<id>.localhost:<the control plane's port>.
+const ingress = new RegExp(`^http://\\d+-sb-[a-z0-9]+\\.localhost:${new URL(base).port}/`)
+const ours = (u) => u.startsWith(base) || ingress.test(u) || u.startsWith('ws') || u.startsWith('blob:') || u.startsWith('data:')
+page.on('request', (r) => { if (!ours(r.url())) problems.push(`outside request: ${r.url()}`) })
 const shot = (name) => page.screenshot({ path: join(shots, `${name}.png`), fullPage: true })
 
 try {
@@ -60,6 +64,54 @@ try {
   await page.getByRole('cell', { name: 'upload.txt', exact: true }).waitFor()
   step('file uploaded and listed')
   await shot('capsule-files')
+
+  // Ports: a server on the guest's 127.0.0.1 shows up with its URL, and
+  // the link (carrying the traffic token) opens it through the ingress.
+  // The server is a script uploaded here; it reads the request's head
+  // before answering (closing on unread bytes would reset the connection).
+  const script = join(shots, 'hello.sh')
+  writeFileSync(script, "#!/bin/sh\nsed '/^\r$/q' >/dev/null\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 16\\r\\n\\r\\nhello-from-port\\n'\n")
+  await page.getByLabel('Upload a file').setInputFiles(script)
+  await page.getByRole('cell', { name: 'hello.sh', exact: true }).waitFor()
+  await page.getByRole('tab', { name: 'Terminal' }).click()
+  await page.getByTestId('terminal').click()
+  await page.keyboard.type('chmod +x ~/hello.sh && (socat TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork EXEC:$HOME/hello.sh &)')
+  await page.keyboard.press('Enter')
+  await page.getByRole('tab', { name: 'Ports' }).click()
+  const portLink = page.getByRole('table', { name: 'Ports' }).getByRole('link', { name: new RegExp(`^http://8080-${id}\\.`) })
+  await portLink.waitFor()
+  await shot('capsule-ports')
+  const [popup] = await Promise.all([page.context().waitForEvent('page'), portLink.click()])
+  await popup.getByText('hello-from-port').waitFor({ timeout: 15_000 }).catch(async (e) => {
+    throw new Error(`the port's page at ${popup.url()} shows ${JSON.stringify((await popup.content()).slice(0, 500))}: ${e.message}`)
+  })
+  await popup.close()
+  step('port listed and opened through the ingress')
+
+  // The page follows its id: from A to B (no reload), B's header, and
+  // B's Pause pauses B, not A; back to A, A still runs.
+  await page.goto(base + '/#/capsules')
+  await page.getByRole('button', { name: 'New capsule' }).click()
+  await page.getByLabel('Memory (MB)').fill('256')
+  await page.getByRole('button', { name: 'Create', exact: true }).click()
+  await page.waitForURL((u) => /#\/capsules\/sb-/.test(u.href) && !u.href.endsWith(id))
+  const idB = page.url().split('/').pop()
+  await page.getByTitle('running').waitFor({ timeout: 120_000 })
+  await page.goto(`${base}/#/capsules/${id}`)
+  await page.getByRole('heading', { name: id }).waitFor()
+  await page.evaluate((b) => { location.hash = `#/capsules/${b}` }, idB)
+  await page.getByRole('heading', { name: idB }).waitFor()
+  await page.getByRole('button', { name: 'Pause' }).click()
+  await page.getByTitle('paused').waitFor({ timeout: 120_000 })
+  await page.goBack()
+  await page.getByRole('heading', { name: id }).waitFor()
+  await page.getByTitle('running').waitFor()
+  await page.getByRole('status').filter({ hasText: 'connected' }).waitFor()
+  step(`navigated ${id} -> ${idB}, paused ${idB}; ${id} still runs`)
+  await page.goto(`${base}/#/capsules/${idB}`)
+  await page.getByRole('heading', { name: idB }).waitFor()
+  await page.getByRole('button', { name: 'Destroy' }).click()
+  await page.getByRole('heading', { name: 'Capsules' }).waitFor()
 
   await page.goto(base + '/#/capsules')
   await page.getByRole('link', { name: id }).waitFor()

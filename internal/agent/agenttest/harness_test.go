@@ -51,7 +51,6 @@ type agent struct {
 	t      *testing.T
 	dir    string
 	addr   string
-	proxy  string // the sandbox proxy's address
 	args   []string
 	hc     *http.Client // how tests reach the RPC port (plain HTTP unless set)
 	scheme string
@@ -82,7 +81,7 @@ func newAgentIn(t *testing.T, dir string, hc *http.Client, scheme string, extraA
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
 	hostlock.Take(t)
-	a := &agent{t: t, dir: dir, logPath: filepath.Join(t.TempDir(), "agent.log"), addr: "127.0.0.1:" + freeport.Get(t), proxy: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
+	a := &agent{t: t, dir: dir, logPath: filepath.Join(t.TempDir(), "agent.log"), addr: "127.0.0.1:" + freeport.Get(t), args: extraArgs, hc: hc, scheme: scheme}
 	a.start()
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -102,7 +101,7 @@ func (a *agent) start() {
 		t.Fatal(err)
 	}
 	a.log = f
-	args := append([]string{"--listen", a.addr, "--proxy-listen", a.proxy, "--dir", a.dir, "--log-level", "debug"}, a.args...)
+	args := append([]string{"--listen", a.addr, "--dir", a.dir, "--log-level", "debug"}, a.args...)
 	cmd := exec.Command(agentBinary, args...)
 	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN="+testToken)
 	cmd.Stdout, cmd.Stderr = f, f

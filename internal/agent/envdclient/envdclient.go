@@ -246,6 +246,40 @@ func (c *Client) Metrics(ctx context.Context) (Metrics, error) {
 	return m, nil
 }
 
+// ListeningPort is one entry of envd's GET /ports.
+type ListeningPort struct {
+	Port      uint16   `json:"port"`
+	Addresses []string `json:"addresses"`
+	Forwarded bool     `json:"forwarded"`
+	PID       int      `json:"pid"`
+	Command   string   `json:"command"`
+}
+
+// Ports lists the TCP ports servers in the guest listen on.
+func (c *Client) Ports(ctx context.Context) ([]ListeningPort, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/ports", nil)
+	res, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("envd ports: %w", err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return nil, responseError("/ports", res)
+	}
+	data, err := io.ReadAll(io.LimitReader(res.Body, maxSmallBody+1))
+	if err != nil {
+		return nil, fmt.Errorf("envd ports: %w", err)
+	}
+	if len(data) > maxSmallBody {
+		return nil, fmt.Errorf("envd ports: the answer is larger than %d KiB", maxSmallBody>>10)
+	}
+	var ports []ListeningPort
+	if err := json.Unmarshal(data, &ports); err != nil {
+		return nil, fmt.Errorf("envd ports: %w", err)
+	}
+	return ports, nil
+}
+
 // FileError is an error answer from envd's /files, with its HTTP status.
 type FileError struct {
 	Status  int

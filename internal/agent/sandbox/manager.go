@@ -435,12 +435,25 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, bootToken string) 
 	}
 	in := envdclient.InitRequest{Timestamp: time.Now().UTC()}
 	if first {
-		in.AccessToken, in.EnvVars = rec.EnvdToken, rec.EnvVars
+		in.AccessToken, in.EnvVars = rec.EnvdToken, withIdentity(rec.EnvVars, rec.ID, rec.Template)
 	}
 	if err := c.Init(waitCtx, in); err != nil {
 		return fmt.Errorf("init envd: %w", err)
 	}
 	return nil
+}
+
+// withIdentity adds the variables that tell programs in the guest which
+// sandbox they run in, under Wrenn's names and E2B's; they win over the
+// caller's own of the same name.
+func withIdentity(env map[string]string, id, template string) map[string]string {
+	out := make(map[string]string, len(env)+7)
+	for k, v := range env {
+		out[k] = v
+	}
+	out["WRENN_SANDBOX"], out["WRENN_SANDBOX_ID"], out["WRENN_TEMPLATE_ID"], out["WRENN_TEMPLATE"] = "true", id, template, template
+	out["E2B_SANDBOX"], out["E2B_SANDBOX_ID"], out["E2B_TEMPLATE_ID"] = "true", id, template
+	return out
 }
 
 // lock finds a sandbox and locks it for one operation.

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
+	"github.com/wrenn/wrenn/internal/agent/proxy"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/guest/template"
@@ -39,6 +40,7 @@ const (
 	maxRPCMessage   = maxFileBytes + 1<<20
 	defaultExecTime = 60 * time.Second
 	maxErrorText    = 1024 // an error message passed on from envd
+	maxPorts        = 256  // ports listed for one sandbox
 )
 
 // Config wires the server.
@@ -64,8 +66,10 @@ type Server struct {
 
 var _ hostagentv1connect.HostAgentServiceHandler = (*Server)(nil)
 
-// Handler returns the authenticated HTTP handler.
-func Handler(cfg Config) http.Handler {
+// Handler returns the authenticated HTTP handler: the RPCs, and the proxy
+// into sandbox ports for requests that ask for it (see package proxy).
+// It stops sweeping the proxy's connection pools when ctx ends.
+func Handler(ctx context.Context, cfg Config) http.Handler {
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Log}
 	path, h := hostagentv1connect.NewHostAgentServiceHandler(s,
 		connect.WithReadMaxBytes(maxRPCMessage),
@@ -81,7 +85,16 @@ func Handler(cfg Config) http.Handler {
 	if tokens == nil {
 		tokens = func() (string, string) { return cfg.Token, "" }
 	}
-	return authenticate(tokens, cfg.Log, mux)
+	rpc := authenticate(tokens, cfg.Log, mux)
+	px := proxy.New(cfg.Manager, tokens, cfg.Log)
+	go px.RunSweeper(ctx, time.Minute)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if proxy.IsProxyRequest(r) {
+			px.ServeHTTP(w, r)
+			return
+		}
+		rpc.ServeHTTP(w, r)
+	})
 }
 
 // authenticate compares the bearer token in constant time.
@@ -351,6 +364,38 @@ func (s *Server) GetSandboxMetrics(ctx context.Context, req *connect.Request[pb.
 		CpuCount: int32(m.CPUCount), CpuUsedPct: m.CPUUsedPct, MemTotalBytes: m.MemTotal, MemUsedBytes: m.MemUsed,
 		DiskTotalBytes: m.DiskTotal, DiskUsedBytes: m.DiskUsed, VmmRssBytes: procfs.RSS(rec.VMM.PID),
 	}), nil
+}
+
+// ListPorts asks envd which ports servers in the sandbox listen on.
+func (s *Server) ListPorts(ctx context.Context, req *connect.Request[pb.ListPortsRequest]) (*connect.Response[pb.ListPortsResponse], error) {
+	rec, err := s.m.Get(req.Msg.GetSandboxId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	c, err := s.m.Envd(rec.ID)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	ports, err := c.Ports(ctx)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &pb.ListPortsResponse{}
+	for _, p := range ports {
+		if len(out.Ports) == maxPorts {
+			break
+		}
+		addrs := p.Addresses
+		if len(addrs) > 8 {
+			addrs = addrs[:8]
+		}
+		for i, a := range addrs {
+			addrs[i] = safetext.Clip(a, 64)
+		}
+		out.Ports = append(out.Ports, &pb.Port{Port: uint32(p.Port), Addresses: addrs, Forwarded: p.Forwarded,
+			Pid: int32(p.PID), Command: safetext.Clip(p.Command, 64)})
+	}
+	return connect.NewResponse(out), nil
 }
 
 func execSpec(msg *pb.ExecRequest) (envdclient.ExecSpec, error) {

@@ -304,7 +304,7 @@ func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
-	hs := &http.Server{Handler: server.Handler(server.Config{Manager: m, Tokens: creds.Tokens, Log: log, WrennDir: work, VMM: "qemu"}), Protocols: &protocols}
+	hs := &http.Server{Handler: server.Handler(ctx, server.Config{Manager: m, Tokens: creds.Tokens, Log: log, WrennDir: work, VMM: "qemu"}), Protocols: &protocols}
 	go func() { _ = hs.Serve(ln) }()
 	return m, func() { _ = hs.Close(); cleanup() }, nil
 }

@@ -108,7 +108,7 @@ func (c *cp) startAgentProcIn(admin account, dir string, extra ...string) *agent
 }
 
 func (a *agentProc) run(args ...string) {
-	a.cmd = exec.Command(a.bin, append(append([]string{"--listen", a.addr, "--proxy-listen", "off", "--dir", a.dir,
+	a.cmd = exec.Command(a.bin, append(append([]string{"--listen", a.addr, "--dir", a.dir,
 		"--cp-url", a.c.url, "--heartbeat-interval", "1s", "--log-level", "debug"}, args...), a.extra...)...)
 	a.cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN=")
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log

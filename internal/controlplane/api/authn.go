@@ -82,26 +82,37 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 		if a == user {
 			return nil, forbidden("this endpoint needs a user session (JWT), not an API key")
 		}
-		if !strings.HasPrefix(key, auth.APIKeyPrefix) || len(key) != len(auth.APIKeyPrefix)+32 {
-			return nil, errUnauthorized
-		}
-		k, err := s.st.APIKeyByHash(ctx, auth.HashToken(key))
-		if err != nil {
-			if errors.Is(err, store.ErrNotFound) {
-				return nil, errUnauthorized
-			}
-			return nil, err
-		}
-		if !k.CreatorActive {
-			// Checked on every request: deactivation suspends a user's keys at once.
-			return nil, errf(http.StatusUnauthorized, "unauthorized", "this API key no longer works: the user who made it left the team or is deactivated")
-		}
-		return &principal{TeamID: k.TeamID, KeyID: k.ID, Name: k.Name, limitKey: "key:" + k.ID}, nil
+		return s.keyPrincipal(ctx, key)
 	}
 	bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || bearer == "" {
 		return nil, errUnauthorized
 	}
+	return s.userPrincipal(ctx, bearer)
+}
+
+// keyPrincipal is the team an API key acts for, while its creator may.
+func (s *Server) keyPrincipal(ctx context.Context, key string) (*principal, error) {
+	if !strings.HasPrefix(key, auth.APIKeyPrefix) || len(key) != len(auth.APIKeyPrefix)+32 {
+		return nil, errUnauthorized
+	}
+	k, err := s.st.APIKeyByHash(ctx, auth.HashToken(key))
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, errUnauthorized
+		}
+		return nil, err
+	}
+	if !k.CreatorActive {
+		// Checked on every request: deactivation suspends a user's keys at once.
+		return nil, errf(http.StatusUnauthorized, "unauthorized", "this API key no longer works: the user who made it left the team or is deactivated")
+	}
+	return &principal{TeamID: k.TeamID, KeyID: k.ID, Name: k.Name, limitKey: "key:" + k.ID}, nil
+}
+
+// userPrincipal is the user and team a JWT names, while the session and
+// the membership it was issued for stand.
+func (s *Server) userPrincipal(ctx context.Context, bearer string) (*principal, error) {
 	claims, err := s.signer.ParseUser(bearer)
 	if err != nil {
 		return nil, errUnauthorized

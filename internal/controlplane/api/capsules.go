@@ -15,6 +15,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/ingress"
 	"github.com/wrenn/wrenn/internal/controlplane/scheduler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/egress"
@@ -40,13 +41,34 @@ type capsuleJSON struct {
 	Metadata     map[string]string `json:"metadata"`
 	Egress       store.Egress      `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
+	Public       bool              `json:"public"`
+	AutoResume   bool              `json:"auto_resume"`
+	// Domain and URLScheme make the capsule's port URLs:
+	// <scheme>://<port>-<id>.<domain>.
+	Domain    string `json:"domain"`
+	URLScheme string `json:"url_scheme"`
+	// The team's credentials for reaching the capsule directly (only on
+	// GET /v1/capsules/{id} and a create that waited).
+	EnvdAccessToken    string `json:"envd_access_token,omitempty"`
+	TrafficAccessToken string `json:"traffic_access_token,omitempty"`
 }
 
-func toCapsule(sb store.Sandbox) capsuleJSON {
+func (s *Server) toCapsule(sb store.Sandbox) capsuleJSON {
 	return capsuleJSON{ID: sb.ID, Status: sb.Status, Template: sb.Template, VCPUs: sb.VCPUs, MemoryMB: sb.MemoryMB,
 		DiskSizeMB: sb.DiskSizeMB, TimeoutSec: sb.TimeoutSec, AutoPause: sb.AutoPause, GuestIP: sb.GuestIP, HostIP: sb.HostIP,
 		HostID: sb.HostID, CreatedAt: sb.CreatedAt, StartedAt: sb.StartedAt, LastActiveAt: sb.LastActiveAt,
-		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, Egress: sb.Egress, StatusReason: sb.Error}
+		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, Egress: sb.Egress, StatusReason: sb.Error,
+		Public: sb.Public, AutoResume: sb.AutoResume, Domain: s.cfg.IngressDomain, URLScheme: s.cfg.IngressScheme}
+}
+
+// withTokens adds the capsule's tokens, for its own team.
+func (s *Server) withTokens(ctx context.Context, c capsuleJSON) (capsuleJSON, error) {
+	t, err := s.st.SandboxTokens(ctx, c.ID)
+	if err != nil {
+		return c, err
+	}
+	c.EnvdAccessToken, c.TrafficAccessToken = t.Envd, t.Traffic
+	return c, nil
 }
 
 // checkEgress validates an egress policy as the agents enforce it.
@@ -116,6 +138,11 @@ type createCapsuleRequest struct {
 	BYOC bool `json:"byoc"`
 	// Egress is what the capsule may reach (default: the public internet).
 	Egress store.Egress `json:"egress"`
+	// Public opens the capsule's ports to anyone through the ingress;
+	// otherwise they need the team's credentials or the traffic token.
+	Public bool `json:"public"`
+	// AutoResume resumes the capsule, when paused, on ingress traffic.
+	AutoResume bool `json:"auto_resume"`
 }
 
 func (req *createCapsuleRequest) validate() error {
@@ -217,10 +244,14 @@ func (s *Server) createCapsule(w http.ResponseWriter, r *http.Request, p *princi
 			}
 			return errf(http.StatusBadGateway, "create_failed", "capsule %s failed to start: %s", cur.ID, cur.Error)
 		}
-		writeJSON(w, http.StatusCreated, toCapsule(cur))
+		out, err := s.withTokens(ctx, s.toCapsule(cur))
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusCreated, out)
 		return nil
 	}
-	writeJSON(w, http.StatusAccepted, toCapsule(sb))
+	writeJSON(w, http.StatusAccepted, s.toCapsule(sb))
 	return nil
 }
 
@@ -250,7 +281,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	}
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
-		Metadata: req.Metadata, Egress: req.Egress}
+		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume}
 	if *req.DiskSizeMB > 0 {
 		d := int32(*req.DiskSizeMB)
 		sb.DiskSizeMB = &d
@@ -344,7 +375,8 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		resp, err := c.CreateSandbox(ctx, connect.NewRequest(in))
 		if err == nil {
 			cur, terr := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "running", map[string]any{
-				"host_ip": resp.Msg.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": ""})
+				"host_ip": resp.Msg.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": "",
+				"envd_token": store.Secret(resp.Msg.GetEnvdAccessToken())})
 			if terr != nil {
 				// Destroyed while starting: do not leave a VM behind.
 				s.log.Warn("capsule changed state while starting; destroying it on the host", "capsule", sb.ID, "status", cur.Status, "err", terr)
@@ -477,7 +509,7 @@ func (s *Server) writeCapsules(w http.ResponseWriter, r *http.Request, teamID st
 	}
 	out := make([]capsuleJSON, 0, len(sbs))
 	for _, sb := range sbs {
-		out = append(out, toCapsule(sb))
+		out = append(out, s.toCapsule(sb))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -496,7 +528,42 @@ func (s *Server) getCapsule(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, toCapsule(sb))
+	out, err := s.withTokens(r.Context(), s.toCapsule(sb))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// portJSON is a port a server in the capsule listens on, with its URL.
+type portJSON struct {
+	Port      uint32   `json:"port"`
+	Addresses []string `json:"addresses"`
+	// Forwarded: the server listens on loopback only; the ingress reaches
+	// it through envd's forward.
+	Forwarded bool   `json:"forwarded"`
+	PID       int32  `json:"pid,omitempty"`
+	Command   string `json:"command,omitempty"`
+	URL       string `json:"url"`
+}
+
+// listPorts lists the ports servers in a running capsule listen on.
+func (s *Server) listPorts(w http.ResponseWriter, r *http.Request, p *principal) error {
+	sb, c, err := s.running(r, p)
+	if err != nil {
+		return err
+	}
+	res, err := c.ListPorts(r.Context(), connect.NewRequest(&pb.ListPortsRequest{SandboxId: sb.ID}))
+	if err != nil {
+		return err
+	}
+	out := []portJSON{}
+	for _, pt := range res.Msg.GetPorts() {
+		out = append(out, portJSON{Port: pt.GetPort(), Addresses: pt.GetAddresses(), Forwarded: pt.GetForwarded(), PID: pt.GetPid(),
+			Command: pt.GetCommand(), URL: ingress.URL(s.cfg.IngressScheme, s.cfg.IngressDomain, sb.ID, int(pt.GetPort()))})
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
@@ -506,7 +573,7 @@ func (s *Server) destroyCapsule(w http.ResponseWriter, r *http.Request, p *princ
 		return err
 	}
 	if sb.Status == "stopped" || sb.Status == "error" {
-		writeJSON(w, http.StatusAccepted, toCapsule(sb))
+		writeJSON(w, http.StatusAccepted, s.toCapsule(sb))
 		return nil
 	}
 	err = s.destroyOnHost(r.Context(), sb)
@@ -518,7 +585,7 @@ func (s *Server) destroyCapsule(w http.ResponseWriter, r *http.Request, p *princ
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	writeJSON(w, http.StatusAccepted, s.toCapsule(cur))
 	return nil
 }
 
@@ -529,6 +596,7 @@ func (s *Server) destroyOnHost(ctx context.Context, sb store.Sandbox) error {
 	if _, err := s.st.Transition(ctx, sb.ID, store.Live, "stopping", nil); err != nil {
 		return err
 	}
+	s.routes.forget(sb.ID)
 	if sb.HostID == nil {
 		_, err := s.st.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
 		return err
@@ -608,7 +676,7 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request, p *principal) err
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, toCapsule(cur))
+	writeJSON(w, http.StatusAccepted, s.toCapsule(cur))
 	return nil
 }
 
@@ -625,6 +693,8 @@ func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, er
 	if _, err := s.st.Transition(ctx, sb.ID, []string{"running"}, "pausing", nil); err != nil {
 		return sb, errf(http.StatusConflict, "not_running", "%s", err.Error())
 	}
+	s.routes.forget(sb.ID)
+	defer s.routes.forget(sb.ID)
 	_, perr := c.PauseSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.ID}))
 	if perr != nil {
 		s.settle(context.WithoutCancel(ctx), c, sb.ID, "pausing", "running", perr)
@@ -668,31 +738,39 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) er
 	if err != nil {
 		return err
 	}
-	ctx := r.Context()
+	cur, err := s.Resume(r.Context(), sb, p)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, s.toCapsule(cur))
+	return nil
+}
+
+// Resume restores a paused capsule on its host, within its team's quota,
+// on behalf of p (nil: the ingress, on traffic); the audit log records it.
+func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (store.Sandbox, error) {
 	if sb.Status != "paused" || sb.HostID == nil {
-		return errf(http.StatusConflict, "not_paused", "capsule %s is %s, not paused", sb.ID, sb.Status)
+		return sb, errf(http.StatusConflict, "not_paused", "capsule %s is %s, not paused", sb.ID, sb.Status)
 	}
 	c, _, err := s.agentFor(ctx, *sb.HostID)
 	if err != nil {
-		return err
+		return sb, err
 	}
 	if err := s.st.ResumeWithin(ctx, sb, s.cfg.Quotas); err != nil {
 		if errors.Is(err, store.ErrConflict) {
-			return errf(http.StatusConflict, "not_paused", "%s", err.Error())
+			return sb, errf(http.StatusConflict, "not_paused", "%s", err.Error())
 		}
-		return err
+		return sb, err
 	}
+	s.routes.forget(sb.ID)
 	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))
 	if rerr != nil {
 		s.settle(context.WithoutCancel(ctx), c, sb.ID, "resuming", "paused", rerr)
-		s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.resume", rerr, nil)
-		return rerr
+		s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.resume", rerr, nil)
+		return sb, rerr
 	}
 	cur, err := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"resuming"}, "running", map[string]any{"last_active_at": store.Now})
-	s.audit(ctx, p, p.TeamID, "capsule", sb.ID, "capsule.resume", err, nil)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusAccepted, toCapsule(cur))
-	return nil
+	s.routes.forget(sb.ID)
+	s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.resume", err, nil)
+	return cur, err
 }

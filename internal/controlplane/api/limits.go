@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/wrenn/wrenn/internal/controlplane/ingress"
 )
 
 // Limits bound what one client may hold open on the API's listener. The
@@ -57,11 +59,34 @@ func (l Limits) withDefaults() Limits {
 // HTTPServer is the API's server with its connection limits; the caller
 // sets nothing but the listener.
 func (s *Server) HTTPServer() *http.Server {
-	l := s.cfg.Limits
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: l.ReadHeader, IdleTimeout: l.Idle, MaxHeaderBytes: l.MaxHeaderBytes,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	hs := s.server(s.Handler())
 	hs.RegisterOnShutdown(s.Close) // ends event streams so shutdown need not wait for their clients
 	return hs
+}
+
+// IngressServer serves sandbox ports only (WRENN_INGRESS_LISTEN_ADDR):
+// the Host names the capsule and port; anything else is refused.
+func (s *Server) IngressServer() *http.Server {
+	return s.server(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t, ok, err := ingress.TargetOf(r)
+		if !ok {
+			ingressError(w, http.StatusNotFound, "not_found", "this is the sandbox ingress: call <port>-<capsule id>.%s", s.cfg.IngressDomain)
+			return
+		}
+		s.serveIngress(w, r, t, err)
+	}))
+}
+
+// server is an http.Server with the API's connection limits, speaking
+// HTTP/1.1 and HTTP/2 (h2c without TLS, as gRPC and Connect clients may).
+func (s *Server) server(h http.Handler) *http.Server {
+	l := s.cfg.Limits
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetHTTP2(true)
+	protocols.SetUnencryptedHTTP2(true)
+	return &http.Server{Handler: h, ReadHeaderTimeout: l.ReadHeader, IdleTimeout: l.Idle, MaxHeaderBytes: l.MaxHeaderBytes,
+		Protocols: &protocols, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 }
 
 // streams are the routes whose reads and writes last as long as their

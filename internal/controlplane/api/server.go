@@ -6,6 +6,7 @@ import (
 	_ "embed"
 	"log/slog"
 	"net/http"
+	"net/http/httputil"
 	"net/netip"
 	"runtime/debug"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/hostaddr"
+	"github.com/wrenn/wrenn/internal/controlplane/ingress"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -67,6 +69,11 @@ type Config struct {
 	// HostAddresses says which addresses hosts may register and the
 	// control plane dials (see package hostaddr).
 	HostAddresses hostaddr.Policy
+	// IngressDomain and IngressScheme make sandbox port URLs:
+	// IngressScheme://<port>-<capsule id>.IngressDomain (default
+	// "localhost:8000" and "http").
+	IngressDomain string
+	IngressScheme string
 }
 
 // mailsPerHour is how many password-reset mails one account may be sent.
@@ -88,6 +95,11 @@ type Server struct {
 	// misses makes unknown emails wait as accounts do after failed logins.
 	misses missTracker
 	events eventWatch
+
+	// routes caches capsules' ingress routes; ingressRP forwards ingress traffic.
+	routes      routeCache
+	ingressOnce sync.Once
+	ingressRP   *httputil.ReverseProxy
 
 	notifyClient *http.Client
 	bgCtx        context.Context
@@ -113,6 +125,12 @@ func New(cfg Config) *Server {
 		cfg.SignupsPerHour = 10
 	}
 	cfg.Limits = cfg.Limits.withDefaults()
+	if cfg.IngressDomain == "" {
+		cfg.IngressDomain = "localhost:8000"
+	}
+	if cfg.IngressScheme == "" {
+		cfg.IngressScheme = "http"
+	}
 	if cfg.NotifyClient == nil {
 		cfg.NotifyClient = notify.NewClient(false)
 	}
@@ -190,6 +208,7 @@ var routes = []route{
 	{"GET", "/v1/capsules/usage", team, (*Server).capsuleUsage},
 	{"GET", "/v1/capsules/{id}", team, (*Server).getCapsule},
 	{"GET", "/v1/capsules/{id}/metrics", team, (*Server).capsuleMetrics},
+	{"GET", "/v1/capsules/{id}/ports", team, (*Server).listPorts},
 	{"DELETE", "/v1/capsules/{id}", team, (*Server).destroyCapsule},
 	{"POST", "/v1/capsules/{id}/exec", team, (*Server).exec},
 	{"GET", "/v1/capsules/{id}/exec/stream", team, (*Server).execStream},
@@ -298,6 +317,11 @@ func (s *Server) Handler() http.Handler {
 		s.writeError(w, r, errf(http.StatusNotFound, "not_found", "no route %s %s", r.Method, r.URL.Path))
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Requests for a sandbox port go to the sandbox, whatever the path.
+		if t, ok, err := ingress.TargetOf(r); ok {
+			s.serveIngress(w, r, t, err)
+			return
+		}
 		start := time.Now()
 		// Every request has deadlines; routes that stream lift them (wrap).
 		bodyDeadline(w, r, s.cfg.Limits.Body)

@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
 )
 
 // Quota is what one team's capsules may hold at once; 0 means no limit.
@@ -142,7 +144,7 @@ func (s *Store) InsertSandboxWithin(ctx context.Context, sb Sandbox, defaults Qu
 		if err := o.Apply(defaults).check(used, Usage{Capsules: 1, VCPUs: int64(sb.VCPUs), MemoryMB: int64(sb.MemoryMB), DiskMB: disk}); err != nil {
 			return err
 		}
-		stored, err = insertSandbox(ctx, tx, sb)
+		stored, err = insertSandbox(ctx, tx, sb, s.seal(ids.Random(20)))
 		return err
 	})
 	if qe := (*QuotaError)(nil); errors.As(err, &qe) {

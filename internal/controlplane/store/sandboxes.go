@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/wrenn/wrenn/internal/controlplane/ids"
 )
 
 // Sandbox is a capsule as the control plane records it.
@@ -32,6 +34,10 @@ type Sandbox struct {
 	LastUpdated  time.Time         `db:"last_updated"`
 	StoppedAt    *time.Time        `db:"stopped_at"`
 	Egress       Egress            `db:"egress"`
+	// Public capsules' ports answer anyone through the ingress.
+	Public bool `db:"public"`
+	// AutoResume resumes a paused capsule on its first ingress request.
+	AutoResume bool `db:"auto_resume"`
 }
 
 // Egress is a capsule's outbound policy: mode allow_all (with an optional
@@ -43,7 +49,8 @@ type Egress struct {
 }
 
 const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
-	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress`
+	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress,
+	public, auto_resume`
 
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
@@ -51,7 +58,7 @@ var Live = []string{"pending", "starting", "running", "pausing", "paused", "resu
 // InsertSandbox records a capsule about to be created and returns the
 // stored row.
 func (s *Store) InsertSandbox(ctx context.Context, sb Sandbox) (Sandbox, error) {
-	stored, err := insertSandbox(ctx, s.Pool, sb)
+	stored, err := insertSandbox(ctx, s.Pool, sb, s.seal(ids.Random(20)))
 	return stored, mapErr(err, "insert capsule")
 }
 
@@ -60,7 +67,8 @@ type querier interface {
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 }
 
-func insertSandbox(ctx context.Context, q querier, sb Sandbox) (Sandbox, error) {
+// insertSandbox stores a new capsule with its traffic token (sealed by the caller).
+func insertSandbox(ctx context.Context, q querier, sb Sandbox, trafficToken string) (Sandbox, error) {
 	if sb.Metadata == nil {
 		sb.Metadata = map[string]string{}
 	}
@@ -68,8 +76,10 @@ func insertSandbox(ctx context.Context, q querier, sb Sandbox) (Sandbox, error) 
 		sb.Egress.Mode = "allow_all"
 	}
 	rows, _ := q.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
-		timeout_sec, auto_pause, metadata, created_by, egress) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING `+sandboxCols,
-		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress)
+		timeout_sec, auto_pause, metadata, created_by, egress, public, auto_resume, traffic_token)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING `+sandboxCols,
+		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress,
+		sb.Public, sb.AutoResume, trafficToken)
 	return pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
 }
 
@@ -128,11 +138,17 @@ func (s *Store) Sandboxes(ctx context.Context, f SandboxFilter) ([]Sandbox, erro
 // ErrConflict, with the current row, when the capsule is in another state.
 func (s *Store) Transition(ctx context.Context, id string, from []string, to string, set map[string]any) (Sandbox, error) {
 	cols := []string{"status = $2", "last_updated = now()"}
+	if to == "stopped" || to == "error" {
+		cols = append(cols, "envd_token = NULL", "traffic_token = NULL") // credentials die with the capsule
+	}
 	args := []any{id, to, from}
 	for k, v := range set {
 		if v == Now {
 			cols = append(cols, k+" = now()")
 			continue
+		}
+		if sec, ok := v.(Secret); ok {
+			v = s.seal(string(sec))
 		}
 		args = append(args, v)
 		cols = append(cols, fmt.Sprintf("%s = $%d", k, len(args)))
@@ -149,6 +165,9 @@ func (s *Store) Transition(ctx context.Context, id string, from []string, to str
 	}
 	return sb, mapErr(err, "update capsule")
 }
+
+// Secret is a value Transition stores sealed.
+type Secret string
 
 // nowMarker stands for the database's now() in Transition's set.
 type nowMarker struct{}

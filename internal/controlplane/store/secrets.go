@@ -10,9 +10,9 @@ import (
 )
 
 // The secrets the store keeps sealed (package seal) when the store has a
-// keyring: settings (the JWT signing secret), hosts' agent tokens and
-// every value of a channel's config (webhook URLs and secrets, chat
-// tokens). Reads open them; values stored before sealing, or sealed with
+// keyring: settings (the JWT signing secret), hosts' agent tokens,
+// capsules' envd and traffic tokens and every value of a channel's config
+// (webhook URLs and secrets, chat tokens). Reads open them; values stored before sealing, or sealed with
 // an older key, are sealed again by ResealSecrets.
 
 func (s *Store) seal(v string) string {
@@ -135,6 +135,21 @@ func (s *Store) ResealSecrets(ctx context.Context) (int, error) {
 			} else if v != "" {
 				if _, err := tx.Exec(ctx, "UPDATE hosts SET agent_token = $2 WHERE id = $1", r.id, v); err != nil {
 					return err
+				}
+			}
+		}
+		for _, col := range []string{"envd_token", "traffic_token"} {
+			tokens, err := collect("SELECT id, " + col + " FROM sandboxes WHERE " + col + " IS NOT NULL")
+			if err != nil {
+				return err
+			}
+			for _, r := range tokens {
+				if v, err := reseal("capsule "+r.id+" "+col, r.value); err != nil {
+					return err
+				} else if v != "" {
+					if _, err := tx.Exec(ctx, "UPDATE sandboxes SET "+col+" = $2 WHERE id = $1", r.id, v); err != nil {
+						return err
+					}
 				}
 			}
 		}

@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"github.com/wrenn/wrenn/internal/envd/httperr"
 	"github.com/wrenn/wrenn/internal/envd/identity"
 	"github.com/wrenn/wrenn/internal/envd/metrics"
+	"github.com/wrenn/wrenn/internal/envd/ports"
 	"github.com/wrenn/wrenn/internal/envd/process"
 	"github.com/wrenn/wrenn/internal/envd/session"
 	"github.com/wrenn/wrenn/proto/envd/filesystem/filesystemconnect"
@@ -49,6 +51,14 @@ type Config struct {
 	// AccessToken, when set, is required from the first request on; /init
 	// may change it. Without it envd takes its token from the first /init.
 	AccessToken string
+	// Port is envd's own port, left out of GET /ports.
+	Port uint16
+	// Forwarder, when set, is the loopback port forwarder GET /ports reports on.
+	Forwarder *ports.Forwarder
+	// IdentityDir, when set, is where /init writes the sandbox's identity
+	// (.WRENN_SANDBOX_ID, .WRENN_TEMPLATE_ID) for programs that read files,
+	// not the environment.
+	IdentityDir string
 }
 
 // Server is a configured envd.
@@ -95,6 +105,7 @@ func New(cfg Config) *Server {
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	mux.HandleFunc("GET /metrics", s.metrics)
 	mux.HandleFunc("GET /envs", s.envs)
+	mux.HandleFunc("GET /ports", s.ports)
 	mux.HandleFunc("POST /init", s.init)
 	mux.HandleFunc("POST /snapshot/prepare", s.prepareSnapshot)
 	mux.Handle("/files", &files.Handler{Log: cfg.Log})
@@ -210,6 +221,7 @@ func (s *Server) init(w http.ResponseWriter, r *http.Request) {
 		s.syncClock(*req.Timestamp)
 	}
 	s.defaults.Apply(session.Update{Env: req.EnvVars, Token: req.AccessToken, User: req.DefaultUser, Workdir: req.DefaultWorkdir})
+	s.writeIdentity(req.EnvVars)
 	s.log.Info("initialised", "env_vars", len(req.EnvVars), "token_set", s.defaults.TokenSet(), "default_user", s.defaults.User())
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -239,6 +251,43 @@ func (s *Server) envs(w http.ResponseWriter, _ *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(env)
+}
+
+// identityVars are the variables naming the sandbox that /init also
+// writes to files, each as IdentityDir/.<NAME> (upstream Wrenn's layout).
+var identityVars = []string{"WRENN_SANDBOX", "WRENN_SANDBOX_ID", "WRENN_TEMPLATE_ID"}
+
+// writeIdentity keeps the sandbox's identity in files too: a daemon
+// started before /init, or one that clears its environment, still finds it.
+func (s *Server) writeIdentity(env map[string]string) {
+	if s.cfg.IdentityDir == "" {
+		return
+	}
+	for _, key := range identityVars {
+		v, ok := env[key]
+		if !ok {
+			continue
+		}
+		if err := os.MkdirAll(s.cfg.IdentityDir, 0o755); err != nil {
+			s.log.Warn("cannot write the sandbox identity", "error", err)
+			return
+		}
+		path := filepath.Join(s.cfg.IdentityDir, "."+key)
+		if err := os.WriteFile(path+".tmp", []byte(v+"\n"), 0o644); err != nil || os.Rename(path+".tmp", path) != nil {
+			s.log.Warn("cannot write the sandbox identity", "file", path, "error", err)
+		}
+	}
+}
+
+// ports lists the TCP ports servers in the guest listen on.
+func (s *Server) ports(w http.ResponseWriter, _ *http.Request) {
+	list, err := ports.Inventory("/proc", s.cfg.Forwarder, s.cfg.Port)
+	if err != nil {
+		httperr.Write(w, http.StatusInternalServerError, "list ports: "+err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(list)
 }
 
 func (s *Server) metrics(w http.ResponseWriter, _ *http.Request) {

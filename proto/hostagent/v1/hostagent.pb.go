@@ -1326,6 +1326,172 @@ func (x *GetSandboxMetricsResponse) GetVmmRssBytes() int64 {
 	return 0
 }
 
+type ListPortsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPortsRequest) Reset() {
+	*x = ListPortsRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPortsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPortsRequest) ProtoMessage() {}
+
+func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
+func (*ListPortsRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ListPortsRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+type ListPortsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ports         []*Port                `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPortsResponse) Reset() {
+	*x = ListPortsResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPortsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPortsResponse) ProtoMessage() {}
+
+func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
+func (*ListPortsResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ListPortsResponse) GetPorts() []*Port {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+type Port struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Port  uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	// The addresses the server is bound to ("0.0.0.0", "::", "127.0.0.1").
+	Addresses []string `protobuf:"bytes,2,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// Bound to loopback only, and reachable through envd's forward.
+	Forwarded     bool   `protobuf:"varint,3,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	Pid           int32  `protobuf:"varint,4,opt,name=pid,proto3" json:"pid,omitempty"`
+	Command       string `protobuf:"bytes,5,opt,name=command,proto3" json:"command,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Port) Reset() {
+	*x = Port{}
+	mi := &file_v1_hostagent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Port) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Port) ProtoMessage() {}
+
+func (x *Port) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Port.ProtoReflect.Descriptor instead.
+func (*Port) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Port) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Port) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *Port) GetForwarded() bool {
+	if x != nil {
+		return x.Forwarded
+	}
+	return false
+}
+
+func (x *Port) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Port) GetCommand() string {
+	if x != nil {
+		return x.Command
+	}
+	return ""
+}
+
 type ExecRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -1348,7 +1514,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1526,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1539,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecRequest) GetSandboxId() string {
@@ -1456,7 +1622,7 @@ type PtySize struct {
 
 func (x *PtySize) Reset() {
 	*x = PtySize{}
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1634,7 @@ func (x *PtySize) String() string {
 func (*PtySize) ProtoMessage() {}
 
 func (x *PtySize) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1647,7 @@ func (x *PtySize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
 func (*PtySize) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PtySize) GetCols() uint32 {
@@ -1510,7 +1676,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1522,7 +1688,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1535,7 +1701,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -1582,7 +1748,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +1760,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +1773,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -1708,7 +1874,7 @@ type ProcessRef struct {
 
 func (x *ProcessRef) Reset() {
 	*x = ProcessRef{}
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1720,7 +1886,7 @@ func (x *ProcessRef) String() string {
 func (*ProcessRef) ProtoMessage() {}
 
 func (x *ProcessRef) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1733,7 +1899,7 @@ func (x *ProcessRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
 func (*ProcessRef) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ProcessRef) GetSandboxId() string {
@@ -1766,7 +1932,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1944,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1957,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -1810,7 +1976,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1822,7 +1988,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1835,7 +2001,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListProcessesRequest) GetSandboxId() string {
@@ -1858,7 +2024,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1870,7 +2036,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1883,7 +2049,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1930,7 +2096,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1942,7 +2108,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1955,7 +2121,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1974,7 +2140,7 @@ type ConnectProcessRequest struct {
 
 func (x *ConnectProcessRequest) Reset() {
 	*x = ConnectProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1986,7 +2152,7 @@ func (x *ConnectProcessRequest) String() string {
 func (*ConnectProcessRequest) ProtoMessage() {}
 
 func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1999,7 +2165,7 @@ func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
 func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
@@ -2020,7 +2186,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2198,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2211,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessRef {
@@ -2077,7 +2243,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2089,7 +2255,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2102,7 +2268,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
 }
 
 type ResizePtyRequest struct {
@@ -2115,7 +2281,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2293,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2140,7 +2306,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ResizePtyRequest) GetProcess() *ProcessRef {
@@ -2165,7 +2331,7 @@ type ResizePtyResponse struct {
 
 func (x *ResizePtyResponse) Reset() {
 	*x = ResizePtyResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2177,7 +2343,7 @@ func (x *ResizePtyResponse) String() string {
 func (*ResizePtyResponse) ProtoMessage() {}
 
 func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2190,7 +2356,7 @@ func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
 func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 type KillProcessRequest struct {
@@ -2203,7 +2369,7 @@ type KillProcessRequest struct {
 
 func (x *KillProcessRequest) Reset() {
 	*x = KillProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2215,7 +2381,7 @@ func (x *KillProcessRequest) String() string {
 func (*KillProcessRequest) ProtoMessage() {}
 
 func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2228,7 +2394,7 @@ func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
 func (*KillProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *KillProcessRequest) GetProcess() *ProcessRef {
@@ -2253,7 +2419,7 @@ type KillProcessResponse struct {
 
 func (x *KillProcessResponse) Reset() {
 	*x = KillProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2265,7 +2431,7 @@ func (x *KillProcessResponse) String() string {
 func (*KillProcessResponse) ProtoMessage() {}
 
 func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2278,7 +2444,7 @@ func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
 func (*KillProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 type ReadFileRequest struct {
@@ -2292,7 +2458,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2470,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2483,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -2350,7 +2516,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2528,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2541,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -2397,7 +2563,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2409,7 +2575,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2422,7 +2588,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -2461,7 +2627,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2473,7 +2639,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2486,7 +2652,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 type FileEntry struct {
@@ -2503,7 +2669,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2515,7 +2681,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2528,7 +2694,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *FileEntry) GetName() string {
@@ -2585,7 +2751,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2597,7 +2763,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2610,7 +2776,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -2650,7 +2816,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2662,7 +2828,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2675,7 +2841,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -2696,7 +2862,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2874,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2887,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -2753,7 +2919,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2765,7 +2931,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2778,7 +2944,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 type RemovePathRequest struct {
@@ -2792,7 +2958,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2804,7 +2970,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2817,7 +2983,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -2849,7 +3015,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2861,7 +3027,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2874,7 +3040,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 type Template struct {
@@ -2891,7 +3057,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2903,7 +3069,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2916,7 +3082,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *Template) GetName() string {
@@ -2971,7 +3137,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2983,7 +3149,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2996,7 +3162,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3022,7 +3188,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3034,7 +3200,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3047,7 +3213,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3066,7 +3232,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3078,7 +3244,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3091,7 +3257,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3109,7 +3275,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3121,7 +3287,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3134,7 +3300,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 type FlattenRootfsRequest struct {
@@ -3147,7 +3313,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3159,7 +3325,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3172,7 +3338,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -3198,7 +3364,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3210,7 +3376,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3223,7 +3389,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -3242,7 +3408,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3254,7 +3420,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3267,7 +3433,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -3290,7 +3456,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3302,7 +3468,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3315,7 +3481,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -3466,7 +3632,18 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x0emem_used_bytes\x18\x04 \x01(\x03R\fmemUsedBytes\x12(\n" +
 	"\x10disk_total_bytes\x18\x05 \x01(\x03R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12\"\n" +
-	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\"\xe0\x02\n" +
+	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\"1\n" +
+	"\x10ListPortsRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"=\n" +
+	"\x11ListPortsResponse\x12(\n" +
+	"\x05ports\x18\x01 \x03(\v2\x12.hostagent.v1.PortR\x05ports\"\x82\x01\n" +
+	"\x04Port\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\x12\x1c\n" +
+	"\taddresses\x18\x02 \x03(\tR\taddresses\x12\x1c\n" +
+	"\tforwarded\x18\x03 \x01(\bR\tforwarded\x12\x10\n" +
+	"\x03pid\x18\x04 \x01(\x05R\x03pid\x12\x18\n" +
+	"\acommand\x18\x05 \x01(\tR\acommand\"\xe0\x02\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x10\n" +
@@ -3612,7 +3789,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xe9\x11\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\xb7\x12\n" +
 	"\x10HostAgentService\x12R\n" +
 	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
 	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12[\n" +
@@ -3623,7 +3800,8 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"GetSandbox\x12\x1f.hostagent.v1.GetSandboxRequest\x1a .hostagent.v1.GetSandboxResponse\x12X\n" +
 	"\rListSandboxes\x12\".hostagent.v1.ListSandboxesRequest\x1a#.hostagent.v1.ListSandboxesResponse\x12R\n" +
 	"\vPingSandbox\x12 .hostagent.v1.PingSandboxRequest\x1a!.hostagent.v1.PingSandboxResponse\x12d\n" +
-	"\x11GetSandboxMetrics\x12&.hostagent.v1.GetSandboxMetricsRequest\x1a'.hostagent.v1.GetSandboxMetricsResponse\x12=\n" +
+	"\x11GetSandboxMetrics\x12&.hostagent.v1.GetSandboxMetricsRequest\x1a'.hostagent.v1.GetSandboxMetricsResponse\x12L\n" +
+	"\tListPorts\x12\x1e.hostagent.v1.ListPortsRequest\x1a\x1f.hostagent.v1.ListPortsResponse\x12=\n" +
 	"\x04Exec\x12\x19.hostagent.v1.ExecRequest\x1a\x1a.hostagent.v1.ExecResponse\x12K\n" +
 	"\n" +
 	"ExecStream\x12\x19.hostagent.v1.ExecRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12M\n" +
@@ -3658,7 +3836,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -3682,57 +3860,60 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*PingSandboxResponse)(nil),       // 19: hostagent.v1.PingSandboxResponse
 	(*GetSandboxMetricsRequest)(nil),  // 20: hostagent.v1.GetSandboxMetricsRequest
 	(*GetSandboxMetricsResponse)(nil), // 21: hostagent.v1.GetSandboxMetricsResponse
-	(*ExecRequest)(nil),               // 22: hostagent.v1.ExecRequest
-	(*PtySize)(nil),                   // 23: hostagent.v1.PtySize
-	(*ExecResponse)(nil),              // 24: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 25: hostagent.v1.ExecStreamResponse
-	(*ProcessRef)(nil),                // 26: hostagent.v1.ProcessRef
-	(*StartProcessResponse)(nil),      // 27: hostagent.v1.StartProcessResponse
-	(*ListProcessesRequest)(nil),      // 28: hostagent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),               // 29: hostagent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),     // 30: hostagent.v1.ListProcessesResponse
-	(*ConnectProcessRequest)(nil),     // 31: hostagent.v1.ConnectProcessRequest
-	(*SendInputRequest)(nil),          // 32: hostagent.v1.SendInputRequest
-	(*SendInputResponse)(nil),         // 33: hostagent.v1.SendInputResponse
-	(*ResizePtyRequest)(nil),          // 34: hostagent.v1.ResizePtyRequest
-	(*ResizePtyResponse)(nil),         // 35: hostagent.v1.ResizePtyResponse
-	(*KillProcessRequest)(nil),        // 36: hostagent.v1.KillProcessRequest
-	(*KillProcessResponse)(nil),       // 37: hostagent.v1.KillProcessResponse
-	(*ReadFileRequest)(nil),           // 38: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 39: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 40: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 41: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 42: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 43: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 44: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 45: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 46: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 47: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 48: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 49: hostagent.v1.Template
-	(*CreateSnapshotRequest)(nil),     // 50: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 51: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 52: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 53: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 54: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 55: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 56: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 57: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 58: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 59: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 60: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 61: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 62: google.protobuf.Timestamp
+	(*ListPortsRequest)(nil),          // 22: hostagent.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),         // 23: hostagent.v1.ListPortsResponse
+	(*Port)(nil),                      // 24: hostagent.v1.Port
+	(*ExecRequest)(nil),               // 25: hostagent.v1.ExecRequest
+	(*PtySize)(nil),                   // 26: hostagent.v1.PtySize
+	(*ExecResponse)(nil),              // 27: hostagent.v1.ExecResponse
+	(*ExecStreamResponse)(nil),        // 28: hostagent.v1.ExecStreamResponse
+	(*ProcessRef)(nil),                // 29: hostagent.v1.ProcessRef
+	(*StartProcessResponse)(nil),      // 30: hostagent.v1.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 31: hostagent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 32: hostagent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 33: hostagent.v1.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 34: hostagent.v1.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 35: hostagent.v1.SendInputRequest
+	(*SendInputResponse)(nil),         // 36: hostagent.v1.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 37: hostagent.v1.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 38: hostagent.v1.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 39: hostagent.v1.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 40: hostagent.v1.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 41: hostagent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 42: hostagent.v1.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 43: hostagent.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 44: hostagent.v1.WriteFileResponse
+	(*FileEntry)(nil),                 // 45: hostagent.v1.FileEntry
+	(*ListDirRequest)(nil),            // 46: hostagent.v1.ListDirRequest
+	(*ListDirResponse)(nil),           // 47: hostagent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),            // 48: hostagent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 49: hostagent.v1.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 50: hostagent.v1.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 51: hostagent.v1.RemovePathResponse
+	(*Template)(nil),                  // 52: hostagent.v1.Template
+	(*CreateSnapshotRequest)(nil),     // 53: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 54: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 55: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 56: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 57: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 58: hostagent.v1.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 59: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 60: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 61: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 62: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 63: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 64: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 65: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
 	1,  // 0: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
 	0,  // 1: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	62, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	62, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	58, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	65, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	65, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	61, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
 	4,  // 5: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	59, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	60, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	62, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	63, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
 	4,  // 8: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
 	5,  // 9: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 10: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
@@ -3740,79 +3921,82 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	5,  // 12: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	5,  // 13: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
 	5,  // 14: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	61, // 15: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	23, // 16: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	29, // 17: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	26, // 18: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	26, // 19: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	26, // 20: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	23, // 21: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	26, // 22: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	62, // 23: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	42, // 24: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	62, // 25: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	49, // 26: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	49, // 27: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	40, // 28: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	2,  // 29: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 30: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 31: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	10, // 32: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	12, // 33: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	14, // 34: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	16, // 35: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	18, // 36: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	20, // 37: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	22, // 38: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	22, // 39: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	22, // 40: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	28, // 41: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	31, // 42: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	32, // 43: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	34, // 44: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	36, // 45: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	38, // 46: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	40, // 47: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	43, // 48: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	45, // 49: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	47, // 50: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	38, // 51: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	57, // 52: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	50, // 53: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	52, // 54: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	54, // 55: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 56: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 57: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 58: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	11, // 59: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	13, // 60: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	15, // 61: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	17, // 62: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	19, // 63: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	21, // 64: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	24, // 65: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	25, // 66: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	27, // 67: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	30, // 68: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	25, // 69: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	33, // 70: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	35, // 71: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	37, // 72: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	39, // 73: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	41, // 74: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	44, // 75: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	46, // 76: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	48, // 77: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	56, // 78: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	41, // 79: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	51, // 80: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	53, // 81: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	55, // 82: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	56, // [56:83] is the sub-list for method output_type
-	29, // [29:56] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	24, // 15: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
+	64, // 16: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	26, // 17: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	32, // 18: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	29, // 19: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	29, // 20: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	29, // 21: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	26, // 22: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	29, // 23: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	65, // 24: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	45, // 25: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	65, // 26: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	52, // 27: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	52, // 28: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	43, // 29: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	2,  // 30: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	6,  // 31: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	8,  // 32: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	10, // 33: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	12, // 34: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	14, // 35: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	16, // 36: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	18, // 37: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	20, // 38: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	22, // 39: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
+	25, // 40: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	25, // 41: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	25, // 42: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	31, // 43: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	34, // 44: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	35, // 45: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	37, // 46: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	39, // 47: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	41, // 48: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	43, // 49: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	46, // 50: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	48, // 51: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	50, // 52: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	41, // 53: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	60, // 54: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	53, // 55: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	55, // 56: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	57, // 57: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	3,  // 58: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	7,  // 59: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	9,  // 60: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	11, // 61: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	13, // 62: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	15, // 63: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	17, // 64: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	19, // 65: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	21, // 66: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	23, // 67: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
+	27, // 68: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	28, // 69: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	30, // 70: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	33, // 71: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	28, // 72: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	36, // 73: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	38, // 74: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	40, // 75: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	42, // 76: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	44, // 77: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	47, // 78: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	49, // 79: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	51, // 80: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	59, // 81: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	44, // 82: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	54, // 83: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	56, // 84: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	58, // 85: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	58, // [58:86] is the sub-list for method output_type
+	30, // [30:58] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -3820,14 +4004,14 @@ func file_v1_hostagent_proto_init() {
 	if File_v1_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[23].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[26].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
 		(*ExecStreamResponse_ExitCode)(nil),
 		(*ExecStreamResponse_Pty)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[55].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[58].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -3837,7 +4021,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   60,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -63,6 +63,9 @@ const (
 	// HostAgentServiceGetSandboxMetricsProcedure is the fully-qualified name of the HostAgentService's
 	// GetSandboxMetrics RPC.
 	HostAgentServiceGetSandboxMetricsProcedure = "/hostagent.v1.HostAgentService/GetSandboxMetrics"
+	// HostAgentServiceListPortsProcedure is the fully-qualified name of the HostAgentService's
+	// ListPorts RPC.
+	HostAgentServiceListPortsProcedure = "/hostagent.v1.HostAgentService/ListPorts"
 	// HostAgentServiceExecProcedure is the fully-qualified name of the HostAgentService's Exec RPC.
 	HostAgentServiceExecProcedure = "/hostagent.v1.HostAgentService/Exec"
 	// HostAgentServiceExecStreamProcedure is the fully-qualified name of the HostAgentService's
@@ -133,6 +136,8 @@ type HostAgentServiceClient interface {
 	// Keep a sandbox alive: move its deadline.
 	PingSandbox(context.Context, *connect.Request[v1.PingSandboxRequest]) (*connect.Response[v1.PingSandboxResponse], error)
 	GetSandboxMetrics(context.Context, *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error)
+	// The TCP ports servers in the sandbox listen on (envd's own left out).
+	ListPorts(context.Context, *connect.Request[v1.ListPortsRequest]) (*connect.Response[v1.ListPortsResponse], error)
 	// Commands. ExecStream with a pty is an interactive terminal session:
 	// feed it with SendInput and ResizePty.
 	Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.ExecResponse], error)
@@ -229,6 +234,12 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			httpClient,
 			baseURL+HostAgentServiceGetSandboxMetricsProcedure,
 			connect.WithSchema(hostAgentServiceMethods.ByName("GetSandboxMetrics")),
+			connect.WithClientOptions(opts...),
+		),
+		listPorts: connect.NewClient[v1.ListPortsRequest, v1.ListPortsResponse](
+			httpClient,
+			baseURL+HostAgentServiceListPortsProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ListPorts")),
 			connect.WithClientOptions(opts...),
 		),
 		exec: connect.NewClient[v1.ExecRequest, v1.ExecResponse](
@@ -353,6 +364,7 @@ type hostAgentServiceClient struct {
 	listSandboxes     *connect.Client[v1.ListSandboxesRequest, v1.ListSandboxesResponse]
 	pingSandbox       *connect.Client[v1.PingSandboxRequest, v1.PingSandboxResponse]
 	getSandboxMetrics *connect.Client[v1.GetSandboxMetricsRequest, v1.GetSandboxMetricsResponse]
+	listPorts         *connect.Client[v1.ListPortsRequest, v1.ListPortsResponse]
 	exec              *connect.Client[v1.ExecRequest, v1.ExecResponse]
 	execStream        *connect.Client[v1.ExecRequest, v1.ExecStreamResponse]
 	startProcess      *connect.Client[v1.ExecRequest, v1.StartProcessResponse]
@@ -416,6 +428,11 @@ func (c *hostAgentServiceClient) PingSandbox(ctx context.Context, req *connect.R
 // GetSandboxMetrics calls hostagent.v1.HostAgentService.GetSandboxMetrics.
 func (c *hostAgentServiceClient) GetSandboxMetrics(ctx context.Context, req *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error) {
 	return c.getSandboxMetrics.CallUnary(ctx, req)
+}
+
+// ListPorts calls hostagent.v1.HostAgentService.ListPorts.
+func (c *hostAgentServiceClient) ListPorts(ctx context.Context, req *connect.Request[v1.ListPortsRequest]) (*connect.Response[v1.ListPortsResponse], error) {
+	return c.listPorts.CallUnary(ctx, req)
 }
 
 // Exec calls hostagent.v1.HostAgentService.Exec.
@@ -523,6 +540,8 @@ type HostAgentServiceHandler interface {
 	// Keep a sandbox alive: move its deadline.
 	PingSandbox(context.Context, *connect.Request[v1.PingSandboxRequest]) (*connect.Response[v1.PingSandboxResponse], error)
 	GetSandboxMetrics(context.Context, *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error)
+	// The TCP ports servers in the sandbox listen on (envd's own left out).
+	ListPorts(context.Context, *connect.Request[v1.ListPortsRequest]) (*connect.Response[v1.ListPortsResponse], error)
 	// Commands. ExecStream with a pty is an interactive terminal session:
 	// feed it with SendInput and ResizePty.
 	Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.ExecResponse], error)
@@ -615,6 +634,12 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		HostAgentServiceGetSandboxMetricsProcedure,
 		svc.GetSandboxMetrics,
 		connect.WithSchema(hostAgentServiceMethods.ByName("GetSandboxMetrics")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceListPortsHandler := connect.NewUnaryHandler(
+		HostAgentServiceListPortsProcedure,
+		svc.ListPorts,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ListPorts")),
 		connect.WithHandlerOptions(opts...),
 	)
 	hostAgentServiceExecHandler := connect.NewUnaryHandler(
@@ -745,6 +770,8 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServicePingSandboxHandler.ServeHTTP(w, r)
 		case HostAgentServiceGetSandboxMetricsProcedure:
 			hostAgentServiceGetSandboxMetricsHandler.ServeHTTP(w, r)
+		case HostAgentServiceListPortsProcedure:
+			hostAgentServiceListPortsHandler.ServeHTTP(w, r)
 		case HostAgentServiceExecProcedure:
 			hostAgentServiceExecHandler.ServeHTTP(w, r)
 		case HostAgentServiceExecStreamProcedure:
@@ -824,6 +851,10 @@ func (UnimplementedHostAgentServiceHandler) PingSandbox(context.Context, *connec
 
 func (UnimplementedHostAgentServiceHandler) GetSandboxMetrics(context.Context, *connect.Request[v1.GetSandboxMetricsRequest]) (*connect.Response[v1.GetSandboxMetricsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.GetSandboxMetrics is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ListPorts(context.Context, *connect.Request[v1.ListPortsRequest]) (*connect.Response[v1.ListPortsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ListPorts is not implemented"))
 }
 
 func (UnimplementedHostAgentServiceHandler) Exec(context.Context, *connect.Request[v1.ExecRequest]) (*connect.Response[v1.ExecResponse], error) {
