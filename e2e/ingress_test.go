@@ -4,20 +4,26 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
 
+	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/gobin"
+	"github.com/wrenn/wrenn/internal/testutil/testcerts"
 	"github.com/wrenn/wrenn/pkg/wrenn"
 )
 
@@ -385,4 +391,77 @@ func patternSHA(n int64) string {
 	h := sha256.New()
 	_, _ = io.CopyN(h, &pattern{}, n)
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+// The ingress on a listener of its own, with TLS for a wildcard name: a
+// capsule's URLs are https ones under the configured domain, HTTP/2
+// comes by ALPN, and that listener serves sandbox ports only. The CLI
+// prints the same URLs.
+func TestIngressOverTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcerts.Issue(t, dir, "ca", testcerts.CA, nil)
+	cert := testcerts.Issue(t, dir, "*.sandboxes.test", testcerts.Server, ca)
+	port := freeport.Get(t)
+	s := startStack(t, "WRENN_INGRESS_LISTEN_ADDR=127.0.0.1:"+port, "WRENN_INGRESS_DOMAIN=sandboxes.test:"+port,
+		"WRENN_INGRESS_TLS_CERT="+cert.CertFile, "WRENN_INGRESS_TLS_KEY="+cert.KeyFile)
+	c := s.client()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	sb, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Public: true, Wait: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	startGuestWeb(ctx, t, c, sb.ID, "0.0.0.0:3000")
+	want := fmt.Sprintf("https://3000-%s.sandboxes.test:%s", sb.ID, port)
+	if got := sb.URL(3000); got != want {
+		t.Fatalf("the capsule's URL is %s, want %s", got, want)
+	}
+	cl := &cli{t: t, bin: filepath.Join(s.bin, "wrenn"), config: filepath.Join(t.TempDir(), "config.json"), env: []string{"WRENN_URL=" + s.url, "WRENN_API_KEY=" + s.key}}
+	if out := strings.TrimSpace(cl.ok("sandbox", "url", sb.ID, "3000")); out != want {
+		t.Fatalf("wrenn sandbox url: %q, want %q", out, want)
+	}
+
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.X509)
+	dial := func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, "127.0.0.1:"+port) // as wildcard DNS would
+	}
+	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{DialContext: dial, ForceAttemptHTTP2: true, TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	var res *http.Response
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		res, err = hc.Get(want + "/echo")
+		if err == nil && res.StatusCode == http.StatusOK || time.Now().After(deadline) {
+			break
+		}
+		if err == nil {
+			res.Body.Close()
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e echoed
+	_ = json.NewDecoder(res.Body).Decode(&e)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || res.ProtoMajor != 2 || e.Headers.Get("X-Forwarded-Proto") != "https" || e.Host != strings.TrimPrefix(want, "https://") {
+		t.Fatalf("over TLS: %d %s, the app saw %+v", res.StatusCode, res.Proto, e)
+	}
+	// The ingress listener is not the API.
+	res, err = hc.Get("https://api.sandboxes.test:" + port + "/v1/capsules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "sandbox ingress") {
+		t.Fatalf("the API through the ingress listener: %d %s", res.StatusCode, body)
+	}
+	if out := cl.ok("sandbox", "ports", sb.ID); !strings.Contains(out, "3000") || !strings.Contains(out, want) || !strings.Contains(out, "guestweb") {
+		t.Fatalf("wrenn sandbox ports:\n%s", out)
+	}
+	if _, err := c.DestroyCapsule(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -92,10 +92,10 @@ func process(t *testing.T, bin, logPath string, env []string, args ...string) *e
 	return cmd
 }
 
-// startStack starts wrenn-cp on a fresh database, signs up the first
+// startStack starts wrenn-cp (with cpEnv on top of the defaults) on a fresh database, signs up the first
 // user (a platform admin), and starts an agent that registers through
 // POST /v1/hosts and --register, exactly as an operator would.
-func startStack(t *testing.T) *stack {
+func startStack(t *testing.T, cpEnv ...string) *stack {
 	if os.Geteuid() != 0 {
 		t.Skip("the agent needs root for namespaces, TAP devices and iptables")
 	}
@@ -108,6 +108,7 @@ func startStack(t *testing.T) *stack {
 	s := &stack{t: t, url: "http://" + cpAddr, agentDir: agentDir, bin: bin, email: "admin@example.com", password: "a long password"}
 	s.cpEnv = []string{"DATABASE_URL=" + dbURL, "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_RECONCILE_INTERVAL=1s", "WRENN_LOG_LEVEL=debug",
 		"WRENN_SMTP_URL=", "WRENN_JWT_SECRET=", "WRENN_ENCRYPTION_KEY=" + seal.Generate(), "WRENN_ENCRYPTION_KEY_FILE="}
+	s.cpEnv = append(s.cpEnv, cpEnv...)
 	s.cpLog = filepath.Join(work, "cp.log")
 	s.cp = process(t, filepath.Join(bin, "wrenn-cp"), s.cpLog, s.cpEnv)
 	s.waitHTTP(s.url + "/healthz")

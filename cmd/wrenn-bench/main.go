@@ -90,7 +90,7 @@ func run() error {
 	}
 	if want["cp"] {
 		r, err := cpbench.Run(ctx, cpbench.Config{DatabaseURL: *dbURL, WrennDir: *wrennDir, ListRows: *listRows, ListFor: *listFor,
-			Creates: *creates, ExecRuns: *execRuns, Log: log})
+			Creates: *creates, ExecRuns: *execRuns, IngressBytes: *transferMiB << 20, Log: log})
 		if err != nil {
 			return fmt.Errorf("control plane suite: %w", err)
 		}

@@ -1,8 +1,10 @@
-// Package proxy forwards HTTP and WebSocket traffic from the control
-// plane's ingress to ports inside sandboxes. It is served on the agent's
-// RPC listener and answers only requests that carry the host token in
-// TokenHeader: the client's own Authorization header belongs to the
-// server in the sandbox and passes through untouched.
+// Package proxy carries the control plane's ingress traffic to ports
+// inside sandboxes. It is served on the agent's RPC listener: a CONNECT
+// request for "<sandbox id>:<port>" carrying the host token in
+// TokenHeader becomes a TCP tunnel to that port of that sandbox, over
+// which the control plane speaks HTTP (or anything else) to the server
+// there. The agent only splices bytes: what the server sees is exactly
+// what the control plane sends.
 package proxy
 
 import (
@@ -14,32 +16,26 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httputil"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
-	"github.com/wrenn/wrenn/internal/bufpool"
+	"github.com/wrenn/wrenn/internal/tcpjoin"
 )
 
-// The headers the control plane sets on a proxied request. None of them
-// reaches the sandbox.
-const (
-	SandboxHeader = "Wrenn-Proxy-Sandbox"
-	PortHeader    = "Wrenn-Proxy-Port"
-	// TokenHeader carries "Bearer <host token>".
-	TokenHeader = "Wrenn-Agent-Authorization"
-)
+// TokenHeader carries "Bearer <host token>" on a CONNECT.
+const TokenHeader = "Wrenn-Agent-Authorization"
 
-// IsProxyRequest says whether r asks to be proxied into a sandbox.
-func IsProxyRequest(r *http.Request) bool { return r.Header.Get(SandboxHeader) != "" }
+// IsProxyRequest says whether r asks for a tunnel into a sandbox (RPCs
+// are POSTs).
+func IsProxyRequest(r *http.Request) bool { return r.Method == http.MethodConnect }
 
-// Lookup finds a sandbox's state and address.
+// Lookup finds a sandbox's state and address, without waiting behind
+// an operation on it.
 type Lookup interface {
-	Get(id string) (sandbox.Record, error)
+	Peek(id string) (sandbox.Record, error)
 }
 
 // Handler is the proxy. Create it with New.
@@ -47,72 +43,31 @@ type Handler struct {
 	sandboxes Lookup
 	tokens    func() (current, previous string)
 	log       *slog.Logger
-	proxy     *httputil.ReverseProxy
 
-	mu         sync.Mutex
-	transports map[string]*sandboxTransport
+	mu      sync.Mutex
+	tunnels map[string]map[*tunnel]struct{} // by sandbox id
 }
 
-// sandboxTransport keeps one sandbox's idle connections apart from any
-// later sandbox given the same address.
-type sandboxTransport struct {
-	created time.Time
-	t       *http.Transport
-}
-
-type targetKey struct{}
-
-type target struct {
-	id   string
-	port int
-	url  *url.URL
-	t    *http.Transport
+// tunnel is one open tunnel, closed when its sandbox stops running.
+type tunnel struct {
+	created time.Time // the sandbox's, to tell a new sandbox of the same id
+	conns   [2]net.Conn
 }
 
 // New builds the proxy; tokens gives the host tokens that authenticate
 // the control plane (the current one and the one before a rotation).
 func New(sandboxes Lookup, tokens func() (string, string), log *slog.Logger) *Handler {
-	h := &Handler{sandboxes: sandboxes, tokens: tokens, log: log, transports: map[string]*sandboxTransport{}}
-	h.proxy = &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			t := pr.In.Context().Value(targetKey{}).(*target)
-			pr.SetURL(t.url)
-			pr.Out.Host = pr.In.Host
-			// The control plane is authenticated: its forwarding headers
-			// name the real client and stand.
-			for _, k := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
-				if v := pr.In.Header.Values(k); len(v) > 0 {
-					pr.Out.Header[k] = v
-				}
-			}
-		},
-		Transport:     transportFor{},
-		FlushInterval: -1, // stream as the sandbox writes
-		BufferPool:    bufpool.New(),
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			t := r.Context().Value(targetKey{}).(*target)
-			if errors.Is(err, context.Canceled) {
-				return // the client went away
-			}
-			h.log.Debug("proxy upstream error", "sandbox", t.id, "port", t.port, "error", err)
-			Fail(w, http.StatusBadGateway, "port_not_open", fmt.Sprintf("nothing answers on port %d in sandbox %s: start a server listening on it", t.port, t.id))
-		},
-	}
-	return h
+	return &Handler{sandboxes: sandboxes, tokens: tokens, log: log, tunnels: map[string]map[*tunnel]struct{}{}}
 }
 
-// transportFor sends each request through its sandbox's transport.
-type transportFor struct{}
-
-func (transportFor) RoundTrip(r *http.Request) (*http.Response, error) {
-	return r.Context().Value(targetKey{}).(*target).t.RoundTrip(r)
-}
-
-// Fail writes the JSON error the control plane passes on to clients.
+// Fail writes the JSON error the control plane passes on to clients, in
+// the shape its ingress answers: Wrenn's {"error": {code, message}} and
+// E2B's {code, message} at once.
 func Fail(w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(map[string]any{"error": map[string]string{"code": code, "message": msg}})
+	_ = json.NewEncoder(w).Encode(map[string]any{"code": status, "message": msg, "error": map[string]string{"code": code, "message": msg}})
 }
 
 // Authorized checks TokenHeader in constant time.
@@ -127,22 +82,27 @@ func (h *Handler) Authorized(r *http.Request) bool {
 	return false
 }
 
+// dialTimeout bounds connecting to a server in a sandbox.
+const dialTimeout = 5 * time.Second
+
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !h.Authorized(r) {
 		h.log.Warn("unauthenticated proxy request", "remote", r.RemoteAddr)
 		Fail(w, http.StatusUnauthorized, "unauthenticated", "missing or invalid host token in "+TokenHeader)
 		return
 	}
-	id := strings.ToLower(r.Header.Get(SandboxHeader))
-	port, err := strconv.Atoi(r.Header.Get(PortHeader))
-	if err != nil || port < 1 || port > 65535 {
-		Fail(w, http.StatusBadRequest, "bad_request", PortHeader+" must be a port number, 1-65535")
+	if r.ProtoMajor != 1 {
+		Fail(w, http.StatusHTTPVersionNotSupported, "bad_request", "tunnels are made over HTTP/1.1")
 		return
 	}
-	for _, k := range []string{SandboxHeader, PortHeader, TokenHeader} {
-		r.Header.Del(k)
+	idText, portText, err := net.SplitHostPort(r.Host)
+	port, perr := strconv.Atoi(portText)
+	if err != nil || perr != nil || port < 1 || port > 65535 || idText == "" {
+		Fail(w, http.StatusBadRequest, "bad_request", "CONNECT wants <sandbox id>:<port>, port 1-65535")
+		return
 	}
-	rec, err := h.sandboxes.Get(id)
+	id := strings.ToLower(idText)
+	rec, err := h.sandboxes.Peek(id)
 	if errors.Is(err, sandbox.ErrNotFound) {
 		Fail(w, http.StatusNotFound, "not_found", "no sandbox "+id+" on this host")
 		return
@@ -155,44 +115,70 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Fail(w, http.StatusConflict, "sandbox_not_running", fmt.Sprintf("sandbox %s is %s; resume it first", id, rec.State))
 		return
 	}
-	t := &target{id: id, port: port, t: h.transport(rec),
-		url: &url.URL{Scheme: "http", Host: net.JoinHostPort(rec.Net.SandboxIP.String(), strconv.Itoa(port))}}
-	// WebSocket and other upgrades are tunnelled by ReverseProxy.
-	h.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, t)))
+	addr := net.JoinHostPort(rec.Net.SandboxIP.String(), strconv.Itoa(port))
+	up, err := (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext(r.Context(), "tcp", addr)
+	if err != nil {
+		h.log.Debug("proxy: nothing answers", "sandbox", id, "port", port, "error", err)
+		Fail(w, http.StatusBadGateway, "port_not_open", fmt.Sprintf("nothing answers on port %d in sandbox %s: start a server listening on it", port, id))
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		_ = up.Close()
+		Fail(w, http.StatusInternalServerError, "internal", "cannot take over the connection: "+err.Error())
+		return
+	}
+	_ = conn.SetDeadline(time.Time{}) // the tunnel lasts as long as its traffic
+	if _, err := brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err == nil {
+		err = brw.Flush()
+	}
+	// Bytes the client sent after its CONNECT, already read, go first.
+	if n := brw.Reader.Buffered(); n > 0 && err == nil {
+		buffered, _ := brw.Reader.Peek(n)
+		_, err = up.Write(buffered)
+	}
+	if err != nil {
+		_ = conn.Close()
+		_ = up.Close()
+		return
+	}
+	t := &tunnel{created: rec.CreatedAt, conns: [2]net.Conn{conn, up}}
+	h.track(id, t)
+	defer h.untrack(id, t)
+	tcpjoin.Join(conn, up)
 }
 
-// transport is the sandbox's own connection pool, made anew when a new
-// sandbox of the same id appears.
-func (h *Handler) transport(rec sandbox.Record) *http.Transport {
+func (h *Handler) track(id string, t *tunnel) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if st, ok := h.transports[rec.ID]; ok && st.created.Equal(rec.CreatedAt) {
-		return st.t
-	} else if ok {
-		st.t.CloseIdleConnections()
+	if h.tunnels[id] == nil {
+		h.tunnels[id] = map[*tunnel]struct{}{}
 	}
-	t := &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConnsPerHost:   32,
-		IdleConnTimeout:       60 * time.Second,
-		ExpectContinueTimeout: time.Second,
-		// Bodies pass through as they come; headers from the guest are bounded.
-		MaxResponseHeaderBytes: 1 << 20,
-		DisableCompression:     true,
-	}
-	h.transports[rec.ID] = &sandboxTransport{created: rec.CreatedAt, t: t}
-	return t
+	h.tunnels[id][t] = struct{}{}
 }
 
-// Sweep drops the pools of sandboxes that are gone; the agent calls it
-// from time to time.
+func (h *Handler) untrack(id string, t *tunnel) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.tunnels[id], t)
+	if len(h.tunnels[id]) == 0 {
+		delete(h.tunnels, id)
+	}
+}
+
+// Sweep closes the tunnels of sandboxes that no longer run (paused,
+// destroyed, or replaced by a new sandbox of the same id): their peers
+// are gone or frozen, and the control plane opens new ones.
 func (h *Handler) Sweep() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for id, st := range h.transports {
-		if rec, err := h.sandboxes.Get(id); err != nil || !rec.CreatedAt.Equal(st.created) || rec.State != sandbox.Running {
-			st.t.CloseIdleConnections()
-			delete(h.transports, id)
+	for id, ts := range h.tunnels {
+		rec, err := h.sandboxes.Peek(id)
+		for t := range ts {
+			if err != nil || rec.State != sandbox.Running || !rec.CreatedAt.Equal(t.created) {
+				_ = t.conns[0].Close()
+				_ = t.conns[1].Close()
+			}
 		}
 	}
 }

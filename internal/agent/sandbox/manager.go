@@ -678,6 +678,18 @@ func (m *Manager) Get(id string) (Record, error) {
 	return e.rec, nil
 }
 
+// Peek returns a sandbox as last saved, without waiting behind an
+// operation on it (the proxy reads it on every request).
+func (m *Manager) Peek(id string) (Record, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.sandboxes[id]
+	if !ok {
+		return Record{}, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	return e.view, nil
+}
+
 // List returns every sandbox, by id, without waiting for busy ones: a
 // sandbox being created shows as pending or starting.
 func (m *Manager) List() []Record {

@@ -87,7 +87,7 @@ func Handler(ctx context.Context, cfg Config) http.Handler {
 	}
 	rpc := authenticate(tokens, cfg.Log, mux)
 	px := proxy.New(cfg.Manager, tokens, cfg.Log)
-	go px.RunSweeper(ctx, time.Minute)
+	go px.RunSweeper(ctx, 5*time.Second) // tunnels of a paused or destroyed sandbox close soon
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if proxy.IsProxyRequest(r) {
 			px.ServeHTTP(w, r)

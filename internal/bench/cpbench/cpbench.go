@@ -1,7 +1,8 @@
 // Package cpbench measures the control plane against PostgreSQL and a
 // real agent with QEMU VMs: GET /v1/capsules throughput and latency,
-// capsule create through the API versus on the agent directly, and the
-// API's overhead on exec versus calling envd directly.
+// capsule create through the API versus on the agent directly, the API's
+// overhead on exec versus calling envd directly, and the sandbox
+// ingress versus the agent's proxy and envd directly.
 package cpbench
 
 import (
@@ -47,7 +48,9 @@ type Config struct {
 	ListFor     time.Duration
 	Creates     int // capsule creates to time (each boots a VM)
 	ExecRuns    int
-	Log         *slog.Logger
+	// IngressBytes is the size of the download timed through the ingress.
+	IngressBytes int64
+	Log          *slog.Logger
 }
 
 // Run measures. It needs root (the agent's namespaces and TAP devices).
@@ -91,7 +94,7 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 		return nil, err
 	}
 	c.key = key.Key
-	m, stopAgent, err := startAgent(ctx, c, login.Token, cfg.WrennDir, quiet)
+	m, agentAt, stopAgent, err := startAgent(ctx, c, login.Token, cfg.WrennDir, quiet)
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +115,12 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	return append(results, execs...), nil
+	results = append(results, execs...)
+	ingress, err := ingressFigures(ctx, c, m, agentAt, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return append(results, ingress...), nil
 }
 
 // listFigures loads cfg.ListRows capsule records and hammers the list.
@@ -259,14 +267,14 @@ func execFigures(ctx context.Context, c *client, m *sandbox.Manager, cfg Config)
 
 // startAgent runs an in-process agent (manager and RPC server) that
 // registers through POST /v1/hosts and the registration call.
-func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.Logger) (*sandbox.Manager, func(), error) {
+func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.Logger) (*sandbox.Manager, agentEnd, func(), error) {
 	work, err := os.MkdirTemp("", "wrenn-bench-cp")
 	if err != nil {
-		return nil, nil, err
+		return nil, agentEnd{}, nil, err
 	}
 	for _, sub := range []string{"kernels", "images"} {
 		if err := os.Symlink(filepath.Join(wrennDir, sub), filepath.Join(work, sub)); err != nil {
-			return nil, nil, err
+			return nil, agentEnd{}, nil, err
 		}
 	}
 	runCtx, cancel := context.WithCancel(ctx)
@@ -281,32 +289,40 @@ func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.
 	}
 	if err := m.Start(runCtx); err != nil {
 		cleanup()
-		return nil, nil, err
+		return nil, agentEnd{}, nil, err
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		cleanup()
-		return nil, nil, err
+		return nil, agentEnd{}, nil, err
 	}
 	var host struct {
 		RegistrationToken string `json:"registration_token"`
 	}
 	if err := c.call("POST", "/v1/hosts", "Bearer "+jwt, map[string]string{"type": "regular"}, 201, &host); err != nil {
 		cleanup()
-		return nil, nil, err
+		return nil, agentEnd{}, nil, err
 	}
 	creds, err := registration.Register(ctx, work, c.base, host.RegistrationToken, registration.Specs{
 		Arch: runtime.GOARCH, CPUCores: int32(runtime.NumCPU()), MemoryMB: 16384, DiskGB: 100, Address: ln.Addr().String(), VMM: "qemu"}, false)
 	if err != nil {
 		cleanup()
-		return nil, nil, err
+		return nil, agentEnd{}, nil, err
 	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
 	hs := &http.Server{Handler: server.Handler(ctx, server.Config{Manager: m, Tokens: creds.Tokens, Log: log, WrennDir: work, VMM: "qemu"}), Protocols: &protocols}
 	go func() { _ = hs.Serve(ln) }()
-	return m, func() { _ = hs.Close(); cleanup() }, nil
+	end := agentEnd{addr: ln.Addr().String(), token: func() string { cur, _ := creds.Tokens(); return cur }}
+	return m, end, func() { _ = hs.Close(); cleanup() }, nil
+}
+
+// agentEnd is where the bench reaches its agent's RPC listener (and its
+// proxy into sandboxes) and the host token it answers.
+type agentEnd struct {
+	addr  string
+	token func() string
 }
 
 func serve(h http.Handler) (string, func(), error) {

@@ -53,7 +53,7 @@ type Pool struct {
 	plain   *http.Client
 	secure  *http.Client
 	perHost map[string]*http.Client // with HostIdentity, by host ID
-	proxies map[string]*http.Transport
+	tunnels map[string]*tunnelTransport // by host, sandbox and port
 }
 
 // Get returns the client for host hostID's agent at address ("ip:port"
@@ -95,55 +95,6 @@ func (p *Pool) Get(hostID, address, token string) Client {
 		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil))
 	p.clients[key] = c
 	return c
-}
-
-// maxProxyHeaderBytes bounds the response headers of a proxied request
-// (what a server in a sandbox sent; the agent passes at most 1 MiB).
-const maxProxyHeaderBytes = 1 << 20
-
-// Proxy returns the transport and base URL that carry ingress traffic to
-// host hostID's agent at address. The transport speaks HTTP/1.1 (so
-// upgrades such as WebSockets pass) over TLS when the address is https,
-// checking the host's identity as Get does; callers add the host token.
-func (p *Pool) Proxy(hostID, address string) (http.RoundTripper, string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	base := address
-	if !strings.HasPrefix(address, "https://") && !strings.HasPrefix(address, "http://") {
-		base = "http://" + address
-	}
-	key := hostID + "\x00" + base
-	if t, ok := p.proxies[key]; ok {
-		return t, base
-	}
-	if p.proxies == nil {
-		p.proxies = map[string]*http.Transport{}
-	}
-	for k, t := range p.proxies {
-		if strings.HasPrefix(k, hostID+"\x00") {
-			t.CloseIdleConnections()
-			delete(p.proxies, k)
-		}
-	}
-	t := &http.Transport{
-		DialContext:            (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConnsPerHost:    64,
-		IdleConnTimeout:        90 * time.Second,
-		TLSHandshakeTimeout:    10 * time.Second,
-		ExpectContinueTimeout:  time.Second,
-		DisableCompression:     true,
-		MaxResponseHeaderBytes: maxProxyHeaderBytes,
-	}
-	if strings.HasPrefix(base, "https://") {
-		cfg := p.tlsConfig()
-		if p.HostIdentity {
-			cfg.VerifyConnection = verifyHost(hostID)
-		}
-		cfg.NextProtos = []string{"http/1.1"}
-		t.TLSClientConfig = cfg
-	}
-	p.proxies[key] = t
-	return t, base
 }
 
 func (p *Pool) tlsConfig() *tls.Config {

@@ -596,7 +596,7 @@ func (s *Server) destroyOnHost(ctx context.Context, sb store.Sandbox) error {
 	if _, err := s.st.Transition(ctx, sb.ID, store.Live, "stopping", nil); err != nil {
 		return err
 	}
-	s.routes.forget(sb.ID)
+	s.capsuleChanged(sb.ID)
 	if sb.HostID == nil {
 		_, err := s.st.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
 		return err
@@ -693,8 +693,8 @@ func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, er
 	if _, err := s.st.Transition(ctx, sb.ID, []string{"running"}, "pausing", nil); err != nil {
 		return sb, errf(http.StatusConflict, "not_running", "%s", err.Error())
 	}
-	s.routes.forget(sb.ID)
-	defer s.routes.forget(sb.ID)
+	s.capsuleChanged(sb.ID)
+	defer s.capsuleChanged(sb.ID)
 	_, perr := c.PauseSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.ID}))
 	if perr != nil {
 		s.settle(context.WithoutCancel(ctx), c, sb.ID, "pausing", "running", perr)
@@ -762,7 +762,7 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 		}
 		return sb, err
 	}
-	s.routes.forget(sb.ID)
+	s.capsuleChanged(sb.ID)
 	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))
 	if rerr != nil {
 		s.settle(context.WithoutCancel(ctx), c, sb.ID, "resuming", "paused", rerr)
@@ -770,7 +770,7 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 		return sb, rerr
 	}
 	cur, err := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"resuming"}, "running", map[string]any{"last_active_at": store.Now})
-	s.routes.forget(sb.ID)
+	s.capsuleChanged(sb.ID)
 	s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.resume", err, nil)
 	return cur, err
 }

@@ -17,17 +17,9 @@ import (
 	"time"
 
 	"github.com/wrenn/wrenn/internal/bufpool"
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/ingress"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
-)
-
-// The agent proxy's headers (package internal/agent/proxy): which sandbox
-// and port, and the host token, kept apart from the client's own
-// Authorization.
-const (
-	agentProxySandbox = "Wrenn-Proxy-Sandbox"
-	agentProxyPort    = "Wrenn-Proxy-Port"
-	agentProxyToken   = "Wrenn-Agent-Authorization"
 )
 
 // Ingress timings.
@@ -79,6 +71,13 @@ func (c *routeCache) forget(id string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.entries, id)
+}
+
+// capsuleChanged drops what the ingress keeps of a capsule that paused,
+// resumed or is being destroyed: its route, and idle tunnels into it.
+func (s *Server) capsuleChanged(id string) {
+	s.routes.forget(id)
+	s.agents.ForgetTunnels(id)
 }
 
 // shouldTouch says whether traffic to id should mark it active now.
@@ -305,11 +304,10 @@ type ingressKey struct{}
 
 type ingressHop struct {
 	target  *url.URL
-	token   string
 	route   store.Route
-	port    int
 	rt      http.RoundTripper
 	forward http.Header // X-Forwarded-* to send
+	ownAuth bool        // the Authorization header was ours: not forwarded
 }
 
 // forward sends the request through the capsule's host agent.
@@ -323,19 +321,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, t ingress.Targe
 		ingressError(w, http.StatusServiceUnavailable, "host_unavailable", "the host of capsule %s is at an address the control plane does not call", t.SandboxID)
 		return
 	}
-	rt, base := s.agents.Proxy(*route.HostID, route.HostAddress)
-	target, err := url.Parse(base)
-	if err != nil {
-		ingressError(w, http.StatusServiceUnavailable, "host_unavailable", "the host of capsule %s has a bad address", t.SandboxID)
-		return
-	}
-	out := r.Clone(ctx)
-	ingress.StripCredentials(out.Header, ownAuth)
-	for _, k := range []string{agentProxySandbox, agentProxyPort, agentProxyToken} {
-		out.Header.Del(k) // never the client's
-	}
-	hop := &ingressHop{target: target, token: route.HostToken, route: route, port: t.Port, rt: rt, forward: s.forwardedFor(r)}
-	s.ingressProxy().ServeHTTP(w, out.WithContext(context.WithValue(ctx, ingressKey{}, hop)))
+	rt := s.agents.Tunnel(*route.HostID, route.HostAddress, route.HostToken, route.ID, t.Port)
+	// The tunnel's transport ignores the address: each connection is a
+	// tunnel to this sandbox port through its agent.
+	target := &url.URL{Scheme: "http", Host: net.JoinHostPort(route.ID, strconv.Itoa(t.Port))}
+	hop := &ingressHop{target: target, route: route, rt: rt, forward: s.forwardedFor(r), ownAuth: ownAuth}
+	s.ingressProxy().ServeHTTP(w, r.WithContext(context.WithValue(ctx, ingressKey{}, hop)))
 }
 
 // forwardedFor writes the X-Forwarded-* headers: the client as this
@@ -383,21 +374,31 @@ func (s *Server) ingressProxy() *httputil.ReverseProxy {
 				hop := pr.In.Context().Value(ingressKey{}).(*ingressHop)
 				pr.SetURL(hop.target)
 				pr.Out.Host = pr.In.Host // the application sees the name it was called by
+				ingress.StripCredentials(pr.Out.Header, hop.ownAuth)
 				for k, v := range hop.forward {
 					pr.Out.Header[k] = v
 				}
-				pr.Out.Header.Set(agentProxySandbox, hop.route.ID)
-				pr.Out.Header.Set(agentProxyPort, strconv.Itoa(hop.port))
-				pr.Out.Header.Set(agentProxyToken, "Bearer "+hop.token)
 			},
 			Transport:     hopTransport{},
-			FlushInterval: -1,
+			FlushInterval: 0, // bodies of unknown length (streams, SSE) are flushed as they come; others are buffered
 			BufferPool:    bufpool.New(),
 			ErrorLog:      nil,
 			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 				hop := r.Context().Value(ingressKey{}).(*ingressHop)
 				if errors.Is(err, context.Canceled) {
 					return // the client went away
+				}
+				var refused *agentclient.TunnelRefused
+				if errors.As(err, &refused) {
+					// The agent's own answer: no such sandbox there, not running, nothing on the port.
+					if refused.Status == http.StatusNotFound || refused.Status == http.StatusConflict {
+						s.routes.forget(hop.route.ID) // our view was stale
+					}
+					w.Header().Set("Content-Type", "application/json")
+					w.Header().Set("Cache-Control", "no-store")
+					w.WriteHeader(refused.Status)
+					_, _ = w.Write(refused.Body)
+					return
 				}
 				s.log.Warn("ingress: the host agent cannot be reached", "capsule", hop.route.ID, "host", *hop.route.HostID, "err", err)
 				ingressError(w, http.StatusBadGateway, "host_unreachable", "the host running capsule %s cannot be reached", hop.route.ID)

@@ -2,13 +2,14 @@ package ports
 
 import (
 	"context"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/wrenn/wrenn/internal/tcpjoin"
 )
 
 // Forwarder listens on the guest's outward addresses for every port a
@@ -199,29 +200,9 @@ func (f *Forwarder) serve(ctx context.Context, ln net.Listener, target netip.Add
 			defer up.Close()
 			stop := context.AfterFunc(ctx, func() { _ = conn.Close(); _ = up.Close() })
 			defer stop()
-			join(conn, up)
+			tcpjoin.Join(conn, up)
 		}()
 	}
-}
-
-// join copies both ways; each side's end is passed on as a half close
-// so request/response protocols that end their writes still work.
-func join(a, b net.Conn) {
-	var wg sync.WaitGroup
-	wg.Add(2)
-	pipe := func(dst, src net.Conn) {
-		defer wg.Done()
-		_, err := io.Copy(dst, src)
-		if tc, ok := dst.(*net.TCPConn); ok && err == nil {
-			_ = tc.CloseWrite()
-			return
-		}
-		_ = dst.Close()
-		_ = src.Close()
-	}
-	go pipe(a, b)
-	go pipe(b, a)
-	wg.Wait()
 }
 
 // OutwardAddresses are the guest's non-loopback IPv4 addresses: where the

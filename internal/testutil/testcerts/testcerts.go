@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -23,7 +24,7 @@ type Kind int
 // Certificate kinds.
 const (
 	CA     Kind = iota
-	Server      // for 127.0.0.1
+	Server      // for 127.0.0.1, and for name when it is a DNS name ("*.sandboxes.test")
 	Client
 )
 
@@ -54,6 +55,9 @@ func Issue(t testing.TB, dir, name string, kind Kind, parent *Cert) *Cert {
 	case Server:
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		if strings.Contains(name, ".") && net.ParseIP(name) == nil {
+			tmpl.DNSNames = []string{name}
+		}
 	case Client:
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
@@ -70,7 +74,7 @@ func Issue(t testing.TB, dir, name string, kind Kind, parent *Cert) *Cert {
 	c := &Cert{X509: cert, Key: key,
 		CertPEM:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:   pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
-		CertFile: filepath.Join(dir, name+".pem"), KeyFile: filepath.Join(dir, name+".key")}
+		CertFile: filepath.Join(dir, fileName(name)+".pem"), KeyFile: filepath.Join(dir, fileName(name)+".key")}
 	if err := os.WriteFile(c.CertFile, c.CertPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -79,3 +83,6 @@ func Issue(t testing.TB, dir, name string, kind Kind, parent *Cert) *Cert {
 	}
 	return c
 }
+
+// fileName keeps a wildcard's star out of file names.
+func fileName(name string) string { return strings.ReplaceAll(name, "*", "wildcard") }
