@@ -129,7 +129,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	_ = conn.SetDeadline(time.Time{}) // the tunnel lasts as long as its traffic
-	if _, err := brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err == nil {
+	_, err = brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n")
+	if err == nil {
 		err = brw.Flush()
 	}
 	// Bytes the client sent after its CONNECT, already read, go first.

@@ -52,7 +52,7 @@ type Pool struct {
 	clients map[string]Client
 	plain   *http.Client
 	secure  *http.Client
-	perHost map[string]*http.Client // with HostIdentity, by host ID
+	perHost map[string]*http.Client     // with HostIdentity, by host ID
 	tunnels map[string]*tunnelTransport // by host, sandbox and port
 }
 
