@@ -90,7 +90,11 @@ chaos: images postgres ## Fault-injection tests and a soak (WRENN_SOAK, default 
 	scripts/chaos.sh
 
 .PHONY: web-deps
-web-deps: web/node_modules/.installed ## Install the dashboard's npm packages (pinned by web/package-lock.json)
+web-deps: web/node_modules/.installed e2e/e2bsdk/node_modules/.installed ## Install the npm packages: the dashboard's and the official e2b SDK the tests drive (pinned by package-lock.json)
+
+e2e/e2bsdk/node_modules/.installed: e2e/e2bsdk/package.json e2e/e2bsdk/package-lock.json
+	cd e2e/e2bsdk && npm ci --no-audit --no-fund
+	@touch $@
 
 web/node_modules/.installed: web/package.json web/package-lock.json
 	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a==20&&b<19)) { console.error("the dashboard needs Node.js 20.19 or newer, this is "+process.version); process.exit(1) }'

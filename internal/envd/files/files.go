@@ -1,8 +1,10 @@
 // Package files serves envd's GET and POST /files: streamed downloads with
-// Range support and streamed multipart uploads, both as the requesting user.
+// Range support or gzip, and streamed uploads (multipart or raw, gzip or
+// not, with the file's metadata), both as the requesting user.
 package files
 
 import (
+	"compress/gzip"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -15,11 +17,14 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/wrenn/wrenn/internal/envd/httperr"
 	"github.com/wrenn/wrenn/internal/envd/identity"
 	"github.com/wrenn/wrenn/internal/envd/session"
+	"github.com/wrenn/wrenn/internal/envd/xmeta"
 )
 
 // Handler serves /files.
@@ -29,9 +34,10 @@ type Handler struct {
 
 // Entry is one written file in an upload's response.
 type Entry struct {
-	Path string `json:"path"`
-	Name string `json:"name"`
-	Type string `json:"type"`
+	Path     string            `json:"path"`
+	Name     string            `json:"name"`
+	Type     string            `json:"type"`
+	Metadata map[string]string `json:"metadata,omitempty"`
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -85,9 +91,71 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": filepath.Base(path)}))
-	// ServeContent handles Range, conditional requests and the content type
-	// (by extension, else by sniffing the first 512 bytes).
-	http.ServeContent(w, r, filepath.Base(path), fi.ModTime(), f)
+	w.Header().Add("Vary", "Accept-Encoding")
+	gz, identity := acceptable(r.Header.Values("Accept-Encoding"))
+	partial := r.Header.Get("Range") != "" || r.Header.Get("If-Modified-Since") != "" || r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Range") != ""
+	switch {
+	case gz && !partial && r.Method == http.MethodGet:
+		// Compressed as it is read (fast level: guests have little CPU).
+		head := make([]byte, 512)
+		n, _ := io.ReadFull(f, head)
+		head = head[:n]
+		ct := mime.TypeByExtension(filepath.Ext(path))
+		if ct == "" {
+			ct = http.DetectContentType(head) // as ServeContent would
+		}
+		w.Header().Set("Content-Type", ct)
+		w.Header().Set("Content-Encoding", "gzip")
+		zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		_, err := zw.Write(head)
+		if err == nil {
+			_, err = io.Copy(zw, f)
+		}
+		if err != nil {
+			h.Log.Debug("gzip download ended early", "path", path, "error", err)
+		}
+		_ = zw.Close()
+	case !identity && !partial:
+		httperr.Write(w, http.StatusNotAcceptable, "the file is sent as gzip or as it is; Accept-Encoding allows neither")
+	default:
+		// ServeContent handles Range, conditional requests and the content
+		// type (by extension, else by sniffing the first 512 bytes).
+		http.ServeContent(w, r, filepath.Base(path), fi.ModTime(), f)
+	}
+}
+
+// acceptable reads Accept-Encoding: whether gzip may be sent, and whether
+// the file as it is may (identity is, unless refused by name or by "*;q=0").
+func acceptable(values []string) (gz, identity bool) {
+	identity = true
+	starRefused, identityNamed := false, false
+	for _, v := range values {
+		for _, item := range strings.Split(v, ",") {
+			name, params, _ := strings.Cut(strings.TrimSpace(item), ";")
+			name = strings.ToLower(strings.TrimSpace(name))
+			q := 1.0
+			if qv, ok := strings.CutPrefix(strings.TrimSpace(params), "q="); ok {
+				if f, err := strconv.ParseFloat(qv, 64); err == nil {
+					q = f
+				}
+			}
+			switch name {
+			case "gzip", "x-gzip":
+				gz = q > 0
+			case "identity":
+				identityNamed, identity = true, q > 0
+			case "*":
+				if q > 0 && !gz {
+					gz = true
+				}
+				starRefused = q == 0
+			}
+		}
+	}
+	if starRefused && !identityNamed {
+		identity = false
+	}
+	return gz, identity
 }
 
 func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
@@ -96,6 +164,25 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	queryPath := r.URL.Query().Get("path")
+	meta, err := xmeta.FromHeaders(r.Header)
+	if err != nil {
+		httperr.Write(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
+	case "", "identity":
+	case "gzip", "x-gzip":
+		zr, err := gzip.NewReader(r.Body)
+		if err != nil {
+			httperr.Write(w, http.StatusBadRequest, "the body is not gzip: "+err.Error())
+			return
+		}
+		defer zr.Close()
+		r.Body = io.NopCloser(zr)
+	default:
+		httperr.Write(w, http.StatusBadRequest, "Content-Encoding "+enc+" is not supported: send gzip or nothing")
+		return
+	}
 	mediaType, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil {
 		httperr.Write(w, http.StatusBadRequest, "Content-Type must be multipart/form-data or application/octet-stream")
@@ -108,7 +195,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 			httperr.Write(w, http.StatusBadRequest, "the path query parameter is required for application/octet-stream uploads")
 			return
 		}
-		e, status, err := h.save(actor, queryPath, r.Body)
+		e, status, err := h.save(actor, queryPath, r.Body, meta)
 		if err != nil {
 			httperr.Write(w, status, err.Error())
 			return
@@ -129,7 +216,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 				httperr.Write(w, http.StatusBadRequest, "read multipart body: "+err.Error())
 				return
 			}
-			e, status, err := h.savePart(actor, queryPath, part, len(written))
+			e, status, err := h.savePart(actor, queryPath, part, len(written), meta)
 			_ = part.Close()
 			if err != nil {
 				httperr.Write(w, status, err.Error())
@@ -153,7 +240,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 
 // savePart writes one multipart part. The destination is the path query
 // parameter (for a single file) or the part's file name.
-func (h *Handler) savePart(actor *identity.Actor, queryPath string, part *multipart.Part, already int) (*Entry, int, error) {
+func (h *Handler) savePart(actor *identity.Actor, queryPath string, part *multipart.Part, already int, meta map[string]string) (*Entry, int, error) {
 	if part.FormName() != "file" {
 		return nil, 0, nil // other form fields are not files; ignore them
 	}
@@ -168,7 +255,7 @@ func (h *Handler) savePart(actor *identity.Actor, queryPath string, part *multip
 	if dest == "" {
 		return nil, http.StatusBadRequest, errors.New("a file part has no filename and no path query parameter was given")
 	}
-	e, status, err := h.save(actor, dest, part)
+	e, status, err := h.save(actor, dest, part, meta)
 	if err != nil {
 		return nil, status, err
 	}
@@ -176,9 +263,10 @@ func (h *Handler) savePart(actor *identity.Actor, queryPath string, part *multip
 }
 
 // save streams src into path: parents are created and a temporary file in
-// the same directory is renamed over the target only once it is complete,
-// so a failed upload never leaves a truncated file behind.
-func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader) (Entry, int, error) {
+// the same directory is renamed over the target only once it is complete
+// (with its metadata, which replaces any the old file had), so a failed
+// upload never leaves a truncated file behind.
+func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader, meta map[string]string) (Entry, int, error) {
 	path, err := identity.ResolvePath(actor.User(), dest)
 	if err != nil {
 		return Entry{}, http.StatusBadRequest, fmt.Errorf("path: %w", err)
@@ -217,10 +305,20 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader) (Entry
 		_ = os.Remove(tmpName)
 		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
+	if len(meta) > 0 {
+		if err := actor.Do(func() error { return xmeta.Set(tmpName, meta) }); err != nil {
+			_ = os.Remove(tmpName)
+			status := httperr.StatusFor(err)
+			if errors.Is(err, xmeta.ErrInvalid) {
+				status = http.StatusBadRequest
+			}
+			return Entry{}, status, fmt.Errorf("write %s: %v", path, identity.BareError(err))
+		}
+	}
 	if err := actor.Do(func() error { return os.Rename(tmpName, path) }); err != nil {
 		_ = os.Remove(tmpName)
 		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
 	}
 	h.Log.Debug("file written", "path", path, "user", actor.User().Name)
-	return Entry{Path: path, Name: filepath.Base(path), Type: "file"}, 0, nil
+	return Entry{Path: path, Name: filepath.Base(path), Type: "file", Metadata: meta}, 0, nil
 }

@@ -9,8 +9,11 @@ import (
 	"sync"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/wrenn/wrenn/internal/envd/xmeta"
 	pb "github.com/wrenn/wrenn/proto/envd/filesystem"
 )
 
@@ -64,6 +67,7 @@ func (n *names) entryInfo(path string, fi fs.FileInfo) *pb.EntryInfo {
 		Permissions:  fi.Mode().String(),
 		ModifiedTime: timestamppb.New(fi.ModTime()),
 	}
+	e.Metadata = xmeta.Read(path)
 	switch {
 	case fi.Mode()&fs.ModeSymlink != 0:
 		e.Type = pb.FileType_FILE_TYPE_SYMLINK
@@ -80,4 +84,20 @@ func (n *names) entryInfo(path string, fi fs.FileInfo) *pb.EntryInfo {
 		e.Group = n.group(st.Gid)
 	}
 	return e
+}
+
+// networkFS are the file systems whose changes a watch may miss (they
+// happen on other machines): NFS, SMB/CIFS, 9p, FUSE, Ceph, AFS.
+var networkFS = map[int64]string{
+	0x6969: "nfs", 0x517b: "smb", 0xff534d42: "cifs", 0xfe534d42: "smb2", 0x01021997: "9p",
+	0x65735546: "fuse", 0x00c36400: "ceph", 0x5346414f: "afs",
+}
+
+// onNetworkFS names the network file system path is on ("" for none).
+func onNetworkFS(path string) string {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return ""
+	}
+	return networkFS[int64(st.Type)]
 }

@@ -163,10 +163,23 @@ func (d *dirWatch) close() {
 	})
 }
 
+// networkAllowed refuses to watch a network file system unless asked:
+// changes made on other machines would not be seen.
+func networkAllowed(root string, allow bool) error {
+	if fsType := onNetworkFS(root); fsType != "" && !allow {
+		return connect.NewError(connect.CodeFailedPrecondition,
+			fmt.Errorf("%s is on a network file system (%s), where changes made elsewhere are not seen; set allowNetworkMounts to watch it anyway", root, fsType))
+	}
+	return nil
+}
+
 // WatchDir streams changes below a directory until the client leaves.
 func (s *Service) WatchDir(ctx context.Context, req *connect.Request[pb.WatchDirRequest], stream *connect.ServerStream[pb.WatchDirResponse]) error {
 	actor, root, err := request(ctx, req.Msg.GetPath())
 	if err != nil {
+		return err
+	}
+	if err := networkAllowed(root, req.Msg.GetAllowNetworkMounts()); err != nil {
 		return err
 	}
 	d, err := newDirWatch(actor, s.names, root, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
@@ -271,6 +284,9 @@ func (s *Service) CreateWatcher(ctx context.Context, req *connect.Request[pb.Cre
 	s.watchers.mu.Unlock()
 	if full {
 		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many watchers (%d); remove some first", maxWatchers))
+	}
+	if err := networkAllowed(root, req.Msg.GetAllowNetworkMounts()); err != nil {
+		return nil, err
 	}
 	d, err := newDirWatch(actor, s.names, root, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
 	if err != nil {

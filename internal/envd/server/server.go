@@ -27,6 +27,7 @@ import (
 	"github.com/wrenn/wrenn/internal/envd/ports"
 	"github.com/wrenn/wrenn/internal/envd/process"
 	"github.com/wrenn/wrenn/internal/envd/session"
+	"github.com/wrenn/wrenn/internal/envd/signature"
 	"github.com/wrenn/wrenn/proto/envd/filesystem/filesystemconnect"
 	"github.com/wrenn/wrenn/proto/envd/process/processconnect"
 )
@@ -130,13 +131,27 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		if !s.defaults.TokenMatches(r.Header.Get(AccessTokenHeader)) {
-			s.deny(w, r, http.StatusUnauthorized, connect.CodeUnauthenticated, "missing or invalid "+AccessTokenHeader)
-			return
-		}
 		name, err := requestedUser(r)
 		if err != nil {
 			s.deny(w, r, http.StatusUnauthorized, connect.CodeUnauthenticated, err.Error())
+			return
+		}
+		presented := r.Header.Get(AccessTokenHeader)
+		if presented == "" && r.URL.Path == "/files" && r.Method != http.MethodDelete {
+			// A signed URL (the SDKs' uploadUrl/downloadUrl) stands in for the token.
+			q := r.URL.Query()
+			op := signature.Read
+			if r.Method == http.MethodPost {
+				op = signature.Write
+			}
+			if err := s.defaults.CheckWithToken(func(token string) error {
+				return signature.Check(q.Get("signature"), q.Get("signature_expiration"), q.Get("path"), op, q.Get("username"), token, time.Now())
+			}); err != nil {
+				s.deny(w, r, http.StatusUnauthorized, connect.CodeUnauthenticated, err.Error())
+				return
+			}
+		} else if !s.defaults.TokenMatches(presented) {
+			s.deny(w, r, http.StatusUnauthorized, connect.CodeUnauthenticated, "missing or invalid "+AccessTokenHeader)
 			return
 		}
 		if name == "" {

@@ -92,6 +92,18 @@ func (d *Defaults) TokenMatches(presented string) bool {
 	return subtle.ConstantTimeCompare([]byte(presented), []byte(d.token)) == 1
 }
 
+// CheckWithToken runs check with the configured access token (for
+// signatures made with it); with no token configured it passes.
+func (d *Defaults) CheckWithToken(check func(token string) error) error {
+	d.mu.RLock()
+	token := d.token
+	d.mu.RUnlock()
+	if token == "" {
+		return nil
+	}
+	return check(token)
+}
+
 type userKey struct{}
 
 // WithUser records the user a request acts as.
