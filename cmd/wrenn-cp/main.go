@@ -246,11 +246,19 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	e2bVCPUs, err := envconf.Int("WRENN_E2B_VCPUS", 2)
+	if err != nil {
+		return err
+	}
+	e2bMemory, err := envconf.Int("WRENN_E2B_MEMORY_MB", 512)
+	if err != nil {
+		return err
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
 		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
 		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas,
-		IngressDomain: ing.domain, IngressScheme: ing.scheme})
+		IngressDomain: ing.domain, IngressScheme: ing.scheme, E2BVCPUs: e2bVCPUs, E2BMemoryMB: e2bMemory})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)

@@ -91,11 +91,16 @@ try {
   await sbx.files.write('/home/user/notes/watched.txt', 'x')
   await eventually('a watch event', async () => assert.ok(events.some((e) => e.name === 'watched.txt')))
   await watcher.stop()
-  // A signed download URL works without any header.
-  const url = await sbx.downloadUrl('/home/user/notes/watched.txt', { useSignatureExpiration: 60 })
-  const dl = await fetch(url)
-  assert.equal(dl.status, 200)
-  assert.equal(await dl.text(), 'x')
+  // A signed download URL works without any header. (With E2B_SANDBOX_URL
+  // the SDK puts that URL in it, which names no sandbox; a browser would
+  // use the sandbox's own name, 49983-<id>.<domain>, as here.)
+  const url = new URL(await sbx.downloadUrl('/home/user/notes/watched.txt', { useSignatureExpiration: 60 }))
+  assert.ok(url.searchParams.get('signature').startsWith('v1_'))
+  const dl = await get(sbx.getHost(49983), url.pathname + url.search)
+  assert.equal(dl.status, 200, dl.body)
+  assert.equal(dl.body, 'x')
+  const unsigned = await get(sbx.getHost(49983), '/files?path=' + encodeURIComponent('/home/user/notes/watched.txt'))
+  assert.equal(unsigned.status, 401)
   step('files: text, 10 MiB, list, exists, rename, remove, watch, signed URL')
 
   // PTY.

@@ -64,11 +64,25 @@ func (c *Client) ListAPIKeys(ctx context.Context) ([]APIKey, error) {
 }
 
 // CreateAPIKey makes a key; its Key is shown this once.
-func (c *Client) CreateAPIKey(ctx context.Context, name string) (APIKey, error) {
+func (c *Client) CreateAPIKey(ctx context.Context, name string, format ...KeyFormat) (APIKey, error) {
+	body := map[string]string{"name": name}
+	if len(format) > 0 && format[0] != "" {
+		body["format"] = string(format[0])
+	}
 	var out APIKey
-	err := c.do(ctx, http.MethodPost, "/v1/api-keys", map[string]string{"name": name}, &out)
+	err := c.do(ctx, http.MethodPost, "/v1/api-keys", body, &out)
 	return out, err
 }
+
+// KeyFormat is how a new API key is written; both work everywhere.
+type KeyFormat string
+
+// Key formats: Wrenn's (wrn_...), and E2B's (e2b_ + 40 hex), which E2B's
+// SDKs check for.
+const (
+	KeyFormatWrenn KeyFormat = "wrenn"
+	KeyFormatE2B   KeyFormat = "e2b"
+)
 
 // RevokeAPIKey deletes a key; requests with it fail from then on.
 func (c *Client) RevokeAPIKey(ctx context.Context, id string) error {

@@ -93,7 +93,7 @@ func (s *Server) authenticate(r *http.Request, a access) (*principal, error) {
 
 // keyPrincipal is the team an API key acts for, while its creator may.
 func (s *Server) keyPrincipal(ctx context.Context, key string) (*principal, error) {
-	if !strings.HasPrefix(key, auth.APIKeyPrefix) || len(key) != len(auth.APIKeyPrefix)+32 {
+	if !auth.WellFormedAPIKey(key) {
 		return nil, errUnauthorized
 	}
 	k, err := s.st.APIKeyByHash(ctx, auth.HashToken(key))

@@ -143,6 +143,9 @@ type createCapsuleRequest struct {
 	Public bool `json:"public"`
 	// AutoResume resumes the capsule, when paused, on ingress traffic.
 	AutoResume bool `json:"auto_resume"`
+
+	// endAt is an absolute deadline (the E2B API's timeout).
+	endAt *time.Time
 }
 
 func (req *createCapsuleRequest) validate() error {
@@ -281,7 +284,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	}
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
-		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume}
+		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume, EndAt: req.endAt}
 	if *req.DiskSizeMB > 0 {
 		d := int32(*req.DiskSizeMB)
 		sb.DiskSizeMB = &d
@@ -761,6 +764,13 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 			return sb, errf(http.StatusConflict, "not_paused", "%s", err.Error())
 		}
 		return sb, err
+	}
+	if sb.EndAt != nil && time.Until(*sb.EndAt) < time.Minute {
+		// Paused at its deadline: it gets E2B's default time again (the
+		// E2B API's connect sets its own right after).
+		if err := s.st.SetDeadline(ctx, sb.ID, time.Now().Add(5*time.Minute), false); err != nil {
+			return sb, err
+		}
 	}
 	s.capsuleChanged(sb.ID)
 	_, rerr := c.ResumeSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.ID}))

@@ -64,17 +64,33 @@ func (s *Server) HTTPServer() *http.Server {
 	return hs
 }
 
-// IngressServer serves sandbox ports only (WRENN_INGRESS_LISTEN_ADDR):
-// the Host names the capsule and port; anything else is refused.
+// IngressServer serves sandbox ports (WRENN_INGRESS_LISTEN_ADDR): the
+// Host names the capsule and port; api.<domain> is the API (so E2B's SDKs
+// given only E2B_DOMAIN find it); anything else is refused.
 func (s *Server) IngressServer() *http.Server {
+	api := s.Handler()
+	apiHost := hostOnly("api." + s.cfg.IngressDomain)
 	return s.server(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t, ok, err := ingress.TargetOf(r)
-		if !ok {
-			ingressError(w, http.StatusNotFound, "not_found", "this is the sandbox ingress: call <port>-<capsule id>.%s", s.cfg.IngressDomain)
+		if ok {
+			s.serveIngress(w, r, t, err)
 			return
 		}
-		s.serveIngress(w, r, t, err)
+		if hostOnly(r.Host) == apiHost {
+			// api.<domain>: where E2B's SDKs look for the API given E2B_DOMAIN.
+			api.ServeHTTP(w, r)
+			return
+		}
+		ingressError(w, http.StatusNotFound, "not_found", "this is the sandbox ingress: call <port>-<capsule id>.%s, or the API at api.%s", s.cfg.IngressDomain, s.cfg.IngressDomain)
 	}))
+}
+
+// hostOnly is a Host header's name, lower-cased, without its port.
+func hostOnly(h string) string {
+	if name, _, err := net.SplitHostPort(h); err == nil {
+		h = name
+	}
+	return strings.ToLower(h)
 }
 
 // server is an http.Server with the API's connection limits, speaking

@@ -74,6 +74,10 @@ type Config struct {
 	// "localhost:8000" and "http").
 	IngressDomain string
 	IngressScheme string
+	// E2BVCPUs and E2BMemoryMB size sandboxes made through the E2B API
+	// from templates that name no size (default 2 and 512, as E2B's base).
+	E2BVCPUs    int
+	E2BMemoryMB int
 }
 
 // mailsPerHour is how many password-reset mails one account may be sent.
@@ -130,6 +134,12 @@ func New(cfg Config) *Server {
 	}
 	if cfg.IngressScheme == "" {
 		cfg.IngressScheme = "http"
+	}
+	if cfg.E2BVCPUs == 0 {
+		cfg.E2BVCPUs = 2
+	}
+	if cfg.E2BMemoryMB == 0 {
+		cfg.E2BMemoryMB = 512
 	}
 	if cfg.NotifyClient == nil {
 		cfg.NotifyClient = notify.NewClient(false)
@@ -290,6 +300,7 @@ func (s *Server) Handler() http.Handler {
 	for _, rt := range routes {
 		mux.Handle(rt.method+" "+rt.path, s.wrap(rt))
 	}
+	s.e2bMux(mux)
 	mux.HandleFunc("GET /openapi.yaml", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/yaml")
 		_, _ = w.Write(openAPI)

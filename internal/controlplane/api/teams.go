@@ -46,9 +46,20 @@ func (s *Server) listAPIKeys(w http.ResponseWriter, r *http.Request, p *principa
 func (s *Server) createAPIKey(w http.ResponseWriter, r *http.Request, p *principal) error {
 	var req struct {
 		Name string `json:"name"`
+		// Format "e2b" makes a key in E2B's format (e2b_ + 40 hex), for
+		// E2B's SDKs; "wrenn" (the default) a wrn_ key. Both work everywhere.
+		Format string `json:"format"`
 	}
 	if err := decode(w, r, &req, true); err != nil {
 		return err
+	}
+	newKey := auth.NewAPIKey
+	switch req.Format {
+	case "", "wrenn":
+	case "e2b":
+		newKey = auth.NewE2BAPIKey
+	default:
+		return badRequest("format must be wrenn or e2b")
 	}
 	req.Name = strings.TrimSpace(req.Name)
 	if req.Name == "" {
@@ -57,7 +68,7 @@ func (s *Server) createAPIKey(w http.ResponseWriter, r *http.Request, p *princip
 	if err := checkName(req.Name, 100, "name"); err != nil {
 		return err
 	}
-	key, display, hash := auth.NewAPIKey()
+	key, display, hash := newKey()
 	k, err := s.st.CreateAPIKey(r.Context(), store.APIKey{ID: ids.New("key"), TeamID: p.TeamID, Name: req.Name, KeyPrefix: display, CreatedBy: &p.UserID}, hash)
 	s.audit(r.Context(), p, p.TeamID, "api_key", k.ID, "api_key.create", err, map[string]any{"name": req.Name})
 	if err != nil {

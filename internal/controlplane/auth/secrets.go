@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"strings"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -59,6 +60,31 @@ const APIKeyPrefix = "wrn_"
 func NewAPIKey() (key, display, hash string) {
 	key = APIKeyPrefix + RandomString(32)
 	return key, key[:len(APIKeyPrefix)+8] + "...", HashToken(key)
+}
+
+// E2BKeyPrefix starts API keys made in E2B's format ("e2b_" + 40 lower
+// hex digits), which E2B's SDKs check for before they send a request.
+const E2BKeyPrefix = "e2b_"
+
+// NewE2BAPIKey is NewAPIKey in E2B's format (160 random bits).
+func NewE2BAPIKey() (key, display, hash string) {
+	b := make([]byte, 20)
+	_, _ = rand.Read(b)
+	key = E2BKeyPrefix + hex.EncodeToString(b)
+	return key, key[:len(E2BKeyPrefix)+8] + "...", HashToken(key)
+}
+
+// WellFormedAPIKey says whether key has the shape of a key this control
+// plane issues (either format), so malformed ones cost no lookup.
+func WellFormedAPIKey(key string) bool {
+	if rest, ok := strings.CutPrefix(key, APIKeyPrefix); ok {
+		return len(rest) == 32
+	}
+	if rest, ok := strings.CutPrefix(key, E2BKeyPrefix); ok && len(rest) == 40 {
+		_, err := hex.DecodeString(rest)
+		return err == nil && strings.ToLower(rest) == rest
+	}
+	return false
 }
 
 // RandomString returns n characters drawn uniformly from [A-Za-z0-9].

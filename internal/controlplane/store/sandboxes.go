@@ -38,6 +38,8 @@ type Sandbox struct {
 	Public bool `db:"public"`
 	// AutoResume resumes a paused capsule on its first ingress request.
 	AutoResume bool `db:"auto_resume"`
+	// EndAt is an absolute deadline (E2B's timeout), nil for none.
+	EndAt *time.Time `db:"end_at"`
 }
 
 // Egress is a capsule's outbound policy: mode allow_all (with an optional
@@ -50,7 +52,7 @@ type Egress struct {
 
 const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
 	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress,
-	public, auto_resume`
+	public, auto_resume, end_at`
 
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
@@ -76,10 +78,10 @@ func insertSandbox(ctx context.Context, q querier, sb Sandbox, trafficToken stri
 		sb.Egress.Mode = "allow_all"
 	}
 	rows, _ := q.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
-		timeout_sec, auto_pause, metadata, created_by, egress, public, auto_resume, traffic_token)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING `+sandboxCols,
+		timeout_sec, auto_pause, metadata, created_by, egress, public, auto_resume, traffic_token, end_at)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING `+sandboxCols,
 		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress,
-		sb.Public, sb.AutoResume, trafficToken)
+		sb.Public, sb.AutoResume, trafficToken, sb.EndAt)
 	return pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
 }
 
@@ -98,6 +100,18 @@ type SandboxFilter struct {
 	Statuses []string          // empty: any
 	Metadata map[string]string // all pairs must match
 	Limit    int
+	// CreatedAfter, Template, Ascending and After page and filter as
+	// E2B's list does: After is the last row of the page before.
+	CreatedAfter *time.Time
+	Template     string
+	Ascending    bool
+	After        *Cursor
+}
+
+// Cursor is a position in a listing ordered by creation time and id.
+type Cursor struct {
+	CreatedAt time.Time
+	ID        string
 }
 
 // Sandboxes lists capsules, newest first.
@@ -120,11 +134,29 @@ func (s *Store) Sandboxes(ctx context.Context, f SandboxFilter) ([]Sandbox, erro
 	if len(f.Metadata) > 0 {
 		add("metadata @> $%d", f.Metadata)
 	}
+	if f.CreatedAfter != nil {
+		add("created_at >= $%d", *f.CreatedAfter)
+	}
+	if f.Template != "" {
+		add("template = $%d", f.Template)
+	}
+	order := " ORDER BY created_at DESC, id DESC"
+	if f.Ascending {
+		order = " ORDER BY created_at, id"
+	}
+	if f.After != nil {
+		args = append(args, f.After.CreatedAt, f.After.ID)
+		cmp := "<"
+		if f.Ascending {
+			cmp = ">"
+		}
+		where = append(where, fmt.Sprintf("(created_at, id) %s ($%d, $%d)", cmp, len(args)-1, len(args)))
+	}
 	q := "SELECT " + sandboxCols + " FROM sandboxes"
 	if len(where) > 0 {
 		q += " WHERE " + strings.Join(where, " AND ")
 	}
-	q += " ORDER BY created_at DESC, id"
+	q += order
 	if f.Limit > 0 {
 		q += fmt.Sprintf(" LIMIT %d", f.Limit)
 	}
@@ -181,17 +213,29 @@ func (s *Store) Touch(ctx context.Context, id string) error {
 	return mapErr(err, "touch capsule")
 }
 
+// SetDeadline sets a capsule's absolute deadline; extendOnly keeps a
+// later one (E2B's connect only ever extends).
+func (s *Store) SetDeadline(ctx context.Context, id string, at time.Time, extendOnly bool) error {
+	q := "UPDATE sandboxes SET end_at = $2, last_updated = now() WHERE id = $1"
+	if extendOnly {
+		q = "UPDATE sandboxes SET end_at = greatest(coalesce(end_at, $2), $2), last_updated = now() WHERE id = $1"
+	}
+	_, err := s.Pool.Exec(ctx, q, id, at)
+	return mapErr(err, "set deadline")
+}
+
 // SetTimeout changes a capsule's inactivity timeout (0: none).
 func (s *Store) SetTimeout(ctx context.Context, id string, seconds int) error {
 	_, err := s.Pool.Exec(ctx, "UPDATE sandboxes SET timeout_sec = $2, last_updated = now() WHERE id = $1", id, seconds)
 	return mapErr(err, "set timeout")
 }
 
-// Expired lists running capsules idle past their timeout.
+// Expired lists running capsules idle past their timeout, or past their
+// absolute deadline.
 func (s *Store) Expired(ctx context.Context) ([]Sandbox, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+` FROM sandboxes
-		WHERE status = 'running' AND timeout_sec > 0
-		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now()`)
+		WHERE status = 'running' AND (end_at < now() OR timeout_sec > 0
+		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now())`)
 	sbs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Sandbox])
 	return sbs, mapErr(err, "expired capsules")
 }
