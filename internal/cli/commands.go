@@ -734,6 +734,7 @@ func (a *app) keyCmd() *cobra.Command {
 			})
 		},
 	}
+	var e2bFormat bool
 	create := &cobra.Command{
 		Use: "create NAME", Short: "Create an API key (shown once)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -741,7 +742,11 @@ func (a *app) keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			key, err := c.CreateAPIKey(cmd.Context(), args[0])
+			format := wrenn.KeyFormatWrenn
+			if e2bFormat {
+				format = wrenn.KeyFormatE2B
+			}
+			key, err := c.CreateAPIKey(cmd.Context(), args[0], format)
 			if err != nil {
 				return err
 			}
@@ -766,6 +771,7 @@ func (a *app) keyCmd() *cobra.Command {
 			return nil
 		},
 	}
+	create.Flags().BoolVar(&e2bFormat, "e2b", false, "write the key in E2B's format (e2b_...), for E2B's SDKs as E2B_API_KEY")
 	k.AddCommand(list, create, revoke)
 	return k
 }
