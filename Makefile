@@ -46,8 +46,12 @@ kernel: ## Build the guest kernel (cached) into WRENN_DIR/kernels/vmlinux-<versi
 rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) into WRENN_DIR/images/minimal
 	scripts/with-progress.sh rootfs scripts/build-rootfs.sh minimal
 
+.PHONY: rootfs-base
+rootfs-base: build-guest ## Build the base guest image (Python, Node.js, git, build tools; cached) into WRENN_DIR/images/base
+	scripts/with-progress.sh rootfs-base scripts/build-rootfs.sh base
+
 .PHONY: images
-images: kernel rootfs ## Build the kernel and the minimal image
+images: kernel rootfs rootfs-base ## Build the kernel and the minimal and base images
 
 .PHONY: update-minimal-rootfs
 update-minimal-rootfs: build-guest ## Refresh envd and wrenn-init inside WRENN_DIR/images/minimal

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Build the minimal guest image from Debian packages with debootstrap (no
-# Docker needed) and install it as $WRENN_DIR/images/<name>/rootfs.ext4.
+# Build a guest image from Debian packages with debootstrap (no Docker
+# needed) and install it as $WRENN_DIR/images/<name>/rootfs.ext4:
+#   minimal  the tools envd and the sandbox account need, nothing more;
+#   base     minimal plus what people work with: Python 3 with pip and venv,
+#            Node.js and npm, git, build tools and the usual command-line
+#            tools (E2B's "base" template stands for it).
 #
 # Two cache levels, outside the repo: the debootstrapped tree (slow: network
 # and dpkg) is keyed by the package list and this script; the final image is
 # keyed by that plus the envd and wrenn-init binaries, so changing envd only
 # re-assembles the image (seconds), it does not debootstrap again.
 #
-# Usage: scripts/build-rootfs.sh [name]     (default name: minimal)
+# Usage: scripts/build-rootfs.sh [minimal|base]     (default: minimal)
 # Needs: root, debootstrap, e2fsprogs; builds/envd, builds/wrenn-init and
 # builds/wrenn-image (make build-guest).
 set -euo pipefail
@@ -20,6 +24,18 @@ suite=bookworm
 mirror=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
 mirror=${mirror:-http://deb.debian.org/debian}
 packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbase,less
+# What base adds, installed with apt inside the tree (debootstrap's own
+# resolver is not made for a list this long).
+extra=""
+case "$name" in
+minimal) ;;
+base)
+	extra="python3 python3-pip python3-venv python3-dev nodejs npm git build-essential pkg-config
+		jq unzip zip xz-utils bzip2 file openssh-client rsync vim-tiny nano htop tree lsof
+		iputils-ping bind9-dnsutils netcat-openbsd sqlite3"
+	;;
+*) printf '[rootfs] unknown image %s: use minimal or base\n' "$name" >&2; exit 1 ;;
+esac
 builds=${WRENN_BUILDS:-$repo/builds}
 
 log() { printf '[rootfs] %s\n' "$*" >&2; }
@@ -30,8 +46,8 @@ for bin in envd wrenn-init wrenn-image; do
 done
 command -v debootstrap >/dev/null || { log "missing debootstrap: apt-get install debootstrap"; exit 1; }
 
-base_key=$( (echo "$suite $packages"; sed -n '/^# --- base tree ---/,/^# --- end base tree ---/p' "$0") | sha256sum | cut -c1-16)
-base="$cache/rootfs/base-$base_key.tar"
+base_key=$( (echo "$suite $packages $extra"; sed -n '/^# --- base tree ---/,/^# --- end base tree ---/p' "$0") | sha256sum | cut -c1-16)
+base="$cache/rootfs/tree-$name-$base_key.tar"
 
 # --- base tree ---
 if [ ! -f "$base" ]; then
@@ -44,6 +60,27 @@ if [ ! -f "$base" ]; then
 		log "debootstrap failed (full log above)"
 		exit 1
 	}
+	if [ -n "$extra" ]; then
+		log "installing $(echo $extra | wc -w) more packages with apt"
+		echo "deb $mirror $suite main" >"$tree/etc/apt/sources.list"
+		mount -t proc proc "$tree/proc"
+		mount --bind /dev "$tree/dev"
+		trap 'umount "$work/tree/dev" "$work/tree/proc" 2>/dev/null; rm -rf "$work"' EXIT
+		# shellcheck disable=SC2086 # the list is words on purpose
+		if ! chroot "$tree" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C sh -c \
+			"apt-get update -q && apt-get install -y -q --no-install-recommends $(echo $extra)" >"$work/apt.log" 2>&1; then
+			tail -30 "$work/apt.log" >&2
+			log "apt-get install failed (log above)"
+			exit 1
+		fi
+		umount "$tree/dev" "$tree/proc"
+		trap 'rm -rf "$work"' EXIT
+		# pip installs for the user as people expect of a sandbox (Debian
+		# reserves the system Python for its own packages otherwise).
+		rm -f "$tree"/usr/lib/python3*/EXTERNALLY-MANAGED
+		ln -sf /usr/bin/python3 "$tree/usr/local/bin/python"
+		ln -sf /usr/bin/pip3 "$tree/usr/local/bin/pip"
+	fi
 	# The sandbox account: passwordless sudo, as users of E2B-style sandboxes expect.
 	chroot "$tree" useradd --create-home --shell /bin/bash --groups sudo user
 	echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' >"$tree/etc/sudoers.d/wrenn-user"

@@ -254,11 +254,23 @@ func serve(cmd string, args []string) error {
 	if err != nil {
 		return err
 	}
+	defaultDisk, err := envconf.Int("WRENN_DEFAULT_DISK_MB", 5120)
+	if err != nil {
+		return err
+	}
+	maxDisk, err := envconf.Int("WRENN_MAX_DISK_MB", 512<<10)
+	if err != nil {
+		return err
+	}
+	if defaultDisk < 256 || maxDisk < defaultDisk {
+		return fmt.Errorf("WRENN_DEFAULT_DISK_MB must be at least 256 and no more than WRENN_MAX_DISK_MB")
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
 		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
 		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas,
-		IngressDomain: ing.domain, IngressScheme: ing.scheme, E2BVCPUs: e2bVCPUs, E2BMemoryMB: e2bMemory})
+		IngressDomain: ing.domain, IngressScheme: ing.scheme, E2BVCPUs: e2bVCPUs, E2BMemoryMB: e2bMemory,
+		DefaultDiskMB: defaultDisk, MaxDiskMB: maxDisk})
 	defer srv.Close()
 	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
 	go rec.Run(ctx)

@@ -2,7 +2,9 @@ package cli
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -126,6 +128,7 @@ func (a *app) sandboxCmd() *cobra.Command {
 	var metadata, envs []string
 	var timeout time.Duration
 	var noWait bool
+	var disk string
 	create := &cobra.Command{
 		Use:   "create",
 		Short: "Create a capsule (waits until it runs; --no-wait returns at once)",
@@ -142,6 +145,11 @@ func (a *app) sandboxCmd() *cobra.Command {
 				return err
 			}
 			p.TimeoutSec, p.Wait = int(timeout.Seconds()), !noWait
+			if disk != "" {
+				if p.DiskSizeMB, err = sizeMB(disk); err != nil {
+					return fmt.Errorf("--disk: %w", err)
+				}
+			}
 			s, err := c.CreateCapsule(cmd.Context(), p)
 			if err != nil {
 				return err
@@ -152,6 +160,7 @@ func (a *app) sandboxCmd() *cobra.Command {
 	create.Flags().StringVarP(&p.Template, "template", "t", "", "template to start from (default minimal)")
 	create.Flags().IntVar(&p.VCPUs, "vcpus", 0, "virtual CPUs (default 1)")
 	create.Flags().IntVar(&p.MemoryMB, "memory", 0, "memory in MB (default 512)")
+	create.Flags().StringVar(&disk, "disk", "", "root disk size: MB, or with a unit (10G, 512M); default 5G, thin")
 	create.Flags().DurationVar(&timeout, "timeout", 0, "pause after this long idle, e.g. 10m (default: never)")
 	create.Flags().StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
 	create.Flags().StringArrayVarP(&metadata, "metadata", "m", nil, "metadata KEY=VALUE (repeatable)")
@@ -315,6 +324,27 @@ func (a *app) sandboxCmd() *cobra.Command {
 // envdPort is envd's port in every capsule; envd checks its own token.
 const envdPort = 49983
 
+// sizeMB reads a size in MB: a number, or one with a unit M/MB, G/GB,
+// T/TB (binary multiples, as the API counts).
+func sizeMB(v string) (int, error) {
+	u := strings.ToUpper(strings.TrimSpace(v))
+	mult := 1
+	for _, unit := range []struct {
+		suffix string
+		mult   int
+	}{{"TB", 1 << 20}, {"T", 1 << 20}, {"GB", 1 << 10}, {"G", 1 << 10}, {"MB", 1}, {"M", 1}} {
+		if strings.HasSuffix(u, unit.suffix) {
+			u, mult = strings.TrimSuffix(u, unit.suffix), unit.mult
+			break
+		}
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(u))
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("%q is not a size: use MB, or e.g. 10G", v)
+	}
+	return n * mult, nil
+}
+
 // pairs parses KEY=VALUE flags.
 func pairs(kvs []string, flag string) (map[string]string, error) {
 	if len(kvs) == 0 {
@@ -353,10 +383,16 @@ func (a *app) completeCapsules(cmd *cobra.Command, args []string, _ string) ([]s
 func (a *app) execCmd() *cobra.Command {
 	var envs []string
 	var cwd, user string
+	var stdin bool
+	var timeout time.Duration
 	c := &cobra.Command{
 		Use:   "exec ID -- COMMAND [ARGS...]",
 		Short: "Run a command in a capsule, streaming its output; exits with its exit code",
-		Args:  cobra.MinimumNArgs(2),
+		Long: `Run a command in a capsule. Its output streams as it comes and wrenn exits with the
+command's exit code (127: no such command). -i streams this terminal's standard input to it.
+Ctrl-C stops the command (and what it started) and exits 130. With --timeout the command is
+killed when it runs longer (exit 124). --json prints one object at the end instead.`,
+		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 1 {
 				return fmt.Errorf("put -- between the capsule ID and the command: wrenn exec ID -- COMMAND")
@@ -369,16 +405,37 @@ func (a *app) execCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			code, err := c.ExecStream(cmd.Context(), args[0], wrenn.ExecParams{Cmd: args[1], Args: args[2:], Envs: env, Cwd: cwd, User: user},
-				func(stream string, data []byte) {
-					if stream == "stderr" {
-						_, _ = a.stderr.Write(data)
-						return
-					}
+			p := wrenn.ExecParams{Cmd: args[1], Args: args[2:], Envs: env, Cwd: cwd, User: user, TimeoutSec: int(timeout.Seconds())}
+			if stdin {
+				p.Stdin = a.stdin
+			}
+			var stdout, stderr bytes.Buffer
+			code, err := c.ExecStream(cmd.Context(), args[0], p, func(stream string, data []byte) {
+				switch {
+				case a.json && stream == "stderr":
+					stderr.Write(data)
+				case a.json:
+					stdout.Write(data)
+				case stream == "stderr":
+					_, _ = a.stderr.Write(data)
+				default:
 					_, _ = a.stdout.Write(data)
-				})
-			if err != nil {
+				}
+			})
+			switch {
+			case errors.Is(err, wrenn.ErrTimedOut):
+				fmt.Fprintf(a.stderr, "wrenn: the command ran longer than %s and was stopped\n", timeout)
+				code, err = 124, nil
+			case err != nil && cmd.Context().Err() != nil:
+				fmt.Fprintln(a.stderr, "wrenn: interrupted; the command was stopped")
+				return ExitError{Code: 130}
+			case err != nil:
 				return err
+			}
+			if a.json {
+				if err := a.print(map[string]any{"exit_code": code, "stdout": stdout.String(), "stderr": stderr.String()}, nil); err != nil {
+					return err
+				}
 			}
 			if code != 0 {
 				return ExitError{Code: code}
@@ -390,6 +447,8 @@ func (a *app) execCmd() *cobra.Command {
 	c.Flags().StringArrayVarP(&envs, "env", "e", nil, "environment variable KEY=VALUE (repeatable)")
 	c.Flags().StringVar(&cwd, "cwd", "", "working directory")
 	c.Flags().StringVarP(&user, "user", "u", "", "run as this user (default: the image's)")
+	c.Flags().BoolVarP(&stdin, "stdin", "i", false, "stream standard input to the command (EOF closes its stdin)")
+	c.Flags().DurationVar(&timeout, "timeout", 0, "stop the command after this long, e.g. 30s (default: none)")
 	return c
 }
 

@@ -54,11 +54,16 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 }
 
-// describe turns API errors into one plain sentence with a hint.
+// describe turns API errors into one plain sentence with a hint, and
+// drops the SDK's own "wrenn: " prefixes (Run prints one).
 func describe(err error) string {
 	var ae *wrenn.APIError
 	if !errors.As(err, &ae) {
-		return err.Error()
+		msg := err.Error()
+		for strings.HasPrefix(msg, "wrenn: ") {
+			msg = strings.TrimPrefix(msg, "wrenn: ")
+		}
+		return msg
 	}
 	msg := ae.Message
 	switch ae.Status {
@@ -87,7 +92,32 @@ or with WRENN_URL and WRENN_API_KEY. Output is a table; --json prints JSON for s
 	root.PersistentFlags().StringVar(&a.apiKey, "api-key", "", "API key (default: the saved one or WRENN_API_KEY)")
 	root.AddCommand(a.loginCmd(), a.sandboxCmd(), a.execCmd(), a.shellCmd(), a.filesCmd(), a.templateCmd(),
 		a.snapshotCmd(), a.hostCmd(), a.keyCmd())
+	refuseUnknown(root)
 	return root
+}
+
+// refuseUnknown makes every command group (sandbox, files, ...) fail on
+// an unknown subcommand, with cobra's suggestions, instead of printing
+// its help and succeeding.
+func refuseUnknown(cmd *cobra.Command) {
+	for _, sub := range cmd.Commands() {
+		refuseUnknown(sub)
+	}
+	if !cmd.HasSubCommands() || cmd.Runnable() || !cmd.HasParent() {
+		return
+	}
+	cmd.Args = cobra.ArbitraryArgs
+	cmd.SuggestionsMinimumDistance = 2
+	cmd.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return c.Help()
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", args[0], c.CommandPath())
+		if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += "; did you mean " + strings.Join(s, " or ") + "?"
+		}
+		return errors.New(msg + " (see " + c.CommandPath() + " --help)")
+	}
 }
 
 // client builds an SDK client from flags, environment and saved config.

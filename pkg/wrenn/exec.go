@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -19,8 +21,15 @@ type ExecParams struct {
 	Envs       map[string]string `json:"envs,omitempty"`
 	Cwd        string            `json:"cwd,omitempty"`
 	User       string            `json:"user,omitempty"`
-	TimeoutSec int               `json:"timeout_sec,omitempty"` // Exec: default 30
+	TimeoutSec int               `json:"timeout_sec,omitempty"` // Exec: default 30 s; ExecStream: none
+	// Stdin feeds the command's standard input: Exec sends it whole (up
+	// to 4 MiB), ExecStream streams it and closes stdin at EOF.
+	Stdin io.Reader `json:"-"`
 }
+
+// ErrTimedOut is returned (wrapped) for a command that ran past its
+// timeout: the server killed it and the processes it started.
+var ErrTimedOut = errors.New("the command did not finish within its timeout and was killed")
 
 // ExecResult is a finished command.
 type ExecResult struct {
@@ -41,7 +50,27 @@ func (c *Client) Exec(ctx context.Context, id string, p ExecParams) (ExecResult,
 		DurationMS int64  `json:"duration_ms"`
 		Truncated  bool   `json:"truncated"`
 	}
-	if err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/exec", p, &out); err != nil {
+	body := struct {
+		ExecParams
+		Stdin         *string `json:"stdin,omitempty"`
+		StdinEncoding string  `json:"stdin_encoding,omitempty"`
+	}{ExecParams: p}
+	if p.Stdin != nil {
+		data, err := io.ReadAll(io.LimitReader(p.Stdin, maxExecStdin+1))
+		if err != nil {
+			return ExecResult{}, fmt.Errorf("wrenn: read stdin: %w", err)
+		}
+		if len(data) > maxExecStdin {
+			return ExecResult{}, fmt.Errorf("wrenn: stdin is larger than %d MiB; use ExecStream", maxExecStdin>>20)
+		}
+		enc := base64.StdEncoding.EncodeToString(data)
+		body.Stdin, body.StdinEncoding = &enc, "base64"
+	}
+	if err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/exec", body, &out); err != nil {
+		var ae *APIError
+		if errors.As(err, &ae) && ae.Code == "command_timeout" {
+			return ExecResult{ExitCode: -1}, fmt.Errorf("%w (%s)", ErrTimedOut, ae.Message)
+		}
 		return ExecResult{}, err
 	}
 	res := ExecResult{Stdout: []byte(out.Stdout), Stderr: []byte(out.Stderr), ExitCode: out.ExitCode, DurationMS: out.DurationMS, Truncated: out.Truncated}
@@ -106,7 +135,8 @@ func (c *Client) ExecStream(ctx context.Context, id string, p ExecParams, out Ou
 	start := struct {
 		Type string `json:"type"`
 		ExecParams
-	}{"start", p}
+		StdinOpen bool `json:"stdin_open,omitempty"`
+	}{"start", p, p.Stdin != nil}
 	if err := writeJSONMessage(ctx, ws, start); err != nil {
 		return -1, err
 	}
@@ -115,7 +145,32 @@ func (c *Client) ExecStream(ctx context.Context, id string, p ExecParams, out Ou
 		_ = writeJSONMessage(context.Background(), ws, map[string]string{"type": "stop"})
 	})
 	defer stop()
-	return follow(ctx, ws, out)
+	var started func()
+	if p.Stdin != nil {
+		started = func() { go feedStdin(ctx, ws, p.Stdin) }
+	}
+	return followStarted(ctx, ws, out, started)
+}
+
+// maxExecStdin is the most stdin Exec sends (the server's limit).
+const maxExecStdin = 4 << 20
+
+// feedStdin streams r to the command's stdin in chunks, then closes it.
+func feedStdin(ctx context.Context, ws *websocket.Conn, r io.Reader) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			msg := map[string]string{"type": "stdin", "data": base64.StdEncoding.EncodeToString(buf[:n]), "encoding": "base64"}
+			if werr := writeJSONMessage(ctx, ws, msg); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			_ = writeJSONMessage(ctx, ws, map[string]string{"type": "close_stdin"})
+			return
+		}
+	}
 }
 
 // ConnectProcess follows a background process's output until it exits.
@@ -130,6 +185,11 @@ func (c *Client) ConnectProcess(ctx context.Context, id, selector string, out Ou
 
 // follow reads stream events until exit.
 func follow(ctx context.Context, ws *websocket.Conn, out OutputFunc) (int, error) {
+	return followStarted(ctx, ws, out, nil)
+}
+
+// followStarted is follow that calls started (if set) once the process runs.
+func followStarted(ctx context.Context, ws *websocket.Conn, out OutputFunc, started func()) (int, error) {
 	for {
 		_, raw, err := ws.Read(ctx)
 		if err != nil {
@@ -148,6 +208,13 @@ func follow(ctx context.Context, ws *websocket.Conn, out OutputFunc) (int, error
 			return -1, fmt.Errorf("wrenn: bad stream message: %w", err)
 		}
 		switch ev.Type {
+		case "start":
+			if started != nil {
+				started()
+				started = nil
+			}
+		case "timeout":
+			return -1, fmt.Errorf("wrenn: %w", ErrTimedOut)
 		case "stdout", "stderr":
 			data := []byte(ev.Data)
 			if ev.Encoding == "base64" {

@@ -387,7 +387,14 @@ type ExecSpec struct {
 	PTY *PTYSize
 	// KeepStdin leaves stdin open for later SendInput calls.
 	KeepStdin bool
+	// KillOnCancel kills the process's group when ctx ends before the
+	// process does (a foreground command whose caller gave up or timed
+	// out); otherwise it runs on, as background processes do.
+	KillOnCancel bool
 }
+
+// killWait bounds the kill of a cancelled foreground command.
+const killWait = 5 * time.Second
 
 // PTYSize is a terminal size.
 type PTYSize struct{ Cols, Rows uint32 }
@@ -413,14 +420,32 @@ func (c *Client) Exec(ctx context.Context, spec ExecSpec, fn func(ExecEvent) err
 		return err
 	}
 	defer stream.Close()
-	return follow(stream.Receive, func() *pb.ProcessEvent { return stream.Msg().GetEvent() }, stream.Err, func(ev ExecEvent) error {
-		if ev.PID != 0 && len(spec.Stdin) > 0 {
-			if err := c.sendStdin(ctx, ev.PID, spec.Stdin); err != nil {
-				return err
+	var pid uint32
+	ended := false
+	err = follow(stream.Receive, func() *pb.ProcessEvent { return stream.Msg().GetEvent() }, stream.Err, func(ev ExecEvent) error {
+		if ev.PID != 0 {
+			pid = ev.PID
+			if len(spec.Stdin) > 0 {
+				if err := c.sendStdin(ctx, ev.PID, spec.Stdin, !spec.KeepStdin); err != nil {
+					return err
+				}
 			}
+		}
+		if ev.ExitCode != nil {
+			ended = true
 		}
 		return fn(ev)
 	})
+	if spec.KillOnCancel && ctx.Err() != nil && pid != 0 && !ended {
+		// envd signals the whole process group, so what the command
+		// started goes with it.
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), killWait)
+		defer cancel()
+		if kerr := c.Signal(kctx, &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: pid}}, true); kerr != nil && connect.CodeOf(kerr) != connect.CodeNotFound {
+			return errors.Join(err, fmt.Errorf("kill process %d: %w", pid, kerr))
+		}
+	}
+	return err
 }
 
 // ErrStopFollowing, returned by an event callback, ends the stream early
@@ -551,10 +576,13 @@ func (c *Client) Signal(ctx context.Context, sel *pb.ProcessSelector, force bool
 	return err
 }
 
-func (c *Client) sendStdin(ctx context.Context, pid uint32, data []byte) error {
+func (c *Client) sendStdin(ctx context.Context, pid uint32, data []byte, closeAfter bool) error {
 	sel := &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: pid}}
 	if _, err := c.proc.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: sel, Input: &pb.ProcessInput{Input: &pb.ProcessInput_Stdin{Stdin: data}}})); err != nil {
 		return err
+	}
+	if !closeAfter {
+		return nil
 	}
 	_, err := c.proc.CloseStdin(ctx, connect.NewRequest(&pb.CloseStdinRequest{Process: sel}))
 	return err

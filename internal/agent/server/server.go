@@ -405,7 +405,8 @@ func execSpec(msg *pb.ExecRequest) (envdclient.ExecSpec, error) {
 	if len(msg.GetStdin()) > maxFileBytes {
 		return envdclient.ExecSpec{}, fmt.Errorf("%w: stdin larger than %d bytes", sandbox.ErrInvalid, maxFileBytes)
 	}
-	spec := envdclient.ExecSpec{Cmd: msg.GetCmd(), Args: msg.GetArgs(), Env: msg.GetEnv(), Cwd: msg.GetCwd(), User: msg.GetUser(), Stdin: msg.GetStdin(), Tag: msg.GetTag()}
+	spec := envdclient.ExecSpec{Cmd: msg.GetCmd(), Args: msg.GetArgs(), Env: msg.GetEnv(), Cwd: msg.GetCwd(), User: msg.GetUser(), Stdin: msg.GetStdin(), Tag: msg.GetTag(),
+		KeepStdin: msg.GetKeepStdin()}
 	if p := msg.GetPty(); p != nil {
 		spec.PTY = &envdclient.PTYSize{Cols: p.GetCols(), Rows: p.GetRows()}
 	}
@@ -426,6 +427,10 @@ func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest])
 	if n := req.Msg.GetTimeoutSeconds(); n > 0 {
 		limit = time.Duration(n) * time.Second
 	}
+	// A foreground command dies with its call: at its timeout, or when
+	// the caller goes away.
+	spec.KillOnCancel = true
+	callCtx := ctx
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	release, err := c.HoldOutput(ctx)
@@ -451,13 +456,16 @@ func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest])
 		}
 		return nil
 	})
+	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("command did not finish within %v", limit))
+		if ctx.Err() != nil && callCtx.Err() == nil {
+			// Its own timeout: an answer, with what it wrote until then.
+			res.TimedOut, res.ExitCode = true, -1
+			s.log.Info("command timed out and was killed", "sandbox", req.Msg.GetSandboxId(), "cmd", spec.Cmd, "timeout", limit)
+			return connect.NewResponse(res), nil
 		}
 		return nil, toConnect(err)
 	}
-	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
 	return connect.NewResponse(res), nil
 }
 
@@ -471,14 +479,23 @@ func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecReq
 	if err != nil {
 		return toConnect(err)
 	}
+	callCtx := ctx
 	if n := req.Msg.GetTimeoutSeconds(); n > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(n)*time.Second)
 		defer cancel()
 	}
-	// A terminal session keeps stdin open for SendInput.
-	spec.KeepStdin = spec.PTY != nil
-	return toConnect(c.Exec(ctx, spec, relay(stream)))
+	// A terminal session keeps stdin open for SendInput, and outlives its
+	// stream (a client may leave it and join again); a command dies with
+	// its stream or at its timeout.
+	spec.KeepStdin = spec.KeepStdin || spec.PTY != nil
+	spec.KillOnCancel = spec.PTY == nil
+	err = c.Exec(ctx, spec, relay(stream))
+	if err != nil && ctx.Err() != nil && callCtx.Err() == nil {
+		s.log.Info("streamed command timed out and was killed", "sandbox", req.Msg.GetSandboxId(), "cmd", spec.Cmd)
+		return stream.Send(&pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_TimedOut{TimedOut: true}})
+	}
+	return toConnect(err)
 }
 
 // relay forwards process events to a client stream.

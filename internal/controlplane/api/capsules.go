@@ -170,7 +170,7 @@ func (req *createCapsuleRequest) validate() error {
 	if err := intIn(&req.MemoryMB, 512, 128, maxMemoryMB, "memory_mb"); err != nil {
 		return err
 	}
-	if err := intIn(&req.DiskSizeMB, 0, 0, maxDiskMB, "disk_size_mb"); err != nil {
+	if err := intIn(&req.DiskSizeMB, 0, 0, maxDiskMB*64, "disk_size_mb"); err != nil { // the platform's own maximum is checked at placement
 		return err
 	}
 	if err := intIn(&req.TimeoutSec, 0, 0, maxTimeoutSec, "timeout_sec"); err != nil {
@@ -282,6 +282,14 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 		s.audit(ctx, p, p.TeamID, "capsule", "", "capsule.create", err, nil)
 		return none, tpl, sreq, errf(http.StatusServiceUnavailable, "no_capacity", "%s", err.Error())
 	}
+	disk := *req.DiskSizeMB
+	if disk == 0 {
+		disk = max(s.cfg.DefaultDiskMB, int((tpl.SizeBytes+1<<20-1)>>20))
+	}
+	if disk > s.cfg.MaxDiskMB {
+		return none, tpl, sreq, badRequest("disk_size_mb %d is more than this platform's maximum of %d", disk, s.cfg.MaxDiskMB)
+	}
+	*req.DiskSizeMB = disk
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
 		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume, EndAt: req.endAt}
@@ -303,9 +311,9 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 // StartCapsule creates a capsule for a background job of the control
 // plane (a template build) on behalf of a team member, and returns it
 // once it runs.
-func (s *Server) StartCapsule(ctx context.Context, teamID, userID, template string, vcpus, memoryMB int, envs, metadata map[string]string) (store.Sandbox, error) {
+func (s *Server) StartCapsule(ctx context.Context, teamID, userID, template string, vcpus, memoryMB, diskMB int, envs, metadata map[string]string) (store.Sandbox, error) {
 	zero, no := 0, false
-	req := createCapsuleRequest{Template: template, VCPUs: &vcpus, MemoryMB: &memoryMB, TimeoutSec: &zero, AutoPause: &no, Envs: envs, Metadata: metadata}
+	req := createCapsuleRequest{Template: template, VCPUs: &vcpus, MemoryMB: &memoryMB, DiskSizeMB: &diskMB, TimeoutSec: &zero, AutoPause: &no, Envs: envs, Metadata: metadata}
 	if err := req.validate(); err != nil {
 		return store.Sandbox{}, err
 	}

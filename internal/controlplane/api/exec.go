@@ -27,7 +27,19 @@ type execRequest struct {
 	Envs       map[string]string `json:"envs"`
 	Cwd        string            `json:"cwd"`
 	User       string            `json:"user"`
+	// Stdin is written to the command's stdin, then closed (exec); with
+	// StdinEncoding "base64" it is decoded first.
+	Stdin         *string `json:"stdin"`
+	StdinEncoding string  `json:"stdin_encoding"`
+	// KeepStdin (exec/stream) keeps stdin open for "stdin" messages.
+	KeepStdin bool `json:"stdin_open"`
 }
+
+// maxExecStdin bounds the stdin of one exec call (the agent's limit).
+const maxExecStdin = 4 << 20
+
+// defaultExecTimeout is a foreground exec's timeout when none is given.
+const defaultExecTimeout = 30
 
 func (e *execRequest) validate() error {
 	if e.Cmd == "" {
@@ -42,11 +54,35 @@ func (e *execRequest) validate() error {
 	if len(e.Tag) > 128 {
 		return badRequest("tag must be at most 128 characters")
 	}
+	switch e.StdinEncoding {
+	case "", "utf-8", "base64":
+	default:
+		return badRequest("stdin_encoding must be utf-8 or base64")
+	}
+	if e.Stdin != nil && len(*e.Stdin) > maxExecStdin*4/3+4 {
+		return badRequest("stdin is larger than %d MiB; write a file and redirect it instead", maxExecStdin>>20)
+	}
 	return nil
 }
 
+// stdinBytes decodes Stdin.
+func (e *execRequest) stdinBytes() ([]byte, error) {
+	if e.Stdin == nil {
+		return nil, nil
+	}
+	if e.StdinEncoding != "base64" {
+		return []byte(*e.Stdin), nil
+	}
+	b, err := base64.StdEncoding.DecodeString(*e.Stdin)
+	if err != nil {
+		return nil, badRequest("stdin is not base64: %s", err.Error())
+	}
+	return b, nil
+}
+
 func (e *execRequest) agent(sandboxID string) *pb.ExecRequest {
-	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: e.User, Tag: e.Tag}
+	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: e.User, Tag: e.Tag, KeepStdin: e.KeepStdin}
+	in.Stdin, _ = e.stdinBytes() // validated by the caller
 	if e.TimeoutSec != nil {
 		in.TimeoutSeconds = int32(*e.TimeoutSec)
 	}
@@ -76,8 +112,11 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		writeJSON(w, http.StatusAccepted, map[string]any{"sandbox_id": sb.ID, "cmd": req.Cmd, "pid": resp.Msg.GetPid(), "tag": req.Tag})
 		return nil
 	}
-	if req.TimeoutSec == nil {
-		t := 30
+	if _, err := req.stdinBytes(); err != nil {
+		return err
+	}
+	if req.TimeoutSec == nil || *req.TimeoutSec == 0 {
+		t := defaultExecTimeout
 		req.TimeoutSec = &t
 	}
 	// The answer waits for the command: its deadline follows the command's.
@@ -96,6 +135,12 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		out["stdout"], out["stderr"], out["encoding"] = string(stdout), string(stderr), "utf-8"
 	} else {
 		out["stdout"], out["stderr"], out["encoding"] = base64.StdEncoding.EncodeToString(stdout), base64.StdEncoding.EncodeToString(stderr), "base64"
+	}
+	if resp.Msg.GetTimedOut() {
+		// Its own error, with what it wrote until then.
+		e := errf(http.StatusRequestTimeout, "command_timeout", "the command did not finish within its timeout of %d s and was killed (with the processes it started); give a longer timeout_sec, or run it in the background", *req.TimeoutSec)
+		e.extra = out
+		return e
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -171,14 +216,19 @@ func wsWrite(ctx context.Context, conn *websocket.Conn, msg any) error {
 	return conn.Write(wctx, websocket.MessageText, b)
 }
 
-// pump relays an agent stream of process events to the WebSocket.
-func pump(ctx context.Context, conn *websocket.Conn, stream *connect.ServerStreamForClient[pb.ExecStreamResponse]) {
+// pump relays an agent stream of process events to the WebSocket;
+// started (if set) is closed once the process runs.
+func pump(ctx context.Context, conn *websocket.Conn, stream *connect.ServerStreamForClient[pb.ExecStreamResponse], started chan struct{}) {
 	for stream.Receive() {
 		m := stream.Msg()
 		var ev streamEvent
 		switch e := m.GetEvent().(type) {
 		case *pb.ExecStreamResponse_Pid:
 			ev = streamEvent{Type: "start", PID: e.Pid}
+			if started != nil {
+				close(started)
+				started = nil
+			}
 		case *pb.ExecStreamResponse_Stdout:
 			ev = outputEvent("stdout", e.Stdout)
 		case *pb.ExecStreamResponse_Stderr:
@@ -188,14 +238,16 @@ func pump(ctx context.Context, conn *websocket.Conn, stream *connect.ServerStrea
 		case *pb.ExecStreamResponse_ExitCode:
 			code := e.ExitCode
 			ev = streamEvent{Type: "exit", ExitCode: &code}
+		case *pb.ExecStreamResponse_TimedOut:
+			ev = streamEvent{Type: "timeout", Data: "the command did not finish within its timeout and was killed (with the processes it started)"}
 		default:
 			continue
 		}
 		if err := wsWrite(ctx, conn, ev); err != nil {
 			return
 		}
-		if ev.Type == "exit" {
-			conn.Close(websocket.StatusNormalClosure, "process exited")
+		if ev.Type == "exit" || ev.Type == "timeout" {
+			conn.Close(websocket.StatusNormalClosure, "process "+ev.Type)
 			return
 		}
 	}
@@ -290,8 +342,12 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal
 		return nil
 	}
 	defer stream.Close()
-	// Client messages: {"type":"stop"} kills the process; a closed socket
-	// ends the stream (and the agent stops the process with it).
+	// Client messages: {"type":"stdin","data":...[,"encoding":"base64"]}
+	// feeds stdin (started with "stdin_open": true), {"type":"close_stdin"}
+	// ends it, {"type":"stop"} kills the process; a closed socket ends the
+	// stream, and the agent kills the command with it.
+	ref := &pb.ProcessRef{SandboxId: sb.ID, Tag: tag}
+	started := make(chan struct{})
 	go func() {
 		for {
 			_, msg, err := conn.Read(ctx)
@@ -300,14 +356,36 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal
 				return
 			}
 			var m struct {
-				Type string `json:"type"`
+				Type     string `json:"type"`
+				Data     string `json:"data"`
+				Encoding string `json:"encoding"`
 			}
-			if json.Unmarshal(msg, &m) == nil && m.Type == "stop" {
-				_, _ = c.KillProcess(ctx, connect.NewRequest(&pb.KillProcessRequest{Process: &pb.ProcessRef{SandboxId: sb.ID, Tag: tag}, Force: true}))
+			if json.Unmarshal(msg, &m) != nil {
+				continue
+			}
+			switch m.Type {
+			case "stop":
+				_, _ = c.KillProcess(ctx, connect.NewRequest(&pb.KillProcessRequest{Process: ref, Force: true}))
+			case "stdin", "close_stdin":
+				select { // input waits for the process to exist
+				case <-started:
+				case <-ctx.Done():
+					return
+				}
+				data := []byte(m.Data)
+				if m.Encoding == "base64" {
+					if data, err = base64.StdEncoding.DecodeString(m.Data); err != nil {
+						_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: "stdin data is not base64"})
+						continue
+					}
+				}
+				if _, err := c.SendInput(ctx, connect.NewRequest(&pb.SendInputRequest{Process: ref, Data: data, CloseStdin: m.Type == "close_stdin"})); err != nil && ctx.Err() == nil {
+					_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: "stdin: " + errorMessage(err)})
+				}
 			}
 		}
 	}()
-	pump(ctx, conn, stream)
+	pump(ctx, conn, stream, started)
 	return nil
 }
 
@@ -337,6 +415,6 @@ func (s *Server) processStream(w http.ResponseWriter, r *http.Request, p *princi
 			}
 		}
 	}()
-	pump(ctx, conn, stream)
+	pump(ctx, conn, stream, nil)
 	return nil
 }

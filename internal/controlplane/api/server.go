@@ -78,6 +78,12 @@ type Config struct {
 	// from templates that name no size (default 2 and 512, as E2B's base).
 	E2BVCPUs    int
 	E2BMemoryMB int
+	// DefaultDiskMB is a capsule's disk when it asks for none (default
+	// 5120; thin, so only what is written takes room), or its template's
+	// size when larger; MaxDiskMB is the most one may ask for (default
+	// 512 GiB).
+	DefaultDiskMB int
+	MaxDiskMB     int
 }
 
 // mailsPerHour is how many password-reset mails one account may be sent.
@@ -140,6 +146,12 @@ func New(cfg Config) *Server {
 	}
 	if cfg.E2BMemoryMB == 0 {
 		cfg.E2BMemoryMB = 512
+	}
+	if cfg.DefaultDiskMB == 0 {
+		cfg.DefaultDiskMB = 5120
+	}
+	if cfg.MaxDiskMB == 0 {
+		cfg.MaxDiskMB = maxDiskMB
 	}
 	if cfg.NotifyClient == nil {
 		cfg.NotifyClient = notify.NewClient(false)

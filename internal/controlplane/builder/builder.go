@@ -23,7 +23,7 @@ import (
 
 // Capsules are the capsule operations a build borrows from the API.
 type Capsules interface {
-	StartCapsule(ctx context.Context, teamID, userID, template string, vcpus, memoryMB int, envs, metadata map[string]string) (store.Sandbox, error)
+	StartCapsule(ctx context.Context, teamID, userID, template string, vcpus, memoryMB, diskMB int, envs, metadata map[string]string) (store.Sandbox, error)
 	DestroyCapsule(ctx context.Context, sb store.Sandbox) error
 	AgentFor(ctx context.Context, hostID string) (agentclient.Client, error)
 }
@@ -159,7 +159,7 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 		creator = *bd.CreatedBy
 	}
 	logf("== starting a capsule from %q (%d vCPU, %d MB)\n", r.BaseTemplate, r.VCPUs, r.MemoryMB)
-	sb, err := b.Capsules.StartCapsule(ctx, bd.TeamID, creator, r.BaseTemplate, r.VCPUs, r.MemoryMB, r.Envs, map[string]string{"wrenn.build": bd.ID})
+	sb, err := b.Capsules.StartCapsule(ctx, bd.TeamID, creator, r.BaseTemplate, r.VCPUs, r.MemoryMB, r.DiskSizeMB, r.Envs, map[string]string{"wrenn.build": bd.ID})
 	if sb.ID != "" {
 		_ = b.Store.SetBuildSandbox(ctx, bd.ID, sb.ID)
 		defer func() {

@@ -21,6 +21,7 @@ const (
 	MaxHealthSec      = 600
 	MaxVCPUs          = 8
 	MaxMemoryMB       = 16384
+	MaxDiskMB         = 256 << 10
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -44,6 +45,9 @@ type Recipe struct {
 	HealthCheck *HealthCheck `json:"healthcheck,omitempty"`
 	VCPUs       int          `json:"vcpus"`
 	MemoryMB    int          `json:"memory_mb"`
+	// DiskSizeMB is the build capsule's disk (0: the platform's default),
+	// room for what the commands install.
+	DiskSizeMB int `json:"disk_size_mb"`
 }
 
 // HealthCheck is retried until it passes or its time is up.
@@ -122,6 +126,9 @@ func (r *Recipe) normalize() error {
 		if h.TimeoutSec < 1 || h.TimeoutSec > MaxHealthSec || h.IntervalSec < 1 || h.IntervalSec > h.TimeoutSec {
 			return fmt.Errorf("healthcheck: timeout_sec must be 1-%d and interval_sec 1..timeout_sec", MaxHealthSec)
 		}
+	}
+	if r.DiskSizeMB < 0 || r.DiskSizeMB > MaxDiskMB {
+		return fmt.Errorf("disk_size_mb must be between 0 (the default) and %d", MaxDiskMB)
 	}
 	if r.VCPUs == 0 {
 		r.VCPUs = 1

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -227,13 +228,23 @@ func (s *Service) prepare(ctx context.Context, msg *pb.StartRequest) (startConfi
 	}
 
 	env := buildEnv(s.defaults.Env(), u, pc.GetEnvs())
-	path, err := lookPath(pc.GetCmd(), env, dir)
+	path, argv0, args := "", pc.GetCmd(), pc.GetArgs()
+	path, err = lookPath(pc.GetCmd(), env, dir)
 	if err != nil {
-		return startConfig{}, connect.NewError(connect.CodeNotFound, err)
+		// As a shell would: the command runs, says why on stderr and exits
+		// 127 (not found) or 126 (not executable), so every client sees an
+		// ordinary process with an exit code, as from E2B's envd.
+		code := 127
+		var cr *cannotRun
+		if errors.As(err, &cr) {
+			code = cr.code
+		}
+		path, argv0 = "/bin/sh", "sh"
+		args = []string{"-c", `printf '%s\n' "$1" >&2; exit ` + strconv.Itoa(code), "sh", err.Error()}
 	}
 
 	cfg := startConfig{
-		path: path, argv0: pc.GetCmd(), args: pc.GetArgs(), env: env, dir: dir,
+		path: path, argv0: argv0, args: args, env: env, dir: dir,
 		credential: cred, tag: tag, config: pc, stdin: msg.Stdin == nil || msg.GetStdin(),
 	}
 	if msg.Pty != nil {
@@ -283,8 +294,14 @@ func lookPath(cmd string, env []string, dir string) (string, error) {
 		if !filepath.IsAbs(cmd) {
 			cmd = filepath.Join(dir, cmd)
 		}
-		if fi, err := os.Stat(cmd); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
-			return "", fmt.Errorf("executable %s not found or not executable", cmd)
+		fi, err := os.Stat(cmd)
+		switch {
+		case err != nil:
+			return "", &cannotRun{cmd + ": no such file or directory", 127}
+		case fi.IsDir():
+			return "", &cannotRun{cmd + ": is a directory", 126}
+		case fi.Mode()&0o111 == 0:
+			return "", &cannotRun{cmd + ": permission denied (not executable)", 126}
 		}
 		return cmd, nil
 	}
@@ -300,8 +317,17 @@ func lookPath(cmd string, env []string, dir string) (string, error) {
 			return candidate, nil
 		}
 	}
-	return "", fmt.Errorf("executable %q not found in PATH", cmd)
+	return "", &cannotRun{cmd + ": command not found", 127}
 }
+
+// cannotRun says why a command cannot be started, with the exit code a
+// shell gives for it: 127 not found, 126 not executable.
+type cannotRun struct {
+	msg  string
+	code int
+}
+
+func (e *cannotRun) Error() string { return e.msg }
 
 func startError(cfg startConfig, err error) error {
 	switch {

@@ -391,18 +391,36 @@ func TestProcessBadInput(t *testing.T) {
 		req  *pb.StartRequest
 		code connect.Code
 	}{
-		"empty cmd":      {&pb.StartRequest{Process: &pb.ProcessConfig{}}, connect.CodeInvalidArgument},
-		"no process":     {&pb.StartRequest{}, connect.CodeInvalidArgument},
-		"unknown binary": {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "no-such-binary-wrenn"}}, connect.CodeNotFound},
-		"missing cwd":    {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true", Cwd: &missing}}, connect.CodeInvalidArgument},
-		"bad env name":   {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true", Envs: map[string]string{"A=B": "c"}}}, connect.CodeInvalidArgument},
-		"huge pty":       {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true"}, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: 100000, Rows: 10}}}, connect.CodeInvalidArgument},
-		"nul in arg":     {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "echo", Args: []string{"a\x00b"}}}, connect.CodeInvalidArgument},
+		"empty cmd":    {&pb.StartRequest{Process: &pb.ProcessConfig{}}, connect.CodeInvalidArgument},
+		"no process":   {&pb.StartRequest{}, connect.CodeInvalidArgument},
+		"missing cwd":  {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true", Cwd: &missing}}, connect.CodeInvalidArgument},
+		"bad env name": {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true", Envs: map[string]string{"A=B": "c"}}}, connect.CodeInvalidArgument},
+		"huge pty":     {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "true"}, Pty: &pb.PTY{Size: &pb.PTY_Size{Cols: 100000, Rows: 10}}}, connect.CodeInvalidArgument},
+		"nul in arg":   {&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: "echo", Args: []string{"a\x00b"}}}, connect.CodeInvalidArgument},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			wantCode(t, h.startErr(ctx, connect.NewRequest(tc.req)), tc.code)
 		})
+	}
+
+	// A command that cannot be run is a process that says why and exits
+	// as a shell's would: 127 not found, 126 not executable.
+	notExec := filepath.Join(t.TempDir(), "script")
+	_ = os.WriteFile(notExec, []byte("echo hi\n"), 0o644)
+	for cmd, want := range map[string]struct {
+		code int32
+		msg  string
+	}{
+		"no-such-binary-wrenn": {127, "no-such-binary-wrenn: command not found\n"},
+		"/no/such/file":        {127, "/no/such/file: no such file or directory\n"},
+		notExec:                {126, notExec + ": permission denied (not executable)\n"},
+		"/tmp":                 {126, "/tmp: is a directory\n"},
+	} {
+		r := h.run(ctx, connect.NewRequest(&pb.StartRequest{Process: &pb.ProcessConfig{Cmd: cmd, Args: []string{"x"}}}))
+		if r.end.GetExitCode() != want.code || r.stderr.String() != want.msg || r.pid == 0 {
+			t.Errorf("%s: exit %d, stderr %q, pid %d", cmd, r.end.GetExitCode(), r.stderr.String(), r.pid)
+		}
 	}
 
 	unknownPID := &pb.ProcessSelector{Selector: &pb.ProcessSelector_Pid{Pid: 999999}}

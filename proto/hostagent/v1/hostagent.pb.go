@@ -1507,7 +1507,10 @@ type ExecRequest struct {
 	// A terminal of this size instead of pipes (ExecStream, StartProcess).
 	Pty *PtySize `protobuf:"bytes,9,opt,name=pty,proto3" json:"pty,omitempty"`
 	// A name to find the process by later (StartProcess, ExecStream).
-	Tag           string `protobuf:"bytes,10,opt,name=tag,proto3" json:"tag,omitempty"`
+	Tag string `protobuf:"bytes,10,opt,name=tag,proto3" json:"tag,omitempty"`
+	// Keep stdin open for SendInput (ExecStream); otherwise it is closed
+	// once stdin (above) is written.
+	KeepStdin     bool `protobuf:"varint,11,opt,name=keep_stdin,json=keepStdin,proto3" json:"keep_stdin,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1612,6 +1615,13 @@ func (x *ExecRequest) GetTag() string {
 	return ""
 }
 
+func (x *ExecRequest) GetKeepStdin() bool {
+	if x != nil {
+		return x.KeepStdin
+	}
+	return false
+}
+
 type PtySize struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Cols          uint32                 `protobuf:"varint,1,opt,name=cols,proto3" json:"cols,omitempty"`
@@ -1665,11 +1675,14 @@ func (x *PtySize) GetRows() uint32 {
 }
 
 type ExecResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Stdout        []byte                 `protobuf:"bytes,1,opt,name=stdout,proto3" json:"stdout,omitempty"`
-	Stderr        []byte                 `protobuf:"bytes,2,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	ExitCode      int32                  `protobuf:"varint,3,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
-	Truncated     bool                   `protobuf:"varint,4,opt,name=truncated,proto3" json:"truncated,omitempty"` // output beyond the agent's limit was dropped
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Stdout    []byte                 `protobuf:"bytes,1,opt,name=stdout,proto3" json:"stdout,omitempty"`
+	Stderr    []byte                 `protobuf:"bytes,2,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	ExitCode  int32                  `protobuf:"varint,3,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	Truncated bool                   `protobuf:"varint,4,opt,name=truncated,proto3" json:"truncated,omitempty"` // output beyond the agent's limit was dropped
+	// The command ran past its timeout: its process group was killed and
+	// the output is what it wrote until then.
+	TimedOut      bool `protobuf:"varint,5,opt,name=timed_out,json=timedOut,proto3" json:"timed_out,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1732,6 +1745,13 @@ func (x *ExecResponse) GetTruncated() bool {
 	return false
 }
 
+func (x *ExecResponse) GetTimedOut() bool {
+	if x != nil {
+		return x.TimedOut
+	}
+	return false
+}
+
 type ExecStreamResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Event:
@@ -1741,6 +1761,7 @@ type ExecStreamResponse struct {
 	//	*ExecStreamResponse_Stderr
 	//	*ExecStreamResponse_ExitCode
 	//	*ExecStreamResponse_Pty
+	//	*ExecStreamResponse_TimedOut
 	Event         isExecStreamResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1828,6 +1849,15 @@ func (x *ExecStreamResponse) GetPty() []byte {
 	return nil
 }
 
+func (x *ExecStreamResponse) GetTimedOut() bool {
+	if x != nil {
+		if x, ok := x.Event.(*ExecStreamResponse_TimedOut); ok {
+			return x.TimedOut
+		}
+	}
+	return false
+}
+
 type isExecStreamResponse_Event interface {
 	isExecStreamResponse_Event()
 }
@@ -1852,6 +1882,12 @@ type ExecStreamResponse_Pty struct {
 	Pty []byte `protobuf:"bytes,5,opt,name=pty,proto3,oneof"`
 }
 
+type ExecStreamResponse_TimedOut struct {
+	// The command ran past its timeout and its process group was killed
+	// (the stream's last message).
+	TimedOut bool `protobuf:"varint,6,opt,name=timed_out,json=timedOut,proto3,oneof"`
+}
+
 func (*ExecStreamResponse_Pid) isExecStreamResponse_Event() {}
 
 func (*ExecStreamResponse_Stdout) isExecStreamResponse_Event() {}
@@ -1861,6 +1897,8 @@ func (*ExecStreamResponse_Stderr) isExecStreamResponse_Event() {}
 func (*ExecStreamResponse_ExitCode) isExecStreamResponse_Event() {}
 
 func (*ExecStreamResponse_Pty) isExecStreamResponse_Event() {}
+
+func (*ExecStreamResponse_TimedOut) isExecStreamResponse_Event() {}
 
 // A process is named by its pid or by the tag it was started with.
 type ProcessRef struct {
@@ -3643,7 +3681,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\taddresses\x18\x02 \x03(\tR\taddresses\x12\x1c\n" +
 	"\tforwarded\x18\x03 \x01(\bR\tforwarded\x12\x10\n" +
 	"\x03pid\x18\x04 \x01(\x05R\x03pid\x12\x18\n" +
-	"\acommand\x18\x05 \x01(\tR\acommand\"\xe0\x02\n" +
+	"\acommand\x18\x05 \x01(\tR\acommand\"\xff\x02\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x10\n" +
@@ -3656,24 +3694,28 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x05stdin\x18\b \x01(\fR\x05stdin\x12'\n" +
 	"\x03pty\x18\t \x01(\v2\x15.hostagent.v1.PtySizeR\x03pty\x12\x10\n" +
 	"\x03tag\x18\n" +
-	" \x01(\tR\x03tag\x1a6\n" +
+	" \x01(\tR\x03tag\x12\x1d\n" +
+	"\n" +
+	"keep_stdin\x18\v \x01(\bR\tkeepStdin\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"1\n" +
 	"\aPtySize\x12\x12\n" +
 	"\x04cols\x18\x01 \x01(\rR\x04cols\x12\x12\n" +
-	"\x04rows\x18\x02 \x01(\rR\x04rows\"y\n" +
+	"\x04rows\x18\x02 \x01(\rR\x04rows\"\x96\x01\n" +
 	"\fExecResponse\x12\x16\n" +
 	"\x06stdout\x18\x01 \x01(\fR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x02 \x01(\fR\x06stderr\x12\x1b\n" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x1c\n" +
-	"\ttruncated\x18\x04 \x01(\bR\ttruncated\"\x98\x01\n" +
+	"\ttruncated\x18\x04 \x01(\bR\ttruncated\x12\x1b\n" +
+	"\ttimed_out\x18\x05 \x01(\bR\btimedOut\"\xb7\x01\n" +
 	"\x12ExecStreamResponse\x12\x12\n" +
 	"\x03pid\x18\x01 \x01(\rH\x00R\x03pid\x12\x18\n" +
 	"\x06stdout\x18\x02 \x01(\fH\x00R\x06stdout\x12\x18\n" +
 	"\x06stderr\x18\x03 \x01(\fH\x00R\x06stderr\x12\x1d\n" +
 	"\texit_code\x18\x04 \x01(\x05H\x00R\bexitCode\x12\x12\n" +
-	"\x03pty\x18\x05 \x01(\fH\x00R\x03ptyB\a\n" +
+	"\x03pty\x18\x05 \x01(\fH\x00R\x03pty\x12\x1d\n" +
+	"\ttimed_out\x18\x06 \x01(\bH\x00R\btimedOutB\a\n" +
 	"\x05event\"O\n" +
 	"\n" +
 	"ProcessRef\x12\x1d\n" +
@@ -4010,6 +4052,7 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Stderr)(nil),
 		(*ExecStreamResponse_ExitCode)(nil),
 		(*ExecStreamResponse_Pty)(nil),
+		(*ExecStreamResponse_TimedOut)(nil),
 	}
 	file_v1_hostagent_proto_msgTypes[58].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
