@@ -249,12 +249,18 @@ func (s *stack) hostileCall(ctx context.Context, method, url string, body io.Rea
 		n, err := io.Copy(io.Discard, io.LimitReader(resp.Body, 32<<20))
 		return resp.StatusCode, fmt.Sprintf("%d bytes streamed (%v)", n, err), nil
 	}
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	// An error is short, except a command's timeout, which carries the
+	// output so far: at most 1 MiB of each stream, escaped as JSON.
+	limit := int64(64 << 10)
+	if resp.StatusCode == http.StatusRequestTimeout {
+		limit = 16 << 20
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if err != nil {
 		return resp.StatusCode, "", err
 	}
-	if len(data) == 64<<10 {
-		return resp.StatusCode, "", fmt.Errorf("an error answer of 64 KiB or more")
+	if int64(len(data)) == limit {
+		return resp.StatusCode, "", fmt.Errorf("a %d answer of %d KiB or more", resp.StatusCode, limit>>10)
 	}
 	var e struct {
 		Error struct{ Code, Message string } `json:"error"`

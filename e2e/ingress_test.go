@@ -448,15 +448,27 @@ func TestIngressOverTLS(t *testing.T) {
 	if res.StatusCode != http.StatusOK || res.ProtoMajor != 2 || e.Headers.Get("X-Forwarded-Proto") != "https" || e.Host != strings.TrimPrefix(want, "https://") {
 		t.Fatalf("over TLS: %d %s, the app saw %+v", res.StatusCode, res.Proto, e)
 	}
-	// The ingress listener is not the API.
-	res, err = hc.Get("https://api.sandboxes.test:" + port + "/v1/capsules")
+	// api.<domain> there is the API (where E2B's SDKs look given only
+	// E2B_DOMAIN); any other name is refused.
+	req, _ := http.NewRequest(http.MethodGet, "https://api.sandboxes.test:"+port+"/v1/capsules", nil)
+	req.Header.Set("X-API-Key", s.key)
+	res, err = hc.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	body, _ := io.ReadAll(res.Body)
 	res.Body.Close()
+	if res.StatusCode != http.StatusOK || !strings.Contains(string(body), sb.ID) {
+		t.Fatalf("the API at api.<domain>: %d %s", res.StatusCode, body)
+	}
+	res, err = hc.Get("https://www.sandboxes.test:" + port + "/v1/capsules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(res.Body)
+	res.Body.Close()
 	if res.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "sandbox ingress") {
-		t.Fatalf("the API through the ingress listener: %d %s", res.StatusCode, body)
+		t.Fatalf("another name on the ingress listener: %d %s", res.StatusCode, body)
 	}
 	if out := cl.ok("sandbox", "ports", sb.ID); !strings.Contains(out, "3000") || !strings.Contains(out, want) || !strings.Contains(out, "guestweb") {
 		t.Fatalf("wrenn sandbox ports:\n%s", out)

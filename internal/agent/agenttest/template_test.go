@@ -1,11 +1,13 @@
 package agenttest
 
 import (
+	"slices"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -60,7 +62,8 @@ func TestSnapshotToTemplateAndStartFromIt(t *testing.T) {
 	_, err = a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "with-marker"}))
 	wantCode(t, err, connect.CodeNotFound)
 	info, _ := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
-	if len(info.Msg.GetTemplates()) != 1 {
-		t.Fatalf("templates left: %v", info.Msg.GetTemplates())
+	want := slices.Sorted(slices.Values(guestimages.ShippedImages))
+	if got := slices.Sorted(slices.Values(info.Msg.GetTemplates())); !slices.Equal(got, want) {
+		t.Fatalf("templates left: %v, want only the shipped images %v", info.Msg.GetTemplates(), guestimages.ShippedImages)
 	}
 }

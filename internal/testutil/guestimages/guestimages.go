@@ -34,8 +34,8 @@ func Require(t testing.TB) (wrennDir, kernelPath, rootfs string) {
 }
 
 // AgentDir returns a fresh WRENN_DIR for a test's own agent: the system's
-// kernels and minimal image are shared (read only, by symlink); templates
-// the test makes stay in the new directory.
+// kernels and shipped images (minimal, base) are shared (read only, by
+// symlink); templates the test makes stay in the new directory.
 func AgentDir(t testing.TB) string {
 	t.Helper()
 	return AgentDirIn(t, t.TempDir())
@@ -52,8 +52,20 @@ func AgentDirIn(t testing.TB, dir string) string {
 	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink(filepath.Join(system, "images", "minimal"), filepath.Join(dir, "images", "minimal")); err != nil {
-		t.Fatal(err)
+	for _, name := range ShippedImages {
+		src := filepath.Join(system, "images", name)
+		if _, err := os.Stat(src); err != nil {
+			if name == "minimal" || os.Getenv("WRENN_REQUIRE_IMAGES") == "1" {
+				t.Fatalf("guest image %s missing (%v); `make images` builds it", name, err)
+			}
+			continue
+		}
+		if err := os.Symlink(src, filepath.Join(dir, "images", name)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return dir
 }
+
+// ShippedImages are the images `make images` installs on every host.
+var ShippedImages = []string{"minimal", "base"}
