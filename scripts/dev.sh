@@ -23,6 +23,8 @@ BUILDS=$root/builds
 OWN_POSTGRES=1
 [ -z "${DATABASE_URL:-}" ] || OWN_POSTGRES=0
 export WRENN_DIR
+# The shipped images start from memory at the control plane's default shapes (set it empty for none).
+export WRENN_MEMORY_TEMPLATES=${WRENN_MEMORY_TEMPLATES-minimal:1:512:5120,base:2:512:5120}
 
 say() { printf '\033[1;36m[dev]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[dev]\033[0m %s\n' "$*" >&2; exit 1; }

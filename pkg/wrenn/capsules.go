@@ -25,6 +25,11 @@ type Capsule struct {
 	Metadata     map[string]string `json:"metadata"`
 	Egress       Egress            `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
+	// StartedFrom is "memory" when the capsule was restored from its
+	// template's memory (no boot), "boot" otherwise; BootNote says why a
+	// capsule whose template has memory booted.
+	StartedFrom string `json:"started_from,omitempty"`
+	BootNote    string `json:"boot_note,omitempty"`
 	// Public: the capsule's ports answer anyone through the ingress.
 	Public bool `json:"public"`
 	// AutoResume: traffic to a paused capsule resumes it.

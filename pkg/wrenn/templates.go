@@ -19,6 +19,10 @@ type Template struct {
 	CreatedAt time.Time         `json:"created_at"`
 	Platform  bool              `json:"platform"` // every team's (not deletable by a team)
 	Metadata  map[string]string `json:"metadata"`
+	// HasMemory: a snapshot of a running or paused capsule keeps its memory;
+	// capsules of the same vcpus and memory start from it, with its processes.
+	HasMemory   bool  `json:"has_memory"`
+	MemoryBytes int64 `json:"memory_bytes"`
 }
 
 // ListTemplates lists the platform's templates and the team's own.

@@ -179,6 +179,10 @@ type InitRequest struct {
 	EnvVars     map[string]string `json:"envVars,omitempty"`
 	AccessToken string            `json:"accessToken,omitempty"`
 	Timestamp   time.Time         `json:"timestamp"`
+	// A sandbox started from a memory template gets its own host name and
+	// fresh kernel randomness (envds older than memory templates refuse these).
+	Hostname string `json:"hostname,omitempty"`
+	Entropy  []byte `json:"entropy,omitempty"`
 }
 
 // Init sets the sandbox's token, environment and clock.

@@ -21,6 +21,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -357,3 +358,23 @@ func run(ctx context.Context, name string, args ...string) error {
 	}
 	return nil
 }
+
+// ScratchTap adds a TAP device to a sandbox's namespace that is never up
+// and has no address: a VMM that only converts a saved VM's state (a
+// memory template) needs the same kind of network card the VM had, with
+// no network behind it. remove deletes it.
+func (m *Manager) ScratchTap(ctx context.Context, a Allocation, name string) (remove func(), err error) {
+	if name == a.Tap || !validTapName.MatchString(name) {
+		return nil, fmt.Errorf("scratch TAP name %q", name)
+	}
+	if err := ip(ctx, "-n", a.NetNS, "tuntap", "add", name, "mode", "tap", "user", strconv.Itoa(os.Geteuid())); err != nil {
+		return nil, err
+	}
+	return func() {
+		if err := ip(context.Background(), "-n", a.NetNS, "link", "del", name); err != nil {
+			m.Log.Warn("could not remove a scratch TAP device", "netns", a.NetNS, "tap", name, "error", err)
+		}
+	}, nil
+}
+
+var validTapName = regexp.MustCompile(`^[a-z][a-z0-9]{0,14}$`)

@@ -360,8 +360,22 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		return fail(err)
 	}
 
+	kernelPath, err := kernel.Pick(m.cfg.WrennDir)
+	if err != nil {
+		return fail(err)
+	}
+	tpl, err := m.templates.Get(rec.Template)
+	if err != nil {
+		return fail(err)
+	}
+	clone, note := m.fromMemory(tpl, rec, kernelPath)
+	rec.StartedFrom, rec.BootNote = StartedBoot, note
+	backing := m.templates.RootfsPath(rec.Template)
+	if clone {
+		backing = m.cloneBacking(tpl)
+	}
 	diskFile := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
-	dsk, err := m.cfg.Disks.Clone(ctx, m.templates.RootfsPath(rec.Template), diskFile, int64(rec.DiskMiB)<<20)
+	dsk, err := m.cfg.Disks.Clone(ctx, backing, diskFile, int64(rec.DiskMiB)<<20)
 	if err != nil {
 		return fail(err)
 	}
@@ -373,10 +387,6 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 	undo = append(undo, func() { _ = m.cfg.Net.Teardown(context.Background(), rec.Net) })
 
-	kernelPath, err := kernel.Pick(m.cfg.WrennDir)
-	if err != nil {
-		return fail(err)
-	}
 	var boot [24]byte
 	if _, err := rand.Read(boot[:]); err != nil {
 		return fail(err)
@@ -392,11 +402,24 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
 		RunDir: filepath.Join(dir, "run"),
 	}
+	greet := guestGreeting{token: bootToken, first: true}
+	if clone {
+		// The guest wakes with the template VM's network card and envd token.
+		rec.Spec.MAC, rec.StartedFrom, greet.clone = tpl.Memory.MAC, StartedMemory, true
+		if greet.token, err = m.templateToken(rec.Template); err != nil {
+			return fail(err)
+		}
+	}
 	rec.State = Starting
 	undo = append(undo, func() { m.releaseCgroup(rec.ID) })
-	inst, err := m.cfg.Driver.Boot(ctx, rec.Spec)
+	var inst vmm.Instance
+	if clone {
+		inst, err = m.cfg.Driver.(vmm.Cloner).Clone(ctx, rec.Spec, m.templates.MemoryDir(rec.Template))
+	} else {
+		inst, err = m.cfg.Driver.Boot(ctx, rec.Spec)
+	}
 	if err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(vmm.LogPath(rec.Spec.RunDir), 20)))
 	}
 	undo = append(undo, func() { _ = m.cfg.Driver.Stop(context.Background(), rec.Spec, inst) })
 	rec.VMM = inst
@@ -404,7 +427,7 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		return fail(err)
 	}
 
-	if err := m.initGuest(ctx, rec, bootToken); err != nil {
+	if err := m.initGuest(ctx, rec, greet); err != nil {
 		return fail(fmt.Errorf("%w; console: %s", err, vmm.LogTail(vmm.LogPath(rec.Spec.RunDir), 20)))
 	}
 	rec.State = Running
@@ -415,18 +438,24 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	return *rec, nil
 }
 
-// initGuest waits for envd and sends it the clock and, after a boot
-// (bootToken set), the sandbox's token and environment.
-func (m *Manager) initGuest(ctx context.Context, rec *Record, bootToken string) error {
-	first := bootToken != ""
+// guestGreeting is what initGuest tells envd. A booted envd answers to the
+// boot token until the first /init gives it the sandbox's own (images
+// older than boot tokens accept anything until then); a clone's answers to
+// the template VM's; a resumed one knows the sandbox's already.
+type guestGreeting struct {
+	token string // what envd answers to now; "" means the sandbox's own
+	first bool   // a new sandbox: send its token and environment
+	clone bool   // woken from a template's memory: its host name and fresh randomness too
+}
+
+// initGuest waits for envd and sends it the clock and, for a new sandbox,
+// its token and environment.
+func (m *Manager) initGuest(ctx context.Context, rec *Record, g guestGreeting) error {
 	waitCtx, cancel := context.WithTimeout(ctx, m.cfg.BootTimeout)
 	defer cancel()
-	// A booted envd answers to the boot token until this /init gives it
-	// the sandbox's own (images older than boot tokens accept anything
-	// until then); a restored one knows the sandbox's token already.
-	token := rec.EnvdToken
-	if first {
-		token = bootToken
+	token := g.token
+	if token == "" {
+		token = rec.EnvdToken
 	}
 	c := envdclient.New(rec.Net.SandboxIP.String(), token)
 	defer c.Close()
@@ -434,8 +463,15 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, bootToken string) 
 		return err
 	}
 	in := envdclient.InitRequest{Timestamp: time.Now().UTC()}
-	if first {
+	if g.first {
 		in.AccessToken, in.EnvVars = rec.EnvdToken, withIdentity(rec.EnvVars, rec.ID, rec.Template)
+	}
+	if g.clone {
+		seed, err := newEntropy()
+		if err != nil {
+			return err
+		}
+		in.Hostname, in.Entropy = rec.ID, seed
 	}
 	if err := c.Init(waitCtx, in); err != nil {
 		return fmt.Errorf("init envd: %w", err)
@@ -625,7 +661,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
 	rec.VMM = inst
-	if err := m.initGuest(ctx, rec, ""); err != nil {
+	if err := m.initGuest(ctx, rec, guestGreeting{}); err != nil {
 		m.discardVMM(rec.Spec, inst)
 		rec.VMM = vmm.Instance{}
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
@@ -732,10 +768,10 @@ func (m *Manager) client(e *entry) *envdclient.Client {
 	return e.envd
 }
 
-// SaveAsTemplate copies a sandbox's disk into a new template that new
+// SaveAsTemplate copies a sandbox's disk (and with memory, its memory) into a new template that new
 // sandboxes can start from. A running sandbox is frozen (its disk flushed)
 // for the copy and then continues.
-func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (template.Metadata, error) {
+func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, memory bool) (template.Metadata, error) {
 	if err := template.ValidateName(name); err != nil {
 		return template.Metadata{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
@@ -753,33 +789,59 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string) (
 	if err := m.needSpace("saving template "+name, 0); err != nil {
 		return template.Metadata{}, err
 	}
-	switch rec.State {
-	case Running:
-		if err := m.client(e).PrepareSnapshot(ctx); err != nil {
-			m.log.Warn("guest did not flush before the disk copy", "sandbox", id, "error", err)
-		}
-		if err := m.cfg.Driver.Freeze(ctx, rec.Spec, rec.VMM); err != nil {
-			return template.Metadata{}, fmt.Errorf("freeze %s: %w", id, err)
-		}
-		defer func() {
-			if err := m.cfg.Driver.Thaw(context.Background(), rec.Spec, rec.VMM); err != nil {
-				m.log.Error("could not continue sandbox after the disk copy", "sandbox", id, "error", err)
-			}
-		}()
-	case Paused:
-	default:
-		return template.Metadata{}, fmt.Errorf("%w: %s is %s", ErrWrongState, id, rec.State)
-	}
 	start := time.Now()
 	tmp := filepath.Join(m.sandboxDir(id), "template.raw")
 	defer os.Remove(tmp)
-	if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
-		return template.Metadata{}, noSpace(err)
+	// The memory goes with the disk when the VMM can start sandboxes from it:
+	// a running sandbox's is saved in the same frozen moment as the disk
+	// copy; a paused one's is its pause snapshot.
+	_, canClone := m.cfg.Driver.(vmm.Cloner)
+	withMemory := memory && canClone
+	memFrom := ""
+	switch rec.State {
+	case Running:
+		memDir := filepath.Join(m.sandboxDir(id), "template-memory")
+		defer os.RemoveAll(memDir)
+		if err := m.frozen(ctx, e, func() error {
+			if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
+				return err
+			}
+			if withMemory {
+				if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
+					return err
+				}
+				return m.cfg.Driver.(vmm.Cloner).SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
+			}
+			return nil
+		}); err != nil {
+			return template.Metadata{}, noSpace(err)
+		}
+		if withMemory {
+			memFrom = memDir
+		}
+	case Paused:
+		if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
+			return template.Metadata{}, noSpace(err)
+		}
+		if withMemory && m.hasSnapshot(id) {
+			memFrom = m.snapshotDir(id)
+		}
+	default:
+		return template.Metadata{}, fmt.Errorf("%w: %s is %s", ErrWrongState, id, rec.State)
 	}
 	parent, _ := m.templates.Get(rec.Template)
 	meta, err := m.templates.Install(ctx, name, tmp, template.Metadata{Source: source + ":" + id, Parent: rec.Template, EnvdVersion: parent.EnvdVersion})
 	if err != nil {
 		return template.Metadata{}, noSpace(err)
+	}
+	if memFrom != "" {
+		mem, err := m.saveMemoryTemplate(ctx, name, rec, memFrom, "")
+		if err != nil {
+			// Nothing half made: the template goes with its memory or not at all.
+			_ = m.templates.Delete(name)
+			return template.Metadata{}, fmt.Errorf("save the memory of template %s: %w", name, err)
+		}
+		meta.Memory = mem
 	}
 	m.log.Info("template saved from sandbox", "template", name, "sandbox", id, "took", time.Since(start).Round(time.Millisecond))
 	return meta, nil

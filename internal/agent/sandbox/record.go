@@ -48,7 +48,11 @@ type Record struct {
 	Net       network.Allocation `json:"net"`
 	DiskFile  string             `json:"disk_file"` // the sandbox's own disk data (see disk.Cloner)
 	Spec      vmm.Spec           `json:"spec"`
-	VMM       vmm.Instance       `json:"vmm"`
+	// StartedFrom is StartedBoot or StartedMemory; BootNote says why a
+	// sandbox whose template has memory booted instead.
+	StartedFrom string       `json:"started_from,omitempty"`
+	BootNote    string       `json:"boot_note,omitempty"`
+	VMM         vmm.Instance `json:"vmm"`
 }
 
 const recordFile = "sandbox.json"

@@ -199,7 +199,7 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 		Id: r.ID, Template: r.Template, State: states[r.State], Vcpus: int32(r.VCPUs), MemoryMib: int32(r.MemoryMiB),
 		CreatedAt: timestamppb.New(r.CreatedAt), ExpiresAt: timestamppb.New(r.ExpiresAt), AutoPause: r.AutoPause,
 		Metadata: r.Metadata, Address: r.Net.SandboxIP.String(), Egress: eg, DiskSizeMib: int32(r.DiskMiB),
-		Error: r.Error,
+		Error: r.Error, StartedFrom: r.StartedFrom, BootNote: r.BootNote,
 	}
 }
 
@@ -252,6 +252,7 @@ func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInf
 	if all, err := (template.Store{Dir: s.cfg.WrennDir + "/images"}).List(); err == nil {
 		for _, t := range all {
 			res.Templates = append(res.Templates, t.Name)
+			res.TemplateDetails = append(res.TemplateDetails, templateProto(t))
 		}
 	}
 	return connect.NewResponse(res), nil
@@ -601,12 +602,17 @@ func parsePrefix(s string) (netip.Prefix, error) {
 }
 
 func templateProto(m template.Metadata) *pb.Template {
-	return &pb.Template{Name: m.Name, SizeBytes: m.SizeBytes, Parent: m.Parent, Source: m.Source, CreatedAt: timestamppb.New(m.Created), Sha256: m.SHA256}
+	t := &pb.Template{Name: m.Name, SizeBytes: m.SizeBytes, Parent: m.Parent, Source: m.Source, CreatedAt: timestamppb.New(m.Created), Sha256: m.SHA256}
+	if mem := m.Memory; mem != nil {
+		t.Memory = &pb.TemplateMemory{Vmm: mem.VMM, Vcpus: int32(mem.VCPUs), MemoryMib: int32(mem.MemoryMiB), DiskSizeMib: int32(mem.DiskMiB), Kernel: mem.Kernel, SizeBytes: mem.SizeBytes}
+	}
+	return t
 }
 
-// CreateSnapshot saves a sandbox's disk as a template.
+// CreateSnapshot saves a sandbox's disk, and its memory when the VMM can
+// start sandboxes from it, as a template.
 func (s *Server) CreateSnapshot(ctx context.Context, req *connect.Request[pb.CreateSnapshotRequest]) (*connect.Response[pb.CreateSnapshotResponse], error) {
-	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "snapshot")
+	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "snapshot", true)
 	if err != nil {
 		return nil, toConnect(err)
 	}
@@ -621,9 +627,9 @@ func (s *Server) DeleteSnapshot(_ context.Context, req *connect.Request[pb.Delet
 	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
 }
 
-// FlattenRootfs turns a build sandbox's disk into a template.
+// FlattenRootfs turns a build sandbox's disk into a template (disk only).
 func (s *Server) FlattenRootfs(ctx context.Context, req *connect.Request[pb.FlattenRootfsRequest]) (*connect.Response[pb.FlattenRootfsResponse], error) {
-	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "build")
+	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "build", false)
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -62,3 +62,20 @@ type Driver interface {
 	// the host failed (a full disk); Thaw continues it once there is room.
 	Stalled(ctx context.Context, spec Spec, inst Instance) (bool, error)
 }
+
+// Cloner is a driver that makes memory templates and starts VMs from them:
+// a clone resumes the template VM's memory (shared, copy-on-write) with
+// its own disk, network and process, instead of booting.
+type Cloner interface {
+	// SaveMemory writes the memory and device state of a VM that Freeze
+	// stopped into dir, in the format Snapshot writes; it stays stopped.
+	SaveMemory(ctx context.Context, spec Spec, inst Instance, dir string) error
+	// MakeTemplate turns the state under from (SaveMemory's or Snapshot's)
+	// into a memory template under out. spec is the saved VM's machine
+	// with a scratch disk of the same size, run directory and no network.
+	MakeTemplate(ctx context.Context, spec Spec, from, out string) error
+	// Clone starts a VM from the memory template under dir and resumes it.
+	// spec has the template's vCPUs, memory and MAC, and its own disk
+	// (a child of the template's), network and run directory.
+	Clone(ctx context.Context, spec Spec, dir string) (Instance, error)
+}

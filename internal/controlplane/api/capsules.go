@@ -41,8 +41,12 @@ type capsuleJSON struct {
 	Metadata     map[string]string `json:"metadata"`
 	Egress       store.Egress      `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
-	Public       bool              `json:"public"`
-	AutoResume   bool              `json:"auto_resume"`
+	// StartedFrom is "memory" (restored from its template's memory) or
+	// "boot"; BootNote says why one whose template has memory booted.
+	StartedFrom string `json:"started_from,omitempty"`
+	BootNote    string `json:"boot_note,omitempty"`
+	Public      bool   `json:"public"`
+	AutoResume  bool   `json:"auto_resume"`
 	// Domain and URLScheme make the capsule's port URLs:
 	// <scheme>://<port>-<id>.<domain>.
 	Domain    string `json:"domain"`
@@ -58,7 +62,8 @@ func (s *Server) toCapsule(sb store.Sandbox) capsuleJSON {
 		DiskSizeMB: sb.DiskSizeMB, TimeoutSec: sb.TimeoutSec, AutoPause: sb.AutoPause, GuestIP: sb.GuestIP, HostIP: sb.HostIP,
 		HostID: sb.HostID, CreatedAt: sb.CreatedAt, StartedAt: sb.StartedAt, LastActiveAt: sb.LastActiveAt,
 		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, Egress: sb.Egress, StatusReason: sb.Error,
-		Public: sb.Public, AutoResume: sb.AutoResume, Domain: s.cfg.IngressDomain, URLScheme: s.cfg.IngressScheme}
+		Public: sb.Public, AutoResume: sb.AutoResume, Domain: s.cfg.IngressDomain, URLScheme: s.cfg.IngressScheme,
+		StartedFrom: sb.StartedFrom, BootNote: sb.BootNote}
 }
 
 // withTokens adds the capsule's tokens, for its own team.
@@ -146,6 +151,9 @@ type createCapsuleRequest struct {
 
 	// endAt is an absolute deadline (the E2B API's timeout).
 	endAt *time.Time
+	// shapeDefaulted: no vcpus or memory_mb was asked for, so a snapshot
+	// template's own shape applies (it starts from its memory then).
+	shapeDefaulted bool
 }
 
 func (req *createCapsuleRequest) validate() error {
@@ -164,6 +172,7 @@ func (req *createCapsuleRequest) validate() error {
 		}
 		return nil
 	}
+	req.shapeDefaulted = req.VCPUs == nil && req.MemoryMB == nil
 	if err := intIn(&req.VCPUs, 1, 1, maxVCPUs, "vcpus"); err != nil {
 		return err
 	}
@@ -272,6 +281,10 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	hosts, err := s.st.SchedulableHosts(ctx, p.TeamID)
 	if err != nil {
 		return none, tpl, scheduler.Request{}, err
+	}
+	if req.shapeDefaulted && tpl.VCPUs != nil && tpl.MemoryMB != nil {
+		v, m := int(*tpl.VCPUs), int(*tpl.MemoryMB)
+		req.VCPUs, req.MemoryMB = &v, &m
 	}
 	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: req.BYOC}
 	if tpl.HostID != nil {
@@ -387,7 +400,8 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		if err == nil {
 			cur, terr := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "running", map[string]any{
 				"host_ip": resp.Msg.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": "",
-				"envd_token": store.Secret(resp.Msg.GetEnvdAccessToken())})
+				"envd_token":   store.Secret(resp.Msg.GetEnvdAccessToken()),
+				"started_from": resp.Msg.GetSandbox().GetStartedFrom(), "boot_note": resp.Msg.GetSandbox().GetBootNote()})
 			if terr != nil {
 				// Destroyed while starting: do not leave a VM behind.
 				s.log.Warn("capsule changed state while starting; destroying it on the host", "capsule", sb.ID, "status", cur.Status, "err", terr)

@@ -173,6 +173,7 @@ func TestConnectionsAndLoginsAreLimited(t *testing.T) {
 	}
 	// An email without an account waits the same way: the 429 tells nothing.
 	ghost := map[int]int{}
+	ghostStart := time.Now()
 	for i := range 8 {
 		body, _ := json.Marshal(map[string]string{"email": "ghost@example.com", "password": "a guess!"})
 		req, _ := http.NewRequest("POST", c.url+"/v1/auth/login", bytes.NewReader(body))
@@ -184,8 +185,14 @@ func TestConnectionsAndLoginsAreLimited(t *testing.T) {
 		resp.Body.Close()
 		ghost[resp.StatusCode]++
 	}
-	if ghost[http.StatusUnauthorized] != loginFailuresFree || ghost[http.StatusTooManyRequests] != 8-loginFailuresFree {
-		t.Fatalf("an email without an account: %v", ghost)
+	// On a loaded machine the first wait (1 s) may pass within the eight
+	// tries, and one more guess is then rightly checked.
+	extra := 0
+	if time.Since(ghostStart) > time.Second {
+		extra = 1
+	}
+	if got := ghost[http.StatusUnauthorized]; got < loginFailuresFree || got > loginFailuresFree+extra || ghost[http.StatusTooManyRequests] != 8-got {
+		t.Fatalf("an email without an account: %v in %v", ghost, time.Since(ghostStart))
 	}
 
 	// X-Forwarded-For counts only from a trusted proxy: through an

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"net/http"
 	"time"
 
@@ -23,11 +24,15 @@ type templateJSON struct {
 	CreatedAt time.Time         `json:"created_at"`
 	Platform  bool              `json:"platform"`
 	Metadata  map[string]string `json:"metadata"`
+	// HasMemory: the template holds a VM's memory (MemoryBytes of it), and
+	// capsules of its vcpus and memory_mb start from it instead of booting.
+	HasMemory   bool  `json:"has_memory"`
+	MemoryBytes int64 `json:"memory_bytes"`
 }
 
 func toTemplate(t store.Template) templateJSON {
 	return templateJSON{Name: t.Name, Type: t.Type, VCPUs: t.VCPUs, MemoryMB: t.MemoryMB, SizeBytes: t.SizeBytes,
-		CreatedAt: t.CreatedAt, Platform: t.TeamID == nil, Metadata: t.Metadata}
+		CreatedAt: t.CreatedAt, Platform: t.TeamID == nil, Metadata: t.Metadata, HasMemory: t.MemoryBytes > 0, MemoryBytes: t.MemoryBytes}
 }
 
 func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request, p *principal) error {
@@ -76,7 +81,17 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, p *princ
 		}
 	}
 	r.SetPathValue("id", req.SandboxID)
-	sb, c, err := s.running(r, p)
+	// Running or paused: a paused capsule's memory is its pause snapshot.
+	sb, err := s.capsule(r, p)
+	if err != nil {
+		return err
+	}
+	var c agentclient.Client
+	if sb.Status == "paused" && sb.HostID != nil {
+		c, _, err = s.agentFor(ctx, *sb.HostID)
+	} else {
+		sb, c, err = s.running(r, p)
+	}
 	if err != nil {
 		return err
 	}
@@ -87,7 +102,8 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, p *princ
 		return err
 	}
 	t, err := s.st.InsertTemplate(ctx, store.Template{ID: id, TeamID: &p.TeamID, Name: req.Name, Type: "snapshot", VCPUs: &sb.VCPUs,
-		MemoryMB: &sb.MemoryMB, SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID})
+		MemoryMB: &sb.MemoryMB, SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID,
+		MemoryBytes: resp.Msg.GetTemplate().GetMemory().GetSizeBytes()})
 	if err != nil {
 		// Do not leave files on the host that no record points to.
 		_, _ = c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: id}))

@@ -40,6 +40,10 @@ type Sandbox struct {
 	AutoResume bool `db:"auto_resume"`
 	// EndAt is an absolute deadline (E2B's timeout), nil for none.
 	EndAt *time.Time `db:"end_at"`
+	// StartedFrom is "memory" (its template's memory) or "boot"; BootNote
+	// says why one whose template has memory booted.
+	StartedFrom string `db:"started_from"`
+	BootNote    string `db:"boot_note"`
 }
 
 // Egress is a capsule's outbound policy: mode allow_all (with an optional
@@ -52,7 +56,7 @@ type Egress struct {
 
 const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
 	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress,
-	public, auto_resume, end_at`
+	public, auto_resume, end_at, started_from, boot_note`
 
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}

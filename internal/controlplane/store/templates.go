@@ -20,9 +20,11 @@ type Template struct {
 	SourceSandboxID *string           `db:"source_sandbox_id"`
 	Metadata        map[string]string `db:"metadata"`
 	CreatedAt       time.Time         `db:"created_at"`
+	// MemoryBytes is the size of the VM memory the template holds (0: disk only).
+	MemoryBytes int64 `db:"memory_bytes"`
 }
 
-const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at"
+const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at, memory_bytes"
 
 // Templates lists the platform's templates and a team's own; typ filters.
 func (s *Store) Templates(ctx context.Context, teamID, typ string) ([]Template, error) {
@@ -46,9 +48,9 @@ func (s *Store) InsertTemplate(ctx context.Context, t Template) (Template, error
 	if t.Metadata == nil {
 		t.Metadata = map[string]string{}
 	}
-	err := s.Pool.QueryRow(ctx, `INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING created_at`,
-		t.ID, t.TeamID, t.Name, t.Type, t.VCPUs, t.MemoryMB, t.SizeBytes, t.HostID, t.SourceSandboxID, t.Metadata).Scan(&t.CreatedAt)
+	err := s.Pool.QueryRow(ctx, `INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, memory_bytes)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING created_at`,
+		t.ID, t.TeamID, t.Name, t.Type, t.VCPUs, t.MemoryMB, t.SizeBytes, t.HostID, t.SourceSandboxID, t.Metadata, t.MemoryBytes).Scan(&t.CreatedAt)
 	return t, mapErr(err, "insert template")
 }
 

@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -94,6 +95,9 @@ func TestInitDefaults(t *testing.T) {
 		"relative workdir": `{"defaultWorkdir":"tmp"}`,
 		"bad env name":     `{"envVars":{"A=B":"x"}}`,
 		"bad timestamp":    `{"timestamp":"yesterday"}`,
+		"bad hostname":     `{"hostname":"-not a host-"}`,
+		"too much entropy": `{"entropy":"` + base64.StdEncoding.EncodeToString(make([]byte, 513)) + `"}`,
+		"entropy not b64":  `{"entropy":"%%%"}`,
 	} {
 		res, err := http.Post(h.url+"/init", "application/json", strings.NewReader(body))
 		if err != nil {

@@ -45,7 +45,8 @@ type Config struct {
 	// FallbackUser acts for requests that name no user when /init set no
 	// default: "user" in a VM, the developer's own account with --dev.
 	FallbackUser string
-	// SetClock lets /init set the system clock; never on a developer machine.
+	// SetClock lets /init set the system clock, host name and random seed;
+	// never on a developer machine.
 	SetClock bool
 	// DiskPath is the file system /metrics reports on.
 	DiskPath string
@@ -206,6 +207,10 @@ type initRequest struct {
 	Timestamp      *time.Time        `json:"timestamp"`
 	DefaultUser    *string           `json:"defaultUser"`
 	DefaultWorkdir *string           `json:"defaultWorkdir"`
+	// Wrenn's own: what a sandbox started from a memory template needs to
+	// become itself (its host name, fresh kernel randomness).
+	Hostname *string `json:"hostname"`
+	Entropy  []byte  `json:"entropy"` // base64 in JSON
 }
 
 func (s *Server) init(w http.ResponseWriter, r *http.Request) {
@@ -232,8 +237,32 @@ func (s *Server) init(w http.ResponseWriter, r *http.Request) {
 		httperr.Write(w, http.StatusBadRequest, "defaultWorkdir must be an absolute path")
 		return
 	}
-	if req.Timestamp != nil && s.cfg.SetClock {
-		s.syncClock(*req.Timestamp)
+	if req.Hostname != nil && !validHostname.MatchString(*req.Hostname) {
+		httperr.Write(w, http.StatusBadRequest, fmt.Sprintf("hostname %q is not a valid host name", *req.Hostname))
+		return
+	}
+	if len(req.Entropy) > maxEntropy {
+		httperr.Write(w, http.StatusBadRequest, fmt.Sprintf("entropy: at most %d bytes", maxEntropy))
+		return
+	}
+	if s.cfg.SetClock {
+		// Randomness first: nothing below, nor any program started after
+		// this answer, may draw from the template's random state.
+		if len(req.Entropy) > 0 {
+			if err := addEntropy(req.Entropy); err != nil {
+				httperr.Write(w, http.StatusInternalServerError, err.Error())
+				return
+			}
+		}
+		if req.Hostname != nil {
+			if err := setHostname(*req.Hostname); err != nil {
+				httperr.Write(w, http.StatusInternalServerError, err.Error())
+				return
+			}
+		}
+		if req.Timestamp != nil {
+			s.syncClock(*req.Timestamp)
+		}
 	}
 	s.defaults.Apply(session.Update{Env: req.EnvVars, Token: req.AccessToken, User: req.DefaultUser, Workdir: req.DefaultWorkdir})
 	s.writeIdentity(req.EnvVars)

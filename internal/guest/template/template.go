@@ -41,6 +41,47 @@ type Metadata struct {
 	Source      string    `json:"source"`           // how it was made: debootstrap, docker, import, flatten
 	EnvdVersion string    `json:"envd_version,omitempty"`
 	SHA256      string    `json:"sha256"`
+	// Memory is set when the template also holds a running VM's memory:
+	// sandboxes that fit it start by restoring it instead of booting.
+	Memory *Memory `json:"memory,omitempty"`
+}
+
+// Memory describes a template's memory snapshot: the machine it was taken
+// from, which a sandbox must match to start from it.
+type Memory struct {
+	VMM       string    `json:"vmm"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	DiskMiB   int       `json:"disk_mib"`
+	Kernel    string    `json:"kernel"` // the kernel file's name under $WRENN_DIR/kernels
+	MAC       string    `json:"mac"`
+	SizeBytes int64     `json:"size_bytes"` // on the host: RAM file and device state
+	Created   time.Time `json:"created"`
+	// Disk names the disk saved with the memory, under MemoryDir, when it
+	// is not the template's image (a shipped image warmed by the agent).
+	Disk string `json:"disk,omitempty"`
+}
+
+// MemoryDir is where a template's memory snapshot lives.
+func (s Store) MemoryDir(name string) string { return filepath.Join(s.Dir, name, "memory") }
+
+// SetMemory records that the memory snapshot under MemoryDir is complete
+// (mem set) or gone (nil).
+func (s Store) SetMemory(name string, mem *Memory) error {
+	meta, err := s.Get(name)
+	if err != nil {
+		return err
+	}
+	meta.Memory = mem
+	if mem == nil {
+		if err := os.RemoveAll(s.MemoryDir(name)); err != nil {
+			return fmt.Errorf("template %s: remove memory snapshot: %w", name, err)
+		}
+	}
+	if err := writeJSON(s.metaPath(name), meta); err != nil {
+		return fmt.Errorf("template %s: %w", name, err)
+	}
+	return nil
 }
 
 // Store is the images directory of one host.
@@ -63,6 +104,11 @@ func (s Store) Install(ctx context.Context, name, from string, meta Metadata) (M
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
 	}
+	// A memory snapshot belongs to the image it was taken with.
+	if err := os.RemoveAll(s.MemoryDir(name)); err != nil {
+		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	}
+	meta.Memory = nil
 	tmp := filepath.Join(dir, ".rootfs.ext4.installing")
 	if err := SparseCopy(ctx, from, tmp); err != nil {
 		return Metadata{}, fmt.Errorf("install %s: %w", name, err)

@@ -185,8 +185,10 @@ type GetHostInfoResponse struct {
 	Accelerator   string                 `protobuf:"bytes,7,opt,name=accelerator,proto3" json:"accelerator,omitempty"` // "kvm" or "tcg"
 	Version       string                 `protobuf:"bytes,8,opt,name=version,proto3" json:"version,omitempty"`
 	Templates     []string               `protobuf:"bytes,9,rep,name=templates,proto3" json:"templates,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The same templates with their details (memory snapshots among them).
+	TemplateDetails []*Template `protobuf:"bytes,10,rep,name=template_details,json=templateDetails,proto3" json:"template_details,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetHostInfoResponse) Reset() {
@@ -282,6 +284,13 @@ func (x *GetHostInfoResponse) GetTemplates() []string {
 	return nil
 }
 
+func (x *GetHostInfoResponse) GetTemplateDetails() []*Template {
+	if x != nil {
+		return x.TemplateDetails
+	}
+	return nil
+}
+
 // What a sandbox may reach outside its host. Private, CGNAT, loopback,
 // link-local and multicast ranges are refused in every mode unless the
 // agent's operator allows some (--guest-private-egress); the guest's DNS
@@ -362,7 +371,11 @@ type Sandbox struct {
 	Egress      *EgressPolicy `protobuf:"bytes,11,opt,name=egress,proto3" json:"egress,omitempty"`
 	DiskSizeMib int32         `protobuf:"varint,12,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
 	// Why the sandbox is in SANDBOX_STATE_ERROR (its VMM died, say).
-	Error         string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
+	Error string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
+	// "memory" when it started from its template's memory snapshot, "boot"
+	// when it booted; boot_note says why one whose template has memory booted.
+	StartedFrom   string `protobuf:"bytes,14,opt,name=started_from,json=startedFrom,proto3" json:"started_from,omitempty"`
+	BootNote      string `protobuf:"bytes,15,opt,name=boot_note,json=bootNote,proto3" json:"boot_note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -484,6 +497,20 @@ func (x *Sandbox) GetDiskSizeMib() int32 {
 func (x *Sandbox) GetError() string {
 	if x != nil {
 		return x.Error
+	}
+	return ""
+}
+
+func (x *Sandbox) GetStartedFrom() string {
+	if x != nil {
+		return x.StartedFrom
+	}
+	return ""
+}
+
+func (x *Sandbox) GetBootNote() string {
+	if x != nil {
+		return x.BootNote
 	}
 	return ""
 }
@@ -3082,13 +3109,16 @@ func (*RemovePathResponse) Descriptor() ([]byte, []int) {
 }
 
 type Template struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	SizeBytes     int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	Parent        string                 `protobuf:"bytes,3,opt,name=parent,proto3" json:"parent,omitempty"`
-	Source        string                 `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	Sha256        string                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	SizeBytes int64                  `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	Parent    string                 `protobuf:"bytes,3,opt,name=parent,proto3" json:"parent,omitempty"`
+	Source    string                 `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Sha256    string                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// Set when the template holds a VM's memory: sandboxes of this shape
+	// start from it instead of booting.
+	Memory        *TemplateMemory `protobuf:"bytes,7,opt,name=memory,proto3" json:"memory,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3165,6 +3195,97 @@ func (x *Template) GetSha256() string {
 	return ""
 }
 
+func (x *Template) GetMemory() *TemplateMemory {
+	if x != nil {
+		return x.Memory
+	}
+	return nil
+}
+
+type TemplateMemory struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vmm           string                 `protobuf:"bytes,1,opt,name=vmm,proto3" json:"vmm,omitempty"`
+	Vcpus         int32                  `protobuf:"varint,2,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib     int32                  `protobuf:"varint,3,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	DiskSizeMib   int32                  `protobuf:"varint,4,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
+	Kernel        string                 `protobuf:"bytes,5,opt,name=kernel,proto3" json:"kernel,omitempty"`
+	SizeBytes     int64                  `protobuf:"varint,6,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TemplateMemory) Reset() {
+	*x = TemplateMemory{}
+	mi := &file_v1_hostagent_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TemplateMemory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TemplateMemory) ProtoMessage() {}
+
+func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TemplateMemory.ProtoReflect.Descriptor instead.
+func (*TemplateMemory) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *TemplateMemory) GetVmm() string {
+	if x != nil {
+		return x.Vmm
+	}
+	return ""
+}
+
+func (x *TemplateMemory) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *TemplateMemory) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *TemplateMemory) GetDiskSizeMib() int32 {
+	if x != nil {
+		return x.DiskSizeMib
+	}
+	return 0
+}
+
+func (x *TemplateMemory) GetKernel() string {
+	if x != nil {
+		return x.Kernel
+	}
+	return ""
+}
+
+func (x *TemplateMemory) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
 type CreateSnapshotRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -3175,7 +3296,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3187,7 +3308,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3200,7 +3321,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3226,7 +3347,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3238,7 +3359,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3251,7 +3372,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3270,7 +3391,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3282,7 +3403,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3295,7 +3416,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3313,7 +3434,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3325,7 +3446,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3338,7 +3459,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 type FlattenRootfsRequest struct {
@@ -3351,7 +3472,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3363,7 +3484,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3376,7 +3497,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -3402,7 +3523,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3414,7 +3535,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3427,7 +3548,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -3446,7 +3567,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3458,7 +3579,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3471,7 +3592,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -3494,7 +3615,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3506,7 +3627,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3519,7 +3640,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -3568,7 +3689,7 @@ var File_v1_hostagent_proto protoreflect.FileDescriptor
 const file_v1_hostagent_proto_rawDesc = "" +
 	"\n" +
 	"\x12v1/hostagent.proto\x12\fhostagent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n" +
-	"\x12GetHostInfoRequest\"\x93\x02\n" +
+	"\x12GetHostInfoRequest\"\xd6\x02\n" +
 	"\x13GetHostInfoResponse\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x12\n" +
 	"\x04cpus\x18\x02 \x01(\x05R\x04cpus\x12!\n" +
@@ -3579,7 +3700,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x03vmm\x18\x06 \x01(\tR\x03vmm\x12 \n" +
 	"\vaccelerator\x18\a \x01(\tR\vaccelerator\x12\x18\n" +
 	"\aversion\x18\b \x01(\tR\aversion\x12\x1c\n" +
-	"\ttemplates\x18\t \x03(\tR\ttemplates\"\xdd\x01\n" +
+	"\ttemplates\x18\t \x03(\tR\ttemplates\x12A\n" +
+	"\x10template_details\x18\n" +
+	" \x03(\v2\x16.hostagent.v1.TemplateR\x0ftemplateDetails\"\xdd\x01\n" +
 	"\fEgressPolicy\x123\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\x1f.hostagent.v1.EgressPolicy.ModeR\x04mode\x12\x1f\n" +
 	"\vallow_cidrs\x18\x02 \x03(\tR\n" +
@@ -3590,7 +3713,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODE_ALLOW_ALL\x10\x01\x12\x11\n" +
 	"\rMODE_DENY_ALL\x10\x02\x12\x13\n" +
-	"\x0fMODE_ALLOW_LIST\x10\x03\"\xb7\x04\n" +
+	"\x0fMODE_ALLOW_LIST\x10\x03\"\xf7\x04\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\btemplate\x18\x02 \x01(\tR\btemplate\x120\n" +
@@ -3609,7 +3732,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	" \x01(\tR\aaddress\x122\n" +
 	"\x06egress\x18\v \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
 	"\rdisk_size_mib\x18\f \x01(\x05R\vdiskSizeMib\x12\x14\n" +
-	"\x05error\x18\r \x01(\tR\x05error\x1a;\n" +
+	"\x05error\x18\r \x01(\tR\x05error\x12!\n" +
+	"\fstarted_from\x18\x0e \x01(\tR\vstartedFrom\x12\x1b\n" +
+	"\tboot_note\x18\x0f \x01(\tR\bbootNote\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaa\x04\n" +
@@ -3793,7 +3918,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n" +
 	"\x04user\x18\x03 \x01(\tR\x04user\"\x14\n" +
-	"\x12RemovePathResponse\"\xc0\x01\n" +
+	"\x12RemovePathResponse\"\xf6\x01\n" +
 	"\bTemplate\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -3802,7 +3927,17 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x06source\x18\x04 \x01(\tR\x06source\x129\n" +
 	"\n" +
 	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x16\n" +
-	"\x06sha256\x18\x06 \x01(\tR\x06sha256\"J\n" +
+	"\x06sha256\x18\x06 \x01(\tR\x06sha256\x124\n" +
+	"\x06memory\x18\a \x01(\v2\x1c.hostagent.v1.TemplateMemoryR\x06memory\"\xb2\x01\n" +
+	"\x0eTemplateMemory\x12\x10\n" +
+	"\x03vmm\x18\x01 \x01(\tR\x03vmm\x12\x14\n" +
+	"\x05vcpus\x18\x02 \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x03 \x01(\x05R\tmemoryMib\x12\"\n" +
+	"\rdisk_size_mib\x18\x04 \x01(\x05R\vdiskSizeMib\x12\x16\n" +
+	"\x06kernel\x18\x05 \x01(\tR\x06kernel\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x06 \x01(\x03R\tsizeBytes\"J\n" +
 	"\x15CreateSnapshotRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -3878,7 +4013,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -3933,112 +4068,115 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*RemovePathRequest)(nil),         // 50: hostagent.v1.RemovePathRequest
 	(*RemovePathResponse)(nil),        // 51: hostagent.v1.RemovePathResponse
 	(*Template)(nil),                  // 52: hostagent.v1.Template
-	(*CreateSnapshotRequest)(nil),     // 53: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 54: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 55: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 56: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 57: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 58: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 59: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 60: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 61: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 62: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 63: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 64: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 65: google.protobuf.Timestamp
+	(*TemplateMemory)(nil),            // 53: hostagent.v1.TemplateMemory
+	(*CreateSnapshotRequest)(nil),     // 54: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 55: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 56: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 57: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 58: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 59: hostagent.v1.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 60: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 61: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 62: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 63: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 64: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 65: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 66: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
-	1,  // 0: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
-	0,  // 1: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	65, // 2: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	65, // 3: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	61, // 4: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
-	4,  // 5: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	62, // 6: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	63, // 7: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
-	4,  // 8: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
-	5,  // 9: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 10: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 11: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 12: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 13: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
-	5,  // 14: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	24, // 15: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
-	64, // 16: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	26, // 17: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	32, // 18: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	29, // 19: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	29, // 20: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	29, // 21: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	26, // 22: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	29, // 23: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	65, // 24: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	45, // 25: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	65, // 26: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	52, // 27: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	52, // 28: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	43, // 29: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	2,  // 30: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 31: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 32: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	10, // 33: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	12, // 34: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	14, // 35: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	16, // 36: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	18, // 37: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	20, // 38: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	22, // 39: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
-	25, // 40: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	25, // 41: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	25, // 42: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	31, // 43: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	34, // 44: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	35, // 45: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	37, // 46: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	39, // 47: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	41, // 48: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	43, // 49: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	46, // 50: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	48, // 51: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	50, // 52: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	41, // 53: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	60, // 54: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	53, // 55: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	55, // 56: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	57, // 57: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 58: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 59: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 60: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	11, // 61: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	13, // 62: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	15, // 63: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	17, // 64: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	19, // 65: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	21, // 66: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	23, // 67: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
-	27, // 68: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	28, // 69: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	30, // 70: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	33, // 71: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	28, // 72: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	36, // 73: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	38, // 74: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	40, // 75: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	42, // 76: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	44, // 77: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	47, // 78: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	49, // 79: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	51, // 80: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	59, // 81: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	44, // 82: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	54, // 83: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	56, // 84: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	58, // 85: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	58, // [58:86] is the sub-list for method output_type
-	30, // [30:58] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	52, // 0: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
+	1,  // 1: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
+	0,  // 2: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
+	66, // 3: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	66, // 4: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	62, // 5: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	4,  // 6: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
+	63, // 7: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	64, // 8: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	4,  // 9: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
+	5,  // 10: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 11: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 12: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 13: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 14: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
+	5,  // 15: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	24, // 16: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
+	65, // 17: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	26, // 18: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	32, // 19: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	29, // 20: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	29, // 21: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	29, // 22: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	26, // 23: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	29, // 24: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	66, // 25: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	45, // 26: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	66, // 27: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	53, // 28: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
+	52, // 29: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	52, // 30: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	43, // 31: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	2,  // 32: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	6,  // 33: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	8,  // 34: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	10, // 35: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	12, // 36: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	14, // 37: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	16, // 38: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	18, // 39: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	20, // 40: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	22, // 41: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
+	25, // 42: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	25, // 43: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	25, // 44: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	31, // 45: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	34, // 46: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	35, // 47: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	37, // 48: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	39, // 49: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	41, // 50: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	43, // 51: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	46, // 52: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	48, // 53: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	50, // 54: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	41, // 55: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	61, // 56: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	54, // 57: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	56, // 58: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	58, // 59: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	3,  // 60: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	7,  // 61: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	9,  // 62: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	11, // 63: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	13, // 64: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	15, // 65: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	17, // 66: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	19, // 67: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	21, // 68: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	23, // 69: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
+	27, // 70: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	28, // 71: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	30, // 72: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	33, // 73: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	28, // 74: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	36, // 75: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	38, // 76: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	40, // 77: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	42, // 78: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	44, // 79: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	47, // 80: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	49, // 81: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	51, // 82: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	60, // 83: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	44, // 84: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	55, // 85: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	57, // 86: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	59, // 87: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	60, // [60:88] is the sub-list for method output_type
+	32, // [32:60] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -4054,7 +4192,7 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Pty)(nil),
 		(*ExecStreamResponse_TimedOut)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[58].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[59].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -4064,7 +4202,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   63,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -83,9 +83,17 @@ func (d *Driver) writeConfig(spec vmm.Spec) (string, error) {
 	return path, nil
 }
 
+// ramFile backs guest memory with a file (memory templates): shared, the
+// VM's writes go to the file (the template VM); private, each clone maps
+// the file copy-on-write. Empty: anonymous memory.
+type ramFile struct {
+	path   string
+	shared bool
+}
+
 // args builds the QEMU command line. Boot and Restore use the same one, as
 // migration requires; the kernel's command line comes from writeConfig.
-func (d *Driver) args(spec vmm.Spec) []string {
+func (d *Driver) args(spec vmm.Spec, ram ramFile) []string {
 	// TCG's translation cache would otherwise grow to 1 GiB of the VMM's
 	// memory, which its cgroup limit counts; 128 MiB is plenty for one guest.
 	accel, cpu := "tcg,tb-size=128", "qemu64,+arat"
@@ -96,9 +104,22 @@ func (d *Driver) args(spec vmm.Spec) []string {
 	if format == "" {
 		format = "raw"
 	}
+	machine := "microvm,acpi=off"
+	var memory []string
+	if ram.path != "" {
+		share := "off"
+		if ram.shared {
+			share = "on"
+		}
+		// The id of the RAM QEMU makes itself from -m: the migration
+		// stream names RAM by it, so a clone can be paused and resumed with
+		// anonymous memory, and a booted VM's state loads into a file.
+		machine += ",memory-backend=microvm.ram"
+		memory = []string{"-object", "memory-backend-file,id=microvm.ram,size=" + strconv.Itoa(spec.MemoryMiB) + "M,mem-path=" + ram.path + ",share=" + share}
+	}
 	args := []string{
 		"-name", spec.ID,
-		"-M", "microvm,acpi=off", "-accel", accel, "-cpu", cpu,
+		"-M", machine, "-accel", accel, "-cpu", cpu,
 		"-m", strconv.Itoa(spec.MemoryMiB), "-smp", strconv.Itoa(spec.VCPUs),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "file:" + vmm.ConsolePath(spec.RunDir), // read by the agent into a capped log
@@ -112,9 +133,17 @@ func (d *Driver) args(spec vmm.Spec) []string {
 		// through an exec: migration target.
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
 	}
-	if spec.TapDevice != "" {
+	args = append(args, memory...)
+	switch {
+	case spec.TapDevice != "":
 		args = append(args,
 			"-netdev", "tap,id=net0,ifname="+spec.TapDevice+",script=no,downscript=no",
+			"-device", "virtio-net-device,netdev=net0,mac="+spec.MAC)
+	case spec.MAC != "":
+		// The same network card on no network: a VM that only moves its
+		// state from one form to another (MakeTemplate) never runs.
+		args = append(args,
+			"-netdev", "hubport,id=net0,hubid=0",
 			"-device", "virtio-net-device,netdev=net0,mac="+spec.MAC)
 	}
 	return args
@@ -122,12 +151,16 @@ func (d *Driver) args(spec vmm.Spec) []string {
 
 // start launches QEMU with the sandbox's machine and any extra arguments.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
+	return d.startWith(ctx, spec, ramFile{}, d.Confine, extra...)
+}
+
+func (d *Driver) startWith(ctx context.Context, spec vmm.Spec, ram ramFile, confine vmm.Confiner, extra ...string) (vmm.Instance, error) {
 	cfg, err := d.writeConfig(spec)
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	argv := append([]string{d.Binary}, append(d.args(spec), append([]string{"-readconfig", cfg}, extra...)...)...)
-	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: d.Confine, Console: d.Console})
+	argv := append([]string{d.Binary}, append(d.args(spec, ram), append([]string{"-readconfig", cfg}, extra...)...)...)
+	return vmm.StartProcess(ctx, spec, argv, qmpSocket(spec), vmm.StartOptions{Confine: confine, Console: d.Console})
 }
 
 // Boot implements vmm.Driver.
@@ -159,16 +192,7 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	}
 	resume := func() { _, _ = c.Execute(context.Background(), "cont", nil) }
 	tmp := filepath.Join(dir, memoryFile+".tmp")
-	if _, err := c.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": migrateBytesPS}); err != nil {
-		resume()
-		return fmt.Errorf("set migration bandwidth: %w", err)
-	}
-	// QEMU 7.2 has no file: migration target; exec: streams to a command.
-	if _, err := c.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > '" + tmp + "'"}); err != nil {
-		resume()
-		return fmt.Errorf("start migration: %w", err)
-	}
-	if err := waitMigration(ctx, c); err != nil {
+	if err := migrateTo(ctx, c, tmp, false); err != nil {
 		resume()
 		_ = os.Remove(tmp)
 		return fmt.Errorf("save memory: %w", err)
@@ -217,7 +241,7 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 	}
 	fail := func(err error) (vmm.Instance, error) {
 		_ = d.Stop(context.Background(), spec, inst)
-		return vmm.Instance{}, err
+		return vmm.Instance{}, fmt.Errorf("%w; qemu: %s", err, vmm.LogTail(vmm.LogPath(spec.RunDir), 5))
 	}
 	c, err := qmp.Dial(ctx, qmpSocket(spec))
 	if err != nil {

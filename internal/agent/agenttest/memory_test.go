@@ -1,0 +1,183 @@
+package agenttest
+
+import (
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/wrenn/wrenn/internal/testutil/guestimages"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+)
+
+// A snapshot of a running sandbox keeps its memory: sandboxes made from it
+// start by restoring that memory, with the processes it ran, and each is
+// itself (host name, token, randomness, files).
+func TestMemoryTemplateClones(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 6*time.Minute)
+	src := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-mem-origin"})
+	// A server the template keeps running: it answers with its pid and a
+	// random number it drew once.
+	if out, code := a.sh(ctx, src.GetId(), `nohup sh -c 'echo $$ > /tmp/keeper.pid; exec sleep 100000' >/dev/null 2>&1 & sleep 0.5; cat /tmp/keeper.pid`); code != 0 || out == "" {
+		t.Fatalf("start the keeper: %q", out)
+	}
+	snap, err := a.client.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: src.GetId(), Name: "with-memory"}))
+	if err != nil {
+		t.Fatalf("snapshot: %v\n%s", err, a.logTail())
+	}
+	mem := snap.Msg.GetTemplate().GetMemory()
+	if mem == nil || mem.GetVmm() != "qemu" || mem.GetMemoryMib() != 256 || mem.GetVcpus() != 1 || mem.GetSizeBytes() == 0 {
+		t.Fatalf("the template's memory: %v", snap.Msg.GetTemplate())
+	}
+	// The origin keeps running.
+	if out, code := a.sh(ctx, src.GetId(), "kill -0 $(cat /tmp/keeper.pid) && echo alive"); code != 0 || out != "alive\n" {
+		t.Fatalf("origin after the snapshot: %q", out)
+	}
+
+	var clones []*pb.Sandbox
+	for _, id := range []string{"sb-clone-a", "sb-clone-b"} {
+		start := time.Now()
+		sb := a.create(ctx, &pb.CreateSandboxRequest{Id: id, Template: "with-memory", EnvVars: map[string]string{"WHO": id}})
+		t.Logf("%s from memory in %v", id, time.Since(start).Round(time.Millisecond))
+		if sb.GetStartedFrom() != "memory" {
+			t.Fatalf("%s started from %q (%s)\n%s", id, sb.GetStartedFrom(), sb.GetBootNote(), a.logTail())
+		}
+		clones = append(clones, sb)
+	}
+	seen := map[string]string{}
+	for _, sb := range clones {
+		id := sb.GetId()
+		out, code := a.sh(ctx, id, `kill -0 $(cat /tmp/keeper.pid) && echo alive; hostname; echo $WHO $WRENN_SANDBOX_ID; cat /run/wrenn/.WRENN_SANDBOX_ID; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; echo mine > /tmp/only-`+id+`; ls /tmp | grep only-`)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if code != 0 || len(lines) != 6 || lines[0] != "alive" || lines[1] != id || lines[2] != id+" "+id || lines[3] != id || lines[5] != "only-"+id {
+			t.Fatalf("%s says (%d):\n%s", id, code, out)
+		}
+		if other, dup := seen[lines[4]]; dup {
+			t.Fatalf("%s and %s drew the same random bytes %s", id, other, lines[4])
+		}
+		seen[lines[4]] = id
+	}
+	// The origin never saw the clones' files.
+	if out, _ := a.sh(ctx, src.GetId(), "ls /tmp | grep -c only- || true"); strings.TrimSpace(out) != "0" {
+		t.Fatalf("the origin sees clone files: %q", out)
+	}
+
+	// Another shape boots, and says why.
+	big := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-mem-big", Template: "with-memory", MemoryMib: 384})
+	if big.GetStartedFrom() != "boot" || !strings.Contains(big.GetBootNote(), "256 MiB") {
+		t.Fatalf("a 384 MiB sandbox: %q %q", big.GetStartedFrom(), big.GetBootNote())
+	}
+
+	// A clone pauses and resumes like any sandbox, and keeps its processes.
+	c := clones[0].GetId()
+	if _, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: c})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.client.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Id: c})); err != nil {
+		t.Fatalf("resume a clone: %v\n%s", err, a.logTail())
+	}
+	if out, _ := a.sh(ctx, c, "kill -0 $(cat /tmp/keeper.pid) && cat /tmp/only-"+c); out != "mine\n" {
+		t.Fatalf("the clone after resume: %q", out)
+	}
+
+	// An agent killed and restarted adopts clones like any sandbox.
+	a.kill()
+	a.start()
+	for _, sb := range clones {
+		if out, _ := a.sh(ctx, sb.GetId(), "kill -0 $(cat /tmp/keeper.pid) && hostname"); out != sb.GetId()+"\n" {
+			t.Fatalf("%s after an agent restart: %q\n%s", sb.GetId(), out, a.logTail())
+		}
+	}
+
+	// The template cannot go while sandboxes use it.
+	_, err = a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "with-memory"}))
+	wantCode(t, err, connect.CodeFailedPrecondition)
+
+	// A damaged memory file fails the create clearly and leaves nothing.
+	ram := filepath.Join(a.dir, "images", "with-memory", "memory", "ram")
+	if err := os.Truncate(ram, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.client.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Id: "sb-clone-bad", Template: "with-memory", Vcpus: 1, MemoryMib: 256}))
+	if err == nil || !strings.Contains(err.Error(), "memory template") {
+		t.Fatalf("a create from a damaged memory file: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(a.dir, "sandboxes", "sb-clone-bad")); !os.IsNotExist(err) {
+		t.Fatalf("the failed create left its directory: %v", err)
+	}
+
+	a.destroyAll()
+	if _, err := a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "with-memory"})); err != nil {
+		t.Fatal(err)
+	}
+	a.assertClean()
+}
+
+// An agent started with --memory-templates gives a shipped image a memory
+// snapshot of the shape asked, and creates of that shape start from it.
+func TestShippedImageGetsMemory(t *testing.T) {
+	dir := guestimages.AgentDir(t)
+	// A copy of minimal of the test's own: the shared one stays untouched.
+	shared := filepath.Join(dir, "images", "minimal")
+	target, err := os.Readlink(shared)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(shared); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", "-a", "--sparse=always", target, shared).CombinedOutput(); err != nil {
+		t.Fatalf("copy minimal: %v %s", err, out)
+	}
+	a := newAgentIn(t, dir, http.DefaultClient, "http", "--memory-templates", "minimal:1:256:512")
+	ctx := testCtx(t, 4*time.Minute)
+	var mem *pb.TemplateMemory
+	for deadline := time.Now().Add(90 * time.Second); mem == nil; time.Sleep(500 * time.Millisecond) {
+		info, err := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tpl := range info.Msg.GetTemplateDetails() {
+			if tpl.GetName() == "minimal" {
+				mem = tpl.GetMemory()
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("minimal has no memory snapshot after 90 s\n%s", a.logTail())
+		}
+	}
+	if mem.GetVcpus() != 1 || mem.GetMemoryMib() != 256 || mem.GetDiskSizeMib() != 512 {
+		t.Fatalf("minimal's memory: %v", mem)
+	}
+	// The VM it came from is gone.
+	list, _ := a.client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
+	if n := len(list.Msg.GetSandboxes()); n != 0 {
+		t.Fatalf("%d sandboxes left after preparing the template", n)
+	}
+	var ids []string
+	for _, id := range []string{"sb-warm-a", "sb-warm-b"} {
+		start := time.Now()
+		sb := a.create(ctx, &pb.CreateSandboxRequest{Id: id, DiskSizeMib: 512})
+		t.Logf("%s in %v, from %s", id, time.Since(start).Round(time.Millisecond), sb.GetStartedFrom())
+		if sb.GetStartedFrom() != "memory" {
+			t.Fatalf("%s booted: %s", id, sb.GetBootNote())
+		}
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		if out, code := a.sh(ctx, id, "hostname; df -m / | tail -1 | awk '{print ($2 > 400)}'; echo ok > /home/user/f && cat /home/user/f"); code != 0 || out != id+"\n1\nok\n" {
+			t.Fatalf("%s: %q", id, out)
+		}
+	}
+	// Another disk size boots.
+	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-warm-c"})
+	if sb.GetStartedFrom() != "boot" || !strings.Contains(sb.GetBootNote(), "512 MiB of disk") {
+		t.Fatalf("a 208 MiB-disk sandbox: %q %q", sb.GetStartedFrom(), sb.GetBootNote())
+	}
+}

@@ -1,0 +1,317 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/egress"
+	"github.com/wrenn/wrenn/internal/guest/template"
+)
+
+// Memory templates: a template can hold a running VM's memory next to its
+// disk. A sandbox that fits it (same VMM, kernel, vCPUs, memory and disk
+// size) starts by restoring that memory, copy-on-write, instead of booting;
+// the guest then continues where the template VM stopped, with every
+// process it ran. /init makes each one itself: its own envd token,
+// environment, host name, clock and fresh kernel randomness.
+
+// Where a sandbox's VM came from (Record.StartedFrom).
+const (
+	StartedBoot   = "boot"
+	StartedMemory = "memory"
+)
+
+// templateTokenFile holds the envd token the template VM had: a clone's
+// envd answers to it until its first /init.
+const templateTokenFile = "envd-token"
+
+// cloneEntropy is how much host randomness each clone's kernel gets.
+const cloneEntropy = 64
+
+// fromMemory says whether a new sandbox can start from its template's
+// memory, and if not, why (empty when the template has none).
+func (m *Manager) fromMemory(tpl template.Metadata, rec *Record, kernelPath string) (bool, string) {
+	mem := tpl.Memory
+	if mem == nil {
+		return false, ""
+	}
+	if _, ok := m.cfg.Driver.(vmm.Cloner); !ok || mem.VMM != m.cfg.Driver.Name() {
+		return false, fmt.Sprintf("booted: template %s's memory was saved with %s, this host runs %s", tpl.Name, mem.VMM, m.cfg.Driver.Name())
+	}
+	if mem.Kernel != filepath.Base(kernelPath) {
+		return false, fmt.Sprintf("booted: template %s's memory was saved with kernel %s, this host boots %s", tpl.Name, mem.Kernel, filepath.Base(kernelPath))
+	}
+	if mem.VCPUs != rec.VCPUs || mem.MemoryMiB != rec.MemoryMiB || mem.DiskMiB != rec.DiskMiB {
+		return false, fmt.Sprintf("booted: template %s's memory is for %d vCPU, %d MiB of memory and %d MiB of disk; this sandbox has %d, %d and %d",
+			tpl.Name, mem.VCPUs, mem.MemoryMiB, mem.DiskMiB, rec.VCPUs, rec.MemoryMiB, rec.DiskMiB)
+	}
+	return true, ""
+}
+
+// templateToken reads the envd token a template VM had.
+func (m *Manager) templateToken(name string) (string, error) {
+	data, err := os.ReadFile(filepath.Join(m.templates.MemoryDir(name), templateTokenFile))
+	if err != nil {
+		return "", fmt.Errorf("template %s's memory snapshot is incomplete: %w", name, err)
+	}
+	return strings.TrimSpace(string(data)), nil
+}
+
+// memoryDisk is the disk a memory template saved with its memory when the
+// template's own image is not that disk (a shipped image, warmed).
+const memoryDisk = "disk.raw"
+
+// cloneBacking is the disk a sandbox started from tpl's memory is a child of.
+func (m *Manager) cloneBacking(tpl template.Metadata) string {
+	if tpl.Memory != nil && tpl.Memory.Disk != "" {
+		return filepath.Join(m.templates.MemoryDir(tpl.Name), tpl.Memory.Disk)
+	}
+	return m.templates.RootfsPath(tpl.Name)
+}
+
+// saveMemoryTemplate turns a VM's saved state (memory.qemu under from) into
+// template name's memory snapshot. rec is the sandbox it was taken from.
+// Its disk at that moment is the template's image, or ownDisk, a flattened
+// copy that moves into the memory snapshot.
+func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Record, from, ownDisk string) (*template.Memory, error) {
+	cloner, ok := m.cfg.Driver.(vmm.Cloner)
+	if !ok {
+		return nil, errors.New("this VMM cannot make memory templates")
+	}
+	if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	// A scratch disk like the sandbox's: the device set must match.
+	work, err := os.MkdirTemp(m.sandboxDir(rec.ID), "template-")
+	if err != nil {
+		return nil, fmt.Errorf("memory template: %w", err)
+	}
+	defer os.RemoveAll(work)
+	out := m.templates.MemoryDir(name)
+	if err := os.RemoveAll(out); err != nil {
+		return nil, fmt.Errorf("memory template: %w", err)
+	}
+	fail := func(err error) (*template.Memory, error) {
+		_ = os.RemoveAll(out)
+		return nil, noSpace(err)
+	}
+	backing, diskName := m.templates.RootfsPath(name), ""
+	if ownDisk != "" {
+		if err := os.MkdirAll(out, 0o750); err != nil {
+			return fail(fmt.Errorf("memory template: %w", err))
+		}
+		backing, diskName = filepath.Join(out, memoryDisk), memoryDisk
+		if err := os.Rename(ownDisk, backing); err != nil {
+			return fail(fmt.Errorf("memory template: %w", err))
+		}
+	}
+	scratch := filepath.Join(work, "rootfs."+m.cfg.Disks.Name())
+	dsk, err := m.cfg.Disks.Clone(ctx, backing, scratch, int64(rec.DiskMiB)<<20)
+	if err != nil {
+		return fail(fmt.Errorf("memory template: %w", err))
+	}
+	defer func() { _ = m.cfg.Disks.Release(context.Background(), scratch) }()
+	// And a network card like its own (a TAP: the saved card expects
+	// one's header format), in its namespace, on no network.
+	if !m.cfg.Net.Exists(rec.Net) {
+		if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
+			return fail(fmt.Errorf("memory template: %w", err))
+		}
+	}
+	removeTap, err := m.cfg.Net.ScratchTap(ctx, rec.Net, "tpl0")
+	if err != nil {
+		return fail(fmt.Errorf("memory template: %w", err))
+	}
+	defer removeTap()
+	spec := rec.Spec
+	spec.ID = "template-" + name
+	spec.Disk, spec.DiskFormat = dsk.Path, dsk.Format
+	spec.TapDevice = "tpl0"
+	spec.RunDir = filepath.Join(work, "run")
+	if err := cloner.MakeTemplate(ctx, spec, from, out); err != nil {
+		return fail(err)
+	}
+	if err := os.WriteFile(filepath.Join(out, templateTokenFile), []byte(rec.EnvdToken+"\n"), 0o600); err != nil {
+		return fail(fmt.Errorf("memory template: %w", err))
+	}
+	size, err := dirSize(out)
+	if err != nil {
+		return fail(err)
+	}
+	mem := &template.Memory{
+		VMM: m.cfg.Driver.Name(), VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB, DiskMiB: rec.DiskMiB,
+		Kernel: filepath.Base(rec.Spec.Kernel), MAC: rec.Spec.MAC, SizeBytes: size, Created: time.Now().UTC(), Disk: diskName,
+	}
+	if err := m.templates.SetMemory(name, mem); err != nil {
+		return fail(err)
+	}
+	m.log.Info("template memory saved", "template", name, "sandbox", rec.ID, "memory_mib", rec.MemoryMiB, "bytes", size, "took", time.Since(start).Round(time.Millisecond))
+	return mem, nil
+}
+
+// dirSize is the size of a memory snapshot's files (its disk aside).
+func dirSize(dir string) (int64, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, e := range entries {
+		if e.Name() == memoryDisk {
+			continue // counted as the template's disk
+		}
+		fi, err := e.Info()
+		if err != nil {
+			return 0, err
+		}
+		total += fi.Size()
+	}
+	return total, nil
+}
+
+// newEntropy is a clone's fresh kernel seed.
+func newEntropy() ([]byte, error) {
+	b := make([]byte, cloneEntropy)
+	_, err := rand.Read(b)
+	return b, err
+}
+
+// frozen runs fn with a running sandbox's guest flushed and its vCPUs
+// stopped, then lets it run again, whatever fn returned.
+func (m *Manager) frozen(ctx context.Context, e *entry, fn func() error) error {
+	rec := e.rec
+	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := m.client(e).PrepareSnapshot(prepCtx); err != nil {
+		m.log.Warn("guest did not flush before the copy", "sandbox", rec.ID, "error", err)
+	}
+	cancel()
+	if err := m.cfg.Driver.Freeze(ctx, rec.Spec, rec.VMM); err != nil {
+		return fmt.Errorf("freeze %s: %w", rec.ID, err)
+	}
+	defer func() {
+		if err := m.cfg.Driver.Thaw(context.Background(), rec.Spec, rec.VMM); err != nil {
+			m.log.Error("could not continue the sandbox after the copy", "sandbox", rec.ID, "error", err)
+		}
+	}()
+	return fn()
+}
+
+// Shape is the machine a memory template is prepared for.
+type Shape struct {
+	VCPUs, MemoryMiB, DiskMiB int
+}
+
+// PrepareMemory gives template name a memory snapshot of the given shape
+// when it has none: it boots a sandbox of it (with no network access),
+// waits for envd, saves its memory with its disk as it is then, and
+// destroys it. Sandboxes of that shape then start from the memory. It is
+// how the shipped images (minimal, base) are made fast on every host.
+func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) error {
+	tpl, err := m.templates.Get(name)
+	if err != nil {
+		return err
+	}
+	if tpl.Memory != nil {
+		return nil
+	}
+	if _, ok := m.cfg.Driver.(vmm.Cloner); !ok {
+		return fmt.Errorf("template %s: this VMM cannot make memory templates", name)
+	}
+	start := time.Now()
+	id := "tplvm-" + strings.ReplaceAll(name, ".", "-")
+	id = strings.ReplaceAll(id, "_", "-")
+	_ = m.Destroy(ctx, id) // one a crash left behind
+	rec, err := m.Create(ctx, CreateParams{ID: id, Template: name, VCPUs: shape.VCPUs, MemoryMiB: shape.MemoryMiB,
+		DiskMiB: shape.DiskMiB, Timeout: 10 * time.Minute, Egress: egress.Policy{Mode: egress.DenyAll}})
+	if err != nil {
+		return fmt.Errorf("template %s: boot a VM to save its memory: %w", name, err)
+	}
+	defer func() {
+		if err := m.Destroy(context.WithoutCancel(ctx), id); err != nil {
+			m.log.Warn("could not destroy the VM a memory template was made from", "sandbox", id, "error", err)
+		}
+	}()
+	e, err := m.lock(id)
+	if err != nil {
+		return err
+	}
+	defer e.mu.Unlock()
+	if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
+		return err
+	}
+	disk := filepath.Join(m.sandboxDir(id), "memory-disk.raw")
+	memDir := filepath.Join(m.sandboxDir(id), "template-memory")
+	if err := m.frozen(ctx, e, func() error {
+		if err := template.Flatten(ctx, e.rec.Spec.Disk, e.rec.Spec.DiskFormat, disk); err != nil {
+			return err
+		}
+		return m.cfg.Driver.(vmm.Cloner).SaveMemory(ctx, e.rec.Spec, e.rec.VMM, memDir)
+	}); err != nil {
+		return fmt.Errorf("template %s: %w", name, noSpace(err))
+	}
+	if _, err := m.saveMemoryTemplate(ctx, name, e.rec, memDir, disk); err != nil {
+		return fmt.Errorf("template %s: %w", name, err)
+	}
+	m.log.Info("template prepared to start from memory", "template", name, "vcpus", shape.VCPUs, "memory_mib", shape.MemoryMiB, "disk_mib", shape.DiskMiB, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// MemoryTemplate is one template PrepareMemory readies, with its shape.
+type MemoryTemplate struct {
+	Name string
+	Shape
+}
+
+// ParseMemoryTemplates reads "name:vcpus:memory_mib:disk_mib,..." (the
+// agent's --memory-templates); "" is none.
+func ParseMemoryTemplates(s string) ([]MemoryTemplate, error) {
+	var out []MemoryTemplate
+	for _, item := range strings.Split(s, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		parts := strings.Split(item, ":")
+		if len(parts) != 4 {
+			return nil, fmt.Errorf("memory template %q: want name:vcpus:memory_mib:disk_mib", item)
+		}
+		if err := template.ValidateName(parts[0]); err != nil {
+			return nil, err
+		}
+		var n [3]int
+		for i, p := range parts[1:] {
+			v, err := strconv.Atoi(p)
+			if err != nil || v < 1 {
+				return nil, fmt.Errorf("memory template %q: %q is not a positive number", item, p)
+			}
+			n[i] = v
+		}
+		if n[0] > MaxVCPUs || n[1] < MinMemoryMiB || n[2] > MaxDiskMiB {
+			return nil, fmt.Errorf("memory template %q: at most %d vCPUs, at least %d MiB of memory, at most %d MiB of disk", item, MaxVCPUs, MinMemoryMiB, MaxDiskMiB)
+		}
+		out = append(out, MemoryTemplate{Name: parts[0], Shape: Shape{VCPUs: n[0], MemoryMiB: n[1], DiskMiB: n[2]}})
+	}
+	return out, nil
+}
+
+// PrepareMemoryTemplates runs PrepareMemory for each, one after another
+// (in the background at agent start: creates meanwhile boot as before).
+func (m *Manager) PrepareMemoryTemplates(ctx context.Context, list []MemoryTemplate) {
+	for _, t := range list {
+		if err := m.PrepareMemory(ctx, t.Name, t.Shape); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			m.log.Warn("template not prepared to start from memory; its sandboxes boot", "template", t.Name, "error", err)
+		}
+	}
+}
