@@ -37,6 +37,7 @@ func run() error {
 	boots := flag.Int("boots", 5, "guest boots to time")
 	agentRuns := flag.Int("agent-runs", 5, "sandbox create/pause/resume cycles to time")
 	idle := flag.Int("idle", 4, "idle sandboxes to measure the cost of")
+	dense := flag.Int("dense", 20, "idle sandboxes from one memory template to weigh against as many cold-booted (0: skip)")
 	wrennDir := flag.String("wrenn-dir", envconf.String("WRENN_DIR", "/var/lib/wrenn"), "where the kernel and images are")
 	dbURL := flag.String("database-url", envconf.String("DATABASE_URL", ""), "PostgreSQL for the control plane suite (it makes and drops its own database)")
 	listRows := flag.Int("list-rows", 100, "capsule records GET /v1/capsules returns")
@@ -79,7 +80,7 @@ func run() error {
 		results = append(results, r...)
 	}
 	if want["agent"] {
-		r, err := agentbench.Run(ctx, agentbench.Config{WrennDir: *wrennDir, Runs: *agentRuns, Idle: *idle, Log: log})
+		r, err := agentbench.Run(ctx, agentbench.Config{WrennDir: *wrennDir, Runs: *agentRuns, Idle: *idle, Dense: *dense, Log: log})
 		if err != nil {
 			return fmt.Errorf("agent suite: %w", err)
 		}

@@ -102,7 +102,7 @@ and, if no key is saved yet, creates an API key named "wrenn-cli" for everything
 
 func (a *app) capsuleTable(sbs ...wrenn.Capsule) func(w *tabwriter.Writer) {
 	return func(w *tabwriter.Writer) {
-		row(w, "ID", "STATUS", "TEMPLATE", "VCPUS", "MEMORY", "TIMEOUT", "STARTED", "METADATA")
+		row(w, "ID", "STATUS", "TEMPLATE", "VCPUS", "MEMORY", "TIMEOUT", "STARTED", "FROM", "METADATA")
 		for _, s := range sbs {
 			status := s.Status
 			if s.StatusReason != "" && (s.Status == "error" || s.Status == "missing") {
@@ -116,7 +116,11 @@ func (a *app) capsuleTable(sbs ...wrenn.Capsule) func(w *tabwriter.Writer) {
 			for k, v := range s.Metadata {
 				md = append(md, k+"="+v)
 			}
-			row(w, s.ID, status, s.Template, s.VCPUs, fmt.Sprintf("%d MB", s.MemoryMB), timeout, ago(s.StartedAt), strings.Join(md, ","))
+			from := s.StartedFrom // boot, or memory (its template's)
+			if from == "" {
+				from = "-"
+			}
+			row(w, s.ID, status, s.Template, s.VCPUs, fmt.Sprintf("%d MB", s.MemoryMB), timeout, ago(s.StartedAt), from, strings.Join(md, ","))
 		}
 	}
 }
@@ -603,7 +607,7 @@ func (a *app) templateCmd() *cobra.Command {
 				return err
 			}
 			return a.print(ts, func(w *tabwriter.Writer) {
-				row(w, "NAME", "TYPE", "OWNER", "SIZE", "CREATED")
+				row(w, "NAME", "TYPE", "OWNER", "SIZE", "MEMORY", "CREATED")
 				for _, tp := range ts {
 					owner := "team"
 					if tp.Platform {
@@ -613,7 +617,12 @@ func (a *app) templateCmd() *cobra.Command {
 					if tp.SizeBytes > 0 {
 						size = fmt.Sprintf("%d MB", tp.SizeBytes>>20)
 					}
-					row(w, tp.Name, tp.Type, owner, size, tp.CreatedAt.Format("2006-01-02 15:04"))
+					// Whether capsules start from its memory, and at which shape.
+					memory := "-"
+					if tp.HasMemory && tp.VCPUs != nil && tp.MemoryMB != nil {
+						memory = fmt.Sprintf("yes (%d vCPU, %d MB)", *tp.VCPUs, *tp.MemoryMB)
+					}
+					row(w, tp.Name, tp.Type, owner, size, memory, tp.CreatedAt.Format("2006-01-02 15:04"))
 				}
 			})
 		},

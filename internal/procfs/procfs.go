@@ -75,3 +75,17 @@ func Status(pid int, name string) (string, error) {
 	}
 	return "", fmt.Errorf("%s has no %s", path, name)
 }
+
+// PSS returns a process's proportional set size in bytes: its private
+// memory plus its share of pages it maps together with others (0 if it is
+// gone).
+func PSS(pid int) int64 {
+	if pid <= 0 {
+		return 0
+	}
+	n, err := field(fmt.Sprintf("/proc/%d/smaps_rollup", pid), "Pss")
+	if err != nil {
+		return 0
+	}
+	return n
+}

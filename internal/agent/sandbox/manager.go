@@ -414,7 +414,8 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	undo = append(undo, func() { m.releaseCgroup(rec.ID) })
 	var inst vmm.Instance
 	if clone {
-		inst, err = m.cfg.Driver.(vmm.Cloner).Clone(ctx, rec.Spec, m.templates.MemoryDir(rec.Template))
+		cloner, _ := m.cloner() // fromMemory checked it
+		inst, err = cloner.Clone(ctx, rec.Spec, m.templates.MemoryDir(rec.Template))
 	} else {
 		inst, err = m.cfg.Driver.Boot(ctx, rec.Spec)
 	}
@@ -795,8 +796,8 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 	// The memory goes with the disk when the VMM can start sandboxes from it:
 	// a running sandbox's is saved in the same frozen moment as the disk
 	// copy; a paused one's is its pause snapshot.
-	_, canClone := m.cfg.Driver.(vmm.Cloner)
-	withMemory := memory && canClone
+	cloner, cloneErr := m.cloner()
+	withMemory := memory && cloneErr == nil
 	memFrom := ""
 	switch rec.State {
 	case Running:
@@ -810,7 +811,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 				if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
 					return err
 				}
-				return m.cfg.Driver.(vmm.Cloner).SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
+				return cloner.SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
 			}
 			return nil
 		}); err != nil {
@@ -830,7 +831,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 		return template.Metadata{}, fmt.Errorf("%w: %s is %s", ErrWrongState, id, rec.State)
 	}
 	parent, _ := m.templates.Get(rec.Template)
-	meta, err := m.templates.Install(ctx, name, tmp, template.Metadata{Source: source + ":" + id, Parent: rec.Template, EnvdVersion: parent.EnvdVersion})
+	meta, err := m.templates.Adopt(ctx, name, tmp, template.Metadata{Source: source + ":" + id, Parent: rec.Template, EnvdVersion: parent.EnvdVersion})
 	if err != nil {
 		return template.Metadata{}, noSpace(err)
 	}

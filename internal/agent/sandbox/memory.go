@@ -3,7 +3,6 @@ package sandbox
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -36,6 +35,18 @@ const templateTokenFile = "envd-token"
 // cloneEntropy is how much host randomness each clone's kernel gets.
 const cloneEntropy = 64
 
+// cloner is the driver's side of memory templates, or why there is none.
+func (m *Manager) cloner() (vmm.Cloner, error) {
+	c, ok := m.cfg.Driver.(vmm.Cloner)
+	if !ok {
+		return nil, fmt.Errorf("%s cannot make memory templates", m.cfg.Driver.Name())
+	}
+	if err := c.CloneSupport(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // fromMemory says whether a new sandbox can start from its template's
 // memory, and if not, why (empty when the template has none).
 func (m *Manager) fromMemory(tpl template.Metadata, rec *Record, kernelPath string) (bool, string) {
@@ -43,8 +54,11 @@ func (m *Manager) fromMemory(tpl template.Metadata, rec *Record, kernelPath stri
 	if mem == nil {
 		return false, ""
 	}
-	if _, ok := m.cfg.Driver.(vmm.Cloner); !ok || mem.VMM != m.cfg.Driver.Name() {
+	if mem.VMM != m.cfg.Driver.Name() {
 		return false, fmt.Sprintf("booted: template %s's memory was saved with %s, this host runs %s", tpl.Name, mem.VMM, m.cfg.Driver.Name())
+	}
+	if _, err := m.cloner(); err != nil {
+		return false, fmt.Sprintf("booted: %v", err)
 	}
 	if mem.Kernel != filepath.Base(kernelPath) {
 		return false, fmt.Sprintf("booted: template %s's memory was saved with kernel %s, this host boots %s", tpl.Name, mem.Kernel, filepath.Base(kernelPath))
@@ -82,9 +96,9 @@ func (m *Manager) cloneBacking(tpl template.Metadata) string {
 // Its disk at that moment is the template's image, or ownDisk, a flattened
 // copy that moves into the memory snapshot.
 func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Record, from, ownDisk string) (*template.Memory, error) {
-	cloner, ok := m.cfg.Driver.(vmm.Cloner)
-	if !ok {
-		return nil, errors.New("this VMM cannot make memory templates")
+	cloner, err := m.cloner()
+	if err != nil {
+		return nil, err
 	}
 	if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
 		return nil, err
@@ -223,8 +237,9 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	if tpl.Memory != nil {
 		return nil
 	}
-	if _, ok := m.cfg.Driver.(vmm.Cloner); !ok {
-		return fmt.Errorf("template %s: this VMM cannot make memory templates", name)
+	cloner, err := m.cloner()
+	if err != nil {
+		return fmt.Errorf("template %s: %w", name, err)
 	}
 	start := time.Now()
 	id := "tplvm-" + strings.ReplaceAll(name, ".", "-")
@@ -254,7 +269,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 		if err := template.Flatten(ctx, e.rec.Spec.Disk, e.rec.Spec.DiskFormat, disk); err != nil {
 			return err
 		}
-		return m.cfg.Driver.(vmm.Cloner).SaveMemory(ctx, e.rec.Spec, e.rec.VMM, memDir)
+		return cloner.SaveMemory(ctx, e.rec.Spec, e.rec.VMM, memDir)
 	}); err != nil {
 		return fmt.Errorf("template %s: %w", name, noSpace(err))
 	}

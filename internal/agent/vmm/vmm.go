@@ -67,6 +67,9 @@ type Driver interface {
 // a clone resumes the template VM's memory (shared, copy-on-write) with
 // its own disk, network and process, instead of booting.
 type Cloner interface {
+	// CloneSupport says why this driver, as configured, cannot make or
+	// start clones (nil when it can).
+	CloneSupport() error
 	// SaveMemory writes the memory and device state of a VM that Freeze
 	// stopped into dir, in the format Snapshot writes; it stays stopped.
 	SaveMemory(ctx context.Context, spec Spec, inst Instance, dir string) error

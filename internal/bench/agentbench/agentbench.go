@@ -31,7 +31,10 @@ type Config struct {
 	WrennDir string // where the kernel and images are
 	Runs     int    // creates, pauses and resumes to time
 	Idle     int    // sandboxes to keep idle for the cost figures
-	Log      *slog.Logger
+	// Dense is how many idle sandboxes from one memory template are
+	// weighed against as many cold-booted ones.
+	Dense int
+	Log   *slog.Logger
 }
 
 // Run measures. It needs root (namespaces, TAP devices, iptables).
@@ -44,10 +47,16 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(work)
-	for _, sub := range []string{"kernels", "images"} {
-		if err := os.Symlink(filepath.Join(cfg.WrennDir, sub), filepath.Join(work, sub)); err != nil {
-			return nil, err
-		}
+	// The host's kernels and images, read only; templates the run makes
+	// stay in its own directory.
+	if err := os.Symlink(filepath.Join(cfg.WrennDir, "kernels"), filepath.Join(work, "kernels")); err != nil {
+		return nil, err
+	}
+	if err := os.Mkdir(filepath.Join(work, "images"), 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.Symlink(filepath.Join(cfg.WrennDir, "images", "minimal"), filepath.Join(work, "images", "minimal")); err != nil {
+		return nil, err
 	}
 	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	driver := qemu.New(quiet)
@@ -108,7 +117,12 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	return append(results, idle...), nil
+	results = append(results, idle...)
+	mem, err := memoryTemplates(ctx, m, cfg, creates)
+	if err != nil {
+		return nil, fmt.Errorf("memory templates: %w", err)
+	}
+	return append(results, mem...), nil
 }
 
 // bareBoots times QEMU booting the same kernel and image with nothing of

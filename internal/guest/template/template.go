@@ -17,6 +17,8 @@ import (
 	"regexp"
 	"sort"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrNotFound means no template has that name.
@@ -97,6 +99,25 @@ func (s Store) metaPath(name string) string { return filepath.Join(s.Dir, name, 
 // Install copies the image at from into the store as name, replacing any
 // template of that name only once the copy is complete.
 func (s Store) Install(ctx context.Context, name, from string, meta Metadata) (Metadata, error) {
+	return s.install(ctx, name, meta, func(tmp string) error { return SparseCopy(ctx, from, tmp) })
+}
+
+// Adopt moves the image at from (a file the caller made and gives up,
+// such as a flattened sandbox disk) into the store as name: no copy when
+// it is on the store's file system.
+func (s Store) Adopt(ctx context.Context, name, from string, meta Metadata) (Metadata, error) {
+	return s.install(ctx, name, meta, func(tmp string) error {
+		if err := os.Rename(from, tmp); err == nil {
+			return nil
+		}
+		if err := SparseCopy(ctx, from, tmp); err != nil {
+			return err
+		}
+		return os.Remove(from)
+	})
+}
+
+func (s Store) install(ctx context.Context, name string, meta Metadata, place func(tmp string) error) (Metadata, error) {
 	if err := ValidateName(name); err != nil {
 		return Metadata{}, err
 	}
@@ -110,7 +131,7 @@ func (s Store) Install(ctx context.Context, name, from string, meta Metadata) (M
 	}
 	meta.Memory = nil
 	tmp := filepath.Join(dir, ".rootfs.ext4.installing")
-	if err := SparseCopy(ctx, from, tmp); err != nil {
+	if err := place(tmp); err != nil {
 		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
 	}
 	sum, err := Checksum(tmp)
@@ -197,16 +218,43 @@ func (s Store) Delete(name string) error {
 	return nil
 }
 
-// Checksum returns the hex SHA-256 of a file, streaming it.
+// Checksum returns the hex SHA-256 of a file, streaming it. The holes of
+// a sparse file (most of a disk image) are hashed as the zeros they read
+// as, without reading them.
 func Checksum(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("checksum: %w", err)
 	}
 	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("checksum: %w", err)
+	}
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("checksum %s: %w", path, err)
+	size := fi.Size()
+	zeros := make([]byte, 1<<20)
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if err != nil {
+			data = size // ENXIO: only a hole is left
+		}
+		for hole := data - off; hole > 0; { // zeros up to the next data
+			n := min(hole, int64(len(zeros)))
+			h.Write(zeros[:n])
+			hole -= n
+		}
+		if data >= size {
+			break
+		}
+		end, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			end = size
+		}
+		if _, err := io.Copy(h, io.NewSectionReader(f, data, end-data)); err != nil {
+			return "", fmt.Errorf("checksum %s: %w", path, err)
+		}
+		off = end
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
 }

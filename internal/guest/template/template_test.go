@@ -3,10 +3,13 @@ package template
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -95,5 +98,42 @@ func run(t *testing.T, name string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
 		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+}
+
+// The hole-skipping checksum is the SHA-256 of every byte of the file.
+func TestChecksumOfSparseFiles(t *testing.T) {
+	dir := t.TempDir()
+	for name, layout := range map[string][]int64{
+		"empty":            nil,
+		"hole only":        {0, 0, 8 << 20},
+		"data in a hole":   {3<<20 + 17, 5000, 9 << 20},
+		"data at both end": {0, 4096, 2<<20 + 1},
+	} {
+		path := filepath.Join(dir, strings.ReplaceAll(name, " ", "-"))
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(layout) == 3 {
+			if err := f.Truncate(layout[2]); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt(bytes.Repeat([]byte("wrenn"), int(layout[1])/5+1)[:layout[1]], layout[0]); err != nil {
+				t.Fatal(err)
+			}
+			if name == "data at both end" {
+				if _, err := f.WriteAt([]byte("end"), layout[2]-3); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		f.Close()
+		data, _ := os.ReadFile(path)
+		want := sha256.Sum256(data)
+		got, err := Checksum(path)
+		if err != nil || got != hex.EncodeToString(want[:]) {
+			t.Fatalf("%s: checksum %s %v, want %x", name, got, err, want)
+		}
 	}
 }

@@ -318,3 +318,112 @@ func TestJailer(t *testing.T) {
 		t.Fatalf("jailed lazy restore: %+v", last)
 	}
 }
+
+// Jailed clones: a paused VM's full snapshot becomes a template whose
+// files every clone's jail links read only (no jailed user may change
+// them), and each clone loads it in a fresh jailed Firecracker with its
+// own disk at the same jailed path.
+func TestJailedClones(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("staging files for another user needs root")
+	}
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "requests.jsonl")
+	t.Setenv("WRENN_FAKE_JAILER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
+	self, _ := os.Executable()
+	bin := filepath.Join(dir, "bin")
+	_ = os.Mkdir(bin, 0o755)
+	for _, name := range []string{"firecracker", "jailer"} {
+		if err := os.Symlink(self, filepath.Join(bin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kernel := filepath.Join(dir, "vmlinux")
+	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), false)
+	if d.CloneSupport() == nil {
+		t.Fatal("a direct Firecracker claims it can clone")
+	}
+	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail")}
+	if err := d.CloneSupport(); err != nil {
+		t.Fatal(err)
+	}
+	specFor := func(id string) vmm.Spec {
+		disk := filepath.Join(dir, id+".ext4")
+		_ = os.WriteFile(disk, []byte("disk of "+id), 0o600)
+		return vmm.Spec{ID: id, Kernel: kernel, Disk: disk, DiskFormat: "raw", VCPUs: 1, MemoryMiB: 256, RunDir: filepath.Join(dir, id, "run")}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	origin := specFor("sb-origin")
+	inst, err := d.Boot(ctx, origin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Freeze(ctx, origin, inst); err != nil {
+		t.Fatal(err)
+	}
+	saved := filepath.Join(dir, "saved")
+	if err := d.SaveMemory(ctx, origin, inst, saved); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Thaw(ctx, origin, inst); err != nil {
+		t.Fatalf("the origin after its memory was saved: %v", err)
+	}
+	tpl := filepath.Join(dir, "template")
+	if err := d.MakeTemplate(ctx, origin, saved, tpl); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"sb-clone-1", "sb-clone-2"} {
+		spec := specFor(id)
+		c, err := d.Clone(ctx, spec, tpl)
+		if err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		root := filepath.Join(dir, "jail", "firecracker", id, "root")
+		for _, f := range []string{jailedTemplateState, jailedTemplateMemory} {
+			fi, err := os.Stat(filepath.Join(root, f))
+			if err != nil {
+				t.Fatalf("%s: %s not in the jail: %v", id, f, err)
+			}
+			st := fi.Sys().(*syscall.Stat_t)
+			if st.Uid == 65534 || fi.Mode().Perm()&0o222 != 0 {
+				t.Fatalf("%s: %s is %v owned by %d: the jailed user could change the template", id, f, fi.Mode(), st.Uid)
+			}
+		}
+		if disk, _ := os.ReadFile(filepath.Join(root, "rootfs")); string(disk) != "disk of "+id {
+			t.Fatalf("%s's jail has the disk %q", id, disk)
+		}
+		if err := d.Stop(ctx, spec, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Stop(ctx, origin, inst); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{stateFile, memoryFile} {
+		fi, err := os.Stat(filepath.Join(tpl, f))
+		if err != nil || fi.Sys().(*syscall.Stat_t).Uid != uint32(os.Geteuid()) {
+			t.Fatalf("the template's %s after the clones: %v", f, err)
+		}
+	}
+	var loads int
+	for _, e := range readLog(t, logPath) {
+		if e.Status != 204 {
+			t.Fatalf("%s %s refused: %s", e.Method, e.Path, e.Fault)
+		}
+		if e.Path == "/snapshot/load" {
+			loads++
+			var body SnapshotLoad
+			_ = json.Unmarshal(e.Body, &body)
+			if body.SnapshotPath != jailedTemplateState || body.MemBackend == nil || body.MemBackend.BackendType != "File" || body.MemBackend.BackendPath != jailedTemplateMemory || !body.ResumeVM {
+				t.Fatalf("snapshot/load: %s", e.Body)
+			}
+		}
+	}
+	if loads != 2 {
+		t.Fatalf("%d snapshot loads, want 2", loads)
+	}
+}

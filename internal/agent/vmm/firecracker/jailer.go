@@ -112,3 +112,23 @@ func (j *jail) remove() error {
 	}
 	return err
 }
+
+// stageReadOnly puts a shared, read-only file into the jail at inside: a
+// hard link that keeps its owner and mode (a memory template's files,
+// which many jails link at once), or a copy, made read only for the
+// jailed user, where a link cannot be made.
+func (j *jail) stageReadOnly(hostPath, inside string) error {
+	dst := j.host(inside)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o750); err != nil {
+		return err
+	}
+	_ = os.Chown(filepath.Dir(dst), 0, j.cfg.GID)
+	_ = os.Remove(dst)
+	if err := os.Link(hostPath, dst); err == nil {
+		return nil
+	}
+	if err := copyFile(hostPath, dst); err != nil {
+		return fmt.Errorf("jail %s: %w", hostPath, err)
+	}
+	return errors.Join(os.Chown(dst, os.Geteuid(), j.cfg.GID), os.Chmod(dst, 0o440))
+}

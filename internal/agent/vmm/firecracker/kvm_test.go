@@ -177,6 +177,38 @@ func TestFirecrackerJailerOnKVM(t *testing.T) {
 	if err := health(); err != nil {
 		t.Fatalf("envd after a jailed restore: %v", err)
 	}
+	// Its memory as a template, and a clone started from it in its place
+	// (same network namespace, its own jail and copy of the disk).
+	work := filepath.Dir(spec.RunDir)
+	if err := d.Freeze(ctx, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SaveMemory(ctx, spec, inst, filepath.Join(work, "saved")); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Thaw(ctx, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.MakeTemplate(ctx, spec, filepath.Join(work, "saved"), filepath.Join(work, "template")); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(ctx, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	clone := spec
+	clone.ID, clone.RunDir, clone.Disk = "sb-fc-jclone", filepath.Join(work, "clone-run"), filepath.Join(work, "clone.ext4")
+	if err := copyFile(spec.Disk, clone.Disk); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if inst, err = d.Clone(ctx, clone, filepath.Join(work, "template")); err != nil {
+		t.Fatalf("jailed clone: %v\n%s", err, vmm.LogTail(filepath.Join(clone.RunDir, "vmm.log"), 30))
+	}
+	if err := health(); err != nil {
+		t.Fatalf("envd in the clone: %v", err)
+	}
+	t.Logf("clone from the memory template to envd ready in %v", time.Since(start).Round(time.Millisecond))
+	spec = clone
 	if err := d.Stop(ctx, spec, inst); err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,9 @@ const (
 
 var _ vmm.Cloner = (*Driver)(nil)
 
+// CloneSupport implements vmm.Cloner: QEMU always can.
+func (d *Driver) CloneSupport() error { return nil }
+
 // unsafeForExec are characters that would break out of an exec: URI.
 const unsafeForExec = "'\"\\ $`,"
 
