@@ -71,7 +71,9 @@ func (d *Driver) MakeTemplate(_ context.Context, spec vmm.Spec, from, out string
 	}
 	for _, f := range []string{stateFile, memoryFile} {
 		dst := filepath.Join(out, f)
-		if err := linkOrCopy(filepath.Join(from, f), dst); err != nil {
+		// A copy, not a link: the files under from may be a paused
+		// sandbox's snapshot, which its resume hands to its own jail.
+		if err := copyFile(filepath.Join(from, f), dst); err != nil {
 			return fmt.Errorf("memory template: %w", err)
 		}
 		if err := errors.Join(os.Chown(dst, os.Geteuid(), j.cfg.GID), os.Chmod(dst, 0o440)); err != nil {
