@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -88,6 +90,70 @@ func TestSnapshotsKeepMemory(t *testing.T) {
 	}
 	for _, name := range []string{"warm", "from-paused"} {
 		if err := c.DeleteTemplate(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.nothingLeft()
+}
+
+// A fork through the API and the CLI: the new capsules have the running
+// capsule's processes and files as they were, their own ids, tokens and
+// host names, and count against the team like any capsule.
+func TestForkThroughTheAPI(t *testing.T) {
+	s := startStack(t)
+	c := s.client()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	sh := func(id, script string) string {
+		t.Helper()
+		res, err := c.Exec(ctx, id, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", script}})
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("%s in %s: %+v %v", script, id, res, err)
+		}
+		return strings.TrimSpace(string(res.Stdout))
+	}
+	src, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Metadata: map[string]string{"job": "fork"}, Wait: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keeper := sh(src.ID, `echo state > /tmp/state; nohup sh -c 'echo $$ > /tmp/keeper.pid; exec sleep 100000' >/dev/null 2>&1 & sleep 0.5; cat /tmp/keeper.pid`)
+	start := time.Now()
+	kids, err := c.ForkCapsule(ctx, src.ID, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("fork into 2 through the API in %v", time.Since(start).Round(time.Millisecond))
+	if len(kids) != 2 || kids[0].ID == kids[1].ID || kids[0].EnvdAccessToken == "" || kids[0].EnvdAccessToken == kids[1].EnvdAccessToken {
+		t.Fatalf("the fork: %+v", kids)
+	}
+	for _, k := range kids {
+		if k.Status != "running" || k.StartedFrom != "fork" || k.MemoryMB != 256 || k.Metadata["job"] != "fork" || k.Template != src.Template {
+			t.Fatalf("a forked capsule: %+v", k)
+		}
+		if out := sh(k.ID, `kill -0 "$(cat /tmp/keeper.pid)" && cat /tmp/keeper.pid /tmp/state; hostname`); out != keeper+"\nstate\n"+k.ID {
+			t.Fatalf("in %s:\n%s", k.ID, out)
+		}
+	}
+	// The CLI, and what a bad request gets.
+	cl := &cli{t: t, bin: filepath.Join(s.bin, "wrenn"), config: filepath.Join(t.TempDir(), "config.json"), env: []string{"WRENN_URL=" + s.url, "WRENN_API_KEY=" + s.key}}
+	var made []struct {
+		ID          string `json:"id"`
+		StartedFrom string `json:"started_from"`
+	}
+	if err := json.Unmarshal([]byte(cl.ok("sandbox", "fork", src.ID, "--json")), &made); err != nil || len(made) != 1 || made[0].StartedFrom != "fork" {
+		t.Fatalf("wrenn sandbox fork: %+v %v", made, err)
+	}
+	if _, errOut, code := cl.run("", "sandbox", "fork", src.ID, "-n", "99"); code != 1 || !strings.Contains(errOut, "between 1 and 16") {
+		t.Fatalf("a fork of 99: %d %q", code, errOut)
+	}
+	if _, err := c.PauseCapsule(ctx, src.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ForkCapsule(ctx, src.ID, 1); err == nil || !strings.Contains(err.Error(), "paused") {
+		t.Fatalf("a fork of a paused capsule: %v", err)
+	}
+	for _, id := range []string{src.ID, kids[0].ID, kids[1].ID, made[0].ID} {
+		if _, err := c.DestroyCapsule(ctx, id); err != nil {
 			t.Fatal(err)
 		}
 	}

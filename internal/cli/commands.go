@@ -245,6 +245,23 @@ func (a *app) sandboxCmd() *cobra.Command {
 	resume := one("resume", "Resume a paused capsule", func(c *wrenn.Client, cmd *cobra.Command, id string) (wrenn.Capsule, error) {
 		return c.ResumeCapsule(cmd.Context(), id)
 	})
+	var forks int
+	fork := &cobra.Command{
+		Use: "fork ID", Short: "Make new capsules with a running capsule's memory and disk as they are now",
+		Args: cobra.ExactArgs(1), ValidArgsFunction: a.completeCapsules,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client(false)
+			if err != nil {
+				return err
+			}
+			made, err := c.ForkCapsule(cmd.Context(), args[0], forks)
+			if err != nil {
+				return err
+			}
+			return a.print(made, a.capsuleTable(made...))
+		},
+	}
+	fork.Flags().IntVarP(&forks, "count", "n", 1, "how many capsules to make (1 to 16)")
 	setTimeout := &cobra.Command{
 		Use: "timeout ID DURATION", Short: "Set how long a capsule may stay idle before it pauses (0: never)",
 		Args: cobra.ExactArgs(2), ValidArgsFunction: a.completeCapsules,
@@ -321,7 +338,7 @@ func (a *app) sandboxCmd() *cobra.Command {
 			})
 		},
 	}
-	sb.AddCommand(create, list, get, kill, pause, resume, setTimeout, urlCmd, ports)
+	sb.AddCommand(create, list, get, kill, pause, resume, fork, setTimeout, urlCmd, ports)
 	return sb
 }
 

@@ -172,6 +172,17 @@ func (c *Client) PauseCapsule(ctx context.Context, id string) (Capsule, error) {
 	return out, err
 }
 
+// ForkCapsule makes count new capsules (1 to 16) with a running capsule's
+// memory and disk as they are now; the capsule pauses only for the copy.
+// Each has its own id and tokens (returned as GetCapsule returns them).
+func (c *Client) ForkCapsule(ctx context.Context, id string, count int) ([]Capsule, error) {
+	var out struct {
+		Capsules []Capsule `json:"capsules"`
+	}
+	err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/fork", map[string]int{"count": count}, &out)
+	return out.Capsules, err
+}
+
 // ResumeCapsule brings a paused capsule back with its memory intact.
 func (c *Client) ResumeCapsule(ctx context.Context, id string) (Capsule, error) {
 	var out Capsule

@@ -181,3 +181,88 @@ func TestShippedImageGetsMemory(t *testing.T) {
 		t.Fatalf("a 208 MiB-disk sandbox: %q %q", sb.GetStartedFrom(), sb.GetBootNote())
 	}
 }
+
+// A fork makes sandboxes with a running sandbox's memory and disk as they
+// are at that moment; the source runs on, and the copy goes with the last
+// of them.
+func TestFork(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 5*time.Minute)
+	src := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-fork-src", EnvVars: map[string]string{"FROM": "source"}})
+	if out, code := a.sh(ctx, src.GetId(), `echo before > /home/user/f; nohup sh -c 'echo $$ > /tmp/keeper.pid; exec sleep 100000' >/dev/null 2>&1 & sleep 0.5; echo ok`); code != 0 {
+		t.Fatalf("prepare: %q", out)
+	}
+	start := time.Now()
+	res, err := a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId(), Ids: []string{"sb-fork-a", "sb-fork-b"}}))
+	if err != nil {
+		t.Fatalf("fork: %v\n%s", err, a.logTail())
+	}
+	t.Logf("fork into 2 in %v", time.Since(start).Round(time.Millisecond))
+	kids := res.Msg.GetSandboxes()
+	if len(kids) != 2 || kids[0].GetSandbox().GetId() != "sb-fork-a" || kids[0].GetEnvdAccessToken() == "" || kids[0].GetEnvdAccessToken() == kids[1].GetEnvdAccessToken() {
+		t.Fatalf("fork answered %v", res.Msg)
+	}
+	// The source runs on and writes after the fork.
+	if out, code := a.sh(ctx, src.GetId(), "echo after >> /home/user/f; cat /home/user/f"); code != 0 || out != "before\nafter\n" {
+		t.Fatalf("the source after the fork: %q", out)
+	}
+	rand := map[string]bool{}
+	for _, k := range kids {
+		sb := k.GetSandbox()
+		if sb.GetStartedFrom() != "fork" || sb.GetVcpus() != src.GetVcpus() || sb.GetMemoryMib() != src.GetMemoryMib() {
+			t.Fatalf("%s: %v", sb.GetId(), sb)
+		}
+		out, code := a.sh(ctx, sb.GetId(), `kill -0 $(cat /tmp/keeper.pid) && cat /home/user/f; hostname; echo "$FROM $WRENN_SANDBOX_ID $WRENN_TEMPLATE"; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; echo `+sb.GetId()+` >> /home/user/f`)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if code != 0 || len(lines) != 4 || lines[0] != "before" || lines[1] != sb.GetId() || lines[2] != "source "+sb.GetId()+" minimal" || rand[lines[3]] {
+			t.Fatalf("%s says (%d):\n%s", sb.GetId(), code, out)
+		}
+		rand[lines[3]] = true
+	}
+	if out, _ := a.sh(ctx, "sb-fork-a", "cat /home/user/f"); out != "before\nsb-fork-a\n" {
+		t.Fatalf("the first fork's file: %q", out)
+	}
+	// The hidden template is not offered, and goes with the last fork.
+	info, _ := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+	for _, name := range info.Msg.GetTemplates() {
+		if strings.HasPrefix(name, "fork-") {
+			t.Fatalf("the host offers %s", name)
+		}
+	}
+	forkTemplates := func() []string {
+		entries, _ := os.ReadDir(filepath.Join(a.dir, "images"))
+		var out []string
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), "fork-") {
+				out = append(out, e.Name())
+			}
+		}
+		return out
+	}
+	if n := len(forkTemplates()); n != 1 {
+		t.Fatalf("%d fork templates on disk, want 1", n)
+	}
+	for _, id := range []string{"sb-fork-a", "sb-fork-b"} {
+		if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if left := forkTemplates(); len(left) != 0 {
+		t.Fatalf("the fork's template outlived its sandboxes: %v", left)
+	}
+	// Bad requests.
+	_, err = a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId()}))
+	wantCode(t, err, connect.CodeInvalidArgument)
+	_, err = a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: "sb-nope", Ids: []string{"sb-x1"}}))
+	wantCode(t, err, connect.CodeNotFound)
+	_, err = a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId(), Ids: []string{src.GetId()}}))
+	wantCode(t, err, connect.CodeAlreadyExists)
+	if _, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: src.GetId()})); err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId(), Ids: []string{"sb-fork-c"}}))
+	wantCode(t, err, connect.CodeFailedPrecondition)
+	if left := forkTemplates(); len(left) != 0 {
+		t.Fatalf("failed forks left templates: %v", left)
+	}
+}

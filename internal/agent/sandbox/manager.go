@@ -370,6 +370,11 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 	clone, note := m.fromMemory(tpl, rec, kernelPath)
 	rec.StartedFrom, rec.BootNote = StartedBoot, note
+	// A fork's sandboxes tell programs the template their origin came from.
+	identity := rec.Template
+	if IsForkTemplate(rec.Template) {
+		identity = tpl.Parent
+	}
 	backing := m.templates.RootfsPath(rec.Template)
 	if clone {
 		backing = m.cloneBacking(tpl)
@@ -402,10 +407,13 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 		TapDevice:  rec.Net.Tap, MAC: rec.Net.MAC, NetNS: rec.Net.NetNS,
 		RunDir: filepath.Join(dir, "run"),
 	}
-	greet := guestGreeting{token: bootToken, first: true}
+	greet := guestGreeting{token: bootToken, first: true, template: identity}
 	if clone {
 		// The guest wakes with the template VM's network card and envd token.
 		rec.Spec.MAC, rec.StartedFrom, greet.clone = tpl.Memory.MAC, StartedMemory, true
+		if IsForkTemplate(rec.Template) {
+			rec.StartedFrom = StartedFork
+		}
 		if greet.token, err = m.templateToken(rec.Template); err != nil {
 			return fail(err)
 		}
@@ -447,6 +455,9 @@ type guestGreeting struct {
 	token string // what envd answers to now; "" means the sandbox's own
 	first bool   // a new sandbox: send its token and environment
 	clone bool   // woken from a template's memory: its host name and fresh randomness too
+	// template is the one programs are told they run from (a fork's names
+	// its origin's); "" means the sandbox's own.
+	template string
 }
 
 // initGuest waits for envd and sends it the clock and, for a new sandbox,
@@ -465,7 +476,11 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, g guestGreeting) e
 	}
 	in := envdclient.InitRequest{Timestamp: time.Now().UTC()}
 	if g.first {
-		in.AccessToken, in.EnvVars = rec.EnvdToken, withIdentity(rec.EnvVars, rec.ID, rec.Template)
+		tpl := g.template
+		if tpl == "" {
+			tpl = rec.Template
+		}
+		in.AccessToken, in.EnvVars = rec.EnvdToken, withIdentity(rec.EnvVars, rec.ID, tpl)
 	}
 	if g.clone {
 		seed, err := newEntropy()
@@ -550,6 +565,7 @@ func (m *Manager) Destroy(ctx context.Context, id string) error {
 	}
 	m.forget(id, e.rec.Net.Slot)
 	m.log.Info("sandbox destroyed", "sandbox", id)
+	m.dropForkTemplate(e.rec.Template)
 	return nil
 }
 

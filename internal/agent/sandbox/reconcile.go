@@ -32,6 +32,7 @@ func (m *Manager) Start(ctx context.Context) error {
 	if err := m.reconcile(ctx); err != nil {
 		return err
 	}
+	m.dropForkTemplates()
 	go m.reap(ctx)
 	return nil
 }
@@ -45,6 +46,11 @@ func (m *Manager) privatize() {
 		_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
 			if err != nil || d.Type()&os.ModeSymlink != 0 {
 				return nil
+			}
+			if d.IsDir() && d.Name() == "memory" && path != root {
+				// A memory template's: the agent made it private already, or
+				// shared it read only with the jail's group (Firecracker).
+				return filepath.SkipDir
 			}
 			fi, err := d.Info()
 			if err != nil {
@@ -286,6 +292,7 @@ func (m *Manager) destroyIfExpired(ctx context.Context, id string) error {
 		return err
 	}
 	m.forget(id, e.rec.Net.Slot)
+	m.dropForkTemplate(e.rec.Template)
 	return nil
 }
 

@@ -251,6 +251,9 @@ func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInf
 	}
 	if all, err := (template.Store{Dir: s.cfg.WrennDir + "/images"}).List(); err == nil {
 		for _, t := range all {
+			if sandbox.IsForkTemplate(t.Name) {
+				continue // a fork's own, not one to start sandboxes from
+			}
 			res.Templates = append(res.Templates, t.Name)
 			res.TemplateDetails = append(res.TemplateDetails, templateProto(t))
 		}
@@ -277,6 +280,23 @@ func (s *Server) CreateSandbox(ctx context.Context, req *connect.Request[pb.Crea
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: toProto(rec), EnvdAccessToken: rec.EnvdToken}), nil
+}
+
+// ForkSandbox starts new sandboxes with a running sandbox's memory and disk.
+func (s *Server) ForkSandbox(ctx context.Context, req *connect.Request[pb.ForkSandboxRequest]) (*connect.Response[pb.ForkSandboxResponse], error) {
+	timeout, err := seconds(req.Msg.GetTimeoutSeconds())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	recs, err := s.m.Fork(ctx, req.Msg.GetSourceId(), req.Msg.GetIds(), timeout, req.Msg.GetAutoPause())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	res := &pb.ForkSandboxResponse{}
+	for _, r := range recs {
+		res.Sandboxes = append(res.Sandboxes, &pb.CreateSandboxResponse{Sandbox: toProto(r), EnvdAccessToken: r.EnvdToken})
+	}
+	return connect.NewResponse(res), nil
 }
 
 // DestroySandbox removes a sandbox; a missing one is not an error.

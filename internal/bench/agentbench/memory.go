@@ -67,6 +67,12 @@ func memoryTemplates(ctx context.Context, m *sandbox.Manager, cfg Config, cold [
 	results = append(results, bench.Result{Suite: suite, Name: fmt.Sprintf("creates a second, %d at once, from a memory template", together), Unit: "/s",
 		Value: warmRate, N: together, Baseline: "cold", BaselineValue: coldRate, Ratio: warmRate / coldRate})
 
+	forks, err := forkFigures(ctx, m, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("fork: %w", err)
+	}
+	results = append(results, forks...)
+
 	if cfg.Dense > 0 {
 		warm, err := idlePSS(ctx, m, cfg.Dense, func(i int) sandbox.CreateParams { return shape(fmt.Sprintf("sb-bench-dense-m%d", i), memoryTemplate) })
 		if err != nil {
@@ -130,4 +136,37 @@ func idlePSS(ctx context.Context, m *sandbox.Manager, n int, params func(int) sa
 		total += procfs.PSS(p)
 	}
 	return float64(total) / (1 << 20), nil
+}
+
+// forkFigures times forks of a running 512 MiB sandbox into 1 and into 8
+// usable sandboxes (each answered by its envd).
+func forkFigures(ctx context.Context, m *sandbox.Manager, cfg Config) ([]bench.Result, error) {
+	const src = "sb-bench-fork-src"
+	if _, err := m.Create(ctx, sandbox.CreateParams{ID: src, Template: "minimal", VCPUs: 1, MemoryMiB: 512}); err != nil {
+		return nil, err
+	}
+	defer func() { _ = m.Destroy(context.Background(), src) }()
+	var results []bench.Result
+	for _, n := range []int{1, 8} {
+		var samples []time.Duration
+		for run := range max(1, cfg.Runs/2) {
+			ids := make([]string, n)
+			for i := range ids {
+				ids[i] = fmt.Sprintf("sb-bench-fork-%d-%d-%d", n, run, i)
+			}
+			start := time.Now()
+			if _, err := m.Fork(ctx, src, ids, 0, false); err != nil {
+				return nil, err
+			}
+			samples = append(samples, time.Since(start))
+			for _, id := range ids {
+				if err := m.Destroy(ctx, id); err != nil {
+					return nil, err
+				}
+			}
+		}
+		cfg.Log.Info("agent: fork", "into", n, "p50", bench.Percentile(samples, 50).Round(time.Millisecond))
+		results = append(results, bench.Latencies(suite, fmt.Sprintf("fork of a running 512 MiB sandbox into %d, to envd ready", n), samples, "", nil))
+	}
+	return results, nil
 }

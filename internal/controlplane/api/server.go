@@ -240,6 +240,7 @@ var routes = []route{
 	{"GET", "/v1/capsules/{id}/pty", team, (*Server).pty},
 	{"POST", "/v1/capsules/{id}/ping", team, (*Server).ping},
 	{"POST", "/v1/capsules/{id}/pause", team, (*Server).pause},
+	{"POST", "/v1/capsules/{id}/fork", team, (*Server).fork},
 	{"POST", "/v1/capsules/{id}/resume", team, (*Server).resume},
 	{"POST", "/v1/capsules/{id}/files/write", team, (*Server).writeFile},
 	{"POST", "/v1/capsules/{id}/files/read", team, (*Server).readFile},

@@ -43,6 +43,9 @@ type Metadata struct {
 	Source      string    `json:"source"`           // how it was made: debootstrap, docker, import, flatten
 	EnvdVersion string    `json:"envd_version,omitempty"`
 	SHA256      string    `json:"sha256"`
+	// Ephemeral marks a fork's hidden template: made on this host for the
+	// sandboxes of one fork and deleted with the last; not checksummed.
+	Ephemeral bool `json:"ephemeral,omitempty"`
 	// Memory is set when the template also holds a running VM's memory:
 	// sandboxes that fit it start by restoring it instead of booting.
 	Memory *Memory `json:"memory,omitempty"`
@@ -134,10 +137,13 @@ func (s Store) install(ctx context.Context, name string, meta Metadata, place fu
 	if err := place(tmp); err != nil {
 		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
 	}
-	sum, err := Checksum(tmp)
-	if err != nil {
-		_ = os.Remove(tmp)
-		return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+	sum := ""
+	if !meta.Ephemeral {
+		var err error
+		if sum, err = Checksum(tmp); err != nil {
+			_ = os.Remove(tmp)
+			return Metadata{}, fmt.Errorf("install %s: %w", name, err)
+		}
 	}
 	fi, err := os.Stat(tmp)
 	if err != nil {

@@ -689,6 +689,121 @@ func (x *CreateSandboxResponse) GetEnvdAccessToken() string {
 	return ""
 }
 
+type ForkSandboxRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	SourceId string                 `protobuf:"bytes,1,opt,name=source_id,json=sourceId,proto3" json:"source_id,omitempty"`
+	// The new sandboxes' ids (chosen by the control plane; 1 to 16 of them).
+	Ids []string `protobuf:"bytes,2,rep,name=ids,proto3" json:"ids,omitempty"`
+	// As CreateSandboxRequest's; 0 means the agent's default.
+	TimeoutSeconds int32 `protobuf:"varint,3,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
+	AutoPause      bool  `protobuf:"varint,4,opt,name=auto_pause,json=autoPause,proto3" json:"auto_pause,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ForkSandboxRequest) Reset() {
+	*x = ForkSandboxRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkSandboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkSandboxRequest) ProtoMessage() {}
+
+func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkSandboxRequest.ProtoReflect.Descriptor instead.
+func (*ForkSandboxRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ForkSandboxRequest) GetSourceId() string {
+	if x != nil {
+		return x.SourceId
+	}
+	return ""
+}
+
+func (x *ForkSandboxRequest) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *ForkSandboxRequest) GetTimeoutSeconds() int32 {
+	if x != nil {
+		return x.TimeoutSeconds
+	}
+	return 0
+}
+
+func (x *ForkSandboxRequest) GetAutoPause() bool {
+	if x != nil {
+		return x.AutoPause
+	}
+	return false
+}
+
+type ForkSandboxResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per id, in order, each with its own envd access token.
+	Sandboxes     []*CreateSandboxResponse `protobuf:"bytes,1,rep,name=sandboxes,proto3" json:"sandboxes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForkSandboxResponse) Reset() {
+	*x = ForkSandboxResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkSandboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkSandboxResponse) ProtoMessage() {}
+
+func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkSandboxResponse.ProtoReflect.Descriptor instead.
+func (*ForkSandboxResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ForkSandboxResponse) GetSandboxes() []*CreateSandboxResponse {
+	if x != nil {
+		return x.Sandboxes
+	}
+	return nil
+}
+
 type DestroySandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -698,7 +813,7 @@ type DestroySandboxRequest struct {
 
 func (x *DestroySandboxRequest) Reset() {
 	*x = DestroySandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v1_hostagent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -710,7 +825,7 @@ func (x *DestroySandboxRequest) String() string {
 func (*DestroySandboxRequest) ProtoMessage() {}
 
 func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v1_hostagent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -723,7 +838,7 @@ func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxRequest.ProtoReflect.Descriptor instead.
 func (*DestroySandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{6}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DestroySandboxRequest) GetId() string {
@@ -741,7 +856,7 @@ type DestroySandboxResponse struct {
 
 func (x *DestroySandboxResponse) Reset() {
 	*x = DestroySandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v1_hostagent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -753,7 +868,7 @@ func (x *DestroySandboxResponse) String() string {
 func (*DestroySandboxResponse) ProtoMessage() {}
 
 func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v1_hostagent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -766,7 +881,7 @@ func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxResponse.ProtoReflect.Descriptor instead.
 func (*DestroySandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{7}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{9}
 }
 
 type PauseSandboxRequest struct {
@@ -778,7 +893,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v1_hostagent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +905,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v1_hostagent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,7 +918,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{8}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PauseSandboxRequest) GetId() string {
@@ -822,7 +937,7 @@ type PauseSandboxResponse struct {
 
 func (x *PauseSandboxResponse) Reset() {
 	*x = PauseSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v1_hostagent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -834,7 +949,7 @@ func (x *PauseSandboxResponse) String() string {
 func (*PauseSandboxResponse) ProtoMessage() {}
 
 func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v1_hostagent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -847,7 +962,7 @@ func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{9}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
@@ -867,7 +982,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v1_hostagent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +994,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v1_hostagent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +1007,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{10}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ResumeSandboxRequest) GetId() string {
@@ -918,7 +1033,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v1_hostagent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1045,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v1_hostagent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1058,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{11}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -962,7 +1077,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v1_hostagent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1089,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v1_hostagent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1102,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{12}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetSandboxRequest) GetId() string {
@@ -1006,7 +1121,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v1_hostagent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1018,7 +1133,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v1_hostagent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1031,7 +1146,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{13}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1049,7 +1164,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v1_hostagent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +1176,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v1_hostagent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +1189,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{14}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{16}
 }
 
 type ListSandboxesResponse struct {
@@ -1086,7 +1201,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v1_hostagent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1213,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v1_hostagent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1226,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{15}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1131,7 +1246,7 @@ type PingSandboxRequest struct {
 
 func (x *PingSandboxRequest) Reset() {
 	*x = PingSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v1_hostagent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1143,7 +1258,7 @@ func (x *PingSandboxRequest) String() string {
 func (*PingSandboxRequest) ProtoMessage() {}
 
 func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v1_hostagent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1156,7 +1271,7 @@ func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PingSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{16}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PingSandboxRequest) GetId() string {
@@ -1182,7 +1297,7 @@ type PingSandboxResponse struct {
 
 func (x *PingSandboxResponse) Reset() {
 	*x = PingSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v1_hostagent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1309,7 @@ func (x *PingSandboxResponse) String() string {
 func (*PingSandboxResponse) ProtoMessage() {}
 
 func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v1_hostagent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1322,7 @@ func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PingSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{17}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PingSandboxResponse) GetSandbox() *Sandbox {
@@ -1226,7 +1341,7 @@ type GetSandboxMetricsRequest struct {
 
 func (x *GetSandboxMetricsRequest) Reset() {
 	*x = GetSandboxMetricsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v1_hostagent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1238,7 +1353,7 @@ func (x *GetSandboxMetricsRequest) String() string {
 func (*GetSandboxMetricsRequest) ProtoMessage() {}
 
 func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v1_hostagent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1251,7 +1366,7 @@ func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{18}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetSandboxMetricsRequest) GetId() string {
@@ -1276,7 +1391,7 @@ type GetSandboxMetricsResponse struct {
 
 func (x *GetSandboxMetricsResponse) Reset() {
 	*x = GetSandboxMetricsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v1_hostagent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1288,7 +1403,7 @@ func (x *GetSandboxMetricsResponse) String() string {
 func (*GetSandboxMetricsResponse) ProtoMessage() {}
 
 func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v1_hostagent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1301,7 +1416,7 @@ func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{19}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetSandboxMetricsResponse) GetCpuCount() int32 {
@@ -1362,7 +1477,7 @@ type ListPortsRequest struct {
 
 func (x *ListPortsRequest) Reset() {
 	*x = ListPortsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1374,7 +1489,7 @@ func (x *ListPortsRequest) String() string {
 func (*ListPortsRequest) ProtoMessage() {}
 
 func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1387,7 +1502,7 @@ func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
 func (*ListPortsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListPortsRequest) GetSandboxId() string {
@@ -1406,7 +1521,7 @@ type ListPortsResponse struct {
 
 func (x *ListPortsResponse) Reset() {
 	*x = ListPortsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1418,7 +1533,7 @@ func (x *ListPortsResponse) String() string {
 func (*ListPortsResponse) ProtoMessage() {}
 
 func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1431,7 +1546,7 @@ func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
 func (*ListPortsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListPortsResponse) GetPorts() []*Port {
@@ -1456,7 +1571,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1583,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1596,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Port) GetPort() uint32 {
@@ -1544,7 +1659,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1556,7 +1671,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1569,7 +1684,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecRequest) GetSandboxId() string {
@@ -1659,7 +1774,7 @@ type PtySize struct {
 
 func (x *PtySize) Reset() {
 	*x = PtySize{}
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1786,7 @@ func (x *PtySize) String() string {
 func (*PtySize) ProtoMessage() {}
 
 func (x *PtySize) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1799,7 @@ func (x *PtySize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
 func (*PtySize) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PtySize) GetCols() uint32 {
@@ -1716,7 +1831,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1843,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1856,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -1796,7 +1911,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1808,7 +1923,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1821,7 +1936,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -1939,7 +2054,7 @@ type ProcessRef struct {
 
 func (x *ProcessRef) Reset() {
 	*x = ProcessRef{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1951,7 +2066,7 @@ func (x *ProcessRef) String() string {
 func (*ProcessRef) ProtoMessage() {}
 
 func (x *ProcessRef) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1964,7 +2079,7 @@ func (x *ProcessRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
 func (*ProcessRef) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ProcessRef) GetSandboxId() string {
@@ -1997,7 +2112,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2009,7 +2124,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2022,7 +2137,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -2041,7 +2156,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2053,7 +2168,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2066,7 +2181,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListProcessesRequest) GetSandboxId() string {
@@ -2089,7 +2204,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2101,7 +2216,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2114,7 +2229,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -2161,7 +2276,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2173,7 +2288,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2186,7 +2301,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -2205,7 +2320,7 @@ type ConnectProcessRequest struct {
 
 func (x *ConnectProcessRequest) Reset() {
 	*x = ConnectProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2217,7 +2332,7 @@ func (x *ConnectProcessRequest) String() string {
 func (*ConnectProcessRequest) ProtoMessage() {}
 
 func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2230,7 +2345,7 @@ func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
 func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
@@ -2251,7 +2366,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2263,7 +2378,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2276,7 +2391,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessRef {
@@ -2308,7 +2423,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2435,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2448,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 type ResizePtyRequest struct {
@@ -2346,7 +2461,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2358,7 +2473,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2371,7 +2486,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ResizePtyRequest) GetProcess() *ProcessRef {
@@ -2396,7 +2511,7 @@ type ResizePtyResponse struct {
 
 func (x *ResizePtyResponse) Reset() {
 	*x = ResizePtyResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2408,7 +2523,7 @@ func (x *ResizePtyResponse) String() string {
 func (*ResizePtyResponse) ProtoMessage() {}
 
 func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2421,7 +2536,7 @@ func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
 func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 type KillProcessRequest struct {
@@ -2434,7 +2549,7 @@ type KillProcessRequest struct {
 
 func (x *KillProcessRequest) Reset() {
 	*x = KillProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2446,7 +2561,7 @@ func (x *KillProcessRequest) String() string {
 func (*KillProcessRequest) ProtoMessage() {}
 
 func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2459,7 +2574,7 @@ func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
 func (*KillProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *KillProcessRequest) GetProcess() *ProcessRef {
@@ -2484,7 +2599,7 @@ type KillProcessResponse struct {
 
 func (x *KillProcessResponse) Reset() {
 	*x = KillProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2496,7 +2611,7 @@ func (x *KillProcessResponse) String() string {
 func (*KillProcessResponse) ProtoMessage() {}
 
 func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2509,7 +2624,7 @@ func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
 func (*KillProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 type ReadFileRequest struct {
@@ -2523,7 +2638,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2535,7 +2650,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2548,7 +2663,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -2581,7 +2696,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2593,7 +2708,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2606,7 +2721,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -2628,7 +2743,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2640,7 +2755,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2653,7 +2768,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -2692,7 +2807,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2704,7 +2819,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2717,7 +2832,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 type FileEntry struct {
@@ -2734,7 +2849,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2746,7 +2861,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2759,7 +2874,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *FileEntry) GetName() string {
@@ -2816,7 +2931,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2828,7 +2943,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2841,7 +2956,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -2881,7 +2996,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2893,7 +3008,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2906,7 +3021,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -2927,7 +3042,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2939,7 +3054,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2952,7 +3067,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -2984,7 +3099,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2996,7 +3111,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3009,7 +3124,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 type RemovePathRequest struct {
@@ -3023,7 +3138,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3035,7 +3150,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3048,7 +3163,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -3080,7 +3195,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3092,7 +3207,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3105,7 +3220,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 type Template struct {
@@ -3125,7 +3240,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3137,7 +3252,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3150,7 +3265,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *Template) GetName() string {
@@ -3216,7 +3331,7 @@ type TemplateMemory struct {
 
 func (x *TemplateMemory) Reset() {
 	*x = TemplateMemory{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3228,7 +3343,7 @@ func (x *TemplateMemory) String() string {
 func (*TemplateMemory) ProtoMessage() {}
 
 func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3241,7 +3356,7 @@ func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateMemory.ProtoReflect.Descriptor instead.
 func (*TemplateMemory) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *TemplateMemory) GetVmm() string {
@@ -3296,7 +3411,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3308,7 +3423,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3321,7 +3436,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3347,7 +3462,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3359,7 +3474,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3372,7 +3487,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3391,7 +3506,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3403,7 +3518,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3416,7 +3531,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3434,7 +3549,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3446,7 +3561,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3459,7 +3574,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 type FlattenRootfsRequest struct {
@@ -3472,7 +3587,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3484,7 +3599,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3497,7 +3612,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -3523,7 +3638,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3535,7 +3650,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3548,7 +3663,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -3567,7 +3682,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3579,7 +3694,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3592,7 +3707,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -3615,7 +3730,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3627,7 +3742,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3640,7 +3755,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -3760,7 +3875,15 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"t\n" +
 	"\x15CreateSandboxResponse\x12/\n" +
 	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\x12*\n" +
-	"\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\"'\n" +
+	"\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\"\x8b\x01\n" +
+	"\x12ForkSandboxRequest\x12\x1b\n" +
+	"\tsource_id\x18\x01 \x01(\tR\bsourceId\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\tR\x03ids\x12'\n" +
+	"\x0ftimeout_seconds\x18\x03 \x01(\x05R\x0etimeoutSeconds\x12\x1d\n" +
+	"\n" +
+	"auto_pause\x18\x04 \x01(\bR\tautoPause\"X\n" +
+	"\x13ForkSandboxResponse\x12A\n" +
+	"\tsandboxes\x18\x01 \x03(\v2#.hostagent.v1.CreateSandboxResponseR\tsandboxes\"'\n" +
 	"\x15DestroySandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x18\n" +
 	"\x16DestroySandboxResponse\"%\n" +
@@ -3966,10 +4089,11 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xb7\x12\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\x8b\x13\n" +
 	"\x10HostAgentService\x12R\n" +
 	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
-	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12[\n" +
+	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12R\n" +
+	"\vForkSandbox\x12 .hostagent.v1.ForkSandboxRequest\x1a!.hostagent.v1.ForkSandboxResponse\x12[\n" +
 	"\x0eDestroySandbox\x12#.hostagent.v1.DestroySandboxRequest\x1a$.hostagent.v1.DestroySandboxResponse\x12U\n" +
 	"\fPauseSandbox\x12!.hostagent.v1.PauseSandboxRequest\x1a\".hostagent.v1.PauseSandboxResponse\x12X\n" +
 	"\rResumeSandbox\x12\".hostagent.v1.ResumeSandboxRequest\x1a#.hostagent.v1.ResumeSandboxResponse\x12O\n" +
@@ -4013,7 +4137,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -4023,160 +4147,165 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*Sandbox)(nil),                   // 5: hostagent.v1.Sandbox
 	(*CreateSandboxRequest)(nil),      // 6: hostagent.v1.CreateSandboxRequest
 	(*CreateSandboxResponse)(nil),     // 7: hostagent.v1.CreateSandboxResponse
-	(*DestroySandboxRequest)(nil),     // 8: hostagent.v1.DestroySandboxRequest
-	(*DestroySandboxResponse)(nil),    // 9: hostagent.v1.DestroySandboxResponse
-	(*PauseSandboxRequest)(nil),       // 10: hostagent.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),      // 11: hostagent.v1.PauseSandboxResponse
-	(*ResumeSandboxRequest)(nil),      // 12: hostagent.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),     // 13: hostagent.v1.ResumeSandboxResponse
-	(*GetSandboxRequest)(nil),         // 14: hostagent.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),        // 15: hostagent.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),      // 16: hostagent.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),     // 17: hostagent.v1.ListSandboxesResponse
-	(*PingSandboxRequest)(nil),        // 18: hostagent.v1.PingSandboxRequest
-	(*PingSandboxResponse)(nil),       // 19: hostagent.v1.PingSandboxResponse
-	(*GetSandboxMetricsRequest)(nil),  // 20: hostagent.v1.GetSandboxMetricsRequest
-	(*GetSandboxMetricsResponse)(nil), // 21: hostagent.v1.GetSandboxMetricsResponse
-	(*ListPortsRequest)(nil),          // 22: hostagent.v1.ListPortsRequest
-	(*ListPortsResponse)(nil),         // 23: hostagent.v1.ListPortsResponse
-	(*Port)(nil),                      // 24: hostagent.v1.Port
-	(*ExecRequest)(nil),               // 25: hostagent.v1.ExecRequest
-	(*PtySize)(nil),                   // 26: hostagent.v1.PtySize
-	(*ExecResponse)(nil),              // 27: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 28: hostagent.v1.ExecStreamResponse
-	(*ProcessRef)(nil),                // 29: hostagent.v1.ProcessRef
-	(*StartProcessResponse)(nil),      // 30: hostagent.v1.StartProcessResponse
-	(*ListProcessesRequest)(nil),      // 31: hostagent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),               // 32: hostagent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),     // 33: hostagent.v1.ListProcessesResponse
-	(*ConnectProcessRequest)(nil),     // 34: hostagent.v1.ConnectProcessRequest
-	(*SendInputRequest)(nil),          // 35: hostagent.v1.SendInputRequest
-	(*SendInputResponse)(nil),         // 36: hostagent.v1.SendInputResponse
-	(*ResizePtyRequest)(nil),          // 37: hostagent.v1.ResizePtyRequest
-	(*ResizePtyResponse)(nil),         // 38: hostagent.v1.ResizePtyResponse
-	(*KillProcessRequest)(nil),        // 39: hostagent.v1.KillProcessRequest
-	(*KillProcessResponse)(nil),       // 40: hostagent.v1.KillProcessResponse
-	(*ReadFileRequest)(nil),           // 41: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 42: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 43: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 44: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 45: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 46: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 47: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 48: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 49: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 50: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 51: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 52: hostagent.v1.Template
-	(*TemplateMemory)(nil),            // 53: hostagent.v1.TemplateMemory
-	(*CreateSnapshotRequest)(nil),     // 54: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 55: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 56: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 57: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 58: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 59: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 60: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 61: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 62: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 63: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 64: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 65: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 66: google.protobuf.Timestamp
+	(*ForkSandboxRequest)(nil),        // 8: hostagent.v1.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),       // 9: hostagent.v1.ForkSandboxResponse
+	(*DestroySandboxRequest)(nil),     // 10: hostagent.v1.DestroySandboxRequest
+	(*DestroySandboxResponse)(nil),    // 11: hostagent.v1.DestroySandboxResponse
+	(*PauseSandboxRequest)(nil),       // 12: hostagent.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),      // 13: hostagent.v1.PauseSandboxResponse
+	(*ResumeSandboxRequest)(nil),      // 14: hostagent.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),     // 15: hostagent.v1.ResumeSandboxResponse
+	(*GetSandboxRequest)(nil),         // 16: hostagent.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),        // 17: hostagent.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),      // 18: hostagent.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),     // 19: hostagent.v1.ListSandboxesResponse
+	(*PingSandboxRequest)(nil),        // 20: hostagent.v1.PingSandboxRequest
+	(*PingSandboxResponse)(nil),       // 21: hostagent.v1.PingSandboxResponse
+	(*GetSandboxMetricsRequest)(nil),  // 22: hostagent.v1.GetSandboxMetricsRequest
+	(*GetSandboxMetricsResponse)(nil), // 23: hostagent.v1.GetSandboxMetricsResponse
+	(*ListPortsRequest)(nil),          // 24: hostagent.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),         // 25: hostagent.v1.ListPortsResponse
+	(*Port)(nil),                      // 26: hostagent.v1.Port
+	(*ExecRequest)(nil),               // 27: hostagent.v1.ExecRequest
+	(*PtySize)(nil),                   // 28: hostagent.v1.PtySize
+	(*ExecResponse)(nil),              // 29: hostagent.v1.ExecResponse
+	(*ExecStreamResponse)(nil),        // 30: hostagent.v1.ExecStreamResponse
+	(*ProcessRef)(nil),                // 31: hostagent.v1.ProcessRef
+	(*StartProcessResponse)(nil),      // 32: hostagent.v1.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 33: hostagent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 34: hostagent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 35: hostagent.v1.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 36: hostagent.v1.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 37: hostagent.v1.SendInputRequest
+	(*SendInputResponse)(nil),         // 38: hostagent.v1.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 39: hostagent.v1.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 40: hostagent.v1.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 41: hostagent.v1.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 42: hostagent.v1.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 43: hostagent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 44: hostagent.v1.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 45: hostagent.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 46: hostagent.v1.WriteFileResponse
+	(*FileEntry)(nil),                 // 47: hostagent.v1.FileEntry
+	(*ListDirRequest)(nil),            // 48: hostagent.v1.ListDirRequest
+	(*ListDirResponse)(nil),           // 49: hostagent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),            // 50: hostagent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 51: hostagent.v1.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 52: hostagent.v1.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 53: hostagent.v1.RemovePathResponse
+	(*Template)(nil),                  // 54: hostagent.v1.Template
+	(*TemplateMemory)(nil),            // 55: hostagent.v1.TemplateMemory
+	(*CreateSnapshotRequest)(nil),     // 56: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 57: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 58: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 59: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 60: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 61: hostagent.v1.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 62: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 63: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 64: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 65: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 66: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 67: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 68: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
-	52, // 0: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
+	54, // 0: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
 	1,  // 1: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
 	0,  // 2: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	66, // 3: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	66, // 4: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	62, // 5: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	68, // 3: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	68, // 4: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	64, // 5: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
 	4,  // 6: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	63, // 7: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	64, // 8: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	65, // 7: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	66, // 8: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
 	4,  // 9: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
 	5,  // 10: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 11: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 12: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 13: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 14: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
-	5,  // 15: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	24, // 16: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
-	65, // 17: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	26, // 18: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	32, // 19: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	29, // 20: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	29, // 21: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	29, // 22: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	26, // 23: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	29, // 24: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	66, // 25: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	45, // 26: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	66, // 27: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	53, // 28: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
-	52, // 29: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	52, // 30: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	43, // 31: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	2,  // 32: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 33: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 34: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	10, // 35: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	12, // 36: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	14, // 37: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	16, // 38: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	18, // 39: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	20, // 40: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	22, // 41: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
-	25, // 42: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	25, // 43: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	25, // 44: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	31, // 45: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	34, // 46: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	35, // 47: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	37, // 48: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	39, // 49: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	41, // 50: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	43, // 51: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	46, // 52: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	48, // 53: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	50, // 54: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	41, // 55: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	61, // 56: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	54, // 57: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	56, // 58: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	58, // 59: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 60: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 61: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 62: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	11, // 63: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	13, // 64: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	15, // 65: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	17, // 66: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	19, // 67: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	21, // 68: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	23, // 69: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
-	27, // 70: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	28, // 71: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	30, // 72: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	33, // 73: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	28, // 74: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	36, // 75: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	38, // 76: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	40, // 77: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	42, // 78: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	44, // 79: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	47, // 80: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	49, // 81: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	51, // 82: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	60, // 83: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	44, // 84: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	55, // 85: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	57, // 86: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	59, // 87: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	60, // [60:88] is the sub-list for method output_type
-	32, // [32:60] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	7,  // 11: hostagent.v1.ForkSandboxResponse.sandboxes:type_name -> hostagent.v1.CreateSandboxResponse
+	5,  // 12: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 13: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 14: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	5,  // 15: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
+	5,  // 16: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	26, // 17: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
+	67, // 18: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	28, // 19: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	34, // 20: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	31, // 21: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	31, // 22: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	31, // 23: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	28, // 24: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	31, // 25: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	68, // 26: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	47, // 27: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	68, // 28: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	55, // 29: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
+	54, // 30: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	54, // 31: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	45, // 32: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	2,  // 33: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	6,  // 34: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	8,  // 35: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
+	10, // 36: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	12, // 37: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	14, // 38: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	16, // 39: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	18, // 40: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	20, // 41: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	22, // 42: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	24, // 43: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
+	27, // 44: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	27, // 45: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	27, // 46: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	33, // 47: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	36, // 48: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	37, // 49: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	39, // 50: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	41, // 51: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	43, // 52: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	45, // 53: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	48, // 54: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	50, // 55: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	52, // 56: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	43, // 57: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	63, // 58: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	56, // 59: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	58, // 60: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	60, // 61: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	3,  // 62: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	7,  // 63: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	9,  // 64: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
+	11, // 65: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	13, // 66: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	15, // 67: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	17, // 68: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	19, // 69: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	21, // 70: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	23, // 71: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	25, // 72: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
+	29, // 73: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	30, // 74: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	32, // 75: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	35, // 76: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	30, // 77: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	38, // 78: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	40, // 79: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	42, // 80: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	44, // 81: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	46, // 82: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	49, // 83: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	51, // 84: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	53, // 85: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	62, // 86: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	46, // 87: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	57, // 88: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	59, // 89: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	61, // 90: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	62, // [62:91] is the sub-list for method output_type
+	33, // [33:62] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -4184,7 +4313,7 @@ func file_v1_hostagent_proto_init() {
 	if File_v1_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[26].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[28].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
@@ -4192,7 +4321,7 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Pty)(nil),
 		(*ExecStreamResponse_TimedOut)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[59].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[61].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -4202,7 +4331,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   64,
+			NumMessages:   66,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -42,6 +42,9 @@ const (
 	// HostAgentServiceCreateSandboxProcedure is the fully-qualified name of the HostAgentService's
 	// CreateSandbox RPC.
 	HostAgentServiceCreateSandboxProcedure = "/hostagent.v1.HostAgentService/CreateSandbox"
+	// HostAgentServiceForkSandboxProcedure is the fully-qualified name of the HostAgentService's
+	// ForkSandbox RPC.
+	HostAgentServiceForkSandboxProcedure = "/hostagent.v1.HostAgentService/ForkSandbox"
 	// HostAgentServiceDestroySandboxProcedure is the fully-qualified name of the HostAgentService's
 	// DestroySandbox RPC.
 	HostAgentServiceDestroySandboxProcedure = "/hostagent.v1.HostAgentService/DestroySandbox"
@@ -127,6 +130,9 @@ type HostAgentServiceClient interface {
 	GetHostInfo(context.Context, *connect.Request[v1.GetHostInfoRequest]) (*connect.Response[v1.GetHostInfoResponse], error)
 	// Sandbox lifecycle.
 	CreateSandbox(context.Context, *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.CreateSandboxResponse], error)
+	// ForkSandbox makes new sandboxes with a running sandbox's memory and
+	// disk as they are now; the source pauses only for the copy.
+	ForkSandbox(context.Context, *connect.Request[v1.ForkSandboxRequest]) (*connect.Response[v1.ForkSandboxResponse], error)
 	DestroySandbox(context.Context, *connect.Request[v1.DestroySandboxRequest]) (*connect.Response[v1.DestroySandboxResponse], error)
 	PauseSandbox(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.ResumeSandboxResponse], error)
@@ -192,6 +198,12 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			httpClient,
 			baseURL+HostAgentServiceCreateSandboxProcedure,
 			connect.WithSchema(hostAgentServiceMethods.ByName("CreateSandbox")),
+			connect.WithClientOptions(opts...),
+		),
+		forkSandbox: connect.NewClient[v1.ForkSandboxRequest, v1.ForkSandboxResponse](
+			httpClient,
+			baseURL+HostAgentServiceForkSandboxProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("ForkSandbox")),
 			connect.WithClientOptions(opts...),
 		),
 		destroySandbox: connect.NewClient[v1.DestroySandboxRequest, v1.DestroySandboxResponse](
@@ -357,6 +369,7 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 type hostAgentServiceClient struct {
 	getHostInfo       *connect.Client[v1.GetHostInfoRequest, v1.GetHostInfoResponse]
 	createSandbox     *connect.Client[v1.CreateSandboxRequest, v1.CreateSandboxResponse]
+	forkSandbox       *connect.Client[v1.ForkSandboxRequest, v1.ForkSandboxResponse]
 	destroySandbox    *connect.Client[v1.DestroySandboxRequest, v1.DestroySandboxResponse]
 	pauseSandbox      *connect.Client[v1.PauseSandboxRequest, v1.PauseSandboxResponse]
 	resumeSandbox     *connect.Client[v1.ResumeSandboxRequest, v1.ResumeSandboxResponse]
@@ -393,6 +406,11 @@ func (c *hostAgentServiceClient) GetHostInfo(ctx context.Context, req *connect.R
 // CreateSandbox calls hostagent.v1.HostAgentService.CreateSandbox.
 func (c *hostAgentServiceClient) CreateSandbox(ctx context.Context, req *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.CreateSandboxResponse], error) {
 	return c.createSandbox.CallUnary(ctx, req)
+}
+
+// ForkSandbox calls hostagent.v1.HostAgentService.ForkSandbox.
+func (c *hostAgentServiceClient) ForkSandbox(ctx context.Context, req *connect.Request[v1.ForkSandboxRequest]) (*connect.Response[v1.ForkSandboxResponse], error) {
+	return c.forkSandbox.CallUnary(ctx, req)
 }
 
 // DestroySandbox calls hostagent.v1.HostAgentService.DestroySandbox.
@@ -531,6 +549,9 @@ type HostAgentServiceHandler interface {
 	GetHostInfo(context.Context, *connect.Request[v1.GetHostInfoRequest]) (*connect.Response[v1.GetHostInfoResponse], error)
 	// Sandbox lifecycle.
 	CreateSandbox(context.Context, *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.CreateSandboxResponse], error)
+	// ForkSandbox makes new sandboxes with a running sandbox's memory and
+	// disk as they are now; the source pauses only for the copy.
+	ForkSandbox(context.Context, *connect.Request[v1.ForkSandboxRequest]) (*connect.Response[v1.ForkSandboxResponse], error)
 	DestroySandbox(context.Context, *connect.Request[v1.DestroySandboxRequest]) (*connect.Response[v1.DestroySandboxResponse], error)
 	PauseSandbox(context.Context, *connect.Request[v1.PauseSandboxRequest]) (*connect.Response[v1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[v1.ResumeSandboxRequest]) (*connect.Response[v1.ResumeSandboxResponse], error)
@@ -592,6 +613,12 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		HostAgentServiceCreateSandboxProcedure,
 		svc.CreateSandbox,
 		connect.WithSchema(hostAgentServiceMethods.ByName("CreateSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	hostAgentServiceForkSandboxHandler := connect.NewUnaryHandler(
+		HostAgentServiceForkSandboxProcedure,
+		svc.ForkSandbox,
+		connect.WithSchema(hostAgentServiceMethods.ByName("ForkSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
 	hostAgentServiceDestroySandboxHandler := connect.NewUnaryHandler(
@@ -756,6 +783,8 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServiceGetHostInfoHandler.ServeHTTP(w, r)
 		case HostAgentServiceCreateSandboxProcedure:
 			hostAgentServiceCreateSandboxHandler.ServeHTTP(w, r)
+		case HostAgentServiceForkSandboxProcedure:
+			hostAgentServiceForkSandboxHandler.ServeHTTP(w, r)
 		case HostAgentServiceDestroySandboxProcedure:
 			hostAgentServiceDestroySandboxHandler.ServeHTTP(w, r)
 		case HostAgentServicePauseSandboxProcedure:
@@ -823,6 +852,10 @@ func (UnimplementedHostAgentServiceHandler) GetHostInfo(context.Context, *connec
 
 func (UnimplementedHostAgentServiceHandler) CreateSandbox(context.Context, *connect.Request[v1.CreateSandboxRequest]) (*connect.Response[v1.CreateSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.CreateSandbox is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) ForkSandbox(context.Context, *connect.Request[v1.ForkSandboxRequest]) (*connect.Response[v1.ForkSandboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.ForkSandbox is not implemented"))
 }
 
 func (UnimplementedHostAgentServiceHandler) DestroySandbox(context.Context, *connect.Request[v1.DestroySandboxRequest]) (*connect.Response[v1.DestroySandboxResponse], error) {
