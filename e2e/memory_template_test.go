@@ -20,14 +20,7 @@ func TestSnapshotsKeepMemory(t *testing.T) {
 	c := s.client()
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	sh := func(id, script string) string {
-		t.Helper()
-		res, err := c.Exec(ctx, id, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", script}})
-		if err != nil || res.ExitCode != 0 {
-			t.Fatalf("%s in %s: %+v %v", script, id, res, err)
-		}
-		return strings.TrimSpace(string(res.Stdout))
-	}
+	sh := func(id, script string) string { t.Helper(); return mustSh(ctx, t, c, id, script) }
 	src, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Wait: true})
 	if err != nil {
 		t.Fatal(err)
@@ -104,14 +97,7 @@ func TestForkThroughTheAPI(t *testing.T) {
 	c := s.client()
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	sh := func(id, script string) string {
-		t.Helper()
-		res, err := c.Exec(ctx, id, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", script}})
-		if err != nil || res.ExitCode != 0 {
-			t.Fatalf("%s in %s: %+v %v", script, id, res, err)
-		}
-		return strings.TrimSpace(string(res.Stdout))
-	}
+	sh := func(id, script string) string { t.Helper(); return mustSh(ctx, t, c, id, script) }
 	src, err := c.CreateCapsule(ctx, wrenn.CreateCapsuleParams{MemoryMB: 256, Metadata: map[string]string{"job": "fork"}, Wait: true})
 	if err != nil {
 		t.Fatal(err)
@@ -158,4 +144,15 @@ func TestForkThroughTheAPI(t *testing.T) {
 		}
 	}
 	s.nothingLeft()
+}
+
+// mustSh runs a shell script in a capsule and returns its trimmed stdout;
+// anything but exit 0 fails the test.
+func mustSh(ctx context.Context, t *testing.T, c *wrenn.Client, id, script string) string {
+	t.Helper()
+	res, err := c.Exec(ctx, id, wrenn.ExecParams{Cmd: "/bin/sh", Args: []string{"-c", script}})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("%s in %s: %+v %v", script, id, res, err)
+	}
+	return strings.TrimSpace(string(res.Stdout))
 }
