@@ -175,19 +175,28 @@ func TestJourneyThroughTheCLI(t *testing.T) {
 
 	// A template build from a recipe file, its log followed to the end.
 	recipe := filepath.Join(t.TempDir(), "recipe.json")
-	if err := os.WriteFile(recipe, []byte(`{"name": "cli-built", "memory_mb": 256, "commands": ["echo building-$((1+1))", "echo v2 > /opt/built"],
-		"healthcheck": {"cmd": "test -s /opt/built"}}`), 0o644); err != nil {
+	// With a health check it ends as a memory template: what the build
+	// started runs in every capsule made from it.
+	if err := os.WriteFile(recipe, []byte(`{"name": "cli-built", "memory_mb": 256, "commands": ["echo building-$((1+1))", "echo v2 > /opt/built",
+		"nohup sh -c 'echo $$ > /opt/keeper.pid; exec sleep 100000' >/dev/null 2>&1 & sleep 0.5"],
+		"healthcheck": {"cmd": "test -s /opt/built && kill -0 $(cat /opt/keeper.pid)"}}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if out := c.ok("template", "build", "-f", recipe); !strings.Contains(out, "building-2") || !strings.Contains(out, `template "cli-built" is ready`) {
 		t.Fatalf("template build:\n%s", out)
 	}
-	var built struct{ ID string }
+	var built struct {
+		ID          string `json:"id"`
+		StartedFrom string `json:"started_from"`
+	}
 	if err := json.Unmarshal([]byte(c.ok("sandbox", "create", "-t", "cli-built", "--memory", "256", "--json")), &built); err != nil {
 		t.Fatal(err)
 	}
-	if out := c.ok("exec", built.ID, "--", "cat", "/opt/built"); out != "v2\n" {
+	if out := c.ok("exec", built.ID, "--", "sh", "-c", "cat /opt/built && test -d /proc/$(cat /opt/keeper.pid) && echo running"); out != "v2\nrunning\n" {
 		t.Fatalf("capsule from the built template: %q", out)
+	}
+	if out := c.ok("sandbox", "get", built.ID); !strings.Contains(out, "memory") {
+		t.Fatalf("a capsule of the built template's shape did not start from its memory:\n%s", out)
 	}
 	c.ok("sandbox", "kill", built.ID)
 	c.ok("template", "delete", "cli-built")

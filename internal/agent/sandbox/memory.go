@@ -150,7 +150,14 @@ func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Recor
 	spec.ID = "template-" + name
 	spec.Disk, spec.DiskFormat = dsk.Path, dsk.Format
 	spec.TapDevice = "tpl0"
-	spec.RunDir = filepath.Join(work, "run")
+	// Its control socket's path must stay under the 108 bytes of a Unix
+	// socket address, whatever WRENN_DIR is: a short private directory.
+	runDir, err := os.MkdirTemp("", "wrenn-tpl-")
+	if err != nil {
+		return fail(fmt.Errorf("memory template: %w", err))
+	}
+	defer os.RemoveAll(runDir)
+	spec.RunDir = runDir
 	if err := cloner.MakeTemplate(ctx, spec, from, out); err != nil {
 		return fail(err)
 	}

@@ -647,9 +647,10 @@ func (s *Server) DeleteSnapshot(_ context.Context, req *connect.Request[pb.Delet
 	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
 }
 
-// FlattenRootfs turns a build sandbox's disk into a template (disk only).
+// FlattenRootfs turns a build sandbox's disk, and with_memory its memory,
+// into a template.
 func (s *Server) FlattenRootfs(ctx context.Context, req *connect.Request[pb.FlattenRootfsRequest]) (*connect.Response[pb.FlattenRootfsResponse], error) {
-	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "build", false)
+	meta, err := s.m.SaveAsTemplate(ctx, req.Msg.GetSandboxId(), req.Msg.GetName(), "build", req.Msg.GetWithMemory())
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -194,14 +194,22 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 	if cause := context.Cause(ctx); cause != nil {
 		return "", cause
 	}
-	logf("\n== saving the disk as template %q\n", bd.Name)
+	// A recipe with a health check describes something running: the
+	// template keeps its memory, so sandboxes made from it start with it
+	// running (E2B's start and ready commands).
+	withMemory := r.HealthCheck != nil
+	if withMemory {
+		logf("\n== saving the memory and disk as template %q\n", bd.Name)
+	} else {
+		logf("\n== saving the disk as template %q\n", bd.Name)
+	}
 	id := ids.New("tpl")
-	resp, err := c.FlattenRootfs(ctx, connect.NewRequest(&pb.FlattenRootfsRequest{SandboxId: sb.ID, Name: id}))
+	resp, err := c.FlattenRootfs(ctx, connect.NewRequest(&pb.FlattenRootfsRequest{SandboxId: sb.ID, Name: id, WithMemory: withMemory}))
 	if err != nil {
 		return "", fmt.Errorf("save template: %w", err)
 	}
 	t := store.Template{ID: id, Name: bd.Name, Type: "base", VCPUs: ptr(int32(r.VCPUs)), MemoryMB: ptr(int32(r.MemoryMB)),
-		SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID,
+		SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), MemoryBytes: resp.Msg.GetTemplate().GetMemory().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID,
 		Metadata: map[string]string{"build_id": bd.ID, "base_template": r.BaseTemplate}}
 	if !bd.Platform {
 		t.TeamID = &bd.TeamID

@@ -3578,9 +3578,12 @@ func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
 }
 
 type FlattenRootfsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Keep the sandbox's memory too (a build whose recipe has a health
+	// check: its processes run on in every sandbox made from it).
+	WithMemory    bool `protobuf:"varint,3,opt,name=with_memory,json=withMemory,proto3" json:"with_memory,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3627,6 +3630,13 @@ func (x *FlattenRootfsRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *FlattenRootfsRequest) GetWithMemory() bool {
+	if x != nil {
+		return x.WithMemory
+	}
+	return false
 }
 
 type FlattenRootfsResponse struct {
@@ -4069,11 +4079,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate\"+\n" +
 	"\x15DeleteSnapshotRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x18\n" +
-	"\x16DeleteSnapshotResponse\"I\n" +
+	"\x16DeleteSnapshotResponse\"j\n" +
 	"\x14FlattenRootfsRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"K\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
+	"\vwith_memory\x18\x03 \x01(\bR\n" +
+	"withMemory\"K\n" +
 	"\x15FlattenRootfsResponse\x122\n" +
 	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate\"\x1f\n" +
 	"\tFileChunk\x12\x12\n" +
