@@ -47,11 +47,6 @@ func (m *Manager) privatize() {
 			if err != nil || d.Type()&os.ModeSymlink != 0 {
 				return nil
 			}
-			if d.IsDir() && d.Name() == "memory" && path != root {
-				// A memory template's: the agent made it private already, or
-				// shared it read only with the jail's group (Firecracker).
-				return filepath.SkipDir
-			}
 			fi, err := d.Info()
 			if err != nil {
 				return nil

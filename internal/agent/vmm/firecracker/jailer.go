@@ -124,6 +124,11 @@ func (j *jail) stageReadOnly(hostPath, inside string) error {
 	}
 	_ = os.Chown(filepath.Dir(dst), 0, j.cfg.GID)
 	_ = os.Remove(dst)
+	// Readable by the jail's group, at each use: the agent makes tenant
+	// files private again at every start.
+	if err := errors.Join(os.Chown(hostPath, os.Geteuid(), j.cfg.GID), os.Chmod(hostPath, 0o440)); err != nil {
+		return fmt.Errorf("jail %s: %w", hostPath, err)
+	}
 	if err := os.Link(hostPath, dst); err == nil {
 		return nil
 	}
