@@ -255,6 +255,35 @@ func TestFork(t *testing.T) {
 	if left := forkTemplates(); len(left) != 0 {
 		t.Fatalf("the fork's template outlived its sandboxes: %v", left)
 	}
+	// A single fork restores the saved VM itself (no shared template).
+	start = time.Now()
+	one, err := a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId(), Ids: []string{"sb-fork-one"}}))
+	if err != nil {
+		t.Fatalf("fork into one: %v\n%s", err, a.logTail())
+	}
+	t.Logf("fork into 1 in %v", time.Since(start).Round(time.Millisecond))
+	if sb := one.Msg.GetSandboxes()[0].GetSandbox(); sb.GetStartedFrom() != "fork" {
+		t.Fatalf("the single fork: %v", sb)
+	}
+	if out, code := a.sh(ctx, "sb-fork-one", `kill -0 $(cat /tmp/keeper.pid) && cat /home/user/f && hostname && echo "$FROM $WRENN_TEMPLATE"`); code != 0 || out != "before\nafter\nsb-fork-one\nsource minimal\n" {
+		t.Fatalf("the single fork says (%d): %q", code, out)
+	}
+	// It pauses and resumes like any sandbox.
+	if _, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: "sb-fork-one"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.client.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Id: "sb-fork-one"})); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := a.sh(ctx, "sb-fork-one", "cat /home/user/f"); out != "before\nafter\n" {
+		t.Fatalf("the single fork after a resume: %q", out)
+	}
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: "sb-fork-one"})); err != nil {
+		t.Fatal(err)
+	}
+	if left := forkTemplates(); len(left) != 0 {
+		t.Fatalf("the single fork's template outlived it: %v", left)
+	}
 	// Bad requests.
 	_, err = a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId()}))
 	wantCode(t, err, connect.CodeInvalidArgument)

@@ -106,7 +106,19 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 	if _, err := m.templates.Adopt(ctx, name, disk, template.Metadata{Source: "fork:" + srcID, Parent: origin, EnvdVersion: parent.EnvdVersion, Ephemeral: true}); err != nil {
 		return nil, noSpace(fmt.Errorf("fork %s: %w", srcID, err))
 	}
-	if _, err := m.saveMemoryTemplate(ctx, name, rec, memDir, ""); err != nil {
+	// One sandbox restores the saved VM directly; several share its memory
+	// as a template (the conversion costs about as much as one restore).
+	var state *savedState
+	if len(ids) == 1 {
+		// The saved state lives with the hidden template (a lazy restore
+		// reads it after the VM runs) and goes with it.
+		kept := filepath.Join(filepath.Dir(m.templates.RootfsPath(name)), "state")
+		if err := os.Rename(memDir, kept); err != nil {
+			_ = m.templates.Delete(name)
+			return nil, fmt.Errorf("fork %s: %w", srcID, err)
+		}
+		state = &savedState{dir: kept, mac: rec.Spec.MAC, token: rec.EnvdToken}
+	} else if _, err := m.saveMemoryTemplate(ctx, name, rec, memDir, ""); err != nil {
 		_ = m.templates.Delete(name)
 		return nil, fmt.Errorf("fork %s: %w", srcID, err)
 	}
@@ -119,7 +131,7 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 		go func() {
 			defer wg.Done()
 			out[i], errs[i] = m.Create(ctx, CreateParams{ID: id, Template: name, VCPUs: rec.VCPUs, MemoryMiB: rec.MemoryMiB, DiskMiB: rec.DiskMiB,
-				Timeout: timeout, AutoPause: autoPause, EnvVars: rec.EnvVars, Metadata: rec.Metadata, Egress: rec.Egress})
+				Timeout: timeout, AutoPause: autoPause, EnvVars: rec.EnvVars, Metadata: rec.Metadata, Egress: rec.Egress, state: state})
 		}()
 	}
 	wg.Wait()

@@ -180,6 +180,15 @@ type CreateParams struct {
 	EnvVars   map[string]string
 	Metadata  map[string]string
 	Egress    egress.Policy
+	// state, for a fork's single sandbox: start by restoring this saved
+	// VM (with the template's image as its disk) instead of booting.
+	state *savedState
+}
+
+// savedState is a VM saved by Driver.SaveMemory, with what its guest
+// knows of itself: its network card and envd token.
+type savedState struct {
+	dir, mac, token string
 }
 
 var validID = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{2,63}$`)
@@ -331,7 +340,7 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	}
 	defer e.mu.Unlock()
 	start := time.Now()
-	rec, err := m.create(ctx, e)
+	rec, err := m.create(ctx, e, p.state)
 	if err != nil {
 		err = noSpace(err)
 		m.log.Warn("create failed; undone", "sandbox", p.ID, "error", err)
@@ -342,7 +351,7 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	return rec, nil
 }
 
-func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
+func (m *Manager) create(ctx context.Context, e *entry, state *savedState) (Record, error) {
 	rec := &e.rec
 	var undo []func()
 	fail := func(err error) (Record, error) {
@@ -370,6 +379,9 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 	}
 	clone, note := m.fromMemory(tpl, rec, kernelPath)
 	rec.StartedFrom, rec.BootNote = StartedBoot, note
+	if state != nil {
+		clone, rec.StartedFrom, rec.BootNote = false, StartedFork, ""
+	}
 	// A fork's sandboxes tell programs the template their origin came from.
 	identity := rec.Template
 	if IsForkTemplate(rec.Template) {
@@ -418,13 +430,20 @@ func (m *Manager) create(ctx context.Context, e *entry) (Record, error) {
 			return fail(err)
 		}
 	}
+	if state != nil {
+		// The saved guest has its source's network card and envd token.
+		rec.Spec.MAC, greet.token, greet.clone = state.mac, state.token, true
+	}
 	rec.State = Starting
 	undo = append(undo, func() { m.releaseCgroup(rec.ID) })
 	var inst vmm.Instance
-	if clone {
+	switch {
+	case clone:
 		cloner, _ := m.cloner() // fromMemory checked it
 		inst, err = cloner.Clone(ctx, rec.Spec, m.templates.MemoryDir(rec.Template))
-	} else {
+	case state != nil:
+		inst, err = m.cfg.Driver.Restore(ctx, rec.Spec, state.dir)
+	default:
 		inst, err = m.cfg.Driver.Boot(ctx, rec.Spec)
 	}
 	if err != nil {
