@@ -58,8 +58,7 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 	if timeout < 0 || timeout > MaxTimeout {
 		return nil, fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
 	}
-	cloner, err := m.cloner()
-	if err != nil {
+	if _, err := m.cloner(); err != nil {
 		return nil, fmt.Errorf("%w: cannot fork: %v", ErrWrongState, err)
 	}
 	var b [6]byte
@@ -87,12 +86,7 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 		if err := m.needSpace("forking "+srcID, 2*rec.MemoryMiB); err != nil {
 			return err
 		}
-		return m.frozen(ctx, e, func() error {
-			if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, disk); err != nil {
-				return err
-			}
-			return cloner.SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
-		})
+		return m.copyFrozen(ctx, e, disk, memDir)
 	}()
 	if err != nil {
 		return nil, noSpace(err)

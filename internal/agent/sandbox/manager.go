@@ -831,29 +831,20 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 	// The memory goes with the disk when the VMM can start sandboxes from it:
 	// a running sandbox's is saved in the same frozen moment as the disk
 	// copy; a paused one's is its pause snapshot.
-	cloner, cloneErr := m.cloner()
+	_, cloneErr := m.cloner()
 	withMemory := memory && cloneErr == nil
 	memFrom := ""
 	switch rec.State {
 	case Running:
-		memDir := filepath.Join(m.sandboxDir(id), "template-memory")
-		defer os.RemoveAll(memDir)
-		if err := m.frozen(ctx, e, func() error {
-			if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
-				return err
-			}
-			if withMemory {
-				if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
-					return err
-				}
-				return cloner.SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
-			}
-			return nil
-		}); err != nil {
-			return template.Metadata{}, noSpace(err)
-		}
 		if withMemory {
-			memFrom = memDir
+			if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
+				return template.Metadata{}, err
+			}
+			memFrom = filepath.Join(m.sandboxDir(id), "template-memory")
+			defer os.RemoveAll(memFrom)
+		}
+		if err := m.copyFrozen(ctx, e, tmp, memFrom); err != nil {
+			return template.Metadata{}, noSpace(err)
 		}
 	case Paused:
 		if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {

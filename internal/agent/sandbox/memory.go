@@ -206,10 +206,19 @@ func newEntropy() ([]byte, error) {
 	return b, err
 }
 
-// frozen runs fn with a running sandbox's guest flushed and its vCPUs
-// stopped, then lets it run again, whatever fn returned.
-func (m *Manager) frozen(ctx context.Context, e *entry, fn func() error) error {
+// copyFrozen copies a running sandbox at one moment: with its guest
+// flushed and its vCPUs stopped, its disk is flattened into disk and,
+// when memDir is set, its memory saved there; then it runs on, whatever
+// happened.
+func (m *Manager) copyFrozen(ctx context.Context, e *entry, disk, memDir string) error {
 	rec := e.rec
+	var cloner vmm.Cloner
+	if memDir != "" {
+		var err error
+		if cloner, err = m.cloner(); err != nil {
+			return err
+		}
+	}
 	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	if err := m.client(e).PrepareSnapshot(prepCtx); err != nil {
 		m.log.Warn("guest did not flush before the copy", "sandbox", rec.ID, "error", err)
@@ -223,7 +232,13 @@ func (m *Manager) frozen(ctx context.Context, e *entry, fn func() error) error {
 			m.log.Error("could not continue the sandbox after the copy", "sandbox", rec.ID, "error", err)
 		}
 	}()
-	return fn()
+	if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, disk); err != nil {
+		return err
+	}
+	if cloner == nil {
+		return nil
+	}
+	return cloner.SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
 }
 
 // Shape is the machine a memory template is prepared for.
@@ -244,8 +259,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	if tpl.Memory != nil {
 		return nil
 	}
-	cloner, err := m.cloner()
-	if err != nil {
+	if _, err := m.cloner(); err != nil {
 		return fmt.Errorf("template %s: %w", name, err)
 	}
 	start := time.Now()
@@ -272,12 +286,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	}
 	disk := filepath.Join(m.sandboxDir(id), "memory-disk.raw")
 	memDir := filepath.Join(m.sandboxDir(id), "template-memory")
-	if err := m.frozen(ctx, e, func() error {
-		if err := template.Flatten(ctx, e.rec.Spec.Disk, e.rec.Spec.DiskFormat, disk); err != nil {
-			return err
-		}
-		return cloner.SaveMemory(ctx, e.rec.Spec, e.rec.VMM, memDir)
-	}); err != nil {
+	if err := m.copyFrozen(ctx, e, disk, memDir); err != nil {
 		return fmt.Errorf("template %s: %w", name, noSpace(err))
 	}
 	if _, err := m.saveMemoryTemplate(ctx, name, e.rec, memDir, disk); err != nil {

@@ -398,10 +398,7 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		}
 		resp, err := c.CreateSandbox(ctx, connect.NewRequest(in))
 		if err == nil {
-			cur, terr := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "running", map[string]any{
-				"host_ip": resp.Msg.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": "",
-				"envd_token":   store.Secret(resp.Msg.GetEnvdAccessToken()),
-				"started_from": resp.Msg.GetSandbox().GetStartedFrom(), "boot_note": resp.Msg.GetSandbox().GetBootNote()})
+			cur, terr := s.st.Transition(context.WithoutCancel(ctx), sb.ID, []string{"starting"}, "running", startedColumns(resp.Msg))
 			if terr != nil {
 				// Destroyed while starting: do not leave a VM behind.
 				s.log.Warn("capsule changed state while starting; destroying it on the host", "capsule", sb.ID, "status", cur.Status, "err", terr)
@@ -431,6 +428,14 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		lastErr = errors.New(msg)
 	}
 	return lastErr
+}
+
+// startedColumns are what a capsule's row records once its host has
+// started it.
+func startedColumns(r *pb.CreateSandboxResponse) map[string]any {
+	return map[string]any{
+		"host_ip": r.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": "",
+		"envd_token": store.Secret(r.GetEnvdAccessToken()), "started_from": r.GetSandbox().GetStartedFrom(), "boot_note": r.GetSandbox().GetBootNote()}
 }
 
 // agentFor returns the client of a host that can take calls.

@@ -73,9 +73,7 @@ func (s *Server) fork(w http.ResponseWriter, r *http.Request, p *principal) erro
 		if i >= len(made) || child.GetSandbox().GetId() != made[i].ID {
 			return errors.New("the host agent answered the fork with other capsules than asked")
 		}
-		cur, err := s.st.Transition(context.WithoutCancel(ctx), made[i].ID, []string{"starting"}, "running", map[string]any{
-			"host_ip": child.GetSandbox().GetAddress(), "guest_ip": "169.254.0.21", "started_at": store.Now, "last_active_at": store.Now, "error": "",
-			"envd_token": store.Secret(child.GetEnvdAccessToken()), "started_from": child.GetSandbox().GetStartedFrom()})
+		cur, err := s.st.Transition(context.WithoutCancel(ctx), made[i].ID, []string{"starting"}, "running", startedColumns(child))
 		if err != nil {
 			// Destroyed while starting: do not leave its VM behind.
 			_, _ = c.DestroySandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.DestroySandboxRequest{Id: made[i].ID}))

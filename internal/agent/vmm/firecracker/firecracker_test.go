@@ -231,18 +231,7 @@ func TestJailer(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("staging files for another user needs root")
 	}
-	dir := t.TempDir()
-	logPath := filepath.Join(dir, "requests.jsonl")
-	t.Setenv("WRENN_FAKE_JAILER", "1")
-	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
-	self, _ := os.Executable()
-	bin := filepath.Join(dir, "bin")
-	_ = os.Mkdir(bin, 0o755)
-	for _, name := range []string{"firecracker", "jailer"} {
-		if err := os.Symlink(self, filepath.Join(bin, name)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir, logPath, bin := fakeJailerSetup(t)
 	kernel, rootfs := filepath.Join(dir, "vmlinux"), filepath.Join(dir, "rootfs.ext4")
 	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
 	_ = os.WriteFile(rootfs, []byte("disk"), 0o644)
@@ -327,18 +316,7 @@ func TestJailedClones(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("staging files for another user needs root")
 	}
-	dir := t.TempDir()
-	logPath := filepath.Join(dir, "requests.jsonl")
-	t.Setenv("WRENN_FAKE_JAILER", "1")
-	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
-	self, _ := os.Executable()
-	bin := filepath.Join(dir, "bin")
-	_ = os.Mkdir(bin, 0o755)
-	for _, name := range []string{"firecracker", "jailer"} {
-		if err := os.Symlink(self, filepath.Join(bin, name)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir, logPath, bin := fakeJailerSetup(t)
 	kernel := filepath.Join(dir, "vmlinux")
 	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), false)
@@ -426,4 +404,24 @@ func TestJailedClones(t *testing.T) {
 	if loads != 2 {
 		t.Fatalf("%d snapshot loads, want 2", loads)
 	}
+}
+
+// fakeJailerSetup gives a test a directory with firecracker and jailer
+// stand-ins in bin/ (this test binary, which acts as either) and the
+// request log they write.
+func fakeJailerSetup(t *testing.T) (dir, logPath, bin string) {
+	t.Helper()
+	dir = t.TempDir()
+	logPath = filepath.Join(dir, "requests.jsonl")
+	t.Setenv("WRENN_FAKE_JAILER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
+	self, _ := os.Executable()
+	bin = filepath.Join(dir, "bin")
+	_ = os.Mkdir(bin, 0o755)
+	for _, name := range []string{"firecracker", "jailer"} {
+		if err := os.Symlink(self, filepath.Join(bin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir, logPath, bin
 }

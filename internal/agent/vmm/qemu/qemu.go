@@ -250,29 +250,9 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 	defer c.Close()
 	// The incoming VM ends up stopped in the state it was saved in:
 	// paused, or io-error if a full disk had stopped it (cont retries the
-	// write). Loading a snapshot from local disk takes seconds; the bound
-	// keeps a stuck load from holding the sandbox for ever.
-	loadCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancel()
-	for {
-		status, err := c.Status(loadCtx)
-		if err != nil {
-			return fail(fmt.Errorf("restore: %w", err))
-		}
-		if status == "running" {
-			break
-		}
-		if status != "inmigrate" {
-			if mst, desc, _ := c.MigrationStatus(loadCtx); mst == "failed" {
-				return fail(fmt.Errorf("restore: migration failed: %s", desc))
-			}
-			break
-		}
-		select {
-		case <-loadCtx.Done():
-			return fail(fmt.Errorf("restore: the snapshot did not load: %w", loadCtx.Err()))
-		case <-time.After(5 * time.Millisecond):
-		}
+	// write).
+	if err := waitLoaded(ctx, c); err != nil {
+		return fail(fmt.Errorf("restore: %w", err))
 	}
 	if _, err := c.Execute(ctx, "cont", nil); err != nil {
 		return fail(fmt.Errorf("resume vCPUs: %w", err))
