@@ -138,24 +138,33 @@ func (vm *VM) WaitReady(ctx context.Context, timeout time.Duration) (time.Durati
 	}
 }
 
+// consoleLag bounds how long envd's ready line may trail its first HTTP
+// answer: the serial console is slow under TCG, the socket is not.
+const consoleLag = 10 * time.Second
+
 // GuestReadyUptime reads, from the console, the guest's own uptime when
-// envd started listening: the kernel-start-to-envd-ready time.
+// envd started listening: the kernel-start-to-envd-ready time. Called
+// once envd answers, it waits up to consoleLag for that line.
 func (vm *VM) GuestReadyUptime() (time.Duration, error) {
-	data, err := os.ReadFile(vm.Console)
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if !strings.Contains(line, "envd listening") {
-			continue
+	for deadline := time.Now().Add(consoleLag); ; time.Sleep(25 * time.Millisecond) {
+		data, err := os.ReadFile(vm.Console)
+		if err != nil {
+			return 0, err
 		}
-		_, after, ok := strings.Cut(line, "guest_uptime=")
-		if !ok {
-			continue
+		for _, line := range strings.Split(string(data), "\n") {
+			if !strings.Contains(line, "envd listening") {
+				continue
+			}
+			_, after, ok := strings.Cut(line, "guest_uptime=")
+			if !ok {
+				continue
+			}
+			return time.ParseDuration(strings.Fields(after)[0])
 		}
-		return time.ParseDuration(strings.Fields(after)[0])
+		if time.Now().After(deadline) {
+			return 0, errors.New("no envd ready line on the console")
+		}
 	}
-	return 0, errors.New("no envd ready line on the console")
 }
 
 // ConsoleTail returns the last n lines of the serial console.
