@@ -140,6 +140,7 @@ func run() error {
 	runAs := fs.String("user", envconf.String("WRENN_USER", ""), "started as root, prepare the host and go on as this user with only CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (scripts/prepare-wrenn-user.sh creates it) (WRENN_USER)")
 	consoleKiB := fs.Int("console-log-kib", envInt("WRENN_CONSOLE_LOG_KIB", 1024), "each sandbox keeps its VMM's output and guest console in vmm.log, rotated at this size with one older file kept (WRENN_CONSOLE_LOG_KIB)")
 	consoleRate := fs.Int("console-log-rate-kib", envInt("WRENN_CONSOLE_LOG_RATE_KIB", 64), "console output kept per sandbox and second, in bursts of --console-log-kib; the rest is dropped and counted (WRENN_CONSOLE_LOG_RATE_KIB)")
+	warmPools := fs.String("warm-pools", envconf.String("WRENN_WARM_POOLS", ""), "warm pools to keep, as name:size[:vcpus:memory_mib:disk_mib],...: that many sandboxes of the template wait ready and a create that fits takes one (WRENN_WARM_POOLS; the control plane's per-template settings win; make dev: minimal:2)")
 	memTemplates := fs.String("memory-templates", envconf.String("WRENN_MEMORY_TEMPLATES", ""), "templates to give a memory snapshot at start when they have none, as name:vcpus:memory_mib:disk_mib,...: sandboxes of that shape then start from memory instead of booting (WRENN_MEMORY_TEMPLATES; make dev: minimal:1:512:5120,base:2:512:5120, the control plane's default shapes)")
 	slots := fs.String("slots", envconf.String("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envconf.String("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
@@ -263,10 +264,14 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--memory-templates: %w", err)
 	}
+	pools, err := sandbox.ParsePools(*warmPools)
+	if err != nil {
+		return fmt.Errorf("--warm-pools: %w", err)
+	}
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log, Resolvers: resolvers, PrivateAllow: privateEgress}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
-		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console,
+		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console, WarmPools: pools,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return err

@@ -154,6 +154,25 @@ func (a *agent) destroyAll() {
 	a.start()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// Warm pools first (the control plane's setting of 0 wins over the
+	// operator's), so that none refills.
+	if info, err := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{})); err == nil && len(info.Msg.GetWarmPools()) > 0 {
+		var none []*pb.WarmPool
+		for _, p := range info.Msg.GetWarmPools() {
+			none = append(none, &pb.WarmPool{Template: p.GetPool().GetTemplate()})
+		}
+		_, _ = a.client.SetWarmPools(ctx, connect.NewRequest(&pb.SetWarmPoolsRequest{Pools: none}))
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			info, err := a.client.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
+			members := int32(0)
+			for _, p := range info.Msg.GetWarmPools() {
+				members += p.GetReady() + p.GetStarting()
+			}
+			if err != nil || members == 0 {
+				break
+			}
+		}
+	}
 	list, err := a.client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
 	if err == nil {
 		for _, s := range list.Msg.GetSandboxes() {

@@ -74,8 +74,8 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 		return nil, err
 	}
 	rec := e.rec
-	disk := filepath.Join(m.sandboxDir(srcID), name+".raw")
-	memDir := filepath.Join(m.sandboxDir(srcID), name+"-memory")
+	disk := filepath.Join(m.sandboxDir(rec), name+".raw")
+	memDir := filepath.Join(m.sandboxDir(rec), name+"-memory")
 	defer os.Remove(disk)
 	defer os.RemoveAll(memDir)
 	err = func() error {

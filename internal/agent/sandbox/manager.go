@@ -71,6 +71,9 @@ type Config struct {
 	// Console is how the VMMs' output is kept; the manager reads adopted
 	// VMMs' consoles again with it.
 	Console vmm.ConsoleLog
+	// WarmPools are the operator's warm pools (--warm-pools); the control
+	// plane's settings (SetPools) win over them.
+	WarmPools []PoolSpec
 }
 
 // Cgroups are the VMMs' control groups, one per sandbox, named by its id.
@@ -108,6 +111,7 @@ type Manager struct {
 	mu        sync.Mutex
 	sandboxes map[string]*entry
 	slots     map[int]string
+	pools     *pools
 }
 
 // entry serialises operations on one sandbox. rec belongs to whoever holds
@@ -122,7 +126,7 @@ type entry struct {
 
 // save persists e.rec and publishes it to listings.
 func (m *Manager) save(e *entry) error {
-	if err := writeRecord(m.sandboxDir(e.rec.ID), e.rec); err != nil {
+	if err := writeRecord(m.sandboxDir(e.rec), e.rec); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -149,22 +153,26 @@ func New(cfg Config) *Manager {
 		cfg.Slots = network.AllSlots
 	}
 	return &Manager{
-		cfg: cfg, log: cfg.Log,
+		cfg: cfg, log: cfg.Log, pools: newPools(cfg.WarmPools),
 		templates: template.Store{Dir: filepath.Join(cfg.WrennDir, "images")},
 		sandboxes: map[string]*entry{}, slots: map[int]string{},
 	}
 }
 
-func (m *Manager) sandboxDir(id string) string { return filepath.Join(m.cfg.WrennDir, "sandboxes", id) }
-func (m *Manager) snapshotDir(id string) string {
-	return filepath.Join(m.cfg.WrennDir, "snapshots", id)
+// sandboxDir and snapshotDir are where a sandbox's files are: under its
+// home, the name it was made under (see Record.Dir).
+func (m *Manager) sandboxDir(rec Record) string {
+	return filepath.Join(m.cfg.WrennDir, "sandboxes", rec.home())
+}
+func (m *Manager) snapshotDir(rec Record) string {
+	return filepath.Join(m.cfg.WrennDir, "snapshots", rec.home())
 }
 
 // snapshotDone marks a snapshot the driver finished writing.
 const snapshotDone = "complete"
 
-func (m *Manager) hasSnapshot(id string) bool {
-	_, err := os.Stat(filepath.Join(m.snapshotDir(id), snapshotDone))
+func (m *Manager) hasSnapshot(rec Record) bool {
+	_, err := os.Stat(filepath.Join(m.snapshotDir(rec), snapshotDone))
 	return err == nil
 }
 
@@ -183,6 +191,8 @@ type CreateParams struct {
 	// state, for a fork's single sandbox: start by restoring this saved
 	// VM (with the template's image as its disk) instead of booting.
 	state *savedState
+	// pool and poolVersion make a warm-pool member of that template.
+	pool, poolVersion string
 }
 
 // savedState is a VM saved by Driver.SaveMemory, with what its guest
@@ -304,7 +314,7 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB,
 		CreatedAt: now, ExpiresAt: now.Add(p.Timeout), Timeout: p.Timeout, AutoPause: p.AutoPause,
 		Metadata: p.Metadata, EnvVars: p.EnvVars, Egress: p.Egress,
-		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc,
+		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc, Pool: p.pool, PoolVersion: p.poolVersion,
 	}}
 	e.view = e.rec
 	e.mu.Lock() // held by the creator until the sandbox runs or is gone
@@ -330,11 +340,17 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	if err := m.validate(&p); err != nil {
 		return Record{}, err
 	}
+	if rec, ok, err := m.fromPool(ctx, p); ok || err != nil {
+		return rec, err
+	}
 	// Room to pause it later is part of what a sandbox needs.
 	if err := m.needSpace("a new sandbox", p.MemoryMiB); err != nil {
 		return Record{}, err
 	}
 	e, err := m.reserve(p)
+	for errors.Is(err, ErrNoCapacity) && m.evictMember(ctx) {
+		e, err = m.reserve(p) // warm sandboxes give way to real ones
+	}
 	if err != nil {
 		return Record{}, err
 	}
@@ -360,7 +376,7 @@ func (m *Manager) create(ctx context.Context, e *entry, state *savedState) (Reco
 		}
 		return Record{}, err
 	}
-	dir := m.sandboxDir(rec.ID)
+	dir := m.sandboxDir(*rec)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fail(fmt.Errorf("sandbox directory: %w", err))
 	}
@@ -435,7 +451,7 @@ func (m *Manager) create(ctx context.Context, e *entry, state *savedState) (Reco
 		rec.Spec.MAC, greet.token, greet.clone = state.mac, state.token, true
 	}
 	rec.State = Starting
-	undo = append(undo, func() { m.releaseCgroup(rec.ID) })
+	undo = append(undo, func() { m.releaseCgroup(rec.Spec.ID) })
 	var inst vmm.Instance
 	switch {
 	case clone:
@@ -595,7 +611,7 @@ func (m *Manager) teardown(ctx context.Context, rec Record) error {
 			return fmt.Errorf("destroy %s: %w", rec.ID, err)
 		}
 	}
-	m.releaseCgroup(rec.ID)
+	m.releaseCgroup(rec.Spec.ID)
 	if err := m.cfg.Net.Teardown(ctx, rec.Net); err != nil {
 		return fmt.Errorf("destroy %s: %w", rec.ID, err)
 	}
@@ -604,7 +620,7 @@ func (m *Manager) teardown(ctx context.Context, rec Record) error {
 			return fmt.Errorf("destroy %s: %w", rec.ID, err)
 		}
 	}
-	for _, dir := range []string{m.snapshotDir(rec.ID), m.sandboxDir(rec.ID)} {
+	for _, dir := range []string{m.snapshotDir(rec), m.sandboxDir(rec)} {
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("destroy %s: %w", rec.ID, err)
 		}
@@ -643,14 +659,14 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 		m.log.Warn("guest did not flush before pause", "sandbox", rec.ID, "error", err)
 	}
 	cancel()
-	if err := m.cfg.Driver.Snapshot(ctx, rec.Spec, rec.VMM, m.snapshotDir(rec.ID)); err != nil {
+	if err := m.cfg.Driver.Snapshot(ctx, rec.Spec, rec.VMM, m.snapshotDir(*rec)); err != nil {
 		return Record{}, noSpace(fmt.Errorf("pause %s: %w", rec.ID, err))
 	}
-	if err := os.WriteFile(filepath.Join(m.snapshotDir(rec.ID), snapshotDone), nil, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(m.snapshotDir(*rec), snapshotDone), nil, 0o600); err != nil {
 		m.log.Warn("could not mark the snapshot complete", "sandbox", rec.ID, "error", err)
 	}
 	c.Close() // connections into the stopped VM are dead; dial afresh after resume
-	m.releaseCgroup(rec.ID)
+	m.releaseCgroup(rec.Spec.ID)
 	rec.State, rec.VMM = Paused, vmm.Instance{}
 	if err := m.save(e); err != nil {
 		// The snapshot is complete and the VMM gone: the sandbox is paused
@@ -691,9 +707,9 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 			return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 		}
 	}
-	inst, err := m.cfg.Driver.Restore(ctx, rec.Spec, m.snapshotDir(rec.ID))
+	inst, err := m.cfg.Driver.Restore(ctx, rec.Spec, m.snapshotDir(*rec))
 	if err != nil {
-		m.releaseCgroup(rec.ID)
+		m.releaseCgroup(rec.Spec.ID)
 		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
 	rec.VMM = inst
@@ -715,7 +731,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 		return Record{}, noSpace(fmt.Errorf("resume %s: %w", rec.ID, err))
 	}
 	// The memory now lives in the VM again; the snapshot is stale.
-	_ = os.RemoveAll(m.snapshotDir(rec.ID))
+	_ = os.RemoveAll(m.snapshotDir(*rec))
 	m.log.Info("sandbox resumed", "sandbox", rec.ID, "took", time.Since(start).Round(time.Millisecond))
 	return *rec, nil
 }
@@ -768,7 +784,9 @@ func (m *Manager) List() []Record {
 	m.mu.Lock()
 	out := make([]Record, 0, len(m.sandboxes))
 	for _, e := range m.sandboxes {
-		out = append(out, e.view)
+		if e.view.Pool == "" { // warm-pool members are not sandboxes yet
+			out = append(out, e.view)
+		}
 	}
 	m.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
@@ -826,7 +844,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 		return template.Metadata{}, err
 	}
 	start := time.Now()
-	tmp := filepath.Join(m.sandboxDir(id), "template.raw")
+	tmp := filepath.Join(m.sandboxDir(rec), "template.raw")
 	defer os.Remove(tmp)
 	// The memory goes with the disk when the VMM can start sandboxes from it:
 	// a running sandbox's is saved in the same frozen moment as the disk
@@ -840,7 +858,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 			if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
 				return template.Metadata{}, err
 			}
-			memFrom = filepath.Join(m.sandboxDir(id), "template-memory")
+			memFrom = filepath.Join(m.sandboxDir(rec), "template-memory")
 			defer os.RemoveAll(memFrom)
 		}
 		if err := m.copyFrozen(ctx, e, tmp, memFrom); err != nil {
@@ -850,8 +868,8 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 		if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, tmp); err != nil {
 			return template.Metadata{}, noSpace(err)
 		}
-		if withMemory && m.hasSnapshot(id) {
-			memFrom = m.snapshotDir(id)
+		if withMemory && m.hasSnapshot(rec) {
+			memFrom = m.snapshotDir(rec)
 		}
 	default:
 		return template.Metadata{}, fmt.Errorf("%w: %s is %s", ErrWrongState, id, rec.State)
@@ -879,6 +897,12 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 func (m *Manager) DeleteTemplate(name string) error {
 	if err := template.ValidateName(name); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	// Its warm pool goes first; none refills while it is deleted.
+	m.pools.fill.Lock()
+	defer m.pools.fill.Unlock()
+	if err := m.drainPool(context.Background(), name); err != nil {
+		return fmt.Errorf("drain template %q's warm pool: %w", name, err)
 	}
 	var users []string
 	for _, r := range m.List() {

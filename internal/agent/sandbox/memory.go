@@ -105,7 +105,7 @@ func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Recor
 	}
 	start := time.Now()
 	// A scratch disk like the sandbox's: the device set must match.
-	work, err := os.MkdirTemp(m.sandboxDir(rec.ID), "template-")
+	work, err := os.MkdirTemp(m.sandboxDir(rec), "template-")
 	if err != nil {
 		return nil, fmt.Errorf("memory template: %w", err)
 	}
@@ -284,8 +284,8 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	if err := m.needSpace("the memory of template "+name, rec.MemoryMiB); err != nil {
 		return err
 	}
-	disk := filepath.Join(m.sandboxDir(id), "memory-disk.raw")
-	memDir := filepath.Join(m.sandboxDir(id), "template-memory")
+	disk := filepath.Join(m.sandboxDir(e.rec), "memory-disk.raw")
+	memDir := filepath.Join(m.sandboxDir(e.rec), "template-memory")
 	if err := m.copyFrozen(ctx, e, disk, memDir); err != nil {
 		return fmt.Errorf("template %s: %w", name, noSpace(err))
 	}

@@ -34,6 +34,8 @@ func (m *Manager) Start(ctx context.Context) error {
 	}
 	m.dropForkTemplates()
 	go m.reap(ctx)
+	m.loadPools()
+	go m.keepPools(ctx)
 	return nil
 }
 
@@ -111,13 +113,13 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				m.log.Warn("could not make sure the adopted sandbox runs", "sandbox", rec.ID, "error", err)
 			}
 			cancel()
-			_ = os.RemoveAll(m.snapshotDir(rec.ID)) // what that pause had written
+			_ = os.RemoveAll(m.snapshotDir(rec)) // what that pause had written
 			if _, err := m.cfg.Console.Follow(rec.Spec.RunDir); err != nil {
 				m.log.Warn("cannot read the adopted sandbox's console; its output is not kept", "sandbox", rec.ID, "error", err)
 			}
 			m.adopt(rec)
 			m.log.Info("re-adopted running sandbox", "sandbox", rec.ID, "pid", rec.VMM.PID)
-		case rec.State == Running && m.hasSnapshot(rec.ID):
+		case rec.State == Running && m.hasSnapshot(rec):
 			// The pause finished but its record was not saved (a full
 			// disk, a crash in between): the snapshot is the truth.
 			m.killVMMsUnder(dir)
@@ -128,7 +130,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			m.adopt(rec)
 			m.log.Warn("kept sandbox as paused: its snapshot is complete but its record said running", "sandbox", rec.ID)
 		case rec.State == Paused:
-			if _, err := os.Stat(filepath.Join(m.snapshotDir(rec.ID))); err != nil {
+			if _, err := os.Stat(m.snapshotDir(rec)); err != nil {
 				m.log.Error("paused sandbox has no snapshot; removing it", "sandbox", rec.ID)
 				_ = m.teardown(ctx, rec)
 				continue
@@ -160,6 +162,12 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			_ = m.cfg.Net.Teardown(ctx, a)
 		}
 	}
+	// What sandboxes own is named after their homes (a warm-pool member
+	// taken by a create keeps its own).
+	homes := map[string]*entry{}
+	for _, e := range m.sandboxes {
+		homes[e.rec.home()] = e
+	}
 	// Device-mapper disks of sandboxes that are gone.
 	if m.cfg.Disks.Name() == "dm" {
 		ids, err := disk.Orphans(ctx)
@@ -167,7 +175,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			m.log.Warn("cannot list device-mapper disks", "error", err)
 		}
 		for _, id := range ids {
-			if _, owned := m.sandboxes[id]; !owned {
+			if _, owned := homes[id]; !owned {
 				m.log.Warn("removing orphan device-mapper disk", "sandbox", id)
 				_ = m.cfg.Disks.Release(ctx, filepath.Join(root, id, "rootfs.dm"))
 			}
@@ -176,7 +184,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	// Control groups of VMMs that no longer run.
 	if m.cfg.Cgroups != nil {
 		for _, id := range m.cfg.Cgroups.EmptyGroups() {
-			if e, owned := m.sandboxes[id]; !owned || e.rec.State != Running {
+			if e, owned := homes[id]; !owned || e.rec.State != Running {
 				m.releaseCgroup(id)
 			}
 		}
@@ -184,7 +192,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	// Snapshot directories of sandboxes that are gone.
 	snaps, _ := os.ReadDir(filepath.Join(m.cfg.WrennDir, "snapshots"))
 	for _, s := range snaps {
-		if _, owned := m.sandboxes[s.Name()]; !owned {
+		if _, owned := homes[s.Name()]; !owned {
 			_ = os.RemoveAll(filepath.Join(m.cfg.WrennDir, "snapshots", s.Name()))
 		}
 	}
@@ -307,7 +315,7 @@ func (m *Manager) noticeDeadVMMs() {
 		// Look again under the lock: a pause may have just stopped it.
 		if e.rec.State == Running && !m.cfg.Driver.Alive(e.rec.Spec, e.rec.VMM) {
 			reason := "its VMM (pid " + strconv.Itoa(e.rec.VMM.PID) + ") exited unexpectedly"
-			if m.cfg.Cgroups != nil && m.cfg.Cgroups.OOMKilled(e.rec.ID) {
+			if m.cfg.Cgroups != nil && m.cfg.Cgroups.OOMKilled(e.rec.Spec.ID) {
 				reason += ": the kernel's out-of-memory killer ended it at its cgroup's memory limit (raise --vmm-overhead-mib)"
 			}
 			reason += "; its memory is lost, its disk is kept until it is destroyed; VMM log: " + vmm.LogTail(vmm.LogPath(e.rec.Spec.RunDir), 3)
@@ -317,7 +325,7 @@ func (m *Manager) noticeDeadVMMs() {
 			if err := m.save(e); err != nil {
 				m.log.Warn("could not save the error state", "sandbox", e.rec.ID, "error", err)
 			}
-			m.releaseCgroup(e.rec.ID)
+			m.releaseCgroup(e.rec.Spec.ID)
 		}
 		e.mu.Unlock()
 	}

@@ -53,6 +53,24 @@ type Record struct {
 	StartedFrom string       `json:"started_from,omitempty"`
 	BootNote    string       `json:"boot_note,omitempty"`
 	VMM         vmm.Instance `json:"vmm"`
+	// Dir is the name of the sandbox's directories (under sandboxes/ and
+	// snapshots/) and of its VMM (Spec.ID) when it is not ID: a warm-pool
+	// member keeps the name it was made under once a create takes it.
+	Dir string `json:"dir,omitempty"`
+	// Pool is set on a warm-pool member no create has taken yet: the
+	// template whose pool it is in (see pool.go).
+	Pool string `json:"pool,omitempty"`
+	// PoolVersion is the template version the member was made from; a
+	// member of an older version is drained.
+	PoolVersion string `json:"pool_version,omitempty"`
+}
+
+// home is the name of the sandbox's directories.
+func (r Record) home() string {
+	if r.Dir != "" {
+		return r.Dir
+	}
+	return r.ID
 }
 
 const recordFile = "sandbox.json"
@@ -82,7 +100,7 @@ func readRecord(dir string) (Record, error) {
 	if err := json.Unmarshal(data, &r); err != nil {
 		return Record{}, fmt.Errorf("corrupt %s: %w", filepath.Join(dir, recordFile), err)
 	}
-	if r.ID == "" || r.ID != filepath.Base(dir) {
+	if r.ID == "" || r.home() != filepath.Base(dir) {
 		return Record{}, errors.New("sandbox record does not match its directory " + dir)
 	}
 	return r, nil

@@ -258,6 +258,7 @@ func (s *Server) GetHostInfo(_ context.Context, _ *connect.Request[pb.GetHostInf
 			res.TemplateDetails = append(res.TemplateDetails, templateProto(t))
 		}
 	}
+	res.WarmPools = s.poolStatus()
 	return connect.NewResponse(res), nil
 }
 
@@ -721,4 +722,31 @@ func (s *Server) WriteFileStream(ctx context.Context, stream *connect.ClientStre
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&pb.WriteFileResponse{}), nil
+}
+
+// SetWarmPools takes the control plane's warm-pool settings and reports
+// every pool on the host.
+func (s *Server) SetWarmPools(_ context.Context, req *connect.Request[pb.SetWarmPoolsRequest]) (*connect.Response[pb.SetWarmPoolsResponse], error) {
+	if len(req.Msg.GetPools()) > 1024 {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("at most 1024 warm pools"))
+	}
+	specs := make([]sandbox.PoolSpec, 0, len(req.Msg.GetPools()))
+	for _, p := range req.Msg.GetPools() {
+		specs = append(specs, sandbox.PoolSpec{Template: p.GetTemplate(), Size: int(p.GetSize()),
+			VCPUs: int(p.GetVcpus()), MemoryMiB: int(p.GetMemoryMib()), DiskMiB: int(p.GetDiskSizeMib())})
+	}
+	if err := s.m.SetPools(specs); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&pb.SetWarmPoolsResponse{Pools: s.poolStatus()}), nil
+}
+
+func (s *Server) poolStatus() []*pb.WarmPoolStatus {
+	var out []*pb.WarmPoolStatus
+	for _, st := range s.m.Pools() {
+		out = append(out, &pb.WarmPoolStatus{
+			Pool:  &pb.WarmPool{Template: st.Template, Size: int32(st.Size), Vcpus: int32(st.VCPUs), MemoryMib: int32(st.MemoryMiB), DiskSizeMib: int32(st.DiskMiB)},
+			Ready: int32(st.Ready), Starting: int32(st.Starting), Claims: st.Claims, Misses: st.Misses, Note: st.Note})
+	}
+	return out
 }

@@ -135,7 +135,257 @@ func (x EgressPolicy_Mode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EgressPolicy_Mode.Descriptor instead.
 func (EgressPolicy_Mode) EnumDescriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{2, 0}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{6, 0}
+}
+
+type WarmPool struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Template string                 `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	// Members to keep ready (0 to 64); 0 drains the pool.
+	Size int32 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	// The members' shape; all 0 takes the template's memory snapshot's.
+	Vcpus         int32 `protobuf:"varint,3,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib     int32 `protobuf:"varint,4,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	DiskSizeMib   int32 `protobuf:"varint,5,opt,name=disk_size_mib,json=diskSizeMib,proto3" json:"disk_size_mib,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmPool) Reset() {
+	*x = WarmPool{}
+	mi := &file_v1_hostagent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmPool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmPool) ProtoMessage() {}
+
+func (x *WarmPool) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmPool.ProtoReflect.Descriptor instead.
+func (*WarmPool) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *WarmPool) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
+
+func (x *WarmPool) GetSize() int32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *WarmPool) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *WarmPool) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *WarmPool) GetDiskSizeMib() int32 {
+	if x != nil {
+		return x.DiskSizeMib
+	}
+	return 0
+}
+
+type WarmPoolStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pool          *WarmPool              `protobuf:"bytes,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	Ready         int32                  `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"` // members a create can take now
+	Starting      int32                  `protobuf:"varint,3,opt,name=starting,proto3" json:"starting,omitempty"`
+	Claims        int64                  `protobuf:"varint,4,opt,name=claims,proto3" json:"claims,omitempty"` // creates served from it since the agent started
+	Misses        int64                  `protobuf:"varint,5,opt,name=misses,proto3" json:"misses,omitempty"` // creates of the template that found no fitting member
+	Note          string                 `protobuf:"bytes,6,opt,name=note,proto3" json:"note,omitempty"`      // why it cannot fill, if it cannot
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmPoolStatus) Reset() {
+	*x = WarmPoolStatus{}
+	mi := &file_v1_hostagent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmPoolStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmPoolStatus) ProtoMessage() {}
+
+func (x *WarmPoolStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmPoolStatus.ProtoReflect.Descriptor instead.
+func (*WarmPoolStatus) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *WarmPoolStatus) GetPool() *WarmPool {
+	if x != nil {
+		return x.Pool
+	}
+	return nil
+}
+
+func (x *WarmPoolStatus) GetReady() int32 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
+}
+
+func (x *WarmPoolStatus) GetStarting() int32 {
+	if x != nil {
+		return x.Starting
+	}
+	return 0
+}
+
+func (x *WarmPoolStatus) GetClaims() int64 {
+	if x != nil {
+		return x.Claims
+	}
+	return 0
+}
+
+func (x *WarmPoolStatus) GetMisses() int64 {
+	if x != nil {
+		return x.Misses
+	}
+	return 0
+}
+
+func (x *WarmPoolStatus) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+type SetWarmPoolsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pools         []*WarmPool            `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetWarmPoolsRequest) Reset() {
+	*x = SetWarmPoolsRequest{}
+	mi := &file_v1_hostagent_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWarmPoolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWarmPoolsRequest) ProtoMessage() {}
+
+func (x *SetWarmPoolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWarmPoolsRequest.ProtoReflect.Descriptor instead.
+func (*SetWarmPoolsRequest) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SetWarmPoolsRequest) GetPools() []*WarmPool {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+type SetWarmPoolsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pools         []*WarmPoolStatus      `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetWarmPoolsResponse) Reset() {
+	*x = SetWarmPoolsResponse{}
+	mi := &file_v1_hostagent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWarmPoolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWarmPoolsResponse) ProtoMessage() {}
+
+func (x *SetWarmPoolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWarmPoolsResponse.ProtoReflect.Descriptor instead.
+func (*SetWarmPoolsResponse) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SetWarmPoolsResponse) GetPools() []*WarmPoolStatus {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
 }
 
 type GetHostInfoRequest struct {
@@ -146,7 +396,7 @@ type GetHostInfoRequest struct {
 
 func (x *GetHostInfoRequest) Reset() {
 	*x = GetHostInfoRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[0]
+	mi := &file_v1_hostagent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -158,7 +408,7 @@ func (x *GetHostInfoRequest) String() string {
 func (*GetHostInfoRequest) ProtoMessage() {}
 
 func (x *GetHostInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[0]
+	mi := &file_v1_hostagent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -171,7 +421,7 @@ func (x *GetHostInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetHostInfoRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{0}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{4}
 }
 
 type GetHostInfoResponse struct {
@@ -187,13 +437,15 @@ type GetHostInfoResponse struct {
 	Templates     []string               `protobuf:"bytes,9,rep,name=templates,proto3" json:"templates,omitempty"`
 	// The same templates with their details (memory snapshots among them).
 	TemplateDetails []*Template `protobuf:"bytes,10,rep,name=template_details,json=templateDetails,proto3" json:"template_details,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Every warm pool on the host (see SetWarmPools).
+	WarmPools     []*WarmPoolStatus `protobuf:"bytes,11,rep,name=warm_pools,json=warmPools,proto3" json:"warm_pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetHostInfoResponse) Reset() {
 	*x = GetHostInfoResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[1]
+	mi := &file_v1_hostagent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -205,7 +457,7 @@ func (x *GetHostInfoResponse) String() string {
 func (*GetHostInfoResponse) ProtoMessage() {}
 
 func (x *GetHostInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[1]
+	mi := &file_v1_hostagent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -218,7 +470,7 @@ func (x *GetHostInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetHostInfoResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{1}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetHostInfoResponse) GetArch() string {
@@ -291,6 +543,13 @@ func (x *GetHostInfoResponse) GetTemplateDetails() []*Template {
 	return nil
 }
 
+func (x *GetHostInfoResponse) GetWarmPools() []*WarmPoolStatus {
+	if x != nil {
+		return x.WarmPools
+	}
+	return nil
+}
+
 // What a sandbox may reach outside its host. Private, CGNAT, loopback,
 // link-local and multicast ranges are refused in every mode unless the
 // agent's operator allows some (--guest-private-egress); the guest's DNS
@@ -306,7 +565,7 @@ type EgressPolicy struct {
 
 func (x *EgressPolicy) Reset() {
 	*x = EgressPolicy{}
-	mi := &file_v1_hostagent_proto_msgTypes[2]
+	mi := &file_v1_hostagent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +577,7 @@ func (x *EgressPolicy) String() string {
 func (*EgressPolicy) ProtoMessage() {}
 
 func (x *EgressPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[2]
+	mi := &file_v1_hostagent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +590,7 @@ func (x *EgressPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressPolicy.ProtoReflect.Descriptor instead.
 func (*EgressPolicy) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{2}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *EgressPolicy) GetMode() EgressPolicy_Mode {
@@ -382,7 +641,7 @@ type Sandbox struct {
 
 func (x *Sandbox) Reset() {
 	*x = Sandbox{}
-	mi := &file_v1_hostagent_proto_msgTypes[3]
+	mi := &file_v1_hostagent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -394,7 +653,7 @@ func (x *Sandbox) String() string {
 func (*Sandbox) ProtoMessage() {}
 
 func (x *Sandbox) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[3]
+	mi := &file_v1_hostagent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -407,7 +666,7 @@ func (x *Sandbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sandbox.ProtoReflect.Descriptor instead.
 func (*Sandbox) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{3}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Sandbox) GetId() string {
@@ -538,7 +797,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[4]
+	mi := &file_v1_hostagent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -550,7 +809,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[4]
+	mi := &file_v1_hostagent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -563,7 +822,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{4}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateSandboxRequest) GetId() string {
@@ -647,7 +906,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[5]
+	mi := &file_v1_hostagent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +918,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[5]
+	mi := &file_v1_hostagent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +931,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{5}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -703,7 +962,7 @@ type ForkSandboxRequest struct {
 
 func (x *ForkSandboxRequest) Reset() {
 	*x = ForkSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v1_hostagent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -715,7 +974,7 @@ func (x *ForkSandboxRequest) String() string {
 func (*ForkSandboxRequest) ProtoMessage() {}
 
 func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v1_hostagent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -728,7 +987,7 @@ func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ForkSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{6}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ForkSandboxRequest) GetSourceId() string {
@@ -769,7 +1028,7 @@ type ForkSandboxResponse struct {
 
 func (x *ForkSandboxResponse) Reset() {
 	*x = ForkSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v1_hostagent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +1040,7 @@ func (x *ForkSandboxResponse) String() string {
 func (*ForkSandboxResponse) ProtoMessage() {}
 
 func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v1_hostagent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +1053,7 @@ func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ForkSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{7}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ForkSandboxResponse) GetSandboxes() []*CreateSandboxResponse {
@@ -813,7 +1072,7 @@ type DestroySandboxRequest struct {
 
 func (x *DestroySandboxRequest) Reset() {
 	*x = DestroySandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v1_hostagent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +1084,7 @@ func (x *DestroySandboxRequest) String() string {
 func (*DestroySandboxRequest) ProtoMessage() {}
 
 func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v1_hostagent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +1097,7 @@ func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxRequest.ProtoReflect.Descriptor instead.
 func (*DestroySandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{8}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DestroySandboxRequest) GetId() string {
@@ -856,7 +1115,7 @@ type DestroySandboxResponse struct {
 
 func (x *DestroySandboxResponse) Reset() {
 	*x = DestroySandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v1_hostagent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +1127,7 @@ func (x *DestroySandboxResponse) String() string {
 func (*DestroySandboxResponse) ProtoMessage() {}
 
 func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v1_hostagent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +1140,7 @@ func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxResponse.ProtoReflect.Descriptor instead.
 func (*DestroySandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{9}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{13}
 }
 
 type PauseSandboxRequest struct {
@@ -893,7 +1152,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v1_hostagent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -905,7 +1164,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v1_hostagent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -918,7 +1177,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{10}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PauseSandboxRequest) GetId() string {
@@ -937,7 +1196,7 @@ type PauseSandboxResponse struct {
 
 func (x *PauseSandboxResponse) Reset() {
 	*x = PauseSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v1_hostagent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1208,7 @@ func (x *PauseSandboxResponse) String() string {
 func (*PauseSandboxResponse) ProtoMessage() {}
 
 func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v1_hostagent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1221,7 @@ func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{11}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
@@ -982,7 +1241,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v1_hostagent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -994,7 +1253,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v1_hostagent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1007,7 +1266,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{12}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResumeSandboxRequest) GetId() string {
@@ -1033,7 +1292,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v1_hostagent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1045,7 +1304,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v1_hostagent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1058,7 +1317,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{13}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -1077,7 +1336,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v1_hostagent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1089,7 +1348,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v1_hostagent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1102,7 +1361,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{14}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetSandboxRequest) GetId() string {
@@ -1121,7 +1380,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v1_hostagent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1392,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v1_hostagent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1405,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{15}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1164,7 +1423,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v1_hostagent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1435,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v1_hostagent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1448,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{16}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
 }
 
 type ListSandboxesResponse struct {
@@ -1201,7 +1460,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v1_hostagent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1472,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v1_hostagent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1485,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{17}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1246,7 +1505,7 @@ type PingSandboxRequest struct {
 
 func (x *PingSandboxRequest) Reset() {
 	*x = PingSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1517,7 @@ func (x *PingSandboxRequest) String() string {
 func (*PingSandboxRequest) ProtoMessage() {}
 
 func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v1_hostagent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1530,7 @@ func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PingSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{18}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PingSandboxRequest) GetId() string {
@@ -1297,7 +1556,7 @@ type PingSandboxResponse struct {
 
 func (x *PingSandboxResponse) Reset() {
 	*x = PingSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1309,7 +1568,7 @@ func (x *PingSandboxResponse) String() string {
 func (*PingSandboxResponse) ProtoMessage() {}
 
 func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v1_hostagent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1322,7 +1581,7 @@ func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PingSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{19}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PingSandboxResponse) GetSandbox() *Sandbox {
@@ -1341,7 +1600,7 @@ type GetSandboxMetricsRequest struct {
 
 func (x *GetSandboxMetricsRequest) Reset() {
 	*x = GetSandboxMetricsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1612,7 @@ func (x *GetSandboxMetricsRequest) String() string {
 func (*GetSandboxMetricsRequest) ProtoMessage() {}
 
 func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v1_hostagent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1625,7 @@ func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetSandboxMetricsRequest) GetId() string {
@@ -1391,7 +1650,7 @@ type GetSandboxMetricsResponse struct {
 
 func (x *GetSandboxMetricsResponse) Reset() {
 	*x = GetSandboxMetricsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1662,7 @@ func (x *GetSandboxMetricsResponse) String() string {
 func (*GetSandboxMetricsResponse) ProtoMessage() {}
 
 func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v1_hostagent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1675,7 @@ func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetSandboxMetricsResponse) GetCpuCount() int32 {
@@ -1477,7 +1736,7 @@ type ListPortsRequest struct {
 
 func (x *ListPortsRequest) Reset() {
 	*x = ListPortsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1489,7 +1748,7 @@ func (x *ListPortsRequest) String() string {
 func (*ListPortsRequest) ProtoMessage() {}
 
 func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v1_hostagent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1502,7 +1761,7 @@ func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
 func (*ListPortsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListPortsRequest) GetSandboxId() string {
@@ -1521,7 +1780,7 @@ type ListPortsResponse struct {
 
 func (x *ListPortsResponse) Reset() {
 	*x = ListPortsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1533,7 +1792,7 @@ func (x *ListPortsResponse) String() string {
 func (*ListPortsResponse) ProtoMessage() {}
 
 func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1546,7 +1805,7 @@ func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
 func (*ListPortsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListPortsResponse) GetPorts() []*Port {
@@ -1571,7 +1830,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1583,7 +1842,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1596,7 +1855,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Port) GetPort() uint32 {
@@ -1659,7 +1918,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1930,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1943,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExecRequest) GetSandboxId() string {
@@ -1774,7 +2033,7 @@ type PtySize struct {
 
 func (x *PtySize) Reset() {
 	*x = PtySize{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1786,7 +2045,7 @@ func (x *PtySize) String() string {
 func (*PtySize) ProtoMessage() {}
 
 func (x *PtySize) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1799,7 +2058,7 @@ func (x *PtySize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
 func (*PtySize) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PtySize) GetCols() uint32 {
@@ -1831,7 +2090,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1843,7 +2102,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1856,7 +2115,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -1911,7 +2170,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1923,7 +2182,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1936,7 +2195,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -2054,7 +2313,7 @@ type ProcessRef struct {
 
 func (x *ProcessRef) Reset() {
 	*x = ProcessRef{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2066,7 +2325,7 @@ func (x *ProcessRef) String() string {
 func (*ProcessRef) ProtoMessage() {}
 
 func (x *ProcessRef) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2079,7 +2338,7 @@ func (x *ProcessRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
 func (*ProcessRef) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ProcessRef) GetSandboxId() string {
@@ -2112,7 +2371,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2124,7 +2383,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2137,7 +2396,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -2156,7 +2415,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2427,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2440,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListProcessesRequest) GetSandboxId() string {
@@ -2204,7 +2463,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2216,7 +2475,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2229,7 +2488,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -2276,7 +2535,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2288,7 +2547,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2301,7 +2560,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -2320,7 +2579,7 @@ type ConnectProcessRequest struct {
 
 func (x *ConnectProcessRequest) Reset() {
 	*x = ConnectProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2332,7 +2591,7 @@ func (x *ConnectProcessRequest) String() string {
 func (*ConnectProcessRequest) ProtoMessage() {}
 
 func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2345,7 +2604,7 @@ func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
 func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
@@ -2366,7 +2625,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +2637,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +2650,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessRef {
@@ -2423,7 +2682,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2435,7 +2694,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2448,7 +2707,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 type ResizePtyRequest struct {
@@ -2461,7 +2720,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2473,7 +2732,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2486,7 +2745,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ResizePtyRequest) GetProcess() *ProcessRef {
@@ -2511,7 +2770,7 @@ type ResizePtyResponse struct {
 
 func (x *ResizePtyResponse) Reset() {
 	*x = ResizePtyResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2782,7 @@ func (x *ResizePtyResponse) String() string {
 func (*ResizePtyResponse) ProtoMessage() {}
 
 func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2795,7 @@ func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
 func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 type KillProcessRequest struct {
@@ -2549,7 +2808,7 @@ type KillProcessRequest struct {
 
 func (x *KillProcessRequest) Reset() {
 	*x = KillProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +2820,7 @@ func (x *KillProcessRequest) String() string {
 func (*KillProcessRequest) ProtoMessage() {}
 
 func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +2833,7 @@ func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
 func (*KillProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *KillProcessRequest) GetProcess() *ProcessRef {
@@ -2599,7 +2858,7 @@ type KillProcessResponse struct {
 
 func (x *KillProcessResponse) Reset() {
 	*x = KillProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2611,7 +2870,7 @@ func (x *KillProcessResponse) String() string {
 func (*KillProcessResponse) ProtoMessage() {}
 
 func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2624,7 +2883,7 @@ func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
 func (*KillProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 type ReadFileRequest struct {
@@ -2638,7 +2897,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2650,7 +2909,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2663,7 +2922,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -2696,7 +2955,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2967,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2980,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -2743,7 +3002,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +3014,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +3027,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -2807,7 +3066,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2819,7 +3078,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2832,7 +3091,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 type FileEntry struct {
@@ -2849,7 +3108,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2861,7 +3120,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2874,7 +3133,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *FileEntry) GetName() string {
@@ -2931,7 +3190,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2943,7 +3202,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2956,7 +3215,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -2996,7 +3255,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3008,7 +3267,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3021,7 +3280,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -3042,7 +3301,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3054,7 +3313,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3067,7 +3326,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -3099,7 +3358,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3111,7 +3370,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3124,7 +3383,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 type RemovePathRequest struct {
@@ -3138,7 +3397,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3150,7 +3409,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3163,7 +3422,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -3195,7 +3454,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3207,7 +3466,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3220,7 +3479,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 type Template struct {
@@ -3240,7 +3499,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3252,7 +3511,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3265,7 +3524,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *Template) GetName() string {
@@ -3331,7 +3590,7 @@ type TemplateMemory struct {
 
 func (x *TemplateMemory) Reset() {
 	*x = TemplateMemory{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3343,7 +3602,7 @@ func (x *TemplateMemory) String() string {
 func (*TemplateMemory) ProtoMessage() {}
 
 func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3356,7 +3615,7 @@ func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateMemory.ProtoReflect.Descriptor instead.
 func (*TemplateMemory) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *TemplateMemory) GetVmm() string {
@@ -3411,7 +3670,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3423,7 +3682,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3436,7 +3695,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3462,7 +3721,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3474,7 +3733,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3487,7 +3746,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3506,7 +3765,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3518,7 +3777,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3531,7 +3790,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3549,7 +3808,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3561,7 +3820,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3574,7 +3833,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
 }
 
 type FlattenRootfsRequest struct {
@@ -3590,7 +3849,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3602,7 +3861,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3615,7 +3874,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -3648,7 +3907,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3660,7 +3919,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3673,7 +3932,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -3692,7 +3951,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v1_hostagent_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3704,7 +3963,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v1_hostagent_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3717,7 +3976,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -3740,7 +3999,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v1_hostagent_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3752,7 +4011,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v1_hostagent_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3765,7 +4024,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -3813,8 +4072,26 @@ var File_v1_hostagent_proto protoreflect.FileDescriptor
 
 const file_v1_hostagent_proto_rawDesc = "" +
 	"\n" +
-	"\x12v1/hostagent.proto\x12\fhostagent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n" +
-	"\x12GetHostInfoRequest\"\xd6\x02\n" +
+	"\x12v1/hostagent.proto\x12\fhostagent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x01\n" +
+	"\bWarmPool\x12\x1a\n" +
+	"\btemplate\x18\x01 \x01(\tR\btemplate\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x05R\x04size\x12\x14\n" +
+	"\x05vcpus\x18\x03 \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x04 \x01(\x05R\tmemoryMib\x12\"\n" +
+	"\rdisk_size_mib\x18\x05 \x01(\x05R\vdiskSizeMib\"\xb2\x01\n" +
+	"\x0eWarmPoolStatus\x12*\n" +
+	"\x04pool\x18\x01 \x01(\v2\x16.hostagent.v1.WarmPoolR\x04pool\x12\x14\n" +
+	"\x05ready\x18\x02 \x01(\x05R\x05ready\x12\x1a\n" +
+	"\bstarting\x18\x03 \x01(\x05R\bstarting\x12\x16\n" +
+	"\x06claims\x18\x04 \x01(\x03R\x06claims\x12\x16\n" +
+	"\x06misses\x18\x05 \x01(\x03R\x06misses\x12\x12\n" +
+	"\x04note\x18\x06 \x01(\tR\x04note\"C\n" +
+	"\x13SetWarmPoolsRequest\x12,\n" +
+	"\x05pools\x18\x01 \x03(\v2\x16.hostagent.v1.WarmPoolR\x05pools\"J\n" +
+	"\x14SetWarmPoolsResponse\x122\n" +
+	"\x05pools\x18\x01 \x03(\v2\x1c.hostagent.v1.WarmPoolStatusR\x05pools\"\x14\n" +
+	"\x12GetHostInfoRequest\"\x93\x03\n" +
 	"\x13GetHostInfoResponse\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x12\n" +
 	"\x04cpus\x18\x02 \x01(\x05R\x04cpus\x12!\n" +
@@ -3827,7 +4104,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\aversion\x18\b \x01(\tR\aversion\x12\x1c\n" +
 	"\ttemplates\x18\t \x03(\tR\ttemplates\x12A\n" +
 	"\x10template_details\x18\n" +
-	" \x03(\v2\x16.hostagent.v1.TemplateR\x0ftemplateDetails\"\xdd\x01\n" +
+	" \x03(\v2\x16.hostagent.v1.TemplateR\x0ftemplateDetails\x12;\n" +
+	"\n" +
+	"warm_pools\x18\v \x03(\v2\x1c.hostagent.v1.WarmPoolStatusR\twarmPools\"\xdd\x01\n" +
 	"\fEgressPolicy\x123\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\x1f.hostagent.v1.EgressPolicy.ModeR\x04mode\x12\x1f\n" +
 	"\vallow_cidrs\x18\x02 \x03(\tR\n" +
@@ -4101,7 +4380,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\x8b\x13\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\xe2\x13\n" +
 	"\x10HostAgentService\x12R\n" +
 	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
 	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12R\n" +
@@ -4134,7 +4413,8 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x0fWriteFileStream\x12$.hostagent.v1.WriteFileStreamRequest\x1a\x1f.hostagent.v1.WriteFileResponse(\x01\x12[\n" +
 	"\x0eCreateSnapshot\x12#.hostagent.v1.CreateSnapshotRequest\x1a$.hostagent.v1.CreateSnapshotResponse\x12[\n" +
 	"\x0eDeleteSnapshot\x12#.hostagent.v1.DeleteSnapshotRequest\x1a$.hostagent.v1.DeleteSnapshotResponse\x12X\n" +
-	"\rFlattenRootfs\x12\".hostagent.v1.FlattenRootfsRequest\x1a#.hostagent.v1.FlattenRootfsResponseB7Z5github.com/wrenn/wrenn/proto/hostagent/v1;hostagentv1b\x06proto3"
+	"\rFlattenRootfs\x12\".hostagent.v1.FlattenRootfsRequest\x1a#.hostagent.v1.FlattenRootfsResponse\x12U\n" +
+	"\fSetWarmPools\x12!.hostagent.v1.SetWarmPoolsRequest\x1a\".hostagent.v1.SetWarmPoolsResponseB7Z5github.com/wrenn/wrenn/proto/hostagent/v1;hostagentv1b\x06proto3"
 
 var (
 	file_v1_hostagent_proto_rawDescOnce sync.Once
@@ -4149,175 +4429,185 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
-	(*GetHostInfoRequest)(nil),        // 2: hostagent.v1.GetHostInfoRequest
-	(*GetHostInfoResponse)(nil),       // 3: hostagent.v1.GetHostInfoResponse
-	(*EgressPolicy)(nil),              // 4: hostagent.v1.EgressPolicy
-	(*Sandbox)(nil),                   // 5: hostagent.v1.Sandbox
-	(*CreateSandboxRequest)(nil),      // 6: hostagent.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil),     // 7: hostagent.v1.CreateSandboxResponse
-	(*ForkSandboxRequest)(nil),        // 8: hostagent.v1.ForkSandboxRequest
-	(*ForkSandboxResponse)(nil),       // 9: hostagent.v1.ForkSandboxResponse
-	(*DestroySandboxRequest)(nil),     // 10: hostagent.v1.DestroySandboxRequest
-	(*DestroySandboxResponse)(nil),    // 11: hostagent.v1.DestroySandboxResponse
-	(*PauseSandboxRequest)(nil),       // 12: hostagent.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),      // 13: hostagent.v1.PauseSandboxResponse
-	(*ResumeSandboxRequest)(nil),      // 14: hostagent.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),     // 15: hostagent.v1.ResumeSandboxResponse
-	(*GetSandboxRequest)(nil),         // 16: hostagent.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),        // 17: hostagent.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),      // 18: hostagent.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),     // 19: hostagent.v1.ListSandboxesResponse
-	(*PingSandboxRequest)(nil),        // 20: hostagent.v1.PingSandboxRequest
-	(*PingSandboxResponse)(nil),       // 21: hostagent.v1.PingSandboxResponse
-	(*GetSandboxMetricsRequest)(nil),  // 22: hostagent.v1.GetSandboxMetricsRequest
-	(*GetSandboxMetricsResponse)(nil), // 23: hostagent.v1.GetSandboxMetricsResponse
-	(*ListPortsRequest)(nil),          // 24: hostagent.v1.ListPortsRequest
-	(*ListPortsResponse)(nil),         // 25: hostagent.v1.ListPortsResponse
-	(*Port)(nil),                      // 26: hostagent.v1.Port
-	(*ExecRequest)(nil),               // 27: hostagent.v1.ExecRequest
-	(*PtySize)(nil),                   // 28: hostagent.v1.PtySize
-	(*ExecResponse)(nil),              // 29: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 30: hostagent.v1.ExecStreamResponse
-	(*ProcessRef)(nil),                // 31: hostagent.v1.ProcessRef
-	(*StartProcessResponse)(nil),      // 32: hostagent.v1.StartProcessResponse
-	(*ListProcessesRequest)(nil),      // 33: hostagent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),               // 34: hostagent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),     // 35: hostagent.v1.ListProcessesResponse
-	(*ConnectProcessRequest)(nil),     // 36: hostagent.v1.ConnectProcessRequest
-	(*SendInputRequest)(nil),          // 37: hostagent.v1.SendInputRequest
-	(*SendInputResponse)(nil),         // 38: hostagent.v1.SendInputResponse
-	(*ResizePtyRequest)(nil),          // 39: hostagent.v1.ResizePtyRequest
-	(*ResizePtyResponse)(nil),         // 40: hostagent.v1.ResizePtyResponse
-	(*KillProcessRequest)(nil),        // 41: hostagent.v1.KillProcessRequest
-	(*KillProcessResponse)(nil),       // 42: hostagent.v1.KillProcessResponse
-	(*ReadFileRequest)(nil),           // 43: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 44: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 45: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 46: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 47: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 48: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 49: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 50: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 51: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 52: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 53: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 54: hostagent.v1.Template
-	(*TemplateMemory)(nil),            // 55: hostagent.v1.TemplateMemory
-	(*CreateSnapshotRequest)(nil),     // 56: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 57: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 58: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 59: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 60: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 61: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 62: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 63: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 64: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 65: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 66: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 67: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 68: google.protobuf.Timestamp
+	(*WarmPool)(nil),                  // 2: hostagent.v1.WarmPool
+	(*WarmPoolStatus)(nil),            // 3: hostagent.v1.WarmPoolStatus
+	(*SetWarmPoolsRequest)(nil),       // 4: hostagent.v1.SetWarmPoolsRequest
+	(*SetWarmPoolsResponse)(nil),      // 5: hostagent.v1.SetWarmPoolsResponse
+	(*GetHostInfoRequest)(nil),        // 6: hostagent.v1.GetHostInfoRequest
+	(*GetHostInfoResponse)(nil),       // 7: hostagent.v1.GetHostInfoResponse
+	(*EgressPolicy)(nil),              // 8: hostagent.v1.EgressPolicy
+	(*Sandbox)(nil),                   // 9: hostagent.v1.Sandbox
+	(*CreateSandboxRequest)(nil),      // 10: hostagent.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil),     // 11: hostagent.v1.CreateSandboxResponse
+	(*ForkSandboxRequest)(nil),        // 12: hostagent.v1.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),       // 13: hostagent.v1.ForkSandboxResponse
+	(*DestroySandboxRequest)(nil),     // 14: hostagent.v1.DestroySandboxRequest
+	(*DestroySandboxResponse)(nil),    // 15: hostagent.v1.DestroySandboxResponse
+	(*PauseSandboxRequest)(nil),       // 16: hostagent.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),      // 17: hostagent.v1.PauseSandboxResponse
+	(*ResumeSandboxRequest)(nil),      // 18: hostagent.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),     // 19: hostagent.v1.ResumeSandboxResponse
+	(*GetSandboxRequest)(nil),         // 20: hostagent.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),        // 21: hostagent.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),      // 22: hostagent.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),     // 23: hostagent.v1.ListSandboxesResponse
+	(*PingSandboxRequest)(nil),        // 24: hostagent.v1.PingSandboxRequest
+	(*PingSandboxResponse)(nil),       // 25: hostagent.v1.PingSandboxResponse
+	(*GetSandboxMetricsRequest)(nil),  // 26: hostagent.v1.GetSandboxMetricsRequest
+	(*GetSandboxMetricsResponse)(nil), // 27: hostagent.v1.GetSandboxMetricsResponse
+	(*ListPortsRequest)(nil),          // 28: hostagent.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),         // 29: hostagent.v1.ListPortsResponse
+	(*Port)(nil),                      // 30: hostagent.v1.Port
+	(*ExecRequest)(nil),               // 31: hostagent.v1.ExecRequest
+	(*PtySize)(nil),                   // 32: hostagent.v1.PtySize
+	(*ExecResponse)(nil),              // 33: hostagent.v1.ExecResponse
+	(*ExecStreamResponse)(nil),        // 34: hostagent.v1.ExecStreamResponse
+	(*ProcessRef)(nil),                // 35: hostagent.v1.ProcessRef
+	(*StartProcessResponse)(nil),      // 36: hostagent.v1.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 37: hostagent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 38: hostagent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 39: hostagent.v1.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 40: hostagent.v1.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 41: hostagent.v1.SendInputRequest
+	(*SendInputResponse)(nil),         // 42: hostagent.v1.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 43: hostagent.v1.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 44: hostagent.v1.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 45: hostagent.v1.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 46: hostagent.v1.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 47: hostagent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 48: hostagent.v1.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 49: hostagent.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 50: hostagent.v1.WriteFileResponse
+	(*FileEntry)(nil),                 // 51: hostagent.v1.FileEntry
+	(*ListDirRequest)(nil),            // 52: hostagent.v1.ListDirRequest
+	(*ListDirResponse)(nil),           // 53: hostagent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),            // 54: hostagent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 55: hostagent.v1.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 56: hostagent.v1.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 57: hostagent.v1.RemovePathResponse
+	(*Template)(nil),                  // 58: hostagent.v1.Template
+	(*TemplateMemory)(nil),            // 59: hostagent.v1.TemplateMemory
+	(*CreateSnapshotRequest)(nil),     // 60: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 61: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 62: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 63: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 64: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 65: hostagent.v1.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 66: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 67: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 68: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 69: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 70: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 71: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 72: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
-	54, // 0: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
-	1,  // 1: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
-	0,  // 2: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	68, // 3: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	68, // 4: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	64, // 5: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
-	4,  // 6: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	65, // 7: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	66, // 8: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
-	4,  // 9: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
-	5,  // 10: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	7,  // 11: hostagent.v1.ForkSandboxResponse.sandboxes:type_name -> hostagent.v1.CreateSandboxResponse
-	5,  // 12: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 13: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 14: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	5,  // 15: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
-	5,  // 16: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	26, // 17: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
-	67, // 18: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	28, // 19: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	34, // 20: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	31, // 21: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	31, // 22: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	31, // 23: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	28, // 24: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	31, // 25: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	68, // 26: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	47, // 27: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	68, // 28: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	55, // 29: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
-	54, // 30: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	54, // 31: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	45, // 32: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	2,  // 33: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	6,  // 34: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	8,  // 35: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
-	10, // 36: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	12, // 37: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	14, // 38: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	16, // 39: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	18, // 40: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	20, // 41: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	22, // 42: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	24, // 43: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
-	27, // 44: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	27, // 45: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	27, // 46: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	33, // 47: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	36, // 48: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	37, // 49: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	39, // 50: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	41, // 51: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	43, // 52: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	45, // 53: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	48, // 54: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	50, // 55: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	52, // 56: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	43, // 57: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	63, // 58: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	56, // 59: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	58, // 60: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	60, // 61: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	3,  // 62: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	7,  // 63: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	9,  // 64: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
-	11, // 65: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	13, // 66: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	15, // 67: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	17, // 68: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	19, // 69: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	21, // 70: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	23, // 71: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	25, // 72: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
-	29, // 73: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	30, // 74: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	32, // 75: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	35, // 76: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	30, // 77: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	38, // 78: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	40, // 79: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	42, // 80: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	44, // 81: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	46, // 82: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	49, // 83: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	51, // 84: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	53, // 85: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	62, // 86: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	46, // 87: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	57, // 88: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	59, // 89: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	61, // 90: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	62, // [62:91] is the sub-list for method output_type
-	33, // [33:62] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	2,  // 0: hostagent.v1.WarmPoolStatus.pool:type_name -> hostagent.v1.WarmPool
+	2,  // 1: hostagent.v1.SetWarmPoolsRequest.pools:type_name -> hostagent.v1.WarmPool
+	3,  // 2: hostagent.v1.SetWarmPoolsResponse.pools:type_name -> hostagent.v1.WarmPoolStatus
+	58, // 3: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
+	3,  // 4: hostagent.v1.GetHostInfoResponse.warm_pools:type_name -> hostagent.v1.WarmPoolStatus
+	1,  // 5: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
+	0,  // 6: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
+	72, // 7: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	72, // 8: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	68, // 9: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	8,  // 10: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
+	69, // 11: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	70, // 12: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	8,  // 13: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
+	9,  // 14: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	11, // 15: hostagent.v1.ForkSandboxResponse.sandboxes:type_name -> hostagent.v1.CreateSandboxResponse
+	9,  // 16: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	9,  // 17: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	9,  // 18: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	9,  // 19: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
+	9,  // 20: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
+	30, // 21: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
+	71, // 22: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	32, // 23: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	38, // 24: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	35, // 25: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	35, // 26: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	35, // 27: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	32, // 28: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	35, // 29: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	72, // 30: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	51, // 31: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	72, // 32: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	59, // 33: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
+	58, // 34: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	58, // 35: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	49, // 36: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	6,  // 37: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	10, // 38: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	12, // 39: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
+	14, // 40: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	16, // 41: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	18, // 42: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	20, // 43: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	22, // 44: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	24, // 45: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	26, // 46: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	28, // 47: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
+	31, // 48: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	31, // 49: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	31, // 50: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	37, // 51: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	40, // 52: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	41, // 53: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	43, // 54: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	45, // 55: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	47, // 56: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	49, // 57: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	52, // 58: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	54, // 59: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	56, // 60: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	47, // 61: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	67, // 62: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	60, // 63: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	62, // 64: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	64, // 65: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	4,  // 66: hostagent.v1.HostAgentService.SetWarmPools:input_type -> hostagent.v1.SetWarmPoolsRequest
+	7,  // 67: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	11, // 68: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	13, // 69: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
+	15, // 70: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	17, // 71: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	19, // 72: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	21, // 73: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	23, // 74: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	25, // 75: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	27, // 76: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	29, // 77: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
+	33, // 78: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	34, // 79: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	36, // 80: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	39, // 81: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	34, // 82: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	42, // 83: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	44, // 84: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	46, // 85: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	48, // 86: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	50, // 87: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	53, // 88: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	55, // 89: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	57, // 90: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	66, // 91: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	50, // 92: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	61, // 93: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	63, // 94: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	65, // 95: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	5,  // 96: hostagent.v1.HostAgentService.SetWarmPools:output_type -> hostagent.v1.SetWarmPoolsResponse
+	67, // [67:97] is the sub-list for method output_type
+	37, // [37:67] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -4325,7 +4615,7 @@ func file_v1_hostagent_proto_init() {
 	if File_v1_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[28].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[32].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
@@ -4333,7 +4623,7 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Pty)(nil),
 		(*ExecStreamResponse_TimedOut)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[61].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[65].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -4343,7 +4633,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   66,
+			NumMessages:   70,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

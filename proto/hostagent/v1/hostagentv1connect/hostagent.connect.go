@@ -122,6 +122,9 @@ const (
 	// HostAgentServiceFlattenRootfsProcedure is the fully-qualified name of the HostAgentService's
 	// FlattenRootfs RPC.
 	HostAgentServiceFlattenRootfsProcedure = "/hostagent.v1.HostAgentService/FlattenRootfs"
+	// HostAgentServiceSetWarmPoolsProcedure is the fully-qualified name of the HostAgentService's
+	// SetWarmPools RPC.
+	HostAgentServiceSetWarmPoolsProcedure = "/hostagent.v1.HostAgentService/SetWarmPools"
 )
 
 // HostAgentServiceClient is a client for the hostagent.v1.HostAgentService service.
@@ -175,6 +178,11 @@ type HostAgentServiceClient interface {
 	// FlattenRootfs is the last step of a template build: the build
 	// sandbox's disk becomes a standalone template.
 	FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error)
+	// Warm pools. SetWarmPools replaces the control plane's pool settings
+	// (templates it does not name keep the operator's --warm-pools) and
+	// reports every pool on the host. Members are not sandboxes: they are
+	// never listed, and a create that fits one takes it.
+	SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error)
 }
 
 // NewHostAgentServiceClient constructs a client for the hostagent.v1.HostAgentService service. By
@@ -362,6 +370,12 @@ func NewHostAgentServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(hostAgentServiceMethods.ByName("FlattenRootfs")),
 			connect.WithClientOptions(opts...),
 		),
+		setWarmPools: connect.NewClient[v1.SetWarmPoolsRequest, v1.SetWarmPoolsResponse](
+			httpClient,
+			baseURL+HostAgentServiceSetWarmPoolsProcedure,
+			connect.WithSchema(hostAgentServiceMethods.ByName("SetWarmPools")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -396,6 +410,7 @@ type hostAgentServiceClient struct {
 	createSnapshot    *connect.Client[v1.CreateSnapshotRequest, v1.CreateSnapshotResponse]
 	deleteSnapshot    *connect.Client[v1.DeleteSnapshotRequest, v1.DeleteSnapshotResponse]
 	flattenRootfs     *connect.Client[v1.FlattenRootfsRequest, v1.FlattenRootfsResponse]
+	setWarmPools      *connect.Client[v1.SetWarmPoolsRequest, v1.SetWarmPoolsResponse]
 }
 
 // GetHostInfo calls hostagent.v1.HostAgentService.GetHostInfo.
@@ -543,6 +558,11 @@ func (c *hostAgentServiceClient) FlattenRootfs(ctx context.Context, req *connect
 	return c.flattenRootfs.CallUnary(ctx, req)
 }
 
+// SetWarmPools calls hostagent.v1.HostAgentService.SetWarmPools.
+func (c *hostAgentServiceClient) SetWarmPools(ctx context.Context, req *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error) {
+	return c.setWarmPools.CallUnary(ctx, req)
+}
+
 // HostAgentServiceHandler is an implementation of the hostagent.v1.HostAgentService service.
 type HostAgentServiceHandler interface {
 	// Host facts for registration and scheduling.
@@ -594,6 +614,11 @@ type HostAgentServiceHandler interface {
 	// FlattenRootfs is the last step of a template build: the build
 	// sandbox's disk becomes a standalone template.
 	FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error)
+	// Warm pools. SetWarmPools replaces the control plane's pool settings
+	// (templates it does not name keep the operator's --warm-pools) and
+	// reports every pool on the host. Members are not sandboxes: they are
+	// never listed, and a create that fits one takes it.
+	SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error)
 }
 
 // NewHostAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -777,6 +802,12 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 		connect.WithSchema(hostAgentServiceMethods.ByName("FlattenRootfs")),
 		connect.WithHandlerOptions(opts...),
 	)
+	hostAgentServiceSetWarmPoolsHandler := connect.NewUnaryHandler(
+		HostAgentServiceSetWarmPoolsProcedure,
+		svc.SetWarmPools,
+		connect.WithSchema(hostAgentServiceMethods.ByName("SetWarmPools")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/hostagent.v1.HostAgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case HostAgentServiceGetHostInfoProcedure:
@@ -837,6 +868,8 @@ func NewHostAgentServiceHandler(svc HostAgentServiceHandler, opts ...connect.Han
 			hostAgentServiceDeleteSnapshotHandler.ServeHTTP(w, r)
 		case HostAgentServiceFlattenRootfsProcedure:
 			hostAgentServiceFlattenRootfsHandler.ServeHTTP(w, r)
+		case HostAgentServiceSetWarmPoolsProcedure:
+			hostAgentServiceSetWarmPoolsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -960,4 +993,8 @@ func (UnimplementedHostAgentServiceHandler) DeleteSnapshot(context.Context, *con
 
 func (UnimplementedHostAgentServiceHandler) FlattenRootfs(context.Context, *connect.Request[v1.FlattenRootfsRequest]) (*connect.Response[v1.FlattenRootfsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.FlattenRootfs is not implemented"))
+}
+
+func (UnimplementedHostAgentServiceHandler) SetWarmPools(context.Context, *connect.Request[v1.SetWarmPoolsRequest]) (*connect.Response[v1.SetWarmPoolsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("hostagent.v1.HostAgentService.SetWarmPools is not implemented"))
 }
