@@ -25,6 +25,8 @@ OWN_POSTGRES=1
 export WRENN_DIR
 # The shipped images start from memory at the control plane's default shapes (set it empty for none).
 export WRENN_MEMORY_TEMPLATES=${WRENN_MEMORY_TEMPLATES-minimal:1:512:5120,base:2:512:5120}
+# Capsules of those shapes wait ready in warm pools: a create takes one (set it empty for none).
+export WRENN_WARM_POOLS=${WRENN_WARM_POOLS-minimal:2,base:1}
 
 say() { printf '\033[1;36m[dev]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[dev]\033[0m %s\n' "$*" >&2; exit 1; }

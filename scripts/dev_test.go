@@ -78,6 +78,7 @@ func TestMakeDev(t *testing.T) {
 	env := []string{
 		"WRENN_DEV_DIR=" + filepath.Join(work, "dev"), "WRENN_DIR=" + agentDir, "WRENN_DEV_SKIP_IMAGES=1",
 		"WRENN_MEMORY_TEMPLATES=", // the shared images stay as they are
+		"WRENN_WARM_POOLS=",
 		"DATABASE_URL=" + pgtest.URL(t), "WRENN_CP_LISTEN_ADDR=" + cpAddr, "WRENN_CP_URL=http://" + cpAddr,
 		"WRENN_HOST_LISTEN_ADDR=127.0.0.1:" + freeport.Get(t), "WRENN_SLOTS=3001-4000",
 		"WRENN_CONFIG=" + filepath.Join(work, "cli.json"), "WRENN_API_KEY=", "WRENN_URL=",

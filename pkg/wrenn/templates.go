@@ -23,6 +23,18 @@ type Template struct {
 	// capsules of the same vcpus and memory start from it, with its processes.
 	HasMemory   bool  `json:"has_memory"`
 	MemoryBytes int64 `json:"memory_bytes"`
+	// WarmPoolSize is how many ready capsules of it its hosts keep (nil:
+	// the hosts' own setting).
+	WarmPoolSize *int `json:"warm_pool_size"`
+}
+
+// SetWarmPool sets how many ready capsules of one of the team's templates
+// its host keeps (0 to 4; nil leaves it to the host): creates of the
+// template's shape then take one instead of starting a VM.
+func (c *Client) SetWarmPool(ctx context.Context, name string, size *int) (Template, error) {
+	var out Template
+	err := c.do(ctx, http.MethodPut, "/v1/snapshots/"+url.PathEscape(name)+"/warm-pool", map[string]*int{"size": size}, &out)
+	return out, err
 }
 
 // ListTemplates lists the platform's templates and the team's own.

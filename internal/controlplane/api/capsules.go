@@ -286,7 +286,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 		v, m := int(*tpl.VCPUs), int(*tpl.MemoryMB)
 		req.VCPUs, req.MemoryMB = &v, &m
 	}
-	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: req.BYOC}
+	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: req.BYOC, Template: agentTemplate(tpl)}
 	if tpl.HostID != nil {
 		sreq.HostID = *tpl.HostID
 	}
@@ -303,6 +303,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 		return none, tpl, sreq, badRequest("disk_size_mb %d is more than this platform's maximum of %d", disk, s.cfg.MaxDiskMB)
 	}
 	*req.DiskSizeMB = disk
+	sreq.DiskMB = disk
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
 		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume, EndAt: req.endAt}

@@ -40,13 +40,19 @@ type hostJSON struct {
 	CreatedBy        *string    `json:"created_by"`
 	CreatedAt        time.Time  `json:"created_at"`
 	UpdatedAt        time.Time  `json:"updated_at"`
+	// WarmPools is what the host last reported of its warm pools.
+	WarmPools []store.WarmPool `json:"warm_pools"`
 }
 
 func toHost(h store.Host) hostJSON {
-	return hostJSON{ID: h.ID, Type: h.Type, TeamID: h.TeamID, Provider: h.Provider, AvailabilityZone: h.AvailabilityZone,
+	out := hostJSON{ID: h.ID, Type: h.Type, TeamID: h.TeamID, Provider: h.Provider, AvailabilityZone: h.AvailabilityZone,
 		Arch: h.Arch, CPUCores: h.CPUCores, MemoryMB: h.MemoryMB, DiskGB: h.DiskGB, Address: h.Address, VMM: h.VMM,
 		Version: h.Version, Status: h.Status, Tags: h.Tags, LastHeartbeatAt: h.LastHeartbeatAt, CreatedBy: h.CreatedBy,
-		CreatedAt: h.CreatedAt, UpdatedAt: h.UpdatedAt}
+		CreatedAt: h.CreatedAt, UpdatedAt: h.UpdatedAt, WarmPools: h.WarmPools}
+	if out.WarmPools == nil {
+		out.WarmPools = []store.WarmPool{}
+	}
+	return out
 }
 
 // newRegistrationToken makes a one-time token; only its hash is stored.

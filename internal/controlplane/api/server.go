@@ -253,6 +253,7 @@ var routes = []route{
 	{"POST", "/v1/snapshots", team, (*Server).createSnapshot},
 	{"GET", "/v1/snapshots", team, (*Server).listSnapshots},
 	{"DELETE", "/v1/snapshots/{name}", team, (*Server).deleteSnapshot},
+	{"PUT", "/v1/snapshots/{name}/warm-pool", team, (*Server).setSnapshotPool},
 
 	{"POST", "/v1/builds", team, (*Server).createBuild},
 	{"GET", "/v1/builds", team, (*Server).listBuilds},
@@ -298,6 +299,7 @@ var routes = []route{
 	{"PUT", "/v1/admin/teams/{id}/limits", user, (*Server).adminSetTeamLimits},
 	{"GET", "/v1/admin/templates", user, (*Server).adminListTemplates},
 	{"DELETE", "/v1/admin/templates/{name}", user, (*Server).adminDeleteTemplate},
+	{"PUT", "/v1/admin/templates/{name}/warm-pool", user, (*Server).adminSetTemplatePool},
 	{"GET", "/v1/admin/capsules", user, (*Server).adminListCapsules},
 	{"GET", "/v1/admin/audit-logs", user, (*Server).adminListAuditLogs},
 	{"POST", "/v1/admin/builds", user, (*Server).adminCreateBuild},

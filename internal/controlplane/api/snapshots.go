@@ -28,11 +28,15 @@ type templateJSON struct {
 	// capsules of its vcpus and memory_mb start from it instead of booting.
 	HasMemory   bool  `json:"has_memory"`
 	MemoryBytes int64 `json:"memory_bytes"`
+	// WarmPoolSize is how many ready capsules of it each host keeps (null:
+	// the hosts' own --warm-pools setting).
+	WarmPoolSize *int32 `json:"warm_pool_size"`
 }
 
 func toTemplate(t store.Template) templateJSON {
 	return templateJSON{Name: t.Name, Type: t.Type, VCPUs: t.VCPUs, MemoryMB: t.MemoryMB, SizeBytes: t.SizeBytes,
-		CreatedAt: t.CreatedAt, Platform: t.TeamID == nil, Metadata: t.Metadata, HasMemory: t.MemoryBytes > 0, MemoryBytes: t.MemoryBytes}
+		CreatedAt: t.CreatedAt, Platform: t.TeamID == nil, Metadata: t.Metadata, HasMemory: t.MemoryBytes > 0, MemoryBytes: t.MemoryBytes,
+		WarmPoolSize: t.WarmPoolSize}
 }
 
 func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request, p *principal) error {

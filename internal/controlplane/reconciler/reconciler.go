@@ -194,6 +194,10 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 	if err != nil {
 		return
 	}
+	pooled, err := r.Store.WarmPoolTemplates(ctx)
+	if err != nil {
+		r.Log.Warn("list warm pool settings", "err", err)
+	}
 	for _, h := range hosts {
 		if h.Status != "online" || h.Address == nil || h.AgentToken == nil || r.HostAddresses.Check(h.Type, *h.Address) != nil {
 			continue
@@ -253,6 +257,39 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 			}
 		}
 		r.sample(ctx, c, h.ID, running)
+		r.syncPools(ctx, c, h.ID, pooled)
+	}
+}
+
+// syncPools sends a host the warm pool settings of the templates it has
+// and records what it reports of its pools.
+func (r *Reconciler) syncPools(ctx context.Context, c agentclient.Client, hostID string, pooled []store.Template) {
+	var want []*pb.WarmPool
+	for _, t := range pooled {
+		switch {
+		case t.HostID == nil && t.Type == "base":
+			want = append(want, &pb.WarmPool{Template: t.Name, Size: *t.WarmPoolSize}) // shipped with every host
+		case t.HostID != nil && *t.HostID == hostID:
+			want = append(want, &pb.WarmPool{Template: t.ID, Size: *t.WarmPoolSize}) // made there, named by id
+		}
+	}
+	sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	res, err := c.SetWarmPools(sctx, connect.NewRequest(&pb.SetWarmPoolsRequest{Pools: want}))
+	if err != nil {
+		if connect.CodeOf(err) != connect.CodeUnimplemented { // an older agent has no pools
+			r.Log.Warn("warm pools on host", "host", hostID, "err", agentclient.Message(err))
+		}
+		return
+	}
+	var got []store.WarmPool
+	for _, p := range res.Msg.GetPools() {
+		got = append(got, store.WarmPool{Template: p.GetPool().GetTemplate(), Size: int(p.GetPool().GetSize()), Ready: int(p.GetReady()),
+			Starting: int(p.GetStarting()), VCPUs: int(p.GetPool().GetVcpus()), MemoryMiB: int(p.GetPool().GetMemoryMib()),
+			DiskMiB: int(p.GetPool().GetDiskSizeMib()), Claims: p.GetClaims(), Misses: p.GetMisses(), Note: safetext.Clip(p.GetNote(), 512)})
+	}
+	if err := r.Store.SetWarmPools(ctx, hostID, got); err != nil {
+		r.Log.Warn("record warm pools", "host", hostID, "err", err)
 	}
 }
 

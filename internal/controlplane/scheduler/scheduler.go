@@ -25,6 +25,22 @@ type Request struct {
 	// BYOC asks for the team's own hosts only; otherwise only shared
 	// hosts are used (a pinned host is used whatever its type).
 	BYOC bool
+	// Template (its name on hosts) and DiskMB: a host with a ready warm
+	// sandbox of this template and shape is preferred.
+	Template string
+	DiskMB   int
+}
+
+// warmFit says whether h has a ready warm-pool sandbox r can take, and
+// how much memory its pools' members hold.
+func warmFit(h store.HostLoad, r Request) (fit bool, poolMB int64) {
+	for _, p := range h.WarmPools {
+		poolMB += int64(p.Ready+p.Starting) * int64(p.MemoryMiB)
+		if p.Template == r.Template && p.Ready > 0 && p.VCPUs == r.VCPUs && p.MemoryMiB == r.MemoryMB && (r.DiskMB == 0 || p.DiskMiB == r.DiskMB) {
+			fit = true
+		}
+	}
+	return fit, poolMB
 }
 
 // memoryShare is the part of a host's memory capsules may reserve; the
@@ -35,11 +51,14 @@ const memoryShare = 0.75
 // sandboxes use little CPU.
 const vcpuOvercommit = 4
 
-// Pick chooses the least-loaded host that fits: lowest reserved-memory
-// share after placement, then fewest reserved vCPUs per core, then ID.
+// Pick chooses the host that fits with a ready warm sandbox of the
+// template, else the least-loaded: lowest reserved-memory share after
+// placement (warm pools' members count, but one taken becomes the
+// capsule), then fewest reserved vCPUs per core, then ID.
 func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 	type scored struct {
 		h         store.HostLoad
+		warm      bool
 		mem, vcpu float64
 	}
 	var fits []scored
@@ -55,12 +74,16 @@ func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 		}
 		memCap := float64(*h.MemoryMB) * memoryShare
 		vcpuCap := float64(*h.CPUCores) * vcpuOvercommit
-		mem := float64(h.ReservedMB + int64(r.MemoryMB))
+		warm, poolMB := warmFit(h, r)
+		mem := float64(h.ReservedMB + poolMB + int64(r.MemoryMB))
+		if warm {
+			mem -= float64(r.MemoryMB) // the member it takes is already counted
+		}
 		vcpu := float64(h.ReservedVCPUs + int64(r.VCPUs))
 		if mem > memCap || vcpu > vcpuCap {
 			continue
 		}
-		fits = append(fits, scored{h: h, mem: mem / memCap, vcpu: vcpu / vcpuCap})
+		fits = append(fits, scored{h: h, warm: warm, mem: mem / memCap, vcpu: vcpu / vcpuCap})
 	}
 	if len(fits) == 0 {
 		// Say what was asked, so "no room" and "no such tag" read differently.
@@ -78,6 +101,9 @@ func Pick(hosts []store.HostLoad, r Request) (store.HostLoad, error) {
 	}
 	sort.Slice(fits, func(i, j int) bool {
 		a, b := fits[i], fits[j]
+		if a.warm != b.warm {
+			return a.warm
+		}
 		if a.mem != b.mem {
 			return a.mem < b.mem
 		}

@@ -64,3 +64,34 @@ func TestPickBYOC(t *testing.T) {
 		t.Errorf("pinned to a BYOC host: %q %v", got.ID, err)
 	}
 }
+
+// A host with a ready warm sandbox of the template and shape goes first;
+// pool members count against a host's memory, except the one taken.
+func TestPickPrefersWarmPools(t *testing.T) {
+	warm := host("host-warm", 8192, 4, 4096, 4)
+	warm.WarmPools = []store.WarmPool{{Template: "minimal", Ready: 2, VCPUs: 1, MemoryMiB: 512, DiskMiB: 5120}}
+	cold := host("host-cold", 8192, 4, 0, 0)
+	hosts := []store.HostLoad{cold, warm}
+	if got, _ := Pick(hosts, Request{VCPUs: 1, MemoryMB: 512, Template: "minimal", DiskMB: 5120}); got.ID != "host-warm" {
+		t.Errorf("fitting request: %s, want host-warm", got.ID)
+	}
+	for name, r := range map[string]Request{
+		"other template": {VCPUs: 1, MemoryMB: 512, Template: "base", DiskMB: 5120},
+		"other shape":    {VCPUs: 2, MemoryMB: 512, Template: "minimal", DiskMB: 5120},
+		"other disk":     {VCPUs: 1, MemoryMB: 512, Template: "minimal", DiskMB: 8192},
+	} {
+		if got, _ := Pick(hosts, r); got.ID != "host-cold" {
+			t.Errorf("%s: %s, want the least-loaded host-cold", name, got.ID)
+		}
+	}
+	// 4096 reserved + 2 members of 512 fill 5120 of the 6144 a host lends:
+	// a 1536 MB capsule no longer fits there, a member it takes would.
+	full := warm
+	full.ID = "host-full"
+	if _, err := Pick([]store.HostLoad{full}, Request{VCPUs: 1, MemoryMB: 1536, Template: "minimal"}); !errors.Is(err, ErrNoHost) {
+		t.Errorf("pool members are not counted: %v", err)
+	}
+	if got, err := Pick([]store.HostLoad{full}, Request{VCPUs: 1, MemoryMB: 512, Template: "minimal"}); err != nil || got.ID != "host-full" {
+		t.Errorf("taking a member: %v %v", got.ID, err)
+	}
+}

@@ -28,6 +28,32 @@ type Host struct {
 	CreatedAt        time.Time  `db:"created_at"`
 	UpdatedAt        time.Time  `db:"updated_at"`
 	Tags             []string   `db:"tags"`
+	// WarmPools is what the host last reported of its warm pools.
+	WarmPools []WarmPool `db:"warm_pools"`
+}
+
+// WarmPool is one template's warm pool on a host, by the template's name
+// there (see the API's agentTemplate).
+type WarmPool struct {
+	Template  string `json:"template"`
+	Size      int    `json:"size"`
+	Ready     int    `json:"ready"`
+	Starting  int    `json:"starting"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	DiskMiB   int    `json:"disk_size_mib"`
+	Claims    int64  `json:"claims"`
+	Misses    int64  `json:"misses"`
+	Note      string `json:"note,omitempty"`
+}
+
+// SetWarmPools records what a host reported of its warm pools.
+func (s *Store) SetWarmPools(ctx context.Context, hostID string, pools []WarmPool) error {
+	if pools == nil {
+		pools = []WarmPool{}
+	}
+	_, err := s.Pool.Exec(ctx, "UPDATE hosts SET warm_pools = $2 WHERE id = $1", hostID, pools)
+	return mapErr(err, "set warm pools")
 }
 
 // HostSpecs is what an agent reports about its machine.
@@ -43,7 +69,7 @@ type HostSpecs struct {
 
 const hostCols = `h.id, h.type, h.team_id, h.provider, h.availability_zone, h.arch, h.cpu_cores, h.memory_mb,
 	h.disk_gb, h.address, h.vmm, h.version, h.status, h.agent_token, h.last_heartbeat_at, h.created_by,
-	h.created_at, h.updated_at,
+	h.created_at, h.updated_at, h.warm_pools,
 	coalesce((SELECT array_agg(tag ORDER BY tag) FROM host_tags WHERE host_id = h.id), '{}') AS tags`
 
 // CreateHost stores a pending host and the hash of its registration token.

@@ -22,9 +22,28 @@ type Template struct {
 	CreatedAt       time.Time         `db:"created_at"`
 	// MemoryBytes is the size of the VM memory the template holds (0: disk only).
 	MemoryBytes int64 `db:"memory_bytes"`
+	// WarmPoolSize is how many ready sandboxes of it each host that has
+	// it keeps; nil leaves it to the hosts' own settings.
+	WarmPoolSize *int32 `db:"warm_pool_size"`
 }
 
-const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at, memory_bytes"
+const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at, memory_bytes, warm_pool_size"
+
+// SetWarmPoolSize sets (nil: clears) a template's warm pool size.
+func (s *Store) SetWarmPoolSize(ctx context.Context, id string, size *int32) error {
+	tag, err := s.Pool.Exec(ctx, "UPDATE templates SET warm_pool_size = $2 WHERE id = $1", id, size)
+	if err == nil && tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return mapErr(err, "set warm pool size")
+}
+
+// WarmPoolTemplates are the templates with a warm pool size set.
+func (s *Store) WarmPoolTemplates(ctx context.Context) ([]Template, error) {
+	rows, _ := s.Pool.Query(ctx, "SELECT "+templateCols+" FROM templates WHERE warm_pool_size IS NOT NULL ORDER BY id")
+	ts, err := pgx.CollectRows(rows, pgx.RowToStructByName[Template])
+	return ts, mapErr(err, "warm pool templates")
+}
 
 // Templates lists the platform's templates and a team's own; typ filters.
 func (s *Store) Templates(ctx context.Context, teamID, typ string) ([]Template, error) {
