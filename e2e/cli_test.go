@@ -101,7 +101,7 @@ func TestJourneyThroughTheCLI(t *testing.T) {
 	if tag == nil {
 		t.Fatal("the shell did not name its session")
 	}
-	term.expect("user@") // the remote prompt: the CLI is in raw mode by now
+	term.expect("root@") // the remote prompt: the CLI is in raw mode by now
 	term.keys("stty size; echo typed-$((6*7))\r")
 	term.expect("40 120")
 	term.expect("typed-42")

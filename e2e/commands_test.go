@@ -52,7 +52,8 @@ func TestCommandSemantics(t *testing.T) {
 		}
 	}
 
-	// A timeout: its own error, 408 command_timeout, the output so far;
+	// A timeout: 502 agent_error as upstream Wrenn answers it (its SDK maps
+	// that code), saying it timed out, with timed_out and the output so far;
 	// the command and the process it started in the background are gone.
 	body, _ := json.Marshal(map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "echo before; sleep 301 & sleep 302"}, "timeout_sec": 2})
 	req, _ := http.NewRequest(http.MethodPost, s.url+"/v1/capsules/"+sb.ID+"/exec", bytes.NewReader(body))
@@ -64,12 +65,13 @@ func TestCommandSemantics(t *testing.T) {
 	var answer struct {
 		Error struct {
 			Code, Message, Stdout string
+			TimedOut              bool `json:"timed_out"`
 		}
 	}
 	_ = json.NewDecoder(res.Body).Decode(&answer)
 	res.Body.Close()
-	if res.StatusCode != http.StatusRequestTimeout || answer.Error.Code != "command_timeout" || answer.Error.Stdout != "before\n" ||
-		strings.Contains(answer.Error.Message, "agent") {
+	if res.StatusCode != http.StatusBadGateway || answer.Error.Code != "agent_error" || !answer.Error.TimedOut || answer.Error.Stdout != "before\n" ||
+		!strings.HasPrefix(answer.Error.Message, "timed out: ") {
 		t.Fatalf("a timed-out exec: %d %+v", res.StatusCode, answer)
 	}
 	gone("sleep 30[12]")

@@ -252,7 +252,7 @@ func (s *stack) hostileCall(ctx context.Context, method, url string, body io.Rea
 	// An error is short, except a command's timeout, which carries the
 	// output so far: at most 1 MiB of each stream, escaped as JSON.
 	limit := int64(64 << 10)
-	if resp.StatusCode == http.StatusRequestTimeout {
+	if resp.StatusCode == http.StatusBadGateway {
 		limit = 16 << 20
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, limit))

@@ -23,7 +23,7 @@ cache=${WRENN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
 mirror=${mirror:-http://deb.debian.org/debian}
-packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbase,less
+packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbase,less,git
 # What base adds, installed with apt inside the tree (debootstrap's own
 # resolver is not made for a list this long).
 extra=""

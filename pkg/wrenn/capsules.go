@@ -10,8 +10,10 @@ import (
 
 // Capsule is a sandbox as the API reports it.
 type Capsule struct {
-	ID           string            `json:"id"`
-	Status       string            `json:"status"` // starting, running, pausing, paused, resuming, stopping, stopped, missing, error
+	ID     string `json:"id"`
+	Status string `json:"status"` // pending, starting, running, paused, hibernated, stopped, missing, error (upstream Wrenn's set)
+	// StatusDetail adds the transitions: pausing, resuming, stopping.
+	StatusDetail string            `json:"status_detail"`
 	Template     string            `json:"template"`
 	VCPUs        int               `json:"vcpus"`
 	MemoryMB     int               `json:"memory_mb"`

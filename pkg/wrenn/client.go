@@ -60,10 +60,12 @@ func (c *Client) BaseURL() string { return c.base.String() }
 // APIError is an error answer of the API: {"error":{"code","message"}}.
 type APIError struct {
 	Status  int    // HTTP status
-	Code    string // e.g. not_found, not_running, invalid_request, rate_limited
+	Code    string // e.g. not_found, invalid_state, invalid_request, rate_limited
 	Message string
 	// RetryAfter is set on 429 answers.
 	RetryAfter time.Duration
+	// TimedOut: a command ran out of its timeout and was killed.
+	TimedOut bool
 }
 
 func (e *APIError) Error() string {
@@ -149,10 +151,13 @@ func checkResponse(resp *http.Response) error {
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	ae := &APIError{Status: resp.StatusCode, Code: "http_" + fmt.Sprint(resp.StatusCode), Message: strings.TrimSpace(string(data))}
 	var e struct {
-		Error struct{ Code, Message string } `json:"error"`
+		Error struct {
+			Code, Message string
+			TimedOut      bool `json:"timed_out"`
+		} `json:"error"`
 	}
 	if json.Unmarshal(data, &e) == nil && e.Error.Code != "" {
-		ae.Code, ae.Message = e.Error.Code, e.Error.Message
+		ae.Code, ae.Message, ae.TimedOut = e.Error.Code, e.Error.Message, e.Error.TimedOut
 	}
 	if ae.Message == "" {
 		ae.Message = resp.Status

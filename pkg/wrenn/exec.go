@@ -68,7 +68,7 @@ func (c *Client) Exec(ctx context.Context, id string, p ExecParams) (ExecResult,
 	}
 	if err := c.do(ctx, http.MethodPost, "/v1/capsules/"+url.PathEscape(id)+"/exec", body, &out); err != nil {
 		var ae *APIError
-		if errors.As(err, &ae) && ae.Code == "command_timeout" {
+		if errors.As(err, &ae) && ae.TimedOut {
 			return ExecResult{ExitCode: -1}, fmt.Errorf("%w (%s)", ErrTimedOut, ae.Message)
 		}
 		return ExecResult{}, err

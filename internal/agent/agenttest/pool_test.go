@@ -147,6 +147,21 @@ func TestWarmPool(t *testing.T) {
 		t.Fatalf("after resume: %q", out)
 	}
 
+	// And one is saved as a template of its own, memory and all.
+	if _, err := a.client.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: "sb-pool-b", Name: "from-pooled"})); err != nil {
+		t.Fatalf("snapshot a sandbox from the pool: %v\n%s", err, a.logTail())
+	}
+	again := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-pool-again", Template: "from-pooled"})
+	if out, _ := a.sh(ctx, again.GetId(), "kill -0 $(cat /tmp/keeper.pid) && hostname && cat /tmp/only-sb-pool-b"); again.GetStartedFrom() != "memory" || out != "sb-pool-again\nmine\n" {
+		t.Fatalf("from the pooled sandbox's snapshot (%s): %q", again.GetStartedFrom(), out)
+	}
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: again.GetId()})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "from-pooled"})); err != nil {
+		t.Fatal(err)
+	}
+
 	// kill -9 and a restart: sandboxes and members are adopted.
 	a.kill()
 	a.start()

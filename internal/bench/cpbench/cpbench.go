@@ -35,6 +35,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/api"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
+	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
 
@@ -69,8 +70,14 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 		return nil, err
 	}
 	defer st.Close()
-	srv := api.New(api.Config{Store: st, Signer: &auth.Signer{Secret: []byte(ids.Random(32))}, Agents: &agentclient.Pool{}, Log: quiet, RatePerSecond: -1})
+	agents := &agentclient.Pool{}
+	srv := api.New(api.Config{Store: st, Signer: &auth.Signer{Secret: []byte(ids.Random(32))}, Agents: agents, Log: quiet, RatePerSecond: -1})
 	defer srv.Close()
+	// One reconcile pass on demand: it hands hosts their warm pool settings.
+	reconcile := func(ctx context.Context) error {
+		_, err := (&reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: quiet}).Pass(ctx)
+		return err
+	}
 	cpURL, stopCP, err := serve(srv.Handler())
 	if err != nil {
 		return nil, err
@@ -106,7 +113,7 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 		return nil, err
 	}
 	results = append(results, list...)
-	create, err := createFigures(ctx, c, m, st, cfg)
+	create, err := createFigures(ctx, c, m, reconcile, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -174,7 +181,7 @@ func listFigures(ctx context.Context, c *client, st *store.Store, teamID string,
 
 // createFigures times POST /v1/capsules?wait=true against creating the
 // same sandbox on the agent directly, then creates concurrently.
-func createFigures(ctx context.Context, c *client, m *sandbox.Manager, st *store.Store, cfg Config) ([]bench.Result, error) {
+func createFigures(ctx context.Context, c *client, m *sandbox.Manager, reconcile func(context.Context) error, cfg Config) ([]bench.Result, error) {
 	var viaAPI, direct []time.Duration
 	for i := range cfg.Creates {
 		t := time.Now()
@@ -237,7 +244,62 @@ func createFigures(ctx context.Context, c *client, m *sandbox.Manager, st *store
 	if err != nil {
 		return nil, fmt.Errorf("creates from a memory template: %w", err)
 	}
-	return append(results, bench.Latencies(suite, "POST /v1/capsules?wait=true from a memory template ("+accel+")", warm, "from minimal (boot)", viaAPI)), nil
+	pooled, err := createsFromPool(ctx, c, m, reconcile, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("creates from a warm pool: %w", err)
+	}
+	return append(results,
+		bench.Latencies(suite, "POST /v1/capsules?wait=true from a memory template ("+accel+")", warm, "from minimal (boot)", viaAPI),
+		bench.Latencies(suite, "POST /v1/capsules?wait=true from a warm pool ("+accel+")", pooled, "from minimal (boot)", viaAPI)), nil
+}
+
+// createsFromPool gives the memory template createsFromMemory made a warm
+// pool of one through the API and times creates that take its member,
+// each once the pool has refilled.
+func createsFromPool(ctx context.Context, c *client, m *sandbox.Manager, reconcile func(context.Context) error, cfg Config) ([]time.Duration, error) {
+	if err := c.call("PUT", "/v1/snapshots/bench-memory/warm-pool", "", map[string]any{"size": 1}, 200, nil); err != nil {
+		return nil, err
+	}
+	if err := reconcile(ctx); err != nil {
+		return nil, err
+	}
+	ready := func() error {
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			for _, p := range m.Pools() {
+				if p.Ready == 1 && p.Starting == 0 {
+					return nil
+				}
+			}
+		}
+		return fmt.Errorf("the warm pool did not fill: %+v", m.Pools())
+	}
+	var out []time.Duration
+	for i := range cfg.Creates {
+		if err := ready(); err != nil {
+			return nil, err
+		}
+		t := time.Now()
+		var sb struct {
+			ID          string `json:"id"`
+			StartedFrom string `json:"started_from"`
+		}
+		if err := c.call("POST", "/v1/capsules?wait=true", "", map[string]any{"template": "bench-memory"}, 201, &sb); err != nil {
+			return nil, err
+		}
+		out = append(out, time.Since(t))
+		if sb.StartedFrom != "pool" {
+			return nil, fmt.Errorf("a capsule that fits the warm pool started from %q", sb.StartedFrom)
+		}
+		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil); err != nil {
+			return nil, err
+		}
+		cfg.Log.Info("control plane: create from a warm pool", "n", i+1, "api", out[i].Round(time.Millisecond))
+	}
+	// Drained with its setting, before the template goes.
+	if err := c.call("PUT", "/v1/snapshots/bench-memory/warm-pool", "", map[string]any{"size": 0}, 200, nil); err != nil {
+		return nil, err
+	}
+	return out, reconcile(ctx)
 }
 
 // createsFromMemory snapshots a running capsule into a template through the

@@ -41,6 +41,9 @@ type capsuleJSON struct {
 	Metadata     map[string]string `json:"metadata"`
 	Egress       store.Egress      `json:"egress"`
 	StatusReason string            `json:"status_reason,omitempty"`
+	// StatusDetail is the capsule's own state, finer than Status while it
+	// changes: pausing, resuming, stopping.
+	StatusDetail string `json:"status_detail"`
 	// StartedFrom is "memory" (restored from its template's memory) or
 	// "boot"; BootNote says why one whose template has memory booted.
 	StartedFrom string `json:"started_from,omitempty"`
@@ -58,12 +61,28 @@ type capsuleJSON struct {
 }
 
 func (s *Server) toCapsule(sb store.Sandbox) capsuleJSON {
-	return capsuleJSON{ID: sb.ID, Status: sb.Status, Template: sb.Template, VCPUs: sb.VCPUs, MemoryMB: sb.MemoryMB,
+	return capsuleJSON{ID: sb.ID, Status: publicStatus(sb.Status), StatusDetail: sb.Status, Template: sb.Template, VCPUs: sb.VCPUs, MemoryMB: sb.MemoryMB,
 		DiskSizeMB: sb.DiskSizeMB, TimeoutSec: sb.TimeoutSec, AutoPause: sb.AutoPause, GuestIP: sb.GuestIP, HostIP: sb.HostIP,
 		HostID: sb.HostID, CreatedAt: sb.CreatedAt, StartedAt: sb.StartedAt, LastActiveAt: sb.LastActiveAt,
 		LastUpdated: sb.LastUpdated, Metadata: sb.Metadata, Egress: sb.Egress, StatusReason: sb.Error,
 		Public: sb.Public, AutoResume: sb.AutoResume, Domain: s.cfg.IngressDomain, URLScheme: s.cfg.IngressScheme,
 		StartedFrom: sb.StartedFrom, BootNote: sb.BootNote}
+}
+
+// publicStatus is a capsule's state in the set upstream Wrenn's API and
+// SDKs know (pending, starting, running, paused, hibernated, stopped,
+// missing, error): a pause in progress is paused already (as upstream
+// marks it), a resume is starting, a destroy is stopped.
+func publicStatus(s string) string {
+	switch s {
+	case "pausing":
+		return "paused"
+	case "resuming":
+		return "starting"
+	case "stopping":
+		return "stopped"
+	}
+	return s
 }
 
 // withTokens adds the capsule's tokens, for its own team.
@@ -483,7 +502,7 @@ func (s *Server) running(r *http.Request, p *principal) (store.Sandbox, agentcli
 			return sb, nil, err
 		}
 		if sb.HostID == nil && sb.Status != "error" && sb.Status != "stopped" {
-			return sb, nil, errf(http.StatusConflict, "not_placed", "capsule %s is on no host", sb.ID)
+			return sb, nil, errf(http.StatusConflict, "invalid_state", "capsule %s is on no host", sb.ID)
 		}
 		switch sb.Status {
 		case "running":
@@ -502,7 +521,7 @@ func (s *Server) running(r *http.Request, p *principal) (store.Sandbox, agentcli
 			case <-time.After(100 * time.Millisecond):
 			}
 		default:
-			return sb, nil, errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+			return sb, nil, errf(http.StatusConflict, "invalid_state", "capsule %s is %s, not running", sb.ID, sb.Status)
 		}
 	}
 }
@@ -677,7 +696,7 @@ func (s *Server) ping(w http.ResponseWriter, r *http.Request, p *principal) erro
 		return err
 	}
 	if sb.Status != "running" {
-		return errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+		return errf(http.StatusConflict, "invalid_state", "capsule %s is %s, not running", sb.ID, sb.Status)
 	}
 	if req.TimeoutSec != nil {
 		t := *req.TimeoutSec
@@ -715,14 +734,14 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request, p *principal) err
 // follows what the host reports, so it never claims a state it is not in.
 func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, error) {
 	if sb.Status != "running" || sb.HostID == nil {
-		return sb, errf(http.StatusConflict, "not_running", "capsule %s is %s, not running", sb.ID, sb.Status)
+		return sb, errf(http.StatusConflict, "invalid_state", "capsule %s is %s, not running", sb.ID, sb.Status)
 	}
 	c, _, err := s.agentFor(ctx, *sb.HostID)
 	if err != nil {
 		return sb, err
 	}
 	if _, err := s.st.Transition(ctx, sb.ID, []string{"running"}, "pausing", nil); err != nil {
-		return sb, errf(http.StatusConflict, "not_running", "%s", err.Error())
+		return sb, errf(http.StatusConflict, "invalid_state", "%s", err.Error())
 	}
 	s.capsuleChanged(sb.ID)
 	defer s.capsuleChanged(sb.ID)
@@ -781,7 +800,7 @@ func (s *Server) resume(w http.ResponseWriter, r *http.Request, p *principal) er
 // on behalf of p (nil: the ingress, on traffic); the audit log records it.
 func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (store.Sandbox, error) {
 	if sb.Status != "paused" || sb.HostID == nil {
-		return sb, errf(http.StatusConflict, "not_paused", "capsule %s is %s, not paused", sb.ID, sb.Status)
+		return sb, errf(http.StatusConflict, "invalid_state", "capsule %s is %s, not paused", sb.ID, sb.Status)
 	}
 	c, _, err := s.agentFor(ctx, *sb.HostID)
 	if err != nil {
@@ -789,7 +808,7 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 	}
 	if err := s.st.ResumeWithin(ctx, sb, s.cfg.Quotas); err != nil {
 		if errors.Is(err, store.ErrConflict) {
-			return sb, errf(http.StatusConflict, "not_paused", "%s", err.Error())
+			return sb, errf(http.StatusConflict, "invalid_state", "%s", err.Error())
 		}
 		return sb, err
 	}

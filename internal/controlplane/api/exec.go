@@ -81,7 +81,7 @@ func (e *execRequest) stdinBytes() ([]byte, error) {
 }
 
 func (e *execRequest) agent(sandboxID string) *pb.ExecRequest {
-	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: e.User, Tag: e.Tag, KeepStdin: e.KeepStdin}
+	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: v1User(e.User), Tag: e.Tag, KeepStdin: e.KeepStdin}
 	in.Stdin, _ = e.stdinBytes() // validated by the caller
 	if e.TimeoutSec != nil {
 		in.TimeoutSeconds = int32(*e.TimeoutSec)
@@ -137,8 +137,10 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		out["stdout"], out["stderr"], out["encoding"] = base64.StdEncoding.EncodeToString(stdout), base64.StdEncoding.EncodeToString(stderr), "base64"
 	}
 	if resp.Msg.GetTimedOut() {
-		// Its own error, with what it wrote until then.
-		e := errf(http.StatusRequestTimeout, "command_timeout", "the command did not finish within its timeout of %d s and was killed (with the processes it started); give a longer timeout_sec, or run it in the background", *req.TimeoutSec)
+		// As upstream Wrenn answers it (502 agent_error, which its SDK
+		// maps), saying so, with timed_out and what it wrote until then.
+		out["timed_out"], out["exit_code"] = true, -1
+		e := errf(http.StatusBadGateway, "agent_error", "timed out: the command did not finish within its timeout of %d s and was killed (with the processes it started); give a longer timeout_sec, or run it in the background", *req.TimeoutSec)
 		e.extra = out
 		return e
 	}
@@ -417,4 +419,14 @@ func (s *Server) processStream(w http.ResponseWriter, r *http.Request, p *princi
 	}()
 	pump(ctx, conn, stream, nil)
 	return nil
+}
+
+// v1User is who a /v1 command or file call acts as: root unless the
+// caller names someone (upstream Wrenn's default; the E2B API keeps
+// E2B's, user, since its SDKs talk to envd themselves).
+func v1User(u string) string {
+	if u == "" {
+		return "root"
+	}
+	return u
 }

@@ -4,6 +4,7 @@ package api
 import (
 	"context"
 	_ "embed"
+	"github.com/wrenn/wrenn/internal/version"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -319,6 +320,10 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /openapi.yaml", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/yaml")
 		_, _ = w.Write(openAPI)
+	})
+	// Liveness, as upstream Wrenn answers it (/healthz also checks the database).
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version.Version})
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if err := s.st.Pool.Ping(r.Context()); err != nil {
