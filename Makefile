@@ -50,8 +50,12 @@ rootfs: build-guest ## Build the minimal guest image with debootstrap (cached) i
 rootfs-base: build-guest ## Build the base guest image (Python, Node.js, git, build tools; cached) into WRENN_DIR/images/base
 	scripts/with-progress.sh rootfs-base scripts/build-rootfs.sh base
 
+.PHONY: rootfs-code-runner
+rootfs-code-runner: build-guest ## Build the code-runner-beta image (base + Jupyter on 8888, for code interpreters; cached)
+	scripts/with-progress.sh rootfs-code-runner scripts/build-rootfs.sh code-runner-beta
+
 .PHONY: images
-images: kernel rootfs rootfs-base ## Build the kernel and the minimal and base images
+images: kernel rootfs rootfs-base rootfs-code-runner ## Build the kernel and the minimal, base and code-runner-beta images
 
 .PHONY: update-minimal-rootfs
 update-minimal-rootfs: build-guest ## Refresh envd and wrenn-init inside WRENN_DIR/images/minimal

@@ -27,14 +27,18 @@ packages=socat,chrony,tini,sudo,wget,curl,ca-certificates,iproute2,procps,netbas
 # What base adds, installed with apt inside the tree (debootstrap's own
 # resolver is not made for a list this long).
 extra=""
+base_extra="python3 python3-pip python3-venv python3-dev nodejs npm git build-essential pkg-config
+	jq unzip zip xz-utils bzip2 file openssh-client rsync vim-tiny nano htop tree lsof
+	iputils-ping bind9-dnsutils netcat-openbsd sqlite3"
 case "$name" in
 minimal) ;;
-base)
-	extra="python3 python3-pip python3-venv python3-dev nodejs npm git build-essential pkg-config
-		jq unzip zip xz-utils bzip2 file openssh-client rsync vim-tiny nano htop tree lsof
-		iputils-ping bind9-dnsutils netcat-openbsd sqlite3"
+base) extra=$base_extra ;;
+code-runner-beta)
+	# base and a Jupyter server with a Python kernel on port 8888, what
+	# upstream Wrenn's code interpreter talks to (kernels API, channels).
+	extra="$base_extra python3-jupyter-server python3-ipykernel python3-numpy python3-pandas python3-matplotlib"
 	;;
-*) printf '[rootfs] unknown image %s: use minimal or base\n' "$name" >&2; exit 1 ;;
+*) printf '[rootfs] unknown image %s: use minimal, base or code-runner-beta\n' "$name" >&2; exit 1 ;;
 esac
 builds=${WRENN_BUILDS:-$repo/builds}
 
@@ -118,6 +122,43 @@ if [ ! -f "$cached_image" ]; then
 	tar --numeric-owner --xattrs -C "$tree" -xf "$base"
 	install -m 0755 "$builds/envd" "$tree/usr/local/bin/envd"
 	install -m 0755 "$builds/wrenn-init" "$tree/usr/local/bin/wrenn-init"
+	if [ "$name" = code-runner-beta ]; then
+		# wrenn-init starts /etc/wrenn/start at boot; a memory template of
+		# the image is saved once /etc/wrenn/ready passes: with the server
+		# up and one idle kernel, which the code interpreter takes first.
+		mkdir -p "$tree/etc/wrenn"
+		cat >"$tree/etc/wrenn/start" <<'START'
+#!/bin/sh
+# Jupyter for code interpreters, on 8888: no token of its own (the
+# control plane's ingress admits only the capsule's team, unless the
+# capsule is public), one kernel started ahead.
+python3 -m jupyter_server --ip=0.0.0.0 --port=8888 --no-browser --allow-root \
+	--ServerApp.token= --ServerApp.password= --ServerApp.disable_check_xsrf=True \
+	--ServerApp.allow_origin='*' --ServerApp.root_dir=/root &
+server=$!
+until curl -fs -o /dev/null http://127.0.0.1:8888/api; do
+	kill -0 "$server" 2>/dev/null || exit 1
+	sleep 0.5
+done
+curl -fsS -X POST -H 'Content-Type: application/json' -d '{"name":"python3"}' http://127.0.0.1:8888/api/kernels
+wait
+START
+		cat >"$tree/etc/wrenn/ready" <<'READY'
+#!/bin/sh
+# Ready: the server answers and its kernel answers a kernel_info request
+# (which also lets the server see it idle).
+id=$(curl -fs http://127.0.0.1:8888/api/kernels | python3 -c 'import json, sys; k = json.load(sys.stdin); print(k[0]["id"] if k else "")') || exit 1
+[ -n "$id" ] || exit 1
+exec python3 -c "
+from jupyter_client import BlockingKernelClient
+c = BlockingKernelClient(connection_file='/root/.local/share/jupyter/runtime/kernel-$id.json')
+c.load_connection_file()
+c.start_channels()
+c.wait_for_ready(timeout=20)
+"
+READY
+		chmod 0755 "$tree/etc/wrenn/start" "$tree/etc/wrenn/ready"
+	fi
 	# Size: the content plus a quarter, plus 64 MiB for the user's files.
 	used_kib=$(du -s --block-size=1K "$tree" | cut -f1)
 	size_mib=$(( (used_kib * 5 / 4) / 1024 + 64 ))

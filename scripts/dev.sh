@@ -24,7 +24,7 @@ OWN_POSTGRES=1
 [ -z "${DATABASE_URL:-}" ] || OWN_POSTGRES=0
 export WRENN_DIR
 # The shipped images start from memory at the control plane's default shapes (set it empty for none).
-export WRENN_MEMORY_TEMPLATES=${WRENN_MEMORY_TEMPLATES-minimal:1:512:5120,base:2:512:5120}
+export WRENN_MEMORY_TEMPLATES=${WRENN_MEMORY_TEMPLATES-minimal:1:512:5120,base:2:512:5120,code-runner-beta:1:512:5120}
 # Capsules of those shapes wait ready in warm pools: a create takes one (set it empty for none).
 export WRENN_WARM_POOLS=${WRENN_WARM_POOLS-minimal:2,base:1}
 

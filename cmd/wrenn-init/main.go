@@ -89,6 +89,7 @@ func run() error {
 		argv = append(argv, "--access-token-file", tokenFile)
 	}
 	env := []string{"PATH=" + searchPath, "HOME=/root", "LANG=C.UTF-8"}
+	startImageServices(env)
 	if _, err := os.Stat(tiniPath); err == nil {
 		// -s: stay a subreaper even if something else becomes PID 1's child.
 		argv = append([]string{tiniPath, "-s", "--"}, argv...)
@@ -97,6 +98,36 @@ func run() error {
 	}
 	logf("starting %s (uptime %s)", strings.Join(argv, " "), uptime())
 	return syscall.Exec(argv[0], argv, env)
+}
+
+// startHook is an image's own services: when it is executable, init starts
+// it (as root, in a session of its own, in the background) before envd, as
+// a build's start command is for a template built from a recipe. A memory
+// template of the image saves them running once its ready check passes.
+const (
+	startHook = "/etc/wrenn/start"
+	startLog  = "/var/log/wrenn-start.log"
+)
+
+func startImageServices(env []string) {
+	fi, err := os.Stat(startHook)
+	if err != nil || fi.Mode()&0o111 == 0 {
+		return
+	}
+	out, err := os.OpenFile(startLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		logf("%s: %v; not starting the image's services", startLog, err)
+		return
+	}
+	defer out.Close() // the child has its own copy
+	cmd := exec.Command(startHook)
+	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = "/root", env, out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		logf("start %s: %v", startHook, err)
+		return
+	}
+	logf("started %s (pid %d, output in %s)", startHook, cmd.Process.Pid, startLog)
 }
 
 type mount struct {

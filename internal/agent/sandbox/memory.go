@@ -10,9 +10,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/envdclient"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/guest/template"
+	"github.com/wrenn/wrenn/internal/safetext"
 )
 
 // Memory templates: a template can hold a running VM's memory next to its
@@ -276,6 +278,9 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 			m.log.Warn("could not destroy the VM a memory template was made from", "sandbox", id, "error", err)
 		}
 	}()
+	if err := m.waitImageReady(ctx, id); err != nil {
+		return fmt.Errorf("template %s: %w", name, err)
+	}
 	e, err := m.lock(id)
 	if err != nil {
 		return err
@@ -294,6 +299,54 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	}
 	m.log.Info("template prepared to start from memory", "template", name, "vcpus", shape.VCPUs, "memory_mib", shape.MemoryMiB, "disk_mib", shape.DiskMiB, "took", time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// imageReady is an image's ready check: the memory of an image whose
+// services its init starts (/etc/wrenn/start) is saved once it exits 0.
+const imageReady = "/etc/wrenn/ready"
+
+// imageReadyTimeout bounds the wait for an image's services.
+const imageReadyTimeout = 5 * time.Minute
+
+// waitImageReady runs the image's ready check in sandbox id until it
+// passes; an image without one is ready at once.
+func (m *Manager) waitImageReady(ctx context.Context, id string) error {
+	c, err := m.Envd(id)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, imageReadyTimeout)
+	defer cancel()
+	check := "if [ -e " + imageReady + " ]; then exec " + imageReady + "; fi"
+	for start := time.Now(); ; {
+		var code *int32
+		var said []byte
+		err := c.Exec(ctx, rootCommand("/bin/sh", "-c", check), func(ev envdclient.ExecEvent) error {
+			if ev.ExitCode != nil {
+				code = ev.ExitCode
+			}
+			if len(said) < 4096 {
+				said = append(said, ev.Stderr...)
+			}
+			return nil
+		})
+		if err == nil && code != nil && *code == 0 {
+			if time.Since(start) > time.Second {
+				m.log.Info("the image's services are ready", "sandbox", id, "took", time.Since(start).Round(time.Millisecond))
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("its ready check (%s) did not pass within %v: %v %s", imageReady, imageReadyTimeout, err, safetext.Clip(string(said), 512))
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// rootCommand is a command run as root.
+func rootCommand(cmd string, args ...string) envdclient.ExecSpec {
+	return envdclient.ExecSpec{Cmd: cmd, Args: args, User: "root", KillOnCancel: true}
 }
 
 // MemoryTemplate is one template PrepareMemory readies, with its shape.

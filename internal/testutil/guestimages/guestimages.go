@@ -34,7 +34,7 @@ func Require(t testing.TB) (wrennDir, kernelPath, rootfs string) {
 }
 
 // AgentDir returns a fresh WRENN_DIR for a test's own agent: the system's
-// kernels and shipped images (minimal, base) are shared (read only, by
+// kernels and shipped images (minimal, base, code-runner-beta) are shared (read only, by
 // symlink); templates the test makes stay in the new directory.
 func AgentDir(t testing.TB) string {
 	t.Helper()
@@ -68,4 +68,4 @@ func AgentDirIn(t testing.TB, dir string) string {
 }
 
 // ShippedImages are the images `make images` installs on every host.
-var ShippedImages = []string{"minimal", "base"}
+var ShippedImages = []string{"minimal", "base", "code-runner-beta"}
