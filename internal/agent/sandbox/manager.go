@@ -193,6 +193,8 @@ type CreateParams struct {
 	state *savedState
 	// pool and poolVersion make a warm-pool member of that template.
 	pool, poolVersion string
+	// internal: the agent's own VM, not listed (Record.Internal).
+	internal bool
 }
 
 // savedState is a VM saved by Driver.SaveMemory, with what its guest
@@ -314,7 +316,7 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB,
 		CreatedAt: now, ExpiresAt: now.Add(p.Timeout), Timeout: p.Timeout, AutoPause: p.AutoPause,
 		Metadata: p.Metadata, EnvVars: p.EnvVars, Egress: p.Egress,
-		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc, Pool: p.pool, PoolVersion: p.poolVersion,
+		EnvdToken: hex.EncodeToString(tok[:]), Net: alloc, Pool: p.pool, PoolVersion: p.poolVersion, Internal: p.internal,
 	}}
 	e.view = e.rec
 	e.mu.Lock() // held by the creator until the sandbox runs or is gone
@@ -784,7 +786,7 @@ func (m *Manager) List() []Record {
 	m.mu.Lock()
 	out := make([]Record, 0, len(m.sandboxes))
 	for _, e := range m.sandboxes {
-		if e.view.Pool == "" { // warm-pool members are not sandboxes yet
+		if e.view.Pool == "" && !e.view.Internal { // warm-pool members are not sandboxes yet
 			out = append(out, e.view)
 		}
 	}

@@ -269,7 +269,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	id = strings.ReplaceAll(id, "_", "-")
 	_ = m.Destroy(ctx, id) // one a crash left behind
 	rec, err := m.Create(ctx, CreateParams{ID: id, Template: name, VCPUs: shape.VCPUs, MemoryMiB: shape.MemoryMiB,
-		DiskMiB: shape.DiskMiB, Timeout: 10 * time.Minute, Egress: egress.Policy{Mode: egress.DenyAll}})
+		DiskMiB: shape.DiskMiB, Timeout: 10 * time.Minute, Egress: egress.Policy{Mode: egress.DenyAll}, internal: true})
 	if err != nil {
 		return fmt.Errorf("template %s: boot a VM to save its memory: %w", name, err)
 	}

@@ -33,6 +33,7 @@ func (m *Manager) Start(ctx context.Context) error {
 		return err
 	}
 	m.dropForkTemplates()
+	m.dropInternalVMs(ctx)
 	go m.reap(ctx)
 	m.loadPools()
 	go m.keepPools(ctx)
@@ -328,5 +329,23 @@ func (m *Manager) noticeDeadVMMs() {
 			m.releaseCgroup(e.rec.Spec.ID)
 		}
 		e.mu.Unlock()
+	}
+}
+
+// dropInternalVMs destroys the agent's own VMs a stopped agent left (a
+// memory template being prepared): the work starts again if still asked.
+func (m *Manager) dropInternalVMs(ctx context.Context) {
+	m.mu.Lock()
+	var ids []string
+	for id, e := range m.sandboxes {
+		if e.rec.Internal {
+			ids = append(ids, id)
+		}
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		if err := m.Destroy(ctx, id); err != nil {
+			m.log.Warn("could not remove a VM the agent left half used", "sandbox", id, "error", err)
+		}
 	}
 }

@@ -63,6 +63,10 @@ type Record struct {
 	// PoolVersion is the template version the member was made from; a
 	// member of an older version is drained.
 	PoolVersion string `json:"pool_version,omitempty"`
+	// Internal marks the agent's own VMs (the one a shipped image's memory
+	// is saved from): never listed, so no control plane takes them for
+	// strays to destroy.
+	Internal bool `json:"internal,omitempty"`
 }
 
 // home is the name of the sandbox's directories.
