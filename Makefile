@@ -113,6 +113,11 @@ web/node_modules/.installed: web/package.json web/package-lock.json
 web: web-deps ## Build the dashboard into internal/controlplane/web/dist (committed; go build embeds it)
 	cd web && npx vite build
 
+.PHONY: apidocs
+apidocs: web-deps ## Copy Swagger UI (swagger-ui-dist, pinned in web/package.json) into internal/controlplane/apidocs/dist (committed; served at /docs)
+	cp web/node_modules/swagger-ui-dist/swagger-ui-bundle.js web/node_modules/swagger-ui-dist/swagger-ui.css \
+		web/node_modules/swagger-ui-dist/LICENSE web/node_modules/swagger-ui-dist/NOTICE internal/controlplane/apidocs/dist/
+
 .PHONY: web-check
 web-check: web-deps ## Fail if the committed dashboard build is not what web/ builds
 	@rm -rf $(BUILDS)/web-check && cd web && npx vite build --logLevel warn --outDir ../$(BUILDS)/web-check

@@ -158,6 +158,13 @@ try {
   await page.getByRole('heading', { name: 'Capsules' }).waitFor()
   await page.getByText('No capsules.').waitFor()
   step('destroyed')
+
+  // The API's reference: Swagger UI renders the control plane's OpenAPI document.
+  await page.goto(`${base}/docs`)
+  await page.locator('.swagger-ui .info .title').filter({ hasText: 'Wrenn control plane API' }).waitFor()
+  await page.locator('.opblock-tag').filter({ hasText: 'capsules' }).first().waitFor()
+  await shot('api-docs')
+  step('API reference at /docs')
 } catch (e) {
   await shot('failure').catch(() => {})
   console.error(`[dashboard] ${e.stack || e}`)

@@ -4,6 +4,7 @@ package api
 import (
 	"context"
 	_ "embed"
+	"github.com/wrenn/wrenn/internal/controlplane/apidocs"
 	"github.com/wrenn/wrenn/internal/version"
 	"log/slog"
 	"net/http"
@@ -321,6 +322,9 @@ func (s *Server) Handler() http.Handler {
 		w.Header().Set("Content-Type", "application/yaml")
 		_, _ = w.Write(openAPI)
 	})
+	// The API's reference: Swagger UI over /openapi.yaml.
+	mux.Handle("GET /docs", apidocs.Handler())
+	mux.Handle("GET /docs/", apidocs.Handler())
 	// Liveness, as upstream Wrenn answers it (/healthz also checks the database).
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version.Version})
