@@ -5,21 +5,10 @@
 // resolve.cjs standing in for the wildcard DNS record.
 import { Sandbox, SandboxNotFoundError } from 'e2b'
 import assert from 'node:assert/strict'
+import { eventually } from './eventually.mjs'
 
 const step = (m) => console.log(`[e2b domain] ${m}`)
 const domain = process.env.E2B_DOMAIN
-
-async function eventually(what, fn, ms = 20_000) {
-  const until = Date.now() + ms
-  for (;;) {
-    try {
-      return await fn()
-    } catch (e) {
-      if (Date.now() > until) throw new Error(`${what}: ${e.message}`)
-      await new Promise((r) => setTimeout(r, 250))
-    }
-  }
-}
 
 let sbx
 try {

@@ -6,6 +6,7 @@
 import { Sandbox, CommandExitError, SandboxNotFoundError, AuthenticationError, FileType } from 'e2b'
 import http from 'node:http'
 import assert from 'node:assert/strict'
+import { eventually } from './eventually.mjs'
 import { createHash, randomBytes } from 'node:crypto'
 
 const step = (m) => console.log(`[e2b] ${m}`)
@@ -24,18 +25,6 @@ function get(host, path = '/', headers = {}) {
     req.on('error', reject)
     req.end()
   })
-}
-
-async function eventually(what, fn, ms = 20_000) {
-  const until = Date.now() + ms
-  for (;;) {
-    try {
-      return await fn()
-    } catch (e) {
-      if (Date.now() > until) throw new Error(`${what}: ${e.message}`)
-      await new Promise((r) => setTimeout(r, 250))
-    }
-  }
 }
 
 let sbx

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -358,31 +357,17 @@ type MemoryTemplate struct {
 // ParseMemoryTemplates reads "name:vcpus:memory_mib:disk_mib,..." (the
 // agent's --memory-templates); "" is none.
 func ParseMemoryTemplates(s string) ([]MemoryTemplate, error) {
+	items, err := parseSpecList(s, "name:vcpus:memory_mib:disk_mib", 3)
+	if err != nil {
+		return nil, fmt.Errorf("memory template %w", err)
+	}
 	var out []MemoryTemplate
-	for _, item := range strings.Split(s, ",") {
-		item = strings.TrimSpace(item)
-		if item == "" {
-			continue
+	for _, it := range items {
+		vcpus, mem, disk := it.nums[0], it.nums[1], it.nums[2]
+		if vcpus < 1 || vcpus > MaxVCPUs || mem < MinMemoryMiB || disk < 1 || disk > MaxDiskMiB {
+			return nil, fmt.Errorf("memory template %q: 1 to %d vCPUs, at least %d MiB of memory, 1 to %d MiB of disk", it.raw, MaxVCPUs, MinMemoryMiB, MaxDiskMiB)
 		}
-		parts := strings.Split(item, ":")
-		if len(parts) != 4 {
-			return nil, fmt.Errorf("memory template %q: want name:vcpus:memory_mib:disk_mib", item)
-		}
-		if err := template.ValidateName(parts[0]); err != nil {
-			return nil, err
-		}
-		var n [3]int
-		for i, p := range parts[1:] {
-			v, err := strconv.Atoi(p)
-			if err != nil || v < 1 {
-				return nil, fmt.Errorf("memory template %q: %q is not a positive number", item, p)
-			}
-			n[i] = v
-		}
-		if n[0] > MaxVCPUs || n[1] < MinMemoryMiB || n[2] > MaxDiskMiB {
-			return nil, fmt.Errorf("memory template %q: at most %d vCPUs, at least %d MiB of memory, at most %d MiB of disk", item, MaxVCPUs, MinMemoryMiB, MaxDiskMiB)
-		}
-		out = append(out, MemoryTemplate{Name: parts[0], Shape: Shape{VCPUs: n[0], MemoryMiB: n[1], DiskMiB: n[2]}})
+		out = append(out, MemoryTemplate{Name: it.name, Shape: Shape{VCPUs: vcpus, MemoryMiB: mem, DiskMiB: disk}})
 	}
 	return out, nil
 }

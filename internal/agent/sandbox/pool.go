@@ -12,8 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -56,33 +54,18 @@ const MaxPoolSize = 64
 // ParsePools reads "name:size[:vcpus:memory_mib:disk_mib],..." (the
 // agent's --warm-pools); "" is none.
 func ParsePools(s string) ([]PoolSpec, error) {
+	items, err := parseSpecList(s, "name:size or name:size:vcpus:memory_mib:disk_mib", 1, 4)
+	if err != nil {
+		return nil, err
+	}
 	var out []PoolSpec
-	for _, item := range strings.Split(s, ",") {
-		item = strings.TrimSpace(item)
-		if item == "" {
-			continue
-		}
-		parts := strings.Split(item, ":")
-		if len(parts) != 2 && len(parts) != 5 {
-			return nil, fmt.Errorf("%q: want name:size or name:size:vcpus:memory_mib:disk_mib", item)
-		}
-		if err := template.ValidateName(parts[0]); err != nil {
-			return nil, fmt.Errorf("%q: %w", item, err)
-		}
-		nums := make([]int, len(parts)-1)
-		for i, p := range parts[1:] {
-			n, err := strconv.Atoi(p)
-			if err != nil || n < 0 {
-				return nil, fmt.Errorf("%q: %q is not a count", item, p)
-			}
-			nums[i] = n
-		}
-		spec := PoolSpec{Template: parts[0], Size: nums[0]}
-		if len(nums) == 4 {
-			spec.VCPUs, spec.MemoryMiB, spec.DiskMiB = nums[1], nums[2], nums[3]
+	for _, it := range items {
+		spec := PoolSpec{Template: it.name, Size: it.nums[0]}
+		if len(it.nums) == 4 {
+			spec.VCPUs, spec.MemoryMiB, spec.DiskMiB = it.nums[1], it.nums[2], it.nums[3]
 		}
 		if err := spec.validate(); err != nil {
-			return nil, fmt.Errorf("%q: %w", item, err)
+			return nil, fmt.Errorf("%q: %w", it.raw, err)
 		}
 		out = append(out, spec)
 	}
@@ -237,6 +220,7 @@ func (m *Manager) loadPools() {
 // Pools reports every pool this host keeps or has members of.
 func (m *Manager) Pools() []PoolStatus {
 	want := m.pools.wanted()
+	seen := templateReads{}
 	byTpl := map[string]*PoolStatus{}
 	get := func(name string) *PoolStatus {
 		if s := byTpl[name]; s != nil {
@@ -245,7 +229,7 @@ func (m *Manager) Pools() []PoolStatus {
 		s := &PoolStatus{Template: name}
 		if w, ok := want[name]; ok {
 			s.Size = w.Size
-			s.VCPUs, s.MemoryMiB, s.DiskMiB = m.poolShape(w)
+			s.VCPUs, s.MemoryMiB, s.DiskMiB = m.poolShape(seen, w)
 		}
 		byTpl[name] = s
 		return s
@@ -272,12 +256,31 @@ func (m *Manager) Pools() []PoolStatus {
 	return out
 }
 
+// templateReads holds each template's metadata as read once in a pass
+// over the pools (it is a file read; a pass looks at every member).
+type templateReads map[string]templateRead
+
+type templateRead struct {
+	tpl template.Metadata
+	err error
+}
+
+// poolTemplate is template name's metadata, read at most once per seen.
+func (m *Manager) poolTemplate(seen templateReads, name string) (template.Metadata, error) {
+	r, ok := seen[name]
+	if !ok {
+		r.tpl, r.err = m.templates.Get(name)
+		seen[name] = r
+	}
+	return r.tpl, r.err
+}
+
 // poolShape is a pool's member shape: its own, else its template's memory.
-func (m *Manager) poolShape(s PoolSpec) (vcpus, memoryMiB, diskMiB int) {
+func (m *Manager) poolShape(seen templateReads, s PoolSpec) (vcpus, memoryMiB, diskMiB int) {
 	if s.VCPUs > 0 {
 		return s.VCPUs, s.MemoryMiB, s.DiskMiB
 	}
-	if tpl, err := m.templates.Get(s.Template); err == nil && tpl.Memory != nil {
+	if tpl, err := m.poolTemplate(seen, s.Template); err == nil && tpl.Memory != nil {
 		return tpl.Memory.VCPUs, tpl.Memory.MemoryMiB, tpl.Memory.DiskMiB
 	}
 	return 0, 0, 0
@@ -329,12 +332,13 @@ func (m *Manager) keepPools(ctx context.Context) {
 // reports whether it made one (and so should run again at once).
 func (m *Manager) tendPools(ctx context.Context) bool {
 	want := m.pools.wanted()
+	seen := templateReads{}
 	have := map[string]int{}
 	for _, rec := range m.members() {
 		w, wanted := want[rec.Pool]
-		tpl, err := m.templates.Get(rec.Pool)
+		tpl, err := m.poolTemplate(seen, rec.Pool)
 		stale := err != nil || templateVersion(tpl) != rec.PoolVersion
-		v, mem, disk := m.poolShape(w)
+		v, mem, disk := m.poolShape(seen, w)
 		reshaped := rec.VCPUs != v || rec.MemoryMiB != mem || rec.DiskMiB != disk
 		dead := rec.State == Error || rec.State == Stopped || rec.State == Paused ||
 			rec.State == Running && !m.cfg.Driver.Alive(rec.Spec, rec.VMM)
@@ -387,11 +391,12 @@ func (m *Manager) tendPools(ctx context.Context) bool {
 func (m *Manager) addMember(ctx context.Context, spec PoolSpec) error {
 	m.pools.fill.Lock()
 	defer m.pools.fill.Unlock()
-	tpl, err := m.templates.Get(spec.Template)
+	seen := templateReads{}
+	tpl, err := m.poolTemplate(seen, spec.Template)
 	if err != nil {
 		return fmt.Errorf("template %s is not on this host", spec.Template)
 	}
-	v, mem, disk := m.poolShape(spec)
+	v, mem, disk := m.poolShape(seen, spec)
 	if v == 0 {
 		return fmt.Errorf("template %s has no memory snapshot to take the pool's shape from: give the pool a shape (name:size:vcpus:memory_mib:disk_mib)", spec.Template)
 	}

@@ -323,8 +323,9 @@ func (s *Server) Handler() http.Handler {
 		_, _ = w.Write(openAPI)
 	})
 	// The API's reference: Swagger UI over /openapi.yaml.
-	mux.Handle("GET /docs", apidocs.Handler())
-	mux.Handle("GET /docs/", apidocs.Handler())
+	docs := apidocs.Handler()
+	mux.Handle("GET /docs", docs)
+	mux.Handle("GET /docs/", docs)
 	// Liveness, as upstream Wrenn answers it (/healthz also checks the database).
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version.Version})
