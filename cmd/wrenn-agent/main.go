@@ -117,8 +117,8 @@ func run() error {
 	fcBinary := fs.String("firecracker", envconf.String("WRENN_FIRECRACKER", "firecracker"), "firecracker binary (WRENN_FIRECRACKER)")
 	lazy := fs.Bool("lazy-memory", envconf.String("WRENN_LAZY_MEMORY", "") == "1", "Firecracker: resume through the UFFD page-fault handler (WRENN_LAZY_MEMORY=1)")
 	jailer := fs.String("jailer", envconf.String("WRENN_JAILER", ""), "Firecracker: run each VM under this jailer binary (WRENN_JAILER)")
-	jailUID := fs.Int("jailer-uid", envInt("WRENN_JAILER_UID", 65534), "Firecracker: the uid jailed VMMs run as (WRENN_JAILER_UID)")
-	jailGID := fs.Int("jailer-gid", envInt("WRENN_JAILER_GID", 65534), "Firecracker: the gid jailed VMMs run as (WRENN_JAILER_GID)")
+	jailFirst := fs.Int("jailer-first-id", envInt("WRENN_JAILER_FIRST_ID", firecracker.DefaultJailFirstID), "Firecracker: each jailed VMM runs as a uid and gid of its own, from this one on (WRENN_JAILER_FIRST_ID)")
+	jailIDs := fs.Int("jailer-ids", envInt("WRENN_JAILER_IDS", firecracker.DefaultJailIDs), "Firecracker: how many uids/gids from --jailer-first-id jailed VMMs may use (WRENN_JAILER_IDS)")
 	jailBase := fs.String("jailer-chroot", envconf.String("WRENN_JAILER_CHROOT", "/srv/jailer"), "Firecracker: the jailer's chroot base directory (WRENN_JAILER_CHROOT)")
 	diffSnaps := fs.Bool("diff-snapshots", envconf.String("WRENN_DIFF_SNAPSHOTS", "") == "1", "Firecracker: pausing a resumed sandbox writes only the pages it changed (WRENN_DIFF_SNAPSHOTS=1)")
 	diskName := fs.String("disk", envconf.String("WRENN_DISK", "qcow2"), "sandbox disks: qcow2 overlays, copy (sparse copies) or dm (device-mapper snapshots) (WRENN_DISK)")
@@ -206,7 +206,7 @@ func run() error {
 		privateEgress = append(privateEgress, p)
 	}
 	console := vmm.ConsoleLog{MaxBytes: int64(*consoleKiB) << 10, BytesPerSecond: int64(*consoleRate) << 10, Log: log}
-	fc := firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps, Console: console}
+	fc := &firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps, Console: console}
 	var cgroups sandbox.Cgroups
 	var jailGroups *cgroup.VMMs
 	if *cgroupParent != "off" {
@@ -226,19 +226,32 @@ func run() error {
 		log.Warn("VMMs run without cgroup limits (--cgroup-parent off)")
 	}
 	if *jailer != "" {
-		fc.Jailer = &firecracker.Jailer{Binary: *jailer, UID: *jailUID, GID: *jailGID, ChrootBase: *jailBase, Cgroups: jailGroups}
+		if *jailFirst < 1000 || *jailIDs < 1 || *jailFirst+*jailIDs > 1<<31 {
+			return fmt.Errorf("--jailer-first-id %d, --jailer-ids %d: want ids from 1000 on, at least one, below 2^31", *jailFirst, *jailIDs)
+		}
+		fc.Jailer = &firecracker.Jailer{Binary: *jailer, FirstID: *jailFirst, IDs: *jailIDs, ChrootBase: *jailBase, Cgroups: jailGroups}
 	}
 	driver, accel, err := chooseVMM(*vmmName, fc)
 	if err != nil {
 		return err
 	}
+	if driver.Name() == "firecracker" && *lazy {
+		if err := fc.CheckLazyMemory(); err != nil {
+			return err
+		}
+	}
 	if driver.Name() == "firecracker" && *diskName == "qcow2" {
 		// Firecracker reads raw images only: device-mapper snapshots where
 		// the host has device-mapper, else sparse copies.
 		*diskName = "copy"
-		if disk.Available() == nil {
+		if disk.Available() == nil && *runAs == "" {
 			*diskName = "dm"
 		}
+	}
+	if driver.Name() == "firecracker" && *diskName == "dm" && *runAs != "" {
+		// The VMM runs as the agent's user without capabilities, and the
+		// loop and device-mapper nodes are root's: it could not open its disk.
+		return errors.New("--disk dm with --vmm firecracker needs a root agent: under --user the VMM cannot open device-mapper nodes; use --disk copy (the default there) or drop --user")
 	}
 	disks, err := disk.ForName(*diskName)
 	if err != nil {
@@ -338,14 +351,14 @@ func run() error {
 
 // chooseVMM picks the driver: Firecracker needs a working KVM and its
 // binary; QEMU runs anywhere (TCG without KVM). auto prefers Firecracker.
-func chooseVMM(name string, fc firecracker.Driver) (vmm.Driver, string, error) {
+func chooseVMM(name string, fc *firecracker.Driver) (vmm.Driver, string, error) {
 	fcPath, fcErr := exec.LookPath(fc.Binary)
 	fc.Binary = fcPath
 	fcReady := kvm.Usable() && fcErr == nil
 	switch name {
 	case "auto":
 		if fcReady {
-			return &fc, "kvm", nil
+			return fc, "kvm", nil
 		}
 	case "qemu":
 	case "firecracker":
@@ -355,7 +368,7 @@ func chooseVMM(name string, fc firecracker.Driver) (vmm.Driver, string, error) {
 		if fcErr != nil {
 			return nil, "", fmt.Errorf("--vmm firecracker: %w", fcErr)
 		}
-		return &fc, "kvm", nil
+		return fc, "kvm", nil
 	default:
 		return nil, "", fmt.Errorf("--vmm %q: use auto, qemu or firecracker", name)
 	}

@@ -316,6 +316,9 @@ func (m *Manager) noticeDeadVMMs() {
 		// Look again under the lock: a pause may have just stopped it.
 		if e.rec.State == Running && !m.cfg.Driver.Alive(e.rec.Spec, e.rec.VMM) {
 			reason := "its VMM (pid " + strconv.Itoa(e.rec.VMM.PID) + ") exited unexpectedly"
+			if why := vmm.ExitReason(e.rec.Spec.RunDir); why != "" {
+				reason = "the agent ended its VMM (pid " + strconv.Itoa(e.rec.VMM.PID) + "): " + why
+			}
 			if m.cfg.Cgroups != nil && m.cfg.Cgroups.OOMKilled(e.rec.Spec.ID) {
 				reason += ": the kernel's out-of-memory killer ended it at its cgroup's memory limit (raise --vmm-overhead-mib)"
 			}

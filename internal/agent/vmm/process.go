@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -24,6 +26,7 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
 	}
 	_ = os.Remove(socket)
+	_ = os.Remove(filepath.Join(spec.RunDir, exitReasonFile)) // a reason belongs to one process
 	if !opts.KeepPrivileges {
 		argv = append(dropPrivileges(), argv...)
 	}
@@ -43,9 +46,11 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		return Instance{}, fmt.Errorf("start %s: %w", argv[0], err)
 	}
 	inst := Instance{PID: cmd.Process.Pid}
+	inst.Start, _ = ProcessStart(inst.PID)
 	exited := make(chan struct{})
+	var exitErr error
 	go func() {
-		_ = cmd.Wait() // reap it while this agent lives
+		exitErr = cmd.Wait() // reap it while this agent lives
 		close(exited)
 	}()
 	if opts.Confine != nil {
@@ -57,13 +62,34 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 	}
 	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	gone := exited
+	if opts.PIDFile != "" {
+		// A launcher: it exits once the VMM it started runs, which is the
+		// process to track from then on.
+		select {
+		case <-exited:
+		case <-waitCtx.Done():
+			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
+			return Instance{}, fmt.Errorf("%s did not start the vmm: %w", argv[0], waitCtx.Err())
+		}
+		if exitErr != nil {
+			return Instance{}, fmt.Errorf("%s: %v: %s", argv[0], exitErr, LogTail(logPath, 5))
+		}
+		if inst, err = readPIDFile(opts.PIDFile); err != nil {
+			return Instance{}, fmt.Errorf("%s exited without a running vmm: %w: %s", argv[0], err, LogTail(logPath, 5))
+		}
+		gone = nil // the VMM is not this agent's child: look at it instead
+	}
 	for {
 		if conn, err := net.Dial("unix", socket); err == nil {
 			conn.Close()
 			return inst, nil
 		}
+		if opts.PIDFile != "" && !ProcessAlive(inst, "") {
+			return Instance{}, fmt.Errorf("vmm exited at start: %s", LogTail(logPath, 5))
+		}
 		select {
-		case <-exited:
+		case <-gone:
 			return Instance{}, fmt.Errorf("vmm exited at start: %s", LogTail(logPath, 5))
 		case <-waitCtx.Done():
 			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
@@ -71,6 +97,23 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// readPIDFile reads the pid a launcher wrote and names that process.
+func readPIDFile(path string) (Instance, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Instance{}, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b[:min(len(b), 32)])))
+	if err != nil || pid <= 0 {
+		return Instance{}, fmt.Errorf("pid file %s holds %q", path, b[:min(len(b), 32)])
+	}
+	start, err := ProcessStart(pid)
+	if err != nil {
+		return Instance{}, fmt.Errorf("vmm pid %d from %s: %w", pid, path, err)
+	}
+	return Instance{PID: pid, Start: start}, nil
 }
 
 // StartOptions say how a VMM process starts.
@@ -84,6 +127,10 @@ type StartOptions struct {
 	// Firecracker jailer needs them to build its jail and drops them
 	// itself). Otherwise the VMM starts with none.
 	KeepPrivileges bool
+	// PIDFile, when set, makes the process a launcher (Firecracker's
+	// jailer with --new-pid-ns): it exits with status 0 once the VMM runs,
+	// having written the VMM's pid to this file, and that pid is tracked.
+	PIDFile string
 }
 
 // dropPrivileges is the prefix that starts a VMM with no capabilities and
@@ -98,29 +145,74 @@ func dropPrivileges() []string {
 	return append(argv, "--")
 }
 
-// ProcessAlive reports whether pid runs and its command line contains
-// marker (pids are reused, so the pid alone proves nothing).
-func ProcessAlive(pid int, marker string) bool {
-	if pid <= 0 {
+// ProcessAlive reports whether inst's process still runs: its pid, with
+// the start time recorded when it started (pids are reused, start times
+// after boot are not), and a command line containing marker. Instances
+// recorded without a start time are known by the marker alone.
+func ProcessAlive(inst Instance, marker string) bool {
+	if inst.PID <= 0 {
 		return false
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || isZombie(pid) {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", inst.PID))
+	if err != nil || isZombie(inst.PID) {
 		return false
+	}
+	if inst.Start != 0 {
+		if start, err := ProcessStart(inst.PID); err != nil || start != inst.Start {
+			return false
+		}
 	}
 	return strings.Contains(string(cmdline), marker)
 }
 
-// KillProcess kills pid if it is still the VMM (see ProcessAlive) and
+// ProcessStart is when pid started, in clock ticks after boot (field 22
+// of /proc/<pid>/stat): with the pid, it names one process for good.
+func ProcessStart(pid int) (uint64, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces and parentheses: count
+	// fields from after its closing parenthesis, which is field 3's start.
+	i := strings.LastIndexByte(string(stat), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	fields := strings.Fields(string(stat[i+1:]))
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(fields))
+	}
+	return strconv.ParseUint(fields[19], 10, 64)
+}
+
+// KillProcess kills inst if it is still the VMM (see ProcessAlive) and
 // waits until it is gone.
-func KillProcess(ctx context.Context, pid int, marker string) error {
-	if !ProcessAlive(pid, marker) {
+func KillProcess(ctx context.Context, inst Instance, marker string) error {
+	if !ProcessAlive(inst, marker) {
 		return nil
 	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-		return fmt.Errorf("kill vmm %d: %w", pid, err)
+	if err := syscall.Kill(inst.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill vmm %d: %w", inst.PID, err)
 	}
-	return WaitGone(ctx, pid)
+	return WaitGone(ctx, inst.PID)
+}
+
+// exitReasonFile, in a VM's RunDir, says why the agent ended its VMM.
+const exitReasonFile = "vmm-exit-reason"
+
+// RecordExitReason notes why the agent is ending a VM's VMM on its own
+// (not at a caller's request), for the sandbox's error.
+func RecordExitReason(runDir, reason string) error {
+	return os.WriteFile(filepath.Join(runDir, exitReasonFile), []byte(reason), 0o600)
+}
+
+// ExitReason is what RecordExitReason noted in runDir, or "".
+func ExitReason(runDir string) string {
+	b, err := os.ReadFile(filepath.Join(runDir, exitReasonFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b[:min(len(b), 1024)]))
 }
 
 // WaitGone waits until pid has exited (a zombie counts as exited).

@@ -37,6 +37,10 @@ type Confiner interface {
 // Instance is a running VMM process.
 type Instance struct {
 	PID int `json:"pid"`
+	// Start is when the process started, in clock ticks after boot: a pid
+	// with its start time cannot name another process later (0: not
+	// recorded, in records from before it was).
+	Start uint64 `json:"start,omitempty"`
 }
 
 // Driver runs VMs with one VMM.

@@ -92,7 +92,7 @@ func (p *Pool) Get(hostID, address, token string) Client {
 	// large allocation, and agents sit on fast links.
 	limited := &readlimit.Transport{Next: hc.Transport, MaxBody: MaxMessage + 64<<10, MaxMessage: maxStreamMessage}
 	c := hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: limited}}, url,
-		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil))
+		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(deadlines{}))
 	p.clients[key] = c
 	return c
 }

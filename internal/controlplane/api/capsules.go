@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -530,11 +531,31 @@ func (s *Server) listCapsules(w http.ResponseWriter, r *http.Request, p *princip
 	return s.writeCapsules(w, r, p.TeamID)
 }
 
-// writeCapsules lists a team's capsules ("" every team's) with the
-// status= and metadata.KEY= filters.
+// maxCapsulePage is the most capsules one list answer holds.
+const maxCapsulePage = 1000
+
+// writeCapsules lists a team's capsules ("" every team's), newest first,
+// with the status= and metadata.KEY= filters, paged: limit= (at most
+// maxCapsulePage, the default) and next_token=, the X-Next-Token header of
+// the page before, which is set whenever more capsules follow.
 func (s *Server) writeCapsules(w http.ResponseWriter, r *http.Request, teamID string) error {
 	q := r.URL.Query()
-	f := store.SandboxFilter{TeamID: teamID, Limit: 1000}
+	limit := maxCapsulePage
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxCapsulePage {
+			return badRequest("limit must be between 1 and %d", maxCapsulePage)
+		}
+		limit = n
+	}
+	f := store.SandboxFilter{TeamID: teamID, Limit: limit + 1}
+	if tok := q.Get("next_token"); tok != "" {
+		c, err := parseCursor(tok)
+		if err != nil {
+			return badRequest("invalid next_token: pass the X-Next-Token of the page before")
+		}
+		f.After = &c
+	}
 	if v := q.Get("status"); v != "" {
 		for _, st := range strings.Split(v, ",") {
 			if !validStatus(st) {
@@ -556,6 +577,11 @@ func (s *Server) writeCapsules(w http.ResponseWriter, r *http.Request, teamID st
 	sbs, err := s.st.Sandboxes(r.Context(), f)
 	if err != nil {
 		return err
+	}
+	if len(sbs) > limit {
+		last := sbs[limit-1]
+		w.Header().Set("X-Next-Token", makeCursor(store.Cursor{CreatedAt: last.CreatedAt, ID: last.ID}))
+		sbs = sbs[:limit]
 	}
 	out := make([]capsuleJSON, 0, len(sbs))
 	for _, sb := range sbs {

@@ -96,7 +96,6 @@ type API struct {
 // NewAPI returns a client for the API socket at path.
 func NewAPI(socket string) *API {
 	return &API{socket: socket, http: &http.Client{
-		Timeout: 30 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
@@ -115,7 +114,23 @@ func (e *APIError) Error() string {
 	return fmt.Sprintf("firecracker %s %s: %d: %s", e.Method, e.Path, e.Status, e.Fault)
 }
 
+// callTimeout bounds an API call that does no work proportional to the
+// guest; snapshotTimeout one that writes or maps its memory.
+const callTimeout = 30 * time.Second
+
+// snapshotTimeout allows memoryMiB of guest memory to be written or read
+// at 50 MiB/s, a slow disk's pace, on top of callTimeout.
+func snapshotTimeout(memoryMiB int) time.Duration {
+	return callTimeout + time.Duration(memoryMiB)*time.Second/50
+}
+
 func (a *API) do(ctx context.Context, method, path string, body any) error {
+	return a.doWithin(ctx, callTimeout, method, path, body)
+}
+
+func (a *API) doWithin(ctx context.Context, timeout time.Duration, method, path string, body any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	data, err := json.Marshal(body)
 	if err != nil {
 		return err
@@ -189,12 +204,13 @@ func (a *API) Resume(ctx context.Context) error {
 	return a.do(ctx, http.MethodPatch, "/vm", VMState{State: "Resumed"})
 }
 
-// CreateSnapshot writes the paused VM's state and memory.
-func (a *API) CreateSnapshot(ctx context.Context, s SnapshotCreate) error {
-	return a.do(ctx, http.MethodPut, "/snapshot/create", s)
+// CreateSnapshot writes the paused VM's state and its memoryMiB of memory,
+// allowing time in proportion.
+func (a *API) CreateSnapshot(ctx context.Context, s SnapshotCreate, memoryMiB int) error {
+	return a.doWithin(ctx, snapshotTimeout(memoryMiB), http.MethodPut, "/snapshot/create", s)
 }
 
-// LoadSnapshot restores a VM into a fresh Firecracker process.
-func (a *API) LoadSnapshot(ctx context.Context, s SnapshotLoad) error {
-	return a.do(ctx, http.MethodPut, "/snapshot/load", s)
+// LoadSnapshot restores a VM of memoryMiB into a fresh Firecracker process.
+func (a *API) LoadSnapshot(ctx context.Context, s SnapshotLoad, memoryMiB int) error {
+	return a.doWithin(ctx, snapshotTimeout(memoryMiB), http.MethodPut, "/snapshot/load", s)
 }

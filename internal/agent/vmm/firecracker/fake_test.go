@@ -3,16 +3,20 @@ package firecracker
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -35,37 +39,60 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// fakeJailer checks its command line and the jail the driver staged, then
-// execs the exec file as the jailer would, its paths inside the jail root
-// (it does not chroot: the stand-in firecracker resolves paths there).
+// fakeJailer stands in for Firecracker's jailer (src/jailer in
+// Firecracker's repository; docs/jailer.md): it checks its command line as
+// the jailer parses it, builds the jail as the jailer does (a copy of the
+// exec file in <chroot base>/<exec file name>/<id>/root, whose "/", /dev,
+// /dev/net and /run it gives to --uid:--gid with mode 0700, and device
+// nodes for /dev/net/tun, /dev/kvm and /dev/userfaultfd), writes the pid
+// of the Firecracker it starts to <root>/<exec file name>.pid and, with
+// --new-pid-ns, forks it into a new PID namespace and exits. Firecracker
+// runs as --uid/--gid with the jailer's arguments: "--id <id>
+// --start-time-us N --start-time-cpu-us N --parent-cpu-time-us N" and
+// what followed "--". One liberty: it does not chroot (this test binary
+// is dynamically linked), so the stand-in firecracker reaches its jail
+// through a directory descriptor, /proc/self/fd/3, and nothing else.
 func fakeJailer() int {
-	args := os.Args[1:]
-	flags := map[string][]string{}
-	var rest []string
-	for i := 0; i < len(args); i++ {
-		if args[i] == "--" {
-			rest = args[i+1:]
-			break
-		}
-		if i+1 < len(args) {
-			flags[args[i]] = append(flags[args[i]], args[i+1])
-			i++
-		}
-	}
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(os.Stderr, "fake jailer: "+format+"\n", a...)
 		return 2
 	}
-	for _, f := range []string{"--id", "--exec-file", "--uid", "--gid", "--chroot-base-dir"} {
+	args := os.Args[1:]
+	flags := map[string][]string{}
+	switches := map[string]bool{}
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		switch a := args[i]; {
+		case a == "--":
+			rest = args[i+1:]
+			i = len(args)
+		case a == "--new-pid-ns" || a == "--daemonize":
+			switches[a] = true
+		case strings.HasPrefix(a, "--") && i+1 < len(args):
+			flags[a] = append(flags[a], args[i+1])
+			i++
+		default:
+			return fail("unexpected argument %q", a)
+		}
+	}
+	for _, f := range []string{"--id", "--exec-file", "--uid", "--gid"} {
 		if len(flags[f]) != 1 {
 			return fail("flag %s missing or repeated", f)
 		}
 	}
-	id, exec := flags["--id"][0], flags["--exec-file"][0]
-	if !validID.MatchString(id) || !strings.Contains(filepath.Base(exec), "firecracker") {
-		return fail("bad --id %q or --exec-file %q", id, exec)
+	id, execFile := flags["--id"][0], flags["--exec-file"][0]
+	if !validID.MatchString(id) || !strings.Contains(filepath.Base(execFile), "firecracker") {
+		return fail("bad --id %q or --exec-file %q", id, execFile)
 	}
-	root := filepath.Join(flags["--chroot-base-dir"][0], filepath.Base(exec), id, "root")
+	uid, err1 := strconv.Atoi(flags["--uid"][0])
+	gid, err2 := strconv.Atoi(flags["--gid"][0])
+	if err1 != nil || err2 != nil {
+		return fail("bad --uid or --gid")
+	}
+	base := "/srv/jailer"
+	if b := flags["--chroot-base-dir"]; len(b) == 1 {
+		base = b[0]
+	}
 	if len(rest) != 2 || rest[0] != "--api-sock" || !strings.HasPrefix(rest[1], "/") {
 		return fail("firecracker arguments %v", rest)
 	}
@@ -90,13 +117,98 @@ func fakeJailer() int {
 			return fail("cgroup setting %q unknown to cgroup v%s", c, flags["--cgroup-version"][0])
 		}
 	}
+	if n := flags["--netns"]; len(n) > 0 {
+		if _, err := os.Stat(n[0]); err != nil {
+			return fail("--netns: %v", err)
+		}
+	}
+	root := filepath.Join(base, filepath.Base(execFile), id, "root")
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return fail("%v", err)
+	}
+	// Copy the exec file in, refusing a destination with other links.
+	name := filepath.Base(execFile)
+	src, err := os.Open(execFile)
+	if err != nil {
+		return fail("%v", err)
+	}
+	dst, err := os.OpenFile(filepath.Join(root, name), os.O_CREATE|os.O_WRONLY|syscall.O_NOFOLLOW, 0o755)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if fi, _ := dst.Stat(); fi.Sys().(*syscall.Stat_t).Nlink > 1 {
+		return fail("%s is a hard link", dst.Name())
+	}
+	_, err = io.Copy(dst, src)
+	if err = errors.Join(err, dst.Chown(uid, gid), dst.Close(), src.Close()); err != nil {
+		return fail("copy the exec file: %v", err)
+	}
+	for _, d := range []string{"/", "/dev", "/dev/net", "/run"} {
+		p := filepath.Join(root, d)
+		if err := errors.Join(os.MkdirAll(p, 0o700), os.Chmod(p, 0o700), os.Chown(p, uid, gid)); err != nil {
+			return fail("%v", err)
+		}
+	}
+	devices := map[string][2]uint32{"/dev/net/tun": {10, 200}, "/dev/kvm": {10, 232}}
+	if fi, err := os.Stat("/dev/userfaultfd"); err == nil {
+		rdev := fi.Sys().(*syscall.Stat_t).Rdev
+		devices["/dev/userfaultfd"] = [2]uint32{unix.Major(rdev), unix.Minor(rdev)}
+	}
+	for p, dev := range devices {
+		p = filepath.Join(root, p)
+		if err := errors.Join(unix.Mknod(p, unix.S_IFCHR|0o600, int(unix.Mkdev(dev[0], dev[1]))), os.Chown(p, uid, gid)); err != nil {
+			return fail("mknod %s: %v", p, err)
+		}
+	}
 	logFile, _ := os.OpenFile(os.Getenv("WRENN_FAKE_FC_LOG"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	line, _ := json.Marshal(logEntry{Method: "JAILER", Path: strings.Join(args, " "), Status: 204})
 	_, _ = logFile.Write(append(line, '\n'))
-	logFile.Close()
-	env := []string{"WRENN_FAKE_FIRECRACKER=1", "WRENN_FAKE_FC_ROOT=" + root, "WRENN_FAKE_FC_LOG=" + os.Getenv("WRENN_FAKE_FC_LOG")}
-	argv := []string{exec, "--id=" + id, "--api-sock", filepath.Join(root, rest[1])}
-	return fail("exec: %v", syscall.Exec(exec, argv, env))
+	jail, err := os.Open(root)
+	if err != nil {
+		return fail("%v", err)
+	}
+	now := strconv.FormatInt(time.Now().UnixMicro(), 10)
+	cmd := &exec.Cmd{
+		Path: "/proc/self/fd/3/" + name,
+		Args: append([]string{"/" + name, "--id", id, "--start-time-us", now, "--start-time-cpu-us", "0", "--parent-cpu-time-us", "0"}, rest...),
+		// The jailer clears its environment; these tell this binary to
+		// play Firecracker, and where its jail and the test's log are.
+		Env:        []string{"WRENN_FAKE_FIRECRACKER=1", "WRENN_FAKE_FC_ROOT=/proc/self/fd/3", "WRENN_FAKE_FC_LOG_FD=4"},
+		Stdout:     os.Stdout,
+		Stderr:     os.Stderr,
+		ExtraFiles: []*os.File{jail, logFile},
+		SysProcAttr: &syscall.SysProcAttr{
+			Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)},
+			Setsid:     sessionLeader(),
+		},
+	}
+	if switches["--new-pid-ns"] {
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWPID
+	}
+	if err := cmd.Start(); err != nil {
+		return fail("start firecracker: %v", err)
+	}
+	pidFile, err := os.OpenFile(filepath.Join(root, name+".pid"), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		return fail("pid file: %v", err)
+	}
+	_, _ = fmt.Fprint(pidFile, cmd.Process.Pid)
+	_ = pidFile.Close()
+	if switches["--new-pid-ns"] {
+		return 0 // the jailer's parent exits; Firecracker runs on
+	}
+	// Without a new PID namespace the real jailer execs Firecracker in
+	// place; this stand-in waits for it, which keeps the same pid file.
+	_ = cmd.Wait()
+	return 0
+}
+
+// sessionLeader says whether this process leads its session (the jailer
+// then makes Firecracker lead a new one).
+func sessionLeader() bool {
+	sid, err := unix.Getsid(0)
+	return err == nil && sid == os.Getpid()
 }
 
 type logEntry struct {
@@ -124,10 +236,19 @@ func fakeFirecracker() int {
 			socket = os.Args[i+1]
 		}
 	}
-	logFile, err := os.OpenFile(os.Getenv("WRENN_FAKE_FC_LOG"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	var logFile *os.File
+	var err error
+	if os.Getenv("WRENN_FAKE_FC_LOG_FD") == "4" {
+		logFile = os.NewFile(4, "log") // from the stand-in jailer: this user could not open it
+	} else {
+		logFile, err = os.OpenFile(os.Getenv("WRENN_FAKE_FC_LOG"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	}
 	if err != nil || socket == "" {
 		fmt.Fprintln(os.Stderr, "fake firecracker: need --api-sock and WRENN_FAKE_FC_LOG")
 		return 2
+	}
+	if root := os.Getenv("WRENN_FAKE_FC_ROOT"); root != "" {
+		socket = filepath.Join(root, socket)
 	}
 	ln, err := net.Listen("unix", socket)
 	if err != nil {
@@ -167,16 +288,25 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 	}
 	var obj map[string]any
 	_ = json.Unmarshal(body, &obj)
-	// A jailed firecracker sees only its jail; so does this stand-in.
-	for _, field := range []string{"kernel_image_path", "path_on_host", "snapshot_path", "mem_file_path"} {
-		if p, ok := obj[field].(string); ok && vm.root != "" {
-			obj[field] = filepath.Join(vm.root, p)
-			if name != "SnapshotCreateParams" {
-				if _, err := os.Stat(obj[field].(string)); err != nil {
-					return "", fmt.Errorf("%s %q is not in the jail: %v", field, p, err)
-				}
-			}
+	// A jailed firecracker sees only its jail; so does this stand-in. It
+	// opens what it is given as Firecracker would, as the user it runs as.
+	access := map[string]int{"kernel_image_path": os.O_RDONLY, "path_on_host": os.O_RDWR, "snapshot_path": os.O_RDONLY, "mem_file_path": -1}
+	for field, mode := range access {
+		p, ok := obj[field].(string)
+		if !ok {
+			continue
 		}
+		if vm.root != "" {
+			obj[field] = filepath.Join(vm.root, p)
+		}
+		if name == "SnapshotCreateParams" || mode < 0 {
+			continue // written, not read
+		}
+		f, err := os.OpenFile(obj[field].(string), mode, 0)
+		if err != nil {
+			return "", fmt.Errorf("%s %q cannot be opened by uid %d: %v", field, p, os.Getuid(), err)
+		}
+		f.Close()
 	}
 	if b, ok := obj["mem_backend"].(map[string]any); ok && vm.root != "" {
 		b["backend_path"] = filepath.Join(vm.root, b["backend_path"].(string))
@@ -242,8 +372,10 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 			if note, err = uffdHandshake(backend["backend_path"].(string)); err != nil {
 				return "", err
 			}
-		} else if _, err := os.Stat(backend["backend_path"].(string)); err != nil {
-			return "", err
+		} else if f, err := os.Open(backend["backend_path"].(string)); err != nil {
+			return "", fmt.Errorf("memory file cannot be opened by uid %d: %v", os.Getuid(), err)
+		} else {
+			f.Close()
 		}
 		vm.trackDirty = obj["track_dirty_pages"] == true
 		vm.phase = "paused"
@@ -258,7 +390,9 @@ func (vm *fakeVM) apply(method, path string, body []byte) (string, error) {
 // uffdHandshake plays Firecracker's part of a lazy restore with a real
 // userfaultfd, then reads all of "guest memory" through it.
 func uffdHandshake(socket string) (string, error) {
-	fd, _, errno := unix.Syscall(323, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0) // SYS_userfaultfd
+	// UFFD_USER_MODE_ONLY: what a process without capabilities may make
+	// (the real Firecracker uses /dev/userfaultfd for full faults).
+	fd, _, errno := unix.Syscall(323, unix.O_CLOEXEC|unix.O_NONBLOCK|1, 0, 0) // SYS_userfaultfd
 	if errno != 0 {
 		return "", fmt.Errorf("userfaultfd: %v", errno)
 	}

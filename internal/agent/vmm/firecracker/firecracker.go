@@ -15,10 +15,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"time"
+	"sync"
 
 	"github.com/wrenn/wrenn/internal/agent/vmm"
-	"github.com/wrenn/wrenn/internal/agent/vmm/firecracker/uffd"
 )
 
 // Files of a snapshot directory.
@@ -47,6 +46,22 @@ type Driver struct {
 	// Console says how much of each Firecracker's output (its guest's
 	// serial console included) is kept.
 	Console vmm.ConsoleLog
+
+	launchOnce sync.Once
+	launch     launcher
+}
+
+// launcher is how this driver starts Firecracker, chosen at first use
+// from its settings: under the jailer when Jailer is set, else directly.
+func (d *Driver) launcher() launcher {
+	d.launchOnce.Do(func() {
+		if d.Jailer != nil {
+			d.launch = newJailed(*d.Jailer, d.Binary, d.Console)
+		} else {
+			d.launch = &direct{binary: d.Binary, confine: d.Confine, console: d.Console}
+		}
+	})
+	return d.launch
 }
 
 // baseMemory is where a restored sandbox's memory file is kept, as the
@@ -66,31 +81,8 @@ func New(log *slog.Logger, binary string, lazy bool) *Driver {
 // Name implements vmm.Driver.
 func (d *Driver) Name() string { return "firecracker" }
 
-// socket is the API socket's path on the host.
-func (d *Driver) socket(spec vmm.Spec) string {
-	if j := d.jail(spec); j != nil {
-		return j.host(jailedAPISocket)
-	}
-	return filepath.Join(spec.RunDir, "firecracker.sock")
-}
-
-// marker identifies this sandbox's VMM in /proc/<pid>/cmdline.
-func (d *Driver) marker(spec vmm.Spec) string {
-	if d.jail(spec) != nil {
-		return "--id=" + spec.ID // the jailer execs firecracker with it
-	}
-	return d.socket(spec)
-}
-
-// inside maps a host path to the one the VMM sees: itself, or its place in
-// the jail after staging it there.
-func (d *Driver) inside(spec vmm.Spec, hostPath, jailPath string) (string, error) {
-	j := d.jail(spec)
-	if j == nil {
-		return hostPath, nil
-	}
-	return jailPath, j.stage(hostPath, jailPath)
-}
+// socket is the VM's API socket on the host.
+func (d *Driver) socket(spec vmm.Spec) string { return d.launcher().socket(spec) }
 
 // Firecracker's --id allows letters, digits and hyphens, up to 64.
 var validID = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
@@ -116,23 +108,9 @@ func (d *Driver) check(spec vmm.Spec) error {
 	return nil
 }
 
+// start runs the VM's Firecracker and returns a client for its API.
 func (d *Driver) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, *API, error) {
-	argv := []string{d.Binary, "--api-sock", d.socket(spec), "--id", spec.ID}
-	// A lazy restore needs Firecracker to create a userfaultfd, which the
-	// kernel allows a process without CAP_SYS_PTRACE only with
-	// vm.unprivileged_userfaultfd=1: such a Firecracker keeps the agent's
-	// capabilities (the jailer drops them in its own way).
-	opts := vmm.StartOptions{Confine: d.Confine, KeepPrivileges: d.LazyMemory, Console: d.Console}
-	if j := d.jail(spec); j != nil {
-		opts = vmm.StartOptions{KeepPrivileges: true, Console: d.Console}
-		argv = j.argv(spec)
-		if err := os.MkdirAll(j.host("/run"), 0o750); err != nil {
-			return vmm.Instance{}, nil, err
-		}
-		_ = os.Chown(j.host("/run"), j.cfg.UID, j.cfg.GID)
-		spec.NetNS = "" // the jailer joins the namespace itself
-	}
-	inst, err := vmm.StartProcess(ctx, spec, argv, d.socket(spec), opts)
+	inst, err := d.launcher().start(ctx, spec)
 	if err != nil {
 		return vmm.Instance{}, nil, err
 	}
@@ -183,12 +161,16 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	if err := d.check(spec); err != nil {
 		return vmm.Instance{}, err
 	}
-	vmSpec := spec // what the VMM sees: jailed paths under the jailer
-	var err error
-	if vmSpec.Kernel, err = d.inside(spec, spec.Kernel, "/vmlinux"); err != nil {
+	l := d.launcher()
+	if err := l.prepare(spec); err != nil {
 		return vmm.Instance{}, err
 	}
-	if vmSpec.Disk, err = d.inside(spec, spec.Disk, "/rootfs"); err != nil {
+	vmSpec := spec // what the VMM sees: jailed paths under the jailer
+	var err error
+	if vmSpec.Kernel, err = l.share(spec, spec.Kernel, "/vmlinux"); err != nil {
+		return vmm.Instance{}, err
+	}
+	if vmSpec.Disk, err = l.own(spec, spec.Disk, "/rootfs"); err != nil {
 		return vmm.Instance{}, err
 	}
 	inst, api, err := d.start(ctx, spec)
@@ -221,28 +203,21 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	_, baseErr := os.Stat(baseMemory(spec))
 	diff := d.DiffSnapshots && baseErr == nil
 	state, memory := filepath.Join(dir, stateFile+".tmp"), filepath.Join(dir, memoryFile+".tmp")
-	req := SnapshotCreate{SnapshotPath: state, MemFilePath: memory, SnapshotType: "Full"}
-	j := d.jail(spec)
-	if j != nil {
-		// The jailed Firecracker writes inside its jail; the files move out below.
-		req.SnapshotPath, req.MemFilePath = "/snapshot/"+stateFile, "/snapshot/"+memoryFile
-		if err := os.MkdirAll(j.host("/snapshot"), 0o750); err != nil {
-			return err
-		}
-		_ = os.Chown(j.host("/snapshot"), j.cfg.UID, j.cfg.GID)
+	l := d.launcher()
+	req, err := d.snapshotTo(spec, state, memory)
+	if err != nil {
+		return err
 	}
 	if diff {
 		req.SnapshotType = "Diff"
 	}
-	if err := api.CreateSnapshot(ctx, req); err != nil {
+	if err := api.CreateSnapshot(ctx, req, spec.MemoryMiB); err != nil {
 		_ = api.Resume(context.Background()) // leave it running, as it was
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	if j != nil {
-		if err := errors.Join(j.unstage(req.SnapshotPath, state), j.unstage(req.MemFilePath, memory)); err != nil {
-			_ = api.Resume(context.Background())
-			return fmt.Errorf("snapshot: %w", err)
-		}
+	if err := errors.Join(l.collect(spec, req.SnapshotPath, state), l.collect(spec, req.MemFilePath, memory)); err != nil {
+		_ = api.Resume(context.Background())
+		return fmt.Errorf("snapshot: %w", err)
 	}
 	// The state is on disk; the VMM must be gone before its memory file changes.
 	if err := d.Stop(ctx, spec, inst); err != nil {
@@ -258,6 +233,19 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	}
 	return errors.Join(os.Rename(memory, filepath.Join(dir, memoryFile)),
 		os.Rename(state, filepath.Join(dir, stateFile)))
+}
+
+// snapshotTo is a full snapshot request writing, through the launcher,
+// what ends as the host's files state and memory.
+func (d *Driver) snapshotTo(spec vmm.Spec, state, memory string) (SnapshotCreate, error) {
+	l := d.launcher()
+	req := SnapshotCreate{SnapshotType: "Full"}
+	var err error
+	if req.SnapshotPath, err = l.output(spec, state, stateFile); err != nil {
+		return req, err
+	}
+	req.MemFilePath, err = l.output(spec, memory, memoryFile)
+	return req, err
 }
 
 // moveFile renames, or copies when from and to are on different file systems.
@@ -308,55 +296,44 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 			return vmm.Instance{}, fmt.Errorf("restore: %w", err)
 		}
 	}
+	l := d.launcher()
+	if err := l.prepare(spec); err != nil {
+		return vmm.Instance{}, err
+	}
 	// The snapshot names the drive by the path the VM booted with.
-	if _, err := d.inside(spec, spec.Disk, "/rootfs"); err != nil {
+	if _, err := l.own(spec, spec.Disk, "/rootfs"); err != nil {
 		return vmm.Instance{}, err
 	}
-	statePath, err := d.inside(spec, filepath.Join(dir, stateFile), "/snapshot/"+stateFile)
+	statePath, err := l.own(spec, filepath.Join(dir, stateFile), "/snapshot/"+stateFile)
 	if err != nil {
 		return vmm.Instance{}, err
 	}
-	memPath, err := d.inside(spec, filepath.Join(dir, memoryFile), "/snapshot/"+memoryFile)
-	if err != nil {
-		return vmm.Instance{}, err
-	}
-	backend := &MemoryBackend{BackendType: "File", BackendPath: memPath}
+	var backend *MemoryBackend
+	var handler *uffdHandler
 	if d.LazyMemory {
-		socket, seen := filepath.Join(spec.RunDir, "uffd.sock"), filepath.Join(spec.RunDir, "uffd.sock")
-		if j := d.jail(spec); j != nil {
-			socket, seen = j.host("/uffd.sock"), "/uffd.sock"
-		}
-		if err := os.MkdirAll(filepath.Dir(socket), 0o750); err != nil {
+		if handler, err = d.listenUFFD(spec, filepath.Join(dir, memoryFile)); err != nil {
 			return vmm.Instance{}, err
 		}
-		ln, err := uffd.Listen(socket)
+		backend = &MemoryBackend{BackendType: "Uffd", BackendPath: handler.vmPath}
+	} else {
+		memPath, err := l.own(spec, filepath.Join(dir, memoryFile), "/snapshot/"+memoryFile)
 		if err != nil {
 			return vmm.Instance{}, err
 		}
-		if j := d.jail(spec); j != nil {
-			_ = os.Chown(socket, j.cfg.UID, j.cfg.GID) // the jailed user connects to it
-		}
-		// The handler outlives this call: it serves faults until every page
-		// is in, then exits (see package uffd).
-		go func() {
-			serveCtx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-			defer cancel()
-			stats, err := uffd.Serve(serveCtx, ln, filepath.Join(dir, memoryFile), true)
-			if err != nil {
-				d.Log.Error("uffd handler failed", "sandbox", spec.ID, "error", err)
-				return
-			}
-			d.Log.Info("uffd handler done", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
-		}()
-		backend = &MemoryBackend{BackendType: "Uffd", BackendPath: seen}
+		backend = &MemoryBackend{BackendType: "File", BackendPath: memPath}
 	}
 	inst, api, err := d.start(ctx, spec)
 	if err != nil {
+		handler.abandon()
 		return vmm.Instance{}, err
 	}
-	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: statePath, MemBackend: backend, ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}); err != nil {
+	if handler != nil {
+		// Serve the VM's page faults for as long as its VMM lives.
+		go handler.serve(d, spec, inst)
+	}
+	if err := api.LoadSnapshot(ctx, SnapshotLoad{SnapshotPath: statePath, MemBackend: backend, ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}, spec.MemoryMiB); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
-		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
+		return vmm.Instance{}, fmt.Errorf("restore: %w; firecracker: %s", err, vmm.LogTail(vmm.LogPath(spec.RunDir), 5))
 	}
 	if d.DiffSnapshots {
 		// Keep this memory as the base of the next (diff) snapshot; the
@@ -371,18 +348,12 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 
 // Stop implements vmm.Driver; a jail is removed with its VMM.
 func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
-	if err := vmm.KillProcess(ctx, inst.PID, d.marker(spec)); err != nil {
-		return err
-	}
-	if j := d.jail(spec); j != nil {
-		return j.remove()
-	}
-	return nil
+	return d.launcher().stop(ctx, spec, inst)
 }
 
 // Alive implements vmm.Driver.
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
-	return vmm.ProcessAlive(inst.PID, d.marker(spec))
+	return d.launcher().alive(spec, inst)
 }
 
 // Freeze implements vmm.Driver.

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/procfs"
 )
 
 func readLog(t *testing.T, path string) []logEntry {
@@ -47,7 +49,7 @@ func TestDriverRequestsConformToSpec(t *testing.T) {
 	self, _ := os.Executable()
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
 	spec := vmm.Spec{
-		ID: "sb-fc-spec", Kernel: "/var/lib/wrenn/kernels/vmlinux-6.1.0", Disk: filepath.Join(dir, "rootfs.ext4"), DiskFormat: "raw",
+		ID: "sb-fc-spec", Kernel: guestFile(t, dir, "vmlinux-6.1.0"), Disk: guestFile(t, dir, "rootfs.ext4"), DiskFormat: "raw",
 		VCPUs: 2, MemoryMiB: 512, TapDevice: "tap0", MAC: "02:fc:00:00:00:01",
 		KernelArgs: []string{"ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"}, RunDir: filepath.Join(dir, "run"),
 	}
@@ -177,7 +179,7 @@ func TestDiffSnapshots(t *testing.T) {
 	self, _ := os.Executable()
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
 	d.DiffSnapshots = true
-	spec := vmm.Spec{ID: "sb-fc-diff", Kernel: "/k", Disk: filepath.Join(dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+	spec := vmm.Spec{ID: "sb-fc-diff", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	snap := filepath.Join(dir, "snapshot")
@@ -241,7 +243,7 @@ func TestJailer(t *testing.T) {
 	cgroups := &cgroup.VMMs{Hierarchy: cgroup.Hierarchy{Parent: "wrenn", Dirs: map[string]string{
 		"cpu": filepath.Join(dir, "cg", "cpu", "wrenn"), "memory": filepath.Join(dir, "cg", "memory", "wrenn"), "pids": filepath.Join(dir, "cg", "pids", "wrenn"),
 	}}, OverheadMiB: 64}
-	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail"), Cgroups: cgroups}
+	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), ChrootBase: filepath.Join(dir, "jail"), Cgroups: cgroups}
 	spec := vmm.Spec{ID: "sb-jailed", Kernel: kernel, Disk: rootfs, DiskFormat: "raw", VCPUs: 2, MemoryMiB: 256, RunDir: filepath.Join(dir, "run")}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -251,15 +253,41 @@ func TestJailer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"vmlinux", "rootfs"} {
-		fi, err := os.Stat(filepath.Join(jailRoot, f))
-		if err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 {
-			t.Fatalf("%s not staged for the jailed user: %v", f, err)
-		}
+	// The VMM is the Firecracker the jailer forked, named by its pid file,
+	// and known as alive (the jailer passes "--id" and the id apart).
+	pid, _ := os.ReadFile(filepath.Join(jailRoot, "firecracker.pid"))
+	if strconv.Itoa(inst.PID) != string(pid) || !d.Alive(spec, inst) {
+		t.Fatalf("instance %+v, pid file %q, alive %v", inst, pid, d.Alive(spec, inst))
+	}
+	if ns, _ := procfs.Status(inst.PID, "NSpid"); len(strings.Fields(ns)) != 2 {
+		t.Fatalf("the jailed Firecracker's NSpid %q: want a PID namespace of its own", ns)
+	}
+	if uid, _ := procfs.Status(inst.PID, "Uid"); !strings.HasPrefix(uid, strconv.Itoa(ownerOf(t, jailRoot))) {
+		t.Fatalf("the jailed Firecracker runs as uid %q, not its jail's user", uid)
+	}
+	jailUID := ownerOf(t, jailRoot)
+	if jailUID < DefaultJailFirstID || jailUID >= DefaultJailFirstID+DefaultJailIDs {
+		t.Fatalf("the jail is owned by %d, outside the jailer ids", jailUID)
+	}
+	if owner := ownerOf(t, filepath.Join(jailRoot, "rootfs")); owner != jailUID {
+		t.Fatalf("the disk is staged for %d, not the jail's user %d", owner, jailUID)
+	}
+	// The kernel every sandbox boots is not given away.
+	if owner := ownerOf(t, kernel); owner != os.Geteuid() {
+		t.Fatalf("the host's kernel now belongs to %d", owner)
+	}
+	if fi, err := os.Stat(filepath.Join(jailRoot, "vmlinux")); err != nil || fi.Mode().Perm()&0o222 != 0 && ownerOf(t, filepath.Join(jailRoot, "vmlinux")) == jailUID {
+		t.Fatalf("the jail's kernel is writable by the jailed user: %v", err)
 	}
 	snap := filepath.Join(dir, "snapshot")
 	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
 		t.Fatal(err)
+	}
+	if vmm.ProcessAlive(vmm.Instance{PID: inst.PID}, "") {
+		t.Fatalf("the jailed Firecracker (pid %d) runs on after the snapshot stopped it", inst.PID)
+	}
+	if owner := ownerOf(t, rootfs); owner != os.Geteuid() {
+		t.Fatalf("the disk still belongs to %d after its jail went", owner)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "jail", "firecracker", "sb-jailed")); !os.IsNotExist(err) {
 		t.Fatal("the jail outlived its VMM")
@@ -285,7 +313,7 @@ func TestJailer(t *testing.T) {
 		if e.Method == "JAILER" {
 			jailers++
 			// Two vCPUs and a quarter for the VMM; twice 256 MiB and 64 for the VMM.
-			for _, want := range []string{"--uid 65534", "--cgroup-version 1", "--parent-cgroup wrenn", "--cgroup cpu.cfs_quota_us=225000",
+			for _, want := range []string{"--new-pid-ns", "--cgroup-version 1", "--parent-cgroup wrenn", "--cgroup cpu.cfs_quota_us=225000",
 				"--cgroup cpu.cfs_period_us=100000", "--cgroup memory.limit_in_bytes=603979776", "--cgroup pids.max=136"} {
 				if !strings.Contains(e.Path, want) {
 					t.Fatalf("jailer arguments lack %q: %s", want, e.Path)
@@ -323,7 +351,8 @@ func TestJailedClones(t *testing.T) {
 	if d.CloneSupport() == nil {
 		t.Fatal("a direct Firecracker claims it can clone")
 	}
-	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), UID: 65534, GID: 65534, ChrootBase: filepath.Join(dir, "jail")}
+	d = New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), false)
+	d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), ChrootBase: filepath.Join(dir, "jail")}
 	if err := d.CloneSupport(); err != nil {
 		t.Fatal(err)
 	}
@@ -354,6 +383,7 @@ func TestJailedClones(t *testing.T) {
 	if err := d.MakeTemplate(ctx, origin, saved, tpl); err != nil {
 		t.Fatal(err)
 	}
+	users := map[int]string{ownerOf(t, filepath.Join(dir, "jail", "firecracker", "sb-origin", "root")): "sb-origin"}
 	for _, id := range []string{"sb-clone-1", "sb-clone-2"} {
 		spec := specFor(id)
 		c, err := d.Clone(ctx, spec, tpl)
@@ -361,22 +391,26 @@ func TestJailedClones(t *testing.T) {
 			t.Fatalf("%s: %v", id, err)
 		}
 		root := filepath.Join(dir, "jail", "firecracker", id, "root")
+		uid := ownerOf(t, root)
+		if other, taken := users[uid]; taken {
+			t.Fatalf("%s runs as uid %d, as %s does", id, uid, other)
+		}
+		users[uid] = id
 		for _, f := range []string{jailedTemplateState, jailedTemplateMemory} {
 			fi, err := os.Stat(filepath.Join(root, f))
 			if err != nil {
 				t.Fatalf("%s: %s not in the jail: %v", id, f, err)
 			}
 			st := fi.Sys().(*syscall.Stat_t)
-			if st.Uid == 65534 || fi.Mode().Perm()&0o222 != 0 {
+			if int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o222 != 0 {
 				t.Fatalf("%s: %s is %v owned by %d: the jailed user could change the template", id, f, fi.Mode(), st.Uid)
 			}
 		}
 		if disk, _ := os.ReadFile(filepath.Join(root, "rootfs")); string(disk) != "disk of "+id {
 			t.Fatalf("%s's jail has the disk %q", id, disk)
 		}
-		if err := d.Stop(ctx, spec, c); err != nil {
-			t.Fatal(err)
-		}
+		// Each clone stays up while the next starts: their users differ.
+		defer func() { _ = d.Stop(ctx, spec, c) }()
 	}
 	if err := d.Stop(ctx, origin, inst); err != nil {
 		t.Fatal(err)
@@ -406,6 +440,25 @@ func TestJailedClones(t *testing.T) {
 	}
 }
 
+// guestFile makes a stand-in kernel or disk the fake firecracker opens.
+func guestFile(t *testing.T, dir, name string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(name), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func ownerOf(t *testing.T, path string) int {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return int(fi.Sys().(*syscall.Stat_t).Uid)
+}
+
 // fakeJailerSetup gives a test a directory with firecracker and jailer
 // stand-ins in bin/ (this test binary, which acts as either) and the
 // request log they write.
@@ -424,4 +477,42 @@ func fakeJailerSetup(t *testing.T) (dir, logPath, bin string) {
 		}
 	}
 	return dir, logPath, bin
+}
+
+// A lazy restore whose memory cannot be served ends the VM at once, with
+// the reason kept for the sandbox's error, instead of leaving a guest
+// that hangs on its first untouched page while it looks running.
+func TestLazyRestoreEndsTheVMWhenItsMemoryCannotBeServed(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+	t.Setenv("WRENN_FAKE_FC_LOG", filepath.Join(dir, "requests.jsonl"))
+	self, _ := os.Executable()
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
+	spec := vmm.Spec{ID: "sb-fc-lazy", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := filepath.Join(dir, "snapshot")
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+		t.Fatal(err)
+	}
+	// The memory file loses its tail: the guest's regions reach beyond it.
+	if err := os.Truncate(filepath.Join(snap, memoryFile), 4096); err != nil {
+		t.Fatal(err)
+	}
+	lazy := New(d.Log, self, true)
+	start := time.Now()
+	if inst, err = lazy.Restore(ctx, spec, snap); err == nil {
+		_ = lazy.Stop(ctx, spec, inst)
+		t.Fatal("a restore whose memory cannot be served succeeded")
+	}
+	if took := time.Since(start); took > 15*time.Second {
+		t.Fatalf("the failed lazy restore took %v", took)
+	}
+	if why := vmm.ExitReason(spec.RunDir); !strings.Contains(why, "memory could not be served") || !strings.Contains(why, "beyond") {
+		t.Fatalf("recorded reason %q", why)
+	}
 }

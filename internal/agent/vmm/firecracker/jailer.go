@@ -1,63 +1,259 @@
 package firecracker
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 )
 
-// Jailer runs Firecracker under Firecracker's jailer: in a chroot of its
-// own, in the sandbox's network namespace, as an unprivileged user, in a
-// cgroup that caps its CPU, memory and processes.
+// Jailer runs Firecracker under Firecracker's jailer, as its production
+// host setup recommends: each VMM in a chroot of its own, in a new PID
+// namespace, in the sandbox's network namespace, in a cgroup that caps its
+// CPU, memory and processes, as a user and group of its own.
 type Jailer struct {
-	Binary     string // the jailer binary
-	UID, GID   int
-	ChrootBase string // default /srv/jailer
+	Binary string // the jailer binary
+	// FirstID and IDs are the uids (and the gids of the same numbers) jailed
+	// VMMs run as: each VM takes one no other jail holds.
+	FirstID, IDs int
+	ChrootBase   string // default /srv/jailer
 	// Cgroups is where the jailer makes each VM's cgroup (the agent's
 	// layout, v1 or v2, and parent) and the VMM's overhead; nil: none.
 	Cgroups *cgroup.VMMs
 }
 
-// jail describes one sandbox's chroot.
-type jail struct {
-	cfg  Jailer
-	exec string // the firecracker binary
-	id   string
+// Defaults of Jailer's id range: above the ids distributions hand out.
+const (
+	DefaultJailFirstID = 900000
+	DefaultJailIDs     = 65536
+)
+
+// jailed launches each VM through the jailer. The jail's root directory,
+// made by prepare and owned by the VM's own uid and gid, records which ids
+// the VM has: nothing else needs to survive an agent restart.
+type jailed struct {
+	cfg     Jailer
+	exec    string // the firecracker binary the jailer copies into the jail
+	console vmm.ConsoleLog
+	mu      sync.Mutex // picking a free id and claiming it with a jail
 }
 
-func (d *Driver) jail(spec vmm.Spec) *jail {
-	if d.Jailer == nil {
-		return nil
-	}
-	cfg := *d.Jailer
+func newJailed(cfg Jailer, exec string, console vmm.ConsoleLog) *jailed {
 	if cfg.ChrootBase == "" {
 		cfg.ChrootBase = "/srv/jailer"
 	}
-	return &jail{cfg: cfg, exec: d.Binary, id: spec.ID}
+	if cfg.IDs <= 0 {
+		cfg.FirstID, cfg.IDs = DefaultJailFirstID, DefaultJailIDs
+	}
+	return &jailed{cfg: cfg, exec: exec, console: console}
 }
+
+// jails is the directory holding every jail of this firecracker binary.
+func (j *jailed) jails() string { return filepath.Join(j.cfg.ChrootBase, filepath.Base(j.exec)) }
 
 // root is the directory the jailed Firecracker sees as "/".
-func (j *jail) root() string {
-	return filepath.Join(j.cfg.ChrootBase, filepath.Base(j.exec), j.id, "root")
-}
+func (j *jailed) root(id string) string { return filepath.Join(j.jails(), id, "root") }
 
-// host turns a path inside the jail into the host's path.
-func (j *jail) host(inside string) string { return filepath.Join(j.root(), inside) }
+// host turns a path inside a jail into the host's path.
+func (j *jailed) host(id, inside string) string { return filepath.Join(j.root(id), inside) }
 
+// The jailed API socket, and the file the jailer writes the pid of the
+// Firecracker it started into (<exec file name>.pid in the jail's root).
 const jailedAPISocket = "/run/firecracker.socket"
 
-// argv is the jailer command line; Firecracker's own arguments follow "--".
-func (j *jail) argv(spec vmm.Spec) []string {
+func (j *jailed) pidFile(id string) string { return j.host(id, "/"+filepath.Base(j.exec)+".pid") }
+
+func (j *jailed) socket(spec vmm.Spec) string { return j.host(spec.ID, jailedAPISocket) }
+
+// prepare replaces any jail a crash left with an empty one owned by an id
+// no other jail holds.
+func (j *jailed) prepare(spec vmm.Spec) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err := j.remove(spec.ID); err != nil {
+		return fmt.Errorf("jail: clear the old one: %w", err)
+	}
+	used, err := j.usedIDs()
+	if err != nil {
+		return err
+	}
+	id := -1
+	for n := j.cfg.FirstID; n < j.cfg.FirstID+j.cfg.IDs; n++ {
+		if !used[n] {
+			id = n
+			break
+		}
+	}
+	if id < 0 {
+		return fmt.Errorf("jail: all %d jailer ids from %d are held by jails (raise --jailer-ids)", j.cfg.IDs, j.cfg.FirstID)
+	}
+	root := j.root(spec.ID)
+	if err := os.MkdirAll(filepath.Dir(root), 0o700); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := os.Mkdir(root, 0o700); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	return os.Chown(root, id, id)
+}
+
+// usedIDs are the uids of existing jails.
+func (j *jailed) usedIDs() (map[int]bool, error) {
+	entries, err := os.ReadDir(j.jails())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("jail: %w", err)
+	}
+	used := map[int]bool{}
+	for _, e := range entries {
+		if fi, err := os.Stat(j.root(e.Name())); err == nil {
+			used[int(fi.Sys().(*syscall.Stat_t).Uid)] = true
+		}
+	}
+	return used, nil
+}
+
+// ids are the uid and gid of the VM's jail.
+func (j *jailed) ids(id string) (int, int, error) {
+	fi, err := os.Stat(j.root(id))
+	if err != nil {
+		return 0, 0, fmt.Errorf("jail: %w", err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	uid, gid := int(st.Uid), int(st.Gid)
+	if uid < j.cfg.FirstID || uid >= j.cfg.FirstID+j.cfg.IDs || gid != uid {
+		return 0, 0, fmt.Errorf("jail %s is owned by %d:%d, outside the jailer ids", j.root(id), uid, gid)
+	}
+	return uid, gid, nil
+}
+
+// place readies inside, in the jail, for hostPath: the directories above
+// it (root's, traversable by the jailed user, writable by root alone) and
+// no file there yet. It answers the host's path of inside and hostPath's
+// details.
+func (j *jailed) place(id, hostPath, inside string) (string, os.FileInfo, error) {
+	dst := j.host(id, inside)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return "", nil, err
+	}
+	_ = os.Remove(dst)
+	fi, err := os.Stat(hostPath)
+	if err != nil {
+		return "", nil, fmt.Errorf("jail %s: %w", hostPath, err)
+	}
+	return dst, fi, nil
+}
+
+// own links the VM's file into the jail and gives it to the VM's user; a
+// device-mapper disk is recreated there with mknod. A copy would not do:
+// the VMM's writes must reach the file itself, so the jails must be on the
+// same file system as WRENN_DIR.
+func (j *jailed) own(spec vmm.Spec, hostPath, inside string) (string, error) {
+	uid, gid, err := j.ids(spec.ID)
+	if err != nil {
+		return "", err
+	}
+	dst, fi, err := j.place(spec.ID, hostPath, inside)
+	if err != nil {
+		return "", err
+	}
+	if fi.Mode()&os.ModeDevice != 0 {
+		st := fi.Sys().(*syscall.Stat_t)
+		if err := syscall.Mknod(dst, syscall.S_IFBLK|0o600, int(st.Rdev)); err != nil {
+			return "", fmt.Errorf("jail %s: mknod: %w", hostPath, err)
+		}
+	} else if err := os.Link(hostPath, dst); err != nil {
+		return "", fmt.Errorf("jail %s: %w (the jailer's chroot base must be on the file system of WRENN_DIR)", hostPath, err)
+	}
+	return inside, os.Chown(dst, uid, gid)
+}
+
+// share puts a file many VMs read into the jail without giving it away:
+// a hard link to a file owned by the agent's user with no write bits for
+// anyone else, readable by all (the jail's user is "other"; the file's
+// own directory keeps everyone else out), or else a private copy.
+func (j *jailed) share(spec vmm.Spec, hostPath, inside string) (string, error) {
+	dst, fi, err := j.place(spec.ID, hostPath, inside)
+	if err != nil {
+		return "", err
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode().IsRegular() && int(st.Uid) == os.Geteuid() && fi.Mode().Perm()&0o022 == 0 {
+		if fi.Mode().Perm()&0o004 == 0 {
+			// Tenant files are made private at each agent start.
+			if err := os.Chmod(hostPath, fi.Mode().Perm()|0o444); err != nil {
+				return "", fmt.Errorf("jail %s: %w", hostPath, err)
+			}
+		}
+		if err := os.Link(hostPath, dst); err == nil {
+			return inside, nil
+		}
+	}
+	if err := copyFile(hostPath, dst); err != nil {
+		return "", fmt.Errorf("jail %s: %w", hostPath, err)
+	}
+	return inside, os.Chmod(dst, 0o444)
+}
+
+// output is where the jailed Firecracker writes a file: /snapshot, which
+// the VM's user owns.
+func (j *jailed) output(spec vmm.Spec, _, name string) (string, error) {
+	uid, gid, err := j.ids(spec.ID)
+	if err != nil {
+		return "", err
+	}
+	dir := j.host(spec.ID, "/snapshot")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	if err := os.Chown(dir, uid, gid); err != nil {
+		return "", err
+	}
+	return "/snapshot/" + name, nil
+}
+
+// collect moves a file the jailed Firecracker wrote out of the jail, as
+// the agent's: a VMM must not keep a handle on a file it no longer runs.
+func (j *jailed) collect(spec vmm.Spec, inside, hostPath string) error {
+	src := j.host(spec.ID, inside)
+	fi, err := os.Lstat(src)
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("jail %s: the VMM left %v, not a file", src, fi.Mode().Type())
+	}
+	if err := moveFile(src, hostPath); err != nil {
+		return err
+	}
+	return errors.Join(os.Chown(hostPath, os.Geteuid(), os.Getegid()), os.Chmod(hostPath, 0o600))
+}
+
+func (j *jailed) uffdSocket(spec vmm.Spec) (string, string) {
+	return j.host(spec.ID, "/uffd.sock"), "/uffd.sock"
+}
+
+func (j *jailed) grant(spec vmm.Spec, hostPath string) error {
+	uid, gid, err := j.ids(spec.ID)
+	if err != nil {
+		return err
+	}
+	return os.Chown(hostPath, uid, gid)
+}
+
+// argv is the jailer's command line; Firecracker's own arguments follow "--".
+func (j *jailed) argv(spec vmm.Spec, uid, gid int) []string {
 	args := []string{j.cfg.Binary,
-		"--id", j.id, "--exec-file", j.exec,
-		"--uid", strconv.Itoa(j.cfg.UID), "--gid", strconv.Itoa(j.cfg.GID),
+		"--id", spec.ID, "--exec-file", j.exec,
+		"--uid", strconv.Itoa(uid), "--gid", strconv.Itoa(gid),
 		"--chroot-base-dir", j.cfg.ChrootBase,
+		"--new-pid-ns",
 	}
 	if cg := j.cfg.Cgroups; cg != nil {
 		version := "1"
@@ -75,65 +271,56 @@ func (j *jail) argv(spec vmm.Spec) []string {
 	return append(args, "--", "--api-sock", jailedAPISocket)
 }
 
-// stage puts a file into the jail at inside, owned by the jailed user: a
-// hard link where possible (same file system), else a copy; block devices
-// (device-mapper disks) are recreated with mknod.
-func (j *jail) stage(hostPath, inside string) error {
-	dst := j.host(inside)
-	if err := os.MkdirAll(filepath.Dir(dst), 0o750); err != nil {
+// start runs the jailer, which forks Firecracker into a new PID namespace,
+// writes its pid into the jail and exits: that pid is the VMM.
+func (j *jailed) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+	uid, gid, err := j.ids(spec.ID)
+	if err != nil {
+		return vmm.Instance{}, err
+	}
+	_ = os.Remove(j.pidFile(spec.ID)) // the jailer refuses to write over one
+	argv := j.argv(spec, uid, gid)
+	spec.NetNS = "" // the jailer joins the namespace itself
+	// The jailer needs the agent's privileges to build the jail and drops
+	// them itself before it execs Firecracker.
+	return vmm.StartProcess(ctx, spec, argv, j.socket(spec), vmm.StartOptions{KeepPrivileges: true, Console: j.console, PIDFile: j.pidFile(spec.ID)})
+}
+
+// marker is in every jailed Firecracker's command line: the jailer passes
+// "--id" and the id as two arguments.
+func marker(id string) string { return "\x00--id\x00" + id + "\x00" }
+
+func (j *jailed) alive(spec vmm.Spec, inst vmm.Instance) bool {
+	return vmm.ProcessAlive(inst, marker(spec.ID))
+}
+
+func (j *jailed) stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
+	if err := vmm.KillProcess(ctx, inst, marker(spec.ID)); err != nil {
 		return err
 	}
-	_ = os.Remove(dst)
-	fi, err := os.Stat(hostPath)
-	if err != nil {
-		return fmt.Errorf("jail %s: %w", hostPath, err)
-	}
-	if fi.Mode()&os.ModeDevice != 0 {
-		st := fi.Sys().(*syscall.Stat_t)
-		if err := syscall.Mknod(dst, syscall.S_IFBLK|0o600, int(st.Rdev)); err != nil {
-			return fmt.Errorf("jail %s: mknod: %w", hostPath, err)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.remove(spec.ID)
+}
+
+// remove deletes a VM's jail and its cgroup. Files own gave the VM's
+// user go back to the agent's first: the id will be another VM's.
+func (j *jailed) remove(id string) error {
+	_ = filepath.WalkDir(j.root(id), func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
 		}
-	} else if err := linkOrCopy(hostPath, dst); err != nil {
-		return fmt.Errorf("jail %s: %w", hostPath, err)
-	}
-	return os.Chown(dst, j.cfg.UID, j.cfg.GID)
-}
-
-// unstage moves a file the jailed Firecracker wrote back out to the host.
-func (j *jail) unstage(inside, hostPath string) error {
-	return moveFile(j.host(inside), hostPath)
-}
-
-// remove deletes the jail and its cgroup.
-func (j *jail) remove() error {
-	err := os.RemoveAll(filepath.Dir(j.root()))
+		if fi, err := d.Info(); err == nil {
+			st := fi.Sys().(*syscall.Stat_t)
+			if st.Nlink > 1 && int(st.Uid) >= j.cfg.FirstID && int(st.Uid) < j.cfg.FirstID+j.cfg.IDs {
+				_ = os.Lchown(path, os.Geteuid(), os.Getegid())
+			}
+		}
+		return nil
+	})
+	err := os.RemoveAll(filepath.Join(j.jails(), id))
 	if cg := j.cfg.Cgroups; cg != nil {
-		err = errors.Join(err, cg.Remove(j.id))
+		err = errors.Join(err, cg.Remove(id))
 	}
 	return err
-}
-
-// stageReadOnly puts a shared, read-only file into the jail at inside: a
-// hard link that keeps its owner and mode (a memory template's files,
-// which many jails link at once), or a copy, made read only for the
-// jailed user, where a link cannot be made.
-func (j *jail) stageReadOnly(hostPath, inside string) error {
-	dst := j.host(inside)
-	if err := os.MkdirAll(filepath.Dir(dst), 0o750); err != nil {
-		return err
-	}
-	_ = os.Chown(filepath.Dir(dst), 0, j.cfg.GID)
-	_ = os.Remove(dst)
-	// Readable by the jail's group, at each use: the agent makes tenant
-	// files private again at every start.
-	if err := errors.Join(os.Chown(hostPath, os.Geteuid(), j.cfg.GID), os.Chmod(hostPath, 0o440)); err != nil {
-		return fmt.Errorf("jail %s: %w", hostPath, err)
-	}
-	if err := os.Link(hostPath, dst); err == nil {
-		return nil
-	}
-	if err := copyFile(hostPath, dst); err != nil {
-		return fmt.Errorf("jail %s: %w", hostPath, err)
-	}
-	return errors.Join(os.Chown(dst, os.Geteuid(), j.cfg.GID), os.Chmod(dst, 0o440))
 }

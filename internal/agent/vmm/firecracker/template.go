@@ -31,7 +31,7 @@ var errNeedsJailer = errors.New("firecracker: memory templates need --jailer (a 
 
 // CloneSupport implements vmm.Cloner.
 func (d *Driver) CloneSupport() error {
-	if d.Jailer == nil {
+	if _, ok := d.launcher().(*jailed); !ok {
 		return errNeedsJailer
 	}
 	return nil
@@ -40,31 +40,30 @@ func (d *Driver) CloneSupport() error {
 // SaveMemory implements vmm.Cloner: a full snapshot of the VM Freeze
 // paused, which stays paused.
 func (d *Driver) SaveMemory(ctx context.Context, spec vmm.Spec, _ vmm.Instance, dir string) error {
-	j := d.jail(spec)
-	if j == nil {
-		return errNeedsJailer
+	if err := d.CloneSupport(); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("memory snapshot: %w", err)
 	}
-	if err := os.MkdirAll(j.host("/snapshot"), 0o750); err != nil {
+	l := d.launcher()
+	state, memory := filepath.Join(dir, stateFile), filepath.Join(dir, memoryFile)
+	req, err := d.snapshotTo(spec, state, memory)
+	if err != nil {
 		return err
 	}
-	_ = os.Chown(j.host("/snapshot"), j.cfg.UID, j.cfg.GID)
-	req := SnapshotCreate{SnapshotPath: "/snapshot/" + stateFile, MemFilePath: "/snapshot/" + memoryFile, SnapshotType: "Full"}
-	if err := NewAPI(d.socket(spec)).CreateSnapshot(ctx, req); err != nil {
+	if err := NewAPI(d.socket(spec)).CreateSnapshot(ctx, req, spec.MemoryMiB); err != nil {
 		return fmt.Errorf("memory snapshot: %w", err)
 	}
-	return errors.Join(j.unstage(req.SnapshotPath, filepath.Join(dir, stateFile)), j.unstage(req.MemFilePath, filepath.Join(dir, memoryFile)))
+	return errors.Join(l.collect(spec, req.SnapshotPath, state), l.collect(spec, req.MemFilePath, memory))
 }
 
 // MakeTemplate implements vmm.Cloner: the snapshot is the template. Its
-// files become read only, readable by the jailed user's group alone: every
-// clone's jail links them, and no jailed Firecracker may change them.
+// files belong to the agent and nobody may write them; every clone's jail
+// links them, readable (see jailed.share).
 func (d *Driver) MakeTemplate(_ context.Context, spec vmm.Spec, from, out string) error {
-	j := d.jail(spec)
-	if j == nil {
-		return errNeedsJailer
+	if err := d.CloneSupport(); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(out, 0o750); err != nil {
 		return fmt.Errorf("memory template: %w", err)
@@ -76,7 +75,7 @@ func (d *Driver) MakeTemplate(_ context.Context, spec vmm.Spec, from, out string
 		if err := copyFile(filepath.Join(from, f), dst); err != nil {
 			return fmt.Errorf("memory template: %w", err)
 		}
-		if err := errors.Join(os.Chown(dst, os.Geteuid(), j.cfg.GID), os.Chmod(dst, 0o440)); err != nil {
+		if err := os.Chmod(dst, 0o444); err != nil {
 			return fmt.Errorf("memory template: %w", err)
 		}
 	}
@@ -90,20 +89,23 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.Spec, dir string) (vmm.Inst
 	if err := d.check(spec); err != nil {
 		return vmm.Instance{}, err
 	}
-	j := d.jail(spec)
-	if j == nil {
-		return vmm.Instance{}, errNeedsJailer
+	if err := d.CloneSupport(); err != nil {
+		return vmm.Instance{}, err
 	}
 	for _, f := range []string{stateFile, memoryFile} {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			return vmm.Instance{}, fmt.Errorf("memory template: %w", err)
 		}
 	}
-	if _, err := d.inside(spec, spec.Disk, "/rootfs"); err != nil {
+	l := d.launcher()
+	if err := l.prepare(spec); err != nil {
+		return vmm.Instance{}, err
+	}
+	if _, err := l.own(spec, spec.Disk, "/rootfs"); err != nil {
 		return vmm.Instance{}, err
 	}
 	for inside, host := range map[string]string{jailedTemplateState: filepath.Join(dir, stateFile), jailedTemplateMemory: filepath.Join(dir, memoryFile)} {
-		if err := j.stageReadOnly(host, inside); err != nil {
+		if _, err := l.share(spec, host, inside); err != nil {
 			return vmm.Instance{}, err
 		}
 	}
@@ -113,7 +115,7 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.Spec, dir string) (vmm.Inst
 	}
 	load := SnapshotLoad{SnapshotPath: jailedTemplateState, MemBackend: &MemoryBackend{BackendType: "File", BackendPath: jailedTemplateMemory},
 		ResumeVM: true, TrackDirtyPages: d.DiffSnapshots}
-	if err := api.LoadSnapshot(ctx, load); err != nil {
+	if err := api.LoadSnapshot(ctx, load, spec.MemoryMiB); err != nil {
 		_ = d.Stop(context.Background(), spec, inst)
 		return vmm.Instance{}, fmt.Errorf("start from memory template: %w; firecracker: %s", err, vmm.LogTail(vmm.LogPath(spec.RunDir), 5))
 	}

@@ -263,13 +263,13 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 
 // Stop implements vmm.Driver.
 func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
-	return vmm.KillProcess(ctx, inst.PID, qmpSocket(spec))
+	return vmm.KillProcess(ctx, inst, qmpSocket(spec))
 }
 
 // Alive implements vmm.Driver: the pid must still be a QEMU for this
 // sandbox (pids are reused).
 func (d *Driver) Alive(spec vmm.Spec, inst vmm.Instance) bool {
-	return vmm.ProcessAlive(inst.PID, qmpSocket(spec))
+	return vmm.ProcessAlive(inst, qmpSocket(spec))
 }
 
 // Freeze implements vmm.Driver. QMP stop drains and flushes every block

@@ -5,8 +5,12 @@
 // Firecracker connects to the handler's Unix socket and sends, with the
 // userfaultfd in SCM_RIGHTS, a JSON list of its guest memory regions. The
 // handler answers each page fault by copying that page from the snapshot
-// (UFFDIO_COPY), and meanwhile copies every other page in the background;
-// once all pages are in, it returns and the VM no longer needs it.
+// (UFFDIO_COPY), and meanwhile copies every other page in the background,
+// in runs of up to prefetchRun bytes; once all pages are in, it returns
+// and the VM no longer needs it: with every page present no fault can
+// come (Firecracker gives memory back only through a balloon device, which
+// Wrenn does not configure; its removals are still answered with zero
+// pages while the handler runs).
 package uffd
 
 import (
@@ -69,15 +73,35 @@ type Stats struct {
 	Zeroed     int // pages given back as zero after the balloon removed them
 }
 
+// prefetchRun is the most the background copy moves in one UFFDIO_COPY.
+const prefetchRun = 2 << 20
+
 // Handler serves one VM.
 type Handler struct {
 	mem   []byte // the snapshot's memory file, mapped read-only
 	uffd  int
-	regs  []Region
+	regs  []pages
 	mu    sync.Mutex
-	done  map[uint64]bool // page addresses already populated
 	stats Stats
 }
+
+// pages tracks one region's pages: present (copied or zeroed into the
+// guest), and removed (given back by a balloon: zero on the next fault).
+type pages struct {
+	Region
+	size             uint64 // page size
+	present, removed bitmap
+}
+
+// bitmap is a set of page indexes.
+type bitmap []uint64
+
+func newBitmap(n uint64) bitmap       { return make(bitmap, (n+63)/64) }
+func (b bitmap) has(i uint64) bool    { return b[i/64]&(1<<(i%64)) != 0 }
+func (b bitmap) set(i uint64)         { b[i/64] |= 1 << (i % 64) }
+func (b bitmap) clear(i uint64)       { b[i/64] &^= 1 << (i % 64) }
+func (p *pages) count() uint64        { return p.Size / p.size }
+func (p *pages) addr(i uint64) uint64 { return p.BaseHostVirtAddr + i*p.size }
 
 // Listen creates the socket Firecracker will connect to.
 func Listen(socket string) (*net.UnixListener, error) {
@@ -129,7 +153,16 @@ func Serve(ctx context.Context, ln *net.UnixListener, memFile string, prefetch b
 			return Stats{}, fmt.Errorf("uffd region at offset %d size %d is beyond the %d-byte memory file", r.Offset, r.Size, len(mem))
 		}
 	}
-	h := &Handler{mem: mem, uffd: fd, regs: regions, done: map[uint64]bool{}}
+	h := &Handler{mem: mem, uffd: fd}
+	for _, r := range regions {
+		ps := r.pageSize()
+		if ps == 0 || ps&(ps-1) != 0 || r.Size%ps != 0 || r.BaseHostVirtAddr%ps != 0 {
+			return Stats{}, fmt.Errorf("uffd region at %#x size %d: not whole %d-byte pages", r.BaseHostVirtAddr, r.Size, ps)
+		}
+		p := pages{Region: r, size: ps}
+		p.present, p.removed = newBitmap(p.count()), newBitmap(p.count())
+		h.regs = append(h.regs, p)
+	}
 	return h.run(ctx, prefetch)
 }
 
@@ -209,37 +242,68 @@ func (h *Handler) snapshotStats() Stats {
 	return h.stats
 }
 
-func (h *Handler) region(addr uint64) (Region, bool) {
-	for _, r := range h.regs {
+// page finds the region and page index holding addr.
+func (h *Handler) page(addr uint64) (*pages, uint64, bool) {
+	for i := range h.regs {
+		r := &h.regs[i]
 		if addr >= r.BaseHostVirtAddr && addr < r.BaseHostVirtAddr+r.Size {
-			return r, true
+			return r, (addr - r.BaseHostVirtAddr) / r.size, true
 		}
 	}
-	return Region{}, false
+	return nil, 0, false
 }
 
-// populate copies the page holding addr from the memory file, once.
+// copyIn copies n pages from page i of r out of the memory file; pages
+// already present in the guest (EEXIST) are taken as done, one by one.
+func (h *Handler) copyIn(r *pages, i, n uint64) (uint64, error) {
+	src := r.Offset + i*r.size
+	for tries := 0; ; tries++ {
+		c := uffdioCopy{dst: r.addr(i), src: uint64(uintptr(unsafe.Pointer(&h.mem[src]))), len: n * r.size}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h.uffd), ioctlCopy, uintptr(unsafe.Pointer(&c)))
+		switch {
+		case errno == 0:
+			return n, nil
+		case errno == unix.EAGAIN && tries < 100:
+			continue // the guest's mappings were changing: again
+		case errno == unix.EEXIST && n == 1:
+			return 1, nil
+		case errno == unix.EEXIST:
+			for k := range n {
+				if _, err := h.copyIn(r, i+k, 1); err != nil {
+					return k, err
+				}
+			}
+			return n, nil
+		default:
+			return 0, fmt.Errorf("uffd copy of %d bytes to %#x: %w", c.len, c.dst, errno)
+		}
+	}
+}
+
+// populate makes the page holding addr present, once: from the memory
+// file, or zero after a balloon removed it.
 func (h *Handler) populate(addr uint64, fault bool) error {
-	r, ok := h.region(addr)
+	r, i, ok := h.page(addr)
 	if !ok {
 		return fmt.Errorf("uffd fault at %#x outside every guest region", addr)
 	}
-	ps := r.pageSize()
-	page := addr &^ (ps - 1)
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if state, seen := h.done[page]; seen {
-		if !state { // removed by the balloon: a zero page
-			return h.zero(page, ps)
+	switch {
+	case r.removed.has(i):
+		if err := h.zero(r.addr(i), r.size); err != nil {
+			return err
 		}
+		r.removed.clear(i)
+		r.present.set(i)
 		return nil
+	case r.present.has(i):
+		return nil // a fault raced with the background copy of its page
 	}
-	src := r.Offset + (page - r.BaseHostVirtAddr)
-	c := uffdioCopy{dst: page, src: uint64(uintptr(unsafe.Pointer(&h.mem[src]))), len: ps}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h.uffd), ioctlCopy, uintptr(unsafe.Pointer(&c))); errno != 0 && errno != unix.EEXIST {
-		return fmt.Errorf("uffd copy to %#x: %w", page, errno)
+	if _, err := h.copyIn(r, i, 1); err != nil {
+		return err
 	}
-	h.done[page] = true
+	r.present.set(i)
 	if fault {
 		h.stats.Faults++
 	} else {
@@ -257,27 +321,51 @@ func (h *Handler) zero(page, size uint64) error {
 	return nil
 }
 
+// markRemoved notes pages a balloon gave back: their next fault gets zeros.
 func (h *Handler) markRemoved(start, end uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	ps := uint64(os.Getpagesize())
-	for p := start &^ (ps - 1); p < end; p += ps {
-		h.done[p] = false
+	for _, r := range h.regs {
+		lo, hi := max(start, r.BaseHostVirtAddr), min(end, r.BaseHostVirtAddr+r.Size)
+		for a := lo &^ (r.size - 1); a < hi; a += r.size {
+			i := (a - r.BaseHostVirtAddr) / r.size
+			r.present.clear(i)
+			r.removed.set(i)
+		}
 	}
 }
 
-// prefetch copies every page not yet populated, so the VM stops depending
-// on this handler soon after resume.
+// prefetch copies every page not yet present, in runs of absent pages of
+// up to prefetchRun bytes, so the VM stops depending on this handler soon
+// after resume. Faults wait at most one run.
 func (h *Handler) prefetch(ctx context.Context) error {
-	for _, r := range h.regs {
-		ps := r.pageSize()
-		for page := r.BaseHostVirtAddr; page < r.BaseHostVirtAddr+r.Size; page += ps {
+	for ri := range h.regs {
+		r := &h.regs[ri]
+		maxRun := max(prefetchRun/r.size, 1)
+		for i := uint64(0); i < r.count(); {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			if err := h.populate(page, false); err != nil {
+			h.mu.Lock()
+			n := uint64(0)
+			for i+n < r.count() && n < maxRun && !r.present.has(i+n) && !r.removed.has(i+n) {
+				n++
+			}
+			if n == 0 {
+				h.mu.Unlock()
+				i++
+				continue
+			}
+			copied, err := h.copyIn(r, i, n)
+			for k := range copied {
+				r.present.set(i + k)
+			}
+			h.stats.Prefetched += int(copied)
+			h.mu.Unlock()
+			if err != nil {
 				return err
 			}
+			i += n
 		}
 	}
 	return nil
