@@ -25,6 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/egress"
+	"github.com/wrenn/wrenn/internal/envvars"
 	"github.com/wrenn/wrenn/internal/guest/kernel"
 	"github.com/wrenn/wrenn/internal/guest/template"
 )
@@ -204,7 +205,6 @@ type savedState struct {
 }
 
 var validID = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{2,63}$`)
-var validEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 func (m *Manager) validate(p *CreateParams) error {
 	if p.ID == "" {
@@ -254,10 +254,8 @@ func (m *Manager) validate(p *CreateParams) error {
 	if p.Timeout == 0 {
 		p.Timeout = m.cfg.DefaultTimeout
 	}
-	for k, v := range p.EnvVars {
-		if !validEnvName.MatchString(k) || len(v) > 32<<10 {
-			return fmt.Errorf("%w: environment variable %q", ErrInvalid, k)
-		}
+	if err := envvars.Validate(p.EnvVars); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	if len(p.Metadata) > maxMetadata {
 		return fmt.Errorf("%w: at most %d metadata entries", ErrInvalid, maxMetadata)

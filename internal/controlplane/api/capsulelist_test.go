@@ -3,6 +3,7 @@ package api
 import (
 	"fmt"
 	"net/url"
+	"strings"
 	"testing"
 
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -50,5 +51,19 @@ func TestCapsuleListPages(t *testing.T) {
 	}
 	for _, bad := range []string{"limit=0", "limit=1001", "limit=x", "next_token=%21%21"} {
 		c.want(c.do("GET", "/v1/capsules?"+bad, creds{key: key}, nil), 400)
+	}
+}
+
+// Environment variables the agent would refuse are refused by the API,
+// with the reason, instead of a 202 and a capsule that fails later.
+func TestCapsuleEnvironmentIsCheckedUpFront(t *testing.T) {
+	c := newCP(t)
+	u := c.signup("envs@example.com")
+	key := c.apiKey(u)
+	for _, envs := range []map[string]string{{"MY-VAR": "x"}, {"1ST": "x"}, {"A": "nul\x00inside"}} {
+		r := c.want(c.do("POST", "/v1/capsules", creds{key: key}, map[string]any{"envs": envs}), 400)
+		if !strings.Contains(string(r.body), "environment variable") {
+			t.Fatalf("%v: %s", envs, r.body)
+		}
 	}
 }

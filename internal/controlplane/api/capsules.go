@@ -20,6 +20,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/scheduler"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/egress"
+	"github.com/wrenn/wrenn/internal/envvars"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
 )
 
@@ -212,18 +213,16 @@ func (req *createCapsuleRequest) validate() error {
 		t := true
 		req.AutoPause = &t
 	}
-	if len(req.Metadata) > maxMetadata || len(req.Envs) > 256 {
-		return badRequest("at most %d metadata pairs and 256 environment variables", maxMetadata)
+	if len(req.Metadata) > maxMetadata {
+		return badRequest("at most %d metadata pairs", maxMetadata)
 	}
 	for k, v := range req.Metadata {
 		if k == "" || len(k) > 128 || len(v) > 1024 {
 			return badRequest("metadata keys must be 1-128 bytes and values at most 1024")
 		}
 	}
-	for k := range req.Envs {
-		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return badRequest("environment variable names must be non-empty without '=' or NUL")
-		}
+	if err := envvars.Validate(req.Envs); err != nil {
+		return badRequest("%s", err.Error())
 	}
 	return checkEgress(&req.Egress)
 }

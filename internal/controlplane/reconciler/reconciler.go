@@ -2,13 +2,18 @@
 // silent hosts unreachable, enforces capsule timeouts, finishes work a
 // replica left half done, makes the database agree with each host and
 // samples running capsules' resource use.
-// Every job runs under a PostgreSQL advisory lock, so with several
-// replicas each job runs on one of them at a time.
+// A pass runs under a PostgreSQL advisory lock, so with several replicas
+// it runs on one of them at a time. Every call to an agent has a deadline,
+// hosts are looked at concurrently, and the capsule operations a pass
+// decides (timeout pauses, destroys) run after the lock is released, at
+// most Concurrency at once: one hung host delays its own capsules, never
+// host-down detection, other hosts, or another replica taking over.
 package reconciler
 
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -43,6 +48,13 @@ type Reconciler struct {
 	// any other (registered before the rules, or the rules narrowed) is
 	// left alone.
 	HostAddresses hostaddr.Policy
+	// Concurrency bounds the capsule operations in flight (default 16).
+	Concurrency int
+
+	mu       sync.Mutex
+	inflight map[string]bool // capsules with an operation running
+	slots    chan struct{}
+	work     sync.WaitGroup
 }
 
 // lockKey is the advisory lock of the reconciler's pass.
@@ -56,7 +68,7 @@ func (r *Reconciler) Run(ctx context.Context) {
 	t := time.NewTicker(r.Interval)
 	defer t.Stop()
 	for {
-		if _, err := r.Pass(ctx); err != nil && ctx.Err() == nil {
+		if _, err := r.pass(ctx); err != nil && ctx.Err() == nil {
 			r.Log.Error("reconcile pass failed", "err", err)
 		}
 		select {
@@ -67,16 +79,25 @@ func (r *Reconciler) Run(ctx context.Context) {
 	}
 }
 
-// Pass runs every job once if no other replica is running them; it
-// reports whether it ran.
+// Pass runs every job once if no other replica is running them, and
+// waits for the capsule operations it started; it reports whether it ran.
 func (r *Reconciler) Pass(ctx context.Context) (bool, error) {
+	ran, err := r.pass(ctx)
+	r.work.Wait()
+	return ran, err
+}
+
+// pass is Pass without the wait: Run goes on with its next pass while an
+// operation on a slow host is still running.
+func (r *Reconciler) pass(ctx context.Context) (bool, error) {
 	if r.HostSilence == 0 {
 		r.HostSilence = 90 * time.Second
 	}
 	if r.StuckAfter == 0 {
 		r.StuckAfter = 5 * time.Minute
 	}
-	return r.Store.TryLock(ctx, lockKey, func(ctx context.Context) error {
+	var expired, stopping []store.Sandbox
+	ran, err := r.Store.TryLock(ctx, lockKey, func(ctx context.Context) error {
 		down, err := r.Store.MarkUnreachable(ctx, r.HostSilence)
 		if err != nil {
 			return err
@@ -85,8 +106,12 @@ func (r *Reconciler) Pass(ctx context.Context) (bool, error) {
 			r.Log.Warn("host missed its heartbeats: unreachable, no new capsules go there", "host", id)
 			r.audit(ctx, id, "host.down")
 		}
-		r.expire(ctx)
-		r.finishStopping(ctx)
+		if expired, err = r.Store.Expired(ctx); err != nil {
+			r.Log.Error("list expired capsules", "err", err)
+		}
+		if stopping, err = r.Store.Sandboxes(ctx, store.SandboxFilter{Statuses: []string{"stopping"}}); err != nil {
+			r.Log.Error("list capsules being destroyed", "err", err)
+		}
 		r.settleStuck(ctx)
 		r.compareHosts(ctx)
 		if err := r.Store.Prune(ctx); err != nil {
@@ -94,6 +119,54 @@ func (r *Reconciler) Pass(ctx context.Context) (bool, error) {
 		}
 		return nil
 	})
+	if !ran || err != nil {
+		return ran, err
+	}
+	// Two replicas may both decide an operation (one pass each): the
+	// state transitions it starts with let only one of them through.
+	for _, sb := range expired {
+		r.dispatch(ctx, sb.ID, func(ctx context.Context) { r.expire(ctx, sb) })
+	}
+	for _, sb := range stopping {
+		r.dispatch(ctx, sb.ID, func(ctx context.Context) { r.finishStopping(ctx, sb) })
+	}
+	return true, nil
+}
+
+// dispatch runs job for capsule id unless one already runs for it,
+// waiting for one of the Concurrency slots.
+func (r *Reconciler) dispatch(ctx context.Context, id string, job func(context.Context)) {
+	r.mu.Lock()
+	if r.inflight == nil {
+		r.inflight = map[string]bool{}
+		r.slots = make(chan struct{}, max(r.Concurrency, 16))
+		if r.Concurrency > 0 {
+			r.slots = make(chan struct{}, r.Concurrency)
+		}
+	}
+	if r.inflight[id] {
+		r.mu.Unlock()
+		return
+	}
+	r.inflight[id] = true
+	slots := r.slots
+	r.mu.Unlock()
+	r.work.Add(1)
+	go func() {
+		defer r.work.Done()
+		defer func() {
+			r.mu.Lock()
+			delete(r.inflight, id)
+			r.mu.Unlock()
+		}()
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		defer func() { <-slots }()
+		job(ctx)
+	}()
 }
 
 func (r *Reconciler) audit(ctx context.Context, hostID, action string) {
@@ -101,47 +174,34 @@ func (r *Reconciler) audit(ctx context.Context, hostID, action string) {
 		ActorType: "system", ActorID: "reconciler", ResourceType: "host", ResourceID: hostID, Action: action, Status: "success"})
 }
 
-// expire pauses (or destroys) capsules idle past their timeout, including
-// those whose host was down when the time came.
-func (r *Reconciler) expire(ctx context.Context) {
-	sbs, err := r.Store.Expired(ctx)
-	if err != nil {
-		r.Log.Error("list expired capsules", "err", err)
+// expire pauses (or destroys) a capsule idle past its timeout, also one
+// whose host was down when the time came.
+func (r *Reconciler) expire(ctx context.Context, sb store.Sandbox) {
+	if sb.AutoPause {
+		if _, err := r.Actions.Pause(ctx, sb); err != nil {
+			r.Log.Warn("timeout: pause failed; will retry", "capsule", sb.ID, "err", err)
+			return
+		}
+		r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
 		return
 	}
-	for _, sb := range sbs {
-		if sb.AutoPause {
-			if _, err := r.Actions.Pause(ctx, sb); err != nil {
-				r.Log.Warn("timeout: pause failed; will retry", "capsule", sb.ID, "err", err)
-				continue
-			}
-			r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
-			continue
-		}
-		if _, err := r.Store.Transition(ctx, sb.ID, []string{"running"}, "stopping", nil); err != nil {
-			continue
-		}
-		r.Log.Info("timeout: destroying capsule", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
-		if sb.HostID != nil {
-			_ = r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID)
-		}
+	if _, err := r.Store.Transition(ctx, sb.ID, []string{"running"}, "stopping", nil); err != nil {
+		return
+	}
+	r.Log.Info("timeout: destroying capsule", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
+	if sb.HostID != nil {
+		_ = r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID)
 	}
 }
 
-// finishStopping retries destroys that could not reach their host.
-func (r *Reconciler) finishStopping(ctx context.Context) {
-	sbs, err := r.Store.Sandboxes(ctx, store.SandboxFilter{Statuses: []string{"stopping"}})
-	if err != nil {
+// finishStopping retries a destroy that could not reach its host.
+func (r *Reconciler) finishStopping(ctx context.Context, sb store.Sandbox) {
+	if sb.HostID == nil {
+		_, _ = r.Store.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
 		return
 	}
-	for _, sb := range sbs {
-		if sb.HostID == nil {
-			_, _ = r.Store.Transition(ctx, sb.ID, []string{"stopping"}, "stopped", map[string]any{"stopped_at": store.Now})
-			continue
-		}
-		if err := r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID); err != nil {
-			r.Log.Debug("destroy still waiting for its host", "capsule", sb.ID, "err", err)
-		}
+	if err := r.Actions.DestroyStopping(ctx, sb.ID, *sb.HostID); err != nil {
+		r.Log.Debug("destroy still waiting for its host", "capsule", sb.ID, "err", err)
 	}
 }
 
@@ -160,7 +220,9 @@ func (r *Reconciler) settleStuck(ctx context.Context) {
 		if !ok {
 			continue
 		}
-		resp, err := c.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: sb.ID}))
+		gctx, cancel := context.WithTimeout(ctx, hostCall)
+		resp, err := c.GetSandbox(gctx, connect.NewRequest(&pb.GetSandboxRequest{Id: sb.ID}))
+		cancel()
 		to, reason := "", ""
 		switch {
 		case connect.CodeOf(err) == connect.CodeNotFound:
@@ -198,67 +260,89 @@ func (r *Reconciler) compareHosts(ctx context.Context) {
 	if err != nil {
 		r.Log.Warn("list warm pool settings", "err", err)
 	}
+	var wg sync.WaitGroup
 	for _, h := range hosts {
 		if h.Status != "online" || h.Address == nil || h.AgentToken == nil || r.HostAddresses.Check(h.Type, *h.Address) != nil {
 			continue
 		}
-		c := r.Agents.Get(h.ID, *h.Address, *h.AgentToken)
-		lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-		resp, err := c.ListSandboxes(lctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
-		cancel()
-		if err != nil {
-			r.Log.Warn("list capsules on host", "host", h.ID, "err", agentclient.Message(err), "code", connect.CodeOf(err))
-			continue
-		}
-		onHost := map[string]*pb.Sandbox{}
-		for _, sb := range resp.Msg.GetSandboxes() {
-			onHost[sb.GetId()] = sb
-		}
-		recorded, err := r.Store.Sandboxes(ctx, store.SandboxFilter{HostID: h.ID})
-		if err != nil {
-			continue
-		}
-		known := map[string]bool{}
-		var running []string
-		for _, sb := range recorded {
-			known[sb.ID] = true
-			a, present := onHost[sb.ID]
-			if present && sb.Status == "running" && agentclient.Status(a.GetState()) == "running" {
-				running = append(running, sb.ID)
-			}
-			switch {
-			case sb.Status == "running" || sb.Status == "paused":
-				if !present {
-					r.Log.Warn("drift: capsule missing on its host", "capsule", sb.ID, "host", h.ID, "was", sb.Status)
-					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "missing", map[string]any{"error": "the host no longer has this capsule"})
-					continue
-				}
-				if agentclient.Status(a.GetState()) == "error" {
-					reason := "the host reports the capsule failed: " + safetext.Clip(a.GetError(), 512)
-					r.Log.Error("capsule failed on its host", "capsule", sb.ID, "host", h.ID, "reason", reason)
-					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "error", map[string]any{"error": reason, "stopped_at": store.Now})
-					continue
-				}
-				if got := agentclient.Status(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
-					r.Log.Info("drift: capsule state differs on host; following the host", "capsule", sb.ID, "db", sb.Status, "host_state", got)
-					_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, got, nil)
-				}
-			case (sb.Status == "stopped" || sb.Status == "error") && present:
-				r.Log.Warn("drift: destroyed capsule still on its host; destroying", "capsule", sb.ID, "host", h.ID)
-				_, _ = c.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.ID}))
-			}
-		}
-		for id := range onHost {
-			if !known[id] {
-				// Creates insert their record before calling the host, so a
-				// VM without one was left by something else: remove it.
-				r.Log.Warn("drift: capsule on host has no record; destroying", "capsule", id, "host", h.ID)
-				_, _ = c.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
-			}
-		}
-		r.sample(ctx, c, h.ID, running)
-		r.syncPools(ctx, c, h.ID, pooled)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.compareHost(ctx, h, pooled)
+		}()
 	}
+	wg.Wait()
+}
+
+// hostCall bounds each call the reconciler makes to an agent while it
+// holds its lock.
+const hostCall = 15 * time.Second
+
+// compareHost is compareHosts for one host.
+func (r *Reconciler) compareHost(ctx context.Context, h store.Host, pooled []store.Template) {
+	c := r.Agents.Get(h.ID, *h.Address, *h.AgentToken)
+	lctx, cancel := context.WithTimeout(ctx, hostCall)
+	resp, err := c.ListSandboxes(lctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
+	cancel()
+	if err != nil {
+		r.Log.Warn("list capsules on host", "host", h.ID, "err", agentclient.Message(err), "code", connect.CodeOf(err))
+		return
+	}
+	onHost := map[string]*pb.Sandbox{}
+	for _, sb := range resp.Msg.GetSandboxes() {
+		onHost[sb.GetId()] = sb
+	}
+	recorded, err := r.Store.Sandboxes(ctx, store.SandboxFilter{HostID: h.ID})
+	if err != nil {
+		return
+	}
+	known := map[string]bool{}
+	var running []string
+	for _, sb := range recorded {
+		known[sb.ID] = true
+		a, present := onHost[sb.ID]
+		if present && sb.Status == "running" && agentclient.Status(a.GetState()) == "running" {
+			running = append(running, sb.ID)
+		}
+		switch {
+		case sb.Status == "running" || sb.Status == "paused":
+			if !present {
+				r.Log.Warn("drift: capsule missing on its host", "capsule", sb.ID, "host", h.ID, "was", sb.Status)
+				_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "missing", map[string]any{"error": "the host no longer has this capsule"})
+				continue
+			}
+			if agentclient.Status(a.GetState()) == "error" {
+				reason := "the host reports the capsule failed: " + safetext.Clip(a.GetError(), 512)
+				r.Log.Error("capsule failed on its host", "capsule", sb.ID, "host", h.ID, "reason", reason)
+				_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, "error", map[string]any{"error": reason, "stopped_at": store.Now})
+				continue
+			}
+			if got := agentclient.Status(a.GetState()); got != "" && got != sb.Status && (got == "running" || got == "paused") {
+				r.Log.Info("drift: capsule state differs on host; following the host", "capsule", sb.ID, "db", sb.Status, "host_state", got)
+				_, _ = r.Store.Transition(ctx, sb.ID, []string{sb.Status}, got, nil)
+			}
+		case (sb.Status == "stopped" || sb.Status == "error") && present:
+			r.Log.Warn("drift: destroyed capsule still on its host; destroying", "capsule", sb.ID, "host", h.ID)
+			r.destroyOn(ctx, c, sb.ID)
+		}
+	}
+	for id := range onHost {
+		if !known[id] {
+			// Creates insert their record before calling the host, so a
+			// VM without one was left by something else: remove it.
+			r.Log.Warn("drift: capsule on host has no record; destroying", "capsule", id, "host", h.ID)
+			r.destroyOn(ctx, c, id)
+		}
+	}
+	r.sample(ctx, c, h.ID, running)
+	r.syncPools(ctx, c, h.ID, pooled)
+}
+
+// destroyOn destroys a VM no record wants, within hostCall.
+func (r *Reconciler) destroyOn(ctx context.Context, c agentclient.Client, id string) {
+	dctx, cancel := context.WithTimeout(ctx, hostCall)
+	defer cancel()
+	_, _ = c.DestroySandbox(dctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id}))
 }
 
 // syncPools sends a host the warm pool settings of the templates it has
