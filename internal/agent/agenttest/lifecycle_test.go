@@ -2,6 +2,7 @@ package agenttest
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net/http"
 	"os"
@@ -156,4 +157,51 @@ func TestDiskSize(t *testing.T) {
 	}
 	_, err := a.client.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Template: "minimal", Vcpus: 1, MemoryMib: 256, DiskSizeMib: 16}))
 	wantCode(t, err, connect.CodeInvalidArgument)
+}
+
+// Looking at a sandbox never waits behind an operation on it: during its
+// create GetSandbox answers at once (pending or starting), and a call that
+// needs the sandbox's lock gives up when its caller's deadline passes,
+// saying the sandbox is busy.
+func TestCallsDoNotWaitBehindACreate(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 3*time.Minute)
+	created := make(chan error, 1)
+	go func() {
+		_, err := a.client.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Id: "sb-busy", Template: "minimal", Vcpus: 1, MemoryMib: 256}))
+		created <- err
+	}()
+	var seen *pb.Sandbox
+	for deadline := time.Now().Add(10 * time.Second); seen == nil && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		start := time.Now()
+		r, err := a.client.GetSandbox(gctx, connect.NewRequest(&pb.GetSandboxRequest{Id: "sb-busy"}))
+		cancel()
+		if time.Since(start) > time.Second {
+			t.Fatalf("GetSandbox took %v during a create", time.Since(start))
+		}
+		if err == nil {
+			seen = r.Msg.GetSandbox()
+		}
+	}
+	if seen == nil {
+		t.Fatal("the sandbox being created was never visible")
+	}
+	if s := seen.GetState(); s == pb.SandboxState_SANDBOX_STATE_PENDING || s == pb.SandboxState_SANDBOX_STATE_STARTING {
+		// A pause must wait for the create: with a short deadline it gives up, busy.
+		pctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		_, err := a.client.PauseSandbox(pctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: "sb-busy"}))
+		cancel()
+		if err == nil {
+			t.Fatal("a pause during the create succeeded")
+		}
+	} else {
+		t.Logf("the create was already done when first seen (%v)", s)
+	}
+	if err := <-created; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: "sb-busy"})); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -32,6 +32,13 @@ type Cloner interface {
 	Release(ctx context.Context, dest string) error
 }
 
+// Reattacher is a Cloner whose disks live partly outside their file (a
+// device-mapper device a reboot removes): Reattach makes such a disk whole
+// again from what Clone kept in dest, before a VM opens it.
+type Reattacher interface {
+	Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error)
+}
+
 // Qcow2 makes a qcow2 overlay whose backing file is the template. Only
 // the blocks the sandbox writes take space; creation takes milliseconds.
 type Qcow2 struct{}
@@ -101,7 +108,7 @@ func ForName(name string) (Cloner, error) {
 	case "copy":
 		return SparseCopy{}, nil
 	case "dm":
-		return DeviceMapper{}, nil
+		return &DeviceMapper{}, nil
 	default:
 		return nil, errors.New("unknown disk driver " + name + " (qcow2, copy, dm)")
 	}

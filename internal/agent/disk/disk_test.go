@@ -3,6 +3,7 @@ package disk
 import (
 	"bytes"
 	"context"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,23 +79,31 @@ func TestSharedLoopDevice(t *testing.T) {
 	}
 }
 
-// TestDeviceMapperSnapshot runs where device-mapper exists.
-func TestDeviceMapperSnapshot(t *testing.T) {
+// requireDeviceMapper skips where device-mapper cannot run (root and
+// /dev/mapper/control are needed).
+func requireDeviceMapper(t *testing.T) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("device-mapper needs root")
 	}
 	if err := Available(); err != nil {
 		t.Skipf("device-mapper suite: %v", err)
 	}
+}
+
+// TestDeviceMapperSnapshot runs where device-mapper exists.
+func TestDeviceMapperSnapshot(t *testing.T) {
+	requireDeviceMapper(t)
 	ctx := context.Background()
 	base := template(t, 4<<20)
 	dir := filepath.Join(t.TempDir(), "sb-dmtest")
 	_ = os.Mkdir(dir, 0o755)
+	dm := &DeviceMapper{}
 	var disks []string
 	for _, name := range []string{"a", "b"} {
 		dest := filepath.Join(dir, name, "rootfs.dm")
 		_ = os.MkdirAll(filepath.Dir(dest), 0o755)
-		d, err := DeviceMapper{}.Clone(ctx, base, dest, 0)
+		d, err := dm.Clone(ctx, base, dest, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -111,7 +120,7 @@ func TestDeviceMapperSnapshot(t *testing.T) {
 		t.Fatalf("template attached %d times, want once: %v", len(devs), devs)
 	}
 	for _, dest := range disks {
-		if err := (DeviceMapper{}).Release(ctx, dest); err != nil {
+		if err := dm.Release(ctx, dest); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -120,5 +129,57 @@ func TestDeviceMapperSnapshot(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(base); !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 4<<20)) {
 		t.Fatal("template changed")
+	}
+}
+
+// A device-mapper disk may be larger than its template, and comes back
+// with what the sandbox wrote after its devices are gone (a reboot).
+func TestDeviceMapperGrowsAndReattaches(t *testing.T) {
+	requireDeviceMapper(t)
+	ctx := context.Background()
+	base := template(t, 4<<20)
+	dest := filepath.Join(t.TempDir(), "sb-dmgrow", "rootfs.dm")
+	_ = os.MkdirAll(filepath.Dir(dest), 0o755)
+	dm := &DeviceMapper{}
+	d, err := dm.Clone(ctx, base, dest, 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = dm.Release(ctx, dest) }()
+	f, err := os.OpenFile(d.Path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if size, _ := f.Seek(0, io.SeekEnd); size != 8<<20 {
+		t.Fatalf("disk of %d bytes, want 8 MiB", size)
+	}
+	mark := bytes.Repeat([]byte("written past the template "), 100)
+	if _, err := f.WriteAt(mark, 6<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// A reboot: the devices and loops go, the COW file stays.
+	for _, name := range []string{dmName(dest), extendedName(dest)} {
+		if err := dmsetup(ctx, "remove", "--retry", name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, file := range []string{dest, base} {
+		devs, _ := loopsFor(ctx, file)
+		for _, dev := range devs {
+			_, _ = losetup(ctx, "--detach", dev)
+		}
+	}
+	if d, err = dm.Reattach(ctx, base, dest, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(mark))
+	f, err = os.Open(d.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(got, 6<<20); err != nil || !bytes.Equal(got, mark) {
+		t.Fatalf("after reattaching: %q %v", got[:32], err)
 	}
 }

@@ -8,21 +8,28 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // DeviceMapper gives each sandbox a device-mapper snapshot of its
 // template: the template is attached once, read-only, to a loop device
 // that every sandbox of that template shares, and each sandbox's writes go
 // to its own sparse copy-on-write file on a loop device of its own. This
-// is the layout Firecracker hosts use (Firecracker reads no qcow2).
+// is the layout Firecracker hosts use (Firecracker reads no qcow2). A disk
+// larger than its template snapshots a linear device that extends the
+// template with zeros (the guest grows its file system into it).
 //
-// The shared loop device needs no reference count file: the kernel lists
-// the dm devices that use it under /sys/block/loopN/holders, and it is
-// detached when the last one is gone.
-type DeviceMapper struct{}
+// The shared loop device is detached when the kernel lists no holder of it
+// (/sys/block/loopN/holders) at a release. Every attach, create, reattach
+// and release on the host runs under one lock: without it a release
+// between another create's attach and its dmsetup create could detach the
+// origin, or let losetup --find hand its number to another file.
+type DeviceMapper struct {
+	mu sync.Mutex
+}
 
 // Name implements Cloner.
-func (DeviceMapper) Name() string { return "dm" }
+func (*DeviceMapper) Name() string { return "dm" }
 
 // Available reports whether this host can create device-mapper devices.
 func Available() error {
@@ -35,12 +42,28 @@ func Available() error {
 	return nil
 }
 
-// dmName names a sandbox's device after its directory (the sandbox id).
-func dmName(dest string) string { return "wrenn-" + filepath.Base(filepath.Dir(dest)) }
+// dmName names a sandbox's device after its directory (the sandbox id);
+// extendedName is the template extended to a larger disk's size.
+func dmName(dest string) string       { return "wrenn-" + filepath.Base(filepath.Dir(dest)) }
+func extendedName(dest string) string { return dmName(dest) + extendedSuffix }
 
-// Clone implements Cloner. The COW file gets the template's size: a dm
-// snapshot cannot be larger than its origin.
-func (DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
+const extendedSuffix = "-origin"
+
+// cowSize is a COW file that can hold every chunk of a size-byte disk and
+// the snapshot's own metadata (a 4 KiB chunk of exceptions per 256 data
+// chunks, and a header): the snapshot never overflows, so a guest that
+// rewrites its whole disk never meets an invalidated snapshot. The file
+// is sparse: only what the guest writes takes space.
+func cowSize(size int64) int64 { return size + size/128 + 1<<20 }
+
+// diskSize is the sandbox disk's size: the template's at least, in whole
+// 4 KiB chunks.
+func diskSize(baseSize, sizeBytes int64) int64 {
+	return (max(baseSize, sizeBytes) + 4095) &^ 4095
+}
+
+// Clone implements Cloner.
+func (d *DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
 	if err := Available(); err != nil {
 		return Disk{}, err
 	}
@@ -48,45 +71,125 @@ func (DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes int6
 	if err != nil {
 		return Disk{}, fmt.Errorf("clone disk: %w", err)
 	}
-	if sizeBytes > fi.Size() {
-		return Disk{}, fmt.Errorf("device-mapper disks cannot be larger than their template (%d bytes); use the qcow2 or copy disk driver for bigger disks", fi.Size())
+	size := diskSize(fi.Size(), sizeBytes)
+	if err := createSparse(dest, cowSize(size)); err != nil {
+		return Disk{}, err
 	}
+	dsk, err := d.attach(ctx, base, fi.Size(), dest, size)
+	if err != nil {
+		_ = os.Remove(dest)
+	}
+	return dsk, err
+}
+
+// Reattach makes the device of a disk Clone made again from its COW file
+// (after a host reboot, or anything else that removed it), keeping what
+// the sandbox wrote; a disk whose device is there is left as it is.
+func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
+	dsk := Disk{Path: "/dev/mapper/" + dmName(dest), Format: "raw"}
+	if _, err := os.Stat(dsk.Path); err == nil {
+		return dsk, nil
+	}
+	if err := Available(); err != nil {
+		return Disk{}, err
+	}
+	if _, err := os.Stat(dest); err != nil {
+		return Disk{}, fmt.Errorf("reattach disk: its data file is gone: %w", err)
+	}
+	fi, err := os.Stat(base)
+	if err != nil {
+		return Disk{}, fmt.Errorf("reattach disk: its template: %w", err)
+	}
+	return d.attach(ctx, base, fi.Size(), dest, diskSize(fi.Size(), sizeBytes))
+}
+
+// attach builds the device stack of dest: the shared template loop, the
+// extension to size when it is larger, the COW loop and the snapshot,
+// reusing whichever parts exist. The "P" snapshot keeps its exceptions in
+// the COW file, so attaching an existing file finds the sandbox's writes.
+func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, dest string, size int64) (Disk, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	origin, err := AttachShared(ctx, base)
 	if err != nil {
 		return Disk{}, err
 	}
-	release := func() { _ = DetachIfUnused(ctx, origin) }
-	if err := createSparse(dest, fi.Size()); err != nil {
-		release()
+	var undo []func()
+	fail := func(err error) (Disk, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		_ = DetachIfUnused(ctx, origin)
 		return Disk{}, err
 	}
-	cow, err := losetup(ctx, "--find", "--show", dest)
+	if size > baseSize {
+		ext := "/dev/mapper/" + extendedName(dest)
+		if _, err := os.Stat(ext); err != nil {
+			table := fmt.Sprintf("0 %d linear %s 0\n%d %d zero", baseSize/512, origin, baseSize/512, (size-baseSize)/512)
+			if err := dmcreate(ctx, extendedName(dest), table); err != nil {
+				return fail(err)
+			}
+			undo = append(undo, func() { _ = dmsetup(ctx, "remove", "--retry", extendedName(dest)) })
+		}
+		origin = ext
+	}
+	cows, err := loopsFor(ctx, dest)
 	if err != nil {
-		release()
-		_ = os.Remove(dest)
-		return Disk{}, err
+		return fail(err)
 	}
-	// 512-byte sectors; "P" keeps the snapshot across reboots, chunks of 8 sectors (4 KiB).
-	table := fmt.Sprintf("0 %d snapshot %s %s P 8", fi.Size()/512, origin, cow)
-	if out, err := exec.CommandContext(ctx, "dmsetup", "create", dmName(dest), "--table", table).CombinedOutput(); err != nil {
-		_, _ = losetup(ctx, "--detach", cow)
-		release()
-		_ = os.Remove(dest)
-		return Disk{}, fmt.Errorf("dmsetup create %s: %w: %s", dmName(dest), err, strings.TrimSpace(string(out)))
+	var cow string
+	if len(cows) > 0 {
+		cow = cows[0]
+	} else {
+		if cow, err = losetup(ctx, "--find", "--show", dest); err != nil {
+			return fail(err)
+		}
+		undo = append(undo, func() { _, _ = losetup(ctx, "--detach", cow) })
+	}
+	// 512-byte sectors; chunks of 8 sectors (4 KiB).
+	table := fmt.Sprintf("0 %d snapshot %s %s P 8", size/512, origin, cow)
+	if err := dmcreate(ctx, dmName(dest), table); err != nil {
+		return fail(err)
 	}
 	return Disk{Path: "/dev/mapper/" + dmName(dest), Format: "raw"}, nil
 }
 
-// Release implements Cloner: remove the dm device, detach the COW loop,
-// detach the template's loop if no other sandbox uses it, delete the file.
-func (DeviceMapper) Release(ctx context.Context, dest string) error {
-	name := dmName(dest)
-	if _, err := os.Stat("/dev/mapper/" + name); err == nil {
+// dmcreate makes device name from table, given on standard input (the
+// command line takes one-line tables only).
+func dmcreate(ctx context.Context, name, table string) error {
+	cmd := exec.CommandContext(ctx, "dmsetup", "create", name)
+	cmd.Stdin = strings.NewReader(table + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("dmsetup create %s: %w: %s", name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func dmsetup(ctx context.Context, args ...string) error {
+	if out, err := exec.CommandContext(ctx, "dmsetup", args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("dmsetup %s: %w: %s", strings.Join(args[:min(len(args), 2)], " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Release implements Cloner: remove the snapshot and any extension, detach
+// the COW loop, detach the template's loop if no other sandbox uses it,
+// delete the file.
+func (d *DeviceMapper) Release(ctx context.Context, dest string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, name := range []string{dmName(dest), extendedName(dest)} {
+		if _, err := os.Stat("/dev/mapper/" + name); err != nil {
+			continue
+		}
 		deps, _ := exec.CommandContext(ctx, "dmsetup", "deps", "-o", "devname", name).Output()
-		if out, err := exec.CommandContext(ctx, "dmsetup", "remove", "--retry", name).CombinedOutput(); err != nil {
-			return fmt.Errorf("dmsetup remove %s: %w: %s", name, err, strings.TrimSpace(string(out)))
+		if err := dmsetup(ctx, "remove", "--retry", name); err != nil {
+			return err
 		}
 		for _, dev := range depNames(string(deps)) {
+			if !strings.HasPrefix(dev, "loop") {
+				continue // the extension, removed next
+			}
 			if err := DetachIfUnused(ctx, "/dev/"+dev); err != nil {
 				return err
 			}
@@ -188,7 +291,7 @@ func Orphans(ctx context.Context) ([]string, error) {
 	}
 	var ids []string
 	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") && !strings.HasSuffix(f[0], extendedSuffix) {
 			ids = append(ids, strings.TrimPrefix(f[0], "wrenn-"))
 		}
 	}

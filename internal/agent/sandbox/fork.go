@@ -69,7 +69,7 @@ func (m *Manager) Fork(ctx context.Context, srcID string, ids []string, timeout 
 	start := time.Now()
 
 	// The frozen moment: the disk flattened, the memory saved.
-	e, err := m.lock(srcID)
+	e, err := m.lock(ctx, srcID)
 	if err != nil {
 		return nil, err
 	}

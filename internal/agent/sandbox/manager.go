@@ -38,6 +38,7 @@ var (
 	ErrWrongState    = errors.New("sandbox is not in a state that allows this")
 	ErrNoCapacity    = errors.New("host has no capacity left")
 	ErrTemplateUnkwn = errors.New("unknown template")
+	ErrBusy          = errors.New("sandbox is busy")
 )
 
 // Limits on what one sandbox may ask for.
@@ -119,10 +120,40 @@ type Manager struct {
 // mu; view is a copy published under the manager's lock on every save, for
 // listings that must not wait behind a slow operation.
 type entry struct {
-	mu   sync.Mutex
+	mu   opLock
 	rec  Record
 	view Record
 	envd *envdclient.Client // made on first use, under the manager's lock
+}
+
+// opLock is a sandbox's operation lock. Unlike a sync.Mutex, a caller
+// can give up waiting for it (LockContext): a request for a sandbox that
+// is being created waits no longer than its caller wants.
+type opLock struct{ ch chan struct{} }
+
+func newOpLock() opLock { return opLock{ch: make(chan struct{}, 1)} }
+
+func (l opLock) Lock()   { l.ch <- struct{}{} }
+func (l opLock) Unlock() { <-l.ch }
+
+// TryLock takes the lock if it is free.
+func (l opLock) TryLock() bool {
+	select {
+	case l.ch <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// LockContext waits for the lock until ctx ends.
+func (l opLock) LockContext(ctx context.Context) error {
+	select {
+	case l.ch <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%w: the sandbox is busy with another operation: %w", ErrBusy, ctx.Err())
+	}
 }
 
 // save persists e.rec and publishes it to listings.
@@ -284,8 +315,9 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 	if m.cfg.HostMemoryMiB > 0 {
 		used := 0
 		for _, e := range m.sandboxes {
-			if e.rec.State != Paused {
-				used += e.rec.MemoryMiB
+			// The view: e.rec belongs to whoever holds e.mu.
+			if e.view.State != Paused {
+				used += e.view.MemoryMiB
 			}
 		}
 		if used+p.MemoryMiB > m.cfg.HostMemoryMiB {
@@ -310,7 +342,7 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 		return nil, err
 	}
 	now := time.Now().UTC()
-	e := &entry{rec: Record{
+	e := &entry{mu: newOpLock(), rec: Record{
 		ID: p.ID, Template: p.Template, State: Pending, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB,
 		CreatedAt: now, ExpiresAt: now.Add(p.Timeout), Timeout: p.Timeout, AutoPause: p.AutoPause,
 		Metadata: p.Metadata, EnvVars: p.EnvVars, Egress: p.Egress,
@@ -412,7 +444,7 @@ func (m *Manager) create(ctx context.Context, e *entry, state *savedState) (Reco
 	if err != nil {
 		return fail(err)
 	}
-	rec.DiskFile = diskFile
+	rec.DiskFile, rec.DiskBase = diskFile, backing
 	undo = append(undo, func() { _ = m.cfg.Disks.Release(context.Background(), diskFile) })
 
 	if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
@@ -543,15 +575,32 @@ func withIdentity(env map[string]string, id, template string) map[string]string 
 	return out
 }
 
-// lock finds a sandbox and locks it for one operation.
-func (m *Manager) lock(id string) (*entry, error) {
+// reattachDisk makes a paused sandbox's disk whole again where the disk
+// driver keeps part of it outside its file (device-mapper devices, which
+// a host reboot removes), before its VM opens it.
+func (m *Manager) reattachDisk(ctx context.Context, rec Record) error {
+	r, ok := m.cfg.Disks.(disk.Reattacher)
+	if !ok || rec.DiskBase == "" {
+		return nil
+	}
+	if _, err := r.Reattach(ctx, rec.DiskBase, rec.DiskFile, int64(rec.DiskMiB)<<20); err != nil {
+		return fmt.Errorf("its disk: %w", err)
+	}
+	return nil
+}
+
+// lock finds a sandbox and locks it for one operation, waiting for the
+// one under way at most until ctx ends.
+func (m *Manager) lock(ctx context.Context, id string) (*entry, error) {
 	m.mu.Lock()
 	e, ok := m.sandboxes[id]
 	m.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	e.mu.Lock()
+	if err := e.mu.LockContext(ctx); err != nil {
+		return nil, err
+	}
 	// It may have been destroyed while we waited.
 	if !m.current(id, e) {
 		e.mu.Unlock()
@@ -587,7 +636,7 @@ func (m *Manager) tryLock(id string) *entry {
 // Destroy stops a sandbox and removes everything it had. Destroying a
 // sandbox that does not exist succeeds.
 func (m *Manager) Destroy(ctx context.Context, id string) error {
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if errors.Is(err, ErrNotFound) {
 		return nil
 	}
@@ -631,7 +680,7 @@ func (m *Manager) teardown(ctx context.Context, rec Record) error {
 // Pause saves a running sandbox's memory and stops its VMM. The network
 // stays, so the sandbox keeps its address.
 func (m *Manager) Pause(ctx context.Context, id string) (Record, error) {
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if err != nil {
 		return Record{}, err
 	}
@@ -684,7 +733,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	if timeout < 0 || timeout > MaxTimeout {
 		return Record{}, fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
 	}
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if err != nil {
 		return Record{}, err
 	}
@@ -706,6 +755,9 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 		if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
 			return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 		}
+	}
+	if err := m.reattachDisk(ctx, *rec); err != nil {
+		return Record{}, fmt.Errorf("resume %s: %w", rec.ID, err)
 	}
 	inst, err := m.cfg.Driver.Restore(ctx, rec.Spec, m.snapshotDir(*rec))
 	if err != nil {
@@ -737,11 +789,11 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 }
 
 // Ping moves a running sandbox's deadline; a timeout of 0 keeps its own.
-func (m *Manager) Ping(id string, timeout time.Duration) (Record, error) {
+func (m *Manager) Ping(ctx context.Context, id string, timeout time.Duration) (Record, error) {
 	if timeout < 0 || timeout > MaxTimeout {
 		return Record{}, fmt.Errorf("%w: timeout must be between 0 and %v", ErrInvalid, MaxTimeout)
 	}
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if err != nil {
 		return Record{}, err
 	}
@@ -756,14 +808,10 @@ func (m *Manager) Ping(id string, timeout time.Duration) (Record, error) {
 	return e.rec, nil
 }
 
-// Get returns one sandbox.
+// Get returns one sandbox as last saved: it never waits behind an
+// operation (a create, a pause) under way on it.
 func (m *Manager) Get(id string) (Record, error) {
-	e, err := m.lock(id)
-	if err != nil {
-		return Record{}, err
-	}
-	defer e.mu.Unlock()
-	return e.rec, nil
+	return m.Peek(id)
 }
 
 // Peek returns a sandbox as last saved, without waiting behind an
@@ -832,7 +880,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 	if _, err := m.templates.Get(name); err == nil {
 		return template.Metadata{}, fmt.Errorf("%w: template %q already exists", ErrExists, name)
 	}
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if err != nil {
 		return template.Metadata{}, err
 	}

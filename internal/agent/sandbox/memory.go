@@ -280,7 +280,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	if err := m.waitImageReady(ctx, id); err != nil {
 		return fmt.Errorf("template %s: %w", name, err)
 	}
-	e, err := m.lock(id)
+	e, err := m.lock(ctx, id)
 	if err != nil {
 		return err
 	}

@@ -139,6 +139,11 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			// A resume cut short may have left a VMM restoring: the
 			// snapshot is the truth, so that VMM goes.
 			m.killVMMsUnder(dir)
+			// After a reboot its device-mapper disk is gone: make it again
+			// now, so a broken disk shows before anyone resumes it.
+			if err := m.reattachDisk(ctx, rec); err != nil {
+				m.log.Warn("cannot reattach the paused sandbox's disk; its resume will try again", "sandbox", rec.ID, "error", err)
+			}
 			m.adopt(rec)
 			m.log.Info("kept paused sandbox", "sandbox", rec.ID)
 		default:
@@ -203,7 +208,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 func (m *Manager) adopt(rec Record) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.sandboxes[rec.ID] = &entry{rec: rec, view: rec}
+	m.sandboxes[rec.ID] = &entry{mu: newOpLock(), rec: rec, view: rec}
 	m.slots[rec.Net.Slot] = rec.ID
 }
 
@@ -266,11 +271,12 @@ func (m *Manager) reap(ctx context.Context) {
 }
 
 // pauseIfExpired re-checks the deadline under the sandbox's lock: a ping may
-// have arrived since the reaper looked.
+// have arrived since the reaper looked. A sandbox busy with an operation is
+// left for the next tick: the reaper never waits behind one.
 func (m *Manager) pauseIfExpired(ctx context.Context, id string) (Record, error) {
-	e, err := m.lock(id)
-	if err != nil {
-		return Record{}, err
+	e := m.tryLock(id)
+	if e == nil {
+		return Record{}, nil
 	}
 	defer e.mu.Unlock()
 	if e.rec.State != Running || time.Now().Before(e.rec.ExpiresAt) {
@@ -281,12 +287,9 @@ func (m *Manager) pauseIfExpired(ctx context.Context, id string) (Record, error)
 }
 
 func (m *Manager) destroyIfExpired(ctx context.Context, id string) error {
-	e, err := m.lock(id)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
+	e := m.tryLock(id)
+	if e == nil {
+		return nil // gone, or busy: the next tick looks again
 	}
 	defer e.mu.Unlock()
 	if e.rec.State != Running || time.Now().Before(e.rec.ExpiresAt) {

@@ -46,7 +46,8 @@ type Record struct {
 	Egress    egress.Policy      `json:"egress"`
 	EnvdToken string             `json:"envd_token"`
 	Net       network.Allocation `json:"net"`
-	DiskFile  string             `json:"disk_file"` // the sandbox's own disk data (see disk.Cloner)
+	DiskFile  string             `json:"disk_file"`           // the sandbox's own disk data (see disk.Cloner)
+	DiskBase  string             `json:"disk_base,omitempty"` // the template file it was cloned from
 	Spec      vmm.Spec           `json:"spec"`
 	// StartedFrom is StartedBoot or StartedMemory; BootNote says why a
 	// sandbox whose template has memory booted instead.

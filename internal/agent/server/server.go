@@ -150,6 +150,8 @@ func toConnect(err error) error {
 		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, sandbox.ErrNoCapacity), errors.Is(err, sandbox.ErrNoSpace):
 		return connect.NewError(connect.CodeResourceExhausted, err)
+	case errors.Is(err, sandbox.ErrBusy):
+		return connect.NewError(connect.CodeUnavailable, err)
 	case errors.Is(err, context.DeadlineExceeded):
 		return connect.NewError(connect.CodeDeadlineExceeded, err)
 	case errors.Is(err, context.Canceled):
@@ -356,12 +358,12 @@ func (s *Server) ListSandboxes(_ context.Context, _ *connect.Request[pb.ListSand
 }
 
 // PingSandbox moves a sandbox's deadline.
-func (s *Server) PingSandbox(_ context.Context, req *connect.Request[pb.PingSandboxRequest]) (*connect.Response[pb.PingSandboxResponse], error) {
+func (s *Server) PingSandbox(ctx context.Context, req *connect.Request[pb.PingSandboxRequest]) (*connect.Response[pb.PingSandboxResponse], error) {
 	timeout, err := seconds(req.Msg.GetTimeoutSeconds())
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	rec, err := s.m.Ping(req.Msg.GetId(), timeout)
+	rec, err := s.m.Ping(ctx, req.Msg.GetId(), timeout)
 	if err != nil {
 		return nil, toConnect(err)
 	}

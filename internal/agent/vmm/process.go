@@ -33,6 +33,20 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 	if spec.NetNS != "" {
 		argv = append([]string{"ip", "netns", "exec", spec.NetNS}, argv...)
 	}
+	var gate *os.File // written once the process is confined
+	var gateRead *os.File
+	if opts.Confine != nil {
+		// The process waits at a gate until it is in its cgroup, so the VMM
+		// runs (and allocates guest memory) only under its limits: a shell
+		// that execs the VMM, same pid, once it reads "go" on fd 3.
+		var err error
+		if gateRead, gate, err = os.Pipe(); err != nil {
+			return Instance{}, fmt.Errorf("vmm gate: %w", err)
+		}
+		defer gateRead.Close()
+		defer gate.Close()
+		argv = append([]string{"/bin/sh", "-c", `IFS= read -r go <&3 && [ "$go" = go ] && exec "$@" 3<&-; exit 126`, "wrenn-vmm-gate"}, argv...)
+	}
 	logPath := LogPath(spec.RunDir)
 	console, _, err := opts.Console.Open(spec.RunDir)
 	if err != nil {
@@ -42,6 +56,9 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = console, console
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if gateRead != nil {
+		cmd.ExtraFiles = []*os.File{gateRead}
+	}
 	if err := cmd.Start(); err != nil {
 		return Instance{}, fmt.Errorf("start %s: %w", argv[0], err)
 	}
@@ -58,6 +75,11 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
 			<-exited
 			return Instance{}, fmt.Errorf("confine vmm: %w", err)
+		}
+		if _, err := gate.WriteString("go\n"); err != nil {
+			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
+			<-exited
+			return Instance{}, fmt.Errorf("start the confined vmm: %w", err)
 		}
 	}
 	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)

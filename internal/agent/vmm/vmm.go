@@ -28,8 +28,9 @@ type Spec struct {
 	RunDir     string   `json:"run_dir"` // sockets, console log, VMM log
 }
 
-// Confiner puts a VMM process under its VM's resource limits; drivers call
-// it right after the process starts, before it allocates guest memory.
+// Confiner puts a VMM process under its VM's resource limits. StartProcess
+// calls it while the process waits at a gate, before the VMM's program
+// runs, so no guest memory is ever allocated outside the limits.
 type Confiner interface {
 	Confine(spec Spec, pid int) error
 }

@@ -10,15 +10,18 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync"
 	"time"
 )
 
-// Client is one QMP connection. Commands are serialised.
+// Client is one QMP connection. Commands are serialised; a caller stops
+// waiting (for its turn or for QEMU) when its context ends, and a command
+// given up on breaks the connection, whose late reply would otherwise be
+// read as the next command's.
 type Client struct {
-	mu   sync.Mutex
-	conn net.Conn
-	r    *bufio.Reader
+	turn   chan struct{}
+	conn   net.Conn
+	r      *bufio.Reader
+	broken error
 }
 
 // Error is an error reply from QEMU.
@@ -46,34 +49,60 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	c := &Client{conn: conn, r: bufio.NewReader(conn)}
-	if deadline, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(deadline)
-	}
+	c := &Client{turn: make(chan struct{}, 1), conn: conn, r: bufio.NewReader(conn)}
+	stop := c.bound(ctx)
 	var greeting struct {
 		QMP json.RawMessage `json:"QMP"`
 	}
 	if err := c.readJSON(&greeting); err != nil || greeting.QMP == nil {
+		stop()
 		conn.Close()
-		return nil, fmt.Errorf("QMP greeting from %s: %v", socket, err)
+		return nil, fmt.Errorf("QMP greeting from %s: %v", socket, errors.Join(err, ctx.Err()))
 	}
 	if _, err := c.execute("qmp_capabilities", nil); err != nil {
+		stop()
 		conn.Close()
-		return nil, err
+		return nil, errors.Join(err, ctx.Err())
 	}
-	_ = conn.SetDeadline(time.Time{})
+	stop()
 	return c, nil
+}
+
+// bound makes blocked reads and writes on the connection end when ctx
+// does (its deadline, or a cancel); the returned func lifts that.
+func (c *Client) bound(ctx context.Context) func() {
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = c.conn.SetDeadline(deadline)
+	}
+	cancelled := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(time.Now()) })
+	return func() {
+		cancelled()
+		_ = c.conn.SetDeadline(time.Time{})
+	}
 }
 
 // Execute runs a command and returns its "return" value.
 func (c *Client) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if deadline, ok := ctx.Deadline(); ok {
-		_ = c.conn.SetDeadline(deadline)
-		defer c.conn.SetDeadline(time.Time{})
+	select {
+	case c.turn <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("qmp %s: waiting for the command before: %w", command, ctx.Err())
 	}
-	return c.execute(command, args)
+	defer func() { <-c.turn }()
+	if c.broken != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, c.broken)
+	}
+	stop := c.bound(ctx)
+	out, err := c.execute(command, args)
+	stop()
+	if err != nil && ctx.Err() != nil {
+		// QEMU may still answer: this connection can no longer pair
+		// replies with commands.
+		c.broken = fmt.Errorf("connection given up during an earlier command: %w", ctx.Err())
+		c.conn.Close()
+		return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+	}
+	return out, err
 }
 
 func (c *Client) execute(command string, args any) (json.RawMessage, error) {
