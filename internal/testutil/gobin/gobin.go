@@ -46,7 +46,13 @@ func build(t testing.TB, name, pkg string, static bool) string {
 	bin := filepath.Join(dir, name)
 	err, done := built[name]
 	if !done {
-		cmd := exec.Command("go", "build", "-o", bin, pkg)
+		args := []string{"build", "-o", bin}
+		if !static && os.Getenv("WRENN_TEST_RACE") == "1" {
+			// The project's commands under the race detector; with GORACE
+			// halt_on_error=1 a race ends the process (exit 66).
+			args = append(args, "-race")
+		}
+		cmd := exec.Command("go", append(args, pkg)...)
 		if static {
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		}

@@ -129,9 +129,9 @@ func (d *Driver) args(spec vmm.Spec, ram ramFile) []string {
 		"-device", "virtio-blk-device,drive=root",
 		"-device", "virtio-rng-device",
 		// seccomp: no obsolete system calls, no privilege changes, no
-		// scheduler/resource tweaks. spawn stays allowed: snapshots stream
-		// through an exec: migration target.
-		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+		// scheduler/resource tweaks, no new processes (snapshots travel
+		// through files the agent passes over QMP).
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 	}
 	args = append(args, memory...)
 	switch {
@@ -176,9 +176,6 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 // Snapshot implements vmm.Driver: stop the vCPUs, migrate the VM into
 // dir/memory.qemu, and quit QEMU.
 func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance, dir string) error {
-	if strings.ContainsAny(dir, "'\"\\ $`") {
-		return fmt.Errorf("snapshot directory %q has characters unsafe in a QEMU exec: URI", dir)
-	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("snapshot dir: %w", err)
 	}
@@ -232,10 +229,7 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 	if _, err := os.Stat(mem); err != nil {
 		return vmm.Instance{}, fmt.Errorf("restore: %w", err)
 	}
-	if strings.ContainsAny(mem, "'\"\\ $`") {
-		return vmm.Instance{}, fmt.Errorf("snapshot path %q has characters unsafe in a QEMU exec: URI", mem)
-	}
-	inst, err := d.start(ctx, spec, "-incoming", "exec:cat '"+mem+"'")
+	inst, err := d.start(ctx, spec, "-incoming", "defer")
 	if err != nil {
 		return vmm.Instance{}, err
 	}
@@ -248,6 +242,9 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 		return fail(err)
 	}
 	defer c.Close()
+	if err := migrateFrom(ctx, c, mem); err != nil {
+		return fail(fmt.Errorf("restore: %w", err))
+	}
 	// The incoming VM ends up stopped in the state it was saved in:
 	// paused, or io-error if a full disk had stopped it (cont retries the
 	// write).

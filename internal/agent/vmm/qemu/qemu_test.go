@@ -90,6 +90,11 @@ func TestBootSnapshotRestoreKeepsMemory(t *testing.T) {
 	if err != nil || !strings.Contains(string(status), "Seccomp:\t2") {
 		t.Fatalf("QEMU is not confined by seccomp (filter mode 2): %v\n%s", err, status)
 	}
+	// Its filter denies new processes: snapshots below travel through
+	// files passed over QMP, not through an exec: helper.
+	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", inst.PID)); !strings.Contains(string(cmdline), "spawn=deny") {
+		t.Fatalf("QEMU's seccomp filter allows spawning: %q", cmdline)
+	}
 
 	// A process that counts in memory only.
 	client := processconnect.NewProcessClient(http.DefaultClient, url)

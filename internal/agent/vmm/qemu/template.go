@@ -27,15 +27,13 @@ var _ vmm.Cloner = (*Driver)(nil)
 // CloneSupport implements vmm.Cloner: QEMU always can.
 func (d *Driver) CloneSupport() error { return nil }
 
-// unsafeForExec are characters that would break out of an exec: URI.
+// unsafeForExec are characters that would break QEMU's option syntax
+// (a memory-backend-file's mem-path) or a shell.
 const unsafeForExec = "'\"\\ $`,"
 
 // SaveMemory implements vmm.Cloner: migrate the stopped VM into
 // dir/memory.qemu. QEMU keeps the source VM, so Thaw continues it.
 func (d *Driver) SaveMemory(ctx context.Context, spec vmm.Spec, _ vmm.Instance, dir string) error {
-	if strings.ContainsAny(dir, unsafeForExec) {
-		return fmt.Errorf("snapshot directory %q has characters unsafe in a QEMU exec: URI", dir)
-	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("memory snapshot: %w", err)
 	}
@@ -66,11 +64,43 @@ func migrateTo(ctx context.Context, c *qmp.Client, path string, ignoreShared boo
 	if _, err := c.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": migrateBytesPS}); err != nil {
 		return fmt.Errorf("set migration bandwidth: %w", err)
 	}
-	// QEMU 7.2 has no file: migration target; exec: streams to a command.
-	if _, err := c.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > '" + path + "'"}); err != nil {
+	// QEMU 7.2 has no file: migration target: the agent opens the file and
+	// passes it, so QEMU's seccomp filter can deny it any helper process.
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("migration target: %w", err)
+	}
+	defer f.Close()
+	if err := c.PassFile(ctx, migrationFD, f); err != nil {
+		return fmt.Errorf("pass the migration target: %w", err)
+	}
+	if _, err := c.Execute(ctx, "migrate", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
-	return waitMigration(ctx, c)
+	if err := waitMigration(ctx, c); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// migrationFD names the file passed for a migration.
+const migrationFD = "wrenn-migration"
+
+// migrateFrom starts the incoming migration of a QEMU started with
+// "-incoming defer" from the file at path; waitLoaded waits for its end.
+func migrateFrom(ctx context.Context, c *qmp.Client, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("migration source: %w", err)
+	}
+	defer f.Close() // QEMU holds its own copy
+	if err := c.PassFile(ctx, migrationFD, f); err != nil {
+		return fmt.Errorf("pass the migration source: %w", err)
+	}
+	if _, err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + migrationFD}); err != nil {
+		return fmt.Errorf("start the incoming migration: %w", err)
+	}
+	return nil
 }
 
 func setIgnoreShared(ctx context.Context, c *qmp.Client, on bool) error {
@@ -100,7 +130,7 @@ func (d *Driver) MakeTemplate(ctx context.Context, spec vmm.Spec, from, out stri
 	// no cgroup of its own.
 	// -S: loaded, the guest must not run, or its state would move past the
 	// disk the template saved with it.
-	inst, err := d.startWith(ctx, spec, ramFile{path: ram, shared: true}, nil, "-S", "-incoming", "exec:cat '"+mem+"'")
+	inst, err := d.startWith(ctx, spec, ramFile{path: ram, shared: true}, nil, "-S", "-incoming", "defer")
 	if err != nil {
 		return fmt.Errorf("memory template: %w", err)
 	}
@@ -115,6 +145,9 @@ func (d *Driver) MakeTemplate(ctx context.Context, spec vmm.Spec, from, out stri
 		return fail(err)
 	}
 	defer c.Close()
+	if err := migrateFrom(ctx, c, mem); err != nil {
+		return fail(err)
+	}
 	if err := waitLoaded(ctx, c); err != nil {
 		return fail(err)
 	}
@@ -180,7 +213,7 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.Spec, dir string) (vmm.Inst
 	if err := setIgnoreShared(ctx, c, true); err != nil {
 		return fail(err)
 	}
-	if _, err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat '" + state + "'"}); err != nil {
+	if err := migrateFrom(ctx, c, state); err != nil {
 		return fail(err)
 	}
 	if err := waitLoaded(ctx, c); err != nil {

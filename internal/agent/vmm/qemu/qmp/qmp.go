@@ -10,7 +10,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Client is one QMP connection. Commands are serialised; a caller stops
@@ -105,7 +108,31 @@ func (c *Client) Execute(ctx context.Context, command string, args any) (json.Ra
 	return out, err
 }
 
+// PassFile hands QEMU a file under name (QMP getfd), for a migration to
+// or from "fd:name": QEMU then needs no helper process to reach the file.
+func (c *Client) PassFile(ctx context.Context, name string, f *os.File) error {
+	select {
+	case c.turn <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("qmp getfd: waiting for the command before: %w", ctx.Err())
+	}
+	defer func() { <-c.turn }()
+	if c.broken != nil {
+		return fmt.Errorf("qmp getfd: %w", c.broken)
+	}
+	stop := c.bound(ctx)
+	defer stop()
+	_, err := c.send("getfd", map[string]any{"fdname": name}, int(f.Fd()))
+	return err
+}
+
 func (c *Client) execute(command string, args any) (json.RawMessage, error) {
+	return c.send(command, args, -1)
+}
+
+// send writes a command, with the file descriptor fd attached when it is
+// not -1, and reads its reply.
+func (c *Client) send(command string, args any, fd int) (json.RawMessage, error) {
 	req := map[string]any{"execute": command}
 	if args != nil {
 		req["arguments"] = args
@@ -114,7 +141,17 @@ func (c *Client) execute(command string, args any) (json.RawMessage, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.conn.Write(append(data, '\n')); err != nil {
+	data = append(data, '\n')
+	if fd >= 0 {
+		uc, ok := c.conn.(*net.UnixConn)
+		if !ok {
+			return nil, fmt.Errorf("qmp %s: file descriptors need a Unix socket", command)
+		}
+		_, _, err = uc.WriteMsgUnix(data, unix.UnixRights(fd), nil)
+	} else {
+		_, err = c.conn.Write(data)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", command, err)
 	}
 	for {
