@@ -77,7 +77,6 @@ test: images postgres web-deps ## Build the guest images if needed (cached), sta
 	cd web && npx vitest run
 	$(MAKE) --no-print-directory web-check
 	WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_REQUIRE_BROWSER=1 WRENN_TEST_DATABASE_URL="$$(scripts/postgres.sh url)" \
-		WRENN_TEST_RACE=1 GORACE=halt_on_error=1 \
 		WRENN_ARTIFACTS="$(CURDIR)/$(BUILDS)/artifacts" $(GO) test -race -count=1 -timeout 30m ./...
 	$(MAKE) --no-print-directory fuzz
 

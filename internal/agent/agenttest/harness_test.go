@@ -37,7 +37,13 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	agentBinary = filepath.Join(dir, "wrenn-agent")
-	if out, err := exec.Command("go", "build", "-o", agentBinary, "github.com/wrenn/wrenn/cmd/wrenn-agent").CombinedOutput(); err != nil {
+	// The agent under the race detector, ending at its first race (the
+	// end-to-end suites keep plain binaries: they bound the processes'
+	// memory, which the detector multiplies).
+	if os.Getenv("GORACE") == "" {
+		_ = os.Setenv("GORACE", "halt_on_error=1")
+	}
+	if out, err := exec.Command("go", "build", "-race", "-o", agentBinary, "github.com/wrenn/wrenn/cmd/wrenn-agent").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build wrenn-agent: %v\n%s", err, out)
 		os.Exit(1)
 	}

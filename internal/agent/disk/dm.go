@@ -44,10 +44,9 @@ func Available() error {
 
 // dmName names a sandbox's device after its directory (the sandbox id);
 // extendedName is the template extended to a larger disk's size.
+// (A dot, which no sandbox id holds, keeps the two kinds of names apart.)
 func dmName(dest string) string       { return "wrenn-" + filepath.Base(filepath.Dir(dest)) }
-func extendedName(dest string) string { return dmName(dest) + extendedSuffix }
-
-const extendedSuffix = "-origin"
+func extendedName(dest string) string { return "wrenn.ext-" + filepath.Base(filepath.Dir(dest)) }
 
 // cowSize is a COW file that can hold every chunk of a size-byte disk and
 // the snapshot's own metadata (a 4 KiB chunk of exceptions per 256 data
@@ -110,16 +109,17 @@ func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeByte
 func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, dest string, size int64) (Disk, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	origin, err := AttachShared(ctx, base)
+	baseLoop, err := AttachShared(ctx, base)
 	if err != nil {
 		return Disk{}, err
 	}
+	origin := baseLoop
 	var undo []func()
 	fail := func(err error) (Disk, error) {
 		for i := len(undo) - 1; i >= 0; i-- {
 			undo[i]()
 		}
-		_ = DetachIfUnused(ctx, origin)
+		_ = DetachIfUnused(ctx, baseLoop)
 		return Disk{}, err
 	}
 	if size > baseSize {
@@ -291,7 +291,7 @@ func Orphans(ctx context.Context) ([]string, error) {
 	}
 	var ids []string
 	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") && !strings.HasSuffix(f[0], extendedSuffix) {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") {
 			ids = append(ids, strings.TrimPrefix(f[0], "wrenn-"))
 		}
 	}

@@ -177,6 +177,10 @@ func (r *Reconciler) audit(ctx context.Context, hostID, action string) {
 // expire pauses (or destroys) a capsule idle past its timeout, also one
 // whose host was down when the time came.
 func (r *Reconciler) expire(ctx context.Context, sb store.Sandbox) {
+	// The listing is from the pass; the job may run later.
+	if still, err := r.Store.StillExpired(ctx, sb.ID); err != nil || !still {
+		return
+	}
 	if sb.AutoPause {
 		if _, err := r.Actions.Pause(ctx, sb); err != nil {
 			r.Log.Warn("timeout: pause failed; will retry", "capsule", sb.ID, "err", err)

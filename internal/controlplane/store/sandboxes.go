@@ -244,6 +244,17 @@ func (s *Store) Expired(ctx context.Context) ([]Sandbox, error) {
 	return sbs, mapErr(err, "expired capsules")
 }
 
+// StillExpired says whether capsule id is still running past its timeout
+// (Expired's rule), for a job that acts on an earlier listing: a ping or
+// a longer timeout since then saves it.
+func (s *Store) StillExpired(ctx context.Context, id string) (bool, error) {
+	var n int
+	err := s.Pool.QueryRow(ctx, `SELECT count(*) FROM sandboxes
+		WHERE id = $1 AND status = 'running' AND (end_at < now() OR timeout_sec > 0
+		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now())`, id).Scan(&n)
+	return n == 1, mapErr(err, "expired capsule")
+}
+
 // Stuck lists capsules in a transitional state for longer than age: a
 // replica died in the middle of an operation.
 func (s *Store) Stuck(ctx context.Context, age time.Duration) ([]Sandbox, error) {

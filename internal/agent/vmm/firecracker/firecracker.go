@@ -162,9 +162,11 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 		return vmm.Instance{}, err
 	}
 	l := d.launcher()
-	if err := l.prepare(spec); err != nil {
-		return vmm.Instance{}, err
-	}
+	return d.prepared(l, spec, func() (vmm.Instance, error) { return d.boot(ctx, l, spec) })
+}
+
+// boot is Boot after prepare.
+func (d *Driver) boot(ctx context.Context, l launcher, spec vmm.Spec) (vmm.Instance, error) {
 	vmSpec := spec // what the VMM sees: jailed paths under the jailer
 	var err error
 	if vmSpec.Kernel, err = l.share(spec, spec.Kernel, "/vmlinux"); err != nil {
@@ -248,6 +250,22 @@ func (d *Driver) snapshotTo(spec vmm.Spec, state, memory string) (SnapshotCreate
 	return req, err
 }
 
+// prepared runs start after l.prepare(spec); if either fails, whatever
+// prepare made and a failed start left (a jail, a VMM the jailer forked)
+// goes.
+func (d *Driver) prepared(l launcher, spec vmm.Spec, start func() (vmm.Instance, error)) (vmm.Instance, error) {
+	if err := l.prepare(spec); err != nil {
+		_ = l.stop(context.Background(), spec, vmm.Instance{})
+		return vmm.Instance{}, err
+	}
+	inst, err := start()
+	if err != nil {
+		_ = l.stop(context.Background(), spec, vmm.Instance{})
+		return vmm.Instance{}, err
+	}
+	return inst, nil
+}
+
 // moveFile renames, or copies when from and to are on different file systems.
 func moveFile(from, to string) error {
 	if err := os.Rename(from, to); err == nil {
@@ -275,6 +293,11 @@ func copyFile(from, to string) error {
 		return err
 	}
 	defer in.Close()
+	return copyFrom(in, to)
+}
+
+// copyFrom copies what is left of in into to, replacing it.
+func copyFrom(in *os.File, to string) error {
 	out, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return err
@@ -297,9 +320,11 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, dir string) (vmm.In
 		}
 	}
 	l := d.launcher()
-	if err := l.prepare(spec); err != nil {
-		return vmm.Instance{}, err
-	}
+	return d.prepared(l, spec, func() (vmm.Instance, error) { return d.restore(ctx, l, spec, dir) })
+}
+
+// restore is Restore after prepare.
+func (d *Driver) restore(ctx context.Context, l launcher, spec vmm.Spec, dir string) (vmm.Instance, error) {
 	// The snapshot names the drive by the path the VM booted with.
 	if _, err := l.own(spec, spec.Disk, "/rootfs"); err != nil {
 		return vmm.Instance{}, err

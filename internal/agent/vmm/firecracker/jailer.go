@@ -7,8 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
@@ -101,7 +105,15 @@ func (j *jailed) prepare(spec vmm.Spec) error {
 	if err := os.Mkdir(root, 0o700); err != nil {
 		return fmt.Errorf("jail: %w", err)
 	}
-	return os.Chown(root, id, id)
+	if err := os.Chown(root, id, id); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if spec.TapDevice != "" && spec.NetNS != "" {
+		if err := setTapOwner(spec.NetNS, spec.TapDevice, id, id); err != nil {
+			return fmt.Errorf("jail: the VM's network device: %w", err)
+		}
+	}
+	return nil
 }
 
 // usedIDs are the uids of existing jails.
@@ -127,7 +139,7 @@ func (j *jailed) ids(id string) (int, int, error) {
 	}
 	st := fi.Sys().(*syscall.Stat_t)
 	uid, gid := int(st.Uid), int(st.Gid)
-	if uid < j.cfg.FirstID || uid >= j.cfg.FirstID+j.cfg.IDs || gid != uid {
+	if !j.inRange(uid) || gid != uid {
 		return 0, 0, fmt.Errorf("jail %s is owned by %d:%d, outside the jailer ids", j.root(id), uid, gid)
 	}
 	return uid, gid, nil
@@ -202,37 +214,65 @@ func (j *jailed) share(spec vmm.Spec, hostPath, inside string) (string, error) {
 }
 
 // output is where the jailed Firecracker writes a file: /snapshot, which
-// the VM's user owns.
+// the VM's user owns. The VMM owns its jail's "/" and runs while this is
+// done, so everything here goes through an os.Root of the jail (no path
+// may lead out of it) and never follows a link the VMM could have put.
 func (j *jailed) output(spec vmm.Spec, _, name string) (string, error) {
 	uid, gid, err := j.ids(spec.ID)
 	if err != nil {
 		return "", err
 	}
-	dir := j.host(spec.ID, "/snapshot")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
+	root, err := os.OpenRoot(j.root(spec.ID))
+	if err != nil {
+		return "", fmt.Errorf("jail: %w", err)
 	}
-	if err := os.Chown(dir, uid, gid); err != nil {
-		return "", err
+	defer root.Close()
+	if err := root.MkdirAll("snapshot", 0o700); err != nil {
+		return "", fmt.Errorf("jail: %w", err)
+	}
+	if err := root.Lchown("snapshot", uid, gid); err != nil {
+		return "", fmt.Errorf("jail: %w", err)
+	}
+	// A new file, not the inode a restore mapped the guest's memory from.
+	if err := root.Remove("snapshot/" + name); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("jail: %w", err)
 	}
 	return "/snapshot/" + name, nil
 }
 
-// collect moves a file the jailed Firecracker wrote out of the jail, as
-// the agent's: a VMM must not keep a handle on a file it no longer runs.
+// collect takes a file the jailed Firecracker wrote out of the jail, as
+// the agent's: it opens exactly that file (no link followed, no second
+// name), links that inode at hostPath and takes it from the VM's user.
 func (j *jailed) collect(spec vmm.Spec, inside, hostPath string) error {
-	src := j.host(spec.ID, inside)
-	fi, err := os.Lstat(src)
+	root, err := os.OpenRoot(j.root(spec.ID))
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	defer root.Close()
+	name := strings.TrimPrefix(inside, "/")
+	f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return fmt.Errorf("jail %s: %w", inside, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
 	if err != nil {
 		return err
 	}
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("jail %s: the VMM left %v, not a file", src, fi.Mode().Type())
+	if !fi.Mode().IsRegular() || fi.Sys().(*syscall.Stat_t).Nlink != 1 {
+		return fmt.Errorf("jail %s: the VMM left %v with %d names, not a file of its own", inside, fi.Mode().Type(), fi.Sys().(*syscall.Stat_t).Nlink)
 	}
-	if err := moveFile(src, hostPath); err != nil {
-		return err
+	if err := errors.Join(f.Chown(os.Geteuid(), os.Getegid()), f.Chmod(0o600)); err != nil {
+		return fmt.Errorf("jail %s: %w", inside, err)
 	}
-	return errors.Join(os.Chown(hostPath, os.Geteuid(), os.Getegid()), os.Chmod(hostPath, 0o600))
+	_ = os.Remove(hostPath)
+	if err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, hostPath, unix.AT_EMPTY_PATH); err != nil {
+		// Another file system: copy what was opened.
+		if err := copyFrom(f, hostPath); err != nil {
+			return fmt.Errorf("jail %s: %w", inside, err)
+		}
+	}
+	return root.Remove(name)
 }
 
 func (j *jailed) uffdSocket(spec vmm.Spec) (string, string) {
@@ -300,19 +340,51 @@ func (j *jailed) stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) err
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.remove(spec.ID)
+	err := j.remove(spec.ID)
+	// The VMM may have renamed its links away from the walk in remove: the
+	// files own handed out are known by their host paths too.
+	for _, p := range []string{spec.Disk, baseMemory(spec)} {
+		if fi, lerr := os.Lstat(p); lerr == nil && fi.Mode().IsRegular() && j.inRange(int(fi.Sys().(*syscall.Stat_t).Uid)) {
+			err = errors.Join(err, os.Lchown(p, os.Geteuid(), os.Getegid()))
+		}
+	}
+	return err
 }
 
-// remove deletes a VM's jail and its cgroup. Files own gave the VM's
-// user go back to the agent's first: the id will be another VM's.
+// inRange says whether id is one of the jailer ids.
+func (j *jailed) inRange(id int) bool { return id >= j.cfg.FirstID && id < j.cfg.FirstID+j.cfg.IDs }
+
+// killStale ends the Firecracker a jail's pid file names, if it still
+// runs as that jail's VMM: one left by a crash, a start cut short, or a
+// jailer that failed after forking it. Its jail must not be removed (and
+// its uid handed on) under it.
+func (j *jailed) killStale(id string) {
+	b, err := os.ReadFile(j.pidFile(id))
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b[:min(len(b), 32)])))
+	if err != nil || pid <= 0 {
+		return
+	}
+	inst := vmm.Instance{PID: pid}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = vmm.KillProcess(ctx, inst, marker(id))
+}
+
+// remove deletes a VM's jail and its cgroup, after any VMM still in it.
+// Files own gave the VM's user go back to the agent's first: the id will
+// be another VM's.
 func (j *jailed) remove(id string) error {
+	j.killStale(id)
 	_ = filepath.WalkDir(j.root(id), func(path string, d os.DirEntry, err error) error {
 		if err != nil || !d.Type().IsRegular() {
 			return nil
 		}
 		if fi, err := d.Info(); err == nil {
 			st := fi.Sys().(*syscall.Stat_t)
-			if st.Nlink > 1 && int(st.Uid) >= j.cfg.FirstID && int(st.Uid) < j.cfg.FirstID+j.cfg.IDs {
+			if st.Nlink > 1 && j.inRange(int(st.Uid)) {
 				_ = os.Lchown(path, os.Geteuid(), os.Getegid())
 			}
 		}

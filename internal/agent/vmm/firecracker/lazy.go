@@ -78,7 +78,9 @@ func (h *uffdHandler) serve(d *Driver, spec vmm.Spec, inst vmm.Instance) {
 	switch {
 	case err == nil:
 		d.Log.Info("uffd handler done: every page is in", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched, "took", time.Since(start).Round(time.Millisecond))
-	case ctx.Err() != nil:
+	case ctx.Err() != nil || !d.Alive(spec, inst):
+		// A VMM that exits (a pause, a destroy) makes copies fail (ESRCH)
+		// before the watcher above sees it gone: not the handler's fault.
 		d.Log.Info("uffd handler ended with its VMM", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
 	default:
 		reason := "its memory could not be served from the snapshot (lazy restore): " + err.Error()

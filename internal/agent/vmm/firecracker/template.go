@@ -98,9 +98,11 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.Spec, dir string) (vmm.Inst
 		}
 	}
 	l := d.launcher()
-	if err := l.prepare(spec); err != nil {
-		return vmm.Instance{}, err
-	}
+	return d.prepared(l, spec, func() (vmm.Instance, error) { return d.clone(ctx, l, spec, dir) })
+}
+
+// clone is Clone after prepare.
+func (d *Driver) clone(ctx context.Context, l launcher, spec vmm.Spec, dir string) (vmm.Instance, error) {
 	if _, err := l.own(spec, spec.Disk, "/rootfs"); err != nil {
 		return vmm.Instance{}, err
 	}

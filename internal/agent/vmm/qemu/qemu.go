@@ -187,7 +187,14 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 	if _, err := c.Execute(ctx, "stop", nil); err != nil {
 		return fmt.Errorf("pause vCPUs: %w", err)
 	}
-	resume := func() { _, _ = c.Execute(context.Background(), "cont", nil) }
+	// On failure the VM runs on: through a connection of its own (this
+	// one may have been given up on), with any migration still going
+	// cancelled first.
+	resume := func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = d.Thaw(rctx, spec, inst)
+	}
 	tmp := filepath.Join(dir, memoryFile+".tmp")
 	if err := migrateTo(ctx, c, tmp, false); err != nil {
 		resume()
@@ -293,7 +300,32 @@ func (d *Driver) Stalled(ctx context.Context, spec vmm.Spec, _ vmm.Instance) (bo
 
 // Thaw implements vmm.Driver.
 func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error {
-	return d.qmp(ctx, spec, "cont")
+	c, err := qmp.Dial(ctx, qmpSocket(spec))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	// A save that failed or was given up on may still be migrating: a
+	// VM cannot continue while it does.
+	if status, _, err := c.MigrationStatus(ctx); err == nil && (status == "active" || status == "setup" || status == "device") {
+		if _, err := c.Execute(ctx, "migrate_cancel", nil); err != nil {
+			return fmt.Errorf("qmp migrate_cancel: %w", err)
+		}
+		for status == "active" || status == "setup" || status == "device" || status == "cancelling" {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+			if status, _, err = c.MigrationStatus(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	if _, err := c.Execute(ctx, "cont", nil); err != nil {
+		return fmt.Errorf("qmp cont: %w", err)
+	}
+	return nil
 }
 
 func (d *Driver) qmp(ctx context.Context, spec vmm.Spec, command string) error {

@@ -193,7 +193,18 @@ func receive(conn *net.UnixConn) ([]Region, int, error) {
 func (h *Handler) run(ctx context.Context, prefetch bool) (Stats, error) {
 	prefetchDone := make(chan error, 1)
 	if prefetch {
-		go func() { prefetchDone <- h.prefetch(ctx) }()
+		// The background copy ends with run: Serve unmaps the memory file
+		// and closes the userfaultfd once run returns.
+		pctx, cancel := context.WithCancel(ctx)
+		copying := make(chan struct{})
+		go func() {
+			defer close(copying)
+			prefetchDone <- h.prefetch(pctx)
+		}()
+		defer func() {
+			cancel()
+			<-copying
+		}()
 	}
 	msg := make([]byte, msgSize)
 	for {

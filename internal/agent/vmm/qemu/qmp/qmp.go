@@ -77,15 +77,33 @@ func (c *Client) bound(ctx context.Context) func() {
 	if deadline, ok := ctx.Deadline(); ok {
 		_ = c.conn.SetDeadline(deadline)
 	}
-	cancelled := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(time.Now()) })
+	fired := make(chan struct{})
+	stopAfter := context.AfterFunc(ctx, func() {
+		_ = c.conn.SetDeadline(time.Now())
+		close(fired)
+	})
 	return func() {
-		cancelled()
+		if !stopAfter() {
+			<-fired // it ran, or runs now: let it finish before the reset
+		}
 		_ = c.conn.SetDeadline(time.Time{})
 	}
 }
 
 // Execute runs a command and returns its "return" value.
 func (c *Client) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	return c.call(ctx, command, args, -1)
+}
+
+// PassFile hands QEMU a file under name (QMP getfd), for a migration to
+// or from "fd:name": QEMU then needs no helper process to reach the file.
+func (c *Client) PassFile(ctx context.Context, name string, f *os.File) error {
+	_, err := c.call(ctx, "getfd", map[string]any{"fdname": name}, int(f.Fd()))
+	return err
+}
+
+// call runs one command in its turn, within ctx.
+func (c *Client) call(ctx context.Context, command string, args any, fd int) (json.RawMessage, error) {
 	select {
 	case c.turn <- struct{}{}:
 	case <-ctx.Done():
@@ -96,34 +114,20 @@ func (c *Client) Execute(ctx context.Context, command string, args any) (json.Ra
 		return nil, fmt.Errorf("qmp %s: %w", command, c.broken)
 	}
 	stop := c.bound(ctx)
-	out, err := c.execute(command, args)
+	out, err := c.send(command, args, fd)
 	stop()
-	if err != nil && ctx.Err() != nil {
-		// QEMU may still answer: this connection can no longer pair
-		// replies with commands.
-		c.broken = fmt.Errorf("connection given up during an earlier command: %w", ctx.Err())
+	var qerr *Error
+	if err != nil && !errors.As(err, &qerr) {
+		// A write or read that failed (a deadline, a cancel, a closed
+		// socket) leaves QEMU's reply unread: the next one read would be
+		// this one's, so the connection is done.
+		c.broken = fmt.Errorf("connection unusable after an earlier command failed: %w", err)
 		c.conn.Close()
-		return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("qmp %s: %w", command, ctx.Err())
+		}
 	}
 	return out, err
-}
-
-// PassFile hands QEMU a file under name (QMP getfd), for a migration to
-// or from "fd:name": QEMU then needs no helper process to reach the file.
-func (c *Client) PassFile(ctx context.Context, name string, f *os.File) error {
-	select {
-	case c.turn <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("qmp getfd: waiting for the command before: %w", ctx.Err())
-	}
-	defer func() { <-c.turn }()
-	if c.broken != nil {
-		return fmt.Errorf("qmp getfd: %w", c.broken)
-	}
-	stop := c.bound(ctx)
-	defer stop()
-	_, err := c.send("getfd", map[string]any{"fdname": name}, int(f.Fd()))
-	return err
 }
 
 func (c *Client) execute(command string, args any) (json.RawMessage, error) {
