@@ -11,6 +11,7 @@
 package reconciler
 
 import (
+	"cmp"
 	"context"
 	"log/slog"
 	"sync"
@@ -48,13 +49,16 @@ type Reconciler struct {
 	// any other (registered before the rules, or the rules narrowed) is
 	// left alone.
 	HostAddresses hostaddr.Policy
-	// Concurrency bounds the capsule operations in flight (default 16).
-	Concurrency int
+	// Concurrency bounds the capsule operations in flight (default 16),
+	// PerHost those on one host (default 4): a slow host's operations wait
+	// for its own slots, not everyone's.
+	Concurrency, PerHost int
 
-	mu       sync.Mutex
-	inflight map[string]bool // capsules with an operation running
-	slots    chan struct{}
-	work     sync.WaitGroup
+	mu        sync.Mutex
+	inflight  map[string]bool // capsules with an operation running
+	slots     chan struct{}
+	hostSlots map[string]chan struct{}
+	work      sync.WaitGroup
 }
 
 // lockKey is the advisory lock of the reconciler's pass.
@@ -125,46 +129,54 @@ func (r *Reconciler) pass(ctx context.Context) (bool, error) {
 	// Two replicas may both decide an operation (one pass each): the
 	// state transitions it starts with let only one of them through.
 	for _, sb := range expired {
-		r.dispatch(ctx, sb.ID, func(ctx context.Context) { r.expire(ctx, sb) })
+		r.dispatch(ctx, sb, func(ctx context.Context) { r.expire(ctx, sb) })
 	}
 	for _, sb := range stopping {
-		r.dispatch(ctx, sb.ID, func(ctx context.Context) { r.finishStopping(ctx, sb) })
+		r.dispatch(ctx, sb, func(ctx context.Context) { r.finishStopping(ctx, sb) })
 	}
 	return true, nil
 }
 
-// dispatch runs job for capsule id unless one already runs for it,
-// waiting for one of the Concurrency slots.
-func (r *Reconciler) dispatch(ctx context.Context, id string, job func(context.Context)) {
+// dispatch runs job for capsule sb unless one already runs for it,
+// waiting first for one of its host's PerHost slots, then for one of the
+// Concurrency slots.
+func (r *Reconciler) dispatch(ctx context.Context, sb store.Sandbox, job func(context.Context)) {
+	host := ""
+	if sb.HostID != nil {
+		host = *sb.HostID
+	}
 	r.mu.Lock()
 	if r.inflight == nil {
-		r.inflight = map[string]bool{}
-		r.slots = make(chan struct{}, max(r.Concurrency, 16))
-		if r.Concurrency > 0 {
-			r.slots = make(chan struct{}, r.Concurrency)
-		}
+		r.inflight, r.hostSlots = map[string]bool{}, map[string]chan struct{}{}
+		r.slots = make(chan struct{}, cmp.Or(r.Concurrency, 16))
 	}
-	if r.inflight[id] {
+	if r.inflight[sb.ID] {
 		r.mu.Unlock()
 		return
 	}
-	r.inflight[id] = true
-	slots := r.slots
+	r.inflight[sb.ID] = true
+	slots, mine := r.slots, r.hostSlots[host]
+	if mine == nil {
+		mine = make(chan struct{}, cmp.Or(r.PerHost, 4))
+		r.hostSlots[host] = mine
+	}
 	r.mu.Unlock()
 	r.work.Add(1)
 	go func() {
 		defer r.work.Done()
 		defer func() {
 			r.mu.Lock()
-			delete(r.inflight, id)
+			delete(r.inflight, sb.ID)
 			r.mu.Unlock()
 		}()
-		select {
-		case slots <- struct{}{}:
-		case <-ctx.Done():
-			return
+		for _, s := range []chan struct{}{mine, slots} {
+			select {
+			case s <- struct{}{}:
+				defer func() { <-s }()
+			case <-ctx.Done():
+				return
+			}
 		}
-		defer func() { <-slots }()
 		job(ctx)
 	}()
 }
