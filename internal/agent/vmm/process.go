@@ -97,7 +97,7 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		if exitErr != nil {
 			return Instance{}, fmt.Errorf("%s: %v: %s", argv[0], exitErr, LogTail(logPath, 5))
 		}
-		if inst, err = readPIDFile(opts.PIDFile); err != nil {
+		if inst, err = ReadPIDFile(opts.PIDFile); err != nil {
 			return Instance{}, fmt.Errorf("%s exited without a running vmm: %w: %s", argv[0], err, LogTail(logPath, 5))
 		}
 		gone = nil // the VMM is not this agent's child: look at it instead
@@ -121,8 +121,8 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 	}
 }
 
-// readPIDFile reads the pid a launcher wrote and names that process.
-func readPIDFile(path string) (Instance, error) {
+// ReadPIDFile reads the pid a launcher wrote and names that process.
+func ReadPIDFile(path string) (Instance, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return Instance{}, err

@@ -237,21 +237,22 @@ func (s *Store) SetTimeout(ctx context.Context, id string, seconds int) error {
 // Expired lists running capsules idle past their timeout, or past their
 // absolute deadline.
 func (s *Store) Expired(ctx context.Context) ([]Sandbox, error) {
-	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+` FROM sandboxes
-		WHERE status = 'running' AND (end_at < now() OR timeout_sec > 0
-		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now())`)
+	rows, _ := s.Pool.Query(ctx, "SELECT "+sandboxCols+" FROM sandboxes WHERE "+expired)
 	sbs, err := pgx.CollectRows(rows, pgx.RowToStructByName[Sandbox])
 	return sbs, mapErr(err, "expired capsules")
 }
+
+// expired is the condition of a capsule running past its end or its
+// inactivity timeout.
+const expired = `status = 'running' AND (end_at < now() OR timeout_sec > 0
+	AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now())`
 
 // StillExpired says whether capsule id is still running past its timeout
 // (Expired's rule), for a job that acts on an earlier listing: a ping or
 // a longer timeout since then saves it.
 func (s *Store) StillExpired(ctx context.Context, id string) (bool, error) {
 	var n int
-	err := s.Pool.QueryRow(ctx, `SELECT count(*) FROM sandboxes
-		WHERE id = $1 AND status = 'running' AND (end_at < now() OR timeout_sec > 0
-		AND coalesce(last_active_at, started_at, created_at) + make_interval(secs => timeout_sec) < now())`, id).Scan(&n)
+	err := s.Pool.QueryRow(ctx, "SELECT count(*) FROM sandboxes WHERE id = $1 AND "+expired, id).Scan(&n)
 	return n == 1, mapErr(err, "expired capsule")
 }
 

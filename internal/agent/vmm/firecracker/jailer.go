@@ -359,15 +359,10 @@ func (j *jailed) inRange(id int) bool { return id >= j.cfg.FirstID && id < j.cfg
 // jailer that failed after forking it. Its jail must not be removed (and
 // its uid handed on) under it.
 func (j *jailed) killStale(id string) {
-	b, err := os.ReadFile(j.pidFile(id))
+	inst, err := vmm.ReadPIDFile(j.pidFile(id))
 	if err != nil {
-		return
+		return // none written, or its process is gone
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b[:min(len(b), 32)])))
-	if err != nil || pid <= 0 {
-		return
-	}
-	inst := vmm.Instance{PID: pid}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_ = vmm.KillProcess(ctx, inst, marker(id))

@@ -211,20 +211,25 @@ func (d *Driver) Snapshot(ctx context.Context, spec vmm.Spec, inst vmm.Instance,
 }
 
 func waitMigration(ctx context.Context, c *qmp.Client) error {
+	status, desc, err := migrationUntil(ctx, c, func(status string) bool {
+		return status == "completed" || status == "failed" || status == "cancelled"
+	})
+	if err == nil && status != "completed" {
+		err = fmt.Errorf("migration %s: %s", status, desc)
+	}
+	return err
+}
+
+// migrationUntil polls the migration's status until done says it is one
+// to stop at, and returns it.
+func migrationUntil(ctx context.Context, c *qmp.Client, done func(status string) bool) (status, desc string, err error) {
 	for {
-		status, desc, err := c.MigrationStatus(ctx)
-		if err != nil {
-			return err
-		}
-		switch status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("migration %s: %s", status, desc)
+		if status, desc, err = c.MigrationStatus(ctx); err != nil || done(status) {
+			return status, desc, err
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return status, desc, ctx.Err()
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
@@ -307,19 +312,16 @@ func (d *Driver) Thaw(ctx context.Context, spec vmm.Spec, _ vmm.Instance) error 
 	defer c.Close()
 	// A save that failed or was given up on may still be migrating: a
 	// VM cannot continue while it does.
-	if status, _, err := c.MigrationStatus(ctx); err == nil && (status == "active" || status == "setup" || status == "device") {
+	going := func(status string) bool {
+		return status == "active" || status == "setup" || status == "device" || status == "cancelling"
+	}
+	if status, _, err := c.MigrationStatus(ctx); err == nil && going(status) && status != "cancelling" {
 		if _, err := c.Execute(ctx, "migrate_cancel", nil); err != nil {
 			return fmt.Errorf("qmp migrate_cancel: %w", err)
 		}
-		for status == "active" || status == "setup" || status == "device" || status == "cancelling" {
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-time.After(10 * time.Millisecond):
-			}
-			if status, _, err = c.MigrationStatus(ctx); err != nil {
-				return err
-			}
+		notGoing := func(status string) bool { return !going(status) }
+		if _, _, err := migrationUntil(ctx, c, notGoing); err != nil {
+			return err
 		}
 	}
 	if _, err := c.Execute(ctx, "cont", nil); err != nil {
