@@ -5,8 +5,6 @@ package files
 
 import (
 	"compress/gzip"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,6 +21,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/envd/httperr"
 	"github.com/wrenn/wrenn/internal/envd/identity"
+	"github.com/wrenn/wrenn/internal/envd/partfile"
 	"github.com/wrenn/wrenn/internal/envd/session"
 	"github.com/wrenn/wrenn/internal/envd/xmeta"
 )
@@ -280,9 +279,7 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader, meta m
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
-		var suffix [6]byte
-		_, _ = rand.Read(suffix[:])
-		tmp, err = os.OpenFile(filepath.Join(dir, "."+filepath.Base(path)+".upload-"+hex.EncodeToString(suffix[:])), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		tmp, err = os.OpenFile(partfile.Name(path), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 		return err
 	})
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/wrenn/wrenn/internal/envd/identity"
+	"github.com/wrenn/wrenn/internal/envd/partfile"
 	"github.com/wrenn/wrenn/internal/envd/session"
 	pb "github.com/wrenn/wrenn/proto/envd/filesystem"
 )
@@ -39,7 +40,14 @@ type dirWatch struct {
 	failed       chan error
 	done         chan struct{}
 	closeOnce    sync.Once
+	// uploaded holds targets whose part file was just renamed away (over
+	// them, as an upload ends); only run's goroutine touches it.
+	uploaded map[string]struct{}
 }
+
+// maxPendingUploads bounds uploaded: a part file renamed elsewhere never
+// has its target created.
+const maxPendingUploads = 1024
 
 func newDirWatch(actor *identity.Actor, n *names, root string, recursive, includeEntry bool) (*dirWatch, error) {
 	var fi fs.FileInfo
@@ -56,6 +64,7 @@ func newDirWatch(actor *identity.Actor, n *names, root string, recursive, includ
 	d := &dirWatch{
 		root: root, recursive: recursive, includeEntry: includeEntry, actor: actor, names: n, w: w,
 		events: make(chan *pb.FilesystemEvent, 64), failed: make(chan error, 1), done: make(chan struct{}),
+		uploaded: map[string]struct{}{},
 	}
 	if err := d.add(root); err != nil {
 		_ = w.Close()
@@ -125,8 +134,24 @@ func (d *dirWatch) run() {
 }
 
 // translate maps one inotify event to protocol events; fsnotify may merge
-// several operations into one event.
+// several operations into one event. An upload is written to a part file
+// and renamed over its target; clients (E2B's SDKs among them) expect to
+// see the target written, as if the upload had written it in place, and
+// nothing of the part file.
 func (d *dirWatch) translate(ev fsnotify.Event) []*pb.FilesystemEvent {
+	if target, ok := partfile.Target(ev.Name); ok {
+		if ev.Has(fsnotify.Rename) {
+			if len(d.uploaded) >= maxPendingUploads {
+				clear(d.uploaded)
+			}
+			d.uploaded[target] = struct{}{}
+		}
+		return nil
+	}
+	if _, ok := d.uploaded[ev.Name]; ok && ev.Has(fsnotify.Create) {
+		delete(d.uploaded, ev.Name)
+		ev.Op |= fsnotify.Write
+	}
 	name, err := filepath.Rel(d.root, ev.Name)
 	if err != nil {
 		name = ev.Name

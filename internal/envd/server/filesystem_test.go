@@ -1,9 +1,14 @@
 package server_test
 
 import (
+	"context"
+	"io"
+	"net/http"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -184,17 +189,15 @@ func TestFilesystemPermissionDenied(t *testing.T) {
 	}
 }
 
-func TestWatchDir(t *testing.T) {
-	h := newHarness(t)
-	ctx := testCtx(t, 30*time.Second)
-	root := t.TempDir()
-	_ = os.Mkdir(filepath.Join(root, "sub"), 0o755)
-
-	stream, err := h.fs.WatchDir(ctx, connect.NewRequest(&fspb.WatchDirRequest{Path: root, Recursive: true}))
+// watchEvents watches root and returns a function that waits for an
+// event, and every event seen so far.
+func watchEvents(t *testing.T, h *harness, ctx context.Context, root string, recursive bool) (expect func(name string, typ fspb.EventType), seen func() []*fspb.FilesystemEvent) {
+	t.Helper()
+	stream, err := h.fs.WatchDir(ctx, connect.NewRequest(&fspb.WatchDirRequest{Path: root, Recursive: recursive}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer stream.Close()
+	t.Cleanup(func() { _ = stream.Close() })
 	if !stream.Receive() || stream.Msg().GetStart() == nil {
 		t.Fatalf("no start event: %v", stream.Err())
 	}
@@ -207,7 +210,8 @@ func TestWatchDir(t *testing.T) {
 		}
 		close(events)
 	}()
-	expect := func(name string, typ fspb.EventType) {
+	var all []*fspb.FilesystemEvent
+	expect = func(name string, typ fspb.EventType) {
 		t.Helper()
 		timeout := time.After(5 * time.Second)
 		for {
@@ -216,6 +220,7 @@ func TestWatchDir(t *testing.T) {
 				if !ok {
 					t.Fatalf("stream ended waiting for %v %s", typ, name)
 				}
+				all = append(all, ev)
 				if ev.GetName() == name && ev.GetType() == typ {
 					return
 				}
@@ -224,6 +229,15 @@ func TestWatchDir(t *testing.T) {
 			}
 		}
 	}
+	return expect, func() []*fspb.FilesystemEvent { return all }
+}
+
+func TestWatchDir(t *testing.T) {
+	h := newHarness(t)
+	ctx := testCtx(t, 30*time.Second)
+	root := t.TempDir()
+	_ = os.Mkdir(filepath.Join(root, "sub"), 0o755)
+	expect, _ := watchEvents(t, h, ctx, root, true)
 
 	f := filepath.Join(root, "sub", "a.txt")
 	_ = os.WriteFile(f, []byte("1"), 0o644)
@@ -242,6 +256,34 @@ func TestWatchDir(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	_ = os.WriteFile(filepath.Join(root, "late", "x"), nil, 0o644)
 	expect("late/x", fspb.EventType_EVENT_TYPE_CREATE)
+}
+
+// An upload goes to a part file renamed over its target; a watcher sees
+// the target created and written, as E2B's SDK tests expect, and nothing
+// of the part file.
+func TestWatchDirSeesUploadsAsWrites(t *testing.T) {
+	h := newHarness(t)
+	ctx := testCtx(t, 30*time.Second)
+	root := t.TempDir()
+	expect, seen := watchEvents(t, h, ctx, root, false)
+	dest := filepath.Join(root, "notes.txt")
+	for i, content := range []string{"first", "second"} {
+		res, body := h.upload(t, neturl.Values{"path": {dest}}, map[string]io.Reader{"x": strings.NewReader(content)})
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("upload %d: %d %s", i, res.StatusCode, body)
+		}
+		if i == 0 {
+			expect("notes.txt", fspb.EventType_EVENT_TYPE_CREATE)
+		}
+		expect("notes.txt", fspb.EventType_EVENT_TYPE_WRITE)
+	}
+	_ = os.WriteFile(filepath.Join(root, "end"), nil, 0o644)
+	expect("end", fspb.EventType_EVENT_TYPE_CREATE)
+	for _, ev := range seen() {
+		if ev.GetName() != "notes.txt" && ev.GetName() != "end" {
+			t.Fatalf("event for %q (%v): only the upload's target should show", ev.GetName(), ev.GetType())
+		}
+	}
 }
 
 func TestPollingWatcher(t *testing.T) {
