@@ -33,6 +33,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
+	"github.com/wrenn/wrenn/internal/controlplane/oauthlogin"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
 	"github.com/wrenn/wrenn/internal/controlplane/seal"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
@@ -126,7 +127,7 @@ func keyring() (*seal.Keyring, error) {
 // signer uses WRENN_JWT_SECRET, or else a secret generated once and kept
 // in the database, so every replica signs and verifies alike.
 func signer(ctx context.Context, st *store.Store) (*auth.Signer, error) {
-	secret := os.Getenv("WRENN_JWT_SECRET")
+	secret := envconf.String("WRENN_JWT_SECRET", os.Getenv("JWT_SECRET")) // JWT_SECRET: upstream's name
 	if secret == "" {
 		var err error
 		secret, err = st.Setting(ctx, "jwt_secret", ids.Random(32))
@@ -196,7 +197,7 @@ func serve(cmd string, args []string) error {
 	}
 	notifyClient := notify.NewClient(allowPrivate)
 	var mailer mail.Sender
-	if v := os.Getenv("WRENN_SMTP_URL"); v != "" {
+	if v := envconf.String("WRENN_SMTP_URL", upstreamSMTPURL()); v != "" {
 		m, err := mail.Parse(v)
 		if err != nil {
 			return fmt.Errorf("WRENN_SMTP_URL: %w", err)
@@ -265,14 +266,22 @@ func serve(cmd string, args []string) error {
 	if defaultDisk < 256 || maxDisk < defaultDisk {
 		return fmt.Errorf("WRENN_DEFAULT_DISK_MB must be at least 256 and no more than WRENN_MAX_DISK_MB")
 	}
+	providers, err := oauthProviders(log)
+	if err != nil {
+		return err
+	}
+	grace, err := envconf.Duration("WRENN_ACCOUNT_GRACE", 15*24*time.Hour)
+	if err != nil {
+		return err
+	}
 	agents := &agentclient.Pool{TLS: agentTLS, HostIdentity: ca != nil}
 	srv := api.New(api.Config{Store: st, Signer: sg, Agents: agents, Log: log, NotifyClient: notifyClient,
-		Mailer: mailer, PublicURL: os.Getenv("WRENN_PUBLIC_URL"), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
+		Mailer: mailer, PublicURL: publicURL(), Dashboard: web.Handler(), AgentCA: ca, HostAddresses: addresses,
 		TrustedProxies: proxies, PublicPerMinute: float64(authRate), SignupsPerHour: float64(signups), Quotas: quotas,
 		IngressDomain: ing.domain, IngressScheme: ing.scheme, E2BVCPUs: e2bVCPUs, E2BMemoryMB: e2bMemory,
-		DefaultDiskMB: defaultDisk, MaxDiskMB: maxDisk})
+		DefaultDiskMB: defaultDisk, MaxDiskMB: maxDisk, OAuth: providers})
 	defer srv.Close()
-	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses}
+	rec := &reconciler.Reconciler{Store: st, Agents: agents, Actions: srv, Log: log, Interval: interval, HostSilence: silence, HostAddresses: addresses, AccountGrace: grace}
 	go rec.Run(ctx)
 	disp := &notify.Dispatcher{Store: st, Client: notifyClient, Log: log}
 	go disp.Run(ctx, srv.EventsChanged)
@@ -316,6 +325,55 @@ func serve(cmd string, args []string) error {
 	return hs.Shutdown(sctx)
 }
 
+// publicURL is WRENN_PUBLIC_URL, or upstream's CP_PUBLIC_URL.
+func publicURL() string {
+	return envconf.String("WRENN_PUBLIC_URL", os.Getenv("CP_PUBLIC_URL"))
+}
+
+// upstreamSMTPURL is upstream Wrenn's SMTP_HOST, SMTP_PORT,
+// SMTP_USERNAME, SMTP_PASSWORD and SMTP_FROM_EMAIL as one WRENN_SMTP_URL
+// ("" without SMTP_HOST). Port 465 is TLS from the start, as upstream.
+func upstreamSMTPURL() string {
+	host := os.Getenv("SMTP_HOST")
+	if host == "" {
+		return ""
+	}
+	port := envconf.String("SMTP_PORT", "587")
+	u := url.URL{Scheme: "smtp", Host: net.JoinHostPort(host, port),
+		RawQuery: url.Values{"from": {envconf.String("SMTP_FROM_EMAIL", "noreply@wrenn.dev")}}.Encode()}
+	if port == "465" {
+		u.Scheme = "smtps"
+	}
+	if user := os.Getenv("SMTP_USERNAME"); user != "" {
+		u.User = url.UserPassword(user, os.Getenv("SMTP_PASSWORD"))
+	}
+	return u.String()
+}
+
+// oauthProviders are the sign-in providers configured: GitHub with
+// WRENN_GITHUB_CLIENT_ID and WRENN_GITHUB_CLIENT_SECRET (upstream's
+// OAUTH_GITHUB_CLIENT_ID/SECRET also work), and WRENN_GITHUB_URL and
+// WRENN_GITHUB_API_URL for GitHub Enterprise Server. The callback is
+// WRENN_PUBLIC_URL/auth/oauth/github/callback, so that must be set.
+func oauthProviders(log *slog.Logger) (map[string]oauthlogin.Provider, error) {
+	id := envconf.String("WRENN_GITHUB_CLIENT_ID", os.Getenv("OAUTH_GITHUB_CLIENT_ID"))
+	secret := envconf.String("WRENN_GITHUB_CLIENT_SECRET", os.Getenv("OAUTH_GITHUB_CLIENT_SECRET"))
+	if id == "" && secret == "" {
+		return nil, nil
+	}
+	if id == "" || secret == "" {
+		return nil, errors.New("sign-in with GitHub needs both WRENN_GITHUB_CLIENT_ID and WRENN_GITHUB_CLIENT_SECRET")
+	}
+	pub := strings.TrimRight(publicURL(), "/")
+	if u, err := url.Parse(pub); pub == "" || err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return nil, errors.New("sign-in with GitHub needs WRENN_PUBLIC_URL (https://wrenn.example.com): GitHub sends users back to <it>/auth/oauth/github/callback")
+	}
+	gh := oauthlogin.NewGitHub(oauthlogin.GitHubConfig{ClientID: id, ClientSecret: secret, CallbackURL: pub + "/auth/oauth/github/callback",
+		WebURL: os.Getenv("WRENN_GITHUB_URL"), APIURL: os.Getenv("WRENN_GITHUB_API_URL")})
+	log.Info("sign-in with GitHub enabled", "callback", pub+"/auth/oauth/github/callback")
+	return map[string]oauthlogin.Provider{gh.Name(): gh}, nil
+}
+
 // ingressSettings say where sandbox ports are served and how their URLs read.
 type ingressSettings struct {
 	domain, scheme string
@@ -330,7 +388,7 @@ type ingressSettings struct {
 // optional listener of its own, with TLS for a wildcard certificate.
 func ingressConfig(apiListen string) (ingressSettings, error) {
 	s := ingressSettings{domain: os.Getenv("WRENN_INGRESS_DOMAIN"), scheme: "http", listen: os.Getenv("WRENN_INGRESS_LISTEN_ADDR")}
-	if pub := os.Getenv("WRENN_PUBLIC_URL"); pub != "" {
+	if pub := publicURL(); pub != "" {
 		u, err := url.Parse(pub)
 		if err != nil || u.Host == "" {
 			return s, fmt.Errorf("WRENN_PUBLIC_URL %q is not a URL", pub)

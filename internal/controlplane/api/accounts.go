@@ -244,8 +244,77 @@ func (s *Server) me(w http.ResponseWriter, r *http.Request, p *principal) error 
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"user_id": u.ID, "name": u.Name, "email": u.Email, "has_password": true,
-		"providers": []string{}, "is_admin": u.IsAdmin, "team_id": p.TeamID, "role": p.Role, "created_at": u.CreatedAt})
+	linked, err := s.st.Identities(r.Context(), u.ID)
+	if err != nil {
+		return err
+	}
+	providers := make([]string, 0, len(linked))
+	for _, id := range linked {
+		providers = append(providers, id.Provider)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"user_id": u.ID, "name": u.Name, "email": u.Email, "has_password": u.PasswordHash != "",
+		"providers": providers, "is_admin": u.IsAdmin, "team_id": p.TeamID, "role": p.Role, "created_at": u.CreatedAt})
+	return nil
+}
+
+// deleteMe deletes the caller's account, as upstream: the body repeats
+// the account's email; it is refused while the user owns a team others
+// belong to (or is the last platform admin); the teams they alone own go
+// (their capsules destroyed); the account is purged after the grace
+// period (WRENN_ACCOUNT_GRACE).
+func (s *Server) deleteMe(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var req struct {
+		Confirmation string `json:"confirmation"`
+	}
+	if err := decode(w, r, &req, false); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	u, err := s.st.UserByID(ctx, p.UserID)
+	if err != nil {
+		return err
+	}
+	if !strings.EqualFold(strings.TrimSpace(req.Confirmation), u.Email) {
+		return badRequest("confirmation must be your account's email address")
+	}
+	blockers, alone, err := s.st.DeletionBlockers(ctx, u.ID)
+	if err != nil {
+		return err
+	}
+	if blockers.SharedTeams > 0 {
+		return errf(http.StatusConflict, "owns_team_with_members",
+			"you own %d team(s) with other members: transfer ownership or remove the members before deleting your account", blockers.SharedTeams)
+	}
+	if blockers.LastAdmin {
+		return errf(http.StatusConflict, "last_admin", "you are the only platform admin: make another user admin before deleting your account")
+	}
+	for _, teamID := range alone {
+		if err := s.removeTeam(ctx, p, teamID, "its owner deleted their account"); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+	}
+	err = s.st.DeleteAccount(ctx, u.ID)
+	s.audit(ctx, p, "", "user", u.ID, "user.delete", err, map[string]any{"teams_deleted": len(alone)})
+	if err != nil {
+		return err
+	}
+	s.log.Info("account deleted by its user; purged after the grace period", "user", u.ID, "teams_deleted", len(alone))
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// searchUsers finds accounts by the start of their email, for adding
+// team members: at least three characters with an "@", ten answers.
+func (s *Server) searchUsers(w http.ResponseWriter, r *http.Request, _ *principal) error {
+	prefix := strings.TrimSpace(r.URL.Query().Get("email"))
+	if len(prefix) < 3 || !strings.Contains(prefix, "@") || len(prefix) > 254 {
+		return badRequest("email must be the start of an address: at least 3 characters, with its @")
+	}
+	found, err := s.st.SearchUsers(r.Context(), prefix, 10)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, found)
 	return nil
 }
 
@@ -277,6 +346,7 @@ func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *princ
 	var req struct {
 		CurrentPassword string `json:"current_password"`
 		NewPassword     string `json:"new_password"`
+		ConfirmPassword string `json:"confirm_password"`
 	}
 	if err := decode(w, r, &req, false); err != nil {
 		return err
@@ -288,7 +358,13 @@ func (s *Server) changePassword(w http.ResponseWriter, r *http.Request, p *princ
 	if err != nil {
 		return err
 	}
-	if auth.CheckPassword(u.PasswordHash, req.CurrentPassword) != nil {
+	if u.PasswordHash == "" {
+		// An account made through a provider adds its first password; it
+		// has no current one, so the new one is typed twice (as upstream).
+		if req.ConfirmPassword != req.NewPassword {
+			return badRequest("confirm_password must repeat new_password")
+		}
+	} else if auth.CheckPassword(u.PasswordHash, req.CurrentPassword) != nil {
 		s.audit(r.Context(), p, "", "user", u.ID, "user.password_change", errors.New("wrong current password"), nil)
 		return errf(http.StatusUnauthorized, "invalid_credentials", "the current password is wrong")
 	}

@@ -105,6 +105,9 @@ func (s *Server) adminSetUserActive(w http.ResponseWriter, r *http.Request, p *p
 	if u.ID == p.UserID && !*req.Active {
 		return conflict("you cannot deactivate your own account")
 	}
+	if u.Status == "deleted" {
+		return errf(http.StatusConflict, "invalid_state", "this account was deleted by its user and is purged when its grace period ends")
+	}
 	status := "disabled"
 	if *req.Active {
 		status = "active"

@@ -23,6 +23,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/ingress"
 	"github.com/wrenn/wrenn/internal/controlplane/mail"
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
+	"github.com/wrenn/wrenn/internal/controlplane/oauthlogin"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 )
 
@@ -86,6 +87,9 @@ type Config struct {
 	// 512 GiB).
 	DefaultDiskMB int
 	MaxDiskMB     int
+	// OAuth are the sign-in providers (GitHub), by name; their callbacks
+	// are PublicURL/auth/oauth/<name>/callback.
+	OAuth map[string]oauthlogin.Provider
 }
 
 // mailsPerHour is how many password-reset mails one account may be sent.
@@ -204,6 +208,13 @@ var routes = []route{
 	{"POST", "/v1/auth/activate", public, (*Server).activate},
 	{"POST", "/v1/auth/login", public, (*Server).login},
 	{"POST", "/v1/auth/switch-team", user, (*Server).switchTeam},
+	{"GET", "/v1/auth/providers", public, (*Server).listOAuthProviders},
+	{"GET", "/auth/oauth/{provider}", public, (*Server).oauthStart},
+	{"GET", "/auth/oauth/{provider}/callback", public, (*Server).oauthCallback},
+	{"GET", "/v1/me/providers/{provider}/connect", user, (*Server).oauthConnect},
+	{"DELETE", "/v1/me/providers/{provider}", user, (*Server).oauthDisconnect},
+	{"DELETE", "/v1/me", user, (*Server).deleteMe},
+	{"GET", "/v1/users/search", user, (*Server).searchUsers},
 	{"GET", "/v1/me", user, (*Server).me},
 	{"PATCH", "/v1/me", user, (*Server).updateMe},
 	{"POST", "/v1/me/password", user, (*Server).changePassword},

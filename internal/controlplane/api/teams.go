@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"regexp"
@@ -238,22 +239,27 @@ func (s *Server) deleteTeam(w http.ResponseWriter, r *http.Request, p *principal
 	if err := teamFor(r, p, "owner"); err != nil {
 		return err
 	}
-	live, err := s.st.Sandboxes(r.Context(), store.SandboxFilter{TeamID: p.TeamID, Statuses: store.Live})
-	if err != nil {
-		return err
-	}
-	for _, sb := range live {
-		if err := s.destroyOnHost(r.Context(), sb); err != nil {
-			return err
-		}
-	}
-	err = s.st.DeleteTeam(r.Context(), p.TeamID)
-	s.audit(r.Context(), p, p.TeamID, "team", p.TeamID, "team.delete", err, map[string]any{"capsules_destroyed": len(live)})
-	if err != nil {
+	if err := s.removeTeam(r.Context(), p, p.TeamID, "deleted by its owner"); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+// removeTeam destroys a team's live capsules and marks it deleted.
+func (s *Server) removeTeam(ctx context.Context, p *principal, teamID, reason string) error {
+	live, err := s.st.Sandboxes(ctx, store.SandboxFilter{TeamID: teamID, Statuses: store.Live})
+	if err != nil {
+		return err
+	}
+	for _, sb := range live {
+		if err := s.destroyOnHost(ctx, sb); err != nil {
+			return err
+		}
+	}
+	err = s.st.DeleteTeam(ctx, teamID)
+	s.audit(ctx, p, teamID, "team", teamID, "team.delete", err, map[string]any{"capsules_destroyed": len(live), "reason": reason})
+	return err
 }
 
 func (s *Server) listMembers(w http.ResponseWriter, r *http.Request, p *principal) error {

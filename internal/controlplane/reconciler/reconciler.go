@@ -53,6 +53,9 @@ type Reconciler struct {
 	// PerHost those on one host (default 4): a slow host's operations wait
 	// for its own slots, not everyone's.
 	Concurrency, PerHost int
+	// AccountGrace is how long a deleted account is kept before it is
+	// purged (default 15 days, as upstream).
+	AccountGrace time.Duration
 
 	mu        sync.Mutex
 	inflight  map[string]bool // capsules with an operation running
@@ -121,6 +124,7 @@ func (r *Reconciler) pass(ctx context.Context) (bool, error) {
 		if err := r.Store.Prune(ctx); err != nil {
 			r.Log.Warn("prune old samples and events", "err", err)
 		}
+		r.purgeAccounts(ctx)
 		return nil
 	})
 	if !ran || err != nil {
@@ -399,4 +403,18 @@ func (r *Reconciler) client(ctx context.Context, hostID string) (agentclient.Cli
 		return nil, false
 	}
 	return r.Agents.Get(h.ID, *h.Address, *h.AgentToken), true
+}
+
+// purgeAccounts removes accounts deleted longer ago than AccountGrace.
+func (r *Reconciler) purgeAccounts(ctx context.Context) {
+	grace := r.AccountGrace
+	if grace <= 0 {
+		grace = 15 * 24 * time.Hour
+	}
+	n, err := r.Store.PurgeDeletedUsers(ctx, grace)
+	if err != nil {
+		r.Log.Warn("purge deleted accounts", "err", err)
+	} else if n > 0 {
+		r.Log.Info("purged deleted accounts past their grace period", "accounts", n, "grace", grace)
+	}
 }

@@ -58,6 +58,11 @@ const signupLock = 0x77726e6e00000002
 // an install, or one created with makeAdmin, is a platform admin. It
 // returns the stored user.
 func (s *Store) CreateUser(ctx context.Context, u User, team Team, makeAdmin bool) (User, error) {
+	return s.createUser(ctx, u, team, makeAdmin, nil)
+}
+
+// createUser is CreateUser with more to do in its transaction.
+func (s *Store) createUser(ctx context.Context, u User, team Team, makeAdmin bool, also func(pgx.Tx) error) (User, error) {
 	err := s.inTx(ctx, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(signupLock)); err != nil {
 			return err
@@ -72,7 +77,10 @@ func (s *Store) CreateUser(ctx context.Context, u User, team Team, makeAdmin boo
 			u.ID, u.Email, u.Name, u.PasswordHash, u.IsAdmin, u.Status).Scan(&u.CreatedAt, &u.UpdatedAt); err != nil {
 			return err
 		}
-		return insertTeam(ctx, tx, team, u.ID)
+		if err := insertTeam(ctx, tx, team, u.ID); err != nil || also == nil {
+			return err
+		}
+		return also(tx)
 	})
 	return u, mapErr(err, "create user")
 }
