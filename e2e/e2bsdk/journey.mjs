@@ -141,13 +141,39 @@ try {
   assert.ok(later > before + 300_000, `setTimeout moved endAt from ${info.endAt.toISOString()} to ${new Date(later).toISOString()}`)
   step('list, getInfo, setTimeout')
 
+  // Snapshots: a named snapshot makes sandboxes with its files; it is
+  // listed, by name and by source, and deleted once.
+  await sbx.files.write('/home/user/snap.txt', 'in the snapshot')
+  const snap = await sbx.createSnapshot({ name: 'journey-snap' })
+  assert.ok(snap.names.some((n) => n.includes('journey-snap')), JSON.stringify(snap))
+  const fromSnap = await Sandbox.create(snap.snapshotId, { timeoutMs: 120_000 })
+  made.push(fromSnap)
+  assert.equal(await fromSnap.files.read('/home/user/snap.txt'), 'in the snapshot')
+  await fromSnap.kill()
+  assert.ok((await Sandbox.listSnapshots({ name: 'journey-snap' }).nextItems()).some((x) => x.snapshotId === snap.snapshotId))
+  assert.ok((await sbx.listSnapshots().nextItems()).some((x) => x.snapshotId === snap.snapshotId))
+  assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), true)
+  assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), false)
+  // Fork: a running copy with the same files; the original runs on.
+  const [fork] = await sbx.fork()
+  assert.ok(fork instanceof Sandbox, String(fork))
+  made.push(fork)
+  assert.notEqual(fork.sandboxId, sbx.sandboxId)
+  assert.equal(await fork.files.read('/home/user/snap.txt'), 'in the snapshot')
+  assert.equal(await sbx.isRunning(), true)
+  await fork.kill()
+  step('snapshots: create, create from, list, delete; fork')
+
   // Pause, then connect resumes it with its memory.
   await sbx.commands.run('echo kept-in-memory > /dev/shm/mark')
   assert.equal(await sbx.pause(), true)
   assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'paused')
+  // As from E2B's edge: a paused sandbox answers 502, which isRunning reads as false.
+  assert.equal(await sbx.isRunning(), false)
   const again = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
   assert.equal((await again.commands.run('cat /dev/shm/mark')).stdout, 'kept-in-memory\n')
   assert.equal((await again.getInfo()).state, 'running')
+  assert.equal(await again.isRunning(), true)
   step('pause, connect')
 
   // Another team's key finds nothing; a bad key is refused.
@@ -158,6 +184,7 @@ try {
 
   // Kill.
   assert.equal(await again.kill(), true)
+  assert.equal(await again.isRunning(), false)
   assert.equal(await Sandbox.kill(sbx.sandboxId), false)
   await assert.rejects(Sandbox.getInfo(sbx.sandboxId), (e) => e instanceof SandboxNotFoundError)
   made.length = 0

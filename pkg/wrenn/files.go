@@ -14,13 +14,16 @@ import (
 
 // FileEntry is one directory entry in a capsule.
 type FileEntry struct {
-	Name        string `json:"name"`
-	Path        string `json:"path"`
-	Type        string `json:"type"` // file or directory
-	Size        int64  `json:"size"`
-	Mode        uint32 `json:"mode"`
-	Permissions string `json:"permissions"`
-	ModifiedAt  int64  `json:"modified_at"` // Unix seconds
+	Name          string  `json:"name"`
+	Path          string  `json:"path"`
+	Type          string  `json:"type"` // file, directory or symlink
+	Size          int64   `json:"size"`
+	Mode          uint32  `json:"mode"`
+	Permissions   string  `json:"permissions"`
+	Owner         string  `json:"owner"`
+	Group         string  `json:"group"`
+	ModifiedAt    int64   `json:"modified_at"`              // Unix seconds
+	SymlinkTarget *string `json:"symlink_target,omitempty"` // symlinks only
 }
 
 // WriteFile streams r into a file at dest in the capsule (parents are

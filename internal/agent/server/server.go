@@ -581,9 +581,17 @@ func (s *Server) ListDir(ctx context.Context, req *connect.Request[pb.ListDirReq
 	}
 	res := &pb.ListDirResponse{}
 	for _, e := range entries {
+		typ := "file"
+		switch e.GetType() {
+		case fspb.FileType_FILE_TYPE_DIRECTORY:
+			typ = "directory"
+		case fspb.FileType_FILE_TYPE_SYMLINK:
+			typ = "symlink"
+		}
 		res.Entries = append(res.Entries, &pb.FileEntry{
 			Name: e.GetName(), Path: e.GetPath(), IsDir: e.GetType() == fspb.FileType_FILE_TYPE_DIRECTORY,
-			Size: e.GetSize(), Mode: e.GetMode(), ModifiedAt: e.GetModifiedTime(),
+			Size: e.GetSize(), Mode: e.GetMode(), ModifiedAt: e.GetModifiedTime(), Type: typ,
+			Permissions: e.GetPermissions(), Owner: e.GetOwner(), Group: e.GetGroup(), SymlinkTarget: e.SymlinkTarget,
 		})
 	}
 	return connect.NewResponse(res), nil

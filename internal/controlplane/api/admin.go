@@ -209,6 +209,9 @@ func (s *Server) adminDeleteTeam(w http.ResponseWriter, r *http.Request, p *prin
 	if !ids.Valid("team", id) {
 		return notFound("team")
 	}
+	if id == store.PlatformTeamID {
+		return conflict("the platform team holds the platform capsules and cannot be deleted")
+	}
 	if _, err := s.st.Team(r.Context(), id); errors.Is(err, store.ErrNotFound) {
 		return notFound("team")
 	} else if err != nil {
@@ -272,13 +275,6 @@ func (s *Server) adminDeleteTemplate(w http.ResponseWriter, r *http.Request, p *
 	s.audit(r.Context(), p, "", "template", t.ID, "template.delete", nil, map[string]any{"name": name})
 	w.WriteHeader(http.StatusNoContent)
 	return nil
-}
-
-func (s *Server) adminListCapsules(w http.ResponseWriter, r *http.Request, p *principal) error {
-	if err := requireAdmin(p); err != nil {
-		return err
-	}
-	return s.writeCapsules(w, r, "")
 }
 
 func (s *Server) adminListAuditLogs(w http.ResponseWriter, r *http.Request, p *principal) error {

@@ -55,7 +55,7 @@ func TestAdminRoutes(t *testing.T) {
 
 	// Across teams: capsules, templates, audit.
 	var caps []capsuleOut
-	c.want(c.do("GET", "/v1/admin/capsules", creds{jwt: admin.jwt}, nil), 200).json(t, &caps)
+	c.want(c.do("GET", "/v1/admin/capsules?all=true", creds{jwt: admin.jwt}, nil), 200).json(t, &caps)
 	if len(caps) != 1 || caps[0].ID != "sb-bobscapsule000001" {
 		t.Fatalf("admin capsules: %+v", caps)
 	}
@@ -80,9 +80,10 @@ func TestAdminRoutes(t *testing.T) {
 	// Deleting a team destroys its capsules and ends its keys.
 	var teams []map[string]any
 	c.want(c.do("GET", "/v1/admin/teams", creds{jwt: admin.jwt}, nil), 200).json(t, &teams)
-	if len(teams) != 2 {
+	if len(teams) != 3 { // the two accounts' and the platform team
 		t.Fatalf("teams: %+v", teams)
 	}
+	c.want(c.do("DELETE", "/v1/admin/teams/team-platform", creds{jwt: admin.jwt}, nil), 409)
 	c.want(c.do("DELETE", "/v1/admin/teams/"+bob.teamID, creds{jwt: admin.jwt}, nil), 204)
 	c.want(c.do("GET", "/v1/capsules", creds{key: bobKey}, nil), 401)
 	sb, err := c.st.Sandbox(t.Context(), "", "sb-bobscapsule000001")

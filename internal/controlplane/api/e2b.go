@@ -46,6 +46,10 @@ var e2bRoutes = []e2bRoute{
 	{"POST", "/sandboxes/{sandboxID}/timeout", (*Server).e2bSetTimeout},
 	{"POST", "/sandboxes/{sandboxID}/refreshes", (*Server).e2bRefresh},
 	{"GET", "/sandboxes/{sandboxID}/metrics", (*Server).e2bMetrics},
+	{"POST", "/sandboxes/{sandboxID}/snapshots", (*Server).e2bCreateSnapshot},
+	{"POST", "/sandboxes/{sandboxID}/fork", (*Server).e2bFork},
+	{"GET", "/snapshots", (*Server).e2bListSnapshots},
+	{"DELETE", "/templates/{templateID}", (*Server).e2bDeleteTemplate},
 	{"GET", "/templates", (*Server).e2bTemplates},
 	{"GET", "/templates/{templateID}", (*Server).e2bGetTemplate},
 	{"GET", "/templates/aliases/{alias}", (*Server).e2bAlias},
@@ -495,7 +499,7 @@ func (s *Server) e2bListV2(w http.ResponseWriter, r *http.Request, p *principal)
 		if err != nil {
 			return badRequest("startedAfter must be an RFC 3339 time")
 		}
-		f.CreatedAfter = &t
+		f.StartedAfter = &t
 	}
 	if v := q.Get("template"); v != "" {
 		f.Template = v
@@ -838,7 +842,8 @@ func (s *Server) e2bMetrics(w http.ResponseWriter, r *http.Request, p *principal
 		out = append(out, e2bMetric{Timestamp: m.At.UTC(), TimestampUnix: m.At.Unix(), CPUCount: sb.VCPUs, CPUUsedPct: m.CPUPct,
 			MemUsed: m.MemBytes, MemTotal: memTotal, DiskUsed: m.DiskBytes, DiskTotal: diskTotal})
 	}
-	if len(out) == 0 && sb.Status == "running" && sb.HostID != nil {
+	// No sample kept yet: a live one, when the range reaches now.
+	if len(out) == 0 && sb.Status == "running" && sb.HostID != nil && !end.Before(time.Now().Add(-10*time.Second)) {
 		if c, _, err := s.agentFor(r.Context(), *sb.HostID); err == nil {
 			if m, err := c.GetSandboxMetrics(r.Context(), connect.NewRequest(&pb.GetSandboxMetricsRequest{Id: sb.ID})); err == nil {
 				now := time.Now().UTC()

@@ -200,24 +200,36 @@ func (s *Server) streamReadFile(w http.ResponseWriter, r *http.Request, p *princ
 	return nil
 }
 
+// fileEntryJSON is a directory entry, in upstream Wrenn's shape.
 type fileEntryJSON struct {
-	Name        string `json:"name"`
-	Path        string `json:"path"`
-	Type        string `json:"type"`
-	Size        int64  `json:"size"`
-	Mode        uint32 `json:"mode"`
-	Permissions string `json:"permissions"`
-	ModifiedAt  int64  `json:"modified_at"`
+	Name          string  `json:"name"`
+	Path          string  `json:"path"`
+	Type          string  `json:"type"` // file, directory or symlink
+	Size          int64   `json:"size"`
+	Mode          uint32  `json:"mode"`
+	Permissions   string  `json:"permissions"`
+	Owner         string  `json:"owner"`
+	Group         string  `json:"group"`
+	ModifiedAt    int64   `json:"modified_at"`
+	SymlinkTarget *string `json:"symlink_target,omitempty"`
 }
 
 func toEntry(e *pb.FileEntry) fileEntryJSON {
 	mode := fs.FileMode(e.GetMode() & 0o777)
-	typ := "file"
+	typ := e.GetType()
 	if e.GetIsDir() {
 		typ, mode = "directory", mode|fs.ModeDir
 	}
+	if typ == "" {
+		typ = "file" // an agent from before types were reported
+	}
+	perms := e.GetPermissions()
+	if perms == "" {
+		perms = mode.String()
+	}
 	return fileEntryJSON{Name: e.GetName(), Path: e.GetPath(), Type: typ, Size: e.GetSize(), Mode: e.GetMode(),
-		Permissions: mode.String(), ModifiedAt: e.GetModifiedAt().AsTime().Unix()}
+		Permissions: perms, Owner: e.GetOwner(), Group: e.GetGroup(), ModifiedAt: e.GetModifiedAt().AsTime().Unix(),
+		SymlinkTarget: e.SymlinkTarget}
 }
 
 func (s *Server) listDir(w http.ResponseWriter, r *http.Request, p *principal) error {

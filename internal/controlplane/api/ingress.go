@@ -105,6 +105,27 @@ func ingressError(w http.ResponseWriter, status int, code, format string, args .
 	_ = json.NewEncoder(w).Encode(map[string]any{"code": status, "message": msg, "error": map[string]string{"code": code, "message": msg}})
 }
 
+// e2bStyle says a request is made as E2B's SDKs make them: to envd's
+// port, or named by the E2b-Sandbox-* headers.
+func e2bStyle(t ingress.Target) bool { return t.Port == ingress.EnvdPort || !t.ByHost }
+
+// ingressGone answers for a capsule that cannot take traffic (unknown,
+// destroyed, paused, timed out). E2B's edge answers every such case 502
+// with {sandboxId, message, code}, and the SDKs read exactly that as "not
+// running" (isRunning), so E2B-style requests get that; others get status.
+func ingressGone(w http.ResponseWriter, t ingress.Target, status int, code, format string, args ...any) {
+	if !e2bStyle(t) {
+		ingressError(w, status, code, format, args...)
+		return
+	}
+	msg := fmt.Sprintf(format, args...)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusBadGateway)
+	_ = json.NewEncoder(w).Encode(map[string]any{"sandboxId": t.SandboxID, "code": http.StatusBadGateway, "message": msg,
+		"error": map[string]string{"code": code, "message": msg}})
+}
+
 // serveIngress forwards a request for a sandbox port to the agent that
 // runs the capsule, after checking who may reach it.
 func (s *Server) serveIngress(w http.ResponseWriter, r *http.Request, t ingress.Target, terr error) {
@@ -157,7 +178,7 @@ func (s *Server) ingressRoute(w http.ResponseWriter, r *http.Request, t ingress.
 	for {
 		route, err := s.routes.get(ctx, t.SandboxID, load)
 		if errors.Is(err, store.ErrNotFound) {
-			ingressError(w, http.StatusNotFound, "not_found", "no capsule %s: it does not exist or was destroyed", t.SandboxID)
+			ingressGone(w, t, http.StatusNotFound, "not_found", "no capsule %s: it does not exist or was destroyed", t.SandboxID)
 			return route, false
 		}
 		if err != nil {
@@ -167,6 +188,11 @@ func (s *Server) ingressRoute(w http.ResponseWriter, r *http.Request, t ingress.
 		}
 		switch route.Status {
 		case "running":
+			if route.EndAt != nil && time.Now().After(*route.EndAt) && e2bStyle(t) {
+				// Its time is up; the reconciler ends it within a pass.
+				ingressGone(w, t, http.StatusNotFound, "timed_out", "capsule %s reached its timeout", t.SandboxID)
+				return route, false
+			}
 			if route.HostID == nil {
 				ingressError(w, http.StatusServiceUnavailable, "not_placed", "capsule %s is on no host", t.SandboxID)
 				return route, false
@@ -174,7 +200,7 @@ func (s *Server) ingressRoute(w http.ResponseWriter, r *http.Request, t ingress.
 			return route, true
 		case "paused":
 			if !route.AutoResume {
-				ingressError(w, http.StatusConflict, "capsule_paused",
+				ingressGone(w, t, http.StatusConflict, "capsule_paused",
 					"capsule %s is paused: resume it (POST /v1/capsules/%s/resume), or create capsules with auto_resume to resume on traffic", t.SandboxID, t.SandboxID)
 				return route, false
 			}
@@ -199,7 +225,7 @@ func (s *Server) ingressRoute(w http.ResponseWriter, r *http.Request, t ingress.
 			ingressError(w, http.StatusBadGateway, "capsule_failed", "capsule %s failed and cannot take traffic", t.SandboxID)
 			return route, false
 		default: // stopping, stopped, hibernated, missing
-			ingressError(w, http.StatusNotFound, "not_found", "capsule %s is %s", t.SandboxID, route.Status)
+			ingressGone(w, t, http.StatusNotFound, "not_found", "capsule %s is %s", t.SandboxID, route.Status)
 			return route, false
 		}
 		if time.Now().After(deadline) {

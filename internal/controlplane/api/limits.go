@@ -127,11 +127,11 @@ func (s *Server) setDeadlines(w http.ResponseWriter, r *http.Request, rt route) 
 	l := s.cfg.Limits
 	read, write := l.Body, l.Write
 	switch {
-	case streams[rt.path]:
+	case streams[rt.kind()]:
 		_ = rc.SetReadDeadline(time.Time{})
 		_ = rc.SetWriteDeadline(time.Time{})
 		return
-	case rt.path == "/v1/capsules/{id}/files/write":
+	case rt.kind() == "/v1/capsules/{id}/files/write":
 		read, write = l.Upload, l.Upload
 	}
 	bodyDeadline(w, r, read)

@@ -194,10 +194,24 @@ type route struct {
 	handler      func(*Server, http.ResponseWriter, *http.Request, *principal) error
 }
 
+// kind is the path whose deadlines and streaming the route has: a
+// platform capsule route has its team twin's.
+func (rt route) kind() string {
+	if rest, ok := strings.CutPrefix(rt.path, "/v1/admin/capsules/{id}"); ok {
+		return "/v1/capsules/{id}" + rest
+	}
+	return rt.path
+}
+
+// allRoutes are the routes and their platform twins.
+func allRoutes() []route {
+	return append(append([]route{}, routes...), platformTwins()...)
+}
+
 // Routes lists every endpoint as "METHOD /path" (for tests and docs).
 func Routes() []string {
 	var out []string
-	for _, rt := range routes {
+	for _, rt := range allRoutes() {
 		out = append(out, rt.method+" "+rt.path)
 	}
 	return out
@@ -325,7 +339,7 @@ var routes = []route{
 // unknown paths and methods, panic recovery and access logs.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	for _, rt := range routes {
+	for _, rt := range allRoutes() {
 		mux.Handle(rt.method+" "+rt.path, s.wrap(rt))
 	}
 	s.e2bMux(mux)
@@ -395,7 +409,7 @@ func (s *Server) wrap(rt route) http.Handler {
 			s.writeError(w, r, badRequest("the path holds control characters or invalid UTF-8"))
 			return
 		}
-		if rt.access == public && !streams[rt.path] {
+		if rt.access == public && !streams[rt.kind()] {
 			if wait, ok := s.public.allow("ip:" + s.clientKey(r)); !ok {
 				w.Header().Set("Retry-After", wait)
 				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests from this address; retry after %s s", wait))
@@ -414,7 +428,7 @@ func (s *Server) wrap(rt route) http.Handler {
 				return
 			}
 		}
-		if streams[rt.path] && rt.access == team {
+		if streams[rt.kind()] && rt.access != public {
 			var stop func()
 			r, stop = s.whileValid(r, p)
 			defer stop()

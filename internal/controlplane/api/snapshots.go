@@ -69,26 +69,45 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, p *princ
 	if req.SandboxID == "" {
 		return badRequest("sandbox_id is required")
 	}
-	if req.Name == "" {
-		req.Name = "snapshot-" + auth.RandomString(8)
+	t, err := s.snapshotCapsule(r, p, req.SandboxID, req.Name, false, r.URL.Query().Get("overwrite") == "true")
+	if err != nil {
+		return err
 	}
-	if !templateNameRE.MatchString(req.Name) {
-		return badRequest("name must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
+	writeJSON(w, http.StatusCreated, toTemplate(t))
+	return nil
+}
+
+// snapshotCapsule saves a capsule of p's team as a template: the team's,
+// or (global, for the platform team) one every team can use. overwrite
+// replaces a snapshot template of the same name (never a base one).
+func (s *Server) snapshotCapsule(r *http.Request, p *principal, sandboxID, name string, global, overwrite bool) (store.Template, error) {
+	if name == "" {
+		name = "snapshot-" + auth.RandomString(8)
+	}
+	if !templateNameRE.MatchString(name) {
+		return store.Template{}, badRequest("name must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
 	}
 	ctx := r.Context()
-	if existing, err := s.st.TemplateByName(ctx, p.TeamID, req.Name); err == nil {
-		if existing.TeamID == nil || r.URL.Query().Get("overwrite") != "true" {
-			return conflict("a template named %q already exists", req.Name)
+	if existing, err := s.st.TemplateByName(ctx, p.TeamID, name); err == nil {
+		mine := existing.TeamID != nil || (global && existing.Type == "snapshot")
+		if !mine || !overwrite {
+			return store.Template{}, conflict("a template named %q already exists", name)
 		}
-		if err := s.removeTemplate(r, p, existing); err != nil {
-			return err
+		if existing.TeamID == nil {
+			if _, err := s.st.DeletePlatformTemplate(ctx, name); err != nil {
+				return store.Template{}, err
+			}
+			s.removeTemplateFiles(ctx, existing)
+			s.audit(ctx, p, "", "template", existing.ID, "template.delete", nil, map[string]any{"name": name, "reason": "overwritten"})
+		} else if err := s.removeTemplate(r, p, existing); err != nil {
+			return store.Template{}, err
 		}
 	}
-	r.SetPathValue("id", req.SandboxID)
+	r.SetPathValue("id", sandboxID)
 	// Running or paused: a paused capsule's memory is its pause snapshot.
 	sb, err := s.capsule(r, p)
 	if err != nil {
-		return err
+		return store.Template{}, err
 	}
 	var c agentclient.Client
 	if sb.Status == "paused" && sb.HostID != nil {
@@ -97,28 +116,31 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request, p *princ
 		sb, c, err = s.running(r, p)
 	}
 	if err != nil {
-		return err
+		return store.Template{}, err
 	}
 	id := ids.New("tpl")
 	resp, err := c.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: sb.ID, Name: id}))
 	if err != nil {
-		s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", err, map[string]any{"name": req.Name, "capsule": sb.ID})
-		return err
+		s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", err, map[string]any{"name": name, "capsule": sb.ID, "global": global})
+		return store.Template{}, err
 	}
-	t, err := s.st.InsertTemplate(ctx, store.Template{ID: id, TeamID: &p.TeamID, Name: req.Name, Type: "snapshot", VCPUs: &sb.VCPUs,
+	owner := &p.TeamID
+	if global {
+		owner = nil
+	}
+	t, err := s.st.InsertTemplate(ctx, store.Template{ID: id, TeamID: owner, Name: name, Type: "snapshot", VCPUs: &sb.VCPUs,
 		MemoryMB: &sb.MemoryMB, SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID,
 		MemoryBytes: resp.Msg.GetTemplate().GetMemory().GetSizeBytes()})
 	if err != nil {
 		// Do not leave files on the host that no record points to.
 		_, _ = c.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: id}))
 		if errors.Is(err, store.ErrConflict) {
-			return conflict("a template named %q already exists", req.Name)
+			return store.Template{}, conflict("a template named %q already exists", name)
 		}
-		return err
+		return store.Template{}, err
 	}
-	s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", nil, map[string]any{"name": req.Name, "capsule": sb.ID})
-	writeJSON(w, http.StatusCreated, toTemplate(t))
-	return nil
+	s.audit(ctx, p, p.TeamID, "template", id, "template.snapshot_create", nil, map[string]any{"name": name, "capsule": sb.ID, "global": global})
+	return t, nil
 }
 
 func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request, p *principal) error {

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -17,6 +18,8 @@ type Route struct {
 	AutoResume bool    `db:"auto_resume"`
 	TimeoutSec int32   `db:"timeout_sec"`
 	HostID     *string `db:"host_id"`
+	// EndAt is an absolute deadline (E2B's timeout), nil for none.
+	EndAt *time.Time `db:"end_at"`
 	// TrafficToken opens the capsule's ports to whoever holds it.
 	TrafficToken string `db:"traffic_token"`
 	// The host: its type, address and agent token ("" when unregistered).
@@ -28,7 +31,7 @@ type Route struct {
 // IngressRoute returns the route into capsule id, with its traffic token
 // and its host's token opened, in one read.
 func (s *Store) IngressRoute(ctx context.Context, id string) (Route, error) {
-	rows, _ := s.Pool.Query(ctx, `SELECT s.id, s.team_id, s.status, s.public, s.auto_resume, s.timeout_sec, s.host_id,
+	rows, _ := s.Pool.Query(ctx, `SELECT s.id, s.team_id, s.status, s.public, s.auto_resume, s.timeout_sec, s.host_id, s.end_at,
 		coalesce(s.traffic_token, '') AS traffic_token, coalesce(h.type, '') AS host_type,
 		coalesce(h.address, '') AS host_address, coalesce(h.agent_token, '') AS host_token
 		FROM sandboxes s LEFT JOIN hosts h ON h.id = s.host_id WHERE s.id = $1`, id)

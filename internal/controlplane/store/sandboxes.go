@@ -104,9 +104,10 @@ type SandboxFilter struct {
 	Statuses []string          // empty: any
 	Metadata map[string]string // all pairs must match
 	Limit    int
-	// CreatedAfter, Template, Ascending and After page and filter as
+	// StartedAfter, Template, Ascending and After page and filter as
 	// E2B's list does: After is the last row of the page before.
-	CreatedAfter *time.Time
+	// StartedAfter compares the time it started (created, before that).
+	StartedAfter *time.Time
 	Template     string
 	Ascending    bool
 	After        *Cursor
@@ -138,8 +139,8 @@ func (s *Store) Sandboxes(ctx context.Context, f SandboxFilter) ([]Sandbox, erro
 	if len(f.Metadata) > 0 {
 		add("metadata @> $%d", f.Metadata)
 	}
-	if f.CreatedAfter != nil {
-		add("created_at >= $%d", *f.CreatedAfter)
+	if f.StartedAfter != nil {
+		add("coalesce(started_at, created_at) >= $%d", *f.StartedAfter)
 	}
 	if f.Template != "" {
 		add("template = $%d", f.Template)

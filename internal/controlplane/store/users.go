@@ -34,6 +34,11 @@ type Team struct {
 	DeletedAt *time.Time `db:"deleted_at"`
 }
 
+// PlatformTeamID is the team of platform capsules (migration 00015): it
+// has no members; platform admins reach its capsules under
+// /v1/admin/capsules.
+const PlatformTeamID = "team-platform"
+
 // TeamWithRole is a team seen by one of its members.
 type TeamWithRole struct {
 	Team

@@ -56,8 +56,11 @@ func (n *names) group(gid uint32) string {
 	return s
 }
 
-// entryInfo describes path from its lstat result, so symbolic links are
-// reported as links, with their target.
+// entryInfo describes path from its lstat result. A symbolic link is
+// described as E2B's envd does: its target resolved to an absolute path
+// (the link's own path when it cannot be), the target's type and mode
+// (unspecified for a dangling link), and the link's own permissions
+// string ("Lrwxrwxrwx"); E2B's SDKs and their tests expect exactly that.
 func (n *names) entryInfo(path string, fi fs.FileInfo) *pb.EntryInfo {
 	e := &pb.EntryInfo{
 		Name:         filepath.Base(path),
@@ -70,9 +73,18 @@ func (n *names) entryInfo(path string, fi fs.FileInfo) *pb.EntryInfo {
 	e.Metadata = xmeta.Read(path)
 	switch {
 	case fi.Mode()&fs.ModeSymlink != 0:
-		e.Type = pb.FileType_FILE_TYPE_SYMLINK
-		if target, err := os.Readlink(path); err == nil {
-			e.SymlinkTarget = &target
+		target, err := filepath.EvalSymlinks(path)
+		if err != nil {
+			target = path
+		}
+		e.SymlinkTarget = &target
+		e.Type, e.Mode = pb.FileType_FILE_TYPE_UNSPECIFIED, 0
+		if ti, err := os.Stat(target); err == nil {
+			e.Mode = uint32(ti.Mode().Perm())
+			e.Type = pb.FileType_FILE_TYPE_FILE
+			if ti.IsDir() {
+				e.Type = pb.FileType_FILE_TYPE_DIRECTORY
+			}
 		}
 	case fi.IsDir():
 		e.Type = pb.FileType_FILE_TYPE_DIRECTORY

@@ -152,12 +152,9 @@ func (s *Service) Remove(ctx context.Context, req *connect.Request[pb.RemoveRequ
 	if path == "/" {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("refusing to remove /"))
 	}
-	err = actor.Do(func() error {
-		if _, err := os.Lstat(path); err != nil {
-			return err
-		}
-		return os.RemoveAll(path)
-	})
+	// Removing what is not there succeeds, as in E2B's envd (whose SDK
+	// tests remove missing files and expect no error).
+	err = actor.Do(func() error { return os.RemoveAll(path) })
 	if err != nil {
 		return nil, toConnect("remove", path, err)
 	}
