@@ -1,7 +1,6 @@
 package api
 
 import (
-	"errors"
 	"net/http"
 	"strings"
 	"time"
@@ -69,21 +68,11 @@ func (s *Server) e2bListSnapshots(w http.ResponseWriter, r *http.Request, p *pri
 }
 
 // e2bDeleteTemplate is DELETE /templates/{templateID}: one of the team's
-// snapshots (or other templates of its own); 404 for anything else.
+// own templates (its snapshots); 404 for anything else.
 func (s *Server) e2bDeleteTemplate(w http.ResponseWriter, r *http.Request, p *principal) error {
 	name, _, _ := strings.Cut(r.PathValue("templateID"), ":")
-	t, err := s.st.TemplateByName(r.Context(), p.TeamID, name)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && t.TeamID == nil) {
-		return errf(http.StatusNotFound, "not_found", "template %q not found", name)
-	}
-	if err != nil {
-		return err
-	}
-	if err := s.removeTemplate(r, p, t); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
+	r.SetPathValue("name", name)
+	return s.deleteSnapshot(w, r, p)
 }
 
 // e2bForkResult is one fork's outcome: the sandbox, or why it did not start.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"mime"
 	"mime/multipart"
@@ -271,6 +272,9 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader, meta m
 		return Entry{}, http.StatusBadRequest, fmt.Errorf("path: %w", err)
 	}
 	dir := filepath.Dir(path)
+	if err := makeParents(dir, actor.User()); err != nil {
+		return Entry{}, httperr.StatusFor(err), fmt.Errorf("write %s: %v", path, identity.BareError(err))
+	}
 	var tmp *os.File
 	err = actor.Do(func() error {
 		if fi, err := os.Stat(path); err == nil && fi.IsDir() {
@@ -318,4 +322,38 @@ func (h *Handler) save(actor *identity.Actor, dest string, src io.Reader, meta m
 	}
 	h.Log.Debug("file written", "path", path, "user", actor.User().Name)
 	return Entry{Path: path, Name: filepath.Base(path), Type: "file", Metadata: meta}, 0, nil
+}
+
+// makeParents creates the missing directories above an upload as E2B's
+// envd does: as root, each owned by the uploading user, so an upload may
+// name a new directory anywhere (E2B's SDK tests write /0/file as the
+// default user; whoever holds the sandbox's token can act as root in any
+// case). The file itself is still written with the user's permissions, so
+// another user's file is not overwritten. Without root, envd makes them
+// as itself.
+func makeParents(dir string, u *identity.User) error {
+	if os.Geteuid() != 0 {
+		return nil // the user's own MkdirAll follows
+	}
+	var missing []string
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil {
+			break
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		missing = append(missing, d)
+		if d == filepath.Dir(d) {
+			break
+		}
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := os.Mkdir(missing[i], 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		if err := os.Lchown(missing[i], int(u.UID), int(u.GID)); err != nil {
+			return err
+		}
+	}
+	return nil
 }

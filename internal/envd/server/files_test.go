@@ -252,6 +252,25 @@ func TestFilesAsOtherUser(t *testing.T) {
 			t.Fatalf("%s owned by uid %d, want nobody", p, uid)
 		}
 	}
+	// As E2B's envd: missing directories are made wherever the upload
+	// names them (E2B's SDK tests write /0/file as the default user), owned
+	// by the user, even in a directory the user may not write (root is
+	// 0755 root's here); the file is written with the user's own
+	// permissions, so a directory the user cannot enter stays closed.
+	anywhere := filepath.Join(root, "made", "f.txt")
+	res, body = h.upload(t, neturl.Values{"path": {anywhere}, "username": {"nobody"}}, map[string]io.Reader{"x": strings.NewReader("hi")})
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("upload as nobody into a new directory: %d %s", res.StatusCode, body)
+	}
+	if fi, err := os.Stat(filepath.Dir(anywhere)); err != nil || fi.Sys().(*syscall.Stat_t).Uid != 65534 {
+		t.Fatalf("the new directory: %v %v", fi, err)
+	}
+	closed := filepath.Join(root, "root-only")
+	_ = os.Mkdir(closed, 0o700)
+	res, body = h.upload(t, neturl.Values{"path": {filepath.Join(closed, "made", "f.txt")}, "username": {"nobody"}}, map[string]io.Reader{"x": strings.NewReader("hi")})
+	if res.StatusCode != http.StatusForbidden {
+		t.Fatalf("upload as nobody below a directory only root may enter: %d %s", res.StatusCode, body)
+	}
 }
 
 // pseudoRandom is a fast, repeatable byte stream for large transfers.
