@@ -40,10 +40,17 @@ func TestOfficialE2BSDK(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the e2b SDK journey failed: %v", err)
 	}
-	// The same capsules were capsules to the Wrenn API all along.
+	// The same capsules were capsules to the Wrenn API all along: the
+	// journey's sandbox and its fork (which has its metadata).
 	sbs, err := s.client().ListCapsules(ctx, wrenn.ListCapsulesParams{Statuses: []string{"stopped"}, Metadata: map[string]string{"suite": "e2b-sdk"}})
-	if err != nil || len(sbs) != 1 || sbs[0].Template == "" {
-		t.Fatalf("the SDK's sandbox through /v1: %+v %v", sbs, err)
+	forks := 0
+	for _, sb := range sbs {
+		if sb.StartedFrom == "fork" {
+			forks++
+		}
+	}
+	if err != nil || len(sbs) != 2 || forks != 1 || sbs[0].Template == "" {
+		t.Fatalf("the SDK's sandboxes through /v1: %+v %v", sbs, err)
 	}
 	s.nothingLeft()
 }

@@ -166,6 +166,8 @@ try {
 
   // Pause, then connect resumes it with its memory.
   await sbx.commands.run('echo kept-in-memory > /dev/shm/mark')
+  // A filesystem-only pause is refused, not ignored.
+  await assert.rejects(sbx.pause({ keepMemory: false }), (e) => /not supported/.test(e.message))
   assert.equal(await sbx.pause(), true)
   assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'paused')
   // As from E2B's edge: a paused sandbox answers 502, which isRunning reads as false.

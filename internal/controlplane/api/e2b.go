@@ -281,6 +281,8 @@ func (s *Server) e2bRequest(ctx context.Context, p *principal, in e2bNewSandbox,
 		return req, badRequest("volume mounts are not supported by this control plane")
 	case len(in.IAM) > 0 && string(in.IAM) != "null":
 		return req, badRequest("iam tokens are not supported by this control plane")
+	case in.AutoPauseMemory != nil && !*in.AutoPauseMemory:
+		return req, badRequest("autoPauseMemory: false (a filesystem-only pause) is not supported: a pause keeps the memory")
 	}
 	tpl, err := s.e2bResolveTemplate(ctx, p.TeamID, in.TemplateID)
 	if err != nil {
@@ -607,6 +609,15 @@ func (s *Server) e2bKill(w http.ResponseWriter, r *http.Request, p *principal) e
 }
 
 func (s *Server) e2bPause(w http.ResponseWriter, r *http.Request, p *principal) error {
+	var body struct {
+		Memory *bool `json:"memory"`
+	}
+	if err := decode(w, r, &body, true); err != nil {
+		return err
+	}
+	if body.Memory != nil && !*body.Memory {
+		return badRequest("memory: false (a filesystem-only pause) is not supported: a pause keeps the memory")
+	}
 	sb, err := s.e2bCapsule(r, p)
 	if err != nil {
 		return err

@@ -118,11 +118,13 @@ func ingressGone(w http.ResponseWriter, t ingress.Target, status int, code, form
 		ingressError(w, status, code, format, args...)
 		return
 	}
+	// E2B's words at the top (its SDK tests compare them); ours, which say
+	// why, in error.message.
 	msg := fmt.Sprintf(format, args...)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusBadGateway)
-	_ = json.NewEncoder(w).Encode(map[string]any{"sandboxId": t.SandboxID, "code": http.StatusBadGateway, "message": msg,
+	_ = json.NewEncoder(w).Encode(map[string]any{"sandboxId": t.SandboxID, "code": http.StatusBadGateway, "message": "The sandbox was not found",
 		"error": map[string]string{"code": code, "message": msg}})
 }
 
@@ -188,8 +190,9 @@ func (s *Server) ingressRoute(w http.ResponseWriter, r *http.Request, t ingress.
 		}
 		switch route.Status {
 		case "running":
-			if route.EndAt != nil && time.Now().After(*route.EndAt) && e2bStyle(t) {
-				// Its time is up; the reconciler ends it within a pass.
+			if route.EndAt != nil && time.Now().After(*route.EndAt) && !route.AutoPause && e2bStyle(t) {
+				// Its time is up: the reconciler destroys it within a second
+				// or so. (One that pauses at its timeout serves until then.)
 				ingressGone(w, t, http.StatusNotFound, "timed_out", "capsule %s reached its timeout", t.SandboxID)
 				return route, false
 			}

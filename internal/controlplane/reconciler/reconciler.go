@@ -56,6 +56,10 @@ type Reconciler struct {
 	// AccountGrace is how long a deleted account is kept before it is
 	// purged (default 15 days, as upstream).
 	AccountGrace time.Duration
+	// DeadlineInterval is how often capsules past their timeout are
+	// looked for between passes (default 1 s): E2B's SDKs expect a
+	// sandbox to end about when its timeout says.
+	DeadlineInterval time.Duration
 
 	mu        sync.Mutex
 	inflight  map[string]bool // capsules with an operation running
@@ -64,8 +68,12 @@ type Reconciler struct {
 	work      sync.WaitGroup
 }
 
-// lockKey is the advisory lock of the reconciler's pass.
-const lockKey = 0x77726e6e00000010
+// lockKey is the advisory lock of the reconciler's pass, deadlineKey
+// that of the deadline checks between passes.
+const (
+	lockKey     = 0x77726e6e00000010
+	deadlineKey = 0x77726e6e00000011
+)
 
 // Run runs passes until ctx ends.
 func (r *Reconciler) Run(ctx context.Context) {
@@ -74,6 +82,7 @@ func (r *Reconciler) Run(ctx context.Context) {
 	}
 	t := time.NewTicker(r.Interval)
 	defer t.Stop()
+	go r.watchDeadlines(ctx)
 	for {
 		if _, err := r.pass(ctx); err != nil && ctx.Err() == nil {
 			r.Log.Error("reconcile pass failed", "err", err)
@@ -188,6 +197,31 @@ func (r *Reconciler) dispatch(ctx context.Context, sb store.Sandbox, job func(co
 func (r *Reconciler) audit(ctx context.Context, hostID, action string) {
 	_ = r.Store.Audit(ctx, store.AuditEntry{ID: ids.New("aud"),
 		ActorType: "system", ActorID: "reconciler", ResourceType: "host", ResourceID: hostID, Action: action, Status: "success"})
+}
+
+// watchDeadlines ends capsules past their timeout within a second or so,
+// between passes, until ctx ends.
+func (r *Reconciler) watchDeadlines(ctx context.Context) {
+	t := time.NewTicker(cmp.Or(r.DeadlineInterval, time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var expired []store.Sandbox
+		_, err := r.Store.TryLock(ctx, deadlineKey, func(ctx context.Context) (err error) {
+			expired, err = r.Store.Expired(ctx)
+			return err
+		})
+		if err != nil && ctx.Err() == nil {
+			r.Log.Warn("list capsules past their timeout", "err", err)
+		}
+		for _, sb := range expired {
+			r.dispatch(ctx, sb, func(ctx context.Context) { r.expire(ctx, sb) })
+		}
+	}
 }
 
 // expire pauses (or destroys) a capsule idle past its timeout, also one

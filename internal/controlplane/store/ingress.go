@@ -16,6 +16,7 @@ type Route struct {
 	Status     string  `db:"status"`
 	Public     bool    `db:"public"`
 	AutoResume bool    `db:"auto_resume"`
+	AutoPause  bool    `db:"auto_pause"`
 	TimeoutSec int32   `db:"timeout_sec"`
 	HostID     *string `db:"host_id"`
 	// EndAt is an absolute deadline (E2B's timeout), nil for none.
@@ -31,7 +32,7 @@ type Route struct {
 // IngressRoute returns the route into capsule id, with its traffic token
 // and its host's token opened, in one read.
 func (s *Store) IngressRoute(ctx context.Context, id string) (Route, error) {
-	rows, _ := s.Pool.Query(ctx, `SELECT s.id, s.team_id, s.status, s.public, s.auto_resume, s.timeout_sec, s.host_id, s.end_at,
+	rows, _ := s.Pool.Query(ctx, `SELECT s.id, s.team_id, s.status, s.public, s.auto_resume, s.auto_pause, s.timeout_sec, s.host_id, s.end_at,
 		coalesce(s.traffic_token, '') AS traffic_token, coalesce(h.type, '') AS host_type,
 		coalesce(h.address, '') AS host_address, coalesce(h.agent_token, '') AS host_token
 		FROM sandboxes s LEFT JOIN hosts h ON h.id = s.host_id WHERE s.id = $1`, id)

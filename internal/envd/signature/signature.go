@@ -50,7 +50,7 @@ func Check(sig, expiration, path, operation, user, token string, now time.Time) 
 		return errors.New("invalid signature")
 	}
 	if exp != 0 && exp < now.Unix() {
-		return errors.New("the signature has expired")
+		return errors.New("signature is already expired") // E2B envd's words: its SDK tests compare them
 	}
 	return nil
 }
