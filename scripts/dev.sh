@@ -73,9 +73,21 @@ pause_running() {
 	done
 }
 
+# stop_warm_pool: ends the warm-pool VMs the agent keeps running across
+# its restarts (their VMMs outlive it by design); the next agent finds
+# their records dead, cleans them up and makes new members.
+stop_warm_pool() {
+	local pids
+	pids=$(pgrep -f -- "$WRENN_DIR/sandboxes/wp-" 2>/dev/null) || return 0
+	say "stopping the warm pool's VMs"
+	# shellcheck disable=SC2086
+	kill $pids 2>/dev/null || true
+}
+
 down() {
 	pause_running
 	stop_pid agent
+	stop_warm_pool
 	stop_pid cp
 	# The private cluster is ours to stop; a DATABASE_URL given from outside is not.
 	if [ "$OWN_POSTGRES" = 1 ]; then scripts/postgres.sh stop >/dev/null 2>&1 || true; fi
