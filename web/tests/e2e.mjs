@@ -159,6 +159,13 @@ try {
   await page.getByText('No capsules.').waitFor()
   step('destroyed')
 
+  // The account page: the user's sign-in methods, and deletion guarded by their email.
+  await page.getByRole('link', { name: 'Account' }).click()
+  await page.getByRole('heading', { name: 'Delete your account' }).waitFor()
+  if (!(await page.getByRole('button', { name: 'Delete account' }).isDisabled())) throw new Error('account deletion is not guarded by the email')
+  await shot('account')
+  step('account page')
+
   // The API's reference: Swagger UI renders the control plane's OpenAPI document.
   await page.goto(`${base}/docs`)
   await page.locator('.swagger-ui .info .title').filter({ hasText: 'Wrenn control plane API' }).waitFor()
