@@ -840,7 +840,7 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 	if sb.EndAt != nil && time.Until(*sb.EndAt) < time.Minute {
 		// Paused at its deadline: it gets E2B's default time again (the
 		// E2B API's connect sets its own right after).
-		if err := s.st.SetDeadline(ctx, sb.ID, time.Now().Add(5*time.Minute), false); err != nil {
+		if err := s.setDeadline(ctx, sb.ID, time.Now().Add(5*time.Minute), false); err != nil {
 			return sb, err
 		}
 	}

@@ -683,7 +683,7 @@ func (s *Server) e2bConnect(w http.ResponseWriter, r *http.Request, p *principal
 		}
 		switch sb.Status {
 		case "running":
-			if err := s.st.SetDeadline(ctx, sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), status == http.StatusOK); err != nil {
+			if err := s.setDeadline(ctx, sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), status == http.StatusOK); err != nil {
 				return err
 			}
 			out, err := s.e2bSandboxOf(ctx, sb)
@@ -703,7 +703,7 @@ func (s *Server) e2bConnect(w http.ResponseWriter, r *http.Request, p *principal
 				}
 			}
 			status = http.StatusCreated
-			if err := s.st.SetDeadline(ctx, sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), false); err != nil {
+			if err := s.setDeadline(ctx, sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), false); err != nil {
 				return err
 			}
 			continue
@@ -740,7 +740,7 @@ func (s *Server) e2bResume(w http.ResponseWriter, r *http.Request, p *principal)
 	if err != nil {
 		return err
 	}
-	if err := s.st.SetDeadline(r.Context(), cur.ID, time.Now().Add(time.Duration(timeout)*time.Second), false); err != nil {
+	if err := s.setDeadline(r.Context(), cur.ID, time.Now().Add(time.Duration(timeout)*time.Second), false); err != nil {
 		return err
 	}
 	out, err := s.e2bSandboxOf(r.Context(), cur)
@@ -769,7 +769,7 @@ func (s *Server) e2bSetTimeout(w http.ResponseWriter, r *http.Request, p *princi
 	if err != nil {
 		return err
 	}
-	err = s.st.SetDeadline(r.Context(), sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), false)
+	err = s.setDeadline(r.Context(), sb.ID, time.Now().Add(time.Duration(timeout)*time.Second), false)
 	s.audit(r.Context(), p, p.TeamID, "capsule", sb.ID, "capsule.set_timeout", err, map[string]any{"api": "e2b", "timeout_sec": timeout})
 	if err != nil {
 		return err
@@ -798,7 +798,7 @@ func (s *Server) e2bRefresh(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	if err := s.st.SetDeadline(r.Context(), sb.ID, time.Now().Add(time.Duration(d)*time.Second), true); err != nil {
+	if err := s.setDeadline(r.Context(), sb.ID, time.Now().Add(time.Duration(d)*time.Second), true); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -80,6 +80,14 @@ func (s *Server) capsuleChanged(id string) {
 	s.agents.ForgetTunnels(id)
 }
 
+// setDeadline sets a capsule's absolute deadline and forgets its cached
+// route, so the ingress does not hold the old deadline against it.
+func (s *Server) setDeadline(ctx context.Context, id string, at time.Time, extendOnly bool) error {
+	err := s.st.SetDeadline(ctx, id, at, extendOnly)
+	s.routes.forget(id)
+	return err
+}
+
 // shouldTouch says whether traffic to id should mark it active now.
 func (c *routeCache) shouldTouch(id string) bool {
 	c.mu.Lock()
