@@ -152,6 +152,8 @@ try {
   await fromSnap.kill()
   assert.ok((await Sandbox.listSnapshots({ name: 'journey-snap' }).nextItems()).some((x) => x.snapshotId === snap.snapshotId))
   assert.ok((await sbx.listSnapshots().nextItems()).some((x) => x.snapshotId === snap.snapshotId))
+  // A template that is not a snapshot is never replaced by one.
+  await assert.rejects(sbx.createSnapshot({ name: 'base' }), (e) => /not a snapshot/.test(e.message))
   assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), true)
   assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), false)
   // Fork: a running copy with the same files; the original runs on.

@@ -36,6 +36,11 @@ func (s *Server) e2bCreateSnapshot(w http.ResponseWriter, r *http.Request, p *pr
 	if _, err := s.e2bCapsule(r, p); err != nil {
 		return err
 	}
+	// Only a snapshot gives way to a new one of its name: a built template
+	// (or a platform one) is never replaced by a snapshot.
+	if t, err := s.st.TemplateByName(r.Context(), p.TeamID, name); err == nil && t.Type != "snapshot" {
+		return conflict("template %q exists and is not a snapshot: choose another name", name)
+	}
 	t, err := s.snapshotCapsule(r, p, r.PathValue("sandboxID"), name, false, true)
 	if err != nil {
 		return err
