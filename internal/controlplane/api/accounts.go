@@ -289,7 +289,7 @@ func (s *Server) deleteMe(w http.ResponseWriter, r *http.Request, p *principal) 
 		return errf(http.StatusConflict, "last_admin", "you are the only platform admin: make another user admin before deleting your account")
 	}
 	for _, teamID := range alone {
-		if err := s.removeTeam(ctx, p, teamID, "its owner deleted their account"); err != nil && !errors.Is(err, store.ErrNotFound) {
+		if err := s.removeTeam(ctx, p, teamID, map[string]any{"reason": "its owner deleted their account"}); err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
 	}

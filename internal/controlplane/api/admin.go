@@ -1,7 +1,9 @@
 package api
 
 import (
+	"context"
 	"errors"
+	"maps"
 	"net/http"
 	"time"
 
@@ -217,18 +219,7 @@ func (s *Server) adminDeleteTeam(w http.ResponseWriter, r *http.Request, p *prin
 	} else if err != nil {
 		return err
 	}
-	live, err := s.st.Sandboxes(r.Context(), store.SandboxFilter{TeamID: id, Statuses: store.Live})
-	if err != nil {
-		return err
-	}
-	for _, sb := range live {
-		if err := s.destroyOnHost(r.Context(), sb); err != nil {
-			return err
-		}
-	}
-	err = s.st.DeleteTeam(r.Context(), id)
-	s.audit(r.Context(), p, id, "team", id, "team.delete", err, map[string]any{"by": "platform admin", "capsules_destroyed": len(live)})
-	if err != nil {
+	if err := s.removeTeam(r.Context(), p, id, map[string]any{"by": "platform admin"}); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -268,12 +259,23 @@ func (s *Server) adminDeleteTemplate(w http.ResponseWriter, r *http.Request, p *
 	if t.HostID == nil {
 		return conflict("template %q ships with every host; remove it from the hosts' images instead", name)
 	}
-	if _, err := s.st.DeletePlatformTemplate(r.Context(), name); err != nil {
+	if err := s.removePlatformTemplate(r.Context(), p, t, nil); err != nil {
 		return err
 	}
-	s.removeTemplateFiles(r.Context(), t)
-	s.audit(r.Context(), p, "", "template", t.ID, "template.delete", nil, map[string]any{"name": name})
 	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// removePlatformTemplate deletes a template every team can use: the
+// record, then its files on the host; meta goes into the audit entry.
+func (s *Server) removePlatformTemplate(ctx context.Context, p *principal, t store.Template, meta map[string]any) error {
+	if _, err := s.st.DeletePlatformTemplate(ctx, t.Name); err != nil {
+		return err
+	}
+	s.removeTemplateFiles(ctx, t)
+	entry := map[string]any{"name": t.Name}
+	maps.Copy(entry, meta)
+	s.audit(ctx, p, "", "template", t.ID, "template.delete", nil, entry)
 	return nil
 }
 

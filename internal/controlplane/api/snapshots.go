@@ -94,12 +94,11 @@ func (s *Server) snapshotCapsule(r *http.Request, p *principal, sandboxID, name 
 			return store.Template{}, conflict("a template named %q already exists", name)
 		}
 		if existing.TeamID == nil {
-			if _, err := s.st.DeletePlatformTemplate(ctx, name); err != nil {
-				return store.Template{}, err
-			}
-			s.removeTemplateFiles(ctx, existing)
-			s.audit(ctx, p, "", "template", existing.ID, "template.delete", nil, map[string]any{"name": name, "reason": "overwritten"})
-		} else if err := s.removeTemplate(r, p, existing); err != nil {
+			err = s.removePlatformTemplate(ctx, p, existing, map[string]any{"reason": "overwritten"})
+		} else {
+			err = s.removeTemplate(r, p, existing)
+		}
+		if err != nil {
 			return store.Template{}, err
 		}
 	}

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/http"
 	"regexp"
 	"strings"
@@ -239,15 +240,16 @@ func (s *Server) deleteTeam(w http.ResponseWriter, r *http.Request, p *principal
 	if err := teamFor(r, p, "owner"); err != nil {
 		return err
 	}
-	if err := s.removeTeam(r.Context(), p, p.TeamID, "deleted by its owner"); err != nil {
+	if err := s.removeTeam(r.Context(), p, p.TeamID, nil); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
 
-// removeTeam destroys a team's live capsules and marks it deleted.
-func (s *Server) removeTeam(ctx context.Context, p *principal, teamID, reason string) error {
+// removeTeam destroys a team's live capsules and marks it deleted; meta
+// goes into the audit entry beside the number of capsules destroyed.
+func (s *Server) removeTeam(ctx context.Context, p *principal, teamID string, meta map[string]any) error {
 	live, err := s.st.Sandboxes(ctx, store.SandboxFilter{TeamID: teamID, Statuses: store.Live})
 	if err != nil {
 		return err
@@ -258,7 +260,9 @@ func (s *Server) removeTeam(ctx context.Context, p *principal, teamID, reason st
 		}
 	}
 	err = s.st.DeleteTeam(ctx, teamID)
-	s.audit(ctx, p, teamID, "team", teamID, "team.delete", err, map[string]any{"capsules_destroyed": len(live), "reason": reason})
+	entry := map[string]any{"capsules_destroyed": len(live)}
+	maps.Copy(entry, meta)
+	s.audit(ctx, p, teamID, "team", teamID, "team.delete", err, entry)
 	return err
 }
 

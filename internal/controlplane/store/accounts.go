@@ -20,7 +20,7 @@ type Identity struct {
 
 // IdentityUser is the user a provider account signs in as.
 func (s *Store) IdentityUser(ctx context.Context, provider, providerID string) (User, error) {
-	rows, _ := s.Pool.Query(ctx, "SELECT "+prefixed("u.", userCols)+` FROM users u
+	rows, _ := s.Pool.Query(ctx, "SELECT "+userColsU+` FROM users u
 		JOIN oauth_identities i ON i.user_id = u.id WHERE i.provider = $1 AND i.provider_id = $2`, provider, providerID)
 	u, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[User])
 	return u, mapErr(err, "identity")
@@ -34,11 +34,12 @@ func prefixed(p, cols string) string {
 	return strings.Join(parts, ", ")
 }
 
+const insertIdentity = "INSERT INTO oauth_identities (provider, provider_id, user_id, email) VALUES ($1, $2, $3, $4)"
+
 // LinkIdentity gives userID a provider account; ErrConflict when that
 // account is another user's, or the user has one of this provider.
 func (s *Store) LinkIdentity(ctx context.Context, id Identity) error {
-	_, err := s.Pool.Exec(ctx, "INSERT INTO oauth_identities (provider, provider_id, user_id, email) VALUES ($1, $2, $3, $4)",
-		id.Provider, id.ProviderID, id.UserID, id.Email)
+	_, err := s.Pool.Exec(ctx, insertIdentity, id.Provider, id.ProviderID, id.UserID, id.Email)
 	return mapErr(err, "link identity")
 }
 
@@ -46,8 +47,7 @@ func (s *Store) LinkIdentity(ctx context.Context, id Identity) error {
 // (no password), its first team and its identity, together.
 func (s *Store) CreateIdentityUser(ctx context.Context, u User, team Team, id Identity) (User, error) {
 	return s.createUser(ctx, u, team, false, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, "INSERT INTO oauth_identities (provider, provider_id, user_id, email) VALUES ($1, $2, $3, $4)",
-			id.Provider, id.ProviderID, u.ID, id.Email)
+		_, err := tx.Exec(ctx, insertIdentity, id.Provider, id.ProviderID, u.ID, id.Email)
 		return err
 	})
 }

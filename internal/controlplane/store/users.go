@@ -56,6 +56,10 @@ type Member struct {
 
 const userCols = "id, email, name, password_hash, is_admin, status, created_at, updated_at, login_blocked_until, session_epoch"
 
+// userColsU is userCols of a query's "u" (computed once: requests with a
+// user JWT read it).
+var userColsU = prefixed("u.", userCols)
+
 // signupLock makes "is this the first user?" and the insert one step.
 const signupLock = 0x77726e6e00000002
 
@@ -123,8 +127,7 @@ type Membership struct {
 // UserInTeam returns an account and its membership of a live team in one
 // query: every request with a user JWT needs both.
 func (s *Store) UserInTeam(ctx context.Context, userID, teamID string) (User, Membership, error) {
-	rows, _ := s.Pool.Query(ctx, `SELECT u.id, u.email, u.name, u.password_hash, u.is_admin, u.status, u.created_at, u.updated_at,
-		u.login_blocked_until, u.session_epoch, coalesce(m.role, '') AS role, coalesce(m.session_key::text, '') AS session_key
+	rows, _ := s.Pool.Query(ctx, "SELECT "+userColsU+`, coalesce(m.role, '') AS role, coalesce(m.session_key::text, '') AS session_key
 		FROM users u LEFT JOIN (team_members m JOIN teams t ON t.id = m.team_id AND t.deleted_at IS NULL)
 			ON m.user_id = u.id AND m.team_id = $2
 		WHERE u.id = $1`, userID, teamID)
