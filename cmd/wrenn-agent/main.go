@@ -142,6 +142,7 @@ func run() error {
 	consoleRate := fs.Int("console-log-rate-kib", envInt("WRENN_CONSOLE_LOG_RATE_KIB", 64), "console output kept per sandbox and second, in bursts of --console-log-kib; the rest is dropped and counted (WRENN_CONSOLE_LOG_RATE_KIB)")
 	warmPools := fs.String("warm-pools", envconf.String("WRENN_WARM_POOLS", ""), "warm pools to keep, as name:size[:vcpus:memory_mib:disk_mib],...: that many sandboxes of the template wait ready and a create that fits takes one (WRENN_WARM_POOLS; the control plane's per-template settings win; make dev: minimal:2,base:1)")
 	memTemplates := fs.String("memory-templates", envconf.String("WRENN_MEMORY_TEMPLATES", ""), "templates to give a memory snapshot at start when they have none, as name:vcpus:memory_mib:disk_mib,...: sandboxes of that shape then start from memory instead of booting (WRENN_MEMORY_TEMPLATES; make dev: minimal:1:512:5120,base:2:512:5120,code-runner-beta:1:512:5120, the control plane's default shapes)")
+	forkMemory := fs.String("fork-memory-dir", envconf.String("WRENN_FORK_MEMORY_DIR", "/dev/shm"), "QEMU: a tmpfs where a fork keeps the memory it copied while its sandboxes live (filling it costs a fraction of a disk file's page faults); \"off\" keeps it under --dir (WRENN_FORK_MEMORY_DIR)")
 	slots := fs.String("slots", envconf.String("WRENN_SLOTS", "1-32767"), "network slots this agent uses, first-last; agents sharing a machine need disjoint ranges (WRENN_SLOTS)")
 	logLevel := fs.String("log-level", envconf.String("WRENN_LOG_LEVEL", "info"), "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -281,10 +282,14 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--warm-pools: %w", err)
 	}
+	memoryScratch := *forkMemory
+	if memoryScratch == "off" || (driver.Name() != "qemu" && !flagGiven(fs, "fork-memory-dir", "WRENN_FORK_MEMORY_DIR")) {
+		memoryScratch = "" // Firecracker's jails link template files: they stay on --dir's file system
+	}
 	mgr := sandbox.New(sandbox.Config{
 		WrennDir: *dir, Driver: driver, Disks: disks, Net: &network.Manager{Log: log, Resolvers: resolvers, PrivateAllow: privateEgress}, Log: log,
 		DNS: resolvers, DefaultTimeout: *timeout, HostMemoryMiB: int(hostMemoryMiB()), Slots: slotRange,
-		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console, WarmPools: pools,
+		MinFreeMiB: *minFree, Cgroups: cgroups, Console: console, WarmPools: pools, MemoryScratch: memoryScratch,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return err

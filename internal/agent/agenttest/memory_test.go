@@ -247,6 +247,15 @@ func TestFork(t *testing.T) {
 	if n := len(forkTemplates()); n != 1 {
 		t.Fatalf("%d fork templates on disk, want 1", n)
 	}
+	// Its disk is a layer of what the source had written (not a copy of
+	// the whole image), and its memory is in RAM.
+	meta, _ := os.ReadFile(filepath.Join(a.dir, "images", forkTemplates()[0], "metadata.json"))
+	if !strings.Contains(string(meta), `"layer": true`) {
+		t.Fatalf("the fork's template: %s", meta)
+	}
+	if ram, err := filepath.EvalSymlinks(filepath.Join(a.dir, "images", forkTemplates()[0], "memory")); err != nil || !strings.HasPrefix(ram, "/dev/shm/wrenn-forks-") {
+		t.Fatalf("the fork's memory is at %q (%v), not in /dev/shm", ram, err)
+	}
 	for _, id := range []string{"sb-fork-a", "sb-fork-b"} {
 		if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id})); err != nil {
 			t.Fatal(err)
@@ -254,6 +263,9 @@ func TestFork(t *testing.T) {
 	}
 	if left := forkTemplates(); len(left) != 0 {
 		t.Fatalf("the fork's template outlived its sandboxes: %v", left)
+	}
+	if left, _ := filepath.Glob("/dev/shm/wrenn-forks-*/fork-*"); len(left) != 0 {
+		t.Fatalf("the fork's memory outlived its sandboxes: %v", left)
 	}
 	// A single fork restores the saved VM itself (no shared template).
 	start = time.Now()
@@ -298,5 +310,45 @@ func TestFork(t *testing.T) {
 	wantCode(t, err, connect.CodeFailedPrecondition)
 	if left := forkTemplates(); len(left) != 0 {
 		t.Fatalf("failed forks left templates: %v", left)
+	}
+}
+
+// A fork's disk is a layer on its source's template: the template cannot
+// be deleted while a fork's sandbox still stands on it.
+func TestForkKeepsTheTemplateItIsALayerOf(t *testing.T) {
+	a := newAgent(t)
+	ctx := testCtx(t, 5*time.Minute)
+	first := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-layer-first"})
+	if out, code := a.sh(ctx, first.GetId(), "echo saved > /home/user/f"); code != 0 {
+		t.Fatalf("prepare: %q", out)
+	}
+	if _, err := a.client.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{SandboxId: first.GetId(), Name: "layered"})); err != nil {
+		t.Fatal(err)
+	}
+	src := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-layer-src", Template: "layered"})
+	if out, code := a.sh(ctx, src.GetId(), "echo forked >> /home/user/f"); code != 0 {
+		t.Fatalf("prepare: %q", out)
+	}
+	if _, err := a.client.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{SourceId: src.GetId(), Ids: []string{"sb-layer-kid"}})); err != nil {
+		t.Fatalf("fork: %v\n%s", err, a.logTail())
+	}
+	for _, id := range []string{first.GetId(), src.GetId()} {
+		if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: id})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "layered"}))
+	wantCode(t, err, connect.CodeFailedPrecondition)
+	if err == nil || !strings.Contains(err.Error(), "sb-layer-kid") {
+		t.Fatalf("the refusal does not name the fork: %v", err)
+	}
+	if out, code := a.sh(ctx, "sb-layer-kid", "cat /home/user/f"); code != 0 || out != "saved\nforked\n" {
+		t.Fatalf("the fork reads (%d) %q", code, out)
+	}
+	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: "sb-layer-kid"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.client.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Name: "layered"})); err != nil {
+		t.Fatalf("delete once the fork is gone: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -39,6 +40,18 @@ type Reattacher interface {
 	Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error)
 }
 
+// Layers is a Cloner that can copy what a sandbox wrote to its disk, at
+// one moment, as a layer on the same base (CopyLayer), and stack new disks
+// on such a layer (CloneLayer): copying a disk then costs what the sandbox
+// wrote, not the whole image.
+type Layers interface {
+	// CopyLayer copies disk's own data into dest, a layer over base (the
+	// file disk was cloned from). disk must not change during the copy.
+	CopyLayer(ctx context.Context, disk Disk, base, dest string) error
+	// CloneLayer is Clone for a base that CopyLayer made.
+	CloneLayer(ctx context.Context, layer, dest string, sizeBytes int64) (Disk, error)
+}
+
 // Qcow2 makes a qcow2 overlay whose backing file is the template. Only
 // the blocks the sandbox writes take space; creation takes milliseconds.
 type Qcow2 struct{}
@@ -66,6 +79,50 @@ func (Qcow2) Clone(ctx context.Context, base, dest string, sizeBytes int64) (Dis
 
 // Release implements Cloner.
 func (Qcow2) Release(_ context.Context, dest string) error { return removeFile(dest) }
+
+var _ Layers = Qcow2{}
+
+// CopyLayer implements Layers: the overlay file is copied and its backing
+// file named again, by absolute path and as raw, whatever the copy says
+// (a layer never trusts a header a guest-facing VMM last wrote).
+func (Qcow2) CopyLayer(ctx context.Context, d Disk, base, dest string) error {
+	if d.Format != "qcow2" {
+		return fmt.Errorf("copy disk layer: %s is %s, not a qcow2 overlay", d.Path, d.Format)
+	}
+	if !filepath.IsAbs(base) {
+		return fmt.Errorf("copy disk layer: base %q is not an absolute path", base)
+	}
+	tmp := dest + ".copying"
+	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", d.Path, tmp).CombinedOutput(); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("copy disk layer %s: %w: %s", d.Path, err, strings.TrimSpace(string(out)))
+	}
+	if out, err := exec.CommandContext(ctx, "qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", base, tmp).CombinedOutput(); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("copy disk layer %s: %w: %s", d.Path, err, strings.TrimSpace(string(out)))
+	}
+	if err := os.Rename(tmp, dest); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("copy disk layer: %w", err)
+	}
+	return nil
+}
+
+// CloneLayer implements Layers: an overlay of the layer, which is qcow2.
+func (Qcow2) CloneLayer(ctx context.Context, layer, dest string, sizeBytes int64) (Disk, error) {
+	if _, err := os.Stat(layer); err != nil {
+		return Disk{}, fmt.Errorf("clone disk: %w", err)
+	}
+	args := []string{"create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", layer, dest}
+	if sizeBytes > 0 {
+		args = append(args, strconv.FormatInt(sizeBytes, 10))
+	}
+	if out, err := exec.CommandContext(ctx, "qemu-img", args...).CombinedOutput(); err != nil {
+		_ = os.Remove(dest)
+		return Disk{}, fmt.Errorf("create qcow2 overlay of layer %s: %w: %s", layer, err, strings.TrimSpace(string(out)))
+	}
+	return Disk{Path: dest, Format: "qcow2"}, nil
+}
 
 func removeFile(path string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {

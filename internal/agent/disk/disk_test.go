@@ -183,3 +183,61 @@ func TestDeviceMapperGrowsAndReattaches(t *testing.T) {
 		t.Fatalf("after reattaching: %q %v", got[:32], err)
 	}
 }
+
+// TestQcow2LayersCopyWhatTheSandboxWrote: a layer holds a disk's writes
+// up to the copy and nothing after; disks stacked on it read the template
+// under those writes, and write only to themselves.
+func TestQcow2LayersCopyWhatTheSandboxWrote(t *testing.T) {
+	ctx := context.Background()
+	base := template(t, 4<<20)
+	dir := t.TempDir()
+	src, err := Qcow2{}.Clone(ctx, base, filepath.Join(dir, "src.qcow2"), 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuIO := func(path, cmd string) {
+		t.Helper()
+		if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", cmd, path).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-io %s: %v: %s", cmd, err, out)
+		}
+	}
+	qemuIO(src.Path, "write -P 0x11 1M 64k")
+	layer := filepath.Join(dir, "layer.qcow2")
+	if err := (Qcow2{}).CopyLayer(ctx, src, base, layer); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(src.Path, "write -P 0x22 2M 64k") // after the copy: not in the layer
+	child, err := Qcow2{}.CloneLayer(ctx, layer, filepath.Join(dir, "child.qcow2"), 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(child.Path, "write -P 0x33 3M 64k")
+	other, err := Qcow2{}.CloneLayer(ctx, layer, filepath.Join(dir, "other.qcow2"), 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(path string) []byte {
+		t.Helper()
+		raw := filepath.Join(dir, "read.raw")
+		if out, err := exec.Command("qemu-img", "convert", "-O", "raw", path, raw).CombinedOutput(); err != nil {
+			t.Fatalf("read %s: %v: %s", path, err, out)
+		}
+		data, _ := os.ReadFile(raw)
+		return data
+	}
+	at := func(data []byte, off int) byte { return data[off<<20] }
+	c, o := read(child.Path), read(other.Path)
+	if len(c) != 8<<20 || at(c, 0) != 0x5a || at(c, 1) != 0x11 || at(c, 2) != 0x5a || at(c, 3) != 0x33 || at(c, 5) != 0 {
+		t.Fatalf("child reads %x %x %x %x %x over %d bytes", at(c, 0), at(c, 1), at(c, 2), at(c, 3), at(c, 5), len(c))
+	}
+	if at(o, 1) != 0x11 || at(o, 3) != 0x5a {
+		t.Fatalf("a second disk on the layer reads %x at 1M and %x at 3M", at(o, 1), at(o, 3))
+	}
+	info, _ := exec.Command("qemu-img", "info", "--output=json", layer).Output()
+	if !bytes.Contains(info, []byte(`"backing-filename": "`+base+`"`)) || !bytes.Contains(info, []byte(`"backing-filename-format": "raw"`)) {
+		t.Fatalf("layer: %s", info)
+	}
+	if err := (Qcow2{}).CopyLayer(ctx, Disk{Path: base, Format: "raw"}, base, filepath.Join(dir, "x")); err == nil {
+		t.Fatal("a raw disk was copied as a layer")
+	}
+}

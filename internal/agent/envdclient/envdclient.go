@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"net/url"
 	"time"
@@ -150,30 +151,6 @@ func AsUser[T any](req *connect.Request[T], user string) *connect.Request[T] {
 	return req
 }
 
-// WaitHealthy polls /health until envd answers or ctx ends.
-func (c *Client) WaitHealthy(ctx context.Context) error {
-	probe := &http.Client{Timeout: time.Second, Transport: newTransport()}
-	defer probe.CloseIdleConnections()
-	var last error
-	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/health", nil)
-		res, err := probe.Do(req)
-		if err == nil {
-			res.Body.Close()
-			if res.StatusCode == http.StatusNoContent {
-				return nil
-			}
-			err = fmt.Errorf("status %d", res.StatusCode)
-		}
-		last = err
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("envd at %s not healthy: %w (last: %v)", c.base, ctx.Err(), last)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
 // InitRequest is envd's POST /init body.
 type InitRequest struct {
 	EnvVars     map[string]string `json:"envVars,omitempty"`
@@ -190,6 +167,57 @@ func (c *Client) Init(ctx context.Context, in InitRequest) error {
 	body, _ := json.Marshal(in)
 	return c.post(ctx, "/init", "application/json", bytes.NewReader(body))
 }
+
+// InitWhenUp is Init as soon as envd takes connections: it tries again
+// while none can be made (the guest is still booting or waking), and
+// stops at the first request envd received, whatever its answer (an
+// /init that reached envd may have changed its token). One request
+// instead of a health poll and then /init: each costs a woken guest tens
+// of milliseconds of CPU. The clock it sends is read at each attempt.
+func (c *Client) InitWhenUp(ctx context.Context, in InitRequest) error {
+	dialer := &net.Dialer{Timeout: 500 * time.Millisecond}
+	tr := newTransport()
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, notUp{err}
+		}
+		return conn, nil
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tokenTransport{token: c.token, next: &readlimit.Transport{Next: tr, MaxBody: maxSmallBody}}}
+	for {
+		in.Timestamp = time.Now().UTC()
+		body, _ := json.Marshal(in)
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/init", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		res, err := client.Do(req)
+		if err == nil {
+			defer res.Body.Close()
+			if res.StatusCode/100 != 2 {
+				return fmt.Errorf("init envd: %w", responseError("/init", res))
+			}
+			return nil
+		}
+		var down notUp
+		if !errors.As(err, &down) {
+			return fmt.Errorf("init envd: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("envd at %s not up: %w (last: %v)", c.base, ctx.Err(), down.err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// notUp is a connection to envd that could not be made.
+type notUp struct{ err error }
+
+func (e notUp) Error() string { return e.err.Error() }
 
 // PrepareSnapshot asks the guest to flush its file systems.
 func (c *Client) PrepareSnapshot(ctx context.Context) error {

@@ -8,6 +8,7 @@ package sandbox
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -76,6 +77,10 @@ type Config struct {
 	// WarmPools are the operator's warm pools (--warm-pools); the control
 	// plane's settings (SetPools) win over them.
 	WarmPools []PoolSpec
+	// MemoryScratch, when set, is a tmpfs (such as /dev/shm) where forks
+	// keep the memory they copy while their sandboxes live, in a directory
+	// of this manager's own (named for WrennDir). "" keeps it on disk.
+	MemoryScratch string
 }
 
 // Cgroups are the VMMs' control groups, one per sandbox, named by its id.
@@ -114,6 +119,8 @@ type Manager struct {
 	sandboxes map[string]*entry
 	slots     map[int]string
 	pools     *pools
+	// scratch is where forks keep memory templates in RAM ("" on disk).
+	scratch string
 }
 
 // entry serialises operations on one sandbox. rec belongs to whoever holds
@@ -124,6 +131,9 @@ type entry struct {
 	rec  Record
 	view Record
 	envd *envdclient.Client // made on first use, under the manager's lock
+	// netUp: the network is made already (a fork's new sandboxes get
+	// theirs while the source is frozen); create skips it.
+	netUp bool
 }
 
 // opLock is a sandbox's operation lock. Unlike a sync.Mutex, a caller
@@ -184,8 +194,14 @@ func New(cfg Config) *Manager {
 	if cfg.Slots == (network.SlotRange{}) {
 		cfg.Slots = network.AllSlots
 	}
+	scratch := ""
+	if cfg.MemoryScratch != "" {
+		abs, _ := filepath.Abs(cfg.WrennDir)
+		sum := sha256.Sum256([]byte(abs))
+		scratch = filepath.Join(cfg.MemoryScratch, "wrenn-forks-"+hex.EncodeToString(sum[:6]))
+	}
 	return &Manager{
-		cfg: cfg, log: cfg.Log, pools: newPools(cfg.WarmPools),
+		cfg: cfg, log: cfg.Log, pools: newPools(cfg.WarmPools), scratch: scratch,
 		templates: template.Store{Dir: filepath.Join(cfg.WrennDir, "images")},
 		sandboxes: map[string]*entry{}, slots: map[int]string{},
 	}
@@ -386,13 +402,20 @@ func (m *Manager) Create(ctx context.Context, p CreateParams) (Record, error) {
 	if err != nil {
 		return Record{}, err
 	}
+	return m.launch(ctx, e, p.state)
+}
+
+// launch creates the sandbox reserve took, and unlocks it; a failed
+// create leaves nothing of it.
+func (m *Manager) launch(ctx context.Context, e *entry, state *savedState) (Record, error) {
 	defer e.mu.Unlock()
+	id, slot := e.rec.ID, e.rec.Net.Slot
 	start := time.Now()
-	rec, err := m.create(ctx, e, p.state)
+	rec, err := m.create(ctx, e, state)
 	if err != nil {
 		err = noSpace(err)
-		m.log.Warn("create failed; undone", "sandbox", p.ID, "error", err)
-		m.forget(p.ID, e.rec.Net.Slot)
+		m.log.Warn("create failed; undone", "sandbox", id, "error", err)
+		m.forget(id, slot)
 		return Record{}, err
 	}
 	m.log.Info("sandbox running", "sandbox", rec.ID, "template", rec.Template, "address", rec.Net.SandboxIP, "took", time.Since(start).Round(time.Millisecond))
@@ -440,15 +463,17 @@ func (m *Manager) create(ctx context.Context, e *entry, state *savedState) (Reco
 		backing = m.cloneBacking(tpl)
 	}
 	diskFile := filepath.Join(dir, "rootfs."+m.cfg.Disks.Name())
-	dsk, err := m.cfg.Disks.Clone(ctx, backing, diskFile, int64(rec.DiskMiB)<<20)
+	dsk, err := m.cloneDisk(ctx, tpl, backing, diskFile, int64(rec.DiskMiB)<<20)
 	if err != nil {
 		return fail(err)
 	}
 	rec.DiskFile, rec.DiskBase = diskFile, backing
 	undo = append(undo, func() { _ = m.cfg.Disks.Release(context.Background(), diskFile) })
 
-	if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
-		return fail(err)
+	if !e.netUp {
+		if err := m.cfg.Net.Setup(ctx, rec.Net, rec.Egress); err != nil {
+			return fail(err)
+		}
 	}
 	undo = append(undo, func() { _ = m.cfg.Net.Teardown(context.Background(), rec.Net) })
 
@@ -538,10 +563,7 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, g guestGreeting) e
 	}
 	c := envdclient.New(rec.Net.SandboxIP.String(), token)
 	defer c.Close()
-	if err := c.WaitHealthy(waitCtx); err != nil {
-		return err
-	}
-	in := envdclient.InitRequest{Timestamp: time.Now().UTC()}
+	var in envdclient.InitRequest
 	if g.first {
 		tpl := g.template
 		if tpl == "" {
@@ -556,10 +578,7 @@ func (m *Manager) initGuest(ctx context.Context, rec *Record, g guestGreeting) e
 		}
 		in.Hostname, in.Entropy = rec.ID, seed
 	}
-	if err := c.Init(waitCtx, in); err != nil {
-		return fmt.Errorf("init envd: %w", err)
-	}
-	return nil
+	return c.InitWhenUp(waitCtx, in)
 }
 
 // withIdentity adds the variables that tell programs in the guest which
@@ -909,7 +928,7 @@ func (m *Manager) SaveAsTemplate(ctx context.Context, id, name, source string, m
 			memFrom = filepath.Join(m.sandboxDir(rec), "template-memory")
 			defer os.RemoveAll(memFrom)
 		}
-		if err := m.copyFrozen(ctx, e, tmp, memFrom); err != nil {
+		if err := m.copyFrozen(ctx, e, flattenTo(rec, tmp), memFrom); err != nil {
 			return template.Metadata{}, noSpace(err)
 		}
 	case Paused:
@@ -953,8 +972,14 @@ func (m *Manager) DeleteTemplate(name string) error {
 		return fmt.Errorf("drain template %q's warm pool: %w", name, err)
 	}
 	var users []string
+	layers := map[string]bool{} // forks' templates whose disks are layers on this one
 	for _, r := range m.List() {
-		if r.Template == name {
+		if IsForkTemplate(r.Template) && !layers[r.Template] {
+			if t, err := m.templates.Get(r.Template); err == nil && t.Layer && t.Parent == name {
+				layers[r.Template] = true
+			}
+		}
+		if r.Template == name || layers[r.Template] {
 			users = append(users, r.ID)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/wrenn/wrenn/internal/agent/disk"
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/egress"
@@ -92,6 +93,19 @@ func (m *Manager) cloneBacking(tpl template.Metadata) string {
 	return m.templates.RootfsPath(tpl.Name)
 }
 
+// cloneDisk makes a sandbox disk in dest on backing, a file of template
+// tpl: on a layer (a fork's image) with the disk driver's layers.
+func (m *Manager) cloneDisk(ctx context.Context, tpl template.Metadata, backing, dest string, sizeBytes int64) (disk.Disk, error) {
+	if !tpl.Layer || backing != m.templates.RootfsPath(tpl.Name) {
+		return m.cfg.Disks.Clone(ctx, backing, dest, sizeBytes)
+	}
+	l, ok := m.cfg.Disks.(disk.Layers)
+	if !ok {
+		return disk.Disk{}, fmt.Errorf("template %s is a disk layer, which the %s disk driver cannot stack on", tpl.Name, m.cfg.Disks.Name())
+	}
+	return l.CloneLayer(ctx, backing, dest, sizeBytes)
+}
+
 // saveMemoryTemplate turns a VM's saved state (memory.qemu under from) into
 // template name's memory snapshot. rec is the sandbox it was taken from.
 // Its disk at that moment is the template's image, or ownDisk, a flattened
@@ -119,6 +133,14 @@ func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Recor
 		_ = os.RemoveAll(out)
 		return nil, noSpace(err)
 	}
+	// A fork's memory is in RAM when the fork made a place for it there.
+	if ram := m.forkMemoryDir(name); ram != "" {
+		if fi, err := os.Lstat(ram); err == nil && fi.IsDir() {
+			if err := os.Symlink(ram, out); err != nil {
+				return fail(fmt.Errorf("memory template: %w", err))
+			}
+		}
+	}
 	backing, diskName := m.templates.RootfsPath(name), ""
 	if ownDisk != "" {
 		if err := os.MkdirAll(out, 0o750); err != nil {
@@ -129,12 +151,16 @@ func (m *Manager) saveMemoryTemplate(ctx context.Context, name string, rec Recor
 			return fail(fmt.Errorf("memory template: %w", err))
 		}
 	}
-	scratch := filepath.Join(work, "rootfs."+m.cfg.Disks.Name())
-	dsk, err := m.cfg.Disks.Clone(ctx, backing, scratch, int64(rec.DiskMiB)<<20)
+	tpl, err := m.templates.Get(name)
 	if err != nil {
 		return fail(fmt.Errorf("memory template: %w", err))
 	}
-	defer func() { _ = m.cfg.Disks.Release(context.Background(), scratch) }()
+	scratchDisk := filepath.Join(work, "rootfs."+m.cfg.Disks.Name())
+	dsk, err := m.cloneDisk(ctx, tpl, backing, scratchDisk, int64(rec.DiskMiB)<<20)
+	if err != nil {
+		return fail(fmt.Errorf("memory template: %w", err))
+	}
+	defer func() { _ = m.cfg.Disks.Release(context.Background(), scratchDisk) }()
 	// And a network card like its own (a TAP: the saved card expects
 	// one's header format), in its namespace, on no network.
 	if !m.cfg.Net.Exists(rec.Net) {
@@ -208,10 +234,9 @@ func newEntropy() ([]byte, error) {
 }
 
 // copyFrozen copies a running sandbox at one moment: with its guest
-// flushed and its vCPUs stopped, its disk is flattened into disk and,
-// when memDir is set, its memory saved there; then it runs on, whatever
-// happened.
-func (m *Manager) copyFrozen(ctx context.Context, e *entry, disk, memDir string) error {
+// flushed and its vCPUs stopped, copyDisk copies its disk and, when memDir
+// is set, its memory is saved there; then it runs on, whatever happened.
+func (m *Manager) copyFrozen(ctx context.Context, e *entry, copyDisk func(context.Context) error, memDir string) error {
 	rec := e.rec
 	var cloner vmm.Cloner
 	if memDir != "" {
@@ -233,13 +258,20 @@ func (m *Manager) copyFrozen(ctx context.Context, e *entry, disk, memDir string)
 			m.log.Error("could not continue the sandbox after the copy", "sandbox", rec.ID, "error", err)
 		}
 	}()
-	if err := template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, disk); err != nil {
+	if err := copyDisk(ctx); err != nil {
 		return err
 	}
 	if cloner == nil {
 		return nil
 	}
 	return cloner.SaveMemory(ctx, rec.Spec, rec.VMM, memDir)
+}
+
+// flattenTo is copyFrozen's disk copy into a standalone image.
+func flattenTo(rec Record, dest string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		return template.Flatten(ctx, rec.Spec.Disk, rec.Spec.DiskFormat, dest)
+	}
 }
 
 // Shape is the machine a memory template is prepared for.
@@ -290,7 +322,7 @@ func (m *Manager) PrepareMemory(ctx context.Context, name string, shape Shape) e
 	}
 	disk := filepath.Join(m.sandboxDir(e.rec), "memory-disk.raw")
 	memDir := filepath.Join(m.sandboxDir(e.rec), "template-memory")
-	if err := m.copyFrozen(ctx, e, disk, memDir); err != nil {
+	if err := m.copyFrozen(ctx, e, flattenTo(e.rec, disk), memDir); err != nil {
 		return fmt.Errorf("template %s: %w", name, noSpace(err))
 	}
 	if _, err := m.saveMemoryTemplate(ctx, name, e.rec, memDir, disk); err != nil {

@@ -62,7 +62,7 @@ func Run(ctx context.Context, cfg Config) ([]bench.Result, error) {
 	driver := qemu.New(quiet)
 	m := sandbox.New(sandbox.Config{
 		WrennDir: work, Driver: driver, Disks: disk.Qcow2{}, Net: &network.Manager{Log: quiet}, Log: quiet,
-		DNS: []netip.Addr{netip.MustParseAddr("1.1.1.1")}, DefaultTimeout: time.Hour,
+		DNS: []netip.Addr{netip.MustParseAddr("1.1.1.1")}, DefaultTimeout: time.Hour, MemoryScratch: "/dev/shm", // as wrenn-agent's default
 	})
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()

@@ -395,7 +395,7 @@ func startAgent(ctx context.Context, c *client, jwt, wrennDir string, log *slog.
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	m := sandbox.New(sandbox.Config{WrennDir: work, Driver: qemu.New(log), Disks: disk.Qcow2{}, Net: &network.Manager{Log: log}, Log: log,
-		DNS: []netip.Addr{netip.MustParseAddr("1.1.1.1")}, DefaultTimeout: time.Hour})
+		DNS: []netip.Addr{netip.MustParseAddr("1.1.1.1")}, DefaultTimeout: time.Hour, MemoryScratch: "/dev/shm"})
 	cleanup := func() {
 		for _, r := range m.List() {
 			_ = m.Destroy(context.Background(), r.ID)

@@ -46,6 +46,10 @@ type Metadata struct {
 	// Ephemeral marks a fork's hidden template: made on this host for the
 	// sandboxes of one fork and deleted with the last; not checksummed.
 	Ephemeral bool `json:"ephemeral,omitempty"`
+	// Layer marks an image that is a qcow2 layer on Parent's disk (what a
+	// forked sandbox had written), not a whole one: new disks stack on it
+	// with the disk driver's layers, and SizeBytes is the layer's.
+	Layer bool `json:"layer,omitempty"`
 	// Memory is set when the template also holds a running VM's memory:
 	// sandboxes that fit it start by restoring it instead of booting.
 	Memory *Memory `json:"memory,omitempty"`
