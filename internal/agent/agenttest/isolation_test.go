@@ -3,6 +3,7 @@ package agenttest
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,6 +60,23 @@ func testHost(t *testing.T, ns, ifPrefix, hostAddr, nsAddr string) string {
 	}
 	t.Cleanup(func() { _ = server.Process.Kill(); _ = server.Wait() })
 	return nsAddr
+}
+
+// listenUDP collects for a few seconds what reaches a socat address in
+// namespace ns; the result waits for the end.
+func listenUDP(t *testing.T, ns, address string) func() string {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns, "timeout", "6", "socat", "-u", address, "STDOUT")
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // listening
+	return func() string {
+		_ = cmd.Wait()
+		return out.String()
+	}
 }
 
 // reach reports whether a sandbox can open a TCP connection to addr:port.
@@ -133,6 +151,22 @@ func TestIsolationAndEgress(t *testing.T) {
 	// Nor link-local metadata services.
 	if a.reach(ctx, open.GetId(), "169.254.169.254", 80) {
 		t.Fatal("sandbox reached 169.254.169.254")
+	}
+	// A guest that takes another address gets nothing through with it,
+	// and no IPv6 leaves its TAP (not even to the namespace).
+	heard := listenUDP(t, "wrenntest-out", "UDP4-RECV:9998")
+	a.sh(ctx, open.GetId(), "sudo ip addr add 169.254.0.25/32 dev eth0; for i in 1 2 3; do "+
+		"echo spoofed | socat -u - UDP4-DATAGRAM:"+outside+":9998,bind=169.254.0.25; echo real | socat -u - UDP4-DATAGRAM:"+outside+":9998; sleep 0.3; done; "+
+		"sudo ip addr del 169.254.0.25/32 dev eth0")
+	if got := heard(); !strings.Contains(got, "real") || strings.Contains(got, "spoofed") {
+		t.Fatalf("the outside host heard %q from the guest: its own address must get through, no other", got)
+	}
+	ip := net.ParseIP(strings.Split(open.GetAddress(), ":")[0]).To4()
+	netnsName := fmt.Sprintf("wrenn-%d", int(ip[2])<<8|int(ip[3]))
+	heard6 := listenUDP(t, netnsName, "UDP6-RECV:9999")
+	a.sh(ctx, open.GetId(), "for i in 1 2 3; do echo heard6 | socat -u - 'UDP6-DATAGRAM:[ff02::1%eth0]:9999'; sleep 0.3; done")
+	if got := heard6(); strings.Contains(got, "heard6") {
+		t.Fatal("IPv6 from the guest reached its namespace")
 	}
 	// The host still reaches every sandbox's envd.
 	for _, sb := range []*pb.Sandbox{open, denied, listed, other, blocked} {

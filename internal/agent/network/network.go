@@ -18,12 +18,20 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	egresspolicy "github.com/wrenn/wrenn/internal/egress"
 )
@@ -46,7 +54,6 @@ const (
 	guestPrefixLen = 30
 	tapName        = "tap0"
 	ifacePrefix    = "wrn" // host-side veth names: wrn<slot>h; the host rules match wrn+
-	privateChain   = "WRENN-PRIVATE"
 )
 
 // Allocation is one sandbox's network, derived from its slot.
@@ -167,17 +174,17 @@ func (m *Manager) PrepareHost(ctx context.Context) error {
 	}
 	for _, c := range chains {
 		// Rebuild the chain from scratch so rule changes across versions apply.
-		_ = iptables(ctx, "", "-t", c.table, "-N", c.chain)
-		if err := iptables(ctx, "", "-t", c.table, "-F", c.chain); err != nil {
+		_ = iptables(ctx, "-t", c.table, "-N", c.chain)
+		if err := iptables(ctx, "-t", c.table, "-F", c.chain); err != nil {
 			return err
 		}
 		for _, r := range c.rules {
-			if err := iptables(ctx, "", append([]string{"-t", c.table, "-A", c.chain}, r...)...); err != nil {
+			if err := iptables(ctx, append([]string{"-t", c.table, "-A", c.chain}, r...)...); err != nil {
 				return err
 			}
 		}
-		if iptables(ctx, "", "-t", c.table, "-C", c.parent, "-j", c.chain) != nil {
-			if err := iptables(ctx, "", "-t", c.table, "-I", c.parent, "1", "-j", c.chain); err != nil {
+		if iptables(ctx, "-t", c.table, "-C", c.parent, "-j", c.chain) != nil {
+			if err := iptables(ctx, "-t", c.table, "-I", c.parent, "1", "-j", c.chain); err != nil {
 				return err
 			}
 		}
@@ -203,101 +210,194 @@ func (m *Manager) Setup(ctx context.Context, a Allocation, egress egresspolicy.P
 }
 
 func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.Policy) error {
-	ns := a.NetNS
-	gw := fmt.Sprintf("%s/%d", GatewayIP, guestPrefixLen)
-	steps := [][]string{
-		{"netns", "add", ns},
-		{"-n", ns, "link", "set", "lo", "up"},
-		{"link", "add", a.HostVeth, "type", "veth", "peer", "name", a.NSVeth, "netns", ns},
-		{"addr", "add", a.HostIP.String() + "/31", "dev", a.HostVeth},
-		{"link", "set", a.HostVeth, "up"},
-		{"-n", ns, "addr", "add", a.NSIP.String() + "/31", "dev", a.NSVeth},
-		{"-n", ns, "link", "set", a.NSVeth, "up"},
-		{"-n", ns, "route", "add", "default", "via", a.HostIP.String()},
-		// Owned by the agent's user, so the VMM opens it without CAP_NET_ADMIN.
-		{"-n", ns, "tuntap", "add", a.Tap, "mode", "tap", "user", strconv.Itoa(os.Geteuid())},
-		{"-n", ns, "addr", "add", gw, "dev", a.Tap},
-		{"-n", ns, "link", "set", a.Tap, "up"},
-		{"route", "replace", a.SandboxIP.String() + "/32", "via", a.NSIP.String(), "dev", a.HostVeth},
-	}
-	for _, s := range steps {
-		if err := ip(ctx, s...); err != nil {
-			return err
-		}
-	}
-	if err := runIn(ctx, ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"); err != nil {
+	if err := ctx.Err(); err != nil {
 		return err
 	}
-	guest := GuestIP.String()
-	// Private ranges, in a chain of the namespace's own: the operator's
-	// allowances return to the policy, the rest is dropped.
-	if err := iptables(ctx, ns, "-N", privateChain); err != nil {
+	ns, err := newNamedNS(a.NetNS)
+	if err != nil {
+		return fmt.Errorf("network namespace %s: %w", a.NetNS, err)
+	}
+	defer ns.Close()
+	inside, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return fmt.Errorf("netlink in %s: %w", a.NetNS, err)
+	}
+	defer inside.Close()
+
+	// The veth pair: the host's end here, the other in the namespace.
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a.HostVeth}, PeerName: a.NSVeth, PeerNamespace: netlink.NsFd(int(ns))}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return fmt.Errorf("veth %s: %w", a.HostVeth, err)
+	}
+	hostEnd, err := netlink.LinkByName(a.HostVeth)
+	if err != nil {
+		return fmt.Errorf("veth %s: %w", a.HostVeth, err)
+	}
+	if err := netlink.AddrAdd(hostEnd, addr(a.HostIP, 31)); err != nil {
+		return fmt.Errorf("address of %s: %w", a.HostVeth, err)
+	}
+	if err := netlink.LinkSetUp(hostEnd); err != nil {
+		return fmt.Errorf("%s up: %w", a.HostVeth, err)
+	}
+
+	// Inside: loopback, the namespace's end of the veth with the default
+	// route, and the VM's TAP device as the guest's gateway.
+	lo, err := inside.LinkByName("lo")
+	if err == nil {
+		err = inside.LinkSetUp(lo)
+	}
+	if err != nil {
+		return fmt.Errorf("loopback in %s: %w", a.NetNS, err)
+	}
+	nsEnd, err := inside.LinkByName(a.NSVeth)
+	if err != nil {
+		return fmt.Errorf("veth %s: %w", a.NSVeth, err)
+	}
+	if err := inside.AddrAdd(nsEnd, addr(a.NSIP, 31)); err != nil {
+		return fmt.Errorf("address of %s: %w", a.NSVeth, err)
+	}
+	if err := inside.LinkSetUp(nsEnd); err != nil {
+		return fmt.Errorf("%s up: %w", a.NSVeth, err)
+	}
+	if err := inside.RouteAdd(&netlink.Route{LinkIndex: nsEnd.Attrs().Index, Gw: a.HostIP.AsSlice()}); err != nil {
+		return fmt.Errorf("default route in %s: %w", a.NetNS, err)
+	}
+	if err := addTap(ns, a.Tap); err != nil {
 		return err
 	}
-	for _, p := range m.PrivateAllow {
-		if err := iptables(ctx, ns, "-A", privateChain, "-d", p.Masked().String(), "-j", "RETURN"); err != nil {
-			return err
-		}
+	tap, err := inside.LinkByName(a.Tap)
+	if err != nil {
+		return fmt.Errorf("TAP %s: %w", a.Tap, err)
 	}
-	for _, p := range egresspolicy.PrivateRanges {
-		if err := iptables(ctx, ns, "-A", privateChain, "-d", p.String(), "-j", "DROP"); err != nil {
-			return err
-		}
+	if err := inside.AddrAdd(tap, addr(GatewayIP, guestPrefixLen)); err != nil {
+		return fmt.Errorf("address of %s: %w", a.Tap, err)
 	}
-	rules := [][]string{
-		// The sandbox address is the guest, both ways.
-		{"-t", "nat", "-A", "PREROUTING", "-i", a.NSVeth, "-d", a.SandboxIP.String(), "-j", "DNAT", "--to-destination", guest},
-		{"-t", "nat", "-A", "POSTROUTING", "-o", a.NSVeth, "-s", guest, "-j", "SNAT", "--to-source", a.SandboxIP.String()},
-		// The guest may not talk to the namespace itself.
-		{"-A", "INPUT", "-i", a.Tap, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"},
-		{"-A", "INPUT", "-i", a.Tap, "-j", "DROP"},
-		// Guest egress: replies first, never link-local (cloud metadata), then the policy.
-		{"-A", "FORWARD", "-i", a.Tap, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"},
-		{"-A", "FORWARD", "-i", a.Tap, "-d", "169.254.0.0/16", "-j", "DROP"},
+	if err := inside.LinkSetUp(tap); err != nil {
+		return fmt.Errorf("%s up: %w", a.Tap, err)
 	}
-	if egress.Mode == egresspolicy.DenyAll {
-		rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", "DROP"})
-	} else {
-		for _, r := range m.Resolvers {
-			for _, proto := range []string{"udp", "tcp"} {
-				rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", r.String(), "-p", proto, "--dport", "53", "-j", "ACCEPT"})
-			}
-		}
-		rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", privateChain})
-		for _, p := range egress.Deny {
-			rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", p.Masked().String(), "-j", "DROP"})
-		}
-		if egress.Mode == egresspolicy.AllowList {
-			for _, p := range egress.Allow {
-				rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-d", p.Masked().String(), "-j", "ACCEPT"})
-			}
-			rules = append(rules, []string{"-A", "FORWARD", "-i", a.Tap, "-j", "DROP"})
-		}
+	if err := inNS(ns, func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644) }); err != nil {
+		return fmt.Errorf("forwarding in %s: %w", a.NetNS, err)
 	}
-	for _, r := range rules {
-		if err := iptables(ctx, ns, r...); err != nil {
-			return err
-		}
+
+	conn, err := nftables.New(nftables.WithNetNSFd(int(ns)))
+	if err != nil {
+		return errFirewall(a.NetNS, err)
+	}
+	m.firewall(conn, a, egress)
+	if err := conn.Flush(); err != nil {
+		return errFirewall(a.NetNS, err)
+	}
+
+	// The sandbox address is routed to the namespace.
+	route := &netlink.Route{Dst: prefix(a.SandboxIP, 32), Gw: a.NSIP.AsSlice(), LinkIndex: hostEnd.Attrs().Index}
+	if err := netlink.RouteReplace(route); err != nil {
+		return fmt.Errorf("route to %s: %w", a.SandboxIP, err)
 	}
 	return nil
+}
+
+func addr(a netip.Addr, bits int) *netlink.Addr { return &netlink.Addr{IPNet: prefix(a, bits)} }
+
+func prefix(a netip.Addr, bits int) *net.IPNet {
+	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, 32)}
+}
+
+// newNamedNS makes a network namespace with a name under /run/netns, as
+// "ip netns add" does, and returns a handle to it; the calling goroutine's
+// thread stays in its own namespace.
+func newNamedNS(name string) (netns.NsHandle, error) {
+	var ns netns.NsHandle
+	err := onThread(func(netns.NsHandle) error {
+		var err error
+		ns, err = netns.NewNamed(name) // moves this thread into it
+		return err
+	})
+	return ns, err
+}
+
+// inNS runs fn on a thread in namespace ns: what acts on the caller's own
+// namespace (opening /dev/net/tun, /proc/sys/net) acts on ns.
+func inNS(ns netns.NsHandle, fn func() error) error {
+	return onThread(func(netns.NsHandle) error {
+		if err := netns.Set(ns); err != nil {
+			return fmt.Errorf("enter the namespace: %w", err)
+		}
+		return fn()
+	})
+}
+
+// onThread runs fn on a locked thread and puts the thread back into the
+// namespace it started in; a thread that cannot go back is never reused
+// (it stays locked, so Go ends it with the goroutine).
+func onThread(fn func(home netns.NsHandle) error) error {
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		home, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- err
+			return
+		}
+		defer home.Close()
+		err = fn(home)
+		if setErr := netns.Set(home); setErr != nil {
+			done <- errors.Join(err, setErr)
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- err
+	}()
+	return <-done
+}
+
+// addTap makes a persistent TAP device in ns that the agent's user opens
+// (the VMM needs no CAP_NET_ADMIN for it), as "ip tuntap add ... user"
+// does, with no packet information header. The kernel takes no "no
+// group" from netlink's TUNSETGROUP: the group is the agent's own.
+func addTap(ns netns.NsHandle, name string) error {
+	return inNS(ns, func() error {
+		tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TAP,
+			Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_ONE_QUEUE, Owner: uint32(os.Geteuid()), Group: uint32(os.Getegid())}
+		if err := netlink.LinkAdd(tap); err != nil {
+			return fmt.Errorf("TAP %s: %w", name, err)
+		}
+		for _, f := range tap.Fds {
+			_ = f.Close() // persistent: the device outlives the descriptor
+		}
+		return nil
+	})
 }
 
 // Teardown removes the sandbox's network; missing pieces are fine.
 // Deleting the namespace removes the TAP device, the namespace end of the
 // veth (and so the host end) and the namespace's own rules.
-func (m *Manager) Teardown(ctx context.Context, a Allocation) error {
-	_ = ip(ctx, "route", "del", a.SandboxIP.String()+"/32")
+func (m *Manager) Teardown(_ context.Context, a Allocation) error {
+	_ = netlink.RouteDel(&netlink.Route{Dst: prefix(a.SandboxIP, 32)})
 	if m.nsExists(a.NetNS) {
-		if err := ip(ctx, "netns", "del", a.NetNS); err != nil {
-			return err
+		if err := deleteNamedNS(a.NetNS); err != nil {
+			return fmt.Errorf("delete network namespace %s: %w", a.NetNS, err)
 		}
 	}
 	// Deleting the namespace removes the host end of the veth too, but
 	// asynchronously: it may vanish between the check and the delete.
-	if linkExists(a.HostVeth) {
-		if err := ip(ctx, "link", "del", a.HostVeth); err != nil && linkExists(a.HostVeth) {
-			return err
+	if link, err := netlink.LinkByName(a.HostVeth); err == nil {
+		if err := netlink.LinkDel(link); err != nil && linkExists(a.HostVeth) {
+			return fmt.Errorf("delete %s: %w", a.HostVeth, err)
 		}
+	}
+	return nil
+}
+
+// deleteNamedNS undoes newNamedNS, as "ip netns del" does; a name left
+// without its mount (a crash between the two) is removed too.
+func deleteNamedNS(name string) error {
+	path := filepath.Join("/run/netns", name)
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
 	return nil
 }
@@ -336,25 +436,15 @@ func linkExists(name string) bool {
 	return err == nil
 }
 
-func ip(ctx context.Context, args ...string) error {
-	return run(ctx, "ip", args...)
-}
-
-func iptables(ctx context.Context, ns string, args ...string) error {
-	if ns == "" {
-		return run(ctx, "iptables", append([]string{"-w"}, args...)...)
-	}
-	return runIn(ctx, ns, "iptables", append([]string{"-w"}, args...)...)
-}
-
-func runIn(ctx context.Context, ns, name string, args ...string) error {
-	return run(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...)
-}
-
-func run(ctx context.Context, name string, args ...string) error {
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+// iptables changes the host's own firewall. The host rules stay in
+// iptables, whichever backend the host uses: they must sit in the host's
+// FORWARD and INPUT chains, ahead of what else the operator has there (a
+// policy of DROP, Docker's rules), which a table of Wrenn's own could not
+// override.
+func iptables(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, "iptables", append([]string{"-w"}, args...)...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("iptables %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }
@@ -363,15 +453,28 @@ func run(ctx context.Context, name string, args ...string) error {
 // and has no address: a VMM that only converts a saved VM's state (a
 // memory template) needs the same kind of network card the VM had, with
 // no network behind it. remove deletes it.
-func (m *Manager) ScratchTap(ctx context.Context, a Allocation, name string) (remove func(), err error) {
+func (m *Manager) ScratchTap(_ context.Context, a Allocation, name string) (remove func(), err error) {
 	if name == a.Tap || !validTapName.MatchString(name) {
 		return nil, fmt.Errorf("scratch TAP name %q", name)
 	}
-	if err := ip(ctx, "-n", a.NetNS, "tuntap", "add", name, "mode", "tap", "user", strconv.Itoa(os.Geteuid())); err != nil {
+	ns, err := netns.GetFromName(a.NetNS)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", a.NetNS, err)
+	}
+	if err := addTap(ns, name); err != nil {
+		ns.Close()
 		return nil, err
 	}
 	return func() {
-		if err := ip(context.Background(), "-n", a.NetNS, "link", "del", name); err != nil {
+		defer ns.Close()
+		err := inNS(ns, func() error {
+			link, err := netlink.LinkByName(name)
+			if err != nil {
+				return err
+			}
+			return netlink.LinkDel(link)
+		})
+		if err != nil {
 			m.Log.Warn("could not remove a scratch TAP device", "netns", a.NetNS, "tap", name, "error", err)
 		}
 	}, nil
