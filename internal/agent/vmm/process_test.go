@@ -40,8 +40,13 @@ type gateChecker struct {
 }
 
 func (g *gateChecker) Confine(_ Spec, pid int) error {
-	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	g.cmdline = strings.ReplaceAll(string(b), "\x00", " ")
+	// The exec that Start waited for has closed its close-on-exec pipe a
+	// moment before the kernel sets the new program's arguments: until
+	// then /proc/<pid>/cmdline reads empty.
+	for deadline := time.Now().Add(time.Second); g.cmdline == "" && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		g.cmdline = strings.ReplaceAll(string(b), "\x00", " ")
+	}
 	time.Sleep(200 * time.Millisecond) // a VMM not held at the gate would have run by now
 	_, err := os.Stat(g.socket + ".ran")
 	g.ran = err == nil
