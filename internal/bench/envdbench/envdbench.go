@@ -164,7 +164,9 @@ func payload(n int64) io.Reader {
 }
 
 func transfers(ctx context.Context, baseURL, work string, size int64, runs int) (bench.Result, bench.Result, error) {
-	hc := &http.Client{}
+	// The file as it is: Go's client would otherwise ask for gzip, which
+	// envd honours (E2B's SDKs ask for it), and time the compression.
+	hc := &http.Client{Transport: &http.Transport{DisableCompression: true}}
 	dest := filepath.Join(work, "envd-upload.bin")
 	var upEnvd, upPlain, downEnvd, downPlain []time.Duration
 	for range runs {
