@@ -239,7 +239,7 @@ func (r *Reconciler) expire(ctx context.Context, sb store.Sandbox) {
 		r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
 		return
 	}
-	if _, err := r.Store.Transition(ctx, sb.ID, []string{"running"}, "stopping", nil); err != nil {
+	if stopped, err := r.Store.StopExpired(ctx, sb.ID); err != nil || !stopped {
 		return
 	}
 	r.Log.Info("timeout: destroying capsule", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)

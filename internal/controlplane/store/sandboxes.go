@@ -257,6 +257,18 @@ func (s *Store) StillExpired(ctx context.Context, id string) (bool, error) {
 	return n == 1, mapErr(err, "expired capsule")
 }
 
+// StopExpired moves capsule id to stopping if it is still running past
+// its timeout (Expired's rule), in one statement: a ping or a longer
+// timeout that lands at the same moment either comes first and saves it,
+// or finds it stopping.
+func (s *Store) StopExpired(ctx context.Context, id string) (bool, error) {
+	tag, err := s.Pool.Exec(ctx, "UPDATE sandboxes SET status = 'stopping', last_updated = now() WHERE id = $1 AND "+expired, id)
+	if err != nil {
+		return false, mapErr(err, "stop expired capsule")
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
 // Stuck lists capsules in a transitional state for longer than age: a
 // replica died in the middle of an operation.
 func (s *Store) Stuck(ctx context.Context, age time.Duration) ([]Sandbox, error) {

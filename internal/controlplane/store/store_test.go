@@ -120,3 +120,36 @@ func TestTryLockIsExclusive(t *testing.T) {
 		t.Fatalf("after release ran=%v err=%v", ran, err)
 	}
 }
+
+// A capsule past its timeout is stopped in one statement, and one whose
+// deadline moved (a ping, setTimeout) is left running.
+func TestStopExpiredOnlyStopsWhatIsStillExpired(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	if _, err := s.CreateUser(ctx, store.User{ID: "usr-x", Email: "x@example.com", PasswordHash: "x", Status: "active"}, store.Team{ID: "team-x", Name: "X", Slug: "x"}, false); err != nil {
+		t.Fatal(err)
+	}
+	past, future := time.Now().Add(-time.Minute), time.Now().Add(time.Hour)
+	for id, end := range map[string]time.Time{"sb-expired0000000001": past, "sb-extended000000001": future} {
+		if _, err := s.InsertSandbox(ctx, store.Sandbox{ID: id, TeamID: "team-x", Template: "minimal", Status: "starting", VCPUs: 1, MemoryMB: 256, EndAt: &end}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Transition(ctx, id, []string{"starting"}, "running", map[string]any{"started_at": store.Now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if stopped, err := s.StopExpired(ctx, "sb-expired0000000001"); err != nil || !stopped {
+		t.Fatalf("the expired capsule: stopped %v, %v", stopped, err)
+	}
+	if stopped, err := s.StopExpired(ctx, "sb-extended000000001"); err != nil || stopped {
+		t.Fatalf("the extended capsule: stopped %v, %v", stopped, err)
+	}
+	for id, want := range map[string]string{"sb-expired0000000001": "stopping", "sb-extended000000001": "running"} {
+		if sb, err := s.Sandbox(ctx, "", id); err != nil || sb.Status != want {
+			t.Fatalf("%s is %q (%v), want %s", id, sb.Status, err, want)
+		}
+	}
+	if stopped, err := s.StopExpired(ctx, "sb-expired0000000001"); err != nil || stopped {
+		t.Fatalf("a capsule already stopping was stopped again: %v, %v", stopped, err)
+	}
+}
