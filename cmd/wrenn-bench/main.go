@@ -42,7 +42,7 @@ func run() error {
 	dbURL := flag.String("database-url", envconf.String("DATABASE_URL", ""), "PostgreSQL for the control plane suite (it makes and drops its own database)")
 	listRows := flag.Int("list-rows", 100, "capsule records GET /v1/capsules returns")
 	listFor := flag.Duration("list-for", 5*time.Second, "how long to load GET /v1/capsules")
-	creates := flag.Int("creates", 3, "capsule creates through the API to time")
+	creates := flag.Int("creates", 5, "capsule creates through the API to time")
 	suites := flag.String("suites", "envd,guest,agent,cp", "suites to run, comma-separated")
 	flag.Parse()
 	if *execRuns < 1 || *transferMiB < 1 || *boots < 1 {
