@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"os"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -95,6 +96,9 @@ func (m *Manager) firewall(conn *nftables.Conn, a Allocation, egress egresspolic
 		}
 	}
 
+	if _, err := os.Stat("/proc/sys/net/ipv6"); err != nil {
+		return // a kernel without IPv6 (ipv6.disable=1) carries none to drop
+	}
 	v6 := conn.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv6, Name: firewallTable})
 	for _, hook := range []struct {
 		name string
