@@ -201,7 +201,7 @@ func TestChannelsAndEvents(t *testing.T) {
 		if m.Event != want || heads[i].Get("X-Wrenn-Event") != want || m.ResourceID != "sb-events000000000001" {
 			t.Fatalf("delivery %d: %s %v", i, bodies[i], heads[i])
 		}
-		if err := notify.Verify(ch.Secret, heads[i].Get(notify.SignatureHeader), bodies[i], 5*time.Minute, time.Now()); err != nil {
+		if err := notify.Verify(ch.Secret, heads[i].Get(notify.SignatureHeader), heads[i].Get(notify.TimestampHeader), bodies[i], 5*time.Minute, time.Now()); err != nil {
 			t.Fatalf("delivery %d signature: %v", i, err)
 		}
 	}

@@ -2,6 +2,9 @@ package notify
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -40,21 +43,29 @@ func TestClientRefusesPrivateAddresses(t *testing.T) {
 func TestSignAndVerify(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
 	body := []byte(`{"event":"capsule.running"}`)
-	h := Sign("s3cret", now, body)
-	if err := Verify("s3cret", h, body, 5*time.Minute, now.Add(time.Minute)); err != nil {
+	ts, sig := Sign("s3cret", now, body)
+	// Upstream's form: an RFC 3339 time and sha256=<hex HMAC of "<ts>.<body>">.
+	mac := hmac.New(sha256.New, []byte("s3cret"))
+	mac.Write([]byte("2027-01-15T08:00:00Z." + string(body)))
+	if ts != "2027-01-15T08:00:00Z" || sig != "sha256="+hex.EncodeToString(mac.Sum(nil)) {
+		t.Fatalf("signed %q %q", ts, sig)
+	}
+	if err := Verify("s3cret", sig, ts, body, 5*time.Minute, now.Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
 	for name, c := range map[string]struct {
-		secret, header string
-		body           []byte
-		at             time.Time
+		secret, sig, ts string
+		body            []byte
+		at              time.Time
 	}{
-		"other secret":   {"other", h, body, now},
-		"changed body":   {"s3cret", h, []byte(`{"event":"capsule.paused"}`), now},
-		"too old":        {"s3cret", h, body, now.Add(time.Hour)},
-		"garbled header": {"s3cret", "v1=abc", body, now},
+		"other secret":      {"other", sig, ts, body, now},
+		"changed body":      {"s3cret", sig, ts, []byte(`{"event":"capsule.paused"}`), now},
+		"too old":           {"s3cret", sig, ts, body, now.Add(time.Hour)},
+		"other timestamp":   {"s3cret", sig, "2027-01-15T08:00:01Z", body, now},
+		"garbled signature": {"s3cret", "v1=abc", ts, body, now},
+		"garbled timestamp": {"s3cret", sig, "1800000000", body, now},
 	} {
-		if err := Verify(c.secret, c.header, c.body, 5*time.Minute, c.at); err == nil {
+		if err := Verify(c.secret, c.sig, c.ts, c.body, 5*time.Minute, c.at); err == nil {
 			t.Errorf("%s: verified", name)
 		}
 	}

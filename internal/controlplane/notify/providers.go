@@ -100,41 +100,46 @@ func (m Message) Text() string {
 	return fmt.Sprintf("Wrenn: %s %s", m.Event, m.ResourceID)
 }
 
-// SignatureHeader is the webhook signature: t=<unix seconds>,v1=<hex
-// HMAC-SHA256 of "<t>.<body>" keyed with the channel secret>.
-const SignatureHeader = "X-Wrenn-Signature"
+// Webhook deliveries are signed as upstream Wrenn signs them, so a
+// receiver written for it verifies ours unchanged: TimestampHeader is the
+// time of the delivery (RFC 3339, UTC) and SignatureHeader is
+// "sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" keyed with the channel
+// secret>".
+const (
+	SignatureHeader = "X-Wrenn-Signature"
+	TimestampHeader = "X-Wrenn-Timestamp"
+)
 
-// Sign computes the signature header value of body at time t.
-func Sign(secret string, t time.Time, body []byte) string {
-	ts := strconv.FormatInt(t.Unix(), 10)
-	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write([]byte(ts + "."))
-	mac.Write(body)
-	return "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))
+// Sign returns the timestamp and signature header values of body sent at t.
+func Sign(secret string, t time.Time, body []byte) (timestamp, signature string) {
+	timestamp = t.UTC().Format(time.RFC3339)
+	return timestamp, "sha256=" + hex.EncodeToString(mac(secret, timestamp, body))
 }
 
-// Verify checks a signature header against body, refusing signatures
-// older than tolerance (receivers can use it; the tests do).
-func Verify(secret, header string, body []byte, tolerance time.Duration, now time.Time) error {
-	var ts, sig string
-	for _, part := range strings.Split(header, ",") {
-		k, v, _ := strings.Cut(part, "=")
-		switch k {
-		case "t":
-			ts = v
-		case "v1":
-			sig = v
-		}
+func mac(secret, timestamp string, body []byte) []byte {
+	h := hmac.New(sha256.New, []byte(secret))
+	h.Write([]byte(timestamp + "."))
+	h.Write(body)
+	return h.Sum(nil)
+}
+
+// Verify checks a delivery's signature and timestamp headers against its
+// body, refusing timestamps further than tolerance from now (receivers can
+// use it; the tests do).
+func Verify(secret, signature, timestamp string, body []byte, tolerance time.Duration, now time.Time) error {
+	at, err := time.Parse(time.RFC3339, timestamp)
+	if err != nil {
+		return errors.New("malformed timestamp header")
 	}
-	sec, err := strconv.ParseInt(ts, 10, 64)
-	if err != nil || sig == "" {
+	hexSig, ok := strings.CutPrefix(signature, "sha256=")
+	got, err := hex.DecodeString(hexSig)
+	if !ok || err != nil {
 		return errors.New("malformed signature header")
 	}
-	if d := now.Sub(time.Unix(sec, 0)); d > tolerance || d < -tolerance {
+	if d := now.Sub(at); d > tolerance || d < -tolerance {
 		return errors.New("signature timestamp outside tolerance")
 	}
-	want := Sign(secret, time.Unix(sec, 0), body)
-	if !hmac.Equal([]byte(want), []byte("t="+ts+",v1="+sig)) {
+	if !hmac.Equal(got, mac(secret, timestamp, body)) {
 		return errors.New("signature mismatch")
 	}
 	return nil
@@ -160,7 +165,9 @@ func Send(ctx context.Context, client *http.Client, provider string, cfg map[str
 		header.Set("X-Wrenn-Event", event)
 		header.Set("X-Wrenn-Delivery", m.ID)
 		if cfg["secret"] != "" {
-			header.Set(SignatureHeader, Sign(cfg["secret"], time.Now(), body))
+			ts, sig := Sign(cfg["secret"], time.Now(), body)
+			header.Set(TimestampHeader, ts)
+			header.Set(SignatureHeader, sig)
 		}
 	case "slack", "googlechat", "teams":
 		target = cfg["webhook_url"]
