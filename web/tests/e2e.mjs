@@ -119,6 +119,7 @@ try {
   for (const p of ['templates', 'keys', 'team', 'usage', 'audit', 'hosts']) {
     await page.goto(`${base}/#/${p}`)
     await page.locator('main h1').waitFor()
+    if (p === 'audit') await page.locator('tbody tr td.mono', { hasText: 'capsule.create' }).first().waitFor() // the log reads its page
     await page.waitForTimeout(300)
     await shot(p)
   }

@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -135,7 +136,7 @@ func TestAPIKeys(t *testing.T) {
 		Entries []struct {
 			Action string `json:"action"`
 			Status string `json:"status"`
-		} `json:"entries"`
+		} `json:"items"`
 	}
 	c.want(c.do("GET", "/v1/audit-logs", creds{jwt: a.jwt}, nil), 200).json(t, &page)
 	var actions []string
@@ -144,6 +145,34 @@ func TestAPIKeys(t *testing.T) {
 	}
 	if got := strings.Join(actions, ","); !strings.Contains(got, "api_key.revoke") || !strings.Contains(got, "api_key.create") {
 		t.Fatalf("audit: %s", got)
+	}
+	// Upstream's filters and cursor: one action at a time, a page of one
+	// leads to the next.
+	type auditPage struct {
+		Items []struct {
+			ID, Action, ResourceType string
+		} `json:"items"`
+		NextBefore   string `json:"next_before"`
+		NextBeforeID string `json:"next_before_id"`
+	}
+	var creates auditPage
+	c.want(c.do("GET", "/v1/audit-logs?action=api_key.create", creds{jwt: a.jwt}, nil), 200).json(t, &creates)
+	if len(creates.Items) == 0 || creates.NextBefore != "" {
+		t.Fatalf("filtered by action: %+v", creates)
+	}
+	for _, e := range creates.Items {
+		if e.Action != "api_key.create" {
+			t.Fatalf("filtered by action: %+v", creates.Items)
+		}
+	}
+	var first, second auditPage
+	c.want(c.do("GET", "/v1/audit-logs?resource_type=api_key&action=api_key.create,api_key.revoke&limit=1", creds{jwt: a.jwt}, nil), 200).json(t, &first)
+	if len(first.Items) != 1 || first.NextBefore == "" || first.NextBeforeID != first.Items[0].ID {
+		t.Fatalf("a page of one: %+v", first)
+	}
+	c.want(c.do("GET", "/v1/audit-logs?resource_type=api_key&action=api_key.create&action=api_key.revoke&limit=1&before="+url.QueryEscape(first.NextBefore)+"&before_id="+first.NextBeforeID, creds{jwt: a.jwt}, nil), 200).json(t, &second)
+	if len(second.Items) != 1 || second.Items[0].ID == first.Items[0].ID {
+		t.Fatalf("the next page: %+v after %+v", second, first)
 	}
 }
 

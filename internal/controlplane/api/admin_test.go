@@ -66,7 +66,7 @@ func TestAdminRoutes(t *testing.T) {
 			Action string  `json:"action"`
 			TeamID *string `json:"team_id"`
 			Scope  string  `json:"scope"`
-		} `json:"entries"`
+		} `json:"items"`
 	}
 	c.want(c.do("GET", "/v1/admin/audit-logs?limit=200", creds{jwt: admin.jwt}, nil), 200).json(t, &audit)
 	actions := ""

@@ -3,7 +3,9 @@ package api
 import (
 	"context"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
@@ -79,7 +81,8 @@ func (s *Server) writeAudit(w http.ResponseWriter, r *http.Request, teamID strin
 	if q.Get("before") != "" && beforeID == "" {
 		beforeID = "\uffff" // everything at exactly that time is before the cursor
 	}
-	entries, err := s.st.AuditPage(r.Context(), teamID, before, beforeID, limit)
+	entries, err := s.st.AuditPage(r.Context(), store.AuditQuery{TeamID: teamID, Before: before, BeforeID: beforeID, Limit: limit,
+		ResourceTypes: listParam(q["resource_type"]), Actions: listParam(q["action"])})
 	if err != nil {
 		return err
 	}
@@ -93,11 +96,27 @@ func (s *Server) writeAudit(w http.ResponseWriter, r *http.Request, teamID strin
 			ResourceType: e.ResourceType, ResourceID: e.ResourceID, Action: e.Action, Scope: scope, Status: e.Status,
 			Metadata: e.Metadata, CreatedAt: e.CreatedAt})
 	}
-	var next any
+	// Upstream Wrenn's page: the items and, when there may be more, the
+	// cursor to pass back as before and before_id.
+	page := map[string]any{"items": out}
 	if len(entries) == limit {
 		last := entries[len(entries)-1]
-		next = map[string]string{"before": last.CreatedAt.Format(time.RFC3339Nano), "before_id": last.ID}
+		page["next_before"], page["next_before_id"] = last.CreatedAt.Format(time.RFC3339Nano), last.ID
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"entries": out, "next_cursor": next})
+	writeJSON(w, http.StatusOK, page)
 	return nil
+}
+
+// listParam reads a filter given as repeated parameters, comma-separated
+// values or both, as upstream Wrenn does.
+func listParam(values []string) []string {
+	var out []string
+	for _, v := range values {
+		for _, part := range strings.Split(v, ",") {
+			if part = strings.TrimSpace(part); part != "" && !slices.Contains(out, part) {
+				out = append(out, part)
+			}
+		}
+	}
+	return out
 }

@@ -119,7 +119,7 @@ func TestTenantIsolation(t *testing.T) {
 	c.want(c.do("POST", "/v1/teams/"+victim.teamID+"/members", creds{jwt: attacker.jwt}, map[string]string{"email": "attacker@example.com"}), 404)
 	c.want(c.do("POST", "/v1/auth/switch-team", creds{jwt: attacker.jwt}, map[string]string{"team_id": victim.teamID}), 404)
 	var audit struct {
-		Entries []map[string]any `json:"entries"`
+		Entries []map[string]any `json:"items"`
 	}
 	c.want(c.do("GET", "/v1/audit-logs", creds{jwt: attacker.jwt}, nil), 200).json(t, &audit)
 	for _, e := range audit.Entries {

@@ -35,11 +35,32 @@ func (s *Store) Audit(ctx context.Context, e AuditEntry) error {
 	return mapErr(err, "audit")
 }
 
-// AuditPage lists entries newest first, before a cursor; teamID "" is every team.
-func (s *Store) AuditPage(ctx context.Context, teamID string, before time.Time, beforeID string, limit int) ([]AuditEntry, error) {
+// AuditPage lists entries newest first, as q says.
+func (s *Store) AuditPage(ctx context.Context, q AuditQuery) ([]AuditEntry, error) {
 	rows, _ := s.Pool.Query(ctx, "SELECT "+auditCols+` FROM audit_logs
 		WHERE ($1 = '' OR team_id = $1) AND (created_at, id) < ($2, $3)
-		ORDER BY created_at DESC, id DESC LIMIT $4`, teamID, before, beforeID, limit)
+		AND (cardinality($5::text[]) = 0 OR resource_type = ANY($5))
+		AND (cardinality($6::text[]) = 0 OR action = ANY($6))
+		ORDER BY created_at DESC, id DESC LIMIT $4`, q.TeamID, q.Before, q.BeforeID, q.Limit, nonNil(q.ResourceTypes), nonNil(q.Actions))
 	es, err := pgx.CollectRows(rows, pgx.RowToStructByName[AuditEntry])
 	return es, mapErr(err, "audit page")
+}
+
+// AuditQuery is one page of an audit log: a team's ("" every team's),
+// older than the cursor (Before, BeforeID), of any of the resource types
+// and actions given (none: all).
+type AuditQuery struct {
+	TeamID        string
+	Before        time.Time
+	BeforeID      string
+	Limit         int
+	ResourceTypes []string
+	Actions       []string
+}
+
+func nonNil(v []string) []string {
+	if v == nil {
+		return []string{}
+	}
+	return v
 }
