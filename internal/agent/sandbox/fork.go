@@ -288,13 +288,19 @@ func (m *Manager) makeForkMemoryDir(name string) bool {
 		m.log.Warn("the fork keeps its memory on disk", "dir", dir, "error", err)
 		return false
 	}
-	fi, err := os.Lstat(m.scratch)
-	if err != nil || !fi.IsDir() || fi.Mode().Perm() != 0o700 || fi.Sys().(*syscall.Stat_t).Uid != uint32(os.Geteuid()) {
+	if !m.scratchIsOurs() {
 		m.log.Warn("the fork keeps its memory on disk: its directory in RAM is not this user's own", "dir", m.scratch)
 		_ = os.Remove(dir)
 		return false
 	}
 	return true
+}
+
+// scratchIsOurs says whether the scratch directory is this user's own 0700
+// directory, not a link or anyone else's.
+func (m *Manager) scratchIsOurs() bool {
+	fi, err := os.Lstat(m.scratch)
+	return err == nil && fi.IsDir() && fi.Mode().Perm() == 0o700 && fi.Sys().(*syscall.Stat_t).Uid == uint32(os.Geteuid())
 }
 
 // dropForkTemplate deletes a fork's hidden template once no sandbox
@@ -322,7 +328,7 @@ func (m *Manager) dropForkTemplates() {
 		m.dropForkTemplate(t.Name)
 	}
 	// Memory kept in RAM for templates that are gone.
-	if m.scratch == "" {
+	if m.scratch == "" || !m.scratchIsOurs() {
 		return
 	}
 	entries, _ := os.ReadDir(m.scratch)
