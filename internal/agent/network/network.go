@@ -229,15 +229,9 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.P
 	if err := netlink.LinkAdd(veth); err != nil {
 		return fmt.Errorf("veth %s: %w", a.HostVeth, err)
 	}
-	hostEnd, err := netlink.LinkByName(a.HostVeth)
+	hostEnd, err := addressUp(&netlink.Handle{}, a.HostVeth, a.HostIP, 31) // the zero Handle is this namespace's
 	if err != nil {
-		return fmt.Errorf("veth %s: %w", a.HostVeth, err)
-	}
-	if err := netlink.AddrAdd(hostEnd, addr(a.HostIP, 31)); err != nil {
-		return fmt.Errorf("address of %s: %w", a.HostVeth, err)
-	}
-	if err := netlink.LinkSetUp(hostEnd); err != nil {
-		return fmt.Errorf("%s up: %w", a.HostVeth, err)
+		return err
 	}
 
 	// Inside: loopback, the namespace's end of the veth with the default
@@ -249,15 +243,9 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.P
 	if err != nil {
 		return fmt.Errorf("loopback in %s: %w", a.NetNS, err)
 	}
-	nsEnd, err := inside.LinkByName(a.NSVeth)
+	nsEnd, err := addressUp(inside, a.NSVeth, a.NSIP, 31)
 	if err != nil {
-		return fmt.Errorf("veth %s: %w", a.NSVeth, err)
-	}
-	if err := inside.AddrAdd(nsEnd, addr(a.NSIP, 31)); err != nil {
-		return fmt.Errorf("address of %s: %w", a.NSVeth, err)
-	}
-	if err := inside.LinkSetUp(nsEnd); err != nil {
-		return fmt.Errorf("%s up: %w", a.NSVeth, err)
+		return err
 	}
 	if err := inside.RouteAdd(&netlink.Route{LinkIndex: nsEnd.Attrs().Index, Gw: a.HostIP.AsSlice()}); err != nil {
 		return fmt.Errorf("default route in %s: %w", a.NetNS, err)
@@ -265,15 +253,8 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.P
 	if err := addTap(ns, a.Tap); err != nil {
 		return err
 	}
-	tap, err := inside.LinkByName(a.Tap)
-	if err != nil {
-		return fmt.Errorf("TAP %s: %w", a.Tap, err)
-	}
-	if err := inside.AddrAdd(tap, addr(GatewayIP, guestPrefixLen)); err != nil {
-		return fmt.Errorf("address of %s: %w", a.Tap, err)
-	}
-	if err := inside.LinkSetUp(tap); err != nil {
-		return fmt.Errorf("%s up: %w", a.Tap, err)
+	if _, err := addressUp(inside, a.Tap, GatewayIP, guestPrefixLen); err != nil {
+		return err
 	}
 	if err := inNS(ns, func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644) }); err != nil {
 		return fmt.Errorf("forwarding in %s: %w", a.NetNS, err)
@@ -296,7 +277,21 @@ func (m *Manager) setup(ctx context.Context, a Allocation, egress egresspolicy.P
 	return nil
 }
 
-func addr(a netip.Addr, bits int) *netlink.Addr { return &netlink.Addr{IPNet: prefix(a, bits)} }
+// addressUp gives link name (through h, in h's namespace) its address and
+// brings it up.
+func addressUp(h *netlink.Handle, name string, a netip.Addr, bits int) (netlink.Link, error) {
+	link, err := h.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("link %s: %w", name, err)
+	}
+	if err := h.AddrAdd(link, &netlink.Addr{IPNet: prefix(a, bits)}); err != nil {
+		return nil, fmt.Errorf("address of %s: %w", name, err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("%s up: %w", name, err)
+	}
+	return link, nil
+}
 
 func prefix(a netip.Addr, bits int) *net.IPNet {
 	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, 32)}
