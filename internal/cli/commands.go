@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -644,13 +645,18 @@ func (a *app) templateCmd() *cobra.Command {
 			})
 		},
 	}
-	var file string
+	var file, archive string
 	var detach bool
 	build := &cobra.Command{
-		Use:   "build -f RECIPE.json",
+		Use:   "build -f RECIPE.json [--archive FILES.tar.gz]",
 		Short: "Build a template from a recipe, following its log",
-		Long: `A recipe is JSON: {"name": "py", "base_template": "minimal", "commands": ["apt-get install -y python3"],
-"healthcheck": {"cmd": "python3 -V"}}. The commands run in a fresh capsule; its disk becomes the template.`,
+		Long: `A recipe is JSON, in upstream Wrenn's form:
+  {"name": "web", "recipe": ["RUN --timeout=5m apt-get install -y nginx", "COPY site /srv/site",
+   "START nginx -g 'daemon off;'"], "healthcheck": "--interval=1s curl -fs localhost"}
+(RUN, START, ENV, WORKDIR, USER and COPY, which reads the --archive; skip_pre_post skips the platform's
+apt-get update before and clean-up after), or as shell commands:
+  {"name": "py", "commands": ["apt-get install -y python3"], "healthcheck": {"cmd": "python3 -V"}}.
+The steps run in a fresh capsule; it becomes the template (with its memory when there is a health check).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var data []byte
@@ -663,22 +669,30 @@ func (a *app) templateCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("read the recipe: %w", err)
 			}
-			var r wrenn.Recipe
-			if err := json.Unmarshal(data, &r); err != nil {
-				return fmt.Errorf("%s is not a JSON recipe: %w", file, err)
+			if !json.Valid(data) {
+				return fmt.Errorf("%s is not a JSON recipe", file)
 			}
 			c, err := a.client(false)
 			if err != nil {
 				return err
 			}
-			b, err := c.StartBuild(cmd.Context(), r)
+			var arch io.Reader
+			if archive != "" {
+				f, err := os.Open(archive)
+				if err != nil {
+					return fmt.Errorf("open the archive: %w", err)
+				}
+				defer f.Close()
+				arch = f
+			}
+			b, err := c.StartBuildJSON(cmd.Context(), data, arch, filepath.Base(archive))
 			if err != nil {
 				return err
 			}
 			if detach {
 				return a.print(b, func(w *tabwriter.Writer) { row(w, "BUILD", "STATUS"); row(w, b.ID, b.Status) })
 			}
-			a.say("build %s queued", b.ID)
+			a.say("build %s pending", b.ID)
 			b, err = c.WaitBuild(cmd.Context(), b.ID, func(text string) {
 				if !a.json {
 					fmt.Fprint(a.stdout, text)
@@ -688,12 +702,12 @@ func (a *app) templateCmd() *cobra.Command {
 				return err
 			}
 			if a.json {
-				b.Logs = ""
+				b.Output = ""
 				if err := a.print(b, nil); err != nil {
 					return err
 				}
 			}
-			if b.Status != "succeeded" {
+			if b.Status != "success" {
 				return fmt.Errorf("build %s %s: %s", b.ID, b.Status, b.Error)
 			}
 			return nil
@@ -702,6 +716,7 @@ func (a *app) templateCmd() *cobra.Command {
 	build.Flags().StringVarP(&file, "file", "f", "", "recipe file (- for standard input)")
 	_ = build.MarkFlagRequired("file")
 	build.Flags().BoolVar(&detach, "detach", false, "print the build ID and return")
+	build.Flags().StringVar(&archive, "archive", "", "tar, tar.gz or zip file whose contents COPY steps read")
 	del := &cobra.Command{
 		Use: "delete NAME", Aliases: []string{"rm"}, Short: "Delete one of the team's templates", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -2,7 +2,10 @@ package wrenn
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"mime/multipart"
 	"net/http"
 	"net/url"
 	"time"
@@ -57,17 +60,27 @@ func (c *Client) CreateSnapshot(ctx context.Context, capsuleID, name string) (Te
 	return out, err
 }
 
-// Recipe describes a template build.
+// Recipe describes a template build. Give Recipe (upstream Wrenn's
+// instruction lines: RUN [--timeout=d], START, ENV, WORKDIR, USER, COPY)
+// or Commands (shell commands), not both.
 type Recipe struct {
-	Name           string            `json:"name"`
-	BaseTemplate   string            `json:"base_template,omitempty"`
-	Commands       []string          `json:"commands"`
-	Envs           map[string]string `json:"envs,omitempty"`
-	User           string            `json:"user,omitempty"`
-	StepTimeoutSec int               `json:"step_timeout_sec,omitempty"`
-	HealthCheck    *HealthCheck      `json:"healthcheck,omitempty"`
-	VCPUs          int               `json:"vcpus,omitempty"`
-	MemoryMB       int               `json:"memory_mb,omitempty"`
+	Name         string            `json:"name"`
+	BaseTemplate string            `json:"base_template,omitempty"`
+	Recipe       []string          `json:"recipe,omitempty"`
+	Commands     []string          `json:"commands,omitempty"`
+	Envs         map[string]string `json:"envs,omitempty"`
+	User         string            `json:"user,omitempty"`
+	// StepTimeoutSec bounds each step without its own --timeout.
+	StepTimeoutSec int `json:"step_timeout_sec,omitempty"`
+	// HealthCheck is a *HealthCheck or upstream's string form
+	// ("[--interval=3s] [--timeout=10s] [--start-period=0s] [--retries=0] cmd").
+	HealthCheck any `json:"healthcheck,omitempty"`
+	VCPUs       int `json:"vcpus,omitempty"`
+	MemoryMB    int `json:"memory_mb,omitempty"`
+	DiskSizeMB  int `json:"disk_size_mb,omitempty"`
+	// SkipPrePost skips the platform's pre- and post-build phases around
+	// Recipe lines.
+	SkipPrePost bool `json:"skip_pre_post,omitempty"`
 }
 
 // HealthCheck must pass before a build saves its template.
@@ -77,22 +90,43 @@ type HealthCheck struct {
 	IntervalSec int    `json:"interval_sec,omitempty"`
 }
 
+// BuildStep is one step's entry in a build's log.
+type BuildStep struct {
+	Step      int    `json:"step"`
+	Phase     string `json:"phase"` // pre-build, recipe, post-build
+	Cmd       string `json:"cmd"`
+	Stdout    string `json:"stdout"`
+	Stderr    string `json:"stderr"`
+	Exit      int32  `json:"exit"`
+	Ok        bool   `json:"ok"`
+	ElapsedMs int64  `json:"elapsed_ms"`
+}
+
 // Build is a template build.
 type Build struct {
-	ID         string     `json:"id"`
-	Name       string     `json:"name"`
-	Status     string     `json:"status"` // queued, running, succeeded, failed, cancelled
-	Error      string     `json:"error"`
-	SandboxID  *string    `json:"sandbox_id"`
-	CreatedAt  time.Time  `json:"created_at"`
-	FinishedAt *time.Time `json:"finished_at"`
-	Logs       string     `json:"logs"`
-	LogsSize   int        `json:"logs_size"`
+	ID           string            `json:"id"`
+	Name         string            `json:"name"`
+	BaseTemplate string            `json:"base_template"`
+	Recipe       []string          `json:"recipe"`
+	Status       string            `json:"status"` // pending, running, success, failed, cancelled
+	Error        string            `json:"error"`
+	SandboxID    *string           `json:"sandbox_id"`
+	CurrentStep  int               `json:"current_step"`
+	TotalSteps   int               `json:"total_steps"`
+	Steps        []BuildStep       `json:"logs"`
+	DefaultUser  string            `json:"default_user"`
+	DefaultEnv   map[string]string `json:"default_env"`
+	CreatedAt    time.Time         `json:"created_at"`
+	CompletedAt  *time.Time        `json:"completed_at"`
+	// Output is the build's text output from the offset asked for, of
+	// OutputSize bytes in all.
+	Output     string `json:"output"`
+	OutputSize int    `json:"output_size"`
 }
 
 // Done reports whether the build has ended.
 func (b Build) Done() bool {
-	return b.Status == "succeeded" || b.Status == "failed" || b.Status == "cancelled"
+	return b.Status == "success" || b.Status == "failed" || b.Status == "cancelled"
 }
 
 // StartBuild queues a template build.
@@ -102,19 +136,59 @@ func (c *Client) StartBuild(ctx context.Context, r Recipe) (Build, error) {
 	return out, err
 }
 
-// GetBuild returns a build with its log from byte logsFrom on.
-func (c *Client) GetBuild(ctx context.Context, id string, logsFrom int) (Build, error) {
+// StartBuildJSON queues a build from a recipe document as it is (either
+// form), with archive (nil: none; tar, tar.gz or zip, named archiveName)
+// holding the files its COPY steps read.
+func (c *Client) StartBuildJSON(ctx context.Context, recipe []byte, archive io.Reader, archiveName string) (Build, error) {
 	var out Build
-	err := c.do(ctx, http.MethodGet, fmt.Sprintf("/v1/builds/%s?logs_from=%d", url.PathEscape(id), logsFrom), nil, &out)
+	if archive == nil {
+		err := c.do(ctx, http.MethodPost, "/v1/builds", json.RawMessage(recipe), &out)
+		return out, err
+	}
+	pr, pw := io.Pipe()
+	mw := multipart.NewWriter(pw)
+	go func() {
+		err := mw.WriteField("config", string(recipe))
+		if err == nil {
+			var part io.Writer
+			if part, err = mw.CreateFormFile("archive", archiveName); err == nil {
+				if _, err = io.Copy(part, archive); err == nil {
+					err = mw.Close()
+				}
+			}
+		}
+		pw.CloseWithError(err)
+	}()
+	req, err := c.newRequest(ctx, http.MethodPost, "/v1/builds", pr)
+	if err != nil {
+		pr.Close()
+		return out, err
+	}
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return out, fmt.Errorf("wrenn: POST /v1/builds: %w", err)
+	}
+	defer resp.Body.Close()
+	if err := checkResponse(resp); err != nil {
+		return out, err
+	}
+	return out, json.NewDecoder(resp.Body).Decode(&out)
+}
+
+// GetBuild returns a build with its text output from byte outputFrom on.
+func (c *Client) GetBuild(ctx context.Context, id string, outputFrom int) (Build, error) {
+	var out Build
+	err := c.do(ctx, http.MethodGet, fmt.Sprintf("/v1/builds/%s?output_from=%d", url.PathEscape(id), outputFrom), nil, &out)
 	return out, err
 }
 
-// CancelBuild stops a queued or running build.
+// CancelBuild stops a pending or running build.
 func (c *Client) CancelBuild(ctx context.Context, id string) error {
 	return c.do(ctx, http.MethodPost, "/v1/builds/"+url.PathEscape(id)+"/cancel", nil, nil)
 }
 
-// WaitBuild follows a build to its end, passing new log text to logs
+// WaitBuild follows a build to its end, passing new output to logs
 // (may be nil) as it appears.
 func (c *Client) WaitBuild(ctx context.Context, id string, logs func(string)) (Build, error) {
 	from := 0
@@ -123,10 +197,10 @@ func (c *Client) WaitBuild(ctx context.Context, id string, logs func(string)) (B
 		if err != nil {
 			return b, err
 		}
-		if logs != nil && b.Logs != "" {
-			logs(b.Logs)
+		if logs != nil && b.Output != "" {
+			logs(b.Output)
 		}
-		from = b.LogsSize
+		from = b.OutputSize
 		if b.Done() {
 			return b, nil
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"maps"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
@@ -21,27 +22,63 @@ func requireAdmin(p *principal) error {
 }
 
 type adminUserJSON struct {
-	ID        string    `json:"id"`
-	Email     string    `json:"email"`
-	Name      string    `json:"name"`
-	IsAdmin   bool      `json:"is_admin"`
-	Status    string    `json:"status"`
-	CreatedAt time.Time `json:"created_at"`
+	ID          string    `json:"id"`
+	Email       string    `json:"email"`
+	Name        string    `json:"name"`
+	IsAdmin     bool      `json:"is_admin"`
+	Status      string    `json:"status"`
+	CreatedAt   time.Time `json:"created_at"`
+	TeamsJoined int64     `json:"teams_joined"`
+	TeamsOwned  int64     `json:"teams_owned"`
 }
 
+// adminPerPage is upstream Wrenn's page size for its admin lists.
+const adminPerPage = 100
+
+// adminPage reads ?page= (1 on) and ?per_page= (1-100, default 100).
+func adminPage(r *http.Request) (page, perPage int, err error) {
+	page, perPage = 1, adminPerPage
+	q := r.URL.Query()
+	if v := q.Get("page"); v != "" {
+		if page, err = strconv.Atoi(v); err != nil || page < 1 || page > 1_000_000 {
+			return 0, 0, badRequest("page must be a number from 1")
+		}
+	}
+	if v := q.Get("per_page"); v != "" {
+		if perPage, err = strconv.Atoi(v); err != nil || perPage < 1 || perPage > adminPerPage {
+			return 0, 0, badRequest("per_page must be from 1 to %d", adminPerPage)
+		}
+	}
+	return page, perPage, nil
+}
+
+// writePage answers a page of an admin list as upstream's: the items
+// under their name, with total, page, per_page and total_pages.
+func writePage(w http.ResponseWriter, name string, items any, total int64, page, perPage int) {
+	writeJSON(w, http.StatusOK, map[string]any{name: items, "total": total, "page": page, "per_page": perPage,
+		"total_pages": (total + int64(perPage) - 1) / int64(perPage)})
+}
+
+// adminListUsers pages through every user with the teams they are in
+// and own (GET /v1/admin/users?page=).
 func (s *Server) adminListUsers(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if err := requireAdmin(p); err != nil {
 		return err
 	}
-	us, err := s.st.ListUsers(r.Context())
+	page, perPage, err := adminPage(r)
+	if err != nil {
+		return err
+	}
+	us, total, err := s.st.UsersPage(r.Context(), perPage, (page-1)*perPage)
 	if err != nil {
 		return err
 	}
 	out := make([]adminUserJSON, 0, len(us))
 	for _, u := range us {
-		out = append(out, adminUserJSON{ID: u.ID, Email: u.Email, Name: u.Name, IsAdmin: u.IsAdmin, Status: u.Status, CreatedAt: u.CreatedAt})
+		out = append(out, adminUserJSON{ID: u.ID, Email: u.Email, Name: u.Name, IsAdmin: u.IsAdmin, Status: u.Status, CreatedAt: u.CreatedAt,
+			TeamsJoined: u.TeamsJoined, TeamsOwned: u.TeamsOwned})
 	}
-	writeJSON(w, http.StatusOK, out)
+	writePage(w, "users", out, total, page, perPage)
 	return nil
 }
 
@@ -123,20 +160,27 @@ func (s *Server) adminSetUserActive(w http.ResponseWriter, r *http.Request, p *p
 	return nil
 }
 
+// adminListTeams pages through live teams with their counts and an
+// owner (GET /v1/admin/teams?page=), under upstream's names and ours.
 func (s *Server) adminListTeams(w http.ResponseWriter, r *http.Request, p *principal) error {
 	if err := requireAdmin(p); err != nil {
 		return err
 	}
-	ts, err := s.st.AllTeams(r.Context())
+	page, perPage, err := adminPage(r)
+	if err != nil {
+		return err
+	}
+	ts, total, err := s.st.TeamsPage(r.Context(), perPage, (page-1)*perPage)
 	if err != nil {
 		return err
 	}
 	out := make([]map[string]any, 0, len(ts))
 	for _, t := range ts {
 		out = append(out, map[string]any{"id": t.ID, "name": t.Name, "slug": t.Slug, "is_byoc": t.IsBYOC, "created_at": t.CreatedAt,
-			"members": t.Members, "live_capsules": t.LiveCapsules})
+			"deleted_at": nil, "member_count": t.Members, "active_sandbox_count": t.LiveCapsules, "channel_count": t.Channels,
+			"owner_name": t.OwnerName, "owner_email": t.OwnerEmail, "members": t.Members, "live_capsules": t.LiveCapsules})
 	}
-	writeJSON(w, http.StatusOK, out)
+	writePage(w, "teams", out, total, page, perPage)
 	return nil
 }
 

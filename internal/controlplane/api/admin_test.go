@@ -29,13 +29,31 @@ func TestAdminRoutes(t *testing.T) {
 		}
 	}
 
-	var users []struct {
-		ID, Email, Status string
-		IsAdmin           bool `json:"is_admin"`
+	// Pages as upstream Wrenn's: the items with total, page, per_page, total_pages.
+	var users struct {
+		Users []struct {
+			ID, Email, Status string
+			IsAdmin           bool `json:"is_admin"`
+			TeamsJoined       int  `json:"teams_joined"`
+			TeamsOwned        int  `json:"teams_owned"`
+		}
 	}
 	c.want(c.do("GET", "/v1/admin/users", creds{jwt: admin.jwt}, nil), 200).json(t, &users)
-	if len(users) != 2 || !users[0].IsAdmin || users[1].IsAdmin {
+	if len(users.Users) != 2 || !users.Users[0].IsAdmin || users.Users[1].IsAdmin || users.Users[1].TeamsJoined != 1 || users.Users[1].TeamsOwned != 1 {
 		t.Fatalf("users: %+v", users)
+	}
+	var page struct {
+		Users       []struct{ Email string }
+		Total, Page int
+		PerPage     int `json:"per_page"`
+		TotalPages  int `json:"total_pages"`
+	}
+	c.want(c.do("GET", "/v1/admin/users?page=2&per_page=1", creds{jwt: admin.jwt}, nil), 200).json(t, &page)
+	if len(page.Users) != 1 || page.Users[0].Email != "bob@example.com" || page.Total != 2 || page.Page != 2 || page.TotalPages != 2 {
+		t.Fatalf("page 2 of 1 a page: %+v", page)
+	}
+	for _, bad := range []string{"?page=0", "?page=x", "?per_page=101", "?per_page=0"} {
+		c.want(c.do("GET", "/v1/admin/users"+bad, creds{jwt: admin.jwt}, nil), 400)
 	}
 	// The last admin stays an admin; a second admin can be made and unmade.
 	c.want(c.do("PUT", "/v1/admin/users/"+admin.userID+"/admin", creds{jwt: admin.jwt}, map[string]bool{"admin": false}), 409)
@@ -78,10 +96,23 @@ func TestAdminRoutes(t *testing.T) {
 	}
 
 	// Deleting a team destroys its capsules and ends its keys.
-	var teams []map[string]any
+	var teams struct {
+		Teams []struct {
+			ID                 string
+			OwnerEmail         string `json:"owner_email"`
+			MemberCount        int    `json:"member_count"`
+			ActiveSandboxCount int    `json:"active_sandbox_count"`
+		}
+		Total int
+	}
 	c.want(c.do("GET", "/v1/admin/teams", creds{jwt: admin.jwt}, nil), 200).json(t, &teams)
-	if len(teams) != 3 { // the two accounts' and the platform team
+	if len(teams.Teams) != 3 || teams.Total != 3 { // the two accounts' and the platform team
 		t.Fatalf("teams: %+v", teams)
+	}
+	for _, tm := range teams.Teams {
+		if tm.ID == bob.teamID && (tm.OwnerEmail != "bob@example.com" || tm.MemberCount != 1 || tm.ActiveSandboxCount != 1) {
+			t.Fatalf("bob's team: %+v", tm)
+		}
 	}
 	c.want(c.do("DELETE", "/v1/admin/teams/team-platform", creds{jwt: admin.jwt}, nil), 409)
 	c.want(c.do("DELETE", "/v1/admin/teams/"+bob.teamID, creds{jwt: admin.jwt}, nil), 204)

@@ -379,6 +379,45 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 		t.Fatalf("stream: %q %q %d", stdout, stderr, exitCode)
 	}
 
+	// A browser's way, as upstream Wrenn's: no credentials on the upgrade,
+	// a JWT in the first message; anything else is told why and closed.
+	streamURL := strings.Replace(c.url, "http", "ws", 1) + "/v1/capsules/" + sb.ID + "/exec/stream"
+	firstFrame := func(auth any) (string, websocket.StatusCode) {
+		t.Helper()
+		ws, _, err := websocket.Dial(ctx, streamURL, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.CloseNow()
+		msg, _ := json.Marshal(auth)
+		_ = ws.Write(ctx, websocket.MessageText, msg)
+		start, _ := json.Marshal(map[string]any{"type": "start", "cmd": "whoami"})
+		_ = ws.Write(ctx, websocket.MessageText, start)
+		var out string
+		for {
+			_, data, err := ws.Read(ctx)
+			if err != nil {
+				return out, websocket.CloseStatus(err)
+			}
+			var ev struct{ Type, Data string }
+			_ = json.Unmarshal(data, &ev)
+			switch ev.Type {
+			case "stdout", "error":
+				out += ev.Data
+			case "exit":
+				return out, -1
+			}
+		}
+	}
+	if out, _ := firstFrame(map[string]string{"type": "auth", "token": admin.jwt}); out != "root\n" {
+		t.Fatalf("first-frame auth: %q", out)
+	}
+	for _, bad := range []any{map[string]string{"type": "auth", "token": "not-a-jwt"}, map[string]string{"type": "start", "cmd": "id"}, "junk"} {
+		if out, code := firstFrame(bad); code != websocket.StatusPolicyViolation || !strings.Contains(out, "unauthorized") {
+			t.Fatalf("first frame %v: %q, close %d", bad, out, code)
+		}
+	}
+
 	checkPTY(t, c, key, sb.ID)
 
 	// Paths only ever name files inside the guest: traversal and symlinks

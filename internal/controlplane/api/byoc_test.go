@@ -71,19 +71,25 @@ func TestBYOCNeedsAnAdminAndAPublicAddress(t *testing.T) {
 	c.want(register("127.0.0.2:1"), 201).json(t, &reg)
 
 	tenantKey, otherKey := c.apiKey(tenant), c.apiKey(other)
-	// Only BYOC hosts are online: another team never gets them, nor does
-	// the tenant unless it asks.
+	// Only BYOC hosts are online: another team never gets them.
 	if r := c.want(c.do("POST", "/v1/capsules", creds{key: otherKey}, map[string]any{}), 503); r.errorCode(t) != "no_capacity" {
 		t.Fatal(string(r.body))
 	}
 	c.want(c.do("POST", "/v1/capsules", creds{key: otherKey}, map[string]any{"byoc": true}), 503)
-	c.want(c.do("POST", "/v1/capsules", creds{key: tenantKey}, map[string]any{}), 503)
+	c.want(c.do("POST", "/v1/capsules", creds{key: tenantKey}, map[string]any{"byoc": false}), 503) // shared hosts only: none here
 	var placed struct {
 		HostID string `json:"host_id"`
 	}
 	c.want(c.do("POST", "/v1/capsules", creds{key: tenantKey}, map[string]any{"byoc": true}), 202).json(t, &placed)
 	if placed.HostID != made.Host.ID {
 		t.Fatalf("placed on %q, want the tenant's host %s", placed.HostID, made.Host.ID)
+	}
+	// As upstream Wrenn's: a BYOC team's capsules go to its own hosts
+	// unless it asks for shared ones.
+	placed.HostID = ""
+	c.want(c.do("POST", "/v1/capsules", creds{key: tenantKey}, map[string]any{}), 202).json(t, &placed)
+	if placed.HostID != made.Host.ID {
+		t.Fatalf("a BYOC team's capsule without byoc went to %q, want its host %s", placed.HostID, made.Host.ID)
 	}
 	// Disabled again: the team's hosts take nothing more.
 	c.want(c.do("PUT", "/v1/admin/teams/"+tenant.teamID+"/byoc", creds{jwt: admin.jwt}, map[string]bool{"enabled": false}), 204)

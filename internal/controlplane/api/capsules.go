@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -160,8 +161,9 @@ type createCapsuleRequest struct {
 	Metadata   map[string]string `json:"metadata"`
 	HostTags   []string          `json:"host_tags"`
 	// BYOC places the capsule on one of the team's own hosts (a team a
-	// platform admin enabled for BYOC); otherwise shared hosts are used.
-	BYOC bool `json:"byoc"`
+	// platform admin enabled for BYOC), false on shared hosts; unset, a
+	// BYOC team's capsules go to its own hosts, as upstream Wrenn's.
+	BYOC *bool `json:"byoc"`
 	// Egress is what the capsule may reach (default: the public internet).
 	Egress store.Egress `json:"egress"`
 	// Public opens the capsule's ports to anyone through the ingress;
@@ -305,7 +307,15 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 		v, m := int(*tpl.VCPUs), int(*tpl.MemoryMB)
 		req.VCPUs, req.MemoryMB = &v, &m
 	}
-	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: req.BYOC, Template: agentTemplate(tpl)}
+	byoc := req.BYOC != nil && *req.BYOC
+	if req.BYOC == nil {
+		team, err := s.st.Team(ctx, p.TeamID)
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return none, tpl, scheduler.Request{}, err
+		}
+		byoc = team.IsBYOC
+	}
+	sreq := scheduler.Request{VCPUs: *req.VCPUs, MemoryMB: *req.MemoryMB, Tags: req.HostTags, BYOC: byoc, Template: agentTemplate(tpl)}
 	if tpl.HostID != nil {
 		sreq.HostID = *tpl.HostID
 	}
@@ -325,7 +335,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	sreq.DiskMB = disk
 	sb := store.Sandbox{ID: ids.New("sb"), TeamID: p.TeamID, HostID: &h.ID, Template: req.Template, Status: "starting",
 		VCPUs: int32(*req.VCPUs), MemoryMB: int32(*req.MemoryMB), TimeoutSec: int32(*req.TimeoutSec), AutoPause: *req.AutoPause,
-		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume, EndAt: req.endAt}
+		Metadata: req.Metadata, Egress: req.Egress, Public: req.Public, AutoResume: req.AutoResume, EndAt: req.endAt, DefaultUser: tpl.DefaultUser}
 	if *req.DiskSizeMB > 0 {
 		d := int32(*req.DiskSizeMB)
 		sb.DiskSizeMB = &d
@@ -412,7 +422,7 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 		}
 		timeout := int32(maxTimeoutSec) // the control plane enforces inactivity; the agent's deadline is a backstop
 		in := &pb.CreateSandboxRequest{Id: sb.ID, Template: agentTemplate(tpl), Vcpus: sb.VCPUs, MemoryMib: sb.MemoryMB,
-			TimeoutSeconds: timeout, AutoPause: true, EnvVars: envs, Metadata: sb.Metadata, Egress: egressProto(sb.Egress)}
+			TimeoutSeconds: timeout, AutoPause: true, EnvVars: withDefaults(tpl.DefaultEnv, envs), Metadata: sb.Metadata, Egress: egressProto(sb.Egress)}
 		if sb.DiskSizeMB != nil {
 			in.DiskSizeMib = *sb.DiskSizeMB
 		}
@@ -855,4 +865,15 @@ func (s *Server) Resume(ctx context.Context, sb store.Sandbox, p *principal) (st
 	s.capsuleChanged(sb.ID)
 	s.audit(ctx, p, sb.TeamID, "capsule", sb.ID, "capsule.resume", err, nil)
 	return cur, err
+}
+
+// withDefaults is a template's default variables with the request's over
+// them.
+func withDefaults(defaults, envs map[string]string) map[string]string {
+	if len(defaults) == 0 {
+		return envs
+	}
+	out := maps.Clone(defaults)
+	maps.Copy(out, envs)
+	return out
 }

@@ -80,8 +80,8 @@ func (e *execRequest) stdinBytes() ([]byte, error) {
 	return b, nil
 }
 
-func (e *execRequest) agent(sandboxID string) *pb.ExecRequest {
-	in := &pb.ExecRequest{SandboxId: sandboxID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: v1User(e.User), Tag: e.Tag, KeepStdin: e.KeepStdin}
+func (e *execRequest) agent(sb store.Sandbox) *pb.ExecRequest {
+	in := &pb.ExecRequest{SandboxId: sb.ID, Cmd: e.Cmd, Args: e.Args, Env: e.Envs, Cwd: e.Cwd, User: v1User(sb, e.User), Tag: e.Tag, KeepStdin: e.KeepStdin}
 	in.Stdin, _ = e.stdinBytes() // validated by the caller
 	if e.TimeoutSec != nil {
 		in.TimeoutSeconds = int32(*e.TimeoutSec)
@@ -105,7 +105,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		if req.Tag == "" {
 			req.Tag = "bg-" + auth.RandomString(8)
 		}
-		resp, err := c.StartProcess(r.Context(), connect.NewRequest(req.agent(sb.ID)))
+		resp, err := c.StartProcess(r.Context(), connect.NewRequest(req.agent(sb)))
 		if err != nil {
 			return err
 		}
@@ -124,7 +124,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, p *principal) erro
 		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
 	}
 	start := time.Now()
-	resp, err := c.Exec(r.Context(), connect.NewRequest(req.agent(sb.ID)))
+	resp, err := c.Exec(r.Context(), connect.NewRequest(req.agent(sb)))
 	if err != nil {
 		return err
 	}
@@ -266,6 +266,9 @@ func errorMessage(err error) string {
 // accept upgrades to a WebSocket; non-browser clients send no Origin and
 // browsers must be on the API's own origin.
 func accept(w http.ResponseWriter, r *http.Request) (*websocket.Conn, error) {
+	if conn, ok := r.Context().Value(acceptedConn{}).(*websocket.Conn); ok {
+		return conn, nil // accepted to read its credentials from the first message
+	}
 	conn, err := websocket.Accept(w, r, nil)
 	if err != nil {
 		return nil, errf(http.StatusBadRequest, "websocket_required", "this endpoint needs a WebSocket upgrade")
@@ -338,7 +341,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request, p *principal
 	}
 	tag := "ws-" + auth.RandomString(10)
 	start.Tag = tag
-	stream, err := c.ExecStream(ctx, connect.NewRequest(start.agent(sb.ID)))
+	stream, err := c.ExecStream(ctx, connect.NewRequest(start.agent(sb)))
 	if err != nil {
 		_ = wsWrite(ctx, conn, streamEvent{Type: "error", Data: errorMessage(err)})
 		return nil
@@ -421,12 +424,16 @@ func (s *Server) processStream(w http.ResponseWriter, r *http.Request, p *princi
 	return nil
 }
 
-// v1User is who a /v1 command or file call acts as: root unless the
-// caller names someone (upstream Wrenn's default; the E2B API keeps
-// E2B's, user, since its SDKs talk to envd themselves).
-func v1User(u string) string {
-	if u == "" {
-		return "root"
+// v1User is who a /v1 command or file call acts as: the capsule's default
+// user (its template's, from a build) or else root, unless the caller
+// names someone (upstream Wrenn's default; the E2B API keeps E2B's, user,
+// since its SDKs talk to envd themselves).
+func v1User(sb store.Sandbox, u string) string {
+	switch {
+	case u != "":
+		return u
+	case sb.DefaultUser != "":
+		return sb.DefaultUser
 	}
-	return u
+	return "root"
 }

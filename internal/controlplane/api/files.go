@@ -116,7 +116,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p *principal, li
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	up := c.WriteFileStream(ctx)
-	if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Header{Header: &pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, User: v1User(r.URL.Query().Get("user"))}}}); err != nil {
+	if err := up.Send(&pb.WriteFileStreamRequest{Part: &pb.WriteFileStreamRequest_Header{Header: &pb.WriteFileRequest{SandboxId: sb.ID, Path: dest, User: v1User(sb, r.URL.Query().Get("user"))}}}); err != nil {
 		_, cerr := up.CloseAndReceive()
 		return errors.Join(err, cerr)
 	}
@@ -168,7 +168,7 @@ func (s *Server) streamReadFile(w http.ResponseWriter, r *http.Request, p *princ
 	if err != nil {
 		return err
 	}
-	stream, err := c.ReadFileStream(r.Context(), connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(req.User)}))
+	stream, err := c.ReadFileStream(r.Context(), connect.NewRequest(&pb.ReadFileRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(sb, req.User)}))
 	if err != nil {
 		return err
 	}
@@ -241,7 +241,7 @@ func (s *Server) listDir(w http.ResponseWriter, r *http.Request, p *principal) e
 	if req.Depth != nil && *req.Depth > 1 {
 		depth = *req.Depth
 	}
-	resp, err := c.ListDir(r.Context(), connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(req.User), Depth: uint32(depth)}))
+	resp, err := c.ListDir(r.Context(), connect.NewRequest(&pb.ListDirRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(sb, req.User), Depth: uint32(depth)}))
 	if err != nil {
 		return err
 	}
@@ -258,7 +258,7 @@ func (s *Server) makeDir(w http.ResponseWriter, r *http.Request, p *principal) e
 	if err != nil {
 		return err
 	}
-	if _, err := c.MakeDir(r.Context(), connect.NewRequest(&pb.MakeDirRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(req.User)})); err != nil {
+	if _, err := c.MakeDir(r.Context(), connect.NewRequest(&pb.MakeDirRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(sb, req.User)})); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"entry": fileEntryJSON{Name: path.Base(req.Path), Path: req.Path, Type: "directory", Permissions: (fs.ModeDir | 0o755).String()}})
@@ -270,7 +270,7 @@ func (s *Server) removePath(w http.ResponseWriter, r *http.Request, p *principal
 	if err != nil {
 		return err
 	}
-	if _, err := c.RemovePath(r.Context(), connect.NewRequest(&pb.RemovePathRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(req.User)})); err != nil {
+	if _, err := c.RemovePath(r.Context(), connect.NewRequest(&pb.RemovePathRequest{SandboxId: sb.ID, Path: req.Path, User: v1User(sb, req.User)})); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -104,23 +104,36 @@ func (r response) errorCode(t *testing.T) string {
 
 func (c *cp) do(method, path string, cr creds, body any) response {
 	c.t.Helper()
-	var rd io.Reader
+	var data []byte
 	switch b := body.(type) {
 	case nil:
 	case string:
-		rd = bytes.NewBufferString(b)
+		data = []byte(b)
 	case []byte:
-		rd = bytes.NewReader(b)
+		data = b
 	default:
-		data, _ := json.Marshal(b)
-		rd = bytes.NewReader(data)
+		data, _ = json.Marshal(b)
+	}
+	contentType := ""
+	if body != nil {
+		contentType = "application/json"
+	}
+	return c.doRaw(method, path, cr, contentType, data)
+}
+
+// doRaw sends a body of any type ("" with none).
+func (c *cp) doRaw(method, path string, cr creds, contentType string, body []byte) response {
+	c.t.Helper()
+	var rd io.Reader
+	if contentType != "" {
+		rd = bytes.NewReader(body)
 	}
 	req, err := http.NewRequest(method, c.url+path, rd)
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	if rd != nil {
-		req.Header.Set("Content-Type", "application/json")
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
 	}
 	if cr.jwt != "" {
 		req.Header.Set("Authorization", "Bearer "+cr.jwt)

@@ -33,7 +33,7 @@ func TestTenantIsolation(t *testing.T) {
 	}
 	c.want(c.do("GET", "/v1/api-keys", creds{jwt: victim.jwt}, nil), 200).json(t, &keys)
 
-	build, err := c.st.InsertBuild(ctx, store.Build{ID: "bld-victimbuild0001", TeamID: victim.teamID, Name: "victim-build", Recipe: []byte(`{"name":"victim-build","commands":["true"]}`)})
+	build, err := c.st.InsertBuild(ctx, store.Build{ID: "bld-victimbuild0001", TeamID: victim.teamID, Name: "victim-build", Recipe: []byte(`{"name":"victim-build","commands":["true"]}`)}, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

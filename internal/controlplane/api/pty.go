@@ -98,7 +98,7 @@ func (s *Server) pty(w http.ResponseWriter, r *http.Request, p *principal) error
 		}
 		tag = "pty-" + strings.ToLower(auth.RandomString(8))
 		stream, err = c.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{
-			SandboxId: sb.ID, Cmd: first.Cmd, Args: first.Args, Env: env, Cwd: first.Cwd, User: v1User(first.User),
+			SandboxId: sb.ID, Cmd: first.Cmd, Args: first.Args, Env: env, Cwd: first.Cwd, User: v1User(sb, first.User),
 			Pty: &pb.PtySize{Cols: first.Cols, Rows: first.Rows}, Tag: tag,
 		}))
 	case "connect":

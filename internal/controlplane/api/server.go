@@ -4,8 +4,7 @@ package api
 import (
 	"context"
 	_ "embed"
-	"github.com/wrenn/wrenn/internal/controlplane/apidocs"
-	"github.com/wrenn/wrenn/internal/version"
+	"errors"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -16,8 +15,11 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/coder/websocket"
+
 	"github.com/wrenn/wrenn/internal/controlplane/agentca"
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
+	"github.com/wrenn/wrenn/internal/controlplane/apidocs"
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/hostaddr"
 	"github.com/wrenn/wrenn/internal/controlplane/ingress"
@@ -25,6 +27,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/notify"
 	"github.com/wrenn/wrenn/internal/controlplane/oauthlogin"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/internal/version"
 )
 
 //go:embed openapi.yaml
@@ -416,15 +419,33 @@ func (s *Server) wrap(rt route) http.Handler {
 				return
 			}
 		}
-		p, err := s.authenticate(r, rt.access)
+		var p *principal
+		var err error
+		var early *websocket.Conn
+		if wantsFirstFrameAuth(rt, r) {
+			r, p, early, err = s.firstFrameAuth(w, r)
+		} else {
+			p, err = s.authenticate(r, rt.access)
+		}
 		if err != nil {
-			s.writeError(w, r, err)
+			if !errors.Is(err, errSocketClosed) {
+				s.writeError(w, r, err)
+			}
 			return
+		}
+		if early != nil {
+			// The answer can only be WebSocket messages now.
+			w = socketErrors{w}
 		}
 		if p != nil && p.limitKey != "" {
 			if wait, ok := s.limit.allow(p.limitKey); !ok {
+				limited := errf(http.StatusTooManyRequests, "rate_limited", "too many requests; retry after %s s", wait)
+				if early != nil {
+					s.failSocket(r.Context(), early, limited)
+					return
+				}
 				w.Header().Set("Retry-After", wait)
-				s.writeError(w, r, errf(http.StatusTooManyRequests, "rate_limited", "too many requests; retry after %s s", wait))
+				s.writeError(w, r, limited)
 				return
 			}
 		}
@@ -434,10 +455,22 @@ func (s *Server) wrap(rt route) http.Handler {
 			defer stop()
 		}
 		if err := rt.handler(s, w, r, p); err != nil {
+			if early != nil {
+				s.failSocket(r.Context(), early, err)
+				return
+			}
 			s.writeError(w, r, err)
 		}
 	})
 }
+
+// socketErrors is the ResponseWriter of a request whose WebSocket is
+// already open: its header and body writes go nowhere (errors are sent
+// on the socket).
+type socketErrors struct{ http.ResponseWriter }
+
+func (socketErrors) WriteHeader(int)             {}
+func (socketErrors) Write(b []byte) (int, error) { return len(b), nil }
 
 // cleanPath refuses decoded paths with control characters (NUL, newlines)
 // or invalid UTF-8, which no ID or name contains.

@@ -1,7 +1,8 @@
 // Package builder runs template builds: it starts a capsule from the
-// recipe's base template, runs the recipe's commands in it with their
-// output kept as the build log, waits for the health check, and saves the
-// capsule's disk as a new template on its host.
+// recipe's base template, runs the recipe's steps in it (with the
+// platform's pre- and post-build phases for upstream-form recipes), keeps
+// their output as the build log and a log entry per step, waits for the
+// health check, and saves the capsule as a new template on its host.
 package builder
 
 import (
@@ -9,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"strings"
 	"time"
 
@@ -28,16 +30,19 @@ type Capsules interface {
 	AgentFor(ctx context.Context, hostID string) (agentclient.Client, error)
 }
 
-// Builder claims queued builds and runs them, one at a time per replica.
+// Builder claims pending builds and runs them, one at a time per replica.
 type Builder struct {
 	Store    *store.Store
 	Capsules Capsules
 	Log      *slog.Logger
-	// Interval between looks for queued builds (default 2 s).
+	// Interval between looks for pending builds (default 2 s).
 	Interval time.Duration
 	// StaleAfter is how long a running build may stay silent before it is
 	// taken for dead (default 5 min; running builds touch it every 5 s).
 	StaleAfter time.Duration
+	// PreBuild and PostBuild replace the platform's phases around
+	// upstream-form recipes (nil: PreBuild(), PostBuild()).
+	PreBuild, PostBuild []string
 }
 
 // Run builds until ctx ends.
@@ -59,7 +64,7 @@ func (b *Builder) Run(ctx context.Context) {
 	}
 }
 
-// Pass fails builds whose replica died, then runs queued builds until
+// Pass fails builds whose replica died, then runs pending builds until
 // none is left.
 func (b *Builder) Pass(ctx context.Context) error {
 	if b.StaleAfter == 0 {
@@ -98,7 +103,7 @@ func (b *Builder) cleanup(ctx context.Context, bd store.Build) {
 // errCancelled ends a build someone cancelled.
 var errCancelled = errors.New("cancelled")
 
-// run carries one claimed build to its end: succeeded, failed or cancelled.
+// run carries one claimed build to its end: success, failed or cancelled.
 func (b *Builder) run(parent context.Context, bd store.Build) {
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
@@ -128,7 +133,7 @@ func (b *Builder) run(parent context.Context, bd store.Build) {
 	start := time.Now()
 	log.Info("build started")
 	tplID, err := b.steps(ctx, bd, logf)
-	status, reason := "succeeded", ""
+	status, reason := "success", ""
 	switch {
 	case errors.Is(context.Cause(ctx), errCancelled):
 		status, reason = "cancelled", "cancelled"
@@ -150,6 +155,24 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 	r, err := recipe.Parse(bd.Recipe)
 	if err != nil {
 		return "", err
+	}
+	var pre, post []recipe.Step
+	if r.PrePost {
+		if pre, err = recipe.ParseSteps(b.preBuild()); err != nil {
+			return "", fmt.Errorf("pre-build phase: %w", err)
+		}
+		if post, err = recipe.ParseSteps(b.postBuild()); err != nil {
+			return "", fmt.Errorf("post-build phase: %w", err)
+		}
+	}
+	var archive []byte
+	if r.UsesArchive() {
+		if archive, err = b.Store.BuildArchive(ctx, bd.ID); err != nil {
+			return "", err
+		}
+		if archive == nil {
+			return "", errors.New("the recipe has COPY steps but the build has no archive")
+		}
 	}
 	if cause := context.Cause(ctx); cause != nil {
 		return "", cause
@@ -176,27 +199,47 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 	if err != nil {
 		return "", err
 	}
-	for i, cmd := range r.Commands {
-		logf("\n$ %s\n", cmd)
-		code, err := b.command(ctx, c, sb.ID, r, cmd, logf)
-		if err != nil {
-			return "", fmt.Errorf("command %d: %w", i+1, err)
-		}
-		if code != 0 {
-			return "", fmt.Errorf("command %d exited with code %d", i+1, code)
+	total := len(pre) + len(r.Steps) + len(post)
+	s := &session{c: c, sandboxID: sb.ID, env: maps.Clone(r.Envs), user: r.User, timeout: r.StepTimeout, logf: logf,
+		record: func(current int, entries []StepLog) {
+			if err := b.Store.SetBuildSteps(context.WithoutCancel(ctx), bd.ID, current, total, encode(entries)); err != nil {
+				b.Log.Warn("record build steps", "build", bd.ID, "err", err)
+			}
+		}}
+	s.readBase(ctx)
+	if archive != nil {
+		if err := s.unpack(ctx, archive); err != nil {
+			return "", err
 		}
 	}
+	if err := s.runPhase(ctx, "pre-build", pre); err != nil {
+		return "", err
+	}
+	if err := s.runPhase(ctx, "recipe", r.Steps); err != nil {
+		return "", err
+	}
+	// The template keeps who the recipe ended as and what it set; the
+	// post-build phase cleans up as root.
+	defaultUser, defaultEnv := s.defaults()
+	s.user = "root"
+	if err := s.runPhase(ctx, "post-build", post); err != nil {
+		return "", err
+	}
+	s.user = defaultUser
 	if h := r.HealthCheck; h != nil {
-		if err := b.healthCheck(ctx, c, sb.ID, r, logf); err != nil {
+		if err := s.healthCheck(ctx, h); err != nil {
 			return "", err
 		}
 	}
 	if cause := context.Cause(ctx); cause != nil {
 		return "", cause
 	}
+	if err := b.Store.SetBuildDefaults(context.WithoutCancel(ctx), bd.ID, defaultUser, defaultEnv); err != nil {
+		return "", err
+	}
 	// A recipe with a health check describes something running: the
 	// template keeps its memory, so sandboxes made from it start with it
-	// running (E2B's start and ready commands).
+	// running (E2B's start and ready commands, upstream's START).
 	withMemory := r.HealthCheck != nil
 	if withMemory {
 		logf("\n== saving the memory and disk as template %q\n", bd.Name)
@@ -210,7 +253,7 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 	}
 	t := store.Template{ID: id, Name: bd.Name, Type: "base", VCPUs: ptr(int32(r.VCPUs)), MemoryMB: ptr(int32(r.MemoryMB)),
 		SizeBytes: resp.Msg.GetTemplate().GetSizeBytes(), MemoryBytes: resp.Msg.GetTemplate().GetMemory().GetSizeBytes(), HostID: sb.HostID, SourceSandboxID: &sb.ID,
-		Metadata: map[string]string{"build_id": bd.ID, "base_template": r.BaseTemplate}}
+		Metadata: map[string]string{"build_id": bd.ID, "base_template": r.BaseTemplate}, DefaultUser: defaultUser, DefaultEnv: defaultEnv}
 	if !bd.Platform {
 		t.TeamID = &bd.TeamID
 	}
@@ -228,65 +271,16 @@ func (b *Builder) steps(ctx context.Context, bd store.Build, logf func(string, .
 
 func ptr[T any](v T) *T { return &v }
 
-// command runs one recipe command, streaming its output into the log.
-func (b *Builder) command(ctx context.Context, c agentclient.Client, sandboxID string, r recipe.Recipe, cmd string, logf func(string, ...any)) (int32, error) {
-	tag := "build-" + strings.ToLower(ids.Random(8))
-	stream, err := c.ExecStream(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sandboxID, Cmd: "/bin/sh", Args: []string{"-c", cmd},
-		Env: r.Envs, User: r.User, TimeoutSeconds: int32(r.StepTimeoutSec), Tag: tag}))
-	if err != nil {
-		return 0, err
+func (b *Builder) preBuild() []string {
+	if b.PreBuild != nil {
+		return b.PreBuild
 	}
-	defer stream.Close()
-	for stream.Receive() {
-		switch e := stream.Msg().GetEvent().(type) {
-		case *pb.ExecStreamResponse_Stdout:
-			logf("%s", e.Stdout)
-		case *pb.ExecStreamResponse_Stderr:
-			logf("%s", e.Stderr)
-		case *pb.ExecStreamResponse_ExitCode:
-			return e.ExitCode, nil
-		}
-	}
-	if ctx.Err() != nil {
-		// Cancelled: stop the command too (the agent keeps it otherwise).
-		_, _ = c.KillProcess(context.WithoutCancel(ctx), connect.NewRequest(&pb.KillProcessRequest{Process: &pb.ProcessRef{SandboxId: sandboxID, Tag: tag}, Force: true}))
-		return 0, context.Cause(ctx)
-	}
-	if err := stream.Err(); err != nil {
-		if connect.CodeOf(err) == connect.CodeDeadlineExceeded {
-			return 0, fmt.Errorf("no result within step_timeout_sec (%d s)", r.StepTimeoutSec)
-		}
-		return 0, err
-	}
-	return 0, errors.New("the command's output ended without an exit code")
+	return PreBuild()
 }
 
-// healthCheck runs the check until it passes or its time is up.
-func (b *Builder) healthCheck(ctx context.Context, c agentclient.Client, sandboxID string, r recipe.Recipe, logf func(string, ...any)) error {
-	h := r.HealthCheck
-	logf("\n== health check: %s (up to %d s)\n", h.Cmd, h.TimeoutSec)
-	deadline := time.Now().Add(time.Duration(h.TimeoutSec) * time.Second)
-	for attempt := 1; ; attempt++ {
-		resp, err := c.Exec(ctx, connect.NewRequest(&pb.ExecRequest{SandboxId: sandboxID, Cmd: "/bin/sh", Args: []string{"-c", h.Cmd},
-			Env: r.Envs, User: r.User, TimeoutSeconds: int32(max(1, h.IntervalSec))}))
-		switch {
-		case err != nil && ctx.Err() != nil:
-			return context.Cause(ctx)
-		case err != nil:
-			logf("attempt %d: %v\n", attempt, err)
-		case resp.Msg.GetExitCode() == 0:
-			logf("attempt %d: passed\n", attempt)
-			return nil
-		default:
-			logf("attempt %d: exit %d %s\n", attempt, resp.Msg.GetExitCode(), strings.TrimSpace(string(resp.Msg.GetStderr())))
-		}
-		if time.Now().Add(time.Duration(h.IntervalSec) * time.Second).After(deadline) {
-			return fmt.Errorf("health check did not pass within %d s", h.TimeoutSec)
-		}
-		select {
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		case <-time.After(time.Duration(h.IntervalSec) * time.Second):
-		}
+func (b *Builder) postBuild() []string {
+	if b.PostBuild != nil {
+		return b.PostBuild
 	}
+	return PostBuild()
 }

@@ -44,6 +44,9 @@ type Sandbox struct {
 	// says why one whose template has memory booted.
 	StartedFrom string `db:"started_from"`
 	BootNote    string `db:"boot_note"`
+	// DefaultUser runs /v1 commands and file calls that name nobody ("":
+	// root); it comes from the template.
+	DefaultUser string `db:"default_user"`
 }
 
 // Egress is a capsule's outbound policy: mode allow_all (with an optional
@@ -56,7 +59,7 @@ type Egress struct {
 
 const sandboxCols = `id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb, timeout_sec, auto_pause,
 	metadata, guest_ip, host_ip, error, created_by, created_at, started_at, last_active_at, last_updated, stopped_at, egress,
-	public, auto_resume, end_at, started_from, boot_note`
+	public, auto_resume, end_at, started_from, boot_note, default_user`
 
 // Live states hold resources on a host.
 var Live = []string{"pending", "starting", "running", "pausing", "paused", "resuming", "stopping"}
@@ -82,10 +85,10 @@ func insertSandbox(ctx context.Context, q querier, sb Sandbox, trafficToken stri
 		sb.Egress.Mode = "allow_all"
 	}
 	rows, _ := q.Query(ctx, `INSERT INTO sandboxes (id, team_id, host_id, template, status, vcpus, memory_mb, disk_size_mb,
-		timeout_sec, auto_pause, metadata, created_by, egress, public, auto_resume, traffic_token, end_at)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING `+sandboxCols,
+		timeout_sec, auto_pause, metadata, created_by, egress, public, auto_resume, traffic_token, end_at, default_user)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) RETURNING `+sandboxCols,
 		sb.ID, sb.TeamID, sb.HostID, sb.Template, sb.Status, sb.VCPUs, sb.MemoryMB, sb.DiskSizeMB, sb.TimeoutSec, sb.AutoPause, sb.Metadata, sb.CreatedBy, sb.Egress,
-		sb.Public, sb.AutoResume, trafficToken, sb.EndAt)
+		sb.Public, sb.AutoResume, trafficToken, sb.EndAt, sb.DefaultUser)
 	return pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Sandbox])
 }
 

@@ -25,9 +25,13 @@ type Template struct {
 	// WarmPoolSize is how many ready sandboxes of it each host that has
 	// it keeps; nil leaves it to the hosts' own settings.
 	WarmPoolSize *int32 `db:"warm_pool_size"`
+	// DefaultUser and DefaultEnv are what its build left: capsules from
+	// it run /v1 calls as that user ("": root) and start with the variables.
+	DefaultUser string            `db:"default_user"`
+	DefaultEnv  map[string]string `db:"default_env"`
 }
 
-const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at, memory_bytes, warm_pool_size"
+const templateCols = "id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, created_at, memory_bytes, warm_pool_size, default_user, default_env"
 
 // SetWarmPoolSize sets (nil: clears) a template's warm pool size.
 func (s *Store) SetWarmPoolSize(ctx context.Context, id string, size *int32) error {
@@ -67,9 +71,14 @@ func (s *Store) InsertTemplate(ctx context.Context, t Template) (Template, error
 	if t.Metadata == nil {
 		t.Metadata = map[string]string{}
 	}
-	err := s.Pool.QueryRow(ctx, `INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, memory_bytes)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING created_at`,
-		t.ID, t.TeamID, t.Name, t.Type, t.VCPUs, t.MemoryMB, t.SizeBytes, t.HostID, t.SourceSandboxID, t.Metadata, t.MemoryBytes).Scan(&t.CreatedAt)
+	if t.DefaultEnv == nil {
+		t.DefaultEnv = map[string]string{}
+	}
+	err := s.Pool.QueryRow(ctx, `INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes, host_id, source_sandbox_id, metadata, memory_bytes,
+			default_user, default_env)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING created_at`,
+		t.ID, t.TeamID, t.Name, t.Type, t.VCPUs, t.MemoryMB, t.SizeBytes, t.HostID, t.SourceSandboxID, t.Metadata, t.MemoryBytes,
+		t.DefaultUser, t.DefaultEnv).Scan(&t.CreatedAt)
 	return t, mapErr(err, "insert template")
 }
 

@@ -222,13 +222,6 @@ func (s *Store) SetAdmin(ctx context.Context, userID string, admin bool) error {
 	}), "set admin")
 }
 
-// ListUsers lists every account (platform admins only).
-func (s *Store) ListUsers(ctx context.Context) ([]User, error) {
-	rows, _ := s.Pool.Query(ctx, "SELECT "+userCols+" FROM users ORDER BY created_at")
-	us, err := pgx.CollectRows(rows, pgx.RowToStructByName[User])
-	return us, mapErr(err, "list users")
-}
-
 // AddUserToken stores the hash of a one-time token mailed to a user.
 func (s *Store) AddUserToken(ctx context.Context, userID, kind, hash string, expires time.Time) error {
 	_, err := s.Pool.Exec(ctx, "INSERT INTO user_tokens (token_hash, user_id, kind, expires_at) VALUES ($1, $2, $3, $4)", hash, userID, kind, expires)

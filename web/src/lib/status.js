@@ -14,8 +14,7 @@ const STATES = {
   pending: { symbol: '…', tone: 'warn' },
   online: { symbol: '●', tone: 'ok' },
   unreachable: { symbol: '✕', tone: 'bad' },
-  queued: { symbol: '…', tone: 'warn' },
-  succeeded: { symbol: '✓', tone: 'ok' },
+  success: { symbol: '✓', tone: 'ok' },
   failed: { symbol: '✕', tone: 'bad' },
   cancelled: { symbol: '○', tone: 'dim' },
 }
