@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
+	"github.com/wrenn/wrenn/internal/agent/metrics"
 	"github.com/wrenn/wrenn/internal/agent/proxy"
 	"github.com/wrenn/wrenn/internal/agent/sandbox"
 	"github.com/wrenn/wrenn/internal/egress"
@@ -59,9 +60,10 @@ type Config struct {
 
 // Server implements the HostAgentService.
 type Server struct {
-	cfg Config
-	m   *sandbox.Manager
-	log *slog.Logger
+	cfg     Config
+	m       *sandbox.Manager
+	log     *slog.Logger
+	samples *metrics.Sampler
 }
 
 var _ hostagentv1connect.HostAgentServiceHandler = (*Server)(nil)
@@ -71,6 +73,8 @@ var _ hostagentv1connect.HostAgentServiceHandler = (*Server)(nil)
 // It stops sweeping the proxy's connection pools when ctx ends.
 func Handler(ctx context.Context, cfg Config) http.Handler {
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Log}
+	s.samples = &metrics.Sampler{Targets: s.running}
+	go s.samples.Run(ctx)
 	path, h := hostagentv1connect.NewHostAgentServiceHandler(s,
 		connect.WithReadMaxBytes(maxRPCMessage),
 		connect.WithSendMaxBytes(maxRPCMessage),
@@ -370,24 +374,55 @@ func (s *Server) PingSandbox(ctx context.Context, req *connect.Request[pb.PingSa
 	return connect.NewResponse(&pb.PingSandboxResponse{Sandbox: toProto(rec)}), nil
 }
 
-// GetSandboxMetrics reads the guest's figures and the VMM's memory.
+// GetSandboxMetrics reads the guest's figures and the VMM's memory, with
+// the newest host-side sample; with a range, only that tier of samples.
 func (s *Server) GetSandboxMetrics(ctx context.Context, req *connect.Request[pb.GetSandboxMetricsRequest]) (*connect.Response[pb.GetSandboxMetricsResponse], error) {
 	rec, err := s.m.Get(req.Msg.GetId())
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	c, err := s.m.Envd(rec.ID)
-	if err != nil {
-		return nil, toConnect(err)
+	out := &pb.GetSandboxMetricsResponse{VmmRssBytes: procfs.RSS(rec.VMM.PID)}
+	series := s.samples.Series(rec.ID)
+	var pts []metrics.Point
+	switch req.Msg.GetRange() {
+	case "":
+		c, err := s.m.Envd(rec.ID)
+		if err != nil {
+			return nil, toConnect(err)
+		}
+		m, err := c.Metrics(ctx)
+		if err != nil {
+			return nil, toConnect(err)
+		}
+		out.CpuCount, out.CpuUsedPct, out.MemTotalBytes, out.MemUsedBytes = int32(m.CPUCount), m.CPUUsedPct, m.MemTotal, m.MemUsed
+		out.DiskTotalBytes, out.DiskUsedBytes = m.DiskTotal, m.DiskUsed
+		if series != nil {
+			if last, ok := series.Last(); ok {
+				pts = []metrics.Point{last}
+			}
+		}
+	case "10m", "2h", "24h":
+		if series != nil {
+			pts = series.Points(map[string]metrics.Tier{"10m": metrics.Fine, "2h": metrics.Medium, "24h": metrics.Coarse}[req.Msg.GetRange()])
+		}
+	default:
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("range %q: expected 10m, 2h or 24h", req.Msg.GetRange()))
 	}
-	m, err := c.Metrics(ctx)
-	if err != nil {
-		return nil, toConnect(err)
+	for _, p := range pts {
+		out.Points = append(out.Points, &pb.MetricPoint{TimestampUnixMs: p.At.UnixMilli(), CpuPct: p.CPUPct, MemBytes: p.MemBytes, DiskBytes: p.DiskBytes})
 	}
-	return connect.NewResponse(&pb.GetSandboxMetricsResponse{
-		CpuCount: int32(m.CPUCount), CpuUsedPct: m.CPUUsedPct, MemTotalBytes: m.MemTotal, MemUsedBytes: m.MemUsed,
-		DiskTotalBytes: m.DiskTotal, DiskUsedBytes: m.DiskUsed, VmmRssBytes: procfs.RSS(rec.VMM.PID),
-	}), nil
+	return connect.NewResponse(out), nil
+}
+
+// running lists the sandboxes the metrics sampler follows.
+func (s *Server) running() []metrics.Target {
+	var out []metrics.Target
+	for _, rec := range s.m.List() {
+		if rec.State == sandbox.Running && rec.VMM.PID > 0 {
+			out = append(out, metrics.Target{ID: rec.ID, PID: rec.VMM.PID, VCPUs: rec.VCPUs, DiskFile: rec.DiskFile})
+		}
+	}
+	return out
 }
 
 // ListPorts asks envd which ports servers in the sandbox listen on.

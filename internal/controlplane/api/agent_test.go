@@ -227,18 +227,24 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+fenced.ID, creds{key: key}, nil), 202)
 
-	// Metrics: a live reading at first, then the samples a reconcile pass takes.
+	// Metrics: the host's samples of the VMM every 500 ms for recent
+	// ranges (as upstream's), then the samples a reconcile pass stores.
 	var m struct {
 		Points []struct {
-			Timestamp int64   `json:"timestamp_unix"`
-			CPUPct    float64 `json:"cpu_pct"`
-			MemBytes  int64   `json:"mem_bytes"`
-			DiskBytes int64   `json:"disk_bytes"`
+			Timestamp   int64   `json:"timestamp_unix"`
+			TimestampMs int64   `json:"timestamp_unix_ms"`
+			CPUPct      float64 `json:"cpu_pct"`
+			MemBytes    int64   `json:"mem_bytes"`
+			DiskBytes   int64   `json:"disk_bytes"`
 		} `json:"points"`
 	}
 	c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/metrics", creds{key: key}, nil), 200).json(t, &m)
-	if len(m.Points) != 1 || m.Points[0].MemBytes <= 0 || m.Points[0].DiskBytes <= 0 {
-		t.Fatalf("live metrics: %+v", m)
+	if n := len(m.Points); n < 2 || m.Points[n-1].MemBytes <= 0 || m.Points[n-1].DiskBytes <= 0 || m.Points[n-1].CPUPct > 100 ||
+		m.Points[n-1].TimestampMs < time.Now().Add(-5*time.Second).UnixMilli() {
+		t.Fatalf("recent metrics: %+v", m)
+	}
+	if gap := m.Points[1].TimestampMs - m.Points[0].TimestampMs; gap < 300 || gap > 1500 {
+		t.Fatalf("recent samples %d ms apart, want about 500", gap)
 	}
 	rec := &reconciler.Reconciler{Store: c.st, Agents: c.srv.agents, Actions: c.srv, Log: c.srv.log}
 	if ran, err := rec.Pass(context.Background()); err != nil || !ran {
@@ -249,9 +255,14 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 		t.Fatalf("samples stored by the reconciler: %d %v", stored, err)
 	}
 	c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/metrics?range=1h", creds{key: key}, nil), 200).json(t, &m)
-	if len(m.Points) != 1 || m.Points[0].MemBytes <= 0 || m.Points[0].Timestamp < time.Now().Add(-time.Minute).Unix() {
+	if len(m.Points) == 0 || m.Points[0].MemBytes <= 0 || m.Points[len(m.Points)-1].Timestamp < time.Now().Add(-time.Minute).Unix() {
 		t.Fatalf("sampled metrics: %+v", m)
 	}
+	var storedAt time.Time
+	if err := c.st.Pool.QueryRow(t.Context(), "SELECT max(at) FROM sandbox_metrics WHERE sandbox_id = $1", sb.ID).Scan(&storedAt); err != nil {
+		t.Fatal(err)
+	}
+	sampledAt := storedAt.Unix()
 	var listed []capsuleOut
 	c.want(c.do("GET", "/v1/capsules?metadata.purpose=test", creds{key: key}, nil), 200).json(t, &listed)
 	if len(listed) != 1 || listed[0].ID != sb.ID {
@@ -467,6 +478,18 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 		t.Fatalf("background process lost across pause: %+v", procs)
 	}
 	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID+"/processes/sleeper", creds{key: key}, nil), 204)
+	// Metrics run on across the pause: what was stored before it, then the
+	// host's new samples.
+	resumedAt := time.Now()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		c.want(c.do("GET", "/v1/capsules/"+sb.ID+"/metrics?range=10m", creds{key: key}, nil), 200).json(t, &m)
+		if n := len(m.Points); n > 1 && m.Points[0].Timestamp <= sampledAt && m.Points[n-1].TimestampMs >= resumedAt.UnixMilli() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("metrics across a pause (stored at %d, resumed at %d): %+v", sampledAt, resumedAt.Unix(), m)
+		}
+	}
 
 	// Snapshot to a template; a capsule from it has the file.
 	var tpl struct {

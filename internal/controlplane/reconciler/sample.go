@@ -42,13 +42,20 @@ func (r *Reconciler) sample(ctx context.Context, c agentclient.Client, hostID st
 				r.Log.Debug("metrics sample failed", "capsule", id, "host", hostID, "err", err)
 				return
 			}
-			if pct := m.Msg.GetCpuUsedPct(); math.IsNaN(pct) || math.IsInf(pct, 0) || pct < 0 {
+			// The host's newest sample of the VMM, the figures the agent's
+			// finer tiers hold too (as upstream's); the guest's own when the
+			// host has none yet.
+			sm := store.MetricSample{SandboxID: id, At: now, CPUPct: m.Msg.GetCpuUsedPct(), MemBytes: m.Msg.GetMemUsedBytes(), DiskBytes: m.Msg.GetDiskUsedBytes()}
+			if pts := m.Msg.GetPoints(); len(pts) > 0 {
+				last := pts[len(pts)-1]
+				sm.CPUPct, sm.MemBytes, sm.DiskBytes = last.GetCpuPct(), last.GetMemBytes(), last.GetDiskBytes()
+			}
+			if pct := sm.CPUPct; math.IsNaN(pct) || math.IsInf(pct, 0) || pct < 0 || pct > 100 {
 				r.Log.Warn("metrics sample refused: the host sent a CPU figure that is not a percentage", "capsule", id, "host", hostID)
 				return
 			}
 			mu.Lock()
-			samples = append(samples, store.MetricSample{SandboxID: id, At: now, CPUPct: m.Msg.GetCpuUsedPct(),
-				MemBytes: m.Msg.GetMemUsedBytes(), DiskBytes: m.Msg.GetDiskUsedBytes()})
+			samples = append(samples, sm)
 			mu.Unlock()
 		}()
 	}

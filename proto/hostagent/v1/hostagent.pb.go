@@ -1592,8 +1592,11 @@ func (x *PingSandboxResponse) GetSandbox() *Sandbox {
 }
 
 type GetSandboxMetricsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// A tier of the host's samples of the VMM: "10m" (every 500 ms), "2h"
+	// (30 s averages) or "24h" (5 min averages); "" for only the newest.
+	Range         string `protobuf:"bytes,2,opt,name=range,proto3" json:"range,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1635,17 +1638,27 @@ func (x *GetSandboxMetricsRequest) GetId() string {
 	return ""
 }
 
+func (x *GetSandboxMetricsRequest) GetRange() string {
+	if x != nil {
+		return x.Range
+	}
+	return ""
+}
+
 type GetSandboxMetricsResponse struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	CpuCount       int32                  `protobuf:"varint,1,opt,name=cpu_count,json=cpuCount,proto3" json:"cpu_count,omitempty"`
-	CpuUsedPct     float64                `protobuf:"fixed64,2,opt,name=cpu_used_pct,json=cpuUsedPct,proto3" json:"cpu_used_pct,omitempty"`
-	MemTotalBytes  int64                  `protobuf:"varint,3,opt,name=mem_total_bytes,json=memTotalBytes,proto3" json:"mem_total_bytes,omitempty"`
-	MemUsedBytes   int64                  `protobuf:"varint,4,opt,name=mem_used_bytes,json=memUsedBytes,proto3" json:"mem_used_bytes,omitempty"`
-	DiskTotalBytes int64                  `protobuf:"varint,5,opt,name=disk_total_bytes,json=diskTotalBytes,proto3" json:"disk_total_bytes,omitempty"`
-	DiskUsedBytes  int64                  `protobuf:"varint,6,opt,name=disk_used_bytes,json=diskUsedBytes,proto3" json:"disk_used_bytes,omitempty"`
-	VmmRssBytes    int64                  `protobuf:"varint,7,opt,name=vmm_rss_bytes,json=vmmRssBytes,proto3" json:"vmm_rss_bytes,omitempty"` // the VMM process's resident memory on the host
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The guest's own figures, from envd.
+	CpuCount       int32   `protobuf:"varint,1,opt,name=cpu_count,json=cpuCount,proto3" json:"cpu_count,omitempty"`
+	CpuUsedPct     float64 `protobuf:"fixed64,2,opt,name=cpu_used_pct,json=cpuUsedPct,proto3" json:"cpu_used_pct,omitempty"`
+	MemTotalBytes  int64   `protobuf:"varint,3,opt,name=mem_total_bytes,json=memTotalBytes,proto3" json:"mem_total_bytes,omitempty"`
+	MemUsedBytes   int64   `protobuf:"varint,4,opt,name=mem_used_bytes,json=memUsedBytes,proto3" json:"mem_used_bytes,omitempty"`
+	DiskTotalBytes int64   `protobuf:"varint,5,opt,name=disk_total_bytes,json=diskTotalBytes,proto3" json:"disk_total_bytes,omitempty"`
+	DiskUsedBytes  int64   `protobuf:"varint,6,opt,name=disk_used_bytes,json=diskUsedBytes,proto3" json:"disk_used_bytes,omitempty"`
+	VmmRssBytes    int64   `protobuf:"varint,7,opt,name=vmm_rss_bytes,json=vmmRssBytes,proto3" json:"vmm_rss_bytes,omitempty"` // the VMM process's resident memory on the host
+	// The host's samples of the VMM (the tier asked for, oldest first).
+	Points        []*MetricPoint `protobuf:"bytes,8,rep,name=points,proto3" json:"points,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetSandboxMetricsResponse) Reset() {
@@ -1727,6 +1740,83 @@ func (x *GetSandboxMetricsResponse) GetVmmRssBytes() int64 {
 	return 0
 }
 
+func (x *GetSandboxMetricsResponse) GetPoints() []*MetricPoint {
+	if x != nil {
+		return x.Points
+	}
+	return nil
+}
+
+// MetricPoint is a host-side sample of a VMM: its CPU time against its
+// vCPUs, its resident memory and the bytes its disk file holds.
+type MetricPoint struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	TimestampUnixMs int64                  `protobuf:"varint,1,opt,name=timestamp_unix_ms,json=timestampUnixMs,proto3" json:"timestamp_unix_ms,omitempty"`
+	CpuPct          float64                `protobuf:"fixed64,2,opt,name=cpu_pct,json=cpuPct,proto3" json:"cpu_pct,omitempty"`
+	MemBytes        int64                  `protobuf:"varint,3,opt,name=mem_bytes,json=memBytes,proto3" json:"mem_bytes,omitempty"`
+	DiskBytes       int64                  `protobuf:"varint,4,opt,name=disk_bytes,json=diskBytes,proto3" json:"disk_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *MetricPoint) Reset() {
+	*x = MetricPoint{}
+	mi := &file_v1_hostagent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MetricPoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MetricPoint) ProtoMessage() {}
+
+func (x *MetricPoint) ProtoReflect() protoreflect.Message {
+	mi := &file_v1_hostagent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MetricPoint.ProtoReflect.Descriptor instead.
+func (*MetricPoint) Descriptor() ([]byte, []int) {
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *MetricPoint) GetTimestampUnixMs() int64 {
+	if x != nil {
+		return x.TimestampUnixMs
+	}
+	return 0
+}
+
+func (x *MetricPoint) GetCpuPct() float64 {
+	if x != nil {
+		return x.CpuPct
+	}
+	return 0
+}
+
+func (x *MetricPoint) GetMemBytes() int64 {
+	if x != nil {
+		return x.MemBytes
+	}
+	return 0
+}
+
+func (x *MetricPoint) GetDiskBytes() int64 {
+	if x != nil {
+		return x.DiskBytes
+	}
+	return 0
+}
+
 type ListPortsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId     string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -1736,7 +1826,7 @@ type ListPortsRequest struct {
 
 func (x *ListPortsRequest) Reset() {
 	*x = ListPortsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1748,7 +1838,7 @@ func (x *ListPortsRequest) String() string {
 func (*ListPortsRequest) ProtoMessage() {}
 
 func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v1_hostagent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1761,7 +1851,7 @@ func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
 func (*ListPortsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListPortsRequest) GetSandboxId() string {
@@ -1780,7 +1870,7 @@ type ListPortsResponse struct {
 
 func (x *ListPortsResponse) Reset() {
 	*x = ListPortsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1792,7 +1882,7 @@ func (x *ListPortsResponse) String() string {
 func (*ListPortsResponse) ProtoMessage() {}
 
 func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v1_hostagent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1805,7 +1895,7 @@ func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
 func (*ListPortsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListPortsResponse) GetPorts() []*Port {
@@ -1830,7 +1920,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +1932,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v1_hostagent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +1945,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Port) GetPort() uint32 {
@@ -1918,7 +2008,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2020,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v1_hostagent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2033,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ExecRequest) GetSandboxId() string {
@@ -2033,7 +2123,7 @@ type PtySize struct {
 
 func (x *PtySize) Reset() {
 	*x = PtySize{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2135,7 @@ func (x *PtySize) String() string {
 func (*PtySize) ProtoMessage() {}
 
 func (x *PtySize) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v1_hostagent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2148,7 @@ func (x *PtySize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
 func (*PtySize) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PtySize) GetCols() uint32 {
@@ -2090,7 +2180,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2102,7 +2192,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v1_hostagent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2115,7 +2205,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -2170,7 +2260,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2182,7 +2272,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v1_hostagent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2195,7 +2285,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -2313,7 +2403,7 @@ type ProcessRef struct {
 
 func (x *ProcessRef) Reset() {
 	*x = ProcessRef{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2325,7 +2415,7 @@ func (x *ProcessRef) String() string {
 func (*ProcessRef) ProtoMessage() {}
 
 func (x *ProcessRef) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v1_hostagent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2338,7 +2428,7 @@ func (x *ProcessRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
 func (*ProcessRef) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ProcessRef) GetSandboxId() string {
@@ -2371,7 +2461,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2383,7 +2473,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v1_hostagent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2396,7 +2486,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -2415,7 +2505,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2427,7 +2517,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v1_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2440,7 +2530,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListProcessesRequest) GetSandboxId() string {
@@ -2463,7 +2553,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2475,7 +2565,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v1_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2488,7 +2578,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -2535,7 +2625,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2547,7 +2637,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v1_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2560,7 +2650,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -2579,7 +2669,7 @@ type ConnectProcessRequest struct {
 
 func (x *ConnectProcessRequest) Reset() {
 	*x = ConnectProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2591,7 +2681,7 @@ func (x *ConnectProcessRequest) String() string {
 func (*ConnectProcessRequest) ProtoMessage() {}
 
 func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v1_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2604,7 +2694,7 @@ func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
 func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
@@ -2625,7 +2715,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2637,7 +2727,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v1_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2650,7 +2740,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessRef {
@@ -2682,7 +2772,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2694,7 +2784,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v1_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2707,7 +2797,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 type ResizePtyRequest struct {
@@ -2720,7 +2810,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2732,7 +2822,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v1_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2745,7 +2835,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ResizePtyRequest) GetProcess() *ProcessRef {
@@ -2770,7 +2860,7 @@ type ResizePtyResponse struct {
 
 func (x *ResizePtyResponse) Reset() {
 	*x = ResizePtyResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2782,7 +2872,7 @@ func (x *ResizePtyResponse) String() string {
 func (*ResizePtyResponse) ProtoMessage() {}
 
 func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v1_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2795,7 +2885,7 @@ func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
 func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 type KillProcessRequest struct {
@@ -2808,7 +2898,7 @@ type KillProcessRequest struct {
 
 func (x *KillProcessRequest) Reset() {
 	*x = KillProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2820,7 +2910,7 @@ func (x *KillProcessRequest) String() string {
 func (*KillProcessRequest) ProtoMessage() {}
 
 func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v1_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2833,7 +2923,7 @@ func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
 func (*KillProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *KillProcessRequest) GetProcess() *ProcessRef {
@@ -2858,7 +2948,7 @@ type KillProcessResponse struct {
 
 func (x *KillProcessResponse) Reset() {
 	*x = KillProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2870,7 +2960,7 @@ func (x *KillProcessResponse) String() string {
 func (*KillProcessResponse) ProtoMessage() {}
 
 func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v1_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2883,7 +2973,7 @@ func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
 func (*KillProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 type ReadFileRequest struct {
@@ -2897,7 +2987,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2909,7 +2999,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v1_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2922,7 +3012,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -2955,7 +3045,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2967,7 +3057,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v1_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2980,7 +3070,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -3002,7 +3092,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3014,7 +3104,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v1_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3027,7 +3117,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -3066,7 +3156,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3078,7 +3168,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v1_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3091,7 +3181,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 type FileEntry struct {
@@ -3116,7 +3206,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3128,7 +3218,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v1_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3141,7 +3231,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *FileEntry) GetName() string {
@@ -3233,7 +3323,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3245,7 +3335,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v1_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3258,7 +3348,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -3298,7 +3388,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3310,7 +3400,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v1_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3323,7 +3413,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -3344,7 +3434,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3356,7 +3446,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v1_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3369,7 +3459,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -3401,7 +3491,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3413,7 +3503,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v1_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3426,7 +3516,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 type RemovePathRequest struct {
@@ -3440,7 +3530,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3452,7 +3542,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v1_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3465,7 +3555,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -3497,7 +3587,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3509,7 +3599,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v1_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3522,7 +3612,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 type Template struct {
@@ -3542,7 +3632,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3554,7 +3644,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v1_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3567,7 +3657,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *Template) GetName() string {
@@ -3633,7 +3723,7 @@ type TemplateMemory struct {
 
 func (x *TemplateMemory) Reset() {
 	*x = TemplateMemory{}
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3645,7 +3735,7 @@ func (x *TemplateMemory) String() string {
 func (*TemplateMemory) ProtoMessage() {}
 
 func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v1_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3658,7 +3748,7 @@ func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateMemory.ProtoReflect.Descriptor instead.
 func (*TemplateMemory) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *TemplateMemory) GetVmm() string {
@@ -3713,7 +3803,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3725,7 +3815,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v1_hostagent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3738,7 +3828,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3764,7 +3854,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3776,7 +3866,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v1_hostagent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3789,7 +3879,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3808,7 +3898,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3820,7 +3910,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v1_hostagent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3833,7 +3923,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3851,7 +3941,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v1_hostagent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3863,7 +3953,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v1_hostagent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3876,7 +3966,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{62}
 }
 
 type FlattenRootfsRequest struct {
@@ -3892,7 +3982,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[62]
+	mi := &file_v1_hostagent_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3904,7 +3994,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[62]
+	mi := &file_v1_hostagent_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3917,7 +4007,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{62}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -3950,7 +4040,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[63]
+	mi := &file_v1_hostagent_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3962,7 +4052,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[63]
+	mi := &file_v1_hostagent_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3975,7 +4065,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{63}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -3994,7 +4084,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[64]
+	mi := &file_v1_hostagent_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4006,7 +4096,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[64]
+	mi := &file_v1_hostagent_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4019,7 +4109,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{64}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -4042,7 +4132,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[65]
+	mi := &file_v1_hostagent_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4054,7 +4144,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[65]
+	mi := &file_v1_hostagent_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4067,7 +4157,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{65}
+	return file_v1_hostagent_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -4239,9 +4329,10 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\x05R\x0etimeoutSeconds\"F\n" +
 	"\x13PingSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"*\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"@\n" +
 	"\x18GetSandboxMetricsRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x9e\x02\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05range\x18\x02 \x01(\tR\x05range\"\xd1\x02\n" +
 	"\x19GetSandboxMetricsResponse\x12\x1b\n" +
 	"\tcpu_count\x18\x01 \x01(\x05R\bcpuCount\x12 \n" +
 	"\fcpu_used_pct\x18\x02 \x01(\x01R\n" +
@@ -4250,7 +4341,14 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x0emem_used_bytes\x18\x04 \x01(\x03R\fmemUsedBytes\x12(\n" +
 	"\x10disk_total_bytes\x18\x05 \x01(\x03R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12\"\n" +
-	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\"1\n" +
+	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\x121\n" +
+	"\x06points\x18\b \x03(\v2\x19.hostagent.v1.MetricPointR\x06points\"\x8e\x01\n" +
+	"\vMetricPoint\x12*\n" +
+	"\x11timestamp_unix_ms\x18\x01 \x01(\x03R\x0ftimestampUnixMs\x12\x17\n" +
+	"\acpu_pct\x18\x02 \x01(\x01R\x06cpuPct\x12\x1b\n" +
+	"\tmem_bytes\x18\x03 \x01(\x03R\bmemBytes\x12\x1d\n" +
+	"\n" +
+	"disk_bytes\x18\x04 \x01(\x03R\tdiskBytes\"1\n" +
 	"\x10ListPortsRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"=\n" +
@@ -4479,7 +4577,7 @@ func file_v1_hostagent_proto_rawDescGZIP() []byte {
 }
 
 var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
+var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
 var file_v1_hostagent_proto_goTypes = []any{
 	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
 	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
@@ -4509,66 +4607,67 @@ var file_v1_hostagent_proto_goTypes = []any{
 	(*PingSandboxResponse)(nil),       // 25: hostagent.v1.PingSandboxResponse
 	(*GetSandboxMetricsRequest)(nil),  // 26: hostagent.v1.GetSandboxMetricsRequest
 	(*GetSandboxMetricsResponse)(nil), // 27: hostagent.v1.GetSandboxMetricsResponse
-	(*ListPortsRequest)(nil),          // 28: hostagent.v1.ListPortsRequest
-	(*ListPortsResponse)(nil),         // 29: hostagent.v1.ListPortsResponse
-	(*Port)(nil),                      // 30: hostagent.v1.Port
-	(*ExecRequest)(nil),               // 31: hostagent.v1.ExecRequest
-	(*PtySize)(nil),                   // 32: hostagent.v1.PtySize
-	(*ExecResponse)(nil),              // 33: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 34: hostagent.v1.ExecStreamResponse
-	(*ProcessRef)(nil),                // 35: hostagent.v1.ProcessRef
-	(*StartProcessResponse)(nil),      // 36: hostagent.v1.StartProcessResponse
-	(*ListProcessesRequest)(nil),      // 37: hostagent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),               // 38: hostagent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),     // 39: hostagent.v1.ListProcessesResponse
-	(*ConnectProcessRequest)(nil),     // 40: hostagent.v1.ConnectProcessRequest
-	(*SendInputRequest)(nil),          // 41: hostagent.v1.SendInputRequest
-	(*SendInputResponse)(nil),         // 42: hostagent.v1.SendInputResponse
-	(*ResizePtyRequest)(nil),          // 43: hostagent.v1.ResizePtyRequest
-	(*ResizePtyResponse)(nil),         // 44: hostagent.v1.ResizePtyResponse
-	(*KillProcessRequest)(nil),        // 45: hostagent.v1.KillProcessRequest
-	(*KillProcessResponse)(nil),       // 46: hostagent.v1.KillProcessResponse
-	(*ReadFileRequest)(nil),           // 47: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 48: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 49: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 50: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 51: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 52: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 53: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 54: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 55: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 56: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 57: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 58: hostagent.v1.Template
-	(*TemplateMemory)(nil),            // 59: hostagent.v1.TemplateMemory
-	(*CreateSnapshotRequest)(nil),     // 60: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 61: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 62: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 63: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 64: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 65: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 66: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 67: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 68: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 69: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 70: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 71: hostagent.v1.ExecRequest.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 72: google.protobuf.Timestamp
+	(*MetricPoint)(nil),               // 28: hostagent.v1.MetricPoint
+	(*ListPortsRequest)(nil),          // 29: hostagent.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),         // 30: hostagent.v1.ListPortsResponse
+	(*Port)(nil),                      // 31: hostagent.v1.Port
+	(*ExecRequest)(nil),               // 32: hostagent.v1.ExecRequest
+	(*PtySize)(nil),                   // 33: hostagent.v1.PtySize
+	(*ExecResponse)(nil),              // 34: hostagent.v1.ExecResponse
+	(*ExecStreamResponse)(nil),        // 35: hostagent.v1.ExecStreamResponse
+	(*ProcessRef)(nil),                // 36: hostagent.v1.ProcessRef
+	(*StartProcessResponse)(nil),      // 37: hostagent.v1.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 38: hostagent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 39: hostagent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 40: hostagent.v1.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 41: hostagent.v1.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 42: hostagent.v1.SendInputRequest
+	(*SendInputResponse)(nil),         // 43: hostagent.v1.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 44: hostagent.v1.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 45: hostagent.v1.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 46: hostagent.v1.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 47: hostagent.v1.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 48: hostagent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 49: hostagent.v1.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 50: hostagent.v1.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 51: hostagent.v1.WriteFileResponse
+	(*FileEntry)(nil),                 // 52: hostagent.v1.FileEntry
+	(*ListDirRequest)(nil),            // 53: hostagent.v1.ListDirRequest
+	(*ListDirResponse)(nil),           // 54: hostagent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),            // 55: hostagent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 56: hostagent.v1.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 57: hostagent.v1.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 58: hostagent.v1.RemovePathResponse
+	(*Template)(nil),                  // 59: hostagent.v1.Template
+	(*TemplateMemory)(nil),            // 60: hostagent.v1.TemplateMemory
+	(*CreateSnapshotRequest)(nil),     // 61: hostagent.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 62: hostagent.v1.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 63: hostagent.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 64: hostagent.v1.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 65: hostagent.v1.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 66: hostagent.v1.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 67: hostagent.v1.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 68: hostagent.v1.WriteFileStreamRequest
+	nil,                               // 69: hostagent.v1.Sandbox.MetadataEntry
+	nil,                               // 70: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 71: hostagent.v1.CreateSandboxRequest.MetadataEntry
+	nil,                               // 72: hostagent.v1.ExecRequest.EnvEntry
+	(*timestamppb.Timestamp)(nil),     // 73: google.protobuf.Timestamp
 }
 var file_v1_hostagent_proto_depIdxs = []int32{
 	2,  // 0: hostagent.v1.WarmPoolStatus.pool:type_name -> hostagent.v1.WarmPool
 	2,  // 1: hostagent.v1.SetWarmPoolsRequest.pools:type_name -> hostagent.v1.WarmPool
 	3,  // 2: hostagent.v1.SetWarmPoolsResponse.pools:type_name -> hostagent.v1.WarmPoolStatus
-	58, // 3: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
+	59, // 3: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
 	3,  // 4: hostagent.v1.GetHostInfoResponse.warm_pools:type_name -> hostagent.v1.WarmPoolStatus
 	1,  // 5: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
 	0,  // 6: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	72, // 7: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	72, // 8: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	68, // 9: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
+	73, // 7: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	73, // 8: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	69, // 9: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
 	8,  // 10: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	69, // 11: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	70, // 12: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
+	70, // 11: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
+	71, // 12: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
 	8,  // 13: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
 	9,  // 14: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	11, // 15: hostagent.v1.ForkSandboxResponse.sandboxes:type_name -> hostagent.v1.CreateSandboxResponse
@@ -4577,87 +4676,88 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	9,  // 18: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
 	9,  // 19: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
 	9,  // 20: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	30, // 21: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
-	71, // 22: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	32, // 23: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	38, // 24: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	35, // 25: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	35, // 26: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	35, // 27: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	32, // 28: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	35, // 29: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	72, // 30: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	51, // 31: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	72, // 32: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	59, // 33: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
-	58, // 34: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	58, // 35: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	49, // 36: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	6,  // 37: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	10, // 38: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	12, // 39: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
-	14, // 40: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	16, // 41: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	18, // 42: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	20, // 43: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	22, // 44: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	24, // 45: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	26, // 46: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	28, // 47: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
-	31, // 48: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	31, // 49: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	31, // 50: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	37, // 51: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	40, // 52: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	41, // 53: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	43, // 54: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	45, // 55: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	47, // 56: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	49, // 57: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	52, // 58: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	54, // 59: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	56, // 60: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	47, // 61: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	67, // 62: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	60, // 63: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	62, // 64: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	64, // 65: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	4,  // 66: hostagent.v1.HostAgentService.SetWarmPools:input_type -> hostagent.v1.SetWarmPoolsRequest
-	7,  // 67: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	11, // 68: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	13, // 69: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
-	15, // 70: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	17, // 71: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	19, // 72: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	21, // 73: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	23, // 74: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	25, // 75: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	27, // 76: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	29, // 77: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
-	33, // 78: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	34, // 79: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	36, // 80: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	39, // 81: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	34, // 82: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	42, // 83: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	44, // 84: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	46, // 85: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	48, // 86: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	50, // 87: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	53, // 88: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	55, // 89: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	57, // 90: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	66, // 91: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	50, // 92: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	61, // 93: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	63, // 94: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	65, // 95: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	5,  // 96: hostagent.v1.HostAgentService.SetWarmPools:output_type -> hostagent.v1.SetWarmPoolsResponse
-	67, // [67:97] is the sub-list for method output_type
-	37, // [37:67] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	28, // 21: hostagent.v1.GetSandboxMetricsResponse.points:type_name -> hostagent.v1.MetricPoint
+	31, // 22: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
+	72, // 23: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
+	33, // 24: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
+	39, // 25: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
+	36, // 26: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	36, // 27: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
+	36, // 28: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
+	33, // 29: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
+	36, // 30: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
+	73, // 31: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	52, // 32: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
+	73, // 33: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
+	60, // 34: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
+	59, // 35: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
+	59, // 36: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
+	50, // 37: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
+	6,  // 38: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
+	10, // 39: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
+	12, // 40: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
+	14, // 41: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
+	16, // 42: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
+	18, // 43: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
+	20, // 44: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
+	22, // 45: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
+	24, // 46: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
+	26, // 47: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
+	29, // 48: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
+	32, // 49: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
+	32, // 50: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
+	32, // 51: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
+	38, // 52: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
+	41, // 53: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
+	42, // 54: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
+	44, // 55: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
+	46, // 56: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
+	48, // 57: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
+	50, // 58: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
+	53, // 59: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
+	55, // 60: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
+	57, // 61: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
+	48, // 62: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
+	68, // 63: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
+	61, // 64: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
+	63, // 65: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
+	65, // 66: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
+	4,  // 67: hostagent.v1.HostAgentService.SetWarmPools:input_type -> hostagent.v1.SetWarmPoolsRequest
+	7,  // 68: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
+	11, // 69: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
+	13, // 70: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
+	15, // 71: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
+	17, // 72: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
+	19, // 73: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
+	21, // 74: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
+	23, // 75: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
+	25, // 76: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
+	27, // 77: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
+	30, // 78: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
+	34, // 79: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
+	35, // 80: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
+	37, // 81: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
+	40, // 82: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
+	35, // 83: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
+	43, // 84: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
+	45, // 85: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
+	47, // 86: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
+	49, // 87: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
+	51, // 88: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
+	54, // 89: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
+	56, // 90: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
+	58, // 91: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
+	67, // 92: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
+	51, // 93: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
+	62, // 94: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
+	64, // 95: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
+	66, // 96: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
+	5,  // 97: hostagent.v1.HostAgentService.SetWarmPools:output_type -> hostagent.v1.SetWarmPoolsResponse
+	68, // [68:98] is the sub-list for method output_type
+	38, // [38:68] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_v1_hostagent_proto_init() }
@@ -4665,7 +4765,7 @@ func file_v1_hostagent_proto_init() {
 	if File_v1_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[32].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[33].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
@@ -4673,8 +4773,8 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Pty)(nil),
 		(*ExecStreamResponse_TimedOut)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[49].OneofWrappers = []any{}
-	file_v1_hostagent_proto_msgTypes[65].OneofWrappers = []any{
+	file_v1_hostagent_proto_msgTypes[50].OneofWrappers = []any{}
+	file_v1_hostagent_proto_msgTypes[66].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -4684,7 +4784,7 @@ func file_v1_hostagent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   70,
+			NumMessages:   71,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
