@@ -160,9 +160,11 @@ func (c *Client) GetCapsule(ctx context.Context, id string) (Capsule, error) {
 	return out, err
 }
 
-// DestroyCapsule destroys a capsule and everything in it.
+// DestroyCapsule destroys a capsule and everything in it. The capsule is
+// stopped when it returns, or stopping (its host could not be reached:
+// the control plane ends it when the host is back).
 func (c *Client) DestroyCapsule(ctx context.Context, id string) (Capsule, error) {
-	var out Capsule
+	out := Capsule{ID: id, Status: "stopped"} // what 204 No Content means
 	err := c.do(ctx, http.MethodDelete, "/v1/capsules/"+url.PathEscape(id), nil, &out)
 	return out, err
 }

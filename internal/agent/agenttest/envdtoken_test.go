@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/wrenn/wrenn/internal/agent/network"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // A process on the host races the agent for a booting sandbox's envd, as

@@ -10,7 +10,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 func TestStreamingFiles(t *testing.T) {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/testutil/fulldisk"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // TestFullDisk fills the file system under WRENN_DIR and checks the promise:

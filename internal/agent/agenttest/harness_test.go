@@ -22,8 +22,8 @@ import (
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 const testToken = "agent-test-token-0123456789"
@@ -61,7 +61,7 @@ type agent struct {
 	hc     *http.Client // how tests reach the RPC port (plain HTTP unless set)
 	scheme string
 	cmd    *exec.Cmd
-	client hostagentv1connect.HostAgentServiceClient
+	client hostagentv2connect.HostAgentServiceClient
 	log    *os.File
 	// logPath is outside dir, so the log still tells when dir is full.
 	logPath string
@@ -115,7 +115,7 @@ func (a *agent) start() {
 		t.Fatal(err)
 	}
 	a.cmd = cmd
-	a.client = hostagentv1connect.NewHostAgentServiceClient(withToken(a.hc, testToken), a.scheme+"://"+a.addr)
+	a.client = hostagentv2connect.NewHostAgentServiceClient(withToken(a.hc, testToken), a.scheme+"://"+a.addr)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))

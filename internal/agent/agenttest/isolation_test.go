@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // outsideHost is a test host in its own namespace, routed from the host,

@@ -12,16 +12,16 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 func TestAgentRequiresHostToken(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 30*time.Second)
-	for name, client := range map[string]hostagentv1connect.HostAgentServiceClient{
-		"no token":    hostagentv1connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr),
-		"wrong token": hostagentv1connect.NewHostAgentServiceClient(withToken(http.DefaultClient, testToken+"x"), "http://"+a.addr),
+	for name, client := range map[string]hostagentv2connect.HostAgentServiceClient{
+		"no token":    hostagentv2connect.NewHostAgentServiceClient(http.DefaultClient, "http://"+a.addr),
+		"wrong token": hostagentv2connect.NewHostAgentServiceClient(withToken(http.DefaultClient, testToken+"x"), "http://"+a.addr),
 	} {
 		_, err := client.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{}))
 		if err == nil {

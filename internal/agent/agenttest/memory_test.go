@@ -12,7 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // A snapshot of a running sandbox keeps its memory: sandboxes made from it

@@ -12,7 +12,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // pool reads one template's warm pool from the host's report.

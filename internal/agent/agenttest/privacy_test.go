@@ -11,7 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // Tenant data on the host's disk (sandbox disks, snapshots of paused

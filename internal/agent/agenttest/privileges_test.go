@@ -16,7 +16,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // agentCaps is CAP_NET_ADMIN (12), CAP_NET_RAW (13) and CAP_SYS_ADMIN (21).

@@ -8,7 +8,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 func TestBackgroundProcessesAndPTY(t *testing.T) {

@@ -8,7 +8,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 func TestSnapshotToTemplateAndStartFromIt(t *testing.T) {

@@ -10,8 +10,8 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/testutil/testcerts"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 func TestMutualTLS(t *testing.T) {
@@ -45,13 +45,13 @@ func TestMutualTLS(t *testing.T) {
 	}
 	// A certificate the CA did not sign, or none at all: the handshake fails.
 	for name, hc := range map[string]*http.Client{"no certificate": clientWith(nil, nil), "foreign certificate": clientWith(strangerPEM, strangerKey)} {
-		c := hostagentv1connect.NewHostAgentServiceClient(withToken(hc, testToken), "https://"+a.addr)
+		c := hostagentv2connect.NewHostAgentServiceClient(withToken(hc, testToken), "https://"+a.addr)
 		if _, err := c.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{})); err == nil {
 			t.Fatalf("%s: accepted", name)
 		}
 	}
 	// The right certificate without the token is still refused.
-	c := hostagentv1connect.NewHostAgentServiceClient(clientWith(cliPEM, cliKey), "https://"+a.addr)
+	c := hostagentv2connect.NewHostAgentServiceClient(clientWith(cliPEM, cliKey), "https://"+a.addr)
 	_, err := c.GetHostInfo(ctx, connect.NewRequest(&pb.GetHostInfoRequest{}))
 	wantCode(t, err, connect.CodeUnauthenticated)
 }

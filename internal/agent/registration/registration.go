@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // Specs is what the agent reports about its machine.
@@ -120,6 +122,8 @@ type tokenResponse struct {
 	RefreshToken string `json:"refresh_token"`
 	Certificate  string `json:"certificate"`
 	CACert       string `json:"ca_certificate"`
+	// Protocol is the agent RPC service the control plane calls.
+	Protocol string `json:"protocol"`
 }
 
 // Register trades a registration token for credentials and saves them.
@@ -127,11 +131,15 @@ type tokenResponse struct {
 // here (see ServerTLS).
 func Register(ctx context.Context, dir, cpURL, token string, specs Specs, managedTLS bool) (*Credentials, error) {
 	cpURL = strings.TrimRight(cpURL, "/")
+	// The agent RPC is named for this project: a control plane that calls
+	// another (upstream Wrenn's, whose service has the same name in
+	// another package with other field numbers) would garble every call.
 	in := struct {
-		Token string `json:"token"`
-		CSR   string `json:"csr,omitempty"`
+		Token    string `json:"token"`
+		CSR      string `json:"csr,omitempty"`
+		Protocol string `json:"protocol"`
 		Specs
-	}{Token: token, Specs: specs}
+	}{Token: token, Protocol: hostagentv2connect.HostAgentServiceName, Specs: specs}
 	if managedTLS {
 		csr, err := certRequest(dir)
 		if err != nil {
@@ -142,6 +150,10 @@ func Register(ctx context.Context, dir, cpURL, token string, specs Specs, manage
 	var out tokenResponse
 	if err := post(ctx, cpURL+"/v1/hosts/register", nil, in, &out); err != nil {
 		return nil, fmt.Errorf("register host: %w", err)
+	}
+	if out.Protocol != hostagentv2connect.HostAgentServiceName {
+		return nil, fmt.Errorf("register host: the control plane at %s calls agent protocol %q, this agent serves %q "+
+			"(an upstream Wrenn control plane, or another release of wrenn-cp): run a wrenn-cp of this agent's release", cpURL, out.Protocol, hostagentv2connect.HostAgentServiceName)
 	}
 	c := &Credentials{HostID: out.Host.ID, CPURL: cpURL, RefreshToken: out.RefreshToken, ManagedTLS: managedTLS, dir: dir, token: out.Token}
 	if managedTLS {

@@ -11,10 +11,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentca"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // TestManagedCertificateRenewal drives the agent's side against a stand-in
@@ -32,7 +34,7 @@ func TestManagedCertificateRenewal(t *testing.T) {
 			CSR string `json:"csr"`
 		}
 		_ = json.NewDecoder(r.Body).Decode(&in)
-		out := map[string]any{"host": map[string]string{"id": "host-1"}, "token": "jwt-" + time.Now().String(), "refresh_token": "r"}
+		out := map[string]any{"host": map[string]string{"id": "host-1"}, "token": "jwt-" + time.Now().String(), "refresh_token": "r", "protocol": hostagentv2connect.HostAgentServiceName}
 		if in.CSR != "" {
 			csrs++
 			cert, err := ca.SignHost([]byte(in.CSR), "host-1", "10.0.0.5:50051")
@@ -131,5 +133,22 @@ func TestCertificateDueFollowsExpiry(t *testing.T) {
 	}
 	if c.certificateDue() || time.Until(c.CertificateExpiry()) < 89*24*time.Hour {
 		t.Fatalf("fresh certificate due or short: %v", c.CertificateExpiry())
+	}
+}
+
+// An agent registering with a control plane that calls another protocol
+// (upstream Wrenn's answers no protocol) says so and saves nothing.
+func TestRegisterRefusesAControlPlaneOfAnotherProtocol(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_ = json.NewEncoder(w).Encode(map[string]any{"host": map[string]string{"id": "host-1"}, "token": "jwt", "refresh_token": "r"})
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	_, err := Register(context.Background(), dir, srv.URL, "token", Specs{Address: "10.0.0.5:50051"}, false)
+	if err == nil || !strings.Contains(err.Error(), "agent protocol") {
+		t.Fatalf("registered with a control plane of another protocol: %v", err)
+	}
+	if _, err := Load(dir); err == nil {
+		t.Fatal("credentials were saved")
 	}
 }

@@ -7,7 +7,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/envdclient"
 	envdpb "github.com/wrenn/wrenn/proto/envd/process"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // process resolves a ProcessRef to its sandbox's envd and selector.

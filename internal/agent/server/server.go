@@ -29,8 +29,8 @@ import (
 	"github.com/wrenn/wrenn/internal/procfs"
 	"github.com/wrenn/wrenn/internal/safetext"
 	fspb "github.com/wrenn/wrenn/proto/envd/filesystem"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // Limits on what passes through the agent in one message. Large files
@@ -66,7 +66,7 @@ type Server struct {
 	samples *metrics.Sampler
 }
 
-var _ hostagentv1connect.HostAgentServiceHandler = (*Server)(nil)
+var _ hostagentv2connect.HostAgentServiceHandler = (*Server)(nil)
 
 // Handler returns the authenticated HTTP handler: the RPCs, and the proxy
 // into sandbox ports for requests that ask for it (see package proxy).
@@ -75,7 +75,7 @@ func Handler(ctx context.Context, cfg Config) http.Handler {
 	s := &Server{cfg: cfg, m: cfg.Manager, log: cfg.Log}
 	s.samples = &metrics.Sampler{Targets: s.running}
 	go s.samples.Run(ctx)
-	path, h := hostagentv1connect.NewHostAgentServiceHandler(s,
+	path, h := hostagentv2connect.NewHostAgentServiceHandler(s,
 		connect.WithReadMaxBytes(maxRPCMessage),
 		connect.WithSendMaxBytes(maxRPCMessage),
 		connect.WithRecover(func(_ context.Context, spec connect.Spec, _ http.Header, p any) error {

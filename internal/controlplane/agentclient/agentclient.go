@@ -17,12 +17,12 @@ import (
 
 	"github.com/wrenn/wrenn/internal/readlimit"
 	"github.com/wrenn/wrenn/internal/safetext"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // Client is the agent API.
-type Client = hostagentv1connect.HostAgentServiceClient
+type Client = hostagentv2connect.HostAgentServiceClient
 
 // MaxMessage bounds one answer from an agent: agents (BYOC ones above
 // all) are less trusted than the control plane. The agent's own unary
@@ -91,7 +91,7 @@ func (p *Pool) Get(hostID, address, token string) Client {
 	// No compression: a compressed answer is how a small reply becomes a
 	// large allocation, and agents sit on fast links.
 	limited := &readlimit.Transport{Next: hc.Transport, MaxBody: MaxMessage + 64<<10, MaxMessage: maxStreamMessage}
-	c := hostagentv1connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: limited}}, url,
+	c := hostagentv2connect.NewHostAgentServiceClient(&http.Client{Transport: bearer{token: token, next: limited}}, url,
 		connect.WithReadMaxBytes(MaxMessage), connect.WithAcceptCompression("gzip", nil, nil), connect.WithInterceptors(deadlines{}))
 	p.clients[key] = c
 	return c

@@ -4,8 +4,8 @@ import (
 	"testing"
 	"time"
 
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 func TestCallDeadlines(t *testing.T) {
@@ -14,11 +14,11 @@ func TestCallDeadlines(t *testing.T) {
 		req       any
 		want      time.Duration
 	}{
-		{hostagentv1connect.HostAgentServicePauseSandboxProcedure, &pb.PauseSandboxRequest{}, VMCall},
-		{hostagentv1connect.HostAgentServiceDestroySandboxProcedure, &pb.DestroySandboxRequest{}, DestroyCall},
-		{hostagentv1connect.HostAgentServiceGetSandboxProcedure, &pb.GetSandboxRequest{}, QuickCall},
-		{hostagentv1connect.HostAgentServiceExecProcedure, &pb.ExecRequest{}, 90 * time.Second},
-		{hostagentv1connect.HostAgentServiceExecProcedure, &pb.ExecRequest{TimeoutSeconds: 600}, 630 * time.Second},
+		{hostagentv2connect.HostAgentServicePauseSandboxProcedure, &pb.PauseSandboxRequest{}, VMCall},
+		{hostagentv2connect.HostAgentServiceDestroySandboxProcedure, &pb.DestroySandboxRequest{}, DestroyCall},
+		{hostagentv2connect.HostAgentServiceGetSandboxProcedure, &pb.GetSandboxRequest{}, QuickCall},
+		{hostagentv2connect.HostAgentServiceExecProcedure, &pb.ExecRequest{}, 90 * time.Second},
+		{hostagentv2connect.HostAgentServiceExecProcedure, &pb.ExecRequest{TimeoutSeconds: 600}, 630 * time.Second},
 	} {
 		if got := callDeadline(c.procedure, c.req); got != c.want {
 			t.Errorf("%s: %v, want %v", c.procedure, got, c.want)

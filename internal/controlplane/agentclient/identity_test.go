@@ -16,8 +16,8 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/controlplane/agentca"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
-	"github.com/wrenn/wrenn/proto/hostagent/v1/hostagentv1connect"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // An agent serving a certificate the control plane's CA issued to one
@@ -40,7 +40,7 @@ func TestHostIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, h := hostagentv1connect.NewHostAgentServiceHandler(hostagentv1connect.UnimplementedHostAgentServiceHandler{})
+	_, h := hostagentv2connect.NewHostAgentServiceHandler(hostagentv2connect.UnimplementedHostAgentServiceHandler{})
 	srv := httptest.NewUnstartedServer(h)
 	srv.EnableHTTP2 = true
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{pair}}

@@ -25,7 +25,7 @@ import (
 	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // agentProc is a real wrenn-agent process under test.
@@ -225,7 +225,7 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 	if err != nil || onHost.Msg.GetSandbox().GetEgress().GetMode() != pb.EgressPolicy_MODE_ALLOW_LIST || len(onHost.Msg.GetSandbox().GetEgress().GetAllowCidrs()) != 1 {
 		t.Fatalf("the host's policy for the capsule: %v %v", onHost, err)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+fenced.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+fenced.ID, creds{key: key}, nil), 204)
 
 	// Metrics: the host's samples of the VMM every 500 ms for recent
 	// ranges (as upstream's), then the samples a reconcile pass stores.
@@ -509,7 +509,8 @@ func TestCapsulesOnARealAgent(t *testing.T) {
 
 	// Destroy: the record says stopped and the host has nothing left.
 	for _, id := range []string{sb.ID, child.ID} {
-		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 202).json(t, &got)
+		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 204)
+		c.want(c.do("GET", "/v1/capsules/"+id, creds{key: key}, nil), 200).json(t, &got)
 		if got.Status != "stopped" {
 			t.Fatalf("destroy %s: %+v", id, got)
 		}
@@ -559,7 +560,7 @@ func TestReconcilerWithARealAgent(t *testing.T) {
 	if ran, err := rec.Pass(context.Background()); err != nil || !ran {
 		t.Fatalf("second pass: %v %v", ran, err)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+idle.ID, creds{key: key}, nil), 204)
 
 	// A capsule whose VM dies on the host: the agent notices, and the next
 	// pass marks it error with the host's reason, then clears it there.
@@ -673,7 +674,7 @@ func TestTimeoutWhileAgentDown(t *testing.T) {
 	if out, _ := c.exec(key, sb.ID, "cat", "/tmp/mark"); out != "remembered\n" {
 		t.Fatalf("after resume: %q", out)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 }
 
 // A fork bomb and a memory hog in one capsule disturb neither another
@@ -716,11 +717,12 @@ func TestNoisyNeighbour(t *testing.T) {
 	}
 	// The noisy capsule is still under the platform's control.
 	var got capsuleOut
-	c.want(c.do("DELETE", "/v1/capsules/"+noisy.ID, creds{key: key}, nil), 202).json(t, &got)
+	c.want(c.do("DELETE", "/v1/capsules/"+noisy.ID, creds{key: key}, nil), 204)
+	c.want(c.do("GET", "/v1/capsules/"+noisy.ID, creds{key: key}, nil), 200).json(t, &got)
 	if got.Status != "stopped" {
 		t.Fatalf("destroying the noisy capsule: %+v", got)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+quiet.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+quiet.ID, creds{key: key}, nil), 204)
 }
 
 // vmmCPU measures the share of one core a capsule's QEMU uses over d.

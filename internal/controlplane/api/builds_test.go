@@ -89,7 +89,7 @@ func TestTemplateBuildOnARealAgent(t *testing.T) {
 	if out, _ := c.exec(key, sb.ID, "cat", "/opt/tool/version"); out != "v1\n" {
 		t.Fatalf("capsule from the built template: %q", out)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 	c.want(c.do("DELETE", "/v1/snapshots/with-tool", creds{key: key}, nil), 204)
 
 	// A failing command fails the build and says which.
@@ -278,7 +278,7 @@ func TestUpstreamFormBuildOnARealAgent(t *testing.T) {
 	if asRoot.Stdout != "root\n" {
 		t.Errorf("an explicit user: %q", asRoot.Stdout)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 }
 
 func tarGz(t *testing.T, files map[string]string) []byte {

@@ -22,7 +22,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/egress"
 	"github.com/wrenn/wrenn/internal/envvars"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 type capsuleJSON struct {
@@ -658,7 +658,7 @@ func (s *Server) destroyCapsule(w http.ResponseWriter, r *http.Request, p *princ
 		return err
 	}
 	if sb.Status == "stopped" || sb.Status == "error" {
-		writeJSON(w, http.StatusAccepted, s.toCapsule(sb))
+		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
 	err = s.destroyOnHost(r.Context(), sb)
@@ -669,6 +669,13 @@ func (s *Server) destroyCapsule(w http.ResponseWriter, r *http.Request, p *princ
 	cur, err := s.st.Sandbox(r.Context(), p.TeamID, sb.ID)
 	if err != nil {
 		return err
+	}
+	if cur.Status == "stopped" {
+		// Gone, as upstream Wrenn answers it. A capsule whose host could
+		// not be reached stays stopping (202 with it): the reconciler ends
+		// it when the host is back.
+		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
 	writeJSON(w, http.StatusAccepted, s.toCapsule(cur))
 	return nil

@@ -16,7 +16,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/store"
 	"github.com/wrenn/wrenn/internal/version"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // The E2B-compatible API: the routes E2B's SDKs call (e2b-dev/infra's

@@ -20,7 +20,7 @@ import (
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/fulldisk"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // privateCluster is a PostgreSQL cluster of the test's own, which it may
@@ -212,7 +212,7 @@ func TestAgentKilledDuringCreate(t *testing.T) {
 		}
 	}
 	if got.Status == "running" {
-		c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+		c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 	}
 }
 
@@ -272,7 +272,7 @@ func TestAgentKilledDuringPauseAndResume(t *testing.T) {
 		a.restart(admin)
 		usable("after a killed " + op)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 }
 
 // The disk under the agent's WRENN_DIR fills up: a create and a pause
@@ -343,6 +343,6 @@ func TestFullDiskThroughTheAPI(t *testing.T) {
 	var fresh capsuleOut
 	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: key}, map[string]any{"memory_mb": 256}), 201).json(t, &fresh)
 	for _, id := range []string{sb.ID, fresh.ID} {
-		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 202)
+		c.want(c.do("DELETE", "/v1/capsules/"+id, creds{key: key}, nil), 204)
 	}
 }

@@ -11,7 +11,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/agentclient"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // maxFork is the most capsules one fork makes (the agent's bound).

@@ -13,6 +13,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/store"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 // Registration and refresh token lifetimes.
@@ -275,8 +276,9 @@ func (s *Server) certify(out map[string]any, csr string, h store.Host) error {
 
 func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *principal) error {
 	var req struct {
-		Token string `json:"token"`
-		CSR   string `json:"csr"`
+		Token    string `json:"token"`
+		CSR      string `json:"csr"`
+		Protocol string `json:"protocol"`
 		hostSpecsJSON
 	}
 	if err := decode(w, r, &req, false); err != nil {
@@ -284,6 +286,15 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *princip
 	}
 	if req.Token == "" {
 		return badRequest("token is required")
+	}
+	// Refused before the token is spent: an agent of another protocol
+	// (upstream Wrenn's has a service of the same name with other field
+	// numbers) would garble every call.
+	if req.Protocol != hostagentv2connect.HostAgentServiceName {
+		s.log.Warn("host registration refused: agent protocol", "protocol", req.Protocol, "remote", r.RemoteAddr)
+		return errf(http.StatusBadRequest, "incompatible_agent", "this control plane calls agent protocol %q; the agent speaks %q "+
+			"(an upstream Wrenn agent, or another release of wrenn-agent): register a wrenn-agent of this control plane's release",
+			hostagentv2connect.HostAgentServiceName, req.Protocol)
 	}
 	if err := req.validate(); err != nil {
 		return err
@@ -315,7 +326,7 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request, _ *princip
 	}
 	s.log.Info("host registered", "host", h.ID, "address", req.Address, "cpus", req.CPUCores, "memory_mb", req.MemoryMB, "vmm", req.VMM)
 	s.audit(r.Context(), &principal{HostID: h.ID}, deref(h.TeamID), "host", h.ID, "host.register", nil, map[string]any{"address": req.Address})
-	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh}
+	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh, "protocol": hostagentv2connect.HostAgentServiceName}
 	if err := s.certify(out, req.CSR, h); err != nil {
 		return err
 	}
@@ -353,7 +364,7 @@ func (s *Server) refreshHost(w http.ResponseWriter, r *http.Request, _ *principa
 		return err
 	}
 	s.log.Info("host token refreshed", "host", h.ID)
-	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh}
+	out := map[string]any{"host": toHost(h), "token": jwt, "refresh_token": refresh, "protocol": hostagentv2connect.HostAgentServiceName}
 	if err := s.certify(out, req.CSR, h); err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/controlplane/auth"
 	"github.com/wrenn/wrenn/internal/controlplane/reconciler"
+	"github.com/wrenn/wrenn/proto/hostagent/v2/hostagentv2connect"
 )
 
 type registered struct {
@@ -31,7 +32,7 @@ func (c *cp) newHostToken(admin account) (string, string) {
 	return out.Host.ID, out.RegistrationToken
 }
 
-var specs = map[string]any{"arch": "x86_64", "cpu_cores": 2, "memory_mb": 8192, "disk_gb": 100, "address": "127.0.0.1:1", "vmm": "qemu"}
+var specs = map[string]any{"arch": "x86_64", "cpu_cores": 2, "memory_mb": 8192, "disk_gb": 100, "address": "127.0.0.1:1", "vmm": "qemu", "protocol": hostagentv2connect.HostAgentServiceName}
 
 func withToken(token string) map[string]any {
 	m := map[string]any{"token": token}
@@ -49,6 +50,15 @@ func TestHostRegistration(t *testing.T) {
 
 	hostID, token := c.newHostToken(admin)
 	var reg registered
+	// An agent of another protocol (upstream Wrenn's service has the same
+	// name in package hostagent.v1) is refused before the token is spent.
+	for _, other := range []any{"hostagent.v1.HostAgentService", nil} {
+		upstream := withToken(token)
+		upstream["protocol"] = other
+		if r := c.want(c.do("POST", "/v1/hosts/register", creds{}, upstream), 400); r.errorCode(t) != "incompatible_agent" {
+			t.Fatalf("an agent of protocol %v: %s", other, r.body)
+		}
+	}
 	c.want(c.do("POST", "/v1/hosts/register", creds{}, withToken(token)), 201).json(t, &reg)
 	if reg.Host.ID != hostID || reg.Host.Status != "online" || reg.Token == "" || reg.RefreshToken == "" {
 		t.Fatalf("registration: %+v", reg)

@@ -89,8 +89,8 @@ func TestPlatformCapsules(t *testing.T) {
 	var bobs capsuleOut
 	c.want(c.do("POST", "/v1/capsules?wait=true", creds{key: bobKey}, map[string]any{"template": "golden"}), 201).json(t, &bobs)
 	c.want(c.do("POST", "/v1/capsules/"+bobs.ID+"/files/read", creds{key: bobKey}, map[string]string{"path": "/root/marker"}), 200)
-	c.want(c.do("DELETE", "/v1/capsules/"+bobs.ID, creds{key: bobKey}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+bobs.ID, creds{key: bobKey}, nil), 204)
 
 	c.want(c.do("DELETE", "/v1/admin/capsules/"+sb.ID, creds{jwt: bob.jwt}, nil), 403)
-	c.want(c.do("DELETE", "/v1/admin/capsules/"+sb.ID, creds{jwt: admin.jwt}, nil), http.StatusAccepted)
+	c.want(c.do("DELETE", "/v1/admin/capsules/"+sb.ID, creds{jwt: admin.jwt}, nil), http.StatusNoContent)
 }

@@ -69,7 +69,7 @@ func TestSchedulingAcrossTwoAgents(t *testing.T) {
 	if second.HostID == hostA {
 		onA = second
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+onA.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+onA.ID, creds{key: key}, nil), 204)
 	stopA()
 	moved := create(map[string]any{})
 	made = append(made, moved)
@@ -115,7 +115,7 @@ func TestAgentOverMutualTLS(t *testing.T) {
 	if out, code := c.exec(key, sb.ID, "echo", "over tls"); out != "over tls\n" || code != 0 {
 		t.Fatalf("exec over TLS: %q %d", out, code)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 }
 
 // The control plane runs the agent CA: an agent registered with
@@ -160,7 +160,7 @@ func TestManagedAgentTLS(t *testing.T) {
 	if out, code := c.exec(key, sb.ID, "echo", "over managed tls"); out != "over managed tls\n" || code != 0 {
 		t.Fatalf("exec: %q %d", out, code)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 
 	// What the agent serves is the CA's certificate for its address.
 	cert, err := served(ca.ClientTLS())

@@ -130,5 +130,5 @@ func TestAHungHostStallsNothing(t *testing.T) {
 	if err != nil || h.Status != "unreachable" {
 		t.Fatalf("the silent host is %q (%v)", h.Status, err)
 	}
-	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 202)
+	c.want(c.do("DELETE", "/v1/capsules/"+sb.ID, creds{key: key}, nil), 204)
 }

@@ -8,7 +8,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/controlplane/store"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // statsRanges maps /v1/capsules/stats?range= to its window and step.

@@ -17,7 +17,7 @@ import (
 	"github.com/wrenn/wrenn/internal/controlplane/buildarchive"
 	"github.com/wrenn/wrenn/internal/controlplane/ids"
 	"github.com/wrenn/wrenn/internal/controlplane/recipe"
-	pb "github.com/wrenn/wrenn/proto/hostagent/v1"
+	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
 // PreBuild and PostBuild are the platform's phases around an

@@ -5,9 +5,9 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        (unknown)
-// source: v1/hostagent.proto
+// source: v2/hostagent.proto
 
-package hostagentv1
+package hostagentv2
 
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
@@ -70,11 +70,11 @@ func (x SandboxState) String() string {
 }
 
 func (SandboxState) Descriptor() protoreflect.EnumDescriptor {
-	return file_v1_hostagent_proto_enumTypes[0].Descriptor()
+	return file_v2_hostagent_proto_enumTypes[0].Descriptor()
 }
 
 func (SandboxState) Type() protoreflect.EnumType {
-	return &file_v1_hostagent_proto_enumTypes[0]
+	return &file_v2_hostagent_proto_enumTypes[0]
 }
 
 func (x SandboxState) Number() protoreflect.EnumNumber {
@@ -83,7 +83,7 @@ func (x SandboxState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SandboxState.Descriptor instead.
 func (SandboxState) EnumDescriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{0}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{0}
 }
 
 type EgressPolicy_Mode int32
@@ -122,11 +122,11 @@ func (x EgressPolicy_Mode) String() string {
 }
 
 func (EgressPolicy_Mode) Descriptor() protoreflect.EnumDescriptor {
-	return file_v1_hostagent_proto_enumTypes[1].Descriptor()
+	return file_v2_hostagent_proto_enumTypes[1].Descriptor()
 }
 
 func (EgressPolicy_Mode) Type() protoreflect.EnumType {
-	return &file_v1_hostagent_proto_enumTypes[1]
+	return &file_v2_hostagent_proto_enumTypes[1]
 }
 
 func (x EgressPolicy_Mode) Number() protoreflect.EnumNumber {
@@ -135,7 +135,7 @@ func (x EgressPolicy_Mode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EgressPolicy_Mode.Descriptor instead.
 func (EgressPolicy_Mode) EnumDescriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{6, 0}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{6, 0}
 }
 
 type WarmPool struct {
@@ -153,7 +153,7 @@ type WarmPool struct {
 
 func (x *WarmPool) Reset() {
 	*x = WarmPool{}
-	mi := &file_v1_hostagent_proto_msgTypes[0]
+	mi := &file_v2_hostagent_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -165,7 +165,7 @@ func (x *WarmPool) String() string {
 func (*WarmPool) ProtoMessage() {}
 
 func (x *WarmPool) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[0]
+	mi := &file_v2_hostagent_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -178,7 +178,7 @@ func (x *WarmPool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmPool.ProtoReflect.Descriptor instead.
 func (*WarmPool) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{0}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *WarmPool) GetTemplate() string {
@@ -230,7 +230,7 @@ type WarmPoolStatus struct {
 
 func (x *WarmPoolStatus) Reset() {
 	*x = WarmPoolStatus{}
-	mi := &file_v1_hostagent_proto_msgTypes[1]
+	mi := &file_v2_hostagent_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -242,7 +242,7 @@ func (x *WarmPoolStatus) String() string {
 func (*WarmPoolStatus) ProtoMessage() {}
 
 func (x *WarmPoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[1]
+	mi := &file_v2_hostagent_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -255,7 +255,7 @@ func (x *WarmPoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmPoolStatus.ProtoReflect.Descriptor instead.
 func (*WarmPoolStatus) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{1}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *WarmPoolStatus) GetPool() *WarmPool {
@@ -309,7 +309,7 @@ type SetWarmPoolsRequest struct {
 
 func (x *SetWarmPoolsRequest) Reset() {
 	*x = SetWarmPoolsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[2]
+	mi := &file_v2_hostagent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -321,7 +321,7 @@ func (x *SetWarmPoolsRequest) String() string {
 func (*SetWarmPoolsRequest) ProtoMessage() {}
 
 func (x *SetWarmPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[2]
+	mi := &file_v2_hostagent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -334,7 +334,7 @@ func (x *SetWarmPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetWarmPoolsRequest.ProtoReflect.Descriptor instead.
 func (*SetWarmPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{2}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *SetWarmPoolsRequest) GetPools() []*WarmPool {
@@ -353,7 +353,7 @@ type SetWarmPoolsResponse struct {
 
 func (x *SetWarmPoolsResponse) Reset() {
 	*x = SetWarmPoolsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[3]
+	mi := &file_v2_hostagent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -365,7 +365,7 @@ func (x *SetWarmPoolsResponse) String() string {
 func (*SetWarmPoolsResponse) ProtoMessage() {}
 
 func (x *SetWarmPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[3]
+	mi := &file_v2_hostagent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -378,7 +378,7 @@ func (x *SetWarmPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetWarmPoolsResponse.ProtoReflect.Descriptor instead.
 func (*SetWarmPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{3}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SetWarmPoolsResponse) GetPools() []*WarmPoolStatus {
@@ -396,7 +396,7 @@ type GetHostInfoRequest struct {
 
 func (x *GetHostInfoRequest) Reset() {
 	*x = GetHostInfoRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[4]
+	mi := &file_v2_hostagent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -408,7 +408,7 @@ func (x *GetHostInfoRequest) String() string {
 func (*GetHostInfoRequest) ProtoMessage() {}
 
 func (x *GetHostInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[4]
+	mi := &file_v2_hostagent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -421,7 +421,7 @@ func (x *GetHostInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetHostInfoRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{4}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{4}
 }
 
 type GetHostInfoResponse struct {
@@ -445,7 +445,7 @@ type GetHostInfoResponse struct {
 
 func (x *GetHostInfoResponse) Reset() {
 	*x = GetHostInfoResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[5]
+	mi := &file_v2_hostagent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -457,7 +457,7 @@ func (x *GetHostInfoResponse) String() string {
 func (*GetHostInfoResponse) ProtoMessage() {}
 
 func (x *GetHostInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[5]
+	mi := &file_v2_hostagent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -470,7 +470,7 @@ func (x *GetHostInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHostInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetHostInfoResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{5}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetHostInfoResponse) GetArch() string {
@@ -556,7 +556,7 @@ func (x *GetHostInfoResponse) GetWarmPools() []*WarmPoolStatus {
 // resolvers are reachable unless the mode is DENY_ALL.
 type EgressPolicy struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Mode          EgressPolicy_Mode      `protobuf:"varint,1,opt,name=mode,proto3,enum=hostagent.v1.EgressPolicy_Mode" json:"mode,omitempty"`
+	Mode          EgressPolicy_Mode      `protobuf:"varint,1,opt,name=mode,proto3,enum=wrenn.hostagent.v2.EgressPolicy_Mode" json:"mode,omitempty"`
 	AllowCidrs    []string               `protobuf:"bytes,2,rep,name=allow_cidrs,json=allowCidrs,proto3" json:"allow_cidrs,omitempty"`
 	DenyCidrs     []string               `protobuf:"bytes,3,rep,name=deny_cidrs,json=denyCidrs,proto3" json:"deny_cidrs,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -565,7 +565,7 @@ type EgressPolicy struct {
 
 func (x *EgressPolicy) Reset() {
 	*x = EgressPolicy{}
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v2_hostagent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -577,7 +577,7 @@ func (x *EgressPolicy) String() string {
 func (*EgressPolicy) ProtoMessage() {}
 
 func (x *EgressPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[6]
+	mi := &file_v2_hostagent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -590,7 +590,7 @@ func (x *EgressPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EgressPolicy.ProtoReflect.Descriptor instead.
 func (*EgressPolicy) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{6}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *EgressPolicy) GetMode() EgressPolicy_Mode {
@@ -618,7 +618,7 @@ type Sandbox struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Template  string                 `protobuf:"bytes,2,opt,name=template,proto3" json:"template,omitempty"`
-	State     SandboxState           `protobuf:"varint,3,opt,name=state,proto3,enum=hostagent.v1.SandboxState" json:"state,omitempty"`
+	State     SandboxState           `protobuf:"varint,3,opt,name=state,proto3,enum=wrenn.hostagent.v2.SandboxState" json:"state,omitempty"`
 	Vcpus     int32                  `protobuf:"varint,4,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
 	MemoryMib int32                  `protobuf:"varint,5,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
@@ -641,7 +641,7 @@ type Sandbox struct {
 
 func (x *Sandbox) Reset() {
 	*x = Sandbox{}
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v2_hostagent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -653,7 +653,7 @@ func (x *Sandbox) String() string {
 func (*Sandbox) ProtoMessage() {}
 
 func (x *Sandbox) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[7]
+	mi := &file_v2_hostagent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -666,7 +666,7 @@ func (x *Sandbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sandbox.ProtoReflect.Descriptor instead.
 func (*Sandbox) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{7}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Sandbox) GetId() string {
@@ -797,7 +797,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v2_hostagent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +809,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[8]
+	mi := &file_v2_hostagent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +822,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{8}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateSandboxRequest) GetId() string {
@@ -906,7 +906,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v2_hostagent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +918,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[9]
+	mi := &file_v2_hostagent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +931,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{9}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -962,7 +962,7 @@ type ForkSandboxRequest struct {
 
 func (x *ForkSandboxRequest) Reset() {
 	*x = ForkSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v2_hostagent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +974,7 @@ func (x *ForkSandboxRequest) String() string {
 func (*ForkSandboxRequest) ProtoMessage() {}
 
 func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[10]
+	mi := &file_v2_hostagent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +987,7 @@ func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ForkSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{10}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ForkSandboxRequest) GetSourceId() string {
@@ -1028,7 +1028,7 @@ type ForkSandboxResponse struct {
 
 func (x *ForkSandboxResponse) Reset() {
 	*x = ForkSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v2_hostagent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1040,7 +1040,7 @@ func (x *ForkSandboxResponse) String() string {
 func (*ForkSandboxResponse) ProtoMessage() {}
 
 func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[11]
+	mi := &file_v2_hostagent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1053,7 +1053,7 @@ func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ForkSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{11}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ForkSandboxResponse) GetSandboxes() []*CreateSandboxResponse {
@@ -1072,7 +1072,7 @@ type DestroySandboxRequest struct {
 
 func (x *DestroySandboxRequest) Reset() {
 	*x = DestroySandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v2_hostagent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1084,7 +1084,7 @@ func (x *DestroySandboxRequest) String() string {
 func (*DestroySandboxRequest) ProtoMessage() {}
 
 func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[12]
+	mi := &file_v2_hostagent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1097,7 +1097,7 @@ func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxRequest.ProtoReflect.Descriptor instead.
 func (*DestroySandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{12}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DestroySandboxRequest) GetId() string {
@@ -1115,7 +1115,7 @@ type DestroySandboxResponse struct {
 
 func (x *DestroySandboxResponse) Reset() {
 	*x = DestroySandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v2_hostagent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1127,7 +1127,7 @@ func (x *DestroySandboxResponse) String() string {
 func (*DestroySandboxResponse) ProtoMessage() {}
 
 func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[13]
+	mi := &file_v2_hostagent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1140,7 +1140,7 @@ func (x *DestroySandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxResponse.ProtoReflect.Descriptor instead.
 func (*DestroySandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{13}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{13}
 }
 
 type PauseSandboxRequest struct {
@@ -1152,7 +1152,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v2_hostagent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1164,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[14]
+	mi := &file_v2_hostagent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1177,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{14}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PauseSandboxRequest) GetId() string {
@@ -1196,7 +1196,7 @@ type PauseSandboxResponse struct {
 
 func (x *PauseSandboxResponse) Reset() {
 	*x = PauseSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v2_hostagent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1208,7 +1208,7 @@ func (x *PauseSandboxResponse) String() string {
 func (*PauseSandboxResponse) ProtoMessage() {}
 
 func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[15]
+	mi := &file_v2_hostagent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1221,7 +1221,7 @@ func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{15}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
@@ -1241,7 +1241,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v2_hostagent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1253,7 +1253,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[16]
+	mi := &file_v2_hostagent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1266,7 +1266,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{16}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResumeSandboxRequest) GetId() string {
@@ -1292,7 +1292,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v2_hostagent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1304,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[17]
+	mi := &file_v2_hostagent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1317,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{17}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -1336,7 +1336,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v2_hostagent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1348,7 +1348,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[18]
+	mi := &file_v2_hostagent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1361,7 +1361,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{18}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetSandboxRequest) GetId() string {
@@ -1380,7 +1380,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v2_hostagent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1392,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[19]
+	mi := &file_v2_hostagent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1405,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{19}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1423,7 +1423,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v2_hostagent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1435,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[20]
+	mi := &file_v2_hostagent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1448,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{20}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{20}
 }
 
 type ListSandboxesResponse struct {
@@ -1460,7 +1460,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v2_hostagent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1472,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[21]
+	mi := &file_v2_hostagent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1485,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{21}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1505,7 +1505,7 @@ type PingSandboxRequest struct {
 
 func (x *PingSandboxRequest) Reset() {
 	*x = PingSandboxRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v2_hostagent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1517,7 +1517,7 @@ func (x *PingSandboxRequest) String() string {
 func (*PingSandboxRequest) ProtoMessage() {}
 
 func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[22]
+	mi := &file_v2_hostagent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1530,7 +1530,7 @@ func (x *PingSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PingSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{22}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PingSandboxRequest) GetId() string {
@@ -1556,7 +1556,7 @@ type PingSandboxResponse struct {
 
 func (x *PingSandboxResponse) Reset() {
 	*x = PingSandboxResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v2_hostagent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1568,7 @@ func (x *PingSandboxResponse) String() string {
 func (*PingSandboxResponse) ProtoMessage() {}
 
 func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[23]
+	mi := &file_v2_hostagent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1581,7 @@ func (x *PingSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PingSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PingSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{23}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PingSandboxResponse) GetSandbox() *Sandbox {
@@ -1603,7 +1603,7 @@ type GetSandboxMetricsRequest struct {
 
 func (x *GetSandboxMetricsRequest) Reset() {
 	*x = GetSandboxMetricsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v2_hostagent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1615,7 @@ func (x *GetSandboxMetricsRequest) String() string {
 func (*GetSandboxMetricsRequest) ProtoMessage() {}
 
 func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[24]
+	mi := &file_v2_hostagent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1628,7 @@ func (x *GetSandboxMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{24}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetSandboxMetricsRequest) GetId() string {
@@ -1663,7 +1663,7 @@ type GetSandboxMetricsResponse struct {
 
 func (x *GetSandboxMetricsResponse) Reset() {
 	*x = GetSandboxMetricsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v2_hostagent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +1675,7 @@ func (x *GetSandboxMetricsResponse) String() string {
 func (*GetSandboxMetricsResponse) ProtoMessage() {}
 
 func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[25]
+	mi := &file_v2_hostagent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +1688,7 @@ func (x *GetSandboxMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{25}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetSandboxMetricsResponse) GetCpuCount() int32 {
@@ -1761,7 +1761,7 @@ type MetricPoint struct {
 
 func (x *MetricPoint) Reset() {
 	*x = MetricPoint{}
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v2_hostagent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1773,7 +1773,7 @@ func (x *MetricPoint) String() string {
 func (*MetricPoint) ProtoMessage() {}
 
 func (x *MetricPoint) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[26]
+	mi := &file_v2_hostagent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1786,7 +1786,7 @@ func (x *MetricPoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MetricPoint.ProtoReflect.Descriptor instead.
 func (*MetricPoint) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{26}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *MetricPoint) GetTimestampUnixMs() int64 {
@@ -1826,7 +1826,7 @@ type ListPortsRequest struct {
 
 func (x *ListPortsRequest) Reset() {
 	*x = ListPortsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v2_hostagent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1838,7 +1838,7 @@ func (x *ListPortsRequest) String() string {
 func (*ListPortsRequest) ProtoMessage() {}
 
 func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[27]
+	mi := &file_v2_hostagent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1851,7 +1851,7 @@ func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
 func (*ListPortsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{27}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListPortsRequest) GetSandboxId() string {
@@ -1870,7 +1870,7 @@ type ListPortsResponse struct {
 
 func (x *ListPortsResponse) Reset() {
 	*x = ListPortsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v2_hostagent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1882,7 +1882,7 @@ func (x *ListPortsResponse) String() string {
 func (*ListPortsResponse) ProtoMessage() {}
 
 func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[28]
+	mi := &file_v2_hostagent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1895,7 +1895,7 @@ func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
 func (*ListPortsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{28}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListPortsResponse) GetPorts() []*Port {
@@ -1920,7 +1920,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v2_hostagent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1932,7 +1932,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[29]
+	mi := &file_v2_hostagent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1945,7 +1945,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{29}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Port) GetPort() uint32 {
@@ -2008,7 +2008,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v2_hostagent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2020,7 +2020,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[30]
+	mi := &file_v2_hostagent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2033,7 +2033,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{30}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ExecRequest) GetSandboxId() string {
@@ -2123,7 +2123,7 @@ type PtySize struct {
 
 func (x *PtySize) Reset() {
 	*x = PtySize{}
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v2_hostagent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2135,7 +2135,7 @@ func (x *PtySize) String() string {
 func (*PtySize) ProtoMessage() {}
 
 func (x *PtySize) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[31]
+	mi := &file_v2_hostagent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2148,7 +2148,7 @@ func (x *PtySize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PtySize.ProtoReflect.Descriptor instead.
 func (*PtySize) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{31}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PtySize) GetCols() uint32 {
@@ -2180,7 +2180,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v2_hostagent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2192,7 +2192,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[32]
+	mi := &file_v2_hostagent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2205,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{32}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExecResponse) GetStdout() []byte {
@@ -2260,7 +2260,7 @@ type ExecStreamResponse struct {
 
 func (x *ExecStreamResponse) Reset() {
 	*x = ExecStreamResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v2_hostagent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2272,7 +2272,7 @@ func (x *ExecStreamResponse) String() string {
 func (*ExecStreamResponse) ProtoMessage() {}
 
 func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[33]
+	mi := &file_v2_hostagent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2285,7 +2285,7 @@ func (x *ExecStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStreamResponse.ProtoReflect.Descriptor instead.
 func (*ExecStreamResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{33}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ExecStreamResponse) GetEvent() isExecStreamResponse_Event {
@@ -2403,7 +2403,7 @@ type ProcessRef struct {
 
 func (x *ProcessRef) Reset() {
 	*x = ProcessRef{}
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v2_hostagent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2415,7 +2415,7 @@ func (x *ProcessRef) String() string {
 func (*ProcessRef) ProtoMessage() {}
 
 func (x *ProcessRef) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[34]
+	mi := &file_v2_hostagent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2428,7 +2428,7 @@ func (x *ProcessRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRef.ProtoReflect.Descriptor instead.
 func (*ProcessRef) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{34}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ProcessRef) GetSandboxId() string {
@@ -2461,7 +2461,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v2_hostagent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2473,7 +2473,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[35]
+	mi := &file_v2_hostagent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2486,7 +2486,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{35}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -2505,7 +2505,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v2_hostagent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2517,7 +2517,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[36]
+	mi := &file_v2_hostagent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2530,7 +2530,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{36}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListProcessesRequest) GetSandboxId() string {
@@ -2553,7 +2553,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v2_hostagent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2565,7 +2565,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[37]
+	mi := &file_v2_hostagent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2578,7 +2578,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{37}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -2625,7 +2625,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v2_hostagent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2637,7 +2637,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[38]
+	mi := &file_v2_hostagent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2650,7 +2650,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{38}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -2669,7 +2669,7 @@ type ConnectProcessRequest struct {
 
 func (x *ConnectProcessRequest) Reset() {
 	*x = ConnectProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v2_hostagent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2681,7 +2681,7 @@ func (x *ConnectProcessRequest) String() string {
 func (*ConnectProcessRequest) ProtoMessage() {}
 
 func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[39]
+	mi := &file_v2_hostagent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2694,7 +2694,7 @@ func (x *ConnectProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectProcessRequest.ProtoReflect.Descriptor instead.
 func (*ConnectProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{39}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ConnectProcessRequest) GetProcess() *ProcessRef {
@@ -2715,7 +2715,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v2_hostagent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2727,7 +2727,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[40]
+	mi := &file_v2_hostagent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2740,7 +2740,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{40}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessRef {
@@ -2772,7 +2772,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v2_hostagent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2784,7 +2784,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[41]
+	mi := &file_v2_hostagent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2797,7 +2797,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{41}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{41}
 }
 
 type ResizePtyRequest struct {
@@ -2810,7 +2810,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v2_hostagent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2822,7 +2822,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[42]
+	mi := &file_v2_hostagent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2835,7 +2835,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{42}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ResizePtyRequest) GetProcess() *ProcessRef {
@@ -2860,7 +2860,7 @@ type ResizePtyResponse struct {
 
 func (x *ResizePtyResponse) Reset() {
 	*x = ResizePtyResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v2_hostagent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2872,7 +2872,7 @@ func (x *ResizePtyResponse) String() string {
 func (*ResizePtyResponse) ProtoMessage() {}
 
 func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[43]
+	mi := &file_v2_hostagent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2885,7 +2885,7 @@ func (x *ResizePtyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyResponse.ProtoReflect.Descriptor instead.
 func (*ResizePtyResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{43}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{43}
 }
 
 type KillProcessRequest struct {
@@ -2898,7 +2898,7 @@ type KillProcessRequest struct {
 
 func (x *KillProcessRequest) Reset() {
 	*x = KillProcessRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v2_hostagent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2910,7 +2910,7 @@ func (x *KillProcessRequest) String() string {
 func (*KillProcessRequest) ProtoMessage() {}
 
 func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[44]
+	mi := &file_v2_hostagent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2923,7 +2923,7 @@ func (x *KillProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessRequest.ProtoReflect.Descriptor instead.
 func (*KillProcessRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{44}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *KillProcessRequest) GetProcess() *ProcessRef {
@@ -2948,7 +2948,7 @@ type KillProcessResponse struct {
 
 func (x *KillProcessResponse) Reset() {
 	*x = KillProcessResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v2_hostagent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2960,7 +2960,7 @@ func (x *KillProcessResponse) String() string {
 func (*KillProcessResponse) ProtoMessage() {}
 
 func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[45]
+	mi := &file_v2_hostagent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2973,7 +2973,7 @@ func (x *KillProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillProcessResponse.ProtoReflect.Descriptor instead.
 func (*KillProcessResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{45}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{45}
 }
 
 type ReadFileRequest struct {
@@ -2987,7 +2987,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v2_hostagent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2999,7 +2999,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[46]
+	mi := &file_v2_hostagent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3012,7 +3012,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{46}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReadFileRequest) GetSandboxId() string {
@@ -3045,7 +3045,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v2_hostagent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3057,7 +3057,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[47]
+	mi := &file_v2_hostagent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3070,7 +3070,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{47}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ReadFileResponse) GetContent() []byte {
@@ -3092,7 +3092,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v2_hostagent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3104,7 +3104,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[48]
+	mi := &file_v2_hostagent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3117,7 +3117,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{48}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *WriteFileRequest) GetSandboxId() string {
@@ -3156,7 +3156,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v2_hostagent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3168,7 +3168,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[49]
+	mi := &file_v2_hostagent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3181,7 +3181,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{49}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{49}
 }
 
 type FileEntry struct {
@@ -3206,7 +3206,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v2_hostagent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3218,7 +3218,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[50]
+	mi := &file_v2_hostagent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3231,7 +3231,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{50}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *FileEntry) GetName() string {
@@ -3323,7 +3323,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v2_hostagent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3335,7 +3335,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[51]
+	mi := &file_v2_hostagent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3348,7 +3348,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{51}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListDirRequest) GetSandboxId() string {
@@ -3388,7 +3388,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v2_hostagent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3400,7 +3400,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[52]
+	mi := &file_v2_hostagent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3413,7 +3413,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{52}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListDirResponse) GetEntries() []*FileEntry {
@@ -3434,7 +3434,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v2_hostagent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3446,7 +3446,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[53]
+	mi := &file_v2_hostagent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3459,7 +3459,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{53}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *MakeDirRequest) GetSandboxId() string {
@@ -3491,7 +3491,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v2_hostagent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3503,7 +3503,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[54]
+	mi := &file_v2_hostagent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3516,7 +3516,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{54}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{54}
 }
 
 type RemovePathRequest struct {
@@ -3530,7 +3530,7 @@ type RemovePathRequest struct {
 
 func (x *RemovePathRequest) Reset() {
 	*x = RemovePathRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v2_hostagent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3542,7 +3542,7 @@ func (x *RemovePathRequest) String() string {
 func (*RemovePathRequest) ProtoMessage() {}
 
 func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[55]
+	mi := &file_v2_hostagent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3555,7 +3555,7 @@ func (x *RemovePathRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathRequest.ProtoReflect.Descriptor instead.
 func (*RemovePathRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{55}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RemovePathRequest) GetSandboxId() string {
@@ -3587,7 +3587,7 @@ type RemovePathResponse struct {
 
 func (x *RemovePathResponse) Reset() {
 	*x = RemovePathResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v2_hostagent_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3599,7 +3599,7 @@ func (x *RemovePathResponse) String() string {
 func (*RemovePathResponse) ProtoMessage() {}
 
 func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[56]
+	mi := &file_v2_hostagent_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3612,7 +3612,7 @@ func (x *RemovePathResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePathResponse.ProtoReflect.Descriptor instead.
 func (*RemovePathResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{56}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{56}
 }
 
 type Template struct {
@@ -3632,7 +3632,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v2_hostagent_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3644,7 +3644,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[57]
+	mi := &file_v2_hostagent_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3657,7 +3657,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{57}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *Template) GetName() string {
@@ -3723,7 +3723,7 @@ type TemplateMemory struct {
 
 func (x *TemplateMemory) Reset() {
 	*x = TemplateMemory{}
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v2_hostagent_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3735,7 +3735,7 @@ func (x *TemplateMemory) String() string {
 func (*TemplateMemory) ProtoMessage() {}
 
 func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[58]
+	mi := &file_v2_hostagent_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3748,7 +3748,7 @@ func (x *TemplateMemory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TemplateMemory.ProtoReflect.Descriptor instead.
 func (*TemplateMemory) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{58}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *TemplateMemory) GetVmm() string {
@@ -3803,7 +3803,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v2_hostagent_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3815,7 +3815,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[59]
+	mi := &file_v2_hostagent_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3828,7 +3828,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{59}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateSnapshotRequest) GetSandboxId() string {
@@ -3854,7 +3854,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v2_hostagent_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3866,7 +3866,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[60]
+	mi := &file_v2_hostagent_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3879,7 +3879,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{60}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CreateSnapshotResponse) GetTemplate() *Template {
@@ -3898,7 +3898,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v2_hostagent_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3910,7 +3910,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[61]
+	mi := &file_v2_hostagent_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3923,7 +3923,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{61}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DeleteSnapshotRequest) GetName() string {
@@ -3941,7 +3941,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[62]
+	mi := &file_v2_hostagent_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3953,7 +3953,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[62]
+	mi := &file_v2_hostagent_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3966,7 +3966,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{62}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{62}
 }
 
 type FlattenRootfsRequest struct {
@@ -3982,7 +3982,7 @@ type FlattenRootfsRequest struct {
 
 func (x *FlattenRootfsRequest) Reset() {
 	*x = FlattenRootfsRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[63]
+	mi := &file_v2_hostagent_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3994,7 +3994,7 @@ func (x *FlattenRootfsRequest) String() string {
 func (*FlattenRootfsRequest) ProtoMessage() {}
 
 func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[63]
+	mi := &file_v2_hostagent_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4007,7 +4007,7 @@ func (x *FlattenRootfsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsRequest.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{63}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *FlattenRootfsRequest) GetSandboxId() string {
@@ -4040,7 +4040,7 @@ type FlattenRootfsResponse struct {
 
 func (x *FlattenRootfsResponse) Reset() {
 	*x = FlattenRootfsResponse{}
-	mi := &file_v1_hostagent_proto_msgTypes[64]
+	mi := &file_v2_hostagent_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4052,7 +4052,7 @@ func (x *FlattenRootfsResponse) String() string {
 func (*FlattenRootfsResponse) ProtoMessage() {}
 
 func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[64]
+	mi := &file_v2_hostagent_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4065,7 +4065,7 @@ func (x *FlattenRootfsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenRootfsResponse.ProtoReflect.Descriptor instead.
 func (*FlattenRootfsResponse) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{64}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *FlattenRootfsResponse) GetTemplate() *Template {
@@ -4084,7 +4084,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_v1_hostagent_proto_msgTypes[65]
+	mi := &file_v2_hostagent_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4096,7 +4096,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[65]
+	mi := &file_v2_hostagent_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4109,7 +4109,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{65}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *FileChunk) GetData() []byte {
@@ -4132,7 +4132,7 @@ type WriteFileStreamRequest struct {
 
 func (x *WriteFileStreamRequest) Reset() {
 	*x = WriteFileStreamRequest{}
-	mi := &file_v1_hostagent_proto_msgTypes[66]
+	mi := &file_v2_hostagent_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4144,7 +4144,7 @@ func (x *WriteFileStreamRequest) String() string {
 func (*WriteFileStreamRequest) ProtoMessage() {}
 
 func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_v1_hostagent_proto_msgTypes[66]
+	mi := &file_v2_hostagent_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4157,7 +4157,7 @@ func (x *WriteFileStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileStreamRequest) Descriptor() ([]byte, []int) {
-	return file_v1_hostagent_proto_rawDescGZIP(), []int{66}
+	return file_v2_hostagent_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *WriteFileStreamRequest) GetPart() isWriteFileStreamRequest_Part {
@@ -4201,30 +4201,30 @@ func (*WriteFileStreamRequest_Header) isWriteFileStreamRequest_Part() {}
 
 func (*WriteFileStreamRequest_Data) isWriteFileStreamRequest_Part() {}
 
-var File_v1_hostagent_proto protoreflect.FileDescriptor
+var File_v2_hostagent_proto protoreflect.FileDescriptor
 
-const file_v1_hostagent_proto_rawDesc = "" +
+const file_v2_hostagent_proto_rawDesc = "" +
 	"\n" +
-	"\x12v1/hostagent.proto\x12\fhostagent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x01\n" +
+	"\x12v2/hostagent.proto\x12\x12wrenn.hostagent.v2\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x01\n" +
 	"\bWarmPool\x12\x1a\n" +
 	"\btemplate\x18\x01 \x01(\tR\btemplate\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x05R\x04size\x12\x14\n" +
 	"\x05vcpus\x18\x03 \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x04 \x01(\x05R\tmemoryMib\x12\"\n" +
-	"\rdisk_size_mib\x18\x05 \x01(\x05R\vdiskSizeMib\"\xb2\x01\n" +
-	"\x0eWarmPoolStatus\x12*\n" +
-	"\x04pool\x18\x01 \x01(\v2\x16.hostagent.v1.WarmPoolR\x04pool\x12\x14\n" +
+	"\rdisk_size_mib\x18\x05 \x01(\x05R\vdiskSizeMib\"\xb8\x01\n" +
+	"\x0eWarmPoolStatus\x120\n" +
+	"\x04pool\x18\x01 \x01(\v2\x1c.wrenn.hostagent.v2.WarmPoolR\x04pool\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\x05R\x05ready\x12\x1a\n" +
 	"\bstarting\x18\x03 \x01(\x05R\bstarting\x12\x16\n" +
 	"\x06claims\x18\x04 \x01(\x03R\x06claims\x12\x16\n" +
 	"\x06misses\x18\x05 \x01(\x03R\x06misses\x12\x12\n" +
-	"\x04note\x18\x06 \x01(\tR\x04note\"C\n" +
-	"\x13SetWarmPoolsRequest\x12,\n" +
-	"\x05pools\x18\x01 \x03(\v2\x16.hostagent.v1.WarmPoolR\x05pools\"J\n" +
-	"\x14SetWarmPoolsResponse\x122\n" +
-	"\x05pools\x18\x01 \x03(\v2\x1c.hostagent.v1.WarmPoolStatusR\x05pools\"\x14\n" +
-	"\x12GetHostInfoRequest\"\x93\x03\n" +
+	"\x04note\x18\x06 \x01(\tR\x04note\"I\n" +
+	"\x13SetWarmPoolsRequest\x122\n" +
+	"\x05pools\x18\x01 \x03(\v2\x1c.wrenn.hostagent.v2.WarmPoolR\x05pools\"P\n" +
+	"\x14SetWarmPoolsResponse\x128\n" +
+	"\x05pools\x18\x01 \x03(\v2\".wrenn.hostagent.v2.WarmPoolStatusR\x05pools\"\x14\n" +
+	"\x12GetHostInfoRequest\"\x9f\x03\n" +
 	"\x13GetHostInfoResponse\x12\x12\n" +
 	"\x04arch\x18\x01 \x01(\tR\x04arch\x12\x12\n" +
 	"\x04cpus\x18\x02 \x01(\x05R\x04cpus\x12!\n" +
@@ -4235,13 +4235,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x03vmm\x18\x06 \x01(\tR\x03vmm\x12 \n" +
 	"\vaccelerator\x18\a \x01(\tR\vaccelerator\x12\x18\n" +
 	"\aversion\x18\b \x01(\tR\aversion\x12\x1c\n" +
-	"\ttemplates\x18\t \x03(\tR\ttemplates\x12A\n" +
+	"\ttemplates\x18\t \x03(\tR\ttemplates\x12G\n" +
 	"\x10template_details\x18\n" +
-	" \x03(\v2\x16.hostagent.v1.TemplateR\x0ftemplateDetails\x12;\n" +
+	" \x03(\v2\x1c.wrenn.hostagent.v2.TemplateR\x0ftemplateDetails\x12A\n" +
 	"\n" +
-	"warm_pools\x18\v \x03(\v2\x1c.hostagent.v1.WarmPoolStatusR\twarmPools\"\xdd\x01\n" +
-	"\fEgressPolicy\x123\n" +
-	"\x04mode\x18\x01 \x01(\x0e2\x1f.hostagent.v1.EgressPolicy.ModeR\x04mode\x12\x1f\n" +
+	"warm_pools\x18\v \x03(\v2\".wrenn.hostagent.v2.WarmPoolStatusR\twarmPools\"\xe3\x01\n" +
+	"\fEgressPolicy\x129\n" +
+	"\x04mode\x18\x01 \x01(\x0e2%.wrenn.hostagent.v2.EgressPolicy.ModeR\x04mode\x12\x1f\n" +
 	"\vallow_cidrs\x18\x02 \x03(\tR\n" +
 	"allowCidrs\x12\x1d\n" +
 	"\n" +
@@ -4250,11 +4250,11 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODE_ALLOW_ALL\x10\x01\x12\x11\n" +
 	"\rMODE_DENY_ALL\x10\x02\x12\x13\n" +
-	"\x0fMODE_ALLOW_LIST\x10\x03\"\xf7\x04\n" +
+	"\x0fMODE_ALLOW_LIST\x10\x03\"\x89\x05\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
-	"\btemplate\x18\x02 \x01(\tR\btemplate\x120\n" +
-	"\x05state\x18\x03 \x01(\x0e2\x1a.hostagent.v1.SandboxStateR\x05state\x12\x14\n" +
+	"\btemplate\x18\x02 \x01(\tR\btemplate\x126\n" +
+	"\x05state\x18\x03 \x01(\x0e2 .wrenn.hostagent.v2.SandboxStateR\x05state\x12\x14\n" +
 	"\x05vcpus\x18\x04 \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x05 \x01(\x05R\tmemoryMib\x129\n" +
@@ -4263,18 +4263,18 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\n" +
 	"expires_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1d\n" +
 	"\n" +
-	"auto_pause\x18\b \x01(\bR\tautoPause\x12?\n" +
-	"\bmetadata\x18\t \x03(\v2#.hostagent.v1.Sandbox.MetadataEntryR\bmetadata\x12\x18\n" +
+	"auto_pause\x18\b \x01(\bR\tautoPause\x12E\n" +
+	"\bmetadata\x18\t \x03(\v2).wrenn.hostagent.v2.Sandbox.MetadataEntryR\bmetadata\x12\x18\n" +
 	"\aaddress\x18\n" +
-	" \x01(\tR\aaddress\x122\n" +
-	"\x06egress\x18\v \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
+	" \x01(\tR\aaddress\x128\n" +
+	"\x06egress\x18\v \x01(\v2 .wrenn.hostagent.v2.EgressPolicyR\x06egress\x12\"\n" +
 	"\rdisk_size_mib\x18\f \x01(\x05R\vdiskSizeMib\x12\x14\n" +
 	"\x05error\x18\r \x01(\tR\x05error\x12!\n" +
 	"\fstarted_from\x18\x0e \x01(\tR\vstartedFrom\x12\x1b\n" +
 	"\tboot_note\x18\x0f \x01(\tR\bbootNote\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaa\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbc\x04\n" +
 	"\x14CreateSandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\btemplate\x18\x02 \x01(\tR\btemplate\x12\x14\n" +
@@ -4283,10 +4283,10 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"memory_mib\x18\x04 \x01(\x05R\tmemoryMib\x12'\n" +
 	"\x0ftimeout_seconds\x18\x05 \x01(\x05R\x0etimeoutSeconds\x12\x1d\n" +
 	"\n" +
-	"auto_pause\x18\x06 \x01(\bR\tautoPause\x12J\n" +
-	"\benv_vars\x18\a \x03(\v2/.hostagent.v1.CreateSandboxRequest.EnvVarsEntryR\aenvVars\x12L\n" +
-	"\bmetadata\x18\b \x03(\v20.hostagent.v1.CreateSandboxRequest.MetadataEntryR\bmetadata\x122\n" +
-	"\x06egress\x18\t \x01(\v2\x1a.hostagent.v1.EgressPolicyR\x06egress\x12\"\n" +
+	"auto_pause\x18\x06 \x01(\bR\tautoPause\x12P\n" +
+	"\benv_vars\x18\a \x03(\v25.wrenn.hostagent.v2.CreateSandboxRequest.EnvVarsEntryR\aenvVars\x12R\n" +
+	"\bmetadata\x18\b \x03(\v26.wrenn.hostagent.v2.CreateSandboxRequest.MetadataEntryR\bmetadata\x128\n" +
+	"\x06egress\x18\t \x01(\v2 .wrenn.hostagent.v2.EgressPolicyR\x06egress\x12\"\n" +
 	"\rdisk_size_mib\x18\n" +
 	" \x01(\x05R\vdiskSizeMib\x1a:\n" +
 	"\fEnvVarsEntry\x12\x10\n" +
@@ -4294,45 +4294,45 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"t\n" +
-	"\x15CreateSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\x12*\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"z\n" +
+	"\x15CreateSandboxResponse\x125\n" +
+	"\asandbox\x18\x01 \x01(\v2\x1b.wrenn.hostagent.v2.SandboxR\asandbox\x12*\n" +
 	"\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\"\x8b\x01\n" +
 	"\x12ForkSandboxRequest\x12\x1b\n" +
 	"\tsource_id\x18\x01 \x01(\tR\bsourceId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12'\n" +
 	"\x0ftimeout_seconds\x18\x03 \x01(\x05R\x0etimeoutSeconds\x12\x1d\n" +
 	"\n" +
-	"auto_pause\x18\x04 \x01(\bR\tautoPause\"X\n" +
-	"\x13ForkSandboxResponse\x12A\n" +
-	"\tsandboxes\x18\x01 \x03(\v2#.hostagent.v1.CreateSandboxResponseR\tsandboxes\"'\n" +
+	"auto_pause\x18\x04 \x01(\bR\tautoPause\"^\n" +
+	"\x13ForkSandboxResponse\x12G\n" +
+	"\tsandboxes\x18\x01 \x03(\v2).wrenn.hostagent.v2.CreateSandboxResponseR\tsandboxes\"'\n" +
 	"\x15DestroySandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x18\n" +
 	"\x16DestroySandboxResponse\"%\n" +
 	"\x13PauseSandboxRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"G\n" +
-	"\x14PauseSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"O\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"M\n" +
+	"\x14PauseSandboxResponse\x125\n" +
+	"\asandbox\x18\x01 \x01(\v2\x1b.wrenn.hostagent.v2.SandboxR\asandbox\"O\n" +
 	"\x14ResumeSandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
-	"\x0ftimeout_seconds\x18\x02 \x01(\x05R\x0etimeoutSeconds\"H\n" +
-	"\x15ResumeSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"#\n" +
+	"\x0ftimeout_seconds\x18\x02 \x01(\x05R\x0etimeoutSeconds\"N\n" +
+	"\x15ResumeSandboxResponse\x125\n" +
+	"\asandbox\x18\x01 \x01(\v2\x1b.wrenn.hostagent.v2.SandboxR\asandbox\"#\n" +
 	"\x11GetSandboxRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
-	"\x12GetSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"\x16\n" +
-	"\x14ListSandboxesRequest\"L\n" +
-	"\x15ListSandboxesResponse\x123\n" +
-	"\tsandboxes\x18\x01 \x03(\v2\x15.hostagent.v1.SandboxR\tsandboxes\"M\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"K\n" +
+	"\x12GetSandboxResponse\x125\n" +
+	"\asandbox\x18\x01 \x01(\v2\x1b.wrenn.hostagent.v2.SandboxR\asandbox\"\x16\n" +
+	"\x14ListSandboxesRequest\"R\n" +
+	"\x15ListSandboxesResponse\x129\n" +
+	"\tsandboxes\x18\x01 \x03(\v2\x1b.wrenn.hostagent.v2.SandboxR\tsandboxes\"M\n" +
 	"\x12PingSandboxRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
-	"\x0ftimeout_seconds\x18\x02 \x01(\x05R\x0etimeoutSeconds\"F\n" +
-	"\x13PingSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.hostagent.v1.SandboxR\asandbox\"@\n" +
+	"\x0ftimeout_seconds\x18\x02 \x01(\x05R\x0etimeoutSeconds\"L\n" +
+	"\x13PingSandboxResponse\x125\n" +
+	"\asandbox\x18\x01 \x01(\v2\x1b.wrenn.hostagent.v2.SandboxR\asandbox\"@\n" +
 	"\x18GetSandboxMetricsRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05range\x18\x02 \x01(\tR\x05range\"\xd1\x02\n" +
+	"\x05range\x18\x02 \x01(\tR\x05range\"\xd7\x02\n" +
 	"\x19GetSandboxMetricsResponse\x12\x1b\n" +
 	"\tcpu_count\x18\x01 \x01(\x05R\bcpuCount\x12 \n" +
 	"\fcpu_used_pct\x18\x02 \x01(\x01R\n" +
@@ -4341,8 +4341,8 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x0emem_used_bytes\x18\x04 \x01(\x03R\fmemUsedBytes\x12(\n" +
 	"\x10disk_total_bytes\x18\x05 \x01(\x03R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12\"\n" +
-	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\x121\n" +
-	"\x06points\x18\b \x03(\v2\x19.hostagent.v1.MetricPointR\x06points\"\x8e\x01\n" +
+	"\rvmm_rss_bytes\x18\a \x01(\x03R\vvmmRssBytes\x127\n" +
+	"\x06points\x18\b \x03(\v2\x1f.wrenn.hostagent.v2.MetricPointR\x06points\"\x8e\x01\n" +
 	"\vMetricPoint\x12*\n" +
 	"\x11timestamp_unix_ms\x18\x01 \x01(\x03R\x0ftimestampUnixMs\x12\x17\n" +
 	"\acpu_pct\x18\x02 \x01(\x01R\x06cpuPct\x12\x1b\n" +
@@ -4351,26 +4351,26 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"disk_bytes\x18\x04 \x01(\x03R\tdiskBytes\"1\n" +
 	"\x10ListPortsRequest\x12\x1d\n" +
 	"\n" +
-	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"=\n" +
-	"\x11ListPortsResponse\x12(\n" +
-	"\x05ports\x18\x01 \x03(\v2\x12.hostagent.v1.PortR\x05ports\"\x82\x01\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\"C\n" +
+	"\x11ListPortsResponse\x12.\n" +
+	"\x05ports\x18\x01 \x03(\v2\x18.wrenn.hostagent.v2.PortR\x05ports\"\x82\x01\n" +
 	"\x04Port\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x1c\n" +
 	"\taddresses\x18\x02 \x03(\tR\taddresses\x12\x1c\n" +
 	"\tforwarded\x18\x03 \x01(\bR\tforwarded\x12\x10\n" +
 	"\x03pid\x18\x04 \x01(\x05R\x03pid\x12\x18\n" +
-	"\acommand\x18\x05 \x01(\tR\acommand\"\xff\x02\n" +
+	"\acommand\x18\x05 \x01(\tR\acommand\"\x8b\x03\n" +
 	"\vExecRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x10\n" +
 	"\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n" +
-	"\x04args\x18\x03 \x03(\tR\x04args\x124\n" +
-	"\x03env\x18\x04 \x03(\v2\".hostagent.v1.ExecRequest.EnvEntryR\x03env\x12\x10\n" +
+	"\x04args\x18\x03 \x03(\tR\x04args\x12:\n" +
+	"\x03env\x18\x04 \x03(\v2(.wrenn.hostagent.v2.ExecRequest.EnvEntryR\x03env\x12\x10\n" +
 	"\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x12\n" +
 	"\x04user\x18\x06 \x01(\tR\x04user\x12'\n" +
 	"\x0ftimeout_seconds\x18\a \x01(\x05R\x0etimeoutSeconds\x12\x14\n" +
-	"\x05stdin\x18\b \x01(\fR\x05stdin\x12'\n" +
-	"\x03pty\x18\t \x01(\v2\x15.hostagent.v1.PtySizeR\x03pty\x12\x10\n" +
+	"\x05stdin\x18\b \x01(\fR\x05stdin\x12-\n" +
+	"\x03pty\x18\t \x01(\v2\x1b.wrenn.hostagent.v2.PtySizeR\x03pty\x12\x10\n" +
 	"\x03tag\x18\n" +
 	" \x01(\tR\x03tag\x12\x1d\n" +
 	"\n" +
@@ -4411,23 +4411,23 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x03tag\x18\x02 \x01(\tR\x03tag\x12\x10\n" +
 	"\x03cmd\x18\x03 \x01(\tR\x03cmd\x12\x12\n" +
 	"\x04args\x18\x04 \x03(\tR\x04args\x12\x10\n" +
-	"\x03cwd\x18\x05 \x01(\tR\x03cwd\"P\n" +
-	"\x15ListProcessesResponse\x127\n" +
-	"\tprocesses\x18\x01 \x03(\v2\x19.hostagent.v1.ProcessInfoR\tprocesses\"K\n" +
-	"\x15ConnectProcessRequest\x122\n" +
-	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\"{\n" +
-	"\x10SendInputRequest\x122\n" +
-	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12\x12\n" +
+	"\x03cwd\x18\x05 \x01(\tR\x03cwd\"V\n" +
+	"\x15ListProcessesResponse\x12=\n" +
+	"\tprocesses\x18\x01 \x03(\v2\x1f.wrenn.hostagent.v2.ProcessInfoR\tprocesses\"Q\n" +
+	"\x15ConnectProcessRequest\x128\n" +
+	"\aprocess\x18\x01 \x01(\v2\x1e.wrenn.hostagent.v2.ProcessRefR\aprocess\"\x81\x01\n" +
+	"\x10SendInputRequest\x128\n" +
+	"\aprocess\x18\x01 \x01(\v2\x1e.wrenn.hostagent.v2.ProcessRefR\aprocess\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x1f\n" +
 	"\vclose_stdin\x18\x03 \x01(\bR\n" +
 	"closeStdin\"\x13\n" +
-	"\x11SendInputResponse\"q\n" +
-	"\x10ResizePtyRequest\x122\n" +
-	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12)\n" +
-	"\x04size\x18\x02 \x01(\v2\x15.hostagent.v1.PtySizeR\x04size\"\x13\n" +
-	"\x11ResizePtyResponse\"^\n" +
-	"\x12KillProcessRequest\x122\n" +
-	"\aprocess\x18\x01 \x01(\v2\x18.hostagent.v1.ProcessRefR\aprocess\x12\x14\n" +
+	"\x11SendInputResponse\"}\n" +
+	"\x10ResizePtyRequest\x128\n" +
+	"\aprocess\x18\x01 \x01(\v2\x1e.wrenn.hostagent.v2.ProcessRefR\aprocess\x12/\n" +
+	"\x04size\x18\x02 \x01(\v2\x1b.wrenn.hostagent.v2.PtySizeR\x04size\"\x13\n" +
+	"\x11ResizePtyResponse\"d\n" +
+	"\x12KillProcessRequest\x128\n" +
+	"\aprocess\x18\x01 \x01(\v2\x1e.wrenn.hostagent.v2.ProcessRefR\aprocess\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\"\x15\n" +
 	"\x13KillProcessResponse\"X\n" +
 	"\x0fReadFileRequest\x12\x1d\n" +
@@ -4464,9 +4464,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n" +
 	"\x04user\x18\x03 \x01(\tR\x04user\x12\x14\n" +
-	"\x05depth\x18\x04 \x01(\rR\x05depth\"D\n" +
-	"\x0fListDirResponse\x121\n" +
-	"\aentries\x18\x01 \x03(\v2\x17.hostagent.v1.FileEntryR\aentries\"W\n" +
+	"\x05depth\x18\x04 \x01(\rR\x05depth\"J\n" +
+	"\x0fListDirResponse\x127\n" +
+	"\aentries\x18\x01 \x03(\v2\x1d.wrenn.hostagent.v2.FileEntryR\aentries\"W\n" +
 	"\x0eMakeDirRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
@@ -4478,7 +4478,7 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n" +
 	"\x04user\x18\x03 \x01(\tR\x04user\"\x14\n" +
-	"\x12RemovePathResponse\"\xf6\x01\n" +
+	"\x12RemovePathResponse\"\xfc\x01\n" +
 	"\bTemplate\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -4487,8 +4487,8 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x06source\x18\x04 \x01(\tR\x06source\x129\n" +
 	"\n" +
 	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x16\n" +
-	"\x06sha256\x18\x06 \x01(\tR\x06sha256\x124\n" +
-	"\x06memory\x18\a \x01(\v2\x1c.hostagent.v1.TemplateMemoryR\x06memory\"\xb2\x01\n" +
+	"\x06sha256\x18\x06 \x01(\tR\x06sha256\x12:\n" +
+	"\x06memory\x18\a \x01(\v2\".wrenn.hostagent.v2.TemplateMemoryR\x06memory\"\xb2\x01\n" +
 	"\x0eTemplateMemory\x12\x10\n" +
 	"\x03vmm\x18\x01 \x01(\tR\x03vmm\x12\x14\n" +
 	"\x05vcpus\x18\x02 \x01(\x05R\x05vcpus\x12\x1d\n" +
@@ -4501,9 +4501,9 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15CreateSnapshotRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"L\n" +
-	"\x16CreateSnapshotResponse\x122\n" +
-	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate\"+\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"R\n" +
+	"\x16CreateSnapshotResponse\x128\n" +
+	"\btemplate\x18\x01 \x01(\v2\x1c.wrenn.hostagent.v2.TemplateR\btemplate\"+\n" +
 	"\x15DeleteSnapshotRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x18\n" +
 	"\x16DeleteSnapshotResponse\"j\n" +
@@ -4512,13 +4512,13 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
 	"\vwith_memory\x18\x03 \x01(\bR\n" +
-	"withMemory\"K\n" +
-	"\x15FlattenRootfsResponse\x122\n" +
-	"\btemplate\x18\x01 \x01(\v2\x16.hostagent.v1.TemplateR\btemplate\"\x1f\n" +
+	"withMemory\"Q\n" +
+	"\x15FlattenRootfsResponse\x128\n" +
+	"\btemplate\x18\x01 \x01(\v2\x1c.wrenn.hostagent.v2.TemplateR\btemplate\"\x1f\n" +
 	"\tFileChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\"p\n" +
-	"\x16WriteFileStreamRequest\x128\n" +
-	"\x06header\x18\x01 \x01(\v2\x1e.hostagent.v1.WriteFileRequestH\x00R\x06header\x12\x14\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"v\n" +
+	"\x16WriteFileStreamRequest\x12>\n" +
+	"\x06header\x18\x01 \x01(\v2$.wrenn.hostagent.v2.WriteFileRequestH\x00R\x06header\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x06\n" +
 	"\x04part*\xcd\x01\n" +
 	"\fSandboxState\x12\x1d\n" +
@@ -4528,231 +4528,231 @@ const file_v1_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xe2\x13\n" +
-	"\x10HostAgentService\x12R\n" +
-	"\vGetHostInfo\x12 .hostagent.v1.GetHostInfoRequest\x1a!.hostagent.v1.GetHostInfoResponse\x12X\n" +
-	"\rCreateSandbox\x12\".hostagent.v1.CreateSandboxRequest\x1a#.hostagent.v1.CreateSandboxResponse\x12R\n" +
-	"\vForkSandbox\x12 .hostagent.v1.ForkSandboxRequest\x1a!.hostagent.v1.ForkSandboxResponse\x12[\n" +
-	"\x0eDestroySandbox\x12#.hostagent.v1.DestroySandboxRequest\x1a$.hostagent.v1.DestroySandboxResponse\x12U\n" +
-	"\fPauseSandbox\x12!.hostagent.v1.PauseSandboxRequest\x1a\".hostagent.v1.PauseSandboxResponse\x12X\n" +
-	"\rResumeSandbox\x12\".hostagent.v1.ResumeSandboxRequest\x1a#.hostagent.v1.ResumeSandboxResponse\x12O\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x062\xca\x16\n" +
+	"\x10HostAgentService\x12^\n" +
+	"\vGetHostInfo\x12&.wrenn.hostagent.v2.GetHostInfoRequest\x1a'.wrenn.hostagent.v2.GetHostInfoResponse\x12d\n" +
+	"\rCreateSandbox\x12(.wrenn.hostagent.v2.CreateSandboxRequest\x1a).wrenn.hostagent.v2.CreateSandboxResponse\x12^\n" +
+	"\vForkSandbox\x12&.wrenn.hostagent.v2.ForkSandboxRequest\x1a'.wrenn.hostagent.v2.ForkSandboxResponse\x12g\n" +
+	"\x0eDestroySandbox\x12).wrenn.hostagent.v2.DestroySandboxRequest\x1a*.wrenn.hostagent.v2.DestroySandboxResponse\x12a\n" +
+	"\fPauseSandbox\x12'.wrenn.hostagent.v2.PauseSandboxRequest\x1a(.wrenn.hostagent.v2.PauseSandboxResponse\x12d\n" +
+	"\rResumeSandbox\x12(.wrenn.hostagent.v2.ResumeSandboxRequest\x1a).wrenn.hostagent.v2.ResumeSandboxResponse\x12[\n" +
 	"\n" +
-	"GetSandbox\x12\x1f.hostagent.v1.GetSandboxRequest\x1a .hostagent.v1.GetSandboxResponse\x12X\n" +
-	"\rListSandboxes\x12\".hostagent.v1.ListSandboxesRequest\x1a#.hostagent.v1.ListSandboxesResponse\x12R\n" +
-	"\vPingSandbox\x12 .hostagent.v1.PingSandboxRequest\x1a!.hostagent.v1.PingSandboxResponse\x12d\n" +
-	"\x11GetSandboxMetrics\x12&.hostagent.v1.GetSandboxMetricsRequest\x1a'.hostagent.v1.GetSandboxMetricsResponse\x12L\n" +
-	"\tListPorts\x12\x1e.hostagent.v1.ListPortsRequest\x1a\x1f.hostagent.v1.ListPortsResponse\x12=\n" +
-	"\x04Exec\x12\x19.hostagent.v1.ExecRequest\x1a\x1a.hostagent.v1.ExecResponse\x12K\n" +
+	"GetSandbox\x12%.wrenn.hostagent.v2.GetSandboxRequest\x1a&.wrenn.hostagent.v2.GetSandboxResponse\x12d\n" +
+	"\rListSandboxes\x12(.wrenn.hostagent.v2.ListSandboxesRequest\x1a).wrenn.hostagent.v2.ListSandboxesResponse\x12^\n" +
+	"\vPingSandbox\x12&.wrenn.hostagent.v2.PingSandboxRequest\x1a'.wrenn.hostagent.v2.PingSandboxResponse\x12p\n" +
+	"\x11GetSandboxMetrics\x12,.wrenn.hostagent.v2.GetSandboxMetricsRequest\x1a-.wrenn.hostagent.v2.GetSandboxMetricsResponse\x12X\n" +
+	"\tListPorts\x12$.wrenn.hostagent.v2.ListPortsRequest\x1a%.wrenn.hostagent.v2.ListPortsResponse\x12I\n" +
+	"\x04Exec\x12\x1f.wrenn.hostagent.v2.ExecRequest\x1a .wrenn.hostagent.v2.ExecResponse\x12W\n" +
 	"\n" +
-	"ExecStream\x12\x19.hostagent.v1.ExecRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12M\n" +
-	"\fStartProcess\x12\x19.hostagent.v1.ExecRequest\x1a\".hostagent.v1.StartProcessResponse\x12X\n" +
-	"\rListProcesses\x12\".hostagent.v1.ListProcessesRequest\x1a#.hostagent.v1.ListProcessesResponse\x12Y\n" +
-	"\x0eConnectProcess\x12#.hostagent.v1.ConnectProcessRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12L\n" +
-	"\tSendInput\x12\x1e.hostagent.v1.SendInputRequest\x1a\x1f.hostagent.v1.SendInputResponse\x12L\n" +
-	"\tResizePty\x12\x1e.hostagent.v1.ResizePtyRequest\x1a\x1f.hostagent.v1.ResizePtyResponse\x12R\n" +
-	"\vKillProcess\x12 .hostagent.v1.KillProcessRequest\x1a!.hostagent.v1.KillProcessResponse\x12I\n" +
-	"\bReadFile\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x1e.hostagent.v1.ReadFileResponse\x12L\n" +
-	"\tWriteFile\x12\x1e.hostagent.v1.WriteFileRequest\x1a\x1f.hostagent.v1.WriteFileResponse\x12F\n" +
-	"\aListDir\x12\x1c.hostagent.v1.ListDirRequest\x1a\x1d.hostagent.v1.ListDirResponse\x12F\n" +
-	"\aMakeDir\x12\x1c.hostagent.v1.MakeDirRequest\x1a\x1d.hostagent.v1.MakeDirResponse\x12O\n" +
+	"ExecStream\x12\x1f.wrenn.hostagent.v2.ExecRequest\x1a&.wrenn.hostagent.v2.ExecStreamResponse0\x01\x12Y\n" +
+	"\fStartProcess\x12\x1f.wrenn.hostagent.v2.ExecRequest\x1a(.wrenn.hostagent.v2.StartProcessResponse\x12d\n" +
+	"\rListProcesses\x12(.wrenn.hostagent.v2.ListProcessesRequest\x1a).wrenn.hostagent.v2.ListProcessesResponse\x12e\n" +
+	"\x0eConnectProcess\x12).wrenn.hostagent.v2.ConnectProcessRequest\x1a&.wrenn.hostagent.v2.ExecStreamResponse0\x01\x12X\n" +
+	"\tSendInput\x12$.wrenn.hostagent.v2.SendInputRequest\x1a%.wrenn.hostagent.v2.SendInputResponse\x12X\n" +
+	"\tResizePty\x12$.wrenn.hostagent.v2.ResizePtyRequest\x1a%.wrenn.hostagent.v2.ResizePtyResponse\x12^\n" +
+	"\vKillProcess\x12&.wrenn.hostagent.v2.KillProcessRequest\x1a'.wrenn.hostagent.v2.KillProcessResponse\x12U\n" +
+	"\bReadFile\x12#.wrenn.hostagent.v2.ReadFileRequest\x1a$.wrenn.hostagent.v2.ReadFileResponse\x12X\n" +
+	"\tWriteFile\x12$.wrenn.hostagent.v2.WriteFileRequest\x1a%.wrenn.hostagent.v2.WriteFileResponse\x12R\n" +
+	"\aListDir\x12\".wrenn.hostagent.v2.ListDirRequest\x1a#.wrenn.hostagent.v2.ListDirResponse\x12R\n" +
+	"\aMakeDir\x12\".wrenn.hostagent.v2.MakeDirRequest\x1a#.wrenn.hostagent.v2.MakeDirResponse\x12[\n" +
 	"\n" +
-	"RemovePath\x12\x1f.hostagent.v1.RemovePathRequest\x1a .hostagent.v1.RemovePathResponse\x12J\n" +
-	"\x0eReadFileStream\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x17.hostagent.v1.FileChunk0\x01\x12Z\n" +
-	"\x0fWriteFileStream\x12$.hostagent.v1.WriteFileStreamRequest\x1a\x1f.hostagent.v1.WriteFileResponse(\x01\x12[\n" +
-	"\x0eCreateSnapshot\x12#.hostagent.v1.CreateSnapshotRequest\x1a$.hostagent.v1.CreateSnapshotResponse\x12[\n" +
-	"\x0eDeleteSnapshot\x12#.hostagent.v1.DeleteSnapshotRequest\x1a$.hostagent.v1.DeleteSnapshotResponse\x12X\n" +
-	"\rFlattenRootfs\x12\".hostagent.v1.FlattenRootfsRequest\x1a#.hostagent.v1.FlattenRootfsResponse\x12U\n" +
-	"\fSetWarmPools\x12!.hostagent.v1.SetWarmPoolsRequest\x1a\".hostagent.v1.SetWarmPoolsResponseB7Z5github.com/wrenn/wrenn/proto/hostagent/v1;hostagentv1b\x06proto3"
+	"RemovePath\x12%.wrenn.hostagent.v2.RemovePathRequest\x1a&.wrenn.hostagent.v2.RemovePathResponse\x12V\n" +
+	"\x0eReadFileStream\x12#.wrenn.hostagent.v2.ReadFileRequest\x1a\x1d.wrenn.hostagent.v2.FileChunk0\x01\x12f\n" +
+	"\x0fWriteFileStream\x12*.wrenn.hostagent.v2.WriteFileStreamRequest\x1a%.wrenn.hostagent.v2.WriteFileResponse(\x01\x12g\n" +
+	"\x0eCreateSnapshot\x12).wrenn.hostagent.v2.CreateSnapshotRequest\x1a*.wrenn.hostagent.v2.CreateSnapshotResponse\x12g\n" +
+	"\x0eDeleteSnapshot\x12).wrenn.hostagent.v2.DeleteSnapshotRequest\x1a*.wrenn.hostagent.v2.DeleteSnapshotResponse\x12d\n" +
+	"\rFlattenRootfs\x12(.wrenn.hostagent.v2.FlattenRootfsRequest\x1a).wrenn.hostagent.v2.FlattenRootfsResponse\x12a\n" +
+	"\fSetWarmPools\x12'.wrenn.hostagent.v2.SetWarmPoolsRequest\x1a(.wrenn.hostagent.v2.SetWarmPoolsResponseB7Z5github.com/wrenn/wrenn/proto/hostagent/v2;hostagentv2b\x06proto3"
 
 var (
-	file_v1_hostagent_proto_rawDescOnce sync.Once
-	file_v1_hostagent_proto_rawDescData []byte
+	file_v2_hostagent_proto_rawDescOnce sync.Once
+	file_v2_hostagent_proto_rawDescData []byte
 )
 
-func file_v1_hostagent_proto_rawDescGZIP() []byte {
-	file_v1_hostagent_proto_rawDescOnce.Do(func() {
-		file_v1_hostagent_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)))
+func file_v2_hostagent_proto_rawDescGZIP() []byte {
+	file_v2_hostagent_proto_rawDescOnce.Do(func() {
+		file_v2_hostagent_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_v2_hostagent_proto_rawDesc), len(file_v2_hostagent_proto_rawDesc)))
 	})
-	return file_v1_hostagent_proto_rawDescData
+	return file_v2_hostagent_proto_rawDescData
 }
 
-var file_v1_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_v1_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
-var file_v1_hostagent_proto_goTypes = []any{
-	(SandboxState)(0),                 // 0: hostagent.v1.SandboxState
-	(EgressPolicy_Mode)(0),            // 1: hostagent.v1.EgressPolicy.Mode
-	(*WarmPool)(nil),                  // 2: hostagent.v1.WarmPool
-	(*WarmPoolStatus)(nil),            // 3: hostagent.v1.WarmPoolStatus
-	(*SetWarmPoolsRequest)(nil),       // 4: hostagent.v1.SetWarmPoolsRequest
-	(*SetWarmPoolsResponse)(nil),      // 5: hostagent.v1.SetWarmPoolsResponse
-	(*GetHostInfoRequest)(nil),        // 6: hostagent.v1.GetHostInfoRequest
-	(*GetHostInfoResponse)(nil),       // 7: hostagent.v1.GetHostInfoResponse
-	(*EgressPolicy)(nil),              // 8: hostagent.v1.EgressPolicy
-	(*Sandbox)(nil),                   // 9: hostagent.v1.Sandbox
-	(*CreateSandboxRequest)(nil),      // 10: hostagent.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil),     // 11: hostagent.v1.CreateSandboxResponse
-	(*ForkSandboxRequest)(nil),        // 12: hostagent.v1.ForkSandboxRequest
-	(*ForkSandboxResponse)(nil),       // 13: hostagent.v1.ForkSandboxResponse
-	(*DestroySandboxRequest)(nil),     // 14: hostagent.v1.DestroySandboxRequest
-	(*DestroySandboxResponse)(nil),    // 15: hostagent.v1.DestroySandboxResponse
-	(*PauseSandboxRequest)(nil),       // 16: hostagent.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),      // 17: hostagent.v1.PauseSandboxResponse
-	(*ResumeSandboxRequest)(nil),      // 18: hostagent.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),     // 19: hostagent.v1.ResumeSandboxResponse
-	(*GetSandboxRequest)(nil),         // 20: hostagent.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),        // 21: hostagent.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),      // 22: hostagent.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),     // 23: hostagent.v1.ListSandboxesResponse
-	(*PingSandboxRequest)(nil),        // 24: hostagent.v1.PingSandboxRequest
-	(*PingSandboxResponse)(nil),       // 25: hostagent.v1.PingSandboxResponse
-	(*GetSandboxMetricsRequest)(nil),  // 26: hostagent.v1.GetSandboxMetricsRequest
-	(*GetSandboxMetricsResponse)(nil), // 27: hostagent.v1.GetSandboxMetricsResponse
-	(*MetricPoint)(nil),               // 28: hostagent.v1.MetricPoint
-	(*ListPortsRequest)(nil),          // 29: hostagent.v1.ListPortsRequest
-	(*ListPortsResponse)(nil),         // 30: hostagent.v1.ListPortsResponse
-	(*Port)(nil),                      // 31: hostagent.v1.Port
-	(*ExecRequest)(nil),               // 32: hostagent.v1.ExecRequest
-	(*PtySize)(nil),                   // 33: hostagent.v1.PtySize
-	(*ExecResponse)(nil),              // 34: hostagent.v1.ExecResponse
-	(*ExecStreamResponse)(nil),        // 35: hostagent.v1.ExecStreamResponse
-	(*ProcessRef)(nil),                // 36: hostagent.v1.ProcessRef
-	(*StartProcessResponse)(nil),      // 37: hostagent.v1.StartProcessResponse
-	(*ListProcessesRequest)(nil),      // 38: hostagent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),               // 39: hostagent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),     // 40: hostagent.v1.ListProcessesResponse
-	(*ConnectProcessRequest)(nil),     // 41: hostagent.v1.ConnectProcessRequest
-	(*SendInputRequest)(nil),          // 42: hostagent.v1.SendInputRequest
-	(*SendInputResponse)(nil),         // 43: hostagent.v1.SendInputResponse
-	(*ResizePtyRequest)(nil),          // 44: hostagent.v1.ResizePtyRequest
-	(*ResizePtyResponse)(nil),         // 45: hostagent.v1.ResizePtyResponse
-	(*KillProcessRequest)(nil),        // 46: hostagent.v1.KillProcessRequest
-	(*KillProcessResponse)(nil),       // 47: hostagent.v1.KillProcessResponse
-	(*ReadFileRequest)(nil),           // 48: hostagent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),          // 49: hostagent.v1.ReadFileResponse
-	(*WriteFileRequest)(nil),          // 50: hostagent.v1.WriteFileRequest
-	(*WriteFileResponse)(nil),         // 51: hostagent.v1.WriteFileResponse
-	(*FileEntry)(nil),                 // 52: hostagent.v1.FileEntry
-	(*ListDirRequest)(nil),            // 53: hostagent.v1.ListDirRequest
-	(*ListDirResponse)(nil),           // 54: hostagent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),            // 55: hostagent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),           // 56: hostagent.v1.MakeDirResponse
-	(*RemovePathRequest)(nil),         // 57: hostagent.v1.RemovePathRequest
-	(*RemovePathResponse)(nil),        // 58: hostagent.v1.RemovePathResponse
-	(*Template)(nil),                  // 59: hostagent.v1.Template
-	(*TemplateMemory)(nil),            // 60: hostagent.v1.TemplateMemory
-	(*CreateSnapshotRequest)(nil),     // 61: hostagent.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),    // 62: hostagent.v1.CreateSnapshotResponse
-	(*DeleteSnapshotRequest)(nil),     // 63: hostagent.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),    // 64: hostagent.v1.DeleteSnapshotResponse
-	(*FlattenRootfsRequest)(nil),      // 65: hostagent.v1.FlattenRootfsRequest
-	(*FlattenRootfsResponse)(nil),     // 66: hostagent.v1.FlattenRootfsResponse
-	(*FileChunk)(nil),                 // 67: hostagent.v1.FileChunk
-	(*WriteFileStreamRequest)(nil),    // 68: hostagent.v1.WriteFileStreamRequest
-	nil,                               // 69: hostagent.v1.Sandbox.MetadataEntry
-	nil,                               // 70: hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	nil,                               // 71: hostagent.v1.CreateSandboxRequest.MetadataEntry
-	nil,                               // 72: hostagent.v1.ExecRequest.EnvEntry
+var file_v2_hostagent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_v2_hostagent_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
+var file_v2_hostagent_proto_goTypes = []any{
+	(SandboxState)(0),                 // 0: wrenn.hostagent.v2.SandboxState
+	(EgressPolicy_Mode)(0),            // 1: wrenn.hostagent.v2.EgressPolicy.Mode
+	(*WarmPool)(nil),                  // 2: wrenn.hostagent.v2.WarmPool
+	(*WarmPoolStatus)(nil),            // 3: wrenn.hostagent.v2.WarmPoolStatus
+	(*SetWarmPoolsRequest)(nil),       // 4: wrenn.hostagent.v2.SetWarmPoolsRequest
+	(*SetWarmPoolsResponse)(nil),      // 5: wrenn.hostagent.v2.SetWarmPoolsResponse
+	(*GetHostInfoRequest)(nil),        // 6: wrenn.hostagent.v2.GetHostInfoRequest
+	(*GetHostInfoResponse)(nil),       // 7: wrenn.hostagent.v2.GetHostInfoResponse
+	(*EgressPolicy)(nil),              // 8: wrenn.hostagent.v2.EgressPolicy
+	(*Sandbox)(nil),                   // 9: wrenn.hostagent.v2.Sandbox
+	(*CreateSandboxRequest)(nil),      // 10: wrenn.hostagent.v2.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil),     // 11: wrenn.hostagent.v2.CreateSandboxResponse
+	(*ForkSandboxRequest)(nil),        // 12: wrenn.hostagent.v2.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),       // 13: wrenn.hostagent.v2.ForkSandboxResponse
+	(*DestroySandboxRequest)(nil),     // 14: wrenn.hostagent.v2.DestroySandboxRequest
+	(*DestroySandboxResponse)(nil),    // 15: wrenn.hostagent.v2.DestroySandboxResponse
+	(*PauseSandboxRequest)(nil),       // 16: wrenn.hostagent.v2.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),      // 17: wrenn.hostagent.v2.PauseSandboxResponse
+	(*ResumeSandboxRequest)(nil),      // 18: wrenn.hostagent.v2.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),     // 19: wrenn.hostagent.v2.ResumeSandboxResponse
+	(*GetSandboxRequest)(nil),         // 20: wrenn.hostagent.v2.GetSandboxRequest
+	(*GetSandboxResponse)(nil),        // 21: wrenn.hostagent.v2.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),      // 22: wrenn.hostagent.v2.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),     // 23: wrenn.hostagent.v2.ListSandboxesResponse
+	(*PingSandboxRequest)(nil),        // 24: wrenn.hostagent.v2.PingSandboxRequest
+	(*PingSandboxResponse)(nil),       // 25: wrenn.hostagent.v2.PingSandboxResponse
+	(*GetSandboxMetricsRequest)(nil),  // 26: wrenn.hostagent.v2.GetSandboxMetricsRequest
+	(*GetSandboxMetricsResponse)(nil), // 27: wrenn.hostagent.v2.GetSandboxMetricsResponse
+	(*MetricPoint)(nil),               // 28: wrenn.hostagent.v2.MetricPoint
+	(*ListPortsRequest)(nil),          // 29: wrenn.hostagent.v2.ListPortsRequest
+	(*ListPortsResponse)(nil),         // 30: wrenn.hostagent.v2.ListPortsResponse
+	(*Port)(nil),                      // 31: wrenn.hostagent.v2.Port
+	(*ExecRequest)(nil),               // 32: wrenn.hostagent.v2.ExecRequest
+	(*PtySize)(nil),                   // 33: wrenn.hostagent.v2.PtySize
+	(*ExecResponse)(nil),              // 34: wrenn.hostagent.v2.ExecResponse
+	(*ExecStreamResponse)(nil),        // 35: wrenn.hostagent.v2.ExecStreamResponse
+	(*ProcessRef)(nil),                // 36: wrenn.hostagent.v2.ProcessRef
+	(*StartProcessResponse)(nil),      // 37: wrenn.hostagent.v2.StartProcessResponse
+	(*ListProcessesRequest)(nil),      // 38: wrenn.hostagent.v2.ListProcessesRequest
+	(*ProcessInfo)(nil),               // 39: wrenn.hostagent.v2.ProcessInfo
+	(*ListProcessesResponse)(nil),     // 40: wrenn.hostagent.v2.ListProcessesResponse
+	(*ConnectProcessRequest)(nil),     // 41: wrenn.hostagent.v2.ConnectProcessRequest
+	(*SendInputRequest)(nil),          // 42: wrenn.hostagent.v2.SendInputRequest
+	(*SendInputResponse)(nil),         // 43: wrenn.hostagent.v2.SendInputResponse
+	(*ResizePtyRequest)(nil),          // 44: wrenn.hostagent.v2.ResizePtyRequest
+	(*ResizePtyResponse)(nil),         // 45: wrenn.hostagent.v2.ResizePtyResponse
+	(*KillProcessRequest)(nil),        // 46: wrenn.hostagent.v2.KillProcessRequest
+	(*KillProcessResponse)(nil),       // 47: wrenn.hostagent.v2.KillProcessResponse
+	(*ReadFileRequest)(nil),           // 48: wrenn.hostagent.v2.ReadFileRequest
+	(*ReadFileResponse)(nil),          // 49: wrenn.hostagent.v2.ReadFileResponse
+	(*WriteFileRequest)(nil),          // 50: wrenn.hostagent.v2.WriteFileRequest
+	(*WriteFileResponse)(nil),         // 51: wrenn.hostagent.v2.WriteFileResponse
+	(*FileEntry)(nil),                 // 52: wrenn.hostagent.v2.FileEntry
+	(*ListDirRequest)(nil),            // 53: wrenn.hostagent.v2.ListDirRequest
+	(*ListDirResponse)(nil),           // 54: wrenn.hostagent.v2.ListDirResponse
+	(*MakeDirRequest)(nil),            // 55: wrenn.hostagent.v2.MakeDirRequest
+	(*MakeDirResponse)(nil),           // 56: wrenn.hostagent.v2.MakeDirResponse
+	(*RemovePathRequest)(nil),         // 57: wrenn.hostagent.v2.RemovePathRequest
+	(*RemovePathResponse)(nil),        // 58: wrenn.hostagent.v2.RemovePathResponse
+	(*Template)(nil),                  // 59: wrenn.hostagent.v2.Template
+	(*TemplateMemory)(nil),            // 60: wrenn.hostagent.v2.TemplateMemory
+	(*CreateSnapshotRequest)(nil),     // 61: wrenn.hostagent.v2.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),    // 62: wrenn.hostagent.v2.CreateSnapshotResponse
+	(*DeleteSnapshotRequest)(nil),     // 63: wrenn.hostagent.v2.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),    // 64: wrenn.hostagent.v2.DeleteSnapshotResponse
+	(*FlattenRootfsRequest)(nil),      // 65: wrenn.hostagent.v2.FlattenRootfsRequest
+	(*FlattenRootfsResponse)(nil),     // 66: wrenn.hostagent.v2.FlattenRootfsResponse
+	(*FileChunk)(nil),                 // 67: wrenn.hostagent.v2.FileChunk
+	(*WriteFileStreamRequest)(nil),    // 68: wrenn.hostagent.v2.WriteFileStreamRequest
+	nil,                               // 69: wrenn.hostagent.v2.Sandbox.MetadataEntry
+	nil,                               // 70: wrenn.hostagent.v2.CreateSandboxRequest.EnvVarsEntry
+	nil,                               // 71: wrenn.hostagent.v2.CreateSandboxRequest.MetadataEntry
+	nil,                               // 72: wrenn.hostagent.v2.ExecRequest.EnvEntry
 	(*timestamppb.Timestamp)(nil),     // 73: google.protobuf.Timestamp
 }
-var file_v1_hostagent_proto_depIdxs = []int32{
-	2,  // 0: hostagent.v1.WarmPoolStatus.pool:type_name -> hostagent.v1.WarmPool
-	2,  // 1: hostagent.v1.SetWarmPoolsRequest.pools:type_name -> hostagent.v1.WarmPool
-	3,  // 2: hostagent.v1.SetWarmPoolsResponse.pools:type_name -> hostagent.v1.WarmPoolStatus
-	59, // 3: hostagent.v1.GetHostInfoResponse.template_details:type_name -> hostagent.v1.Template
-	3,  // 4: hostagent.v1.GetHostInfoResponse.warm_pools:type_name -> hostagent.v1.WarmPoolStatus
-	1,  // 5: hostagent.v1.EgressPolicy.mode:type_name -> hostagent.v1.EgressPolicy.Mode
-	0,  // 6: hostagent.v1.Sandbox.state:type_name -> hostagent.v1.SandboxState
-	73, // 7: hostagent.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	73, // 8: hostagent.v1.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
-	69, // 9: hostagent.v1.Sandbox.metadata:type_name -> hostagent.v1.Sandbox.MetadataEntry
-	8,  // 10: hostagent.v1.Sandbox.egress:type_name -> hostagent.v1.EgressPolicy
-	70, // 11: hostagent.v1.CreateSandboxRequest.env_vars:type_name -> hostagent.v1.CreateSandboxRequest.EnvVarsEntry
-	71, // 12: hostagent.v1.CreateSandboxRequest.metadata:type_name -> hostagent.v1.CreateSandboxRequest.MetadataEntry
-	8,  // 13: hostagent.v1.CreateSandboxRequest.egress:type_name -> hostagent.v1.EgressPolicy
-	9,  // 14: hostagent.v1.CreateSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	11, // 15: hostagent.v1.ForkSandboxResponse.sandboxes:type_name -> hostagent.v1.CreateSandboxResponse
-	9,  // 16: hostagent.v1.PauseSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	9,  // 17: hostagent.v1.ResumeSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	9,  // 18: hostagent.v1.GetSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	9,  // 19: hostagent.v1.ListSandboxesResponse.sandboxes:type_name -> hostagent.v1.Sandbox
-	9,  // 20: hostagent.v1.PingSandboxResponse.sandbox:type_name -> hostagent.v1.Sandbox
-	28, // 21: hostagent.v1.GetSandboxMetricsResponse.points:type_name -> hostagent.v1.MetricPoint
-	31, // 22: hostagent.v1.ListPortsResponse.ports:type_name -> hostagent.v1.Port
-	72, // 23: hostagent.v1.ExecRequest.env:type_name -> hostagent.v1.ExecRequest.EnvEntry
-	33, // 24: hostagent.v1.ExecRequest.pty:type_name -> hostagent.v1.PtySize
-	39, // 25: hostagent.v1.ListProcessesResponse.processes:type_name -> hostagent.v1.ProcessInfo
-	36, // 26: hostagent.v1.ConnectProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	36, // 27: hostagent.v1.SendInputRequest.process:type_name -> hostagent.v1.ProcessRef
-	36, // 28: hostagent.v1.ResizePtyRequest.process:type_name -> hostagent.v1.ProcessRef
-	33, // 29: hostagent.v1.ResizePtyRequest.size:type_name -> hostagent.v1.PtySize
-	36, // 30: hostagent.v1.KillProcessRequest.process:type_name -> hostagent.v1.ProcessRef
-	73, // 31: hostagent.v1.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
-	52, // 32: hostagent.v1.ListDirResponse.entries:type_name -> hostagent.v1.FileEntry
-	73, // 33: hostagent.v1.Template.created_at:type_name -> google.protobuf.Timestamp
-	60, // 34: hostagent.v1.Template.memory:type_name -> hostagent.v1.TemplateMemory
-	59, // 35: hostagent.v1.CreateSnapshotResponse.template:type_name -> hostagent.v1.Template
-	59, // 36: hostagent.v1.FlattenRootfsResponse.template:type_name -> hostagent.v1.Template
-	50, // 37: hostagent.v1.WriteFileStreamRequest.header:type_name -> hostagent.v1.WriteFileRequest
-	6,  // 38: hostagent.v1.HostAgentService.GetHostInfo:input_type -> hostagent.v1.GetHostInfoRequest
-	10, // 39: hostagent.v1.HostAgentService.CreateSandbox:input_type -> hostagent.v1.CreateSandboxRequest
-	12, // 40: hostagent.v1.HostAgentService.ForkSandbox:input_type -> hostagent.v1.ForkSandboxRequest
-	14, // 41: hostagent.v1.HostAgentService.DestroySandbox:input_type -> hostagent.v1.DestroySandboxRequest
-	16, // 42: hostagent.v1.HostAgentService.PauseSandbox:input_type -> hostagent.v1.PauseSandboxRequest
-	18, // 43: hostagent.v1.HostAgentService.ResumeSandbox:input_type -> hostagent.v1.ResumeSandboxRequest
-	20, // 44: hostagent.v1.HostAgentService.GetSandbox:input_type -> hostagent.v1.GetSandboxRequest
-	22, // 45: hostagent.v1.HostAgentService.ListSandboxes:input_type -> hostagent.v1.ListSandboxesRequest
-	24, // 46: hostagent.v1.HostAgentService.PingSandbox:input_type -> hostagent.v1.PingSandboxRequest
-	26, // 47: hostagent.v1.HostAgentService.GetSandboxMetrics:input_type -> hostagent.v1.GetSandboxMetricsRequest
-	29, // 48: hostagent.v1.HostAgentService.ListPorts:input_type -> hostagent.v1.ListPortsRequest
-	32, // 49: hostagent.v1.HostAgentService.Exec:input_type -> hostagent.v1.ExecRequest
-	32, // 50: hostagent.v1.HostAgentService.ExecStream:input_type -> hostagent.v1.ExecRequest
-	32, // 51: hostagent.v1.HostAgentService.StartProcess:input_type -> hostagent.v1.ExecRequest
-	38, // 52: hostagent.v1.HostAgentService.ListProcesses:input_type -> hostagent.v1.ListProcessesRequest
-	41, // 53: hostagent.v1.HostAgentService.ConnectProcess:input_type -> hostagent.v1.ConnectProcessRequest
-	42, // 54: hostagent.v1.HostAgentService.SendInput:input_type -> hostagent.v1.SendInputRequest
-	44, // 55: hostagent.v1.HostAgentService.ResizePty:input_type -> hostagent.v1.ResizePtyRequest
-	46, // 56: hostagent.v1.HostAgentService.KillProcess:input_type -> hostagent.v1.KillProcessRequest
-	48, // 57: hostagent.v1.HostAgentService.ReadFile:input_type -> hostagent.v1.ReadFileRequest
-	50, // 58: hostagent.v1.HostAgentService.WriteFile:input_type -> hostagent.v1.WriteFileRequest
-	53, // 59: hostagent.v1.HostAgentService.ListDir:input_type -> hostagent.v1.ListDirRequest
-	55, // 60: hostagent.v1.HostAgentService.MakeDir:input_type -> hostagent.v1.MakeDirRequest
-	57, // 61: hostagent.v1.HostAgentService.RemovePath:input_type -> hostagent.v1.RemovePathRequest
-	48, // 62: hostagent.v1.HostAgentService.ReadFileStream:input_type -> hostagent.v1.ReadFileRequest
-	68, // 63: hostagent.v1.HostAgentService.WriteFileStream:input_type -> hostagent.v1.WriteFileStreamRequest
-	61, // 64: hostagent.v1.HostAgentService.CreateSnapshot:input_type -> hostagent.v1.CreateSnapshotRequest
-	63, // 65: hostagent.v1.HostAgentService.DeleteSnapshot:input_type -> hostagent.v1.DeleteSnapshotRequest
-	65, // 66: hostagent.v1.HostAgentService.FlattenRootfs:input_type -> hostagent.v1.FlattenRootfsRequest
-	4,  // 67: hostagent.v1.HostAgentService.SetWarmPools:input_type -> hostagent.v1.SetWarmPoolsRequest
-	7,  // 68: hostagent.v1.HostAgentService.GetHostInfo:output_type -> hostagent.v1.GetHostInfoResponse
-	11, // 69: hostagent.v1.HostAgentService.CreateSandbox:output_type -> hostagent.v1.CreateSandboxResponse
-	13, // 70: hostagent.v1.HostAgentService.ForkSandbox:output_type -> hostagent.v1.ForkSandboxResponse
-	15, // 71: hostagent.v1.HostAgentService.DestroySandbox:output_type -> hostagent.v1.DestroySandboxResponse
-	17, // 72: hostagent.v1.HostAgentService.PauseSandbox:output_type -> hostagent.v1.PauseSandboxResponse
-	19, // 73: hostagent.v1.HostAgentService.ResumeSandbox:output_type -> hostagent.v1.ResumeSandboxResponse
-	21, // 74: hostagent.v1.HostAgentService.GetSandbox:output_type -> hostagent.v1.GetSandboxResponse
-	23, // 75: hostagent.v1.HostAgentService.ListSandboxes:output_type -> hostagent.v1.ListSandboxesResponse
-	25, // 76: hostagent.v1.HostAgentService.PingSandbox:output_type -> hostagent.v1.PingSandboxResponse
-	27, // 77: hostagent.v1.HostAgentService.GetSandboxMetrics:output_type -> hostagent.v1.GetSandboxMetricsResponse
-	30, // 78: hostagent.v1.HostAgentService.ListPorts:output_type -> hostagent.v1.ListPortsResponse
-	34, // 79: hostagent.v1.HostAgentService.Exec:output_type -> hostagent.v1.ExecResponse
-	35, // 80: hostagent.v1.HostAgentService.ExecStream:output_type -> hostagent.v1.ExecStreamResponse
-	37, // 81: hostagent.v1.HostAgentService.StartProcess:output_type -> hostagent.v1.StartProcessResponse
-	40, // 82: hostagent.v1.HostAgentService.ListProcesses:output_type -> hostagent.v1.ListProcessesResponse
-	35, // 83: hostagent.v1.HostAgentService.ConnectProcess:output_type -> hostagent.v1.ExecStreamResponse
-	43, // 84: hostagent.v1.HostAgentService.SendInput:output_type -> hostagent.v1.SendInputResponse
-	45, // 85: hostagent.v1.HostAgentService.ResizePty:output_type -> hostagent.v1.ResizePtyResponse
-	47, // 86: hostagent.v1.HostAgentService.KillProcess:output_type -> hostagent.v1.KillProcessResponse
-	49, // 87: hostagent.v1.HostAgentService.ReadFile:output_type -> hostagent.v1.ReadFileResponse
-	51, // 88: hostagent.v1.HostAgentService.WriteFile:output_type -> hostagent.v1.WriteFileResponse
-	54, // 89: hostagent.v1.HostAgentService.ListDir:output_type -> hostagent.v1.ListDirResponse
-	56, // 90: hostagent.v1.HostAgentService.MakeDir:output_type -> hostagent.v1.MakeDirResponse
-	58, // 91: hostagent.v1.HostAgentService.RemovePath:output_type -> hostagent.v1.RemovePathResponse
-	67, // 92: hostagent.v1.HostAgentService.ReadFileStream:output_type -> hostagent.v1.FileChunk
-	51, // 93: hostagent.v1.HostAgentService.WriteFileStream:output_type -> hostagent.v1.WriteFileResponse
-	62, // 94: hostagent.v1.HostAgentService.CreateSnapshot:output_type -> hostagent.v1.CreateSnapshotResponse
-	64, // 95: hostagent.v1.HostAgentService.DeleteSnapshot:output_type -> hostagent.v1.DeleteSnapshotResponse
-	66, // 96: hostagent.v1.HostAgentService.FlattenRootfs:output_type -> hostagent.v1.FlattenRootfsResponse
-	5,  // 97: hostagent.v1.HostAgentService.SetWarmPools:output_type -> hostagent.v1.SetWarmPoolsResponse
+var file_v2_hostagent_proto_depIdxs = []int32{
+	2,  // 0: wrenn.hostagent.v2.WarmPoolStatus.pool:type_name -> wrenn.hostagent.v2.WarmPool
+	2,  // 1: wrenn.hostagent.v2.SetWarmPoolsRequest.pools:type_name -> wrenn.hostagent.v2.WarmPool
+	3,  // 2: wrenn.hostagent.v2.SetWarmPoolsResponse.pools:type_name -> wrenn.hostagent.v2.WarmPoolStatus
+	59, // 3: wrenn.hostagent.v2.GetHostInfoResponse.template_details:type_name -> wrenn.hostagent.v2.Template
+	3,  // 4: wrenn.hostagent.v2.GetHostInfoResponse.warm_pools:type_name -> wrenn.hostagent.v2.WarmPoolStatus
+	1,  // 5: wrenn.hostagent.v2.EgressPolicy.mode:type_name -> wrenn.hostagent.v2.EgressPolicy.Mode
+	0,  // 6: wrenn.hostagent.v2.Sandbox.state:type_name -> wrenn.hostagent.v2.SandboxState
+	73, // 7: wrenn.hostagent.v2.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	73, // 8: wrenn.hostagent.v2.Sandbox.expires_at:type_name -> google.protobuf.Timestamp
+	69, // 9: wrenn.hostagent.v2.Sandbox.metadata:type_name -> wrenn.hostagent.v2.Sandbox.MetadataEntry
+	8,  // 10: wrenn.hostagent.v2.Sandbox.egress:type_name -> wrenn.hostagent.v2.EgressPolicy
+	70, // 11: wrenn.hostagent.v2.CreateSandboxRequest.env_vars:type_name -> wrenn.hostagent.v2.CreateSandboxRequest.EnvVarsEntry
+	71, // 12: wrenn.hostagent.v2.CreateSandboxRequest.metadata:type_name -> wrenn.hostagent.v2.CreateSandboxRequest.MetadataEntry
+	8,  // 13: wrenn.hostagent.v2.CreateSandboxRequest.egress:type_name -> wrenn.hostagent.v2.EgressPolicy
+	9,  // 14: wrenn.hostagent.v2.CreateSandboxResponse.sandbox:type_name -> wrenn.hostagent.v2.Sandbox
+	11, // 15: wrenn.hostagent.v2.ForkSandboxResponse.sandboxes:type_name -> wrenn.hostagent.v2.CreateSandboxResponse
+	9,  // 16: wrenn.hostagent.v2.PauseSandboxResponse.sandbox:type_name -> wrenn.hostagent.v2.Sandbox
+	9,  // 17: wrenn.hostagent.v2.ResumeSandboxResponse.sandbox:type_name -> wrenn.hostagent.v2.Sandbox
+	9,  // 18: wrenn.hostagent.v2.GetSandboxResponse.sandbox:type_name -> wrenn.hostagent.v2.Sandbox
+	9,  // 19: wrenn.hostagent.v2.ListSandboxesResponse.sandboxes:type_name -> wrenn.hostagent.v2.Sandbox
+	9,  // 20: wrenn.hostagent.v2.PingSandboxResponse.sandbox:type_name -> wrenn.hostagent.v2.Sandbox
+	28, // 21: wrenn.hostagent.v2.GetSandboxMetricsResponse.points:type_name -> wrenn.hostagent.v2.MetricPoint
+	31, // 22: wrenn.hostagent.v2.ListPortsResponse.ports:type_name -> wrenn.hostagent.v2.Port
+	72, // 23: wrenn.hostagent.v2.ExecRequest.env:type_name -> wrenn.hostagent.v2.ExecRequest.EnvEntry
+	33, // 24: wrenn.hostagent.v2.ExecRequest.pty:type_name -> wrenn.hostagent.v2.PtySize
+	39, // 25: wrenn.hostagent.v2.ListProcessesResponse.processes:type_name -> wrenn.hostagent.v2.ProcessInfo
+	36, // 26: wrenn.hostagent.v2.ConnectProcessRequest.process:type_name -> wrenn.hostagent.v2.ProcessRef
+	36, // 27: wrenn.hostagent.v2.SendInputRequest.process:type_name -> wrenn.hostagent.v2.ProcessRef
+	36, // 28: wrenn.hostagent.v2.ResizePtyRequest.process:type_name -> wrenn.hostagent.v2.ProcessRef
+	33, // 29: wrenn.hostagent.v2.ResizePtyRequest.size:type_name -> wrenn.hostagent.v2.PtySize
+	36, // 30: wrenn.hostagent.v2.KillProcessRequest.process:type_name -> wrenn.hostagent.v2.ProcessRef
+	73, // 31: wrenn.hostagent.v2.FileEntry.modified_at:type_name -> google.protobuf.Timestamp
+	52, // 32: wrenn.hostagent.v2.ListDirResponse.entries:type_name -> wrenn.hostagent.v2.FileEntry
+	73, // 33: wrenn.hostagent.v2.Template.created_at:type_name -> google.protobuf.Timestamp
+	60, // 34: wrenn.hostagent.v2.Template.memory:type_name -> wrenn.hostagent.v2.TemplateMemory
+	59, // 35: wrenn.hostagent.v2.CreateSnapshotResponse.template:type_name -> wrenn.hostagent.v2.Template
+	59, // 36: wrenn.hostagent.v2.FlattenRootfsResponse.template:type_name -> wrenn.hostagent.v2.Template
+	50, // 37: wrenn.hostagent.v2.WriteFileStreamRequest.header:type_name -> wrenn.hostagent.v2.WriteFileRequest
+	6,  // 38: wrenn.hostagent.v2.HostAgentService.GetHostInfo:input_type -> wrenn.hostagent.v2.GetHostInfoRequest
+	10, // 39: wrenn.hostagent.v2.HostAgentService.CreateSandbox:input_type -> wrenn.hostagent.v2.CreateSandboxRequest
+	12, // 40: wrenn.hostagent.v2.HostAgentService.ForkSandbox:input_type -> wrenn.hostagent.v2.ForkSandboxRequest
+	14, // 41: wrenn.hostagent.v2.HostAgentService.DestroySandbox:input_type -> wrenn.hostagent.v2.DestroySandboxRequest
+	16, // 42: wrenn.hostagent.v2.HostAgentService.PauseSandbox:input_type -> wrenn.hostagent.v2.PauseSandboxRequest
+	18, // 43: wrenn.hostagent.v2.HostAgentService.ResumeSandbox:input_type -> wrenn.hostagent.v2.ResumeSandboxRequest
+	20, // 44: wrenn.hostagent.v2.HostAgentService.GetSandbox:input_type -> wrenn.hostagent.v2.GetSandboxRequest
+	22, // 45: wrenn.hostagent.v2.HostAgentService.ListSandboxes:input_type -> wrenn.hostagent.v2.ListSandboxesRequest
+	24, // 46: wrenn.hostagent.v2.HostAgentService.PingSandbox:input_type -> wrenn.hostagent.v2.PingSandboxRequest
+	26, // 47: wrenn.hostagent.v2.HostAgentService.GetSandboxMetrics:input_type -> wrenn.hostagent.v2.GetSandboxMetricsRequest
+	29, // 48: wrenn.hostagent.v2.HostAgentService.ListPorts:input_type -> wrenn.hostagent.v2.ListPortsRequest
+	32, // 49: wrenn.hostagent.v2.HostAgentService.Exec:input_type -> wrenn.hostagent.v2.ExecRequest
+	32, // 50: wrenn.hostagent.v2.HostAgentService.ExecStream:input_type -> wrenn.hostagent.v2.ExecRequest
+	32, // 51: wrenn.hostagent.v2.HostAgentService.StartProcess:input_type -> wrenn.hostagent.v2.ExecRequest
+	38, // 52: wrenn.hostagent.v2.HostAgentService.ListProcesses:input_type -> wrenn.hostagent.v2.ListProcessesRequest
+	41, // 53: wrenn.hostagent.v2.HostAgentService.ConnectProcess:input_type -> wrenn.hostagent.v2.ConnectProcessRequest
+	42, // 54: wrenn.hostagent.v2.HostAgentService.SendInput:input_type -> wrenn.hostagent.v2.SendInputRequest
+	44, // 55: wrenn.hostagent.v2.HostAgentService.ResizePty:input_type -> wrenn.hostagent.v2.ResizePtyRequest
+	46, // 56: wrenn.hostagent.v2.HostAgentService.KillProcess:input_type -> wrenn.hostagent.v2.KillProcessRequest
+	48, // 57: wrenn.hostagent.v2.HostAgentService.ReadFile:input_type -> wrenn.hostagent.v2.ReadFileRequest
+	50, // 58: wrenn.hostagent.v2.HostAgentService.WriteFile:input_type -> wrenn.hostagent.v2.WriteFileRequest
+	53, // 59: wrenn.hostagent.v2.HostAgentService.ListDir:input_type -> wrenn.hostagent.v2.ListDirRequest
+	55, // 60: wrenn.hostagent.v2.HostAgentService.MakeDir:input_type -> wrenn.hostagent.v2.MakeDirRequest
+	57, // 61: wrenn.hostagent.v2.HostAgentService.RemovePath:input_type -> wrenn.hostagent.v2.RemovePathRequest
+	48, // 62: wrenn.hostagent.v2.HostAgentService.ReadFileStream:input_type -> wrenn.hostagent.v2.ReadFileRequest
+	68, // 63: wrenn.hostagent.v2.HostAgentService.WriteFileStream:input_type -> wrenn.hostagent.v2.WriteFileStreamRequest
+	61, // 64: wrenn.hostagent.v2.HostAgentService.CreateSnapshot:input_type -> wrenn.hostagent.v2.CreateSnapshotRequest
+	63, // 65: wrenn.hostagent.v2.HostAgentService.DeleteSnapshot:input_type -> wrenn.hostagent.v2.DeleteSnapshotRequest
+	65, // 66: wrenn.hostagent.v2.HostAgentService.FlattenRootfs:input_type -> wrenn.hostagent.v2.FlattenRootfsRequest
+	4,  // 67: wrenn.hostagent.v2.HostAgentService.SetWarmPools:input_type -> wrenn.hostagent.v2.SetWarmPoolsRequest
+	7,  // 68: wrenn.hostagent.v2.HostAgentService.GetHostInfo:output_type -> wrenn.hostagent.v2.GetHostInfoResponse
+	11, // 69: wrenn.hostagent.v2.HostAgentService.CreateSandbox:output_type -> wrenn.hostagent.v2.CreateSandboxResponse
+	13, // 70: wrenn.hostagent.v2.HostAgentService.ForkSandbox:output_type -> wrenn.hostagent.v2.ForkSandboxResponse
+	15, // 71: wrenn.hostagent.v2.HostAgentService.DestroySandbox:output_type -> wrenn.hostagent.v2.DestroySandboxResponse
+	17, // 72: wrenn.hostagent.v2.HostAgentService.PauseSandbox:output_type -> wrenn.hostagent.v2.PauseSandboxResponse
+	19, // 73: wrenn.hostagent.v2.HostAgentService.ResumeSandbox:output_type -> wrenn.hostagent.v2.ResumeSandboxResponse
+	21, // 74: wrenn.hostagent.v2.HostAgentService.GetSandbox:output_type -> wrenn.hostagent.v2.GetSandboxResponse
+	23, // 75: wrenn.hostagent.v2.HostAgentService.ListSandboxes:output_type -> wrenn.hostagent.v2.ListSandboxesResponse
+	25, // 76: wrenn.hostagent.v2.HostAgentService.PingSandbox:output_type -> wrenn.hostagent.v2.PingSandboxResponse
+	27, // 77: wrenn.hostagent.v2.HostAgentService.GetSandboxMetrics:output_type -> wrenn.hostagent.v2.GetSandboxMetricsResponse
+	30, // 78: wrenn.hostagent.v2.HostAgentService.ListPorts:output_type -> wrenn.hostagent.v2.ListPortsResponse
+	34, // 79: wrenn.hostagent.v2.HostAgentService.Exec:output_type -> wrenn.hostagent.v2.ExecResponse
+	35, // 80: wrenn.hostagent.v2.HostAgentService.ExecStream:output_type -> wrenn.hostagent.v2.ExecStreamResponse
+	37, // 81: wrenn.hostagent.v2.HostAgentService.StartProcess:output_type -> wrenn.hostagent.v2.StartProcessResponse
+	40, // 82: wrenn.hostagent.v2.HostAgentService.ListProcesses:output_type -> wrenn.hostagent.v2.ListProcessesResponse
+	35, // 83: wrenn.hostagent.v2.HostAgentService.ConnectProcess:output_type -> wrenn.hostagent.v2.ExecStreamResponse
+	43, // 84: wrenn.hostagent.v2.HostAgentService.SendInput:output_type -> wrenn.hostagent.v2.SendInputResponse
+	45, // 85: wrenn.hostagent.v2.HostAgentService.ResizePty:output_type -> wrenn.hostagent.v2.ResizePtyResponse
+	47, // 86: wrenn.hostagent.v2.HostAgentService.KillProcess:output_type -> wrenn.hostagent.v2.KillProcessResponse
+	49, // 87: wrenn.hostagent.v2.HostAgentService.ReadFile:output_type -> wrenn.hostagent.v2.ReadFileResponse
+	51, // 88: wrenn.hostagent.v2.HostAgentService.WriteFile:output_type -> wrenn.hostagent.v2.WriteFileResponse
+	54, // 89: wrenn.hostagent.v2.HostAgentService.ListDir:output_type -> wrenn.hostagent.v2.ListDirResponse
+	56, // 90: wrenn.hostagent.v2.HostAgentService.MakeDir:output_type -> wrenn.hostagent.v2.MakeDirResponse
+	58, // 91: wrenn.hostagent.v2.HostAgentService.RemovePath:output_type -> wrenn.hostagent.v2.RemovePathResponse
+	67, // 92: wrenn.hostagent.v2.HostAgentService.ReadFileStream:output_type -> wrenn.hostagent.v2.FileChunk
+	51, // 93: wrenn.hostagent.v2.HostAgentService.WriteFileStream:output_type -> wrenn.hostagent.v2.WriteFileResponse
+	62, // 94: wrenn.hostagent.v2.HostAgentService.CreateSnapshot:output_type -> wrenn.hostagent.v2.CreateSnapshotResponse
+	64, // 95: wrenn.hostagent.v2.HostAgentService.DeleteSnapshot:output_type -> wrenn.hostagent.v2.DeleteSnapshotResponse
+	66, // 96: wrenn.hostagent.v2.HostAgentService.FlattenRootfs:output_type -> wrenn.hostagent.v2.FlattenRootfsResponse
+	5,  // 97: wrenn.hostagent.v2.HostAgentService.SetWarmPools:output_type -> wrenn.hostagent.v2.SetWarmPoolsResponse
 	68, // [68:98] is the sub-list for method output_type
 	38, // [38:68] is the sub-list for method input_type
 	38, // [38:38] is the sub-list for extension type_name
@@ -4760,12 +4760,12 @@ var file_v1_hostagent_proto_depIdxs = []int32{
 	0,  // [0:38] is the sub-list for field type_name
 }
 
-func init() { file_v1_hostagent_proto_init() }
-func file_v1_hostagent_proto_init() {
-	if File_v1_hostagent_proto != nil {
+func init() { file_v2_hostagent_proto_init() }
+func file_v2_hostagent_proto_init() {
+	if File_v2_hostagent_proto != nil {
 		return
 	}
-	file_v1_hostagent_proto_msgTypes[33].OneofWrappers = []any{
+	file_v2_hostagent_proto_msgTypes[33].OneofWrappers = []any{
 		(*ExecStreamResponse_Pid)(nil),
 		(*ExecStreamResponse_Stdout)(nil),
 		(*ExecStreamResponse_Stderr)(nil),
@@ -4773,8 +4773,8 @@ func file_v1_hostagent_proto_init() {
 		(*ExecStreamResponse_Pty)(nil),
 		(*ExecStreamResponse_TimedOut)(nil),
 	}
-	file_v1_hostagent_proto_msgTypes[50].OneofWrappers = []any{}
-	file_v1_hostagent_proto_msgTypes[66].OneofWrappers = []any{
+	file_v2_hostagent_proto_msgTypes[50].OneofWrappers = []any{}
+	file_v2_hostagent_proto_msgTypes[66].OneofWrappers = []any{
 		(*WriteFileStreamRequest_Header)(nil),
 		(*WriteFileStreamRequest_Data)(nil),
 	}
@@ -4782,18 +4782,18 @@ func file_v1_hostagent_proto_init() {
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v1_hostagent_proto_rawDesc), len(file_v1_hostagent_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_v2_hostagent_proto_rawDesc), len(file_v2_hostagent_proto_rawDesc)),
 			NumEnums:      2,
 			NumMessages:   71,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
-		GoTypes:           file_v1_hostagent_proto_goTypes,
-		DependencyIndexes: file_v1_hostagent_proto_depIdxs,
-		EnumInfos:         file_v1_hostagent_proto_enumTypes,
-		MessageInfos:      file_v1_hostagent_proto_msgTypes,
+		GoTypes:           file_v2_hostagent_proto_goTypes,
+		DependencyIndexes: file_v2_hostagent_proto_depIdxs,
+		EnumInfos:         file_v2_hostagent_proto_enumTypes,
+		MessageInfos:      file_v2_hostagent_proto_msgTypes,
 	}.Build()
-	File_v1_hostagent_proto = out.File
-	file_v1_hostagent_proto_goTypes = nil
-	file_v1_hostagent_proto_depIdxs = nil
+	File_v2_hostagent_proto = out.File
+	file_v2_hostagent_proto_goTypes = nil
+	file_v2_hostagent_proto_depIdxs = nil
 }
