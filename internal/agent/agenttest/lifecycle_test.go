@@ -162,7 +162,8 @@ func TestDiskSize(t *testing.T) {
 // Looking at a sandbox never waits behind an operation on it: during its
 // create GetSandbox answers at once (pending or starting), and a call that
 // needs the sandbox's lock gives up when its caller's deadline passes,
-// saying the sandbox is busy.
+// saying the sandbox is busy; during a pause or resume it is shown pausing
+// or resuming.
 func TestCallsDoNotWaitBehindACreate(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 3*time.Minute)
@@ -200,6 +201,42 @@ func TestCallsDoNotWaitBehindACreate(t *testing.T) {
 	}
 	if err := <-created; err != nil {
 		t.Fatal(err)
+	}
+	// While a pause or a resume runs, the sandbox is shown pausing or
+	// resuming (not running, nor paused before it is).
+	for _, op := range []struct {
+		name    string
+		call    func() error
+		passing pb.SandboxState
+	}{
+		{"pause", func() error {
+			_, err := a.client.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Id: "sb-busy"}))
+			return err
+		}, pb.SandboxState_SANDBOX_STATE_PAUSING},
+		{"resume", func() error {
+			_, err := a.client.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Id: "sb-busy"}))
+			return err
+		}, pb.SandboxState_SANDBOX_STATE_RESUMING},
+	} {
+		done := make(chan error, 1)
+		go func() { done <- op.call() }()
+		seenPassing := false
+		for finished := false; !finished; {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("%s: %v", op.name, err)
+				}
+				finished = true
+			default:
+				r, err := a.client.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Id: "sb-busy"}))
+				seenPassing = seenPassing || (err == nil && r.Msg.GetSandbox().GetState() == op.passing)
+				time.Sleep(2 * time.Millisecond)
+			}
+		}
+		if !seenPassing {
+			t.Errorf("the sandbox was never shown %v during its %s", op.passing, op.name)
+		}
 	}
 	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: "sb-busy"})); err != nil {
 		t.Fatal(err)

@@ -177,6 +177,21 @@ func (m *Manager) save(e *entry) error {
 	return nil
 }
 
+// show publishes a passing state to listings without saving it, until
+// the returned func publishes the record again.
+func (m *Manager) show(e *entry, st State) (done func()) {
+	m.mu.Lock()
+	v := e.rec
+	v.State = st
+	e.view = v
+	m.mu.Unlock()
+	return func() {
+		m.mu.Lock()
+		e.view = e.rec
+		m.mu.Unlock()
+	}
+}
+
 // New returns a manager; call Start before serving.
 func New(cfg Config) *Manager {
 	if cfg.DefaultTimeout == 0 {
@@ -720,6 +735,7 @@ func (m *Manager) pause(ctx context.Context, e *entry) (Record, error) {
 	if err := m.needSpace("pausing "+rec.ID, rec.MemoryMiB); err != nil {
 		return Record{}, err
 	}
+	defer m.show(e, Pausing)()
 	start := time.Now()
 	c := m.client(e)
 	prepCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -768,6 +784,7 @@ func (m *Manager) Resume(ctx context.Context, id string, timeout time.Duration) 
 	if err := m.needSpace("resuming "+rec.ID, 0); err != nil {
 		return Record{}, err
 	}
+	defer m.show(e, Resuming)()
 	start := time.Now()
 	if !m.cfg.Net.Exists(rec.Net) {
 		// The host rebooted since the pause; the slot is still ours.

@@ -24,6 +24,11 @@ const (
 	Paused   State = "paused" // memory is in a snapshot file, no VMM runs
 	Stopped  State = "stopped"
 	Error    State = "error"
+	// Pausing and Resuming are only ever shown (listings, GetSandbox)
+	// while a pause or resume runs; records on disk keep the state the
+	// sandbox is really in until the operation is done.
+	Pausing  State = "pausing"
+	Resuming State = "resuming"
 )
 
 // Record is everything the agent knows about one sandbox. It is written to

@@ -187,6 +187,7 @@ func toProto(r sandbox.Record) *pb.Sandbox {
 		sandbox.Pending: pb.SandboxState_SANDBOX_STATE_PENDING, sandbox.Starting: pb.SandboxState_SANDBOX_STATE_STARTING,
 		sandbox.Running: pb.SandboxState_SANDBOX_STATE_RUNNING, sandbox.Paused: pb.SandboxState_SANDBOX_STATE_PAUSED,
 		sandbox.Stopped: pb.SandboxState_SANDBOX_STATE_STOPPED, sandbox.Error: pb.SandboxState_SANDBOX_STATE_ERROR,
+		sandbox.Pausing: pb.SandboxState_SANDBOX_STATE_PAUSING, sandbox.Resuming: pb.SandboxState_SANDBOX_STATE_RESUMING,
 	}
 	eg := &pb.EgressPolicy{Mode: pb.EgressPolicy_MODE_ALLOW_ALL}
 	switch r.Egress.Mode {

@@ -177,6 +177,10 @@ func Status(st pb.SandboxState) string {
 		return "stopped"
 	case pb.SandboxState_SANDBOX_STATE_ERROR:
 		return "error"
+	case pb.SandboxState_SANDBOX_STATE_PAUSING:
+		return "pausing"
+	case pb.SandboxState_SANDBOX_STATE_RESUMING:
+		return "resuming"
 	}
 	return ""
 }

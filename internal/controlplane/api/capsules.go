@@ -785,6 +785,31 @@ func (s *Server) Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, er
 	if _, err := s.st.Transition(ctx, sb.ID, []string{"running"}, "pausing", nil); err != nil {
 		return sb, errf(http.StatusConflict, "invalid_state", "%s", err.Error())
 	}
+	return s.pausing(ctx, c, sb)
+}
+
+// PauseExpired pauses a capsule the reconciler found past its timeout if
+// it still is as the pause begins: the move to pausing checks the
+// deadline in the same statement, so a ping or a longer timeout that
+// lands at that moment either comes first and saves it, or finds it
+// pausing. It reports whether the pause began.
+func (s *Server) PauseExpired(ctx context.Context, sb store.Sandbox) (bool, error) {
+	if sb.HostID == nil {
+		return false, nil
+	}
+	c, _, err := s.agentFor(ctx, *sb.HostID)
+	if err != nil {
+		return false, err
+	}
+	if began, err := s.st.PauseExpired(ctx, sb.ID); err != nil || !began {
+		return false, err
+	}
+	_, err = s.pausing(ctx, c, sb)
+	return true, err
+}
+
+// pausing pauses a capsule already marked pausing on its host.
+func (s *Server) pausing(ctx context.Context, c agentclient.Client, sb store.Sandbox) (store.Sandbox, error) {
 	s.capsuleChanged(sb.ID)
 	defer s.capsuleChanged(sb.ID)
 	_, perr := c.PauseSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.PauseSandboxRequest{Id: sb.ID}))
@@ -813,7 +838,7 @@ func (s *Server) settle(ctx context.Context, c agentclient.Client, id, from, bef
 	default:
 		to = agentclient.Status(resp.Msg.GetSandbox().GetState())
 	}
-	if to != "" {
+	if to != "" && to != from { // still pausing or resuming there: the reconciler settles it later
 		_, _ = s.st.Transition(ctx, id, []string{from}, to, nil)
 	}
 }

@@ -29,7 +29,9 @@ import (
 
 // Actions are the capsule operations jobs reuse from the API.
 type Actions interface {
-	Pause(ctx context.Context, sb store.Sandbox) (store.Sandbox, error)
+	// PauseExpired pauses a capsule if it is still past its timeout as
+	// the pause begins, and reports whether it began.
+	PauseExpired(ctx context.Context, sb store.Sandbox) (bool, error)
 	DestroyStopping(ctx context.Context, id, hostID string) error
 }
 
@@ -232,11 +234,14 @@ func (r *Reconciler) expire(ctx context.Context, sb store.Sandbox) {
 		return
 	}
 	if sb.AutoPause {
-		if _, err := r.Actions.Pause(ctx, sb); err != nil {
+		began, err := r.Actions.PauseExpired(ctx, sb)
+		if err != nil {
 			r.Log.Warn("timeout: pause failed; will retry", "capsule", sb.ID, "err", err)
 			return
 		}
-		r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
+		if began {
+			r.Log.Info("timeout: capsule paused", "capsule", sb.ID, "timeout_sec", sb.TimeoutSec)
+		}
 		return
 	}
 	if stopped, err := r.Store.StopExpired(ctx, sb.ID); err != nil || !stopped {

@@ -272,6 +272,16 @@ func (s *Store) StopExpired(ctx context.Context, id string) (bool, error) {
 	return tag.RowsAffected() == 1, nil
 }
 
+// PauseExpired moves capsule id to pausing if it is still running past
+// its timeout, in one statement (as StopExpired).
+func (s *Store) PauseExpired(ctx context.Context, id string) (bool, error) {
+	tag, err := s.Pool.Exec(ctx, "UPDATE sandboxes SET status = 'pausing', last_updated = now() WHERE id = $1 AND "+expired, id)
+	if err != nil {
+		return false, mapErr(err, "pause expired capsule")
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
 // Stuck lists capsules in a transitional state for longer than age: a
 // replica died in the middle of an operation.
 func (s *Store) Stuck(ctx context.Context, age time.Duration) ([]Sandbox, error) {

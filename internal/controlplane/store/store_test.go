@@ -124,6 +124,17 @@ func TestTryLockIsExclusive(t *testing.T) {
 // A capsule past its timeout is stopped in one statement, and one whose
 // deadline moved (a ping, setTimeout) is left running.
 func TestStopExpiredOnlyStopsWhatIsStillExpired(t *testing.T) {
+	for name, move := range map[string]struct {
+		do func(*store.Store, context.Context, string) (bool, error)
+		to string
+	}{"destroy": {(*store.Store).StopExpired, "stopping"}, "pause": {(*store.Store).PauseExpired, "pausing"}} {
+		t.Run(name, func(t *testing.T) { testExpiredMove(t, move.do, move.to) })
+	}
+}
+
+// testExpiredMove: a timeout's move happens only to a capsule still past
+// its deadline, once.
+func testExpiredMove(t *testing.T, move func(*store.Store, context.Context, string) (bool, error), to string) {
 	ctx := context.Background()
 	s := open(t)
 	if _, err := s.CreateUser(ctx, store.User{ID: "usr-x", Email: "x@example.com", PasswordHash: "x", Status: "active"}, store.Team{ID: "team-x", Name: "X", Slug: "x"}, false); err != nil {
@@ -138,18 +149,18 @@ func TestStopExpiredOnlyStopsWhatIsStillExpired(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if stopped, err := s.StopExpired(ctx, "sb-expired0000000001"); err != nil || !stopped {
+	if stopped, err := move(s, ctx, "sb-expired0000000001"); err != nil || !stopped {
 		t.Fatalf("the expired capsule: stopped %v, %v", stopped, err)
 	}
-	if stopped, err := s.StopExpired(ctx, "sb-extended000000001"); err != nil || stopped {
+	if stopped, err := move(s, ctx, "sb-extended000000001"); err != nil || stopped {
 		t.Fatalf("the extended capsule: stopped %v, %v", stopped, err)
 	}
-	for id, want := range map[string]string{"sb-expired0000000001": "stopping", "sb-extended000000001": "running"} {
+	for id, want := range map[string]string{"sb-expired0000000001": to, "sb-extended000000001": "running"} {
 		if sb, err := s.Sandbox(ctx, "", id); err != nil || sb.Status != want {
 			t.Fatalf("%s is %q (%v), want %s", id, sb.Status, err, want)
 		}
 	}
-	if stopped, err := s.StopExpired(ctx, "sb-expired0000000001"); err != nil || stopped {
+	if stopped, err := move(s, ctx, "sb-expired0000000001"); err != nil || stopped {
 		t.Fatalf("a capsule already stopping was stopped again: %v, %v", stopped, err)
 	}
 }

@@ -35,6 +35,9 @@ const (
 	SandboxState_SANDBOX_STATE_PAUSED      SandboxState = 4
 	SandboxState_SANDBOX_STATE_STOPPED     SandboxState = 5
 	SandboxState_SANDBOX_STATE_ERROR       SandboxState = 6
+	// Shown while a pause or resume runs.
+	SandboxState_SANDBOX_STATE_PAUSING  SandboxState = 7
+	SandboxState_SANDBOX_STATE_RESUMING SandboxState = 8
 )
 
 // Enum value maps for SandboxState.
@@ -47,6 +50,8 @@ var (
 		4: "SANDBOX_STATE_PAUSED",
 		5: "SANDBOX_STATE_STOPPED",
 		6: "SANDBOX_STATE_ERROR",
+		7: "SANDBOX_STATE_PAUSING",
+		8: "SANDBOX_STATE_RESUMING",
 	}
 	SandboxState_value = map[string]int32{
 		"SANDBOX_STATE_UNSPECIFIED": 0,
@@ -56,6 +61,8 @@ var (
 		"SANDBOX_STATE_PAUSED":      4,
 		"SANDBOX_STATE_STOPPED":     5,
 		"SANDBOX_STATE_ERROR":       6,
+		"SANDBOX_STATE_PAUSING":     7,
+		"SANDBOX_STATE_RESUMING":    8,
 	}
 )
 
@@ -4520,7 +4527,7 @@ const file_v2_hostagent_proto_rawDesc = "" +
 	"\x16WriteFileStreamRequest\x12>\n" +
 	"\x06header\x18\x01 \x01(\v2$.wrenn.hostagent.v2.WriteFileRequestH\x00R\x06header\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x06\n" +
-	"\x04part*\xcd\x01\n" +
+	"\x04part*\x84\x02\n" +
 	"\fSandboxState\x12\x1d\n" +
 	"\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15SANDBOX_STATE_PENDING\x10\x01\x12\x1a\n" +
@@ -4528,7 +4535,9 @@ const file_v2_hostagent_proto_rawDesc = "" +
 	"\x15SANDBOX_STATE_RUNNING\x10\x03\x12\x18\n" +
 	"\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x19\n" +
 	"\x15SANDBOX_STATE_STOPPED\x10\x05\x12\x17\n" +
-	"\x13SANDBOX_STATE_ERROR\x10\x062\xca\x16\n" +
+	"\x13SANDBOX_STATE_ERROR\x10\x06\x12\x19\n" +
+	"\x15SANDBOX_STATE_PAUSING\x10\a\x12\x1a\n" +
+	"\x16SANDBOX_STATE_RESUMING\x10\b2\xca\x16\n" +
 	"\x10HostAgentService\x12^\n" +
 	"\vGetHostInfo\x12&.wrenn.hostagent.v2.GetHostInfoRequest\x1a'.wrenn.hostagent.v2.GetHostInfoResponse\x12d\n" +
 	"\rCreateSandbox\x12(.wrenn.hostagent.v2.CreateSandboxRequest\x1a).wrenn.hostagent.v2.CreateSandboxResponse\x12^\n" +
