@@ -190,7 +190,7 @@ func createFigures(ctx context.Context, c *client, m *sandbox.Manager, reconcile
 			return nil, err
 		}
 		viaAPI = append(viaAPI, time.Since(t))
-		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil); err != nil {
+		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 204, nil); err != nil {
 			return nil, err
 		}
 		id := fmt.Sprintf("sb-directbench%04d", i)
@@ -228,7 +228,7 @@ func createFigures(ctx context.Context, c *client, m *sandbox.Manager, reconcile
 	took := time.Since(start)
 	close(made)
 	for id := range made {
-		_ = c.call("DELETE", "/v1/capsules/"+id, "", nil, 202, nil)
+		_ = c.call("DELETE", "/v1/capsules/"+id, "", nil, 204, nil)
 	}
 	select {
 	case err := <-errs:
@@ -290,7 +290,7 @@ func createsFromPool(ctx context.Context, c *client, m *sandbox.Manager, reconci
 		if sb.StartedFrom != "pool" {
 			return nil, fmt.Errorf("a capsule that fits the warm pool started from %q", sb.StartedFrom)
 		}
-		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil); err != nil {
+		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 204, nil); err != nil {
 			return nil, err
 		}
 		cfg.Log.Info("control plane: create from a warm pool", "n", i+1, "api", out[i].Round(time.Millisecond))
@@ -309,7 +309,7 @@ func createsFromMemory(c *client, cfg Config) ([]time.Duration, error) {
 	if err := c.call("POST", "/v1/capsules?wait=true", "", map[string]any{"memory_mb": 256}, 201, &src); err != nil {
 		return nil, err
 	}
-	defer func() { _ = c.call("DELETE", "/v1/capsules/"+src.ID, "", nil, 202, nil) }()
+	defer func() { _ = c.call("DELETE", "/v1/capsules/"+src.ID, "", nil, 204, nil) }()
 	var tpl struct {
 		Name      string `json:"name"`
 		HasMemory bool   `json:"has_memory"`
@@ -335,7 +335,7 @@ func createsFromMemory(c *client, cfg Config) ([]time.Duration, error) {
 		if sb.StartedFrom != "memory" {
 			return nil, fmt.Errorf("a capsule of the template's shape booted: %s", sb.BootNote)
 		}
-		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil); err != nil {
+		if err := c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 204, nil); err != nil {
 			return nil, err
 		}
 		cfg.Log.Info("control plane: create from memory", "n", i+1, "api", out[i].Round(time.Millisecond))
@@ -350,7 +350,7 @@ func execFigures(ctx context.Context, c *client, m *sandbox.Manager, cfg Config)
 	if err := c.call("POST", "/v1/capsules?wait=true", "", map[string]any{"memory_mb": 256}, 201, &sb); err != nil {
 		return nil, err
 	}
-	defer func() { _ = c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil) }()
+	defer func() { _ = c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 204, nil) }()
 	envd, err := m.Envd(sb.ID)
 	if err != nil {
 		return nil, err

@@ -37,7 +37,7 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 	if err := c.call("POST", "/v1/capsules?wait=true", "", map[string]any{"memory_mb": 1024, "public": true}, 201, &sb); err != nil {
 		return nil, err
 	}
-	defer func() { _ = c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 202, nil) }()
+	defer func() { _ = c.call("DELETE", "/v1/capsules/"+sb.ID, "", nil, 204, nil) }()
 	rec, err := m.Get(sb.ID)
 	if err != nil {
 		return nil, err
