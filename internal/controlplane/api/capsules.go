@@ -299,7 +299,7 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 	if err != nil {
 		return none, tpl, scheduler.Request{}, err
 	}
-	hosts, err := s.st.SchedulableHosts(ctx, p.TeamID)
+	hosts, teamBYOC, err := s.st.SchedulableHosts(ctx, p.TeamID)
 	if err != nil {
 		return none, tpl, scheduler.Request{}, err
 	}
@@ -307,8 +307,13 @@ func (s *Server) place(ctx context.Context, p *principal, req createCapsuleReque
 		v, m := int(*tpl.VCPUs), int(*tpl.MemoryMB)
 		req.VCPUs, req.MemoryMB = &v, &m
 	}
-	byoc := req.BYOC != nil && *req.BYOC
-	if req.BYOC == nil {
+	byoc := teamBYOC
+	switch {
+	case req.BYOC != nil:
+		byoc = *req.BYOC
+	case len(hosts) == 0:
+		// No host listed tells nothing of the team: look, so the error
+		// names the hosts it lacks.
 		team, err := s.st.Team(ctx, p.TeamID)
 		if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return none, tpl, scheduler.Request{}, err
@@ -399,7 +404,7 @@ func (s *Server) runCreate(sb store.Sandbox, tpl store.Template, envs map[string
 	for attempt := 0; attempt < 3; attempt++ {
 		if attempt > 0 {
 			sreq.Exclude = append(sreq.Exclude, hostID)
-			hosts, err := s.st.SchedulableHosts(ctx, sb.TeamID)
+			hosts, _, err := s.st.SchedulableHosts(ctx, sb.TeamID)
 			if err != nil {
 				lastErr = err
 				break

@@ -251,9 +251,12 @@ type HostLoad struct {
 
 // SchedulableHosts lists online hosts a team may use (shared hosts, and
 // its own BYOC hosts when a platform admin enabled BYOC for it) with their
-// reservations. Other teams' BYOC hosts are never listed.
-func (s *Store) SchedulableHosts(ctx context.Context, teamID string) ([]HostLoad, error) {
+// reservations. Other teams' BYOC hosts are never listed. teamBYOC
+// reports whether the team is enabled for BYOC (read in the same query;
+// false when no host is listed).
+func (s *Store) SchedulableHosts(ctx context.Context, teamID string) (hosts []HostLoad, teamBYOC bool, err error) {
 	rows, _ := s.Pool.Query(ctx, `SELECT `+hostCols+`,
+		coalesce((SELECT t.is_byoc FROM teams t WHERE t.id = $1), false) AS team_byoc,
 		coalesce(sum(sb.memory_mb) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming')), 0)::bigint AS reserved_mb,
 		coalesce(sum(sb.vcpus) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming')), 0)::bigint AS reserved_vcpus,
 		count(sb.id) FILTER (WHERE sb.status IN ('pending', 'starting', 'running', 'pausing', 'resuming'))::bigint AS running
@@ -261,11 +264,16 @@ func (s *Store) SchedulableHosts(ctx context.Context, teamID string) ([]HostLoad
 		WHERE h.status = 'online' AND h.address IS NOT NULL AND (h.type = 'regular' OR
 			(h.type = 'byoc' AND h.team_id = $1 AND EXISTS (SELECT 1 FROM teams t WHERE t.id = $1 AND t.is_byoc)))
 		GROUP BY h.id ORDER BY h.id`, teamID)
-	hs, err := pgx.CollectRows(rows, pgx.RowToStructByName[HostLoad])
-	for i := range hs {
-		if err == nil {
-			err = s.openHost(&hs[i].Host)
-		}
+	type row struct {
+		HostLoad
+		TeamBYOC bool `db:"team_byoc"`
 	}
-	return hs, mapErr(err, "schedulable hosts")
+	rs, err := pgx.CollectRows(rows, pgx.RowToStructByName[row])
+	for _, r := range rs {
+		if err == nil {
+			err = s.openHost(&r.Host)
+		}
+		hosts, teamBYOC = append(hosts, r.HostLoad), r.TeamBYOC
+	}
+	return hosts, teamBYOC, mapErr(err, "schedulable hosts")
 }
