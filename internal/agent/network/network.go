@@ -400,6 +400,12 @@ func deleteNamedNS(name string) error {
 // Exists reports whether the slot's namespace is there.
 func (m *Manager) Exists(a Allocation) bool { return m.nsExists(a.NetNS) }
 
+// Allocation is ForSlot, for the sandbox manager's Network interface.
+func (m *Manager) Allocation(slot int) (Allocation, error) { return ForSlot(slot) }
+
+// Slots is Namespaces, for the sandbox manager's Network interface.
+func (m *Manager) Slots() ([]int, error) { return Namespaces() }
+
 func (m *Manager) nsExists(name string) bool {
 	_, err := os.Stat("/run/netns/" + name)
 	return err == nil

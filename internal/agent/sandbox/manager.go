@@ -56,7 +56,7 @@ type Config struct {
 	WrennDir       string
 	Driver         vmm.Driver
 	Disks          disk.Cloner
-	Net            *network.Manager
+	Net            Network
 	Log            *slog.Logger
 	DNS            []netip.Addr  // resolvers the guests use
 	DefaultTimeout time.Duration // when a create names none
@@ -81,6 +81,25 @@ type Config struct {
 	// keep the memory they copy while their sandboxes live, in a directory
 	// of this manager's own (named for WrennDir). "" keeps it on disk.
 	MemoryScratch string
+}
+
+// Network makes and removes sandbox networks: package network's Manager
+// on a host, a stand-in in unit tests (which cannot make namespaces).
+type Network interface {
+	// Allocation is the network a slot gets (its namespace, addresses).
+	Allocation(slot int) (network.Allocation, error)
+	// PrepareHost sets what every sandbox network needs, at each start.
+	PrepareHost(ctx context.Context) error
+	Setup(ctx context.Context, a network.Allocation, egress egress.Policy) error
+	// Teardown removes a network; removing one that is gone is no error.
+	Teardown(ctx context.Context, a network.Allocation) error
+	Exists(a network.Allocation) bool
+	// Slots lists the slots whose networks exist on the host, made by any
+	// agent, so that one can remove those no sandbox owns.
+	Slots() ([]int, error)
+	// ScratchTap adds a network card with nothing behind it to a
+	// sandbox's network, for a VMM that only converts saved state.
+	ScratchTap(ctx context.Context, a network.Allocation, name string) (remove func(), err error)
 }
 
 // Cgroups are the VMMs' control groups, one per sandbox, named by its id.
@@ -364,7 +383,7 @@ func (m *Manager) reserve(p CreateParams) (*entry, error) {
 	if slot > m.cfg.Slots.Last {
 		return nil, fmt.Errorf("%w: all network slots %d-%d are in use", ErrNoCapacity, m.cfg.Slots.First, m.cfg.Slots.Last)
 	}
-	alloc, err := network.ForSlot(slot)
+	alloc, err := m.cfg.Net.Allocation(slot)
 	if err != nil {
 		return nil, fmt.Errorf("%w: no free network slot", ErrNoCapacity)
 	}

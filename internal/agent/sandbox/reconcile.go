@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/wrenn/wrenn/internal/agent/disk"
-	"github.com/wrenn/wrenn/internal/agent/network"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
 	"github.com/wrenn/wrenn/internal/safetext"
 )
@@ -155,7 +154,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		}
 	}
 	// Namespaces of slots no sandbox holds.
-	slots, err := network.Namespaces()
+	slots, err := m.cfg.Net.Slots()
 	if err != nil {
 		return fmt.Errorf("reconcile namespaces: %w", err)
 	}
@@ -163,7 +162,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		if _, owned := m.slots[slot]; owned || !m.cfg.Slots.Contains(slot) {
 			continue // ours, or another agent's on this machine
 		}
-		if a, err := network.ForSlot(slot); err == nil {
+		if a, err := m.cfg.Net.Allocation(slot); err == nil {
 			m.log.Warn("removing orphan network namespace", "netns", a.NetNS)
 			_ = m.cfg.Net.Teardown(ctx, a)
 		}

@@ -490,9 +490,8 @@ func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest])
 	// A foreground command dies with its call: at its timeout, or when
 	// the caller goes away.
 	spec.KillOnCancel = true
-	callCtx := ctx
-	ctx, cancel := context.WithTimeout(ctx, limit)
-	defer cancel()
+	ctx, timedOut, stop := commandTimer(ctx, limit)
+	defer stop()
 	release, err := c.HoldOutput(ctx)
 	if err != nil {
 		return nil, connect.NewError(connect.CodeDeadlineExceeded, err)
@@ -518,7 +517,7 @@ func (s *Server) Exec(ctx context.Context, req *connect.Request[pb.ExecRequest])
 	})
 	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
 	if err != nil {
-		if ctx.Err() != nil && callCtx.Err() == nil {
+		if timedOut() {
 			// Its own timeout: an answer, with what it wrote until then.
 			res.TimedOut, res.ExitCode = true, -1
 			s.log.Info("command timed out and was killed", "sandbox", req.Msg.GetSandboxId(), "cmd", spec.Cmd, "timeout", limit)
@@ -539,11 +538,11 @@ func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecReq
 	if err != nil {
 		return toConnect(err)
 	}
-	callCtx := ctx
+	timedOut := func() bool { return false }
 	if n := req.Msg.GetTimeoutSeconds(); n > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(n)*time.Second)
-		defer cancel()
+		var stop func()
+		ctx, timedOut, stop = commandTimer(ctx, time.Duration(n)*time.Second)
+		defer stop()
 	}
 	// A terminal session keeps stdin open for SendInput, and outlives its
 	// stream (a client may leave it and join again); a command dies with
@@ -551,11 +550,29 @@ func (s *Server) ExecStream(ctx context.Context, req *connect.Request[pb.ExecReq
 	spec.KeepStdin = spec.KeepStdin || spec.PTY != nil
 	spec.KillOnCancel = spec.PTY == nil
 	err = c.Exec(ctx, spec, relay(stream))
-	if err != nil && ctx.Err() != nil && callCtx.Err() == nil {
+	if err != nil && timedOut() {
 		s.log.Info("streamed command timed out and was killed", "sandbox", req.Msg.GetSandboxId(), "cmd", spec.Cmd)
 		return stream.Send(&pb.ExecStreamResponse{Event: &pb.ExecStreamResponse_TimedOut{TimedOut: true}})
 	}
 	return toConnect(err)
+}
+
+// errCommandTimeout ends a command that ran past its timeout.
+var errCommandTimeout = errors.New("the command's timeout passed")
+
+// commandTimer ends ctx once limit has passed; timedOut reports whether
+// that (not the caller) ended it. It is a timer, not a deadline: a
+// deadline travels to envd with the request, and envd's side ending the
+// stream a moment before ours would read as envd failing instead of the
+// command's timeout.
+func commandTimer(parent context.Context, limit time.Duration) (ctx context.Context, timedOut func() bool, stop func()) {
+	ctx, cancel := context.WithCancelCause(parent)
+	t := time.AfterFunc(limit, func() { cancel(errCommandTimeout) })
+	timedOut = func() bool { return errors.Is(context.Cause(ctx), errCommandTimeout) }
+	return ctx, timedOut, func() {
+		t.Stop()
+		cancel(nil)
+	}
 }
 
 // relay forwards process events to a client stream.
