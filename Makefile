@@ -93,6 +93,10 @@ fuzz: ## Run every fuzz target for FUZZTIME (10s each in make test)
 		$(GO) test ./$$pkg -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) >$(BUILDS)/fuzz.log 2>&1 || { cat $(BUILDS)/fuzz.log; exit 1; }; \
 	done
 
+.PHONY: test-kvm
+test-kvm: images postgres ## On a KVM host: Firecracker for real (driver, agent suite, journey; direct, diff snapshots, jailed). FIRECRACKER=, JAILER=
+	scripts/test-kvm.sh
+
 .PHONY: chaos
 chaos: images postgres ## Fault-injection tests and a soak (WRENN_SOAK, default 5m); prints what was survived
 	scripts/chaos.sh

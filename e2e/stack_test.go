@@ -10,11 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/wrenn/wrenn/internal/controlplane/seal"
+	"github.com/wrenn/wrenn/internal/testutil/agentargs"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/gobin"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
@@ -138,10 +141,12 @@ func startStack(t *testing.T, cpEnv ...string) *stack {
 	}
 	agentAddr := "127.0.0.1:" + freeport.Get(t)
 	// Runs after the agent stops: a failed test must not leave VMs running.
-	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", "qemu-system.*"+agentDir).Run() })
-	s.agent = process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="},
-		"--listen", agentAddr, "--dir", agentDir, "--register", regToken, "--address", agentAddr,
-		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", fmt.Sprintf("%d-%d", firstSlot, lastSlot))
+	t.Cleanup(func() { killVMMs(agentDir) })
+	args := []string{"--listen", agentAddr, "--dir", agentDir, "--register", regToken, "--address", agentAddr,
+		"--cp-url", s.url, "--heartbeat-interval", "2s", "--slots", fmt.Sprintf("%d-%d", firstSlot, lastSlot)}
+	// An operator's flags (WRENN_TEST_AGENT_ARGS), such as another VMM.
+	args = append(args, agentargs.Parse(os.Getenv(agentargs.Variable)).For(agentDir)...)
+	s.agent = process(t, filepath.Join(bin, "wrenn-agent"), filepath.Join(work, "agent.log"), []string{"WRENN_HOST_TOKEN="}, args...)
 	deadline := time.Now().Add(time.Minute)
 	for {
 		hs, err := user.ListHosts(ctx)
@@ -202,7 +207,7 @@ func (s *stack) nothingLeft() {
 			left = append(left, "netns "+ns)
 		}
 		for _, vm := range s.vms() {
-			left = append(left, "qemu: "+vm)
+			left = append(left, "VMM: "+vm)
 		}
 		if len(left) == 0 {
 			return
@@ -227,14 +232,37 @@ func (s *stack) namespaces() []string {
 	return out
 }
 
-// vms lists the QEMU processes of the stack's agent (PID and command line).
+// vms lists the VMM processes of the stack's agent (PID and command line).
 func (s *stack) vms() []string {
-	ps, _ := exec.Command("pgrep", "-af", "qemu-system.*"+s.agentDir).Output()
 	var out []string
-	for _, line := range strings.Split(strings.TrimSpace(string(ps)), "\n") {
-		if line != "" {
-			out = append(out, line)
+	for pid, cmdline := range vmmsOn(s.agentDir) {
+		out = append(out, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(cmdline, "\x00", " ")))
+	}
+	return out
+}
+
+// vmmsOn finds the VMMs (QEMU or Firecracker, jailed or not) an agent on
+// dir started, by pid.
+func vmmsOn(dir string) map[int]string {
+	out := map[int]string{}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
+		root, _ := os.Readlink("/proc/" + p.Name() + "/root")
+		if agentargs.IsVMM(cmdline, root, dir) {
+			out[pid] = string(cmdline)
 		}
 	}
 	return out
+}
+
+// killVMMs kills what a failed test left running.
+func killVMMs(dir string) {
+	for pid := range vmmsOn(dir) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 }

@@ -1,6 +1,7 @@
 package agenttest
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
+	"github.com/wrenn/wrenn/internal/testutil/agentargs"
 	pb "github.com/wrenn/wrenn/proto/hostagent/v2"
 )
 
@@ -29,22 +31,29 @@ func vmmCgroups(t *testing.T) cgroup.Hierarchy {
 	return h
 }
 
-// qemuPID finds the QEMU of sandbox id run by the agent on dir.
-func qemuPID(t *testing.T, dir, id string) int {
+// vmmPID is the VMM process of sandbox id run by the agent on dir (QEMU
+// or Firecracker, jailed or not), as the agent's record names it.
+func vmmPID(t *testing.T, dir, id string) int {
 	t.Helper()
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
-		if strings.Contains(string(cmdline), "qemu-system") && strings.Contains(string(cmdline), filepath.Join(dir, "sandboxes", id)+"/") {
-			return pid
-		}
+	data, err := os.ReadFile(filepath.Join(dir, "sandboxes", id, "sandbox.json"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("no QEMU for %s", id)
-	return 0
+	var rec struct {
+		VMM struct {
+			PID int `json:"pid"`
+		} `json:"vmm"`
+	}
+	if err := json.Unmarshal(data, &rec); err != nil {
+		t.Fatal(err)
+	}
+	p := "/proc/" + strconv.Itoa(rec.VMM.PID)
+	cmdline, _ := os.ReadFile(p + "/cmdline")
+	root, _ := os.Readlink(p + "/root")
+	if rec.VMM.PID <= 0 || !agentargs.IsVMM(cmdline, root, dir) {
+		t.Fatalf("the record of %s names pid %d, not a VMM of this agent (%q)", id, rec.VMM.PID, cmdline)
+	}
+	return rec.VMM.PID
 }
 
 func readTrim(t *testing.T, path string) string {
@@ -110,9 +119,9 @@ func TestVMMCgroupLimits(t *testing.T) {
 	h := vmmCgroups(t)
 	ctx := testCtx(t, 4*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-cgroup", Vcpus: 2, MemoryMib: 384})
-	checkConfined(t, h, sb.GetId(), qemuPID(t, a.dir, sb.GetId()), 2, 384)
+	checkConfined(t, h, sb.GetId(), vmmPID(t, a.dir, sb.GetId()), 2, 384)
 	// Under a root agent the VMM is root with every capability gone.
-	checkVMMPrivileges(t, qemuPID(t, a.dir, sb.GetId()), "0", "0000000000000000")
+	checkVMMPrivileges(t, vmmPID(t, a.dir, sb.GetId()), "0", "0000000000000000")
 
 	// Load the guest, then read what the VMM really used against its cap.
 	if out, code := a.sh(ctx, sb.GetId(), "head -c 200M /dev/zero | tail -c 1 >/dev/null; for i in 1 2; do timeout 3 sh -c 'while :; do :; done' & done; wait; echo ok"); code != 0 {
@@ -131,12 +140,12 @@ func TestVMMCgroupLimits(t *testing.T) {
 	if _, err := a.client.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Id: sb.GetId()})); err != nil {
 		t.Fatal(err)
 	}
-	checkConfined(t, h, sb.GetId(), qemuPID(t, a.dir, sb.GetId()), 2, 384)
+	checkConfined(t, h, sb.GetId(), vmmPID(t, a.dir, sb.GetId()), 2, 384)
 
 	// An agent restart keeps the running VM's group.
 	a.kill()
 	a.start()
-	checkConfined(t, h, sb.GetId(), qemuPID(t, a.dir, sb.GetId()), 2, 384)
+	checkConfined(t, h, sb.GetId(), vmmPID(t, a.dir, sb.GetId()), 2, 384)
 
 	if _, err := a.client.DestroySandbox(ctx, connect.NewRequest(&pb.DestroySandboxRequest{Id: sb.GetId()})); err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
+	"github.com/wrenn/wrenn/internal/testutil/agentargs"
 	"github.com/wrenn/wrenn/internal/testutil/freeport"
 	"github.com/wrenn/wrenn/internal/testutil/guestimages"
 	"github.com/wrenn/wrenn/internal/testutil/hostlock"
@@ -29,6 +30,10 @@ import (
 const testToken = "agent-test-token-0123456789"
 
 var agentBinary string
+
+// extraArgs are the operator's flags for every agent (WRENN_TEST_AGENT_ARGS:
+// see package agentargs), such as another VMM on a KVM host.
+var extraArgs = agentargs.Parse(os.Getenv(agentargs.Variable))
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "wrenn-agent-bin")
@@ -107,7 +112,8 @@ func (a *agent) start() {
 		t.Fatal(err)
 	}
 	a.log = f
-	args := append([]string{"--listen", a.addr, "--dir", a.dir, "--log-level", "debug"}, a.args...)
+	args := append([]string{"--listen", a.addr, "--dir", a.dir, "--log-level", "debug"}, extraArgs.For(a.dir)...)
+	args = append(args, a.args...)
 	cmd := exec.Command(agentBinary, args...)
 	cmd.Env = append(os.Environ(), "WRENN_HOST_TOKEN="+testToken)
 	cmd.Stdout, cmd.Stderr = f, f
@@ -118,8 +124,11 @@ func (a *agent) start() {
 	a.client = hostagentv2connect.NewHostAgentServiceClient(withToken(a.hc, testToken), a.scheme+"://"+a.addr)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		_, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))
+		info, err := a.client.GetHostInfo(context.Background(), connect.NewRequest(&pb.GetHostInfoRequest{}))
 		if err == nil {
+			if got := info.Msg.GetVmm(); got != extraArgs.VMM() {
+				t.Fatalf("the agent runs %s, not the %s asked for", got, extraArgs.VMM())
+			}
 			return
 		}
 		if time.Now().After(deadline) {
@@ -222,8 +231,9 @@ func leftovers(dir string) []string {
 			continue
 		}
 		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
-		if strings.Contains(string(cmdline), "qemu-system") && strings.Contains(string(cmdline), dir) {
-			leaks = append(leaks, "qemu pid "+p.Name())
+		root, _ := os.Readlink("/proc/" + p.Name() + "/root")
+		if agentargs.IsVMM(cmdline, root, dir) {
+			leaks = append(leaks, "VMM pid "+p.Name())
 		}
 	}
 	if f, err := os.Open("/proc/self/mountinfo"); err == nil {

@@ -33,7 +33,7 @@ func TestAgentRequiresHostToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Msg.GetCpus() < 1 || info.Msg.GetMemoryBytes() == 0 || info.Msg.GetVmm() != "qemu" || info.Msg.GetDiskBytes() == 0 || len(info.Msg.GetTemplates()) == 0 {
+	if info.Msg.GetCpus() < 1 || info.Msg.GetMemoryBytes() == 0 || info.Msg.GetVmm() != extraArgs.VMM() || info.Msg.GetDiskBytes() == 0 || len(info.Msg.GetTemplates()) == 0 {
 		t.Fatalf("host info %v", info.Msg)
 	}
 }

@@ -32,7 +32,7 @@ func TestMemoryTemplateClones(t *testing.T) {
 		t.Fatalf("snapshot: %v\n%s", err, a.logTail())
 	}
 	mem := snap.Msg.GetTemplate().GetMemory()
-	if mem == nil || mem.GetVmm() != "qemu" || mem.GetMemoryMib() != 256 || mem.GetVcpus() != 1 || mem.GetSizeBytes() == 0 {
+	if mem == nil || mem.GetVmm() != extraArgs.VMM() || mem.GetMemoryMib() != 256 || mem.GetVcpus() != 1 || mem.GetSizeBytes() == 0 {
 		t.Fatalf("the template's memory: %v", snap.Msg.GetTemplate())
 	}
 	// The origin keeps running.

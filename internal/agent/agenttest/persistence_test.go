@@ -281,7 +281,7 @@ func TestDeadVMMIsReported(t *testing.T) {
 	a := newAgent(t)
 	ctx := testCtx(t, 2*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-dies"})
-	pid := qemuPID(t, a.dir, sb.GetId())
+	pid := vmmPID(t, a.dir, sb.GetId())
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}

@@ -92,7 +92,7 @@ func TestUnprivilegedAgent(t *testing.T) {
 
 	ctx := testCtx(t, 4*time.Minute)
 	sb := a.create(ctx, &pb.CreateSandboxRequest{Id: "sb-unpriv"})
-	qemu := qemuPID(t, a.dir, sb.GetId())
+	qemu := vmmPID(t, a.dir, sb.GetId())
 	checkVMMPrivileges(t, qemu, u.Uid, agentCaps)
 	checkConfined(t, vmmCgroups(t), sb.GetId(), qemu, 1, 256)
 	if out, code := a.sh(ctx, sb.GetId(), "echo hello > ~/f && cat ~/f"); code != 0 || !strings.HasPrefix(out, "hello") {
@@ -107,7 +107,7 @@ func TestUnprivilegedAgent(t *testing.T) {
 	if out, _ := a.sh(ctx, sb.GetId(), "cat ~/f"); strings.TrimSpace(out) != "hello" {
 		t.Fatalf("after resume: %q", out)
 	}
-	checkVMMPrivileges(t, qemuPID(t, a.dir, sb.GetId()), u.Uid, agentCaps)
+	checkVMMPrivileges(t, vmmPID(t, a.dir, sb.GetId()), u.Uid, agentCaps)
 	// The sandbox's files on the host belong to wrenn, not root.
 	st, err := os.Stat(filepath.Join(dir, "sandboxes", sb.GetId(), "sandbox.json"))
 	if err != nil {
