@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # make test-kvm: the Firecracker production path, for real, on a KVM host.
 # It runs the driver's KVM suite, then the agent's own suite and the user
-# journey with the agent on Firecracker: direct, with diff snapshots, and
-# jailed. Nothing here skips: a host without a usable /dev/kvm, or without
-# the firecracker and jailer binaries, fails with the reason.
+# journey with the agent on Firecracker: direct, with diff snapshots, on
+# device-mapper disks, and jailed; and the device-mapper disk driver. Nothing
+# here skips: a host without a usable /dev/kvm, device-mapper, or the
+# firecracker and jailer binaries fails with the reason.
 #
 #   FIRECRACKER=/usr/local/bin/firecracker JAILER=/usr/local/bin/jailer make test-kvm
 #
@@ -27,7 +28,11 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
 	echo "test-kvm: /dev/kvm is missing or not usable by $(id -un)" >&2
 	exit 1
 fi
-export WRENN_ARTIFACTS=$art WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_REQUIRE_KVM=1
+if [ ! -e /dev/mapper/control ]; then
+	echo "test-kvm: no device-mapper (/dev/mapper/control; modprobe dm_mod dm_snapshot)" >&2
+	exit 1
+fi
+export WRENN_ARTIFACTS=$art WRENN_REQUIRE_IMAGES=1 WRENN_REQUIRE_DB=1 WRENN_REQUIRE_KVM=1 WRENN_REQUIRE_DM=1
 export WRENN_TEST_DATABASE_URL=${WRENN_TEST_DATABASE_URL:-$(scripts/postgres.sh url)}
 export WRENN_FIRECRACKER=$fc WRENN_JAILER=$jailer
 
@@ -43,8 +48,10 @@ diff_tests='TestPauseResumeKeepsMemoryAndOpenFiles|TestAgentRestartAdoptsRunning
 # what; package; tests; the agent's flags
 runs=(
 	"driver;internal/agent/vmm/firecracker;KVM;"
+	"device-mapper disks;internal/agent/disk/...;DeviceMapper|CreateAndRemove|Attach;"
 	"agent, direct;internal/agent/agenttest;^(${agent_tests}|TestVMMCgroupLimits)\$;--vmm firecracker"
 	"agent, diff snapshots;internal/agent/agenttest;^(${diff_tests})\$;--vmm firecracker --diff-snapshots"
+	"agent, dm disks;internal/agent/agenttest;^(TestCreateExecFilesDestroyLeavesNothing|TestDiskSize|${diff_tests})\$;--vmm firecracker --disk dm"
 	"journey, direct;e2e;^(${journey})\$;--vmm firecracker"
 	"agent, jailed;internal/agent/agenttest;^(${agent_tests}|TestMemoryTemplateClones)\$;--vmm firecracker --jailer $jailer"
 	"journey, jailed;e2e;^(${journey}|TestSnapshotsKeepMemory)\$;--vmm firecracker --jailer $jailer"

@@ -2,13 +2,14 @@ package disk
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+
+	"github.com/wrenn/wrenn/internal/agent/disk/devmapper"
+	"github.com/wrenn/wrenn/internal/agent/disk/loopdev"
 )
 
 // DeviceMapper gives each sandbox a device-mapper snapshot of its
@@ -22,8 +23,10 @@ import (
 // The shared loop device is detached when the kernel lists no holder of it
 // (/sys/block/loopN/holders) at a release. Every attach, create, reattach
 // and release on the host runs under one lock: without it a release
-// between another create's attach and its dmsetup create could detach the
-// origin, or let losetup --find hand its number to another file.
+// between another create's attach and its device's creation could detach the
+// origin, or hand its loop number to another file. Loop devices and
+// device-mapper tables are made through the kernel's ioctls (packages
+// loopdev and devmapper), not by running losetup and dmsetup.
 type DeviceMapper struct {
 	mu sync.Mutex
 }
@@ -33,13 +36,10 @@ func (*DeviceMapper) Name() string { return "dm" }
 
 // Available reports whether this host can create device-mapper devices.
 func Available() error {
-	if _, err := os.Stat("/dev/mapper/control"); err != nil {
-		return fmt.Errorf("device-mapper is not available (no /dev/mapper/control): %w", err)
+	if err := devmapper.Available(); err != nil {
+		return err
 	}
-	if _, err := exec.LookPath("dmsetup"); err != nil {
-		return fmt.Errorf("device-mapper: %w (apt-get install dmsetup)", err)
-	}
-	return nil
+	return loopdev.Available()
 }
 
 // dmName names a sandbox's device after its directory (the sandbox id);
@@ -85,9 +85,8 @@ func (d *DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes i
 // (after a host reboot, or anything else that removed it), keeping what
 // the sandbox wrote; a disk whose device is there is left as it is.
 func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
-	dsk := Disk{Path: "/dev/mapper/" + dmName(dest), Format: "raw"}
-	if _, err := os.Stat(dsk.Path); err == nil {
-		return dsk, nil
+	if devmapper.Exists(dmName(dest)) {
+		return Disk{Path: devmapper.Path(dmName(dest)), Format: "raw"}, nil
 	}
 	if err := Available(); err != nil {
 		return Disk{}, err
@@ -123,17 +122,20 @@ func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, 
 		return Disk{}, err
 	}
 	if size > baseSize {
-		ext := "/dev/mapper/" + extendedName(dest)
-		if _, err := os.Stat(ext); err != nil {
-			table := fmt.Sprintf("0 %d linear %s 0\n%d %d zero", baseSize/512, origin, baseSize/512, (size-baseSize)/512)
-			if err := dmcreate(ctx, extendedName(dest), table); err != nil {
+		ext := devmapper.Path(extendedName(dest))
+		if !devmapper.Exists(extendedName(dest)) {
+			table := []devmapper.Target{
+				{Length: uint64(baseSize / 512), Type: "linear", Params: origin + " 0"},
+				{Start: uint64(baseSize / 512), Length: uint64((size - baseSize) / 512), Type: "zero"},
+			}
+			if _, err := devmapper.Create(extendedName(dest), table); err != nil {
 				return fail(err)
 			}
-			undo = append(undo, func() { _ = dmsetup(ctx, "remove", "--retry", extendedName(dest)) })
+			undo = append(undo, func() { _ = devmapper.Remove(extendedName(dest)) })
 		}
 		origin = ext
 	}
-	cows, err := loopsFor(ctx, dest)
+	cows, err := loopdev.Find(dest)
 	if err != nil {
 		return fail(err)
 	}
@@ -141,35 +143,18 @@ func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, 
 	if len(cows) > 0 {
 		cow = cows[0]
 	} else {
-		if cow, err = losetup(ctx, "--find", "--show", dest); err != nil {
+		if cow, err = loopdev.Attach(dest, false); err != nil {
 			return fail(err)
 		}
-		undo = append(undo, func() { _, _ = losetup(ctx, "--detach", cow) })
+		undo = append(undo, func() { _ = loopdev.Detach(cow) })
 	}
 	// 512-byte sectors; chunks of 8 sectors (4 KiB).
-	table := fmt.Sprintf("0 %d snapshot %s %s P 8", size/512, origin, cow)
-	if err := dmcreate(ctx, dmName(dest), table); err != nil {
+	table := []devmapper.Target{{Length: uint64(size / 512), Type: "snapshot", Params: origin + " " + cow + " P 8"}}
+	path, err := devmapper.Create(dmName(dest), table)
+	if err != nil {
 		return fail(err)
 	}
-	return Disk{Path: "/dev/mapper/" + dmName(dest), Format: "raw"}, nil
-}
-
-// dmcreate makes device name from table, given on standard input (the
-// command line takes one-line tables only).
-func dmcreate(ctx context.Context, name, table string) error {
-	cmd := exec.CommandContext(ctx, "dmsetup", "create", name)
-	cmd.Stdin = strings.NewReader(table + "\n")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("dmsetup create %s: %w: %s", name, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-func dmsetup(ctx context.Context, args ...string) error {
-	if out, err := exec.CommandContext(ctx, "dmsetup", args...).CombinedOutput(); err != nil {
-		return fmt.Errorf("dmsetup %s: %w: %s", strings.Join(args[:min(len(args), 2)], " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return Disk{Path: path, Format: "raw"}, nil
 }
 
 // Release implements Cloner: remove the snapshot and any extension, detach
@@ -179,14 +164,14 @@ func (d *DeviceMapper) Release(ctx context.Context, dest string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, name := range []string{dmName(dest), extendedName(dest)} {
-		if _, err := os.Stat("/dev/mapper/" + name); err != nil {
+		if !devmapper.Exists(name) {
 			continue
 		}
-		deps, _ := exec.CommandContext(ctx, "dmsetup", "deps", "-o", "devname", name).Output()
-		if err := dmsetup(ctx, "remove", "--retry", name); err != nil {
+		deps, _ := devmapper.Deps(name)
+		if err := devmapper.Remove(name); err != nil {
 			return err
 		}
-		for _, dev := range depNames(string(deps)) {
+		for _, dev := range deps {
 			if !strings.HasPrefix(dev, "loop") {
 				continue // the extension, removed next
 			}
@@ -196,74 +181,42 @@ func (d *DeviceMapper) Release(ctx context.Context, dest string) error {
 		}
 	}
 	// A COW loop whose dm device is already gone.
-	if devs, _ := loopsFor(ctx, dest); len(devs) > 0 {
+	if _, err := os.Stat(dest); err == nil {
+		devs, _ := loopdev.Find(dest)
 		for _, d := range devs {
-			_, _ = losetup(ctx, "--detach", d)
+			_ = loopdev.Detach(d)
 		}
 	}
 	return removeFile(dest)
 }
 
-// depNames parses `dmsetup deps -o devname` output: "2 dependencies : (loop1) (loop0)".
-func depNames(out string) []string {
-	var names []string
-	for _, f := range strings.Fields(out) {
-		if strings.HasPrefix(f, "(") && strings.HasSuffix(f, ")") {
-			names = append(names, strings.Trim(f, "()"))
-		}
-	}
-	return names
-}
-
 // AttachShared returns the read-only loop device of base, attaching it if
 // no read-only loop device for it exists yet.
-func AttachShared(ctx context.Context, base string) (string, error) {
-	devs, err := loopsFor(ctx, base)
+func AttachShared(_ context.Context, base string) (string, error) {
+	devs, err := loopdev.Find(base)
 	if err != nil {
 		return "", err
 	}
 	for _, d := range devs {
-		ro, err := os.ReadFile("/sys/block/" + filepath.Base(d) + "/ro")
-		if err == nil && strings.TrimSpace(string(ro)) == "1" {
+		if loopdev.ReadOnly(d) {
 			return d, nil
 		}
 	}
-	return losetup(ctx, "--find", "--show", "--read-only", base)
+	return loopdev.Attach(base, true)
 }
 
-// DetachIfUnused detaches a loop device nothing holds any more.
-func DetachIfUnused(ctx context.Context, dev string) error {
-	holders, err := os.ReadDir("/sys/block/" + filepath.Base(dev) + "/holders")
-	if errors.Is(err, os.ErrNotExist) {
-		return nil // already detached
-	}
+// DetachIfUnused detaches a loop device nothing holds any more: the
+// kernel's list of its holders is the count of sandboxes using it, and
+// it survives an agent restart, as a count of our own would not.
+func DetachIfUnused(_ context.Context, dev string) error {
+	n, err := loopdev.Holders(dev)
 	if err != nil {
 		return err
 	}
-	if len(holders) > 0 {
-		return nil
+	if n != 0 {
+		return nil // in use, or already detached (-1)
 	}
-	if _, err := losetup(ctx, "--detach", dev); err != nil && !strings.Contains(err.Error(), "No such device") {
-		return err
-	}
-	return nil
-}
-
-// loopsFor lists the loop devices backed by file.
-func loopsFor(ctx context.Context, file string) ([]string, error) {
-	out, err := losetup(ctx, "--noheadings", "--output", "NAME", "--associated", file)
-	if err != nil {
-		return nil, err
-	}
-	return strings.Fields(out), nil
-}
-
-func losetup(ctx context.Context, args ...string) (string, error) {
-	out, err := exec.CommandContext(ctx, "losetup", args...).CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("losetup %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return strings.TrimSpace(string(out)), nil
+	return loopdev.Detach(dev)
 }
 
 func createSparse(path string, size int64) error {
@@ -281,18 +234,18 @@ func createSparse(path string, size int64) error {
 
 // Orphans lists the sandbox ids of wrenn device-mapper devices on the host,
 // so the agent can release those no sandbox owns.
-func Orphans(ctx context.Context) ([]string, error) {
+func Orphans(_ context.Context) ([]string, error) {
 	if Available() != nil {
 		return nil, nil
 	}
-	out, err := exec.CommandContext(ctx, "dmsetup", "ls").Output()
+	names, err := devmapper.Names()
 	if err != nil {
-		return nil, fmt.Errorf("dmsetup ls: %w", err)
+		return nil, fmt.Errorf("list device-mapper devices: %w", err)
 	}
 	var ids []string
-	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "wrenn-") {
-			ids = append(ids, strings.TrimPrefix(f[0], "wrenn-"))
+	for _, n := range names {
+		if id, ok := strings.CutPrefix(n, "wrenn-"); ok {
+			ids = append(ids, id)
 		}
 	}
 	return ids, nil
