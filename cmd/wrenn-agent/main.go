@@ -39,6 +39,11 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "uffd-handler" {
+		// A lazily restored VM's page-fault handler, started per VM by
+		// the agent (see firecracker.Driver.UFFDHandler).
+		os.Exit(firecracker.HandlerMain(os.Args[2:]))
+	}
 	if err := keepTokenOffCommandLine(); err != nil {
 		fmt.Fprintln(os.Stderr, "wrenn-agent:", err)
 		os.Exit(1)
@@ -208,6 +213,11 @@ func run() error {
 	}
 	console := vmm.ConsoleLog{MaxBytes: int64(*consoleKiB) << 10, BytesPerSecond: int64(*consoleRate) << 10, Log: log}
 	fc := &firecracker.Driver{Binary: *fcBinary, Log: log, LazyMemory: *lazy, DiffSnapshots: *diffSnaps, Console: console}
+	if self, err := os.Executable(); err == nil {
+		// Each lazily restored VM's memory is served by a process of its
+		// own, so an agent restart strands no page fault.
+		fc.UFFDHandler = self
+	}
 	var cgroups sandbox.Cgroups
 	var jailGroups *cgroup.VMMs
 	if *cgroupParent != "off" {

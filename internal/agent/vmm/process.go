@@ -159,10 +159,18 @@ type StartOptions struct {
 // no way to gain any (no_new_privs): a VMM needs none, since the agent
 // makes its TAP device owned by the agent's user. An agent running as root
 // also clears the bounding set, so even a root VMM holds no capability.
-func dropPrivileges() []string {
+func dropPrivileges() []string { return Unprivileged("") }
+
+// Unprivileged is the prefix that starts a program of the agent's with no
+// capability but keep ("kill"; "" for none) and no_new_privs.
+func Unprivileged(keep string) []string {
 	argv := []string{"setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs"}
 	if os.Geteuid() == 0 {
-		argv = append(argv, "--bounding-set=-all")
+		bounding := "-all"
+		if keep != "" {
+			bounding += ",+" + keep
+		}
+		argv = append(argv, "--bounding-set="+bounding)
 	}
 	return append(argv, "--")
 }

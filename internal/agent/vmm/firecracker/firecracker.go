@@ -46,6 +46,11 @@ type Driver struct {
 	// Console says how much of each Firecracker's output (its guest's
 	// serial console included) is kept.
 	Console vmm.ConsoleLog
+	// UFFDHandler, when set, is a program that serves a lazily restored
+	// VM's page faults in a process of its own (the agent's binary, run as
+	// "<program> uffd-handler ...": see HandlerMain), so that an agent
+	// restart does not strand them; "" serves them in the agent.
+	UFFDHandler string
 
 	launchOnce sync.Once
 	launch     launcher

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -481,14 +482,75 @@ func fakeJailerSetup(t *testing.T) (dir, logPath, bin string) {
 
 // A lazy restore whose memory cannot be served ends the VM at once, with
 // the reason kept for the sandbox's error, instead of leaving a guest
-// that hangs on its first untouched page while it looks running.
+// that hangs on its first untouched page while it looks running: with the
+// handler in the agent, and in a process of its own.
 func TestLazyRestoreEndsTheVMWhenItsMemoryCannotBeServed(t *testing.T) {
+	for _, mode := range []string{"in the agent", "in its own process"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+			t.Setenv("WRENN_FAKE_FC_LOG", filepath.Join(dir, "requests.jsonl"))
+			self, _ := os.Executable()
+			d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
+			spec := vmm.Spec{ID: "sb-fc-lazy", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			inst, err := d.Boot(ctx, spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			snap := filepath.Join(dir, "snapshot")
+			if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+				t.Fatal(err)
+			}
+			// The memory file loses its tail: the guest's regions reach beyond it.
+			if err := os.Truncate(filepath.Join(snap, memoryFile), 4096); err != nil {
+				t.Fatal(err)
+			}
+			lazy := New(d.Log, self, true)
+			if mode == "in its own process" {
+				lazy.UFFDHandler = self
+			}
+			start := time.Now()
+			if inst, err = lazy.Restore(ctx, spec, snap); err == nil {
+				_ = lazy.Stop(ctx, spec, inst)
+				t.Fatal("a restore whose memory cannot be served succeeded")
+			}
+			if took := time.Since(start); took > 15*time.Second {
+				t.Fatalf("the failed lazy restore took %v", took)
+			}
+			why := ""
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				if why = vmm.ExitReason(spec.RunDir); why != "" {
+					break
+				}
+			}
+			if !strings.Contains(why, "memory could not be served") || !strings.Contains(why, "beyond") {
+				t.Fatalf("recorded reason %q", why)
+			}
+			if lazy.UFFDHandler != "" {
+				if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "ending the VM") {
+					t.Errorf("the handler process did not end the VM: %s", log)
+				}
+			}
+		})
+	}
+}
+
+// The handler process serves the VM's memory in a session of its own
+// (an agent restart or a signal to the agent's group leaves it serving),
+// and ends once every page is in.
+func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the stand-in Firecracker's userfaultfd needs root here")
+	}
 	dir := t.TempDir()
+	logPath := filepath.Join(dir, "requests.jsonl")
 	t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
-	t.Setenv("WRENN_FAKE_FC_LOG", filepath.Join(dir, "requests.jsonl"))
+	t.Setenv("WRENN_FAKE_FC_LOG", logPath)
 	self, _ := os.Executable()
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), self, false)
-	spec := vmm.Spec{ID: "sb-fc-lazy", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+	spec := vmm.Spec{ID: "sb-fc-handler", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	inst, err := d.Boot(ctx, spec)
@@ -499,20 +561,45 @@ func TestLazyRestoreEndsTheVMWhenItsMemoryCannotBeServed(t *testing.T) {
 	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
 		t.Fatal(err)
 	}
-	// The memory file loses its tail: the guest's regions reach beyond it.
-	if err := os.Truncate(filepath.Join(snap, memoryFile), 4096); err != nil {
+	lazy := New(d.Log, self, true)
+	lazy.UFFDHandler = self
+	if inst, err = lazy.Restore(ctx, spec, snap); err != nil {
 		t.Fatal(err)
 	}
-	lazy := New(d.Log, self, true)
-	start := time.Now()
-	if inst, err = lazy.Restore(ctx, spec, snap); err == nil {
-		_ = lazy.Stop(ctx, spec, inst)
-		t.Fatal("a restore whose memory cannot be served succeeded")
+	defer func() { _ = lazy.Stop(context.Background(), spec, inst) }()
+	if entries := readLog(t, logPath); entries[len(entries)-1].Note != "uffd memory verified" {
+		t.Fatalf("lazy restore: %q", entries[len(entries)-1].Note)
 	}
-	if took := time.Since(start); took > 15*time.Second {
-		t.Fatalf("the failed lazy restore took %v", took)
+	raw, err := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if why := vmm.ExitReason(spec.RunDir); !strings.Contains(why, "memory could not be served") || !strings.Contains(why, "beyond") {
-		t.Fatalf("recorded reason %q", why)
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+	if pid == os.Getpid() || pid <= 0 {
+		t.Fatalf("handler pid %d", pid)
+	}
+	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		// Fields after the command name: state, ppid, pgrp, session.
+		f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+		if f[3] != strconv.Itoa(pid) {
+			t.Errorf("the handler is in session %s, not one of its own", f[3])
+		}
+	}
+	// It holds no privilege but ending a VMM.
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, want := range []string{"CapEff:\t0000000000000020", "CapAmb:\t0000000000000000", "NoNewPrivs:\t1"} {
+		if !strings.Contains(string(status), want) {
+			t.Errorf("handler status lacks %q:\n%s", want, status)
+		}
+	}
+	// With every page in, it has nothing left to serve and ends.
+	if err := vmm.WaitGone(ctx, pid); err != nil {
+		t.Fatal(err)
+	}
+	if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "every page is in") {
+		t.Errorf("handler log: %s", log)
+	}
+	if !lazy.Alive(spec, inst) {
+		t.Error("the VM ended with its handler")
 	}
 }

@@ -2,10 +2,14 @@ package firecracker
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -54,46 +58,162 @@ func (h *uffdHandler) abandon() {
 	}
 }
 
-// serve runs the handler for inst, the VM's VMM.
+// serve runs the handler for inst, the VM's VMM: in a process of its own
+// when the driver names a handler program (it outlives the agent), else
+// here.
 func (h *uffdHandler) serve(d *Driver, spec vmm.Spec, inst vmm.Instance) {
+	if d.UFFDHandler != "" {
+		err := h.spawn(d, spec, inst)
+		if err == nil {
+			return
+		}
+		d.Log.Warn("cannot start the uffd handler process; serving the VM's memory from the agent", "sandbox", spec.ID, "error", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		t := time.NewTicker(aliveEvery)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if !d.Alive(spec, inst) {
-					cancel()
-					return
-				}
-			}
-		}
-	}()
+	alive := func() bool { return d.Alive(spec, inst) }
+	go watchVMM(ctx, cancel, alive)
 	start := time.Now()
 	stats, err := uffd.Serve(ctx, h.ln, h.memFile, true)
-	switch {
-	case err == nil:
-		d.Log.Info("uffd handler done: every page is in", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched, "took", time.Since(start).Round(time.Millisecond))
-	case ctx.Err() != nil || !d.Alive(spec, inst):
-		// A VMM that exits (a pause, a destroy) makes copies fail (ESRCH)
-		// before the watcher above sees it gone: not the handler's fault.
-		d.Log.Info("uffd handler ended with its VMM", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
-	default:
-		reason := "its memory could not be served from the snapshot (lazy restore): " + err.Error()
-		d.Log.Error("uffd handler failed: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "error", err)
-		if rerr := vmm.RecordExitReason(spec.RunDir, reason); rerr != nil {
-			d.Log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
-		}
+	h.finish(d.Log, spec, stats, err, time.Since(start), ctx.Err() != nil || !alive(), func() error {
 		stopCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
 		defer stop()
-		if serr := d.Stop(stopCtx, spec, inst); serr != nil {
-			d.Log.Error("cannot end the VM after its uffd handler failed", "sandbox", spec.ID, "error", serr)
+		return d.Stop(stopCtx, spec, inst)
+	})
+}
+
+// watchVMM cancels a handler's work once its VMM is gone.
+func watchVMM(ctx context.Context, cancel func(), alive func() bool) {
+	t := time.NewTicker(aliveEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if !alive() {
+				cancel()
+				return
+			}
 		}
 	}
+}
+
+// finish logs how a handler ended and, if it failed while its VMM ran,
+// records why and ends the VM (whose untouched pages would hang it).
+func (h *uffdHandler) finish(log *slog.Logger, spec vmm.Spec, stats uffd.Stats, err error, took time.Duration, vmmGone bool, stop func() error) {
+	switch {
+	case err == nil:
+		log.Info("uffd handler done: every page is in", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched, "took", took.Round(time.Millisecond))
+	case vmmGone:
+		// A VMM that exits (a pause, a destroy) makes copies fail (ESRCH)
+		// before the watcher sees it gone: not the handler's fault.
+		log.Info("uffd handler ended with its VMM", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
+	default:
+		reason := "its memory could not be served from the snapshot (lazy restore): " + err.Error()
+		log.Error("uffd handler failed: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "error", err)
+		if rerr := vmm.RecordExitReason(spec.RunDir, reason); rerr != nil {
+			log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
+		}
+		if serr := stop(); serr != nil {
+			log.Error("cannot end the VM after its uffd handler failed", "sandbox", spec.ID, "error", serr)
+		}
+	}
+}
+
+// handlerPIDFile, in a VM's RunDir, names its handler process.
+const handlerPIDFile = "uffd-handler.pid"
+
+// spawn starts the handler process for inst with the listening socket;
+// this process keeps no copy of it. Its log goes to uffd-handler.log in
+// the VM's RunDir.
+func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
+	sock, err := h.ln.File()
+	if err != nil {
+		return err
+	}
+	defer sock.Close()
+	logf, err := os.OpenFile(filepath.Join(spec.RunDir, "uffd-handler.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	// It reads what the VMM sends (untrusted, should the guest have taken
+	// the VMM over), so it keeps no privilege but the one to end a VMM
+	// that may run as another uid (a jail's).
+	argv := append(vmm.Unprivileged("kill"), d.UFFDHandler, "uffd-handler", "--id", spec.ID, "--run-dir", spec.RunDir, "--memory", h.memFile,
+		"--vmm-pid", strconv.Itoa(inst.PID), "--vmm-start", strconv.FormatUint(inst.Start, 10))
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.ExtraFiles = []*os.File{sock} // fd 3
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// A session of its own: signals to the agent's process group (a
+	// terminal's Ctrl-C, a service stop) do not reach it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(spec.RunDir, handlerPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
+		d.Log.Warn("cannot note the uffd handler's pid", "sandbox", spec.ID, "error", err)
+	}
+	// The socket file stays for the VMM to connect to: the handler has it.
+	h.ln.SetUnlinkOnClose(false)
+	h.ln.Close()
+	d.Log.Info("uffd handler process started", "sandbox", spec.ID, "pid", cmd.Process.Pid)
+	go func() {
+		if err := cmd.Wait(); err != nil {
+			d.Log.Warn("uffd handler process ended", "sandbox", spec.ID, "error", err, "log", vmm.LogTail(filepath.Join(spec.RunDir, "uffd-handler.log"), 3))
+		}
+	}()
+	return nil
+}
+
+// HandlerMain is the uffd handler process ("uffd-handler" arguments, the
+// listening socket on fd 3): it serves the VM's memory until every page
+// is in or its VMM is gone. If it fails while the VMM runs, it records
+// why and kills the VMM, as the in-agent handler does. It returns the
+// process's exit code.
+func HandlerMain(args []string) int {
+	fs := flag.NewFlagSet("uffd-handler", flag.ContinueOnError)
+	id := fs.String("id", "", "sandbox id")
+	runDir := fs.String("run-dir", "", "the VM's run directory")
+	memory := fs.String("memory", "", "the snapshot's memory file")
+	pid := fs.Int("vmm-pid", 0, "the VMM's pid")
+	start := fs.Uint64("vmm-start", 0, "the VMM's start time, in clock ticks after boot")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if *id == "" || *runDir == "" || *memory == "" || *pid <= 0 || *start == 0 {
+		log.Error("uffd-handler: --id, --run-dir, --memory, --vmm-pid and --vmm-start are required")
+		return 2
+	}
+	f := os.NewFile(3, "uffd socket")
+	l, err := net.FileListener(f)
+	f.Close()
+	ln, ok := l.(*net.UnixListener)
+	if err != nil || !ok {
+		log.Error("uffd-handler: fd 3 is not a listening unix socket", "error", err)
+		return 2
+	}
+	inst := vmm.Instance{PID: *pid, Start: *start}
+	spec := vmm.Spec{ID: *id, RunDir: *runDir}
+	alive := func() bool { return vmm.ProcessAlive(inst, "") }
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go watchVMM(ctx, cancel, alive)
+	begin := time.Now()
+	stats, err := uffd.Serve(ctx, ln, *memory, true)
+	gone := ctx.Err() != nil || !alive()
+	h := &uffdHandler{memFile: *memory}
+	h.finish(log, spec, stats, err, time.Since(begin), gone, func() error {
+		killCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
+		defer stop()
+		return vmm.KillProcess(killCtx, inst, "")
+	})
+	if err != nil && !gone {
+		return 1
+	}
+	return 0
 }
 
 // CheckLazyMemory says why this host cannot restore lazily (nil when it
