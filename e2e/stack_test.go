@@ -253,7 +253,8 @@ func vmmsOn(dir string) map[int]string {
 		}
 		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
 		root, _ := os.Readlink("/proc/" + p.Name() + "/root")
-		if agentargs.IsVMM(cmdline, root, dir) {
+		cwd, _ := os.Readlink("/proc/" + p.Name() + "/cwd")
+		if agentargs.IsVMM(cmdline, root, cwd, dir) {
 			out[pid] = string(cmdline)
 		}
 	}

@@ -51,9 +51,11 @@ runs=(
 	"device-mapper disks;internal/agent/disk/...;DeviceMapper|CreateAndRemove|Attach;"
 	"agent, direct;internal/agent/agenttest;^(${agent_tests}|TestVMMCgroupLimits)\$;--vmm firecracker"
 	"agent, diff snapshots;internal/agent/agenttest;^(${diff_tests})\$;--vmm firecracker --diff-snapshots"
+	"agent, lazy memory;internal/agent/agenttest;^(${diff_tests}|TestDeadVMMIsReported)\$;--vmm firecracker --lazy-memory"
 	"agent, dm disks;internal/agent/agenttest;^(TestCreateExecFilesDestroyLeavesNothing|TestDiskSize|${diff_tests})\$;--vmm firecracker --disk dm"
 	"journey, direct;e2e;^(${journey})\$;--vmm firecracker"
 	"agent, jailed;internal/agent/agenttest;^(${agent_tests}|TestMemoryTemplateClones)\$;--vmm firecracker --jailer $jailer"
+	"agent, jailed lazy memory;internal/agent/agenttest;^(${diff_tests})\$;--vmm firecracker --jailer $jailer --lazy-memory"
 	"journey, jailed;e2e;^(${journey}|TestSnapshotsKeepMemory)\$;--vmm firecracker --jailer $jailer"
 )
 

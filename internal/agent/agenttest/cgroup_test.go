@@ -50,7 +50,7 @@ func vmmPID(t *testing.T, dir, id string) int {
 	p := "/proc/" + strconv.Itoa(rec.VMM.PID)
 	cmdline, _ := os.ReadFile(p + "/cmdline")
 	root, _ := os.Readlink(p + "/root")
-	if rec.VMM.PID <= 0 || !agentargs.IsVMM(cmdline, root, dir) {
+	if rec.VMM.PID <= 0 || !agentargs.IsVMM(cmdline, root, "", dir) {
 		t.Fatalf("the record of %s names pid %d, not a VMM of this agent (%q)", id, rec.VMM.PID, cmdline)
 	}
 	return rec.VMM.PID

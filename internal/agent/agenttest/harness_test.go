@@ -232,7 +232,8 @@ func leftovers(dir string) []string {
 		}
 		cmdline, _ := os.ReadFile("/proc/" + p.Name() + "/cmdline")
 		root, _ := os.Readlink("/proc/" + p.Name() + "/root")
-		if agentargs.IsVMM(cmdline, root, dir) {
+		cwd, _ := os.Readlink("/proc/" + p.Name() + "/cwd")
+		if agentargs.IsVMM(cmdline, root, cwd, dir) {
 			leaks = append(leaks, "VMM pid "+p.Name())
 		}
 	}

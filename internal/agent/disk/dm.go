@@ -85,7 +85,9 @@ func (d *DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes i
 // (after a host reboot, or anything else that removed it), keeping what
 // the sandbox wrote; a disk whose device is there is left as it is.
 func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
-	if devmapper.Exists(dmName(dest)) {
+	if ok, err := devmapper.Exists(dmName(dest)); err != nil {
+		return Disk{}, fmt.Errorf("reattach disk: %w", err)
+	} else if ok {
 		return Disk{Path: devmapper.Path(dmName(dest)), Format: "raw"}, nil
 	}
 	if err := Available(); err != nil {
@@ -123,7 +125,11 @@ func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, 
 	}
 	if size > baseSize {
 		ext := devmapper.Path(extendedName(dest))
-		if !devmapper.Exists(extendedName(dest)) {
+		there, err := devmapper.Exists(extendedName(dest))
+		if err != nil {
+			return fail(err)
+		}
+		if !there {
 			table := []devmapper.Target{
 				{Length: uint64(baseSize / 512), Type: "linear", Params: origin + " 0"},
 				{Start: uint64(baseSize / 512), Length: uint64((size - baseSize) / 512), Type: "zero"},
@@ -164,10 +170,17 @@ func (d *DeviceMapper) Release(ctx context.Context, dest string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, name := range []string{dmName(dest), extendedName(dest)} {
-		if !devmapper.Exists(name) {
+		there, err := devmapper.Exists(name)
+		if err != nil {
+			return err // never delete the COW file under a device still there
+		}
+		if !there {
 			continue
 		}
-		deps, _ := devmapper.Deps(name)
+		deps, err := devmapper.Deps(name)
+		if err != nil {
+			return err
+		}
 		if err := devmapper.Remove(name); err != nil {
 			return err
 		}

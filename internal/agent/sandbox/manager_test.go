@@ -496,6 +496,9 @@ func TestCallsDoNotWaitBehindASlowCreate(t *testing.T) {
 	release := make(chan struct{})
 	booting := make(chan struct{})
 	h.drv.BeforeBoot = func(ctx context.Context, spec vmm.Spec) error {
+		if spec.ID != "sb-slow" {
+			return nil
+		}
 		close(booting)
 		select {
 		case <-release:
@@ -523,10 +526,13 @@ func TestCallsDoNotWaitBehindASlowCreate(t *testing.T) {
 	if took := time.Since(start); took > 2*time.Second {
 		t.Errorf("the calls waited %v", took)
 	}
-	// Another sandbox is not held up by this one.
-	h.drv.BeforeBoot = nil
+	// Another sandbox is made and used while this one is still booting.
+	other := h.create("sb-other", nil)
+	run(t, h.envd(other.ID), "true")
+	if got := ids(h.m); len(got) != 2 {
+		t.Errorf("listed: %v", got)
+	}
 	close(release)
-	h.create("sb-other", nil)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}

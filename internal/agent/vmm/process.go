@@ -26,7 +26,7 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 		return Instance{}, fmt.Errorf("vmm run dir: %w", err)
 	}
 	_ = os.Remove(socket)
-	_ = os.Remove(filepath.Join(spec.RunDir, exitReasonFile)) // a reason belongs to one process
+	_ = os.Remove(filepath.Join(spec.RunDir, ExitReasonFile)) // a reason belongs to one process
 	if !opts.KeepPrivileges {
 		argv = append(dropPrivileges(), argv...)
 	}
@@ -159,18 +159,19 @@ type StartOptions struct {
 // no way to gain any (no_new_privs): a VMM needs none, since the agent
 // makes its TAP device owned by the agent's user. An agent running as root
 // also clears the bounding set, so even a root VMM holds no capability.
-func dropPrivileges() []string { return Unprivileged("") }
+func dropPrivileges() []string { return Unprivileged(os.Geteuid(), os.Getegid()) }
 
-// Unprivileged is the prefix that starts a program of the agent's with no
-// capability but keep ("kill"; "" for none) and no_new_privs.
-func Unprivileged(keep string) []string {
-	argv := []string{"setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs"}
+// Unprivileged is the prefix that starts a program as uid:gid (no
+// supplementary groups when that changes them) with no capability and
+// no_new_privs.
+func Unprivileged(uid, gid int) []string {
+	argv := []string{"setpriv"}
+	if uid != os.Geteuid() || gid != os.Getegid() {
+		argv = append(argv, "--reuid="+strconv.Itoa(uid), "--regid="+strconv.Itoa(gid), "--clear-groups")
+	}
+	argv = append(argv, "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs")
 	if os.Geteuid() == 0 {
-		bounding := "-all"
-		if keep != "" {
-			bounding += ",+" + keep
-		}
-		argv = append(argv, "--bounding-set="+bounding)
+		argv = append(argv, "--bounding-set=-all")
 	}
 	return append(argv, "--")
 }
@@ -227,18 +228,18 @@ func KillProcess(ctx context.Context, inst Instance, marker string) error {
 	return WaitGone(ctx, inst.PID)
 }
 
-// exitReasonFile, in a VM's RunDir, says why the agent ended its VMM.
-const exitReasonFile = "vmm-exit-reason"
+// ExitReasonFile, in a VM's RunDir, says why the agent ended its VMM.
+const ExitReasonFile = "vmm-exit-reason"
 
 // RecordExitReason notes why the agent is ending a VM's VMM on its own
 // (not at a caller's request), for the sandbox's error.
 func RecordExitReason(runDir, reason string) error {
-	return os.WriteFile(filepath.Join(runDir, exitReasonFile), []byte(reason), 0o600)
+	return os.WriteFile(filepath.Join(runDir, ExitReasonFile), []byte(reason), 0o600)
 }
 
 // ExitReason is what RecordExitReason noted in runDir, or "".
 func ExitReason(runDir string) string {
-	b, err := os.ReadFile(filepath.Join(runDir, exitReasonFile))
+	b, err := os.ReadFile(filepath.Join(runDir, ExitReasonFile))
 	if err != nil {
 		return ""
 	}

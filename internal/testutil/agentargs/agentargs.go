@@ -68,20 +68,24 @@ func (a Args) value(name string) (string, bool) {
 	return v, found
 }
 
-// IsVMM reports whether a process, by its command line and root directory,
-// is a VMM an agent on dir started: a QEMU or direct Firecracker names
-// files under dir; a jailed Firecracker runs chrooted in a jail under it.
-func IsVMM(cmdline []byte, root, dir string) bool {
+// IsVMM reports whether a process, by its command line, root and working
+// directories, is a VMM an agent on dir started, or a VMM's page-fault
+// handler: a QEMU or direct Firecracker names files under dir; a jailed
+// Firecracker runs chrooted in a jail under it; a handler runs in its
+// VM's run directory. Firecracker may be installed under its release's
+// name (firecracker-v1.x-x86_64).
+func IsVMM(cmdline []byte, root, cwd, dir string) bool {
 	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
 	if len(args) == 0 {
 		return false
 	}
 	prog := filepath.Base(args[0])
-	vmm := strings.HasPrefix(prog, "qemu-system") || prog == "firecracker"
+	vmm := strings.HasPrefix(prog, "qemu-system") || strings.HasPrefix(prog, "firecracker") ||
+		len(args) > 1 && args[1] == "uffd-handler"
 	if !vmm {
 		return false
 	}
-	if strings.HasPrefix(root, dir+"/") {
+	if strings.HasPrefix(root, dir+"/") || strings.HasPrefix(cwd, dir+"/") {
 		return true
 	}
 	return slices.ContainsFunc(args, func(s string) bool { return strings.Contains(s, dir+"/") })

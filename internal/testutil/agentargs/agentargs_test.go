@@ -24,17 +24,20 @@ func TestArgs(t *testing.T) {
 
 func TestIsVMM(t *testing.T) {
 	for _, tc := range []struct {
-		cmdline, root string
-		want          bool
+		cmdline, root, cwd string
+		want               bool
 	}{
-		{"/usr/bin/qemu-system-x86_64\x00-drive\x00file=/w/sandboxes/sb-1/rootfs.qcow2\x00", "/", true},
-		{"firecracker\x00--api-sock\x00/w/sandboxes/sb-1/run/fc.sock\x00", "/", true},
-		{"/firecracker\x00--id\x00sb-1\x00--start-time-us\x001\x00", "/w/jail/firecracker/sb-1/root", true},
-		{"/firecracker\x00--id\x00sb-1\x00", "/other/jail/firecracker/sb-1/root", false},
-		{"vim\x00/w/sandboxes/sb-1/sandbox.json\x00", "/", false},
-		{"/usr/bin/qemu-system-x86_64\x00-drive\x00file=/wx/rootfs\x00", "/", false},
+		{"/usr/bin/qemu-system-x86_64\x00-drive\x00file=/w/sandboxes/sb-1/rootfs.qcow2\x00", "/", "/", true},
+		{"firecracker\x00--api-sock\x00/w/sandboxes/sb-1/run/fc.sock\x00", "/", "/", true},
+		{"/firecracker\x00--id\x00sb-1\x00--start-time-us\x001\x00", "/w/jail/firecracker/sb-1/root", "/", true},
+		{"/firecracker\x00--id\x00sb-1\x00", "/other/jail/firecracker/sb-1/root", "/", false},
+		{"/usr/local/bin/firecracker-v1.10.1-x86_64\x00--api-sock\x00/w/sandboxes/sb-1/run/fc.sock\x00", "/", "/", true},
+		{"/usr/local/bin/wrenn-agent\x00uffd-handler\x00--id\x00sb-1\x00", "/", "/w/sandboxes/sb-1/run", true},
+		{"/usr/local/bin/wrenn-agent\x00uffd-handler\x00--id\x00sb-1\x00", "/", "/other/run", false},
+		{"vim\x00/w/sandboxes/sb-1/sandbox.json\x00", "/", "/", false},
+		{"/usr/bin/qemu-system-x86_64\x00-drive\x00file=/wx/rootfs\x00", "/", "/", false},
 	} {
-		if got := IsVMM([]byte(tc.cmdline), tc.root, "/w"); got != tc.want {
+		if got := IsVMM([]byte(tc.cmdline), tc.root, tc.cwd, "/w"); got != tc.want {
 			t.Errorf("%q in %s: %v", tc.cmdline, tc.root, got)
 		}
 	}

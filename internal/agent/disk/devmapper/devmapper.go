@@ -144,26 +144,38 @@ func Create(name string, targets []Target) (string, error) {
 // uuidPrefix marks the devices Wrenn made, in their uuid.
 const uuidPrefix = "WRENN-"
 
-// makeNode gives the device its /dev/mapper node. Where udev runs, its
-// rules make it (as they do for dmsetup); elsewhere (containers, hosts
-// without udev) we make it as libdevmapper does.
+// makeNode gives the device its /dev/mapper node, for dev and no other
+// (minor numbers are reused: a node left by an earlier device of the
+// name would open another sandbox's disk). Where udev runs, its rules
+// make it (as they do for dmsetup), and we wait a little for that;
+// elsewhere (containers, hosts without udev), or if udev is late, we
+// make it as libdevmapper does.
 func makeNode(name string, dev uint64) error {
 	path := Path(name)
 	if _, err := os.Stat("/run/udev/control"); err == nil {
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-			if _, err := os.Stat(path); err == nil {
+		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if nodeIs(path, dev) {
 				return nil
 			}
 		}
 	}
-	if _, err := os.Stat(path); err == nil {
+	if nodeIs(path, dev) {
 		return nil
 	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	err := unix.Mknod(path, unix.S_IFBLK|0o600, int(dev))
-	if errors.Is(err, os.ErrExist) {
+	if errors.Is(err, os.ErrExist) && nodeIs(path, dev) {
 		return nil // udev made it a moment late
 	}
 	return err
+}
+
+// nodeIs reports whether path is (or links to) the block device dev.
+func nodeIs(path string, dev uint64) bool {
+	var st unix.Stat_t
+	return unix.Stat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == dev
 }
 
 // Remove removes device name and its node; one that is gone is no error.
@@ -185,17 +197,34 @@ func Remove(name string) error {
 	if err != nil && !errors.Is(err, unix.ENXIO) {
 		return fmt.Errorf("device-mapper remove %s: %w", name, err)
 	}
-	// udev removes its own node; one we made, we remove.
-	if fi, err := os.Lstat(Path(name)); err == nil && fi.Mode()&os.ModeDevice != 0 {
-		_ = os.Remove(Path(name))
-	}
+	removeNode(name)
 	return nil
 }
 
-// Exists reports whether device name is there.
-func Exists(name string) bool {
+// removeNode removes a device's /dev/mapper node if it is still there
+// (udev removes its own; one we made, or one a crash left, we do).
+func removeNode(name string) {
+	if fi, err := os.Lstat(Path(name)); err == nil && fi.Mode()&(os.ModeDevice|os.ModeSymlink) != 0 {
+		_ = os.Remove(Path(name))
+	}
+}
+
+// Exists reports whether device name is there. Only the kernel's "no such
+// device" is false: any other failure is an error, never a guess.
+func Exists(name string) (bool, error) {
 	r, err := newRequest(name, 0)
-	return err == nil && ioctl(unix.DM_DEV_STATUS, r) == nil
+	if err != nil {
+		return false, err
+	}
+	switch err := ioctl(unix.DM_DEV_STATUS, r); {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENXIO):
+		removeNode(name) // a node without its device names nothing, or something else
+		return false, nil
+	default:
+		return false, fmt.Errorf("device-mapper status of %s: %w", name, err)
+	}
 }
 
 // Deps returns the kernel names ("loop3", "dm-1") of the block devices
@@ -213,7 +242,10 @@ func Deps(name string) ([]string, error) {
 		if h.Flags&unix.DM_BUFFER_FULL_FLAG != 0 {
 			continue
 		}
-		if h.Data_start > h.Data_size || int(h.Data_size) > len(r.words)*8 {
+		if h.Data_size <= h.Data_start {
+			return nil, nil // no live table: it uses nothing
+		}
+		if int(h.Data_size) > len(r.words)*8 {
 			return nil, fmt.Errorf("device-mapper deps of %s: the kernel answered data %d-%d of a %d-byte buffer", name, h.Data_start, h.Data_size, len(r.words)*8)
 		}
 		devs, err := parseDeps(r.bytes()[h.Data_start:h.Data_size])

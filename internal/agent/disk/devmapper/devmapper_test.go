@@ -126,8 +126,8 @@ func TestCreateAndRemove(t *testing.T) {
 	if n, _ := loopdev.Holders(loop); n != 1 {
 		t.Errorf("the loop device has %d holders", n)
 	}
-	if !Exists(name) {
-		t.Error("Exists: false")
+	if ok, err := Exists(name); !ok || err != nil {
+		t.Errorf("Exists: %v, %v", ok, err)
 	}
 	if names, _ := Names(); !strings.Contains(strings.Join(names, " "), name) {
 		t.Errorf("Names: %v", names)
@@ -138,8 +138,8 @@ func TestCreateAndRemove(t *testing.T) {
 	if err := Remove(name); err != nil {
 		t.Fatal(err)
 	}
-	if Exists(name) {
-		t.Error("still there after Remove")
+	if ok, err := Exists(name); ok || err != nil {
+		t.Errorf("after Remove, Exists: %v, %v", ok, err)
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Errorf("node after Remove: %v", err)

@@ -113,12 +113,16 @@ func TestConcurrentAttaches(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	for i := range n {
+		if devs[i] != "" {
+			t.Cleanup(func() { _ = Detach(devs[i]) })
+		}
+	}
 	seen := map[string]bool{}
 	for i := range n {
 		if errs[i] != nil {
 			t.Fatal(errs[i])
 		}
-		t.Cleanup(func() { _ = Detach(devs[i]) })
 		if seen[devs[i]] {
 			t.Errorf("%s given twice", devs[i])
 		}

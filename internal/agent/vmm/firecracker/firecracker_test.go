@@ -239,6 +239,7 @@ func TestJailer(t *testing.T) {
 	_ = os.WriteFile(kernel, []byte("kernel"), 0o644)
 	_ = os.WriteFile(rootfs, []byte("disk"), 0o644)
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), true)
+	d.UFFDHandler = filepath.Join(bin, "firecracker") // this binary, run as wrenn-agent runs it
 	// The jailer makes the VM's cgroup under the agent's parent; here that
 	// parent is a plain directory standing in for a cgroup v1 layout.
 	cgroups := &cgroup.VMMs{Hierarchy: cgroup.Hierarchy{Parent: "wrenn", Dirs: map[string]string{
@@ -537,9 +538,8 @@ func TestLazyRestoreEndsTheVMWhenItsMemoryCannotBeServed(t *testing.T) {
 	}
 }
 
-// The handler process serves the VM's memory in a session of its own
-// (an agent restart or a signal to the agent's group leaves it serving),
-// and ends once every page is in.
+// A lazy restore through the handler process: it serves the VM's memory
+// and ends once every page is in, leaving the VM running.
 func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the stand-in Firecracker's userfaultfd needs root here")
@@ -578,20 +578,6 @@ func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
 	if pid == os.Getpid() || pid <= 0 {
 		t.Fatalf("handler pid %d", pid)
 	}
-	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		// Fields after the command name: state, ppid, pgrp, session.
-		f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
-		if f[3] != strconv.Itoa(pid) {
-			t.Errorf("the handler is in session %s, not one of its own", f[3])
-		}
-	}
-	// It holds no privilege but ending a VMM.
-	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, want := range []string{"CapEff:\t0000000000000020", "CapAmb:\t0000000000000000", "NoNewPrivs:\t1"} {
-		if !strings.Contains(string(status), want) {
-			t.Errorf("handler status lacks %q:\n%s", want, status)
-		}
-	}
 	// With every page in, it has nothing left to serve and ends.
 	if err := vmm.WaitGone(ctx, pid); err != nil {
 		t.Fatal(err)
@@ -601,5 +587,125 @@ func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
 	}
 	if !lazy.Alive(spec, inst) {
 		t.Error("the VM ended with its handler")
+	}
+}
+
+// The handler process runs as its VMM's user (a jail's own, or the
+// agent's with no capability), with nothing in its environment, in a
+// session of its own (a signal to the agent's group leaves it serving).
+// If it dies while its VM runs, the VM is ended with the reason; if the
+// VM goes first, it ends quietly.
+func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("a jail's user, and the stand-in jailer, need root")
+	}
+	for _, mode := range []string{"direct", "jailed"} {
+		t.Run(mode, func(t *testing.T) {
+			dir, _, bin := fakeJailerSetup(t)
+			d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), true)
+			d.UFFDHandler = filepath.Join(bin, "firecracker")
+			if mode == "jailed" {
+				// A short base: the API socket's host path must fit a socket
+				// address (the stand-in jailer does not chroot).
+				base, err := os.MkdirTemp("", "j")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = os.RemoveAll(base) })
+				d.Jailer = &Jailer{Binary: filepath.Join(bin, "jailer"), ChrootBase: base}
+			} else {
+				t.Setenv("WRENN_FAKE_JAILER", "")
+				t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+			}
+			spec := vmm.Spec{ID: "sb-h-" + mode, Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+			mem := guestFile(t, dir, "memory")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			// spawn starts a handler for a running VM that waits for the
+			// VMM's connection (none comes here) and returns its pid.
+			spawn := func() (vmm.Instance, int) {
+				t.Helper()
+				inst, err := d.Boot(ctx, spec)
+				if err != nil {
+					t.Fatalf("%v\n%s", err, vmm.LogTail(vmm.LogPath(spec.RunDir), 20))
+				}
+				h, err := d.listenUFFD(spec, mem)
+				if err != nil {
+					t.Fatal(err)
+				}
+				h.serve(d, spec, inst)
+				raw, err := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
+				if err != nil {
+					t.Fatal(err)
+				}
+				pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+				return inst, pid
+			}
+
+			inst, pid := spawn()
+			wantUID := "0"
+			if mode == "jailed" {
+				if uid, _ := procfs.Status(inst.PID, "Uid"); uid != "" {
+					wantUID = strings.Fields(uid)[0]
+				}
+				if wantUID == "0" {
+					t.Fatal("the jailed VMM runs as root")
+				}
+			}
+			// It runs (setpriv, when it comes first, has exec'd it) and drops
+			// its privileges at once; wait for that, bounded.
+			var uid string
+			for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+				uid, _ = procfs.Status(pid, "Uid")
+				if args := strings.Split(string(cmdline), "\x00"); len(args) > 1 && args[1] == "uffd-handler" && strings.HasPrefix(uid, wantUID+"\t") {
+					break
+				}
+			}
+			if fields := strings.Fields(uid); len(fields) != 4 || fields[0] != wantUID || fields[1] != wantUID {
+				t.Fatalf("the handler runs as uid %q, want the VMM's %s", uid, wantUID)
+			}
+			for field, want := range map[string]string{"CapEff": "0000000000000000", "CapPrm": "0000000000000000", "CapAmb": "0000000000000000", "NoNewPrivs": "1"} {
+				if got, _ := procfs.Status(pid, field); got != want {
+					t.Errorf("handler %s = %q, want %s", field, got, want)
+				}
+			}
+			if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err != nil || len(env) != 0 {
+				t.Errorf("the handler's environment: %q, %v", env, err)
+			}
+			stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:])); len(f) < 4 || f[3] != strconv.Itoa(pid) {
+				t.Errorf("the handler is not in a session of its own: %q", stat)
+			}
+
+			// Killed while its VM runs: the VM goes too, with the reason.
+			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); d.Alive(spec, inst); time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("the VM runs on without its memory's handler")
+				}
+			}
+			if why := vmm.ExitReason(spec.RunDir); !strings.Contains(why, "page-fault handler") {
+				t.Errorf("reason %q", why)
+			}
+			_ = d.Stop(ctx, spec, inst)
+
+			// The VM goes first: the handler ends with it, recording nothing.
+			inst, pid = spawn()
+			if err := d.Stop(ctx, spec, inst); err != nil {
+				t.Fatal(err)
+			}
+			if err := vmm.WaitGone(ctx, pid); err != nil {
+				t.Fatal(err)
+			}
+			if why := vmm.ExitReason(spec.RunDir); why != "" {
+				t.Errorf("a reason after a normal stop: %q", why)
+			}
+			if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "ended with its VMM") {
+				t.Errorf("handler log: %s", log)
+			}
+		})
 	}
 }

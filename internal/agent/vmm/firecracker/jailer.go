@@ -132,7 +132,9 @@ func (j *jailed) usedIDs() (map[int]bool, error) {
 }
 
 // ids are the uid and gid of the VM's jail.
-func (j *jailed) ids(id string) (int, int, error) {
+func (j *jailed) ids(spec vmm.Spec) (int, int, error) { return j.jailIDs(spec.ID) }
+
+func (j *jailed) jailIDs(id string) (int, int, error) {
 	fi, err := os.Stat(j.root(id))
 	if err != nil {
 		return 0, 0, fmt.Errorf("jail: %w", err)
@@ -167,7 +169,7 @@ func (j *jailed) place(id, hostPath, inside string) (string, os.FileInfo, error)
 // the VMM's writes must reach the file itself, so the jails must be on the
 // same file system as WRENN_DIR.
 func (j *jailed) own(spec vmm.Spec, hostPath, inside string) (string, error) {
-	uid, gid, err := j.ids(spec.ID)
+	uid, gid, err := j.jailIDs(spec.ID)
 	if err != nil {
 		return "", err
 	}
@@ -218,7 +220,7 @@ func (j *jailed) share(spec vmm.Spec, hostPath, inside string) (string, error) {
 // done, so everything here goes through an os.Root of the jail (no path
 // may lead out of it) and never follows a link the VMM could have put.
 func (j *jailed) output(spec vmm.Spec, _, name string) (string, error) {
-	uid, gid, err := j.ids(spec.ID)
+	uid, gid, err := j.jailIDs(spec.ID)
 	if err != nil {
 		return "", err
 	}
@@ -280,7 +282,7 @@ func (j *jailed) uffdSocket(spec vmm.Spec) (string, string) {
 }
 
 func (j *jailed) grant(spec vmm.Spec, hostPath string) error {
-	uid, gid, err := j.ids(spec.ID)
+	uid, gid, err := j.jailIDs(spec.ID)
 	if err != nil {
 		return err
 	}
@@ -314,7 +316,7 @@ func (j *jailed) argv(spec vmm.Spec, uid, gid int) []string {
 // start runs the jailer, which forks Firecracker into a new PID namespace,
 // writes its pid into the jail and exits: that pid is the VMM.
 func (j *jailed) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
-	uid, gid, err := j.ids(spec.ID)
+	uid, gid, err := j.jailIDs(spec.ID)
 	if err != nil {
 		return vmm.Instance{}, err
 	}

@@ -32,6 +32,8 @@ type launcher interface {
 	// and as the VMM names it; grant lets the VMM's user connect to it.
 	uffdSocket(spec vmm.Spec) (host, vm string)
 	grant(spec vmm.Spec, hostPath string) error
+	// ids are the uid and gid the VMM runs as.
+	ids(spec vmm.Spec) (uid, gid int, err error)
 	// start runs the VMM and returns once its API socket answers.
 	start(ctx context.Context, spec vmm.Spec) (vmm.Instance, error)
 	// alive says whether inst is still the VM's VMM; stop kills it and
@@ -74,6 +76,8 @@ func (l *direct) uffdSocket(spec vmm.Spec) (string, string) {
 }
 
 func (l *direct) grant(vmm.Spec, string) error { return nil }
+
+func (l *direct) ids(vmm.Spec) (int, int, error) { return os.Geteuid(), os.Getegid(), nil }
 
 func (l *direct) start(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
 	if err := os.MkdirAll(spec.RunDir, 0o750); err != nil {

@@ -75,7 +75,10 @@ func (h *uffdHandler) serve(d *Driver, spec vmm.Spec, inst vmm.Instance) {
 	go watchVMM(ctx, cancel, alive)
 	start := time.Now()
 	stats, err := uffd.Serve(ctx, h.ln, h.memFile, true)
-	h.finish(d.Log, spec, stats, err, time.Since(start), ctx.Err() != nil || !alive(), func() error {
+	h.finish(d.Log, spec.ID, stats, err, time.Since(start), ctx.Err() != nil || !alive(), func(why string) error {
+		if rerr := vmm.RecordExitReason(spec.RunDir, why); rerr != nil {
+			d.Log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
+		}
 		stopCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
 		defer stop()
 		return d.Stop(stopCtx, spec, inst)
@@ -100,23 +103,20 @@ func watchVMM(ctx context.Context, cancel func(), alive func() bool) {
 }
 
 // finish logs how a handler ended and, if it failed while its VMM ran,
-// records why and ends the VM (whose untouched pages would hang it).
-func (h *uffdHandler) finish(log *slog.Logger, spec vmm.Spec, stats uffd.Stats, err error, took time.Duration, vmmGone bool, stop func() error) {
+// ends the VM (whose untouched pages would hang it) with end, which also
+// records why.
+func (h *uffdHandler) finish(log *slog.Logger, id string, stats uffd.Stats, err error, took time.Duration, vmmGone bool, end func(why string) error) {
 	switch {
 	case err == nil:
-		log.Info("uffd handler done: every page is in", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched, "took", took.Round(time.Millisecond))
+		log.Info("uffd handler done: every page is in", "sandbox", id, "faults", stats.Faults, "prefetched", stats.Prefetched, "took", took.Round(time.Millisecond))
 	case vmmGone:
 		// A VMM that exits (a pause, a destroy) makes copies fail (ESRCH)
 		// before the watcher sees it gone: not the handler's fault.
-		log.Info("uffd handler ended with its VMM", "sandbox", spec.ID, "faults", stats.Faults, "prefetched", stats.Prefetched)
+		log.Info("uffd handler ended with its VMM", "sandbox", id, "faults", stats.Faults, "prefetched", stats.Prefetched)
 	default:
-		reason := "its memory could not be served from the snapshot (lazy restore): " + err.Error()
-		log.Error("uffd handler failed: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "error", err)
-		if rerr := vmm.RecordExitReason(spec.RunDir, reason); rerr != nil {
-			log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
-		}
-		if serr := stop(); serr != nil {
-			log.Error("cannot end the VM after its uffd handler failed", "sandbox", spec.ID, "error", serr)
+		log.Error("uffd handler failed: ending the VM, whose untouched pages would hang it", "sandbox", id, "error", err)
+		if eerr := end("its memory could not be served from the snapshot (lazy restore): " + err.Error()); eerr != nil {
+			log.Error("cannot end the VM after its uffd handler failed", "sandbox", id, "error", eerr)
 		}
 	}
 }
@@ -124,27 +124,57 @@ func (h *uffdHandler) finish(log *slog.Logger, spec vmm.Spec, stats uffd.Stats, 
 // handlerPIDFile, in a VM's RunDir, names its handler process.
 const handlerPIDFile = "uffd-handler.pid"
 
-// spawn starts the handler process for inst with the listening socket;
-// this process keeps no copy of it. Its log goes to uffd-handler.log in
-// the VM's RunDir.
+// spawn starts the handler process for inst. It runs as the VMM's own
+// uid and gid with no capability and an empty environment: it reads what
+// the VMM sends (untrusted, should the guest have taken the VMM over), so
+// it gets nothing the VMM does not hold already, and being the VMM's
+// user lets it end the VMM. It is given what it needs open: the
+// listening socket (fd 3; this process keeps no copy), the memory file
+// (fd 4) and the VM's exit-reason file (fd 5). Its log is
+// uffd-handler.log in the VM's RunDir.
 func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
+	uid, gid, err := d.launcher().ids(spec)
+	if err != nil {
+		return err
+	}
 	sock, err := h.ln.File()
 	if err != nil {
 		return err
 	}
 	defer sock.Close()
-	logf, err := os.OpenFile(filepath.Join(spec.RunDir, "uffd-handler.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	mem, err := os.Open(h.memFile)
+	if err != nil {
+		return err
+	}
+	defer mem.Close()
+	reason, err := os.OpenFile(filepath.Join(spec.RunDir, vmm.ExitReasonFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	defer reason.Close()
+	logPath := filepath.Join(spec.RunDir, "uffd-handler.log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	// It reads what the VMM sends (untrusted, should the guest have taken
-	// the VMM over), so it keeps no privilege but the one to end a VMM
-	// that may run as another uid (a jail's).
-	argv := append(vmm.Unprivileged("kill"), d.UFFDHandler, "uffd-handler", "--id", spec.ID, "--run-dir", spec.RunDir, "--memory", h.memFile,
-		"--vmm-pid", strconv.Itoa(inst.PID), "--vmm-start", strconv.FormatUint(inst.Start, 10))
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.ExtraFiles = []*os.File{sock} // fd 3
+	argv := []string{d.UFFDHandler, "uffd-handler", "--id", spec.ID,
+		"--vmm-pid", strconv.Itoa(inst.PID), "--vmm-start", strconv.FormatUint(inst.Start, 10)}
+	if uid == os.Geteuid() && gid == os.Getegid() {
+		argv = append(vmm.Unprivileged(uid, gid), argv...)
+	} else {
+		// Another user (a jail's) may not reach the agent's binary: it
+		// starts as the agent and becomes that user before it reads
+		// anything (see becomeUser).
+		argv = append(argv, "--uid", strconv.Itoa(uid), "--gid", strconv.Itoa(gid))
+	}
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		return err
+	}
+	// In the VM's run directory: what it leaves is known by that.
+	cmd := &exec.Cmd{Path: path, Args: argv, Env: []string{}, Dir: spec.RunDir}
+	cmd.ExtraFiles = []*os.File{sock, mem, reason}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A session of its own: signals to the agent's process group (a
 	// terminal's Ctrl-C, a service stop) do not reach it.
@@ -158,54 +188,81 @@ func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
 	// The socket file stays for the VMM to connect to: the handler has it.
 	h.ln.SetUnlinkOnClose(false)
 	h.ln.Close()
-	d.Log.Info("uffd handler process started", "sandbox", spec.ID, "pid", cmd.Process.Pid)
+	d.Log.Info("uffd handler process started", "sandbox", spec.ID, "pid", cmd.Process.Pid, "uid", uid)
 	go func() {
-		if err := cmd.Wait(); err != nil {
-			d.Log.Warn("uffd handler process ended", "sandbox", spec.ID, "error", err, "log", vmm.LogTail(filepath.Join(spec.RunDir, "uffd-handler.log"), 3))
+		err := cmd.Wait()
+		if err == nil || !d.Alive(spec, inst) {
+			return // done, or it ended the VM itself, or the VM went first
+		}
+		// It died (killed, out of memory) while its VM runs: pages not in
+		// yet would hang the guest for good.
+		why := fmt.Sprintf("its memory's page-fault handler (pid %d) ended while it ran (%v): %s", cmd.Process.Pid, err, vmm.LogTail(logPath, 2))
+		d.Log.Error("uffd handler process died: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "error", err)
+		if rerr := vmm.RecordExitReason(spec.RunDir, why); rerr != nil {
+			d.Log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
+		}
+		stopCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
+		defer stop()
+		if serr := d.Stop(stopCtx, spec, inst); serr != nil {
+			d.Log.Error("cannot end the VM after its uffd handler died", "sandbox", spec.ID, "error", serr)
 		}
 	}()
 	return nil
 }
 
-// HandlerMain is the uffd handler process ("uffd-handler" arguments, the
-// listening socket on fd 3): it serves the VM's memory until every page
-// is in or its VMM is gone. If it fails while the VMM runs, it records
-// why and kills the VMM, as the in-agent handler does. It returns the
-// process's exit code.
+// HandlerMain is the uffd handler process ("uffd-handler" arguments; the
+// listening socket, the memory file and the exit-reason file on fds 3-5):
+// it serves the VM's memory until every page is in or its VMM is gone.
+// If it fails while the VMM runs, it records why and kills the VMM, as
+// the in-agent handler does. It returns the process's exit code.
 func HandlerMain(args []string) int {
 	fs := flag.NewFlagSet("uffd-handler", flag.ContinueOnError)
 	id := fs.String("id", "", "sandbox id")
-	runDir := fs.String("run-dir", "", "the VM's run directory")
-	memory := fs.String("memory", "", "the snapshot's memory file")
 	pid := fs.Int("vmm-pid", 0, "the VMM's pid")
 	start := fs.Uint64("vmm-start", 0, "the VMM's start time, in clock ticks after boot")
+	uid := fs.Int("uid", -1, "become this user (the VMM's) first")
+	gid := fs.Int("gid", -1, "and this group")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if *id == "" || *runDir == "" || *memory == "" || *pid <= 0 || *start == 0 {
-		log.Error("uffd-handler: --id, --run-dir, --memory, --vmm-pid and --vmm-start are required")
+	if *id == "" || *pid <= 0 || *start == 0 {
+		log.Error("uffd-handler: --id, --vmm-pid and --vmm-start are required")
 		return 2
 	}
-	f := os.NewFile(3, "uffd socket")
-	l, err := net.FileListener(f)
-	f.Close()
+	if *uid >= 0 {
+		if err := becomeUser(*uid, *gid); err != nil {
+			log.Error("uffd-handler: cannot become the VMM's user", "uid", *uid, "gid", *gid, "error", err)
+			return 2
+		}
+	}
+	sock, mem, reason := os.NewFile(3, "uffd socket"), os.NewFile(4, "memory file"), os.NewFile(5, "exit reason")
+	if sock == nil || mem == nil || reason == nil {
+		log.Error("uffd-handler: fds 3-5 (socket, memory file, exit reason) are required")
+		return 2
+	}
+	defer mem.Close()
+	defer reason.Close()
+	l, err := net.FileListener(sock)
+	sock.Close()
 	ln, ok := l.(*net.UnixListener)
 	if err != nil || !ok {
 		log.Error("uffd-handler: fd 3 is not a listening unix socket", "error", err)
 		return 2
 	}
 	inst := vmm.Instance{PID: *pid, Start: *start}
-	spec := vmm.Spec{ID: *id, RunDir: *runDir}
 	alive := func() bool { return vmm.ProcessAlive(inst, "") }
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go watchVMM(ctx, cancel, alive)
 	begin := time.Now()
-	stats, err := uffd.Serve(ctx, ln, *memory, true)
+	stats, err := uffd.ServeFile(ctx, ln, mem, true)
 	gone := ctx.Err() != nil || !alive()
-	h := &uffdHandler{memFile: *memory}
-	h.finish(log, spec, stats, err, time.Since(begin), gone, func() error {
+	h := &uffdHandler{}
+	h.finish(log, *id, stats, err, time.Since(begin), gone, func(why string) error {
+		if _, werr := reason.WriteAt([]byte(why), 0); werr != nil {
+			log.Warn("cannot record why the VM ended", "sandbox", *id, "error", werr)
+		}
 		killCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
 		defer stop()
 		return vmm.KillProcess(killCtx, inst, "")
@@ -214,6 +271,39 @@ func HandlerMain(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// becomeUser makes this process uid:gid with no supplementary group, no
+// capability (the kernel clears them as root's uid goes) and no way to
+// gain any (no_new_privs), and checks that it holds none.
+func becomeUser(uid, gid int) error {
+	if uid <= 0 || gid <= 0 {
+		return fmt.Errorf("uid %d, gid %d: want a user other than root", uid, gid)
+	}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return err
+	}
+	if err := syscall.Setgroups(nil); err != nil {
+		return err
+	}
+	if err := syscall.Setresgid(gid, gid, gid); err != nil {
+		return err
+	}
+	if err := syscall.Setresuid(uid, uid, uid); err != nil {
+		return err
+	}
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return err
+	}
+	for _, field := range []string{"CapPrm:", "CapEff:", "CapAmb:"} {
+		for _, line := range strings.Split(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, field); ok && strings.Trim(strings.TrimSpace(v), "0") != "" {
+				return fmt.Errorf("still holds capabilities: %s", line)
+			}
+		}
+	}
+	return nil
 }
 
 // CheckLazyMemory says why this host cannot restore lazily (nil when it

@@ -117,6 +117,18 @@ func Listen(socket string) (*net.UnixListener, error) {
 // memFile. With prefetch it also copies every page not yet touched and
 // returns once all are in; without, it serves faults until ctx ends.
 func Serve(ctx context.Context, ln *net.UnixListener, memFile string, prefetch bool) (Stats, error) {
+	f, err := os.Open(memFile)
+	if err != nil {
+		ln.Close()
+		return Stats{}, fmt.Errorf("uffd memory file: %w", err)
+	}
+	defer f.Close()
+	return ServeFile(ctx, ln, f, prefetch)
+}
+
+// ServeFile is Serve from a memory file already open (a handler process
+// that may not open the snapshot itself is given it).
+func ServeFile(ctx context.Context, ln *net.UnixListener, f *os.File, prefetch bool) (Stats, error) {
 	defer ln.Close()
 	go func() {
 		<-ctx.Done()
@@ -133,17 +145,11 @@ func Serve(ctx context.Context, ln *net.UnixListener, memFile string, prefetch b
 	}
 	defer unix.Close(fd)
 
-	f, err := os.Open(memFile)
-	if err != nil {
-		return Stats{}, fmt.Errorf("uffd memory file: %w", err)
-	}
 	fi, err := f.Stat()
 	if err != nil {
-		f.Close()
 		return Stats{}, err
 	}
 	mem, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_PRIVATE)
-	f.Close()
 	if err != nil {
 		return Stats{}, fmt.Errorf("uffd map memory file: %w", err)
 	}
