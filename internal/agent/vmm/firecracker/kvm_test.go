@@ -111,20 +111,24 @@ func TestFirecrackerOnKVM(t *testing.T) {
 		t.Fatalf("envd: %v\n%s", err, vmm.LogTail(filepath.Join(spec.RunDir, "vmm.log"), 30))
 	}
 	t.Logf("firecracker boot to envd: %v", time.Since(start))
-	for _, lazy := range []bool{false, true} {
+	self, _ := os.Executable() // runs as wrenn-agent does for "uffd-handler" (see TestMain)
+	for _, mode := range []struct {
+		lazy    bool
+		handler string
+	}{{false, ""}, {true, ""}, {true, self}} {
 		snap := filepath.Join(filepath.Dir(spec.RunDir), "snap")
 		if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
 			t.Fatal(err)
 		}
-		d.LazyMemory = lazy
+		d.LazyMemory, d.UFFDHandler = mode.lazy, mode.handler
 		start = time.Now()
 		if inst, err = d.Restore(ctx, spec, snap); err != nil {
 			t.Fatal(err)
 		}
 		if err := health(); err != nil {
-			t.Fatalf("envd after restore (lazy=%v): %v", lazy, err)
+			t.Fatalf("envd after restore (lazy=%v, handler process %q): %v", mode.lazy, mode.handler, err)
 		}
-		t.Logf("restore (lazy=%v) to envd: %v", lazy, time.Since(start))
+		t.Logf("restore (lazy=%v, handler process %v) to envd: %v", mode.lazy, mode.handler != "", time.Since(start))
 	}
 	_ = d.Stop(ctx, spec, inst)
 }
@@ -190,6 +194,18 @@ func TestFirecrackerJailerOnKVM(t *testing.T) {
 	if err := health(); err != nil {
 		t.Fatalf("envd after a jailed restore: %v", err)
 	}
+	// Lazily, through a handler process running as the jail's user.
+	if err := d.Snapshot(ctx, spec, inst, snap); err != nil {
+		t.Fatal(err)
+	}
+	d.LazyMemory, d.UFFDHandler = true, mustExecutable(t)
+	if inst, err = d.Restore(ctx, spec, snap); err != nil {
+		t.Fatalf("jailed lazy restore: %v\n%s", err, vmm.LogTail(filepath.Join(spec.RunDir, "uffd-handler.log"), 10))
+	}
+	if err := health(); err != nil {
+		t.Fatalf("envd after a jailed lazy restore: %v", err)
+	}
+	d.LazyMemory, d.UFFDHandler = false, ""
 	// Its memory as a template, and a clone started from it in its place
 	// (same network namespace, its own jail and copy of the disk).
 	work := filepath.Dir(spec.RunDir)
@@ -230,4 +246,13 @@ func TestFirecrackerJailerOnKVM(t *testing.T) {
 			t.Errorf("the VM's cgroup %s outlived it (%v)", dir, err)
 		}
 	}
+}
+
+func mustExecutable(t *testing.T) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return self
 }
