@@ -113,6 +113,9 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				m.log.Warn("could not make sure the adopted sandbox runs", "sandbox", rec.ID, "error", err)
 			}
 			cancel()
+			if a, ok := m.cfg.Driver.(vmm.Adopter); ok {
+				a.Adopt(rec.Spec, rec.VMM)
+			}
 			_ = os.RemoveAll(m.snapshotDir(rec)) // what that pause had written
 			if _, err := m.cfg.Console.Follow(rec.Spec.RunDir); err != nil {
 				m.log.Warn("cannot read the adopted sandbox's console; its output is not kept", "sandbox", rec.ID, "error", err)

@@ -68,6 +68,12 @@ type Driver interface {
 	Stalled(ctx context.Context, spec Spec, inst Instance) (bool, error)
 }
 
+// Adopter is a driver with work of its own to take back for a running VM
+// an earlier agent started (after an agent restart).
+type Adopter interface {
+	Adopt(spec Spec, inst Instance)
+}
+
 // Cloner is a driver that makes memory templates and starts VMs from them:
 // a clone resumes the template VM's memory (shared, copy-on-write) with
 // its own disk, network and process, instead of booting.

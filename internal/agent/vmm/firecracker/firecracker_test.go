@@ -585,6 +585,9 @@ func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
 	if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "every page is in") {
 		t.Errorf("handler log: %s", log)
 	}
+	if st := handlerState(spec); st != stateEnded {
+		t.Errorf("handler state %q after it finished", st)
+	}
 	if !lazy.Alive(spec, inst) {
 		t.Error("the VM ended with its handler")
 	}
@@ -708,4 +711,77 @@ func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
 			}
 		})
 	}
+}
+
+// After an agent restart, the new agent watches a handler process the
+// earlier one started (Adopt): if it dies before it has finished, the VM
+// is ended with the reason; one that finished is left alone.
+func TestAdoptWatchesAnEarlierAgentsHandler(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the stand-in Firecracker's checks need root here")
+	}
+	dir, _, bin := fakeJailerSetup(t)
+	t.Setenv("WRENN_FAKE_JAILER", "")
+	t.Setenv("WRENN_FAKE_FIRECRACKER", "1")
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), filepath.Join(bin, "firecracker"), true)
+	spec := vmm.Spec{ID: "sb-adopt", Kernel: guestFile(t, dir, "vmlinux"), Disk: guestFile(t, dir, "disk"), DiskFormat: "raw", VCPUs: 1, MemoryMiB: 128, RunDir: filepath.Join(dir, "run")}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	inst, err := d.Boot(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = d.Stop(context.Background(), spec, inst) }()
+	// What an earlier agent left: a handler process it started (not this
+	// process's child, so nothing here waits for it), serving.
+	h, err := d.listenUFFD(spec, guestFile(t, dir, "memory"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	earlier := New(d.Log, d.Binary, true)
+	earlier.UFFDHandler = filepath.Join(bin, "firecracker")
+	if err := startDetached(h, earlier, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+	if handlerState(spec) != stateServing || !handlerRuns(pid, spec.ID) {
+		t.Fatalf("handler %d in state %q", pid, handlerState(spec))
+	}
+	d.Adopt(spec, inst)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); d.Alive(spec, inst); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the VM runs on after the earlier agent's handler died")
+		}
+	}
+	if why := vmm.ExitReason(spec.RunDir); !strings.Contains(why, "no agent watched it") {
+		t.Errorf("reason %q", why)
+	}
+	// A handler that finished leaves nothing to watch.
+	if err := os.WriteFile(filepath.Join(spec.RunDir, handlerStateFile), []byte(stateEnded), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if inst, err = d.Boot(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	d.Adopt(spec, inst)
+	time.Sleep(3 * aliveEvery)
+	if !d.Alive(spec, inst) {
+		t.Error("a VM whose handler had finished was ended")
+	}
+}
+
+// startDetached starts a handler process as an earlier agent would have,
+// leaving it to be reaped when the test process ends (no waiter acts on
+// its death).
+func startDetached(h *uffdHandler, d *Driver, spec vmm.Spec, inst vmm.Instance) error {
+	cmd, err := h.start(d, spec, inst)
+	if err != nil {
+		return err
+	}
+	go func() { _ = cmd.Wait() }() // reaped, nothing more
+	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -121,10 +122,17 @@ func (h *uffdHandler) finish(log *slog.Logger, id string, stats uffd.Stats, err 
 	}
 }
 
-// handlerPIDFile, in a VM's RunDir, names its handler process.
-const handlerPIDFile = "uffd-handler.pid"
+// handlerPIDFile, in a VM's RunDir, names its handler process;
+// handlerStateFile says "serving" until the handler has finished (every
+// page in, its VMM gone, or the VM ended for its failure): "ended".
+const (
+	handlerPIDFile   = "uffd-handler.pid"
+	handlerStateFile = "uffd-handler.state"
+	stateServing     = "serving"
+	stateEnded       = "ended"
+)
 
-// spawn starts the handler process for inst. It runs as the VMM's own
+// start starts the handler process for inst. It runs as the VMM's own
 // uid and gid with no capability and an empty environment: it reads what
 // the VMM sends (untrusted, should the guest have taken the VMM over), so
 // it gets nothing the VMM does not hold already, and being the VMM's
@@ -132,30 +140,38 @@ const handlerPIDFile = "uffd-handler.pid"
 // listening socket (fd 3; this process keeps no copy), the memory file
 // (fd 4) and the VM's exit-reason file (fd 5). Its log is
 // uffd-handler.log in the VM's RunDir.
-func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
+func (h *uffdHandler) start(d *Driver, spec vmm.Spec, inst vmm.Instance) (*exec.Cmd, error) {
 	uid, gid, err := d.launcher().ids(spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sock, err := h.ln.File()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer sock.Close()
 	mem, err := os.Open(h.memFile)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer mem.Close()
 	reason, err := os.OpenFile(filepath.Join(spec.RunDir, vmm.ExitReasonFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer reason.Close()
+	state, err := os.OpenFile(filepath.Join(spec.RunDir, handlerStateFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer state.Close()
+	if _, err := state.WriteString(stateServing); err != nil {
+		return nil, err
+	}
 	logPath := filepath.Join(spec.RunDir, "uffd-handler.log")
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer logf.Close()
 	argv := []string{d.UFFDHandler, "uffd-handler", "--id", spec.ID,
@@ -170,17 +186,17 @@ func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
 	}
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// In the VM's run directory: what it leaves is known by that.
 	cmd := &exec.Cmd{Path: path, Args: argv, Env: []string{}, Dir: spec.RunDir}
-	cmd.ExtraFiles = []*os.File{sock, mem, reason}
+	cmd.ExtraFiles = []*os.File{sock, mem, reason, state}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A session of its own: signals to the agent's process group (a
 	// terminal's Ctrl-C, a service stop) do not reach it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return err
+		return nil, err
 	}
 	if err := os.WriteFile(filepath.Join(spec.RunDir, handlerPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
 		d.Log.Warn("cannot note the uffd handler's pid", "sandbox", spec.ID, "error", err)
@@ -189,6 +205,16 @@ func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
 	h.ln.SetUnlinkOnClose(false)
 	h.ln.Close()
 	d.Log.Info("uffd handler process started", "sandbox", spec.ID, "pid", cmd.Process.Pid, "uid", uid)
+	return cmd, nil
+}
+
+// spawn starts the handler process and watches it: should it die while
+// its VM runs, the VM is ended with the reason.
+func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
+	cmd, err := h.start(d, spec, inst)
+	if err != nil {
+		return err
+	}
 	go func() {
 		err := cmd.Wait()
 		if err == nil || !d.Alive(spec, inst) {
@@ -196,18 +222,61 @@ func (h *uffdHandler) spawn(d *Driver, spec vmm.Spec, inst vmm.Instance) error {
 		}
 		// It died (killed, out of memory) while its VM runs: pages not in
 		// yet would hang the guest for good.
-		why := fmt.Sprintf("its memory's page-fault handler (pid %d) ended while it ran (%v): %s", cmd.Process.Pid, err, vmm.LogTail(logPath, 2))
-		d.Log.Error("uffd handler process died: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "error", err)
-		if rerr := vmm.RecordExitReason(spec.RunDir, why); rerr != nil {
-			d.Log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", rerr)
-		}
-		stopCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
-		defer stop()
-		if serr := d.Stop(stopCtx, spec, inst); serr != nil {
-			d.Log.Error("cannot end the VM after its uffd handler died", "sandbox", spec.ID, "error", serr)
-		}
+		d.handlerDied(spec, inst, fmt.Sprintf("its memory's page-fault handler (pid %d) ended while it ran (%v): %s",
+			cmd.Process.Pid, err, vmm.LogTail(filepath.Join(spec.RunDir, "uffd-handler.log"), 2)))
 	}()
 	return nil
+}
+
+// handlerDied ends a VM whose page-fault handler is gone before its work.
+func (d *Driver) handlerDied(spec vmm.Spec, inst vmm.Instance, why string) {
+	d.Log.Error("uffd handler process died: ending the VM, whose untouched pages would hang it", "sandbox", spec.ID, "reason", why)
+	if err := vmm.RecordExitReason(spec.RunDir, why); err != nil {
+		d.Log.Warn("cannot record why the VM ended", "sandbox", spec.ID, "error", err)
+	}
+	stopCtx, stop := context.WithTimeout(context.Background(), 30*time.Second)
+	defer stop()
+	if err := d.Stop(stopCtx, spec, inst); err != nil {
+		d.Log.Error("cannot end the VM after its uffd handler died", "sandbox", spec.ID, "error", err)
+	}
+}
+
+// Adopt implements vmm.Adopter: a VM restored lazily by the agent before
+// this one may still have its handler process at work. It is watched as
+// that agent would have: should it go before it has finished, the VM is
+// ended with the reason.
+func (d *Driver) Adopt(spec vmm.Spec, inst vmm.Instance) {
+	if handlerState(spec) != stateServing {
+		return // none, or done
+	}
+	raw, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+	go func() {
+		for handlerRuns(pid, spec.ID) {
+			time.Sleep(aliveEvery)
+		}
+		if handlerState(spec) == stateServing && d.Alive(spec, inst) {
+			d.handlerDied(spec, inst, fmt.Sprintf("its memory's page-fault handler (pid %d) ended before every page was in, while no agent watched it", pid))
+		}
+	}()
+}
+
+func handlerState(spec vmm.Spec) string {
+	b, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerStateFile))
+	return strings.TrimSpace(string(b))
+}
+
+// handlerRuns reports whether pid is the handler process of sandbox id.
+func handlerRuns(pid int, id string) bool {
+	if pid <= 0 {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !vmm.ProcessAlive(vmm.Instance{PID: pid}, "") {
+		return false
+	}
+	args := strings.Split(string(cmdline), "\x00")
+	return slices.Contains(args, "uffd-handler") && strings.Contains(string(cmdline), "\x00--id\x00"+id+"\x00")
 }
 
 // HandlerMain is the uffd handler process ("uffd-handler" arguments; the
@@ -236,13 +305,14 @@ func HandlerMain(args []string) int {
 			return 2
 		}
 	}
-	sock, mem, reason := os.NewFile(3, "uffd socket"), os.NewFile(4, "memory file"), os.NewFile(5, "exit reason")
-	if sock == nil || mem == nil || reason == nil {
-		log.Error("uffd-handler: fds 3-5 (socket, memory file, exit reason) are required")
+	sock, mem, reason, state := os.NewFile(3, "uffd socket"), os.NewFile(4, "memory file"), os.NewFile(5, "exit reason"), os.NewFile(6, "state")
+	if sock == nil || mem == nil || reason == nil || state == nil {
+		log.Error("uffd-handler: fds 3-6 (socket, memory file, exit reason, state) are required")
 		return 2
 	}
 	defer mem.Close()
 	defer reason.Close()
+	defer state.Close()
 	l, err := net.FileListener(sock)
 	sock.Close()
 	ln, ok := l.(*net.UnixListener)
@@ -267,6 +337,11 @@ func HandlerMain(args []string) int {
 		defer stop()
 		return vmm.KillProcess(killCtx, inst, "")
 	})
+	// Done, one way or another: an agent watching it from now on (after a
+	// restart) has nothing to do when it goes.
+	if terr := state.Truncate(0); terr == nil {
+		_, _ = state.WriteAt([]byte(stateEnded), 0)
+	}
 	if err != nil && !gone {
 		return 1
 	}
