@@ -74,7 +74,7 @@ func (d *DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes i
 	if err := createSparse(dest, cowSize(size)); err != nil {
 		return Disk{}, err
 	}
-	dsk, err := d.attach(ctx, base, fi.Size(), dest, size)
+	dsk, err := d.attach(ctx, base, fi.Size(), dest, size, false)
 	if err != nil {
 		_ = os.Remove(dest)
 	}
@@ -85,11 +85,6 @@ func (d *DeviceMapper) Clone(ctx context.Context, base, dest string, sizeBytes i
 // (after a host reboot, or anything else that removed it), keeping what
 // the sandbox wrote; a disk whose device is there is left as it is.
 func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeBytes int64) (Disk, error) {
-	if ok, err := devmapper.Exists(dmName(dest)); err != nil {
-		return Disk{}, fmt.Errorf("reattach disk: %w", err)
-	} else if ok {
-		return Disk{Path: devmapper.Path(dmName(dest)), Format: "raw"}, nil
-	}
 	if err := Available(); err != nil {
 		return Disk{}, err
 	}
@@ -100,16 +95,24 @@ func (d *DeviceMapper) Reattach(ctx context.Context, base, dest string, sizeByte
 	if err != nil {
 		return Disk{}, fmt.Errorf("reattach disk: its template: %w", err)
 	}
-	return d.attach(ctx, base, fi.Size(), dest, diskSize(fi.Size(), sizeBytes))
+	return d.attach(ctx, base, fi.Size(), dest, diskSize(fi.Size(), sizeBytes), true)
 }
 
 // attach builds the device stack of dest: the shared template loop, the
 // extension to size when it is larger, the COW loop and the snapshot,
 // reusing whichever parts exist. The "P" snapshot keeps its exceptions in
 // the COW file, so attaching an existing file finds the sandbox's writes.
-func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, dest string, size int64) (Disk, error) {
+func (d *DeviceMapper) attach(ctx context.Context, base string, baseSize int64, dest string, size int64, reattach bool) (Disk, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if reattach {
+		// A disk whose device is there is left as it is.
+		if ok, err := devmapper.Exists(dmName(dest)); err != nil {
+			return Disk{}, fmt.Errorf("reattach disk: %w", err)
+		} else if ok {
+			return Disk{Path: devmapper.Path(dmName(dest)), Format: "raw"}, nil
+		}
+	}
 	baseLoop, err := AttachShared(ctx, base)
 	if err != nil {
 		return Disk{}, err

@@ -378,7 +378,10 @@ func (d *Driver) restore(ctx context.Context, l launcher, spec vmm.Spec, dir str
 
 // Stop implements vmm.Driver; a jail is removed with its VMM.
 func (d *Driver) Stop(ctx context.Context, spec vmm.Spec, inst vmm.Instance) error {
-	return d.launcher().stop(ctx, spec, inst)
+	// The VMM first: its handler's watcher must see it gone, not a VM
+	// whose handler died under it.
+	err := d.launcher().stop(ctx, spec, inst)
+	return errors.Join(err, stopHandler(ctx, spec))
 }
 
 // Alive implements vmm.Driver.

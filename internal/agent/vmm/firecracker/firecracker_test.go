@@ -570,17 +570,11 @@ func TestLazyRestoreThroughAHandlerProcess(t *testing.T) {
 	if entries := readLog(t, logPath); entries[len(entries)-1].Note != "uffd memory verified" {
 		t.Fatalf("lazy restore: %q", entries[len(entries)-1].Note)
 	}
-	raw, err := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
-	if pid == os.Getpid() || pid <= 0 {
-		t.Fatalf("handler pid %d", pid)
-	}
 	// With every page in, it has nothing left to serve and ends.
-	if err := vmm.WaitGone(ctx, pid); err != nil {
-		t.Fatal(err)
+	for deadline := time.Now().Add(10 * time.Second); handlerState(spec) != stateEnded; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the handler's state is %q", handlerState(spec))
+		}
 	}
 	if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "every page is in") {
 		t.Errorf("handler log: %s", log)
@@ -626,7 +620,7 @@ func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
 			defer cancel()
 			// spawn starts a handler for a running VM that waits for the
 			// VMM's connection (none comes here) and returns its pid.
-			spawn := func() (vmm.Instance, int) {
+			spawn := func() (vmm.Instance, vmm.Instance) {
 				t.Helper()
 				inst, err := d.Boot(ctx, spec)
 				if err != nil {
@@ -637,15 +631,11 @@ func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
 					t.Fatal(err)
 				}
 				h.serve(d, spec, inst)
-				raw, err := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
-				if err != nil {
-					t.Fatal(err)
-				}
-				pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
-				return inst, pid
+				return inst, waitServing(t, spec, inst)
 			}
 
-			inst, pid := spawn()
+			inst, handler := spawn()
+			pid := handler.PID
 			wantUID := "0"
 			if mode == "jailed" {
 				if uid, _ := procfs.Status(inst.PID, "Uid"); uid != "" {
@@ -655,22 +645,27 @@ func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
 					t.Fatal("the jailed VMM runs as root")
 				}
 			}
-			// It runs (setpriv, when it comes first, has exec'd it) and drops
-			// its privileges at once; wait for that, bounded.
-			var uid string
-			for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-				cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-				uid, _ = procfs.Status(pid, "Uid")
-				if args := strings.Split(string(cmdline), "\x00"); len(args) > 1 && args[1] == "uffd-handler" && strings.HasPrefix(uid, wantUID+"\t") {
-					break
+			// Every thread of it (it is serving: its state says so).
+			tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+			if len(tasks) == 0 {
+				t.Fatal("no threads of the handler found")
+			}
+			for _, task := range tasks {
+				status, _ := os.ReadFile(task)
+				fields := map[string]string{}
+				for _, line := range strings.Split(string(status), "\n") {
+					if k, v, ok := strings.Cut(line, ":"); ok {
+						fields[k] = strings.TrimSpace(v)
+					}
 				}
-			}
-			if fields := strings.Fields(uid); len(fields) != 4 || fields[0] != wantUID || fields[1] != wantUID {
-				t.Fatalf("the handler runs as uid %q, want the VMM's %s", uid, wantUID)
-			}
-			for field, want := range map[string]string{"CapEff": "0000000000000000", "CapPrm": "0000000000000000", "CapAmb": "0000000000000000", "NoNewPrivs": "1"} {
-				if got, _ := procfs.Status(pid, field); got != want {
-					t.Errorf("handler %s = %q, want %s", field, got, want)
+				if ids := strings.Fields(fields["Uid"]); len(ids) != 4 || ids[0] != wantUID || ids[1] != wantUID || ids[2] != wantUID {
+					t.Errorf("%s: uid %q, want the VMM's %s", task, fields["Uid"], wantUID)
+				}
+				for field, want := range map[string]string{"CapEff": "0000000000000000", "CapPrm": "0000000000000000", "CapInh": "0000000000000000",
+					"CapAmb": "0000000000000000", "CapBnd": "0000000000000000", "NoNewPrivs": "1"} {
+					if fields[field] != want {
+						t.Errorf("%s: %s = %q, want %s", task, field, fields[field], want)
+					}
 				}
 			}
 			if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err != nil || len(env) != 0 {
@@ -695,20 +690,34 @@ func TestHandlerProcessRunsAsItsVMMAndEndsWithIt(t *testing.T) {
 			}
 			_ = d.Stop(ctx, spec, inst)
 
-			// The VM goes first: the handler ends with it, recording nothing.
-			inst, pid = spawn()
+			// Its VM stopped: the handler goes with it at once, recording
+			// nothing, and the VM is not ended for it.
+			inst, handler = spawn()
 			if err := d.Stop(ctx, spec, inst); err != nil {
 				t.Fatal(err)
 			}
-			if err := vmm.WaitGone(ctx, pid); err != nil {
-				t.Fatal(err)
+			if handlerRuns(handler, spec.ID) {
+				t.Error("the handler outlived the stop of its VM")
 			}
 			if why := vmm.ExitReason(spec.RunDir); why != "" {
 				t.Errorf("a reason after a normal stop: %q", why)
 			}
-			if log, _ := os.ReadFile(filepath.Join(spec.RunDir, "uffd-handler.log")); !strings.Contains(string(log), "ended with its VMM") {
+			// A VMM that exits on its own (a pause) ends its handler too,
+			// which then says it ended with its VMM, not that it failed.
+			inst, handler = spawn()
+			if err := syscall.Kill(inst.PID, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			if err := vmm.WaitGone(ctx, handler.PID); err != nil {
+				t.Fatal(err)
+			}
+			if why := vmm.ExitReason(spec.RunDir); why != "" {
+				t.Errorf("a reason after the VMM exited: %q", why)
+			}
+			if log, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerLogFile)); !strings.Contains(string(log), "ended with its VMM") {
 				t.Errorf("handler log: %s", log)
 			}
+			_ = d.Stop(ctx, spec, inst)
 		})
 	}
 }
@@ -743,13 +752,12 @@ func TestAdoptWatchesAnEarlierAgentsHandler(t *testing.T) {
 	if err := startDetached(h, earlier, spec, inst); err != nil {
 		t.Fatal(err)
 	}
-	raw, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerPIDFile))
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
-	if handlerState(spec) != stateServing || !handlerRuns(pid, spec.ID) {
-		t.Fatalf("handler %d in state %q", pid, handlerState(spec))
+	handler := waitServing(t, spec, inst)
+	if !handlerRuns(handler, spec.ID) {
+		t.Fatalf("handler %+v is not seen running", handler)
 	}
 	d.Adopt(spec, inst)
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(handler.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	for deadline := time.Now().Add(10 * time.Second); d.Alive(spec, inst); time.Sleep(20 * time.Millisecond) {
@@ -760,17 +768,27 @@ func TestAdoptWatchesAnEarlierAgentsHandler(t *testing.T) {
 	if why := vmm.ExitReason(spec.RunDir); !strings.Contains(why, "no agent watched it") {
 		t.Errorf("reason %q", why)
 	}
-	// A handler that finished leaves nothing to watch.
-	if err := os.WriteFile(filepath.Join(spec.RunDir, handlerStateFile), []byte(stateEnded), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// A state left by another VMM's handler (this VM was booted, or
+	// restored from a file, since) is not this VM's: nothing is ended.
 	if inst, err = d.Boot(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
 	d.Adopt(spec, inst)
+	// And a handler that finished leaves nothing to watch.
+	h, err = d.listenUFFD(spec, guestFile(t, dir, "memory"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := startDetached(h, earlier, spec, inst); err != nil {
+		t.Fatal(err)
+	}
+	handler = waitServing(t, spec, inst)
+	_ = os.WriteFile(filepath.Join(spec.RunDir, handlerStateFile), []byte(stateEnded), 0o600)
+	d.Adopt(spec, inst)
+	_ = syscall.Kill(handler.PID, syscall.SIGKILL)
 	time.Sleep(3 * aliveEvery)
 	if !d.Alive(spec, inst) {
-		t.Error("a VM whose handler had finished was ended")
+		t.Error("a VM whose handler had finished, or whose state was another VMM's, was ended")
 	}
 }
 
@@ -784,4 +802,22 @@ func startDetached(h *uffdHandler, d *Driver, spec vmm.Spec, inst vmm.Instance) 
 	}
 	go func() { _ = cmd.Wait() }() // reaped, nothing more
 	return nil
+}
+
+// waitServing waits for the handler of inst to say it serves, and returns it.
+func waitServing(t *testing.T, spec vmm.Spec, inst vmm.Instance) vmm.Instance {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st := readHandlerState(spec); st.serving && st.vmm == inst {
+			return st.handler
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no handler serving %+v: %q", inst, handlerState(spec))
+		}
+	}
+}
+
+func handlerState(spec vmm.Spec) string {
+	b, _ := os.ReadFile(filepath.Join(spec.RunDir, handlerStateFile))
+	return strings.Fields(string(b) + " ")[0]
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/wrenn/wrenn/internal/agent/cgroup"
 	"github.com/wrenn/wrenn/internal/agent/vmm"
+	"github.com/wrenn/wrenn/internal/procfs"
 )
 
 // Jailer runs Firecracker under Firecracker's jailer, as its production
@@ -375,6 +376,12 @@ func (j *jailed) killStale(id string) {
 // be another VM's.
 func (j *jailed) remove(id string) error {
 	j.killStale(id)
+	// Nothing may still run as the jail's uid when it is handed on (its
+	// VMM's page-fault handler, or anything else it left): that process
+	// could reach the next jail of the uid.
+	if uid, _, err := j.jailIDs(id); err == nil {
+		killUID(uid)
+	}
 	_ = filepath.WalkDir(j.root(id), func(path string, d os.DirEntry, err error) error {
 		if err != nil || !d.Type().IsRegular() {
 			return nil
@@ -392,4 +399,27 @@ func (j *jailed) remove(id string) error {
 		err = errors.Join(err, cg.Remove(id))
 	}
 	return err
+}
+
+// killUID ends every process running as uid (real, effective or saved)
+// and waits for them to go, bounded.
+func killUID(uid int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		ids, err := procfs.Status(pid, "Uid")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(ids)
+		if len(f) >= 3 && (f[0] == strconv.Itoa(uid) || f[1] == strconv.Itoa(uid) || f[2] == strconv.Itoa(uid)) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			_ = vmm.WaitGone(ctx, pid)
+		}
+	}
 }
