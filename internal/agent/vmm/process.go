@@ -108,17 +108,30 @@ func StartProcess(ctx context.Context, spec Spec, argv []string, socket string, 
 			return inst, nil
 		}
 		if opts.PIDFile != "" && !ProcessAlive(inst, "") {
-			return Instance{}, fmt.Errorf("vmm exited at start: %s", LogTail(logPath, 5))
+			return Instance{}, fmt.Errorf("vmm exited at start: %s", lastWords(logPath))
 		}
 		select {
 		case <-gone:
-			return Instance{}, fmt.Errorf("vmm exited at start: %s", LogTail(logPath, 5))
+			return Instance{}, fmt.Errorf("vmm exited at start: %s", lastWords(logPath))
 		case <-waitCtx.Done():
 			_ = syscall.Kill(inst.PID, syscall.SIGKILL)
 			return Instance{}, fmt.Errorf("vmm did not open %s: %w", socket, waitCtx.Err())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// lastWords is the end of the log of a VMM that just exited. What it
+// wrote reaches the log through the console's reader a moment later, so
+// an empty log is read again for a little while before it is believed.
+func lastWords(logPath string) string {
+	for range 25 {
+		if tail := LogTail(logPath, 5); tail != "" {
+			return tail
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return "(it wrote nothing)"
 }
 
 // ReadPIDFile reads the pid a launcher wrote and names that process.

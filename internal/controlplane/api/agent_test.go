@@ -697,9 +697,16 @@ func TestNoisyNeighbour(t *testing.T) {
 			"user": "root", "background": true}), 202)
 	}
 	time.Sleep(3 * time.Second) // let them take what they can
-	// The attack is real: the noisy VM's vCPU is busy on the host.
-	if busy := vmmCPU(t, noisy.ID, 2*time.Second); busy < 0.5 {
-		t.Fatalf("the noisy capsule's VMM used only %.0f%% of a core; the attack did not run", busy*100)
+	// The attack is real: the noisy VM's vCPU is busy on the host (in one
+	// of three windows: on a 2-core machine other suites take their share).
+	busy := 0.0
+	for range 3 {
+		if busy = max(busy, vmmCPU(t, noisy.ID, 2*time.Second)); busy >= 0.5 {
+			break
+		}
+	}
+	if busy < 0.5 {
+		t.Fatalf("the noisy capsule's VMM used at most %.0f%% of a core; the attack did not run", busy*100)
 	}
 
 	for i := range 3 {
