@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/url"
 	"strings"
 	"time"
@@ -16,7 +18,7 @@ import (
 )
 
 // envdPort is envd's port in every guest: its /health and /files are the
-// server the three paths reach.
+// server the paths reach.
 const envdPort = 49983
 
 // path is one way to reach envd in the capsule.
@@ -27,7 +29,8 @@ type path struct {
 
 // ingressFigures compares envd reached through the control plane's
 // ingress with the agent's proxy and with envd directly: HTTP round trips
-// (GET /health) and a download of cfg.IngressBytes (GET /files).
+// (GET /health) and a download of cfg.IngressBytes (GET /files). A bare
+// reverse proxy's round trip shows what any extra hop costs the host.
 func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent agentEnd, cfg Config) ([]bench.Result, error) {
 	var sb struct {
 		ID              string `json:"id"`
@@ -72,7 +75,18 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 	// The agent's proxy: a CONNECT tunnel through the agent (what the
 	// ingress uses underneath), its connections kept like any others.
 	pool := &agentclient.Pool{}
-	tunnelled := &http.Client{Transport: pool.Tunnel("bench-host", agent.addr, agent.token(), sb.ID, envdPort)}
+	tunnel := pool.Tunnel("bench-host", agent.addr, agent.token(), sb.ID, envdPort)
+	tunnelled := &http.Client{Transport: tunnel}
+	// The reference for the ingress: the least a hop can be, a bare
+	// reverse proxy on loopback over the same kind of tunnel.
+	bare, stopBare, err := serve(&httputil.ReverseProxy{
+		Rewrite:   func(pr *httputil.ProxyRequest) { pr.SetURL(&url.URL{Scheme: "http", Host: "envd"}) },
+		Transport: tunnel,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer stopBare()
 	paths := []path{
 		{"envd directly", func(ctx context.Context, method, p string) (*http.Response, error) {
 			return send(ctx, method, direct+p, "", nil)
@@ -82,6 +96,9 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 		}},
 		{"control plane ingress", func(ctx context.Context, method, p string) (*http.Response, error) {
 			return send(ctx, method, c.base+p, fmt.Sprintf("%d-%s.%s", envdPort, sb.ID, cpHost), nil)
+		}},
+		{"a bare reverse proxy", func(ctx context.Context, method, p string) (*http.Response, error) {
+			return send(ctx, method, bare+p, "", nil)
 		}},
 	}
 	call := func(pt path, p string, sink io.Writer) (time.Duration, int64, error) {
@@ -101,10 +118,13 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 		return time.Since(start), n, nil
 	}
 
-	// Round trips, interleaved so that drift affects every path alike.
+	// Round trips, interleaved so that drift affects every path alike, in
+	// a fresh order each time: a TCG guest is still busy for a while after
+	// it answers, which would otherwise slow whichever path comes next.
 	trips := make([][]time.Duration, len(paths))
 	for i := 0; i < cfg.ExecRuns+20; i++ {
-		for j, pt := range paths {
+		for _, j := range rand.Perm(len(paths)) {
+			pt := paths[j]
 			d, _, err := call(pt, "/health", io.Discard)
 			if err != nil {
 				return nil, err
@@ -114,11 +134,11 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 			}
 		}
 	}
-	// Downloads, interleaved: the median of three for each path (a TCG
-	// guest's sending speed swings from run to run).
-	took := make([][]time.Duration, len(paths))
+	// Downloads, interleaved: the median of three for each of the first
+	// three paths (a TCG guest's sending speed swings from run to run).
+	took := make([][]time.Duration, 3)
 	for run := 0; run < 3; run++ {
-		for j, pt := range paths {
+		for j, pt := range paths[:3] {
 			d, n, err := call(pt, "/files?path="+url.QueryEscape("/dev/shm/big")+"&username=root", io.Discard)
 			if err != nil {
 				return nil, err
@@ -129,14 +149,15 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 			took[j] = append(took[j], d)
 		}
 	}
-	best := make([]time.Duration, len(paths))
-	for j := range paths {
+	best := make([]time.Duration, len(took))
+	for j := range took {
 		best[j] = bench.Percentile(took[j], 50)
 	}
 	mib := size >> 20
 	return []bench.Result{
 		bench.Latencies(suite, "HTTP round trip to envd: agent proxy", trips[1], "envd directly", trips[0]),
 		bench.Latencies(suite, "HTTP round trip to envd: control plane ingress", trips[2], "envd directly", trips[0]),
+		bench.Latencies(suite, "HTTP round trip to envd: a bare reverse proxy (the least a hop costs)", trips[3], "envd directly", trips[0]),
 		bench.Throughput(suite, fmt.Sprintf("%d MiB download: agent proxy", mib), size, best[1], "envd directly", best[0]),
 		bench.Throughput(suite, fmt.Sprintf("%d MiB download: control plane ingress", mib), size, best[2], "envd directly", best[0]),
 	}, nil
