@@ -134,11 +134,12 @@ func ingressFigures(ctx context.Context, c *client, m *sandbox.Manager, agent ag
 			}
 		}
 	}
-	// Downloads, interleaved: the median of three for each of the first
-	// three paths (a TCG guest's sending speed swings from run to run).
-	took := make([][]time.Duration, 3)
+	// Downloads, interleaved: the median of three for each path but the
+	// reference (a TCG guest's sending speed swings from run to run).
+	downloads := paths[:3]
+	took := make([][]time.Duration, len(downloads))
 	for run := 0; run < 3; run++ {
-		for j, pt := range paths[:3] {
+		for j, pt := range downloads {
 			d, n, err := call(pt, "/files?path="+url.QueryEscape("/dev/shm/big")+"&username=root", io.Discard)
 			if err != nil {
 				return nil, err
